@@ -1,0 +1,48 @@
+"""Shared test setup: environment for the oracles, hypothesis profiles, GPU marker.
+
+Profiles (select with HYPOTHESIS_PROFILE=dev|ci, default dev):
+  dev  few examples, for quick local iteration
+  ci   more examples, derandomized so a CI run is reproducible; used by .ci/run
+"""
+
+import os
+
+# bitsandbytes' CPU dequantize goes through torch.compile, which compiles C++ for every new
+# shape (about a second each); eager gives bit-identical results (DESIGN.md, Testing).
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# Triton kernels run under the interpreter on machines without a GPU.
+if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "dev",
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
