@@ -1,0 +1,299 @@
+"""NF4 quantization with double quantization: a pure-PyTorch reference, bit-exact with bitsandbytes.
+
+Letters: n number of weight elements, nb = ceil(n / blocksize) first-level blocks,
+nb2 = ceil(nb / 256) second-level blocks.
+
+Quantize (QLoRA, arXiv 2305.14314), per block b of `blocksize` consecutive elements of w.flatten():
+
+    absmax_b = max_i |w_i|                      (float32)
+    x_i      = clamp(w_i / absmax_b, -1, 1)
+    code_i   = argmin_k |x_i - NF4[k]|          (4 bits; ties go to the lower code)
+
+Two codes share a byte, the first (even index) in the high nibble. An odd n is padded with one
+zero (code 7, NF4[7] = 0), exactly as bitsandbytes pads.
+
+Double quantization stores the nb float32 absmax values in 8 bits:
+
+    offset   = mean(absmax)                     (float32 scalar)
+    c_b      = absmax_b - offset                (centred, signed)
+    absmax2_j = max_{b in block j} |c_b|        (float32, blocks of 256)
+    acode_b  = 8-bit code of c_b / absmax2_j in the signed dynamic map, chosen through
+               bitsandbytes' 65536-bin lookup table (minilora/dynamic_search.py)
+
+Dequantize:  absmax_b = DYN[acode_b] * absmax2_j + offset ;  w_i = NF4[code_i] * absmax_b,
+computed in float32 and cast once to the output dtype.
+
+Storage per parameter: 4 bits + 32 / blocksize (plain) or 4 + 8 / blocksize + 32 / (256 blocksize)
+(double quantized): 4.5 and about 4.127 bits at blocksize 64.
+
+The arithmetic mirrors bitsandbytes' CPU path operation for operation (full blocks multiply by
+the reciprocal of absmax, the ragged last block divides, absmax is clamped to 1e-38 before use,
+the 8-bit absmax codes go through its lookup table), because the results must match it bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from minilora.dynamic_search import quantize_blockwise_bnb
+from minilora.quant_maps import dynamic_map, nf4_code
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 .. 4096
+BLOCKSIZE2 = 256  # second-level block of double quantization (fixed, as in bitsandbytes)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+@dataclass
+class NF4Tensor:
+    """A weight stored as NF4 codes plus its quantization state (bitsandbytes' layout).
+
+    packed:   uint8 (ceil(n/2),)   two 4-bit codes per byte, first in the high nibble
+    absmax:   float32 (nb,)        per-block absmax, or uint8 (nb,) codes when double quantized
+    absmax2:  float32 (nb2,)       second-level absmax (double quant only)
+    offset:   float32 ()           mean of the first-level absmax (double quant only)
+    shape, dtype: the original weight's shape and dtype
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    absmax2: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_nf4(self, dtype)
+
+    def absmax_float(self) -> torch.Tensor:
+        """First-level absmax as float32 (nb,), undoing double quantization."""
+        return absmax_float(self)
+
+    def to(self, device) -> NF4Tensor:
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return NF4Tensor(mv(self.packed), mv(self.absmax), self.shape, self.dtype, self.blocksize,
+                         mv(self.absmax2), mv(self.offset))
+
+    def nbytes(self) -> int:
+        """Bytes of storage: codes + absmax (+ second level and offset)."""
+        extra = 0 if self.absmax2 is None else self.absmax2.numel() * 4 + 4
+        return self.packed.numel() + self.absmax.numel() * self.absmax.element_size() + extra
+
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes() / self.numel
+
+    # --- bitsandbytes interop -------------------------------------------------------------
+    def to_bnb(self):
+        """Return (packed (ceil(n/2), 1) uint8, bitsandbytes QuantState), sharing storage."""
+        try:
+            from bitsandbytes.functional import QuantState
+        except ImportError as e:  # bitsandbytes is a test/interop dependency only
+            raise ImportError("NF4Tensor.to_bnb needs bitsandbytes: pip install bitsandbytes.") from e
+        dev = self.packed.device
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.absmax2, code=dynamic_map(True).to(dev),
+                                blocksize=BLOCKSIZE2, dtype=torch.float32)
+        state = QuantState(absmax=self.absmax, shape=self.shape, code=nf4_code(dev),
+                           blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
+                           offset=self.offset, state2=state2)
+        return self.packed.view(-1, 1), state
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> NF4Tensor:
+        """Wrap bitsandbytes' packed codes and QuantState, with no requantization."""
+        if getattr(quant_state, "quant_type", "nf4") != "nf4":
+            raise ValueError(f"from_bnb: quant_type is {quant_state.quant_type!r}; only 'nf4' is supported.")
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)
+        s2 = quant_state.state2 if quant_state.nested else None
+        if s2 is not None and s2.blocksize != BLOCKSIZE2:
+            raise ValueError(f"from_bnb: second-level blocksize {s2.blocksize} is not {BLOCKSIZE2}.")
+        return cls(packed=packed.reshape(-1), absmax=quant_state.absmax,
+                   shape=torch.Size(quant_state.shape), dtype=quant_state.dtype,
+                   blocksize=quant_state.blocksize,
+                   absmax2=None if s2 is None else s2.absmax.float(),
+                   offset=None if s2 is None else quant_state.offset.float().reshape(()))
+
+    # --- serialization (safetensors, no pickle) --------------------------------------------
+    def state_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        out = {prefix + "packed": self.packed, prefix + "absmax": self.absmax}
+        if self.double_quant:
+            out[prefix + "absmax2"] = self.absmax2
+            out[prefix + "offset"] = self.offset.reshape(1)
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        return {"shape": json.dumps(list(self.shape)), "dtype": _DTYPE_NAMES[self.dtype],
+                "blocksize": str(self.blocksize), "double_quant": str(self.double_quant).lower(),
+                "format": "nf4"}
+
+    @classmethod
+    def from_state_tensors(cls, tensors: dict, metadata: dict, prefix: str = "") -> NF4Tensor:
+        dq = metadata["double_quant"] == "true"
+        return cls(packed=tensors[prefix + "packed"], absmax=tensors[prefix + "absmax"],
+                   shape=torch.Size(json.loads(metadata["shape"])),
+                   dtype=_DTYPES_BY_NAME[metadata["dtype"]], blocksize=int(metadata["blocksize"]),
+                   absmax2=tensors[prefix + "absmax2"] if dq else None,
+                   offset=tensors[prefix + "offset"].reshape(()) if dq else None)
+
+    def save(self, path: str) -> None:
+        """Write to a safetensors file atomically (temp file in the same folder, then rename)."""
+        from safetensors.torch import save_file
+
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
+            save_file(tensors, tmp, metadata=self.metadata())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str, device="cpu") -> NF4Tensor:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "nf4":
+                raise ValueError(f"{path} is not an NF4 tensor file written by NF4Tensor.save.")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls.from_state_tensors(tensors, meta)
+
+
+def _check_input(w: torch.Tensor, blocksize: int) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"quantize_nf4 expects a torch.Tensor, got {type(w).__name__}.")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"quantize_nf4: dtype {w.dtype} is not supported; pass float32, bfloat16 or float16.")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"quantize_nf4: blocksize {blocksize} is not supported; use a power of two from 32 to 4096.")
+    if w.numel() == 0:
+        raise ValueError("quantize_nf4: the tensor is empty; there is nothing to quantize.")
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_nf4: the tensor contains NaN or inf; fix the weights before quantizing.")
+
+
+def _blockwise_absmax_scale(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: float32 (n,) -> (absmax (nb,), scaled (n,) in [-1, 1]), bitsandbytes' arithmetic."""
+    n = x.numel()
+    full = n - n % blocksize
+    xb = x[:full].view(-1, blocksize)  # (nb_full, blocksize)
+    absmax = xb.abs().amax(dim=1)  # (nb_full,)
+    scaled = torch.clamp(xb * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
+    if full < n:  # ragged last block: its stored absmax is the clamped one, and it divides
+        am = x[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.reshape(1)])
+        scaled = torch.cat([scaled, torch.clamp(x[full:] / am, -1, 1)])
+    return absmax, scaled
+
+
+def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """scaled (m,) in [-1, 1] -> uint8 codes (m,): nearest NF4 value, ties to the lower code."""
+    code = nf4_code(scaled.device)
+    bounds = (code[:-1] + code[1:]) / 2  # (15,) midpoints, float32
+    return torch.bucketize(scaled, bounds).to(torch.uint8)  # right=False: x == bound -> lower
+
+
+def quantize_blockwise8(x: torch.Tensor, blocksize: int = BLOCKSIZE2) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit dynamic-map quantization of float32 x (m,) -> (uint8 codes (m,), absmax (ceil(m/bs),)).
+
+    The code choice follows bitsandbytes' CPU kernel (a 65536-bin lookup table, see
+    minilora/dynamic_search.py), so the stored absmax codes equal bitsandbytes' byte for byte.
+    """
+    return quantize_blockwise_bnb(x, dynamic_map(True), blocksize)
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize a float32/bf16/fp16 tensor of any shape to NF4 (see the module docstring)."""
+    _check_input(w, blocksize)
+    x = w.detach().reshape(-1).float()  # (n,)
+    absmax, scaled = _blockwise_absmax_scale(x, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # pad value 0 -> code 7
+    q = _nf4_codes(scaled)  # (2 * ceil(n/2),)
+    packed = (q[0::2] << 4) | q[1::2]  # (ceil(n/2),) high nibble first
+    if not double_quant:
+        return NF4Tensor(packed, absmax, torch.Size(w.shape), w.dtype, blocksize)
+    offset = absmax.mean()  # () float32
+    acodes, absmax2 = quantize_blockwise8(absmax - offset, BLOCKSIZE2)
+    return NF4Tensor(packed, acodes, torch.Size(w.shape), w.dtype, blocksize, absmax2, offset)
+
+
+def absmax_float(q: NF4Tensor) -> torch.Tensor:
+    """First-level absmax (nb,) float32: DYN[acode] * absmax2[block] + offset, or as stored."""
+    if not q.double_quant:
+        return q.absmax.float()
+    nb = q.absmax.numel()
+    dmap = dynamic_map(True).to(q.absmax.device)
+    vals = dmap[q.absmax.long()]  # (nb,)
+    scale = q.absmax2.repeat_interleave(BLOCKSIZE2)[:nb]  # (nb,)
+    return vals * scale + q.offset
+
+
+# 256 x 2 table: byte -> (NF4[high nibble], NF4[low nibble]); one gather decodes two weights.
+_PAIR_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_lut(device: torch.device) -> torch.Tensor:
+    if device not in _PAIR_LUT:
+        code = nf4_code(device)
+        b = torch.arange(256, device=device)
+        _PAIR_LUT[device] = torch.stack([code[b >> 4], code[b & 15]], dim=1)  # (256, 2)
+    return _PAIR_LUT[device]
+
+
+def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pure-PyTorch dequantization: NF4[code] * absmax in float32, one cast to `dtype`."""
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dequantize_nf4: output dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+    n, bs = q.numel, q.blocksize
+    vals = _pair_lut(q.packed.device)[q.packed.long()].reshape(-1)[:n]  # (n,) float32
+    absmax = absmax_float(q)  # (nb,)
+    full = n - n % bs
+    out = torch.empty(n, dtype=torch.float32, device=q.packed.device)
+    out[:full].view(-1, bs).copy_(vals[:full].view(-1, bs) * absmax[: full // bs].unsqueeze(1))
+    if full < n:
+        out[full:] = vals[full:] * absmax[-1]
+    return out.view(q.shape).to(dtype)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize to `dtype` (default: the original dtype). CUDA tensors take the Triton kernel
+    (minilora.kernels.nf4_dequant) when it is available; everything else the reference."""
+    if q.packed.is_cuda:
+        try:
+            from minilora.kernels.nf4_dequant import dequantize_nf4_triton
+        except ImportError:  # Triton missing on this platform: the reference is always correct
+            dequantize_nf4_triton = None
+        if dequantize_nf4_triton is not None:
+            return dequantize_nf4_triton(q, q.dtype if dtype is None else dtype)
+    return dequantize_nf4_reference(q, dtype)
