@@ -1,0 +1,172 @@
+"""Triton kernel: NF4 (optionally double quantized) -> bf16 / fp16 / fp32 in one pass.
+
+Letters: n weight elements, nb = ceil(n / BLOCKSIZE) absmax blocks, nb2 = ceil(nb / 256)
+second-level blocks. The math is minilora/nf4.py's (the PyTorch reference
+`dequantize_nf4_reference`, bit-exact with bitsandbytes):
+
+    absmax_b = DYN[acode_b] * absmax2[b // 256] + offset      (double quant; else stored float32)
+    w_i      = NF4[code_i] * absmax_{i // BLOCKSIZE}            (float32, cast once to the output)
+
+One launch reads each packed byte once and writes each output once. The float32 absmax is
+decoded inside the kernel from its 8-bit code (no intermediate absmax tensor in global memory,
+no second launch); the 16-entry NF4 table and the 256-entry dynamic map are gathered from tiny
+tensors that stay in L1.
+
+Each program handles BLOCK_SIZE packed bytes = 2 * BLOCK_SIZE outputs. The two codes of a byte
+belong to the same absmax block (BLOCKSIZE is even), so the absmax is decoded once per byte.
+The kernel is launched with enable_fp_fusion=False so `DYN * absmax2 + offset` rounds twice, like
+the reference and bitsandbytes, instead of becoming one FMA: float32 outputs are then bit-exact.
+
+`_absmax_f32` and `_nf4_lookup` are shared with the fused matmul (kernels/nf4_matmul.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from minilora.nf4 import BLOCKSIZE2, BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor
+from minilora.quant_maps import dynamic_map, nf4_code
+
+DEFAULT_BLOCK_SIZE = 1024  # packed bytes per program: 2048 outputs, 8 bytes per thread at 4 warps
+
+
+@triton.jit
+def _nf4_lookup(nf4_ptr, nib):
+    """NF4 value (float32) of each 4-bit code in `nib` (any shape, int32 in [0, 15])."""
+    return tl.load(nf4_ptr + nib)  # 16-entry table: always in bounds, always cached
+
+
+@triton.jit
+def _absmax_f32(
+    blk,                        # int32 tensor: absmax block index of each element
+    mask,                       # bool tensor (same shape): which lanes are real elements
+    absmax_ptr,                 # *uint8 (nb,) codes if DOUBLE_QUANT else *float32 (nb,) absmax
+    absmax2_ptr,                # *float32 (nb2,) second-level absmax (read only if DOUBLE_QUANT)
+    offset_ptr,                 # *float32 () mean of the first-level absmax (only if DOUBLE_QUANT)
+    dyn_ptr,                    # *float32 (256,) signed dynamic map (only if DOUBLE_QUANT)
+    DOUBLE_QUANT: tl.constexpr,  # whether absmax holds 8-bit codes
+):
+    """First-level absmax (float32) of each element's block, decoded in registers."""
+    if DOUBLE_QUANT:
+        acode = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)  # 256 = BLOCKSIZE2
+        absmax = tl.load(dyn_ptr + acode) * scale2 + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    packed_ptr,                 # *uint8 (ceil(n/2),): two codes per byte, first in the high nibble
+    absmax_ptr,                 # *uint8 (nb,) absmax codes if DOUBLE_QUANT, else *float32 (nb,)
+    absmax2_ptr,                # *float32 (nb2,) second-level absmax (unused if not DOUBLE_QUANT)
+    offset_ptr,                 # *float32 () offset added back to the absmax (same)
+    nf4_ptr,                    # *float32 (16,) NF4 table
+    dyn_ptr,                    # *float32 (256,) signed dynamic map (unused if not DOUBLE_QUANT)
+    out_ptr,                    # *bf16 | *fp16 | *fp32 (n,) output, contiguous
+    n_elements,                 # n: number of weights (odd n: the last low nibble is padding)
+    n_bytes,                    # ceil(n / 2): number of packed bytes
+    BLOCKSIZE: tl.constexpr,    # elements per absmax block (power of two, 32..4096)
+    DOUBLE_QUANT: tl.constexpr,  # absmax is 8-bit codes + absmax2 + offset
+    BLOCK_SIZE: tl.constexpr,   # packed bytes per program (power of two)
+):
+    pid = tl.program_id(axis=0).to(tl.int64)  # int64: 2 * BLOCK_SIZE * pid may pass 2^31
+    offs_byte = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # (BLOCK_SIZE,)
+    mask = offs_byte < n_bytes
+    byte = tl.load(packed_ptr + offs_byte, mask=mask, other=0).to(tl.int32)  # (BLOCK_SIZE,)
+
+    # Both codes of byte j are elements 2j and 2j+1: the same absmax block (BLOCKSIZE is even).
+    blk = (offs_byte // (BLOCKSIZE // 2)).to(tl.int32)  # (BLOCK_SIZE,)
+    absmax = _absmax_f32(blk, mask, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+    hi = _nf4_lookup(nf4_ptr, byte >> 4) * absmax  # element 2j, float32
+    lo = _nf4_lookup(nf4_ptr, byte & 15) * absmax  # element 2j+1
+
+    # Interleave to (hi0, lo0, hi1, lo1, ...) so the store is one contiguous run per program.
+    vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK_SIZE,))  # (2 * BLOCK_SIZE,)
+    offs_out = pid * (2 * BLOCK_SIZE) + tl.arange(0, 2 * BLOCK_SIZE)
+    tl.store(out_ptr + offs_out, vals.to(out_ptr.dtype.element_ty), mask=offs_out < n_elements)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NF4 table (16,), signed dynamic map (256,)), float32, cached per device."""
+    if device not in _TABLES:
+        _TABLES[device] = (nf4_code(device), dynamic_map(True).to(device))
+    return _TABLES[device]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, used by the tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_nf4(q: NF4Tensor, who: str) -> torch.device:
+    """Validate an NF4Tensor's buffers for a Triton launch; returns their device."""
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"{who}: expected an NF4Tensor, got {type(q).__name__}.")
+    dev = q.packed.device
+    if dev.type != "cuda" and not interpreting():
+        raise ValueError(f"{who}: the NF4 tensor is on {dev}; the Triton kernel needs CUDA tensors "
+                         "(move it with q.to('cuda') or use dequantize_nf4, which falls back to PyTorch).")
+    if q.blocksize not in BLOCKSIZES:
+        raise ValueError(f"{who}: blocksize {q.blocksize} is not supported; use a power of two from 32 to 4096.")
+    n, nb = q.numel, -(-q.numel // q.blocksize)
+    if n == 0:
+        raise ValueError(f"{who}: the NF4 tensor is empty.")
+    if n >= 2**31:
+        raise ValueError(f"{who}: {n} elements exceed the kernel's int32 indexing; split the tensor.")
+    parts = [("packed", q.packed, torch.uint8, (n + 1) // 2)]
+    if q.double_quant:
+        parts += [("absmax", q.absmax, torch.uint8, nb),
+                  ("absmax2", q.absmax2, torch.float32, -(-nb // BLOCKSIZE2)),
+                  ("offset", q.offset, torch.float32, 1)]
+    else:
+        parts += [("absmax", q.absmax, torch.float32, nb)]
+    for name, t, dtype, size in parts:
+        if t.device != dev:
+            raise ValueError(f"{who}: {name} is on {t.device} but packed is on {dev}; keep the NF4 state on one device.")
+        if t.dtype != dtype:
+            raise ValueError(f"{who}: {name} has dtype {t.dtype}, expected {dtype}.")
+        if t.numel() != size:
+            raise ValueError(f"{who}: {name} has {t.numel()} elements, expected {size} for shape "
+                             f"{tuple(q.shape)} at blocksize {q.blocksize}.")
+        if not t.is_contiguous():
+            raise ValueError(f"{who}: {name} is not contiguous; call .contiguous() on it first.")
+    return dev
+
+
+def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *,
+                          block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    """Dequantize `q` to `dtype` (default: q.dtype) with one Triton launch; returns shape q.shape."""
+    dtype = q.dtype if dtype is None else dtype
+    dev = check_nf4(q, "dequantize_nf4_triton")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dequantize_nf4_triton: output dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"dequantize_nf4_triton: block_size {block_size} must be a power of two >= 16.")
+    n = q.numel
+    out = torch.empty(q.shape, dtype=dtype, device=dev)
+    nf4, dyn = _tables(dev)
+    dq = q.double_quant
+    n_bytes = (n + 1) // 2
+    grid = (triton.cdiv(n_bytes, block_size),)
+    _nf4_dequant_kernel[grid](
+        q.packed, q.absmax,
+        q.absmax2 if dq else q.absmax,   # placeholders are never read when not DOUBLE_QUANT
+        q.offset if dq else q.absmax,
+        nf4, dyn, out, n, n_bytes,
+        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=dq, BLOCK_SIZE=block_size,
+        enable_fp_fusion=False,  # round DYN * absmax2 and + offset separately, as the reference
+    )
+    return out
