@@ -53,6 +53,7 @@ GENERAL = [
     "Answer the question with a short JSON object.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
     "user model system assistant",
+    "model\n", "user\n", "model\n{\"", "\n\n",
 ]
 
 
