@@ -252,10 +252,11 @@ def absmax_float(q: NF4Tensor) -> torch.Tensor:
     if not q.double_quant:
         return q.absmax.float()
     nb = q.absmax.numel()
+    nb2 = q.absmax2.numel()
     dmap = dynamic_map(True).to(q.absmax.device)
-    vals = dmap[q.absmax.long()]  # (nb,)
-    scale = q.absmax2.repeat_interleave(BLOCKSIZE2)[:nb]  # (nb,)
-    return vals * scale + q.offset
+    vals = dmap.index_select(0, q.absmax.int())  # (nb,)
+    vals = torch.nn.functional.pad(vals, (0, nb2 * BLOCKSIZE2 - nb)).view(nb2, BLOCKSIZE2)  # (nb2, 256)
+    return (vals * q.absmax2.unsqueeze(1)).view(-1)[:nb] + q.offset  # (nb,)
 
 
 # 256 x 2 table: byte -> (NF4[high nibble], NF4[low nibble]); one gather decodes two weights.
@@ -276,14 +277,13 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> 
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dequantize_nf4: output dtype {dtype} is not supported; use float32, bfloat16 or float16.")
     n, bs = q.numel, q.blocksize
-    vals = _pair_lut(q.packed.device)[q.packed.long()].reshape(-1)[:n]  # (n,) float32
+    vals = _pair_lut(q.packed.device).index_select(0, q.packed.int()).view(-1)  # (2 ceil(n/2),) float32
     absmax = absmax_float(q)  # (nb,)
     full = n - n % bs
-    out = torch.empty(n, dtype=torch.float32, device=q.packed.device)
-    out[:full].view(-1, bs).copy_(vals[:full].view(-1, bs) * absmax[: full // bs].unsqueeze(1))
+    vals[:full].view(-1, bs).mul_(absmax[: full // bs].unsqueeze(1))  # (nb_full, bs) in place
     if full < n:
-        out[full:] = vals[full:] * absmax[-1]
-    return out.view(q.shape).to(dtype)
+        vals[full:n].mul_(absmax[-1])
+    return vals[:n].view(q.shape).to(dtype)
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

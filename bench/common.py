@@ -1,0 +1,61 @@
+"""Small helpers shared by the benchmarks: timing medians, JSON output, environment facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def median_time(fn, repeat: int = 7, warmup: int = 2) -> float:
+    """Median wall time of fn() in seconds (synchronizing CUDA if used)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    def ver(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bitsandbytes": ver("bitsandbytes"),
+        "transformers": ver("transformers"),
+        "peft": ver("peft"),
+        "triton": ver("triton"),
+    }
+
+
+def write_json(name: str, payload: dict) -> str:
+    """Write bench/results/<name>.json atomically and return its path."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+    return path

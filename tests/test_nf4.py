@@ -1,0 +1,174 @@
+"""NF4 + double quantization against bitsandbytes, the oracle, bit for bit.
+
+bitsandbytes.functional.quantize_4bit / dequantize_4bit run on the CPU; every drawn case
+compares packed bytes, absmax (or its 8-bit codes), second-level absmax, offset and the
+dequantized values for exact equality.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4  # noqa: E402
+from minilora.quant_maps import dynamic_map, nf4_code  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+@st.composite
+def weights(draw, max_numel=6000):
+    """A tensor with a drawn shape, dtype, scale and one of the edge cases drawn on purpose."""
+    dtype = draw(st.sampled_from(DTYPES))
+    blocksize = draw(st.sampled_from(BLOCKSIZES))
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 40), min_size=ndim, max_size=ndim)))
+    if math.prod(shape) > max_numel:
+        shape = (max_numel // 7, 7)
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    # fp16 overflows past 65504: keep its scales in range
+    exp = draw(st.integers(-8, 3) if dtype == torch.float16 else st.integers(-20, 20))
+    w = torch.randn(shape, generator=g) * (10.0**exp)
+    case = draw(st.sampled_from(["plain", "zero_block", "all_zero", "outlier", "ties", "constant"]))
+    flat = w.view(-1)
+    if case == "zero_block":
+        flat[: min(flat.numel(), blocksize)] = 0
+    elif case == "all_zero":
+        flat.zero_()
+    elif case == "outlier":
+        i = draw(st.integers(0, flat.numel() - 1))
+        flat[i] = flat.abs().max() * (1e4 if dtype != torch.float16 else 10) + 1
+    elif case == "ties":
+        # values exactly at NF4 midpoints of a block whose absmax is 1: ties must go bnb's way
+        code = nf4_code()
+        mids = (code[:-1] + code[1:]) / 2
+        idx = torch.randint(0, 15, (flat.numel(),), generator=g)
+        flat.copy_(mids[idx])
+        flat[:: max(1, blocksize)] = 1.0
+    elif case == "constant":
+        flat.fill_(draw(st.floats(-3, 3, allow_nan=False)))
+    w = w.to(dtype)
+    assume(torch.isfinite(w).all())
+    return w, blocksize
+
+
+def _bnb(w, blocksize, double_quant):
+    return bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+
+
+@given(weights(), st.booleans())
+def test_quantize_bytes_identical_to_bitsandbytes(wb, double_quant):
+    w, blocksize = wb
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    packed, state = _bnb(w, blocksize, double_quant)
+    assert torch.equal(q.packed, packed.view(-1))
+    assert torch.equal(q.absmax, state.absmax)
+    if double_quant:
+        assert torch.equal(q.absmax2, state.state2.absmax)
+        assert torch.equal(q.offset, state.offset)
+    else:
+        assert q.absmax2 is None and q.offset is None
+
+
+@given(weights(), st.booleans(), st.sampled_from(DTYPES))
+def test_dequantize_identical_to_bitsandbytes(wb, double_quant, out_dtype):
+    w, blocksize = wb
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    packed, state = _bnb(w, blocksize, double_quant)
+    state.dtype = out_dtype  # bitsandbytes dequantizes to the state's dtype
+    expected = bnbF.dequantize_4bit(packed, state)
+    got = dequantize_nf4(q, out_dtype)
+    assert got.dtype == out_dtype and got.shape == w.shape
+    assert torch.equal(got.view(-1), expected.reshape(-1))
+
+
+@given(weights(max_numel=3000), st.booleans())
+def test_from_bnb_dequantizes_like_bitsandbytes(wb, double_quant):
+    """Wrapping bitsandbytes' own output (no requantization) gives bitsandbytes' values."""
+    w, blocksize = wb
+    packed, state = _bnb(w, blocksize, double_quant)
+    q = NF4Tensor.from_bnb(packed, state)
+    assert torch.equal(q.dequantize(), bnbF.dequantize_4bit(packed, state).view(w.shape))
+
+
+@given(weights(max_numel=3000), st.booleans())
+def test_to_bnb_from_bnb_round_trip_lossless(wb, double_quant):
+    w, blocksize = wb
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    packed, state = q.to_bnb()
+    # bitsandbytes dequantizes our state exactly as ours does
+    assert torch.equal(bnbF.dequantize_4bit(packed, state).view(w.shape), q.dequantize())
+    q2 = NF4Tensor.from_bnb(packed, state)
+    for name in ("packed", "absmax", "absmax2", "offset"):
+        a, b = getattr(q, name), getattr(q2, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert (q2.shape, q2.dtype, q2.blocksize) == (q.shape, q.dtype, q.blocksize)
+
+
+@settings(max_examples=8)
+@given(weights(max_numel=3000), st.booleans())
+def test_safetensors_round_trip_lossless(tmp_path_factory, wb, double_quant):
+    w, blocksize = wb
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    path = str(tmp_path_factory.mktemp("nf4") / "w.safetensors")
+    q.save(path)
+    q2 = NF4Tensor.load(path)
+    assert torch.equal(q2.dequantize(), q.dequantize())
+    assert torch.equal(q2.packed, q.packed) and torch.equal(q2.absmax, q.absmax)
+    assert (q2.shape, q2.dtype, q2.blocksize, q2.double_quant) == (q.shape, q.dtype, q.blocksize, q.double_quant)
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
+
+
+def test_mean_abs_error_matches_bitsandbytes_figure():
+    """quantizing randn(1024, 1024) at blocksize 64: the same error as bitsandbytes (~0.0728)."""
+    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+    for dq in (False, True):
+        q = quantize_nf4(w, blocksize=64, double_quant=dq)
+        ours = (q.dequantize(torch.float32) - w).abs().mean().item()
+        packed, state = _bnb(w, 64, dq)
+        theirs = (bnbF.dequantize_4bit(packed, state) - w).abs().mean().item()
+        assert ours == theirs
+        assert 0.070 < ours < 0.075
+
+
+def test_bits_per_parameter():
+    w = torch.randn(4096, 4096)
+    assert quantize_nf4(w, 64, double_quant=False).bits_per_param() == pytest.approx(4.5, abs=1e-6)
+    # 4 + 8/64 + 32/(64*256) = 4.127 (plus the 4-byte offset, negligible here)
+    assert quantize_nf4(w, 64, double_quant=True).bits_per_param() == pytest.approx(4.127, abs=1e-3)
+
+
+def test_maps_equal_bitsandbytes():
+    assert torch.equal(nf4_code(), bnbF.get_4bit_type("nf4", device="cpu"))
+    for signed in (True, False):
+        assert torch.equal(dynamic_map(signed), bnbF.create_dynamic_map(signed))
+
+
+@pytest.mark.parametrize(
+    "make, blocksize, message",
+    [
+        (lambda: torch.tensor([1.0, float("nan")]), 64, "NaN or inf"),
+        (lambda: torch.tensor([1.0, float("inf")]), 64, "NaN or inf"),
+        (lambda: torch.empty(0), 64, "empty"),
+        (lambda: torch.ones(4, dtype=torch.float64), 64, "dtype"),
+        (lambda: torch.ones(4, dtype=torch.int32), 64, "dtype"),
+        (lambda: torch.ones(4), 48, "blocksize 48"),
+        (lambda: torch.ones(4), 8192, "blocksize 8192"),
+    ],
+)
+def test_bad_input_raises_clear_error(make, blocksize, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_nf4(make(), blocksize=blocksize)
+
+
+def test_bad_output_dtype():
+    q = quantize_nf4(torch.ones(8))
+    with pytest.raises(ValueError, match="output dtype"):
+        dequantize_nf4(q, torch.float64)
