@@ -1,0 +1,260 @@
+"""load_model: a preset, a Hugging Face repo id or a local folder -> (Transformer, Tokenizer).
+
+Streaming load, so that the whole bf16 model is never resident:
+  1. build the Transformer on the meta device (shapes only, no memory);
+  2. for each tensor in the checkpoint (single model.safetensors, or shards listed in
+     model.safetensors.index.json) map its name to ours (`our_name`, the ONE name map), read it
+     memory-mapped, cast to `dtype`, move to `device`;
+  3. with quantize="nf4" every linear weight of the blocks (not embeddings, norms or lm_head) is
+     quantized right away and its nn.Linear swapped for minilora.quant_linear.NF4Linear; the bf16
+     copy is dropped before the next tensor is read.
+Each tensor is read through its own short-lived `safe_open`: a mapping kept open for the whole
+file keeps every page it touched in the process's RSS, so peak RSS would grow to the file size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from minilora.models.config import PRESETS, ModelConfig
+from minilora.models.hub import ModelLoadError, resolve_checkpoint
+from minilora.models.transformer import Transformer
+
+__all__ = ["ModelLoadError", "load_model", "our_name", "build_tiny", "quantize_linears"]
+
+_EXAMPLES_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tokenizer")
+# Gemma 3 multimodal checkpoints keep the language model under a prefix (transformers 4.x wrote
+# `language_model.model.`, transformers 5 writes `model.language_model.`) next to vision tensors.
+_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+             ("language_model.lm_head.", "lm_head."))  # fmt: skip
+_SKIPPED = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def our_name(hf_name: str) -> str | None:
+    """Checkpoint tensor name -> our parameter name, or None for tensors we do not use.
+
+    Our module names equal transformers' LlamaForCausalLM / Gemma3ForCausalLM, so apart from the
+    multimodal prefixes and skipped tensors the map is the identity.
+    """
+    if hf_name.startswith(_SKIPPED) or hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    for old, new in _PREFIXES:
+        if hf_name.startswith(old):
+            return new + hf_name[len(old) :]
+    return hf_name
+
+
+def _is_quantized_linear(name: str) -> bool:
+    """Linear weights inside the blocks; embeddings, norms and lm_head stay in `dtype`."""
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+def quantize_linears(model: nn.Module, blocksize: int = 64, double_quant: bool = True, compute_dtype=None):
+    """Swap every block linear of an already materialized model for NF4Linear (post-load quantization)."""
+    from minilora.quant_linear import NF4Linear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and _is_quantized_linear(name + ".weight"):
+            q = NF4Linear.from_weight(mod.weight.data, mod.bias.data if mod.bias is not None else None,
+                                      blocksize=blocksize, double_quant=double_quant,
+                                      compute_dtype=compute_dtype or mod.weight.dtype)  # fmt: skip
+            _set_module(model, name, q)
+    return model
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _read_config(ckpt: str, name: str) -> ModelConfig:
+    path = os.path.join(ckpt, "config.json")
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{ckpt} has no config.json; point to a Hugging Face checkpoint folder.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); download the checkpoint again.") from None
+    try:
+        return ModelConfig.from_hf_config(raw, name=name)
+    except (ValueError, KeyError) as e:
+        msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise ModelLoadError(f"{path}: {msg.rstrip('.')}; use a Llama or Gemma 3 checkpoint.") from None
+
+
+def _weight_files(ckpt: str) -> dict[str, list[str]]:
+    """{file path: [tensor names]} from the shard index, or every *.safetensors in the folder."""
+    from safetensors import safe_open
+
+    index = os.path.join(ckpt, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files: dict[str, list[str]] = {}
+        for tensor, fname in weight_map.items():
+            files.setdefault(os.path.join(ckpt, fname), []).append(tensor)
+        for path in files:
+            if not os.path.isfile(path):
+                raise ModelLoadError(f"shard {path} listed in {index} is missing; download the checkpoint again.")
+        return files
+    paths = sorted(os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors"))
+    if not paths:
+        raise ModelLoadError(f"{ckpt} has no *.safetensors weights; convert the checkpoint to safetensors.")
+    files = {}
+    for path in paths:
+        try:
+            with safe_open(path, framework="pt") as f:
+                files[path] = list(f.keys())
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+            raise _corrupt(path, e) from None
+    return files
+
+
+def _corrupt(path: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(f"{path} is truncated or corrupt ({e}); delete it and download the checkpoint again.")
+
+
+def _read_tensor(path: str, name: str) -> torch.Tensor:
+    """One tensor, memory-mapped, through a safe_open that is closed right after (see module doc)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            t = f.get_tensor(name)
+        return t
+    except Exception as e:
+        raise _corrupt(path, e) from None
+
+
+def _check_file_sizes(files):
+    """safe_open maps lazily; a file shorter than its header promises is caught here, before loading."""
+    import struct
+
+    for path in files:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise _corrupt(path, ValueError("file shorter than the 8-byte header length"))
+            n = struct.unpack("<Q", head)[0]
+            try:
+                header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError) as e:
+                raise _corrupt(path, e) from None
+        size = os.path.getsize(path)
+        if size < 8 + n + end:
+            raise _corrupt(path, ValueError(f"{size} bytes on disk, header describes {8 + n + end}"))
+
+
+def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize, double_quant) -> Transformer:
+    """Stream the checkpoint in `ckpt` into a Transformer built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.tie_weights()
+    expected = {n: p for n, p in model.named_parameters()}  # tied lm_head.weight is listed once, as embed
+    files = _weight_files(ckpt)
+    _check_file_sizes(files)
+    unexpected, seen = [], set()
+    NF4Linear = None
+    if quantize == "nf4":
+        from minilora.quant_linear import NF4Linear
+    for path, names in files.items():
+        for hf in names:
+            ours = our_name(hf)
+            if ours is None:
+                continue
+            if ours == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # some checkpoints store the tied head anyway; it equals embed_tokens
+            if ours not in expected:
+                unexpected.append(hf)
+                continue
+            t = _read_tensor(path, hf)
+            want = tuple(expected[ours].shape)
+            if tuple(t.shape) != want:
+                raise ModelLoadError(
+                    f"tensor {hf} in {os.path.basename(path)} has shape {tuple(t.shape)} but config.json "
+                    f"implies {want}; the weights do not belong to this config.json."
+                )
+            t = t.to(device=device, dtype=dtype)
+            mod_name, _, pname = ours.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            if NF4Linear is not None and _is_quantized_linear(ours):
+                bias = None if mod.bias is None or mod.bias.is_meta else mod.bias  # bias sorts before weight
+                q = NF4Linear.from_weight(t, bias, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
+                _set_module(model, mod_name, q)
+            elif NF4Linear is not None and isinstance(mod, NF4Linear):  # a bias read after its weight
+                mod.bias = nn.Parameter(t)
+            else:
+                mod._parameters[pname] = nn.Parameter(t, requires_grad=expected[ours].requires_grad)
+            seen.add(ours)
+            del t  # the bf16 copy of a quantized weight dies here, before the next read
+    if unexpected:
+        raise ModelLoadError(
+            f"{ckpt} has tensors this {cfg.family} model does not use: {_few(unexpected)}; "
+            "the checkpoint does not match its config.json."
+        )
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise ModelLoadError(f"{ckpt} is missing tensors {_few(missing)}; download the checkpoint again.")
+    model.tie_weights()
+    model.inv_freq_global = model.inv_freq_global.to(device)
+    model.inv_freq_local = model.inv_freq_local.to(device)
+    return model.eval()
+
+
+def _few(names: list[str], k: int = 5) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _load_tokenizer(path: str):
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None
+    from minilora.models.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
+
+
+def build_tiny(vocab_size: int | None = None, seed: int = 0, dtype=torch.float32, device="cpu") -> Transformer:
+    """The `tiny` preset with seeded random weights (normal(0, 0.02) linears/embeddings, norms at
+    their identity init), independent of and not disturbing the global RNG."""
+    cfg = ModelConfig.from_name("tiny")
+    if vocab_size is not None:
+        cfg.vocab_size = vocab_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Transformer(cfg)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(name_or_path: str, quantize: str | None = "nf4", dtype: torch.dtype = torch.bfloat16,
+               device="cpu", blocksize: int = 64, double_quant: bool = True):  # fmt: skip
+    """(model, tokenizer) for a preset, an 'org/name' Hugging Face repo id or a local folder.
+
+    quantize="nf4" stores every block linear as NF4 (QLoRA base); None keeps `dtype`. The
+    tokenizer is None when the checkpoint has no tokenizer.json. Raises ModelLoadError (a
+    ValueError) with one sentence saying what to do for every problem a user can cause.
+    """
+    if quantize not in ("nf4", None):
+        raise ModelLoadError(f"quantize={quantize!r} is not supported; use 'nf4' or None.")
+    if name_or_path == "tiny":
+        tok = _load_tokenizer(_EXAMPLES_TOKENIZER) if os.path.isdir(_EXAMPLES_TOKENIZER) else None
+        model = build_tiny(tok.vocab_size if tok is not None else None, dtype=dtype, device=device)
+        if quantize == "nf4":
+            quantize_linears(model, blocksize, double_quant, compute_dtype=dtype)
+        return model, tok
+    ckpt = resolve_checkpoint(name_or_path)
+    preset = name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt))
+    cfg = _read_config(ckpt, preset)
+    model = load_weights(ckpt, cfg, quantize, dtype, device, blocksize, double_quant)
+    return model, _load_tokenizer(ckpt)

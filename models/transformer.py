@@ -1,0 +1,298 @@
+"""One readable decoder-only transformer for Llama and Gemma 3.
+
+Shape letters: B batch, T new tokens in this call, S keys visible (cache + new), D hidden_size,
+H query heads, Hkv key/value heads, hd head_dim, V vocab, F intermediate_size.
+
+Module names equal transformers' LlamaForCausalLM / Gemma3ForCausalLM, so parameter names equal
+the checkpoint's and PEFT adapter keys are `base_model.model.` + our module name.
+
+Per block (pre-norm residual):
+  Llama:  h = x + attn(norm1(x));                 y = h + mlp(norm2(h))
+  Gemma:  h = x + post_attn(attn(norm_in(x)));    y = h + post_ff(mlp(pre_ff(h)))
+  RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w  (Llama; result cast to the input dtype before * w)
+             = (x / sqrt(mean(x^2) + eps) * (1 + w))  in float32 (Gemma, then cast)
+  mlp(x) = down(act(gate(x)) * up(x)),  act = SiLU (Llama) or GELU-tanh (Gemma)
+  attn: q, k, v projections; Gemma normalizes q and k per head (q_norm, k_norm); RoPE rotates q, k by
+        position; softmax(q k^T * scale + mask) v with GQA (each kv head serves H/Hkv query heads).
+Gemma also scales embeddings by sqrt(D) (rounded to the weight dtype, as the reference does) and
+can soft-cap attention scores and final logits: cap * tanh(z / cap).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minilora.models.config import FULL, SLIDING, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm; `gemma=True` uses the (1 + w) parameterization in float32."""
+
+    def __init__(self, dim: int, eps: float, gemma: bool):
+        super().__init__()
+        self.eps, self.gemma = eps, gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (xf * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * xf.type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/hd), i < hd/2, with optional `linear` or `llama3` scaling.
+
+    llama3: wavelengths 2*pi/f longer than L/low_freq_factor are divided by `factor`, shorter than
+    L/high_freq_factor kept, and in between interpolated with s = (L/wavelen - low)/(high - low):
+    f' = (1 - s) f/factor + s f, where L = original_max_position_embeddings.
+    """
+    # Built on the CPU explicitly so it is real even when the model is built on the meta device.
+    idx = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+    inv = 1.0 / (theta ** (idx / head_dim))  # (hd/2,)
+    if scaling is None:
+        return inv
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of position * inv_freq in float32, each (B, T, hd) with the two halves repeated."""
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+hd/2}) by angle pos*f_i: x*cos + rotate_half(x)*sin. x: (B, H, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, hd)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_logit_softcapping
+        D, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=b)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=b)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=b)
+        if cfg.family == "gemma3":
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, gemma=True)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, gemma=True)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
+        rep = self.n_heads // self.n_kv
+        # GQA: repeat each kv head for its `rep` query heads (same order as transformers' repeat_kv).
+        k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
+        v = v.repeat_interleave(rep, dim=1) if rep > 1 else v  # (B, H, S, hd)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, hd)
+        else:
+            # SDPA cannot soft-cap scores, so this path spells attention out.
+            scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, T, S)
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, H*hd)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, F_, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(D, F_, bias=b)
+        self.up_proj = nn.Linear(D, F_, bias=b)
+        self.down_proj = nn.Linear(F_, D, bias=b)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
+
+    def forward(self, x):  # (B, T, D) -> (B, T, F) -> (B, T, D)
+        g = self.gate_proj(x)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(g * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.gemma = cfg.family == "gemma3"
+        self.sliding = cfg.layer_types[layer_idx] == SLIDING
+        eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, self.gemma)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, self.gemma)
+        if self.gemma:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, True)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, True)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if self.gemma:
+            h = x + self.post_attention_layernorm(a)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        # Llama names its pre-MLP norm `post_attention_layernorm`.
+        h = x + a
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """transformers' `model` submodule: embed_tokens, layers, norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family == "gemma3")
+
+
+def build_mask(q_slots, key_valid, segment_q, segment_k, window):
+    """Boolean attention mask (B, 1, T, S), True where query may attend to key.
+
+    q_slots (T,) are the queries' slot indices in the key sequence (past length + t). Combined:
+      causal        key slot <= query slot                          (always)
+      sliding       query slot - key slot < window                  (sliding layers only)
+      padding       key_valid[b, s] (attention_mask, incl. cached)  (when a mask/cache is given)
+      segments      segment_k[b, s] == segment_q[b, t]              (when segment_ids is given)
+    Each query may always attend to its own slot, so a padding query's row is never empty
+    (SDPA returns NaN for an all-False row); those rows are garbage and ignored by callers.
+    """
+    S = key_valid.shape[1]
+    k_slots = torch.arange(S, device=q_slots.device)
+    allowed = k_slots[None, :] <= q_slots[:, None]  # (T, S)
+    if window is not None:
+        allowed = allowed & (q_slots[:, None] - k_slots[None, :] < window)
+    allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S)
+    if segment_q is not None:
+        allowed = allowed & (segment_q[:, :, None] == segment_k[:, None, :])
+    allowed = allowed | (k_slots[None, :] == q_slots[:, None])[None]
+    return allowed[:, None]  # (B, 1, T, S)
+
+
+def default_positions(attention_mask, segment_ids, past_positions=None):
+    """Position ids (B, T) so that padded or packed rows equal each sequence run alone.
+
+    Left padding: cumsum(mask) - 1 (real tokens count from 0; padding gets 0). Packed segments:
+    the index within the segment. With a cache, counting continues from `past_positions` (B,).
+    """
+    B, T = attention_mask.shape
+    if segment_ids is not None:
+        idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+        new_seg = torch.ones_like(segment_ids, dtype=torch.bool)
+        new_seg[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        start = torch.cummax(torch.where(new_seg, idx, torch.zeros_like(idx)), dim=1).values
+        return idx - start  # (B, T)
+    pos = attention_mask.long().cumsum(-1) - 1
+    if past_positions is not None:
+        pos = pos + past_positions[:, None]
+    return pos.clamp(min=0)
+
+
+class Transformer(nn.Module):
+    """LlamaForCausalLM / Gemma3ForCausalLM with the same parameter names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        hd = config.head_dim
+        self.register_buffer("inv_freq_global", rope_inv_freq(hd, config.rope_theta, config.rope_scaling), False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(hd, config.rope_local_theta, None), False)
+        self.gradient_checkpointing = False
+
+    def tie_weights(self):
+        """Re-tie lm_head to embed_tokens (the loader calls this after replacing parameters)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_gradient_checkpointing(self, enabled: bool = True):
+        """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
+        self.gradient_checkpointing = bool(enabled)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) final-normed hidden -> (B, T, V) logits, with Gemma's final soft-capping."""
+        logits = self.lm_head(h)  # (B, T, V)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, cache=None,
+                return_hidden=False):  # fmt: skip
+        """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, D).
+
+        attention_mask (B, T): 1 real, 0 padding (with a cache: the mask of the new tokens; the
+        cache remembers earlier ones). segment_ids (B, T): packed sequences, attention stays within
+        a segment. position_ids default to `default_positions` (padded/packed rows equal unpacked).
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        dev = input_ids.device
+        valid = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        past = 0 if cache is None else cache.length
+        if position_ids is None:
+            position_ids = default_positions(valid, segment_ids, None if cache is None else cache.next_positions)
+        key_valid = valid if cache is None else cache.append_mask(valid, position_ids)  # (B, S)
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packed sequences) are for training; they cannot be combined with a KV cache.")
+        q_slots = torch.arange(past, past + T, device=dev)  # (T,)
+        masks = {
+            kind: build_mask(q_slots, key_valid, segment_ids, segment_ids, cfg.sliding_window if kind == SLIDING else None)
+            for kind in set(cfg.layer_types)
+        }  # fmt: skip
+
+        emb = self.model.embed_tokens(input_ids)  # (B, T, D)
+        if cfg.family == "gemma3":
+            # sqrt(D) rounded to the weight dtype first (bf16: sqrt(1152)=33.94 -> 34.0), as in the reference.
+            emb = emb * torch.tensor(cfg.hidden_size**0.5, dtype=emb.dtype, device=dev)
+        x = emb
+        rope = {
+            FULL: rope_cos_sin(self.inv_freq_global, position_ids, x.dtype),
+            SLIDING: rope_cos_sin(self.inv_freq_local, position_ids, x.dtype),
+        }
+        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        for layer, kind in zip(self.model.layers, cfg.layer_types):
+            cos, sin = rope[kind]
+            if use_ckpt:
+                x = checkpoint(layer, x, cos, sin, masks[kind], use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[kind], cache)
+        if cache is not None:
+            cache.advance(T)
+        h = self.model.norm(x)  # (B, T, D)
+        return h if return_hidden else self.logits_from_hidden(h)
