@@ -1,0 +1,377 @@
+"""LoRA layers over a dense (nn.Linear) or NF4 (NF4Linear) base, and the model surgery around them.
+
+Letters: N tokens (all leading dims of x flattened), K in_features, M out_features, r rank.
+
+    y = W0 x + b + s * B A dropout(x)        A (r, K), B (M, r), W0 (M, K) frozen
+    s = alpha / r,  or alpha / sqrt(r) with rsLoRA (arXiv 2312.03732)
+
+DoRA (use_dora=True) adds a trainable magnitude per output row; its formula is in minilora/dora.py.
+
+Numerics follow PEFT 0.21 step for step, so the same weights give the same outputs and gradients:
+the adapter weights (A, B, magnitude) are float32 while the base computes in its own dtype
+(typically bf16); x is cast to float32 for the LoRA path. PEFT then combines the two differently
+per base, and we do the same:
+  - dense base:  y = (base(x) + s B A x).to(base dtype)      (the add happens in float32)
+  - NF4 base:    y = base(x) + (s B A x).to(base dtype)      (bitsandbytes layer: cast, then add)
+Inits as PEFT: "default" = A kaiming-uniform(a=sqrt(5)), B = 0; "gaussian" = A ~ N(0, 1/r), B = 0.
+
+On an NF4 base without DoRA, one autograd function (_LoRANF4Fn) does base + LoRA: it saves x, the
+small (N, r) product A x and the dropout mask, never a float32 copy of x and never the
+dequantized weight (dequantized again, in chunks, in backward). See bench/lora_layer.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilora.dora import dora_delta, merged_dora_weight, row_norm
+from minilora.nf4 import NF4Tensor, absmax_float, dequantize_nf4, quantize_nf4
+from minilora.quant_linear import NF4Linear
+from minilora.quant_maps import nf4_code
+
+INITS = ("default", "gaussian")
+CHUNK = 1 << 16  # elements dequantized at a time on the CPU: the float32 temporary stays in cache
+
+
+class AdapterError(ValueError):
+    """A LoRA configuration or adapter that does not fit the model (one clear sentence)."""
+
+
+# --- dense weight of a base layer ----------------------------------------------------------------
+_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def dense_nf4(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_nf4(q, dtype), bit for bit, without its full-size float32 temporaries on the CPU.
+
+    Works through the flat weight in chunks of CHUNK elements (a multiple of the blocksize):
+    a 256 x 2 table turns each byte into its two NF4 values (float32), each block is scaled by its
+    absmax, and the chunk is cast once into the output. CUDA tensors use dequantize_nf4 (Triton).
+    """
+    if q.packed.is_cuda:
+        return dequantize_nf4(q, dtype)
+    dev, n, bs = q.packed.device, q.numel, q.blocksize
+    if dev not in _LUT:
+        code, b = nf4_code(dev), torch.arange(256, device=dev)
+        _LUT[dev] = torch.stack([code[b >> 4], code[b & 15]], dim=1)  # (256, 2): high nibble first
+    lut, absmax = _LUT[dev], absmax_float(q)  # (256, 2), (nb,)
+    out = torch.empty(n, dtype=dtype, device=dev)
+    step = max(bs, CHUNK - CHUNK % bs)
+    for e0 in range(0, n, step):
+        e1 = min(n, e0 + step)
+        vals = F.embedding(q.packed[e0 // 2: (e1 + 1) // 2].int(), lut).view(-1)[: e1 - e0]  # (e1-e0,)
+        full = (e1 - e0) - (e1 - e0) % bs
+        vals[:full].view(-1, bs).mul_(absmax[e0 // bs: (e0 + full) // bs].unsqueeze(1))  # (blocks, bs)
+        if full < e1 - e0:  # ragged last block of the tensor
+            vals[full:].mul_(absmax[-1])
+        out[e0:e1].copy_(vals)  # the single cast to dtype
+    return out.view(q.shape)
+
+
+def base_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W0 (M, K) of an nn.Linear or an NF4Linear (dequantized), in `dtype` (default: its own)."""
+    if isinstance(base, NF4Linear):
+        return dense_nf4(base.weight_nf4, dtype or base.weight_dtype)
+    w = base.weight
+    return w if dtype is None else w.to(dtype)
+
+
+# --- the fused NF4 + LoRA function ----------------------------------------------------------------
+class _LoRANF4Fn(torch.autograd.Function):
+    """y = (x_c W0^T + b).to(x dtype) + (s * (d(x_f) A^T) B^T).to(x dtype)
+
+    x (N, K); x_c = x in the base's compute dtype; x_f = x in float32; d(z) = z * (mask / (1-p)) is
+    dropout (identity without a mask); W0 (M, K) NF4; A (r, K), B (M, r) float32. u = d(x_f) A^T (N, r) is saved.
+
+    Backward, g = dL/dy (N, M), g_f = s * g in float32 (the cast's backward, then the scaling):
+        dL/dB = g_f^T u                                  (M, N) @ (N, r) -> (M, r)
+        dL/du = g_f B                                    (N, M) @ (M, r) -> (N, r)
+        dL/dA = (dL/du)^T d(x_f)                         (r, N) @ (N, K) -> (r, K)
+        dL/dx = (g_c W0).to(x dtype) + d'(dL/du A).to(x dtype)
+              d' multiplies by mask / (1-p) again; W0 is dequantized again here, chunk by chunk.
+    Each term is rounded where PEFT + bitsandbytes round it, so the results agree with them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
+        in_dtype, cdt = x.dtype, base.compute_dtype or x.dtype
+        q = base.weight_nf4
+        y = F.linear(x.to(cdt), dense_nf4(q, cdt))  # (N, K) @ (K, M) -> (N, M)
+        if base.bias is not None:
+            y = y + base.bias.to(y.dtype)  # NF4Linear adds the bias after the matmul
+        y = y.to(in_dtype)
+        xf = x.float()  # (N, K) float32, not saved
+        mask = None
+        if p > 0:  # nn.Dropout on the CPU: noise = bernoulli(1-p) / (1-p); x * noise (same draw)
+            noise = torch.empty_like(xf).bernoulli_(1 - p).div_(1 - p)
+            xf = xf * noise
+            mask = noise != 0  # 1 byte per element saved, instead of a float32 x
+        u = xf @ A.t()  # (N, K) @ (K, r) -> (N, r)
+        y = y + (u @ B.t() * scaling).to(in_dtype)  # (N, r) @ (r, M) -> (N, M)
+        ctx.save_for_backward(x, A, B, u, mask)
+        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A, B, u, mask = ctx.saved_tensors
+        s, p, base = ctx.scaling, ctx.p, ctx.base
+        gf = g.float() * s  # (N, M) float32
+        gB = gf.t() @ u  # (M, N) @ (N, r) -> (M, r)
+        gu = gf @ B  # (N, M) @ (M, r) -> (N, r)
+        del gf
+        gA = gx = None
+        if ctx.needs_input_grad[1]:
+            xf = x.float()
+            if mask is not None:
+                xf = xf * mask.float().div_(1 - p)  # d(x_f) again, bit for bit
+            gA = gu.t() @ xf  # (r, N) @ (N, K) -> (r, K)
+            del xf
+        if ctx.needs_input_grad[0]:
+            cdt = base.compute_dtype or x.dtype
+            gx = (g.to(cdt) @ dense_nf4(base.weight_nf4, cdt)).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
+            gl = gu @ A  # (N, r) @ (r, K) -> (N, K) float32
+            if mask is not None:
+                gl = gl * mask.float().div_(1 - p)
+            gx = gx + gl.to(x.dtype)
+        return gx, gA, gB if ctx.needs_input_grad[2] else None, None, None, None
+
+
+# --- the layer -----------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """y = W0 x + b + s * B A dropout(x), s = alpha/r (alpha/sqrt(r) with rsLoRA); see the module docstring.
+
+    With use_dora, PEFT's DoRA: y = W0 x + b + (c - 1) W0 d(x) + c s B A d(x), c = m / ||W0 + s B A||_row
+    (detached), m = `lora_magnitude_vector` (M,), initialised to ||W0 + s B A||_row.
+
+    Submodules are named so that parameter names are PEFT's saved keys minus the
+    `base_model.model.` prefix: `<path>.lora_A.weight`, `<path>.lora_B.weight`,
+    `<path>.lora_magnitude_vector`. The frozen base layer is `<path>.base`.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, init: str = "default",
+                 use_rslora: bool = False, use_dora: bool = False):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, NF4Linear)) or isinstance(base, LoRALinear):
+            raise AdapterError(f"LoRALinear wraps an nn.Linear or an NF4Linear, not {type(base).__name__}.")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise AdapterError(f"LoRA rank r={r!r} is invalid; pass an integer r >= 1 (typically 8 to 64).")
+        if not 0.0 <= dropout < 1.0:
+            raise AdapterError(f"LoRA dropout={dropout!r} is invalid; pass a probability in [0, 1).")
+        if init not in INITS:
+            raise AdapterError(f"LoRA init={init!r} is unknown; use one of {', '.join(INITS)}.")
+        for prm in base.parameters():
+            prm.requires_grad_(False)
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.dropout_p, self.init = r, alpha, float(dropout), init
+        self.use_rslora, self.use_dora = bool(use_rslora), bool(use_dora)
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev = base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        self.reset_lora_parameters()
+        if use_dora:
+            with torch.no_grad():
+                norm = row_norm(base_weight(base, torch.float32), self.lora_B.weight @ self.lora_A.weight,
+                                self.scaling)
+            self.lora_magnitude_vector = nn.Parameter(norm)  # (M,) float32
+        self.merged = False
+        self._unmerged = None  # the base's original weight (dense) or NF4 buffers while merged
+
+    def reset_lora_parameters(self) -> None:
+        if self.init == "default":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p}, "
+                f"rslora={self.use_rslora}, dora={self.use_dora}, merged={self.merged}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        A, B, s = self.lora_A, self.lora_B, self.scaling
+        p = self.dropout_p if self.training else 0.0
+        nf4 = isinstance(self.base, NF4Linear)
+        if nf4 and not self.use_dora and torch.is_grad_enabled():
+            lead = x.shape[:-1]
+            y = _LoRANF4Fn.apply(x.reshape(-1, self.in_features), A.weight, B.weight, self.base, s, p)
+            return y.view(*lead, self.out_features)  # (N, M) -> (..., M)
+        result = self.base(x)  # (..., M) in the base's output dtype
+        out_dtype = result.dtype
+        xf = x.to(A.weight.dtype)  # float32 for the LoRA path
+        if not self.use_dora:
+            lora = B(A(self.lora_dropout(xf))) * s  # (..., K) -> (..., r) -> (..., M)
+            return result + lora.to(out_dtype) if nf4 else (result + lora).to(out_dtype)
+        dropped = p > 0
+        xd = self.lora_dropout(xf) if dropped else xf
+        w0 = base_weight(self.base)
+        extra = dora_delta(xd, None if dropped else result, w0, self.base.bias, A, B,
+                           self.lora_magnitude_vector, s)
+        return (result + extra).to(out_dtype)
+
+    # --- merge / unmerge -----------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A (M, K) float32."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (M, r) @ (r, K)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (idempotent). Dense: W0 += s B A (DoRA: its merged
+        weight), the original kept for an exact unmerge. NF4: dequantize, add, requantize, with a
+        warning: the requantization adds rounding error on top of the adapter."""
+        if self.merged:
+            return
+        base, delta = self.base, self.delta_weight()
+        if isinstance(base, NF4Linear):
+            w0 = base.dequantized_weight(torch.float32)
+            new = merged_dora_weight(w0, delta, self.lora_magnitude_vector) if self.use_dora else w0 + delta
+            q = quantize_nf4(new.to(base.weight_dtype), base.blocksize, base.weight_absmax2 is not None)
+            names = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_offset")
+            self._unmerged = {k: getattr(base, k) for k in names}
+            for k, v in zip(names, (q.packed, q.absmax, q.absmax2, q.offset)):
+                setattr(base, k, v)
+            warnings.warn("merge_lora on an NF4 base requantizes W0 + s B A to NF4, which adds rounding "
+                          "error; merged outputs differ slightly from the unmerged adapter.", stacklevel=3)
+        else:
+            w = base.weight
+            new = merged_dora_weight(w, delta, self.lora_magnitude_vector) if self.use_dora else w.float() + delta
+            self._unmerged = w.data
+            w.data = new.to(w.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base exactly as it was before merge (idempotent)."""
+        if not self.merged:
+            return
+        if isinstance(self.base, NF4Linear):
+            for k, v in self._unmerged.items():
+                setattr(self.base, k, v)
+        else:
+            self.base.weight.data = self._unmerged
+        self._unmerged, self.merged = None, False
+
+
+# --- model surgery --------------------------------------------------------------------------------
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear / NF4Linear by name, skipping those already wrapped by a LoRALinear."""
+    inside = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, NF4Linear)) and not isinstance(m, LoRALinear) and id(m) not in inside}
+
+
+def _is_output_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return name.split(".")[-1] == "lm_head" or (head is not None and module is head)
+
+
+def select_targets(model: nn.Module, targets) -> list[str]:
+    """Names of the linear modules `targets` selects ("all-linear", a regex string, or a list of
+    module-name suffixes as PEFT's target_modules); an AdapterError when one selects nothing."""
+    linears = _linear_modules(model)
+    if targets == "all-linear":
+        names = [n for n, m in linears.items() if not _is_output_head(model, n, m)]
+    elif isinstance(targets, str):
+        names = [n for n in linears if re.fullmatch(targets, n)]
+    else:
+        targets = list(targets)
+        names = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
+        if missing:
+            have = sorted({n.split(".")[-1] for n in linears})
+            raise AdapterError(f"LoRA target(s) {missing} match no linear module in the model; "
+                               f"the linear module names are {have}.")
+    if not names:
+        have = sorted({n.split(".")[-1] for n in linears})
+        raise AdapterError(f"LoRA targets {targets!r} match no linear module in the model; "
+                           f"the linear module names are {have}.")
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) as PEFT's get_nb_trainable_parameters: parameters once each, and an NF4
+    weight at its logical size (PEFT counts a bitsandbytes Params4bit as 2 x its packed bytes); an
+    NF4Linear's bias is a buffer here but a frozen parameter in bitsandbytes, so it counts too."""
+    trainable = total = 0
+    for _, prm in model.named_parameters():
+        total += prm.numel()
+        trainable += prm.numel() if prm.requires_grad else 0
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            total += m.out_features * m.in_features + (0 if m.bias is None else m.bias.numel())
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> dict:
+    trainable, total = parameter_counts(model)
+    pct = 100 * trainable / total if total else 0.0
+    msg = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+    return {"trainable": trainable, "total": total, "percent": pct, "message": msg}
+
+
+def apply_lora(model: nn.Module, targets="all-linear", r: int = 16, alpha: float = 32, dropout: float = 0.05,
+               init: str = "default", use_rslora: bool = False, use_dora: bool = False, seed: int | None = None,
+               verbose: bool = True, ranks: dict[str, int] | None = None,
+               alphas: dict[str, float] | None = None) -> dict:
+    """Replace the targeted linears by LoRALinear in place, freeze everything else, and return
+    {"trainable", "total", "percent", "message", "modules"} (message printed as PEFT prints it).
+    `ranks` / `alphas` override r / alpha per module name (used when loading PEFT's rank_pattern)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterError(f"LoRA rank r={r!r} is invalid; pass an integer r >= 1 (typically 8 to 64).")
+    names = select_targets(model, targets)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for name in names:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            rr, aa = (ranks or {}).get(name, r), (alphas or {}).get(name, alpha)
+            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rr, aa, dropout, init, use_rslora, use_dora))
+    report = trainable_report(model)
+    report["modules"] = names
+    if verbose:
+        print(report["message"])
+    return report
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<path>.lora_A.weight": A, "<path>.lora_B.weight": B, ["<path>.lora_magnitude_vector": m]}."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A.weight"] = m.lora_A.weight
+        out[f"{name}.lora_B.weight"] = m.lora_B.weight
+        if m.use_dora:
+            out[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
+    return out
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(lora_state_dict(model).values())
