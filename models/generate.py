@@ -52,18 +52,28 @@ class KVCache:
         self.length += T
 
 
+def _nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(logits / temperature) restricted to the top-p nucleus and renormalized, (B, V).
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a token is
+    dropped when the tokens strictly more likely than it already hold >= top_p (the top token
+    always survives).
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)  # (B, V)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
-    """Next token per row from logits (B, V): argmax, or a sample from the top-p nucleus of
-    softmax(logits / temperature) (the smallest set of most likely tokens whose mass reaches top_p)."""
+    """Next token per row from logits (B, V): argmax when temperature <= 0, else a nucleus sample."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)  # (B,)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
-        mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly more likely tokens
-        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)  # the top token always survives
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
+    return torch.multinomial(_nucleus_probs(logits, temperature, top_p), 1, generator=gen).squeeze(-1)  # (B,)
 
 
 @torch.no_grad()

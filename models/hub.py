@@ -64,7 +64,7 @@ def download(repo: str) -> str:
             f"{repo!r} is not in the local cache ({where}) and could not be downloaded (no network, or "
             "HF_HUB_OFFLINE=1); connect to the internet once, or pass a local folder."
         ) from None
-    except (errors.HfHubHTTPError, OSError) as e:
+    except Exception as e:  # HTTP errors, connection errors of the hub's HTTP client, disk errors
         raise ModelLoadError(
             f"downloading {repo!r} from the Hugging Face hub failed ({type(e).__name__}: {e}); "
             "check the network connection and try again."

@@ -188,7 +188,7 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
                 q = NF4Linear.from_weight(t, bias, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
                 _set_module(model, mod_name, q)
             elif NF4Linear is not None and isinstance(mod, NF4Linear):  # a bias read after its weight
-                mod.bias = nn.Parameter(t)
+                mod.bias = t  # NF4Linear keeps its (frozen) bias as a buffer
             else:
                 mod._parameters[pname] = nn.Parameter(t, requires_grad=expected[ours].requires_grad)
             seen.add(ours)
@@ -220,12 +220,15 @@ def _load_tokenizer(path: str):
     return Tokenizer.from_dir(path)
 
 
-def build_tiny(vocab_size: int | None = None, seed: int = 0, dtype=torch.float32, device="cpu") -> Transformer:
+def build_tiny(tokenizer=None, seed: int = 0, dtype=torch.float32, device="cpu") -> Transformer:
     """The `tiny` preset with seeded random weights (normal(0, 0.02) linears/embeddings, norms at
-    their identity init), independent of and not disturbing the global RNG."""
+    their identity init), independent of and not disturbing the global RNG. Vocabulary size and
+    special ids come from `tokenizer` when one is given."""
     cfg = ModelConfig.from_name("tiny")
-    if vocab_size is not None:
-        cfg.vocab_size = vocab_size
+    if tokenizer is not None:
+        cfg.vocab_size = tokenizer.vocab_size
+        cfg.bos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.pad_id
+        cfg.eos_token_ids = tuple(tokenizer.eos_ids)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Transformer(cfg)
@@ -249,7 +252,7 @@ def load_model(name_or_path: str, quantize: str | None = "nf4", dtype: torch.dty
         raise ModelLoadError(f"quantize={quantize!r} is not supported; use 'nf4' or None.")
     if name_or_path == "tiny":
         tok = _load_tokenizer(_EXAMPLES_TOKENIZER) if os.path.isdir(_EXAMPLES_TOKENIZER) else None
-        model = build_tiny(tok.vocab_size if tok is not None else None, dtype=dtype, device=device)
+        model = build_tiny(tok, dtype=dtype, device=device)
         if quantize == "nf4":
             quantize_linears(model, blocksize, double_quant, compute_dtype=dtype)
         return model, tok
