@@ -47,10 +47,12 @@ class Batch:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sum_t CE(logits[:, t], labels[:, t+1]) over labelled positions, in float32. logits (B, T, V)."""
+    """sum_t CE(logits[:, t], labels[:, t+1]) over labelled positions, in at least float32. logits (B, T, V)."""
     V = logits.shape[-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # log-softmax over a large vocabulary needs float32 accumulation
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, V).float(),  # (B*(T-1), V)
+        logits[:, :-1].reshape(-1, V),  # (B*(T-1), V)
         labels[:, 1:].reshape(-1),  # (B*(T-1),)
         ignore_index=IGNORE,
         reduction="sum",
