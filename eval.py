@@ -1,0 +1,219 @@
+"""Evaluate a fine-tuned adapter against its base and a few-shot baseline; export merged checkpoints.
+
+    python eval.py                                          # the offline demo's run (runs/demo)
+    python eval.py --adapter runs/mytask --data test.jsonl  # base vs k-shot base vs fine-tuned
+    python eval.py ... --min-exact-match 0.8                # exit 1 when the fine-tuned model falls below
+    python eval.py export --adapter runs/mytask --out merged/ [--dtype bfloat16] [--quantize-4bit]
+
+Evaluation: load the base as the run trained it (NF4 unless the run said --quantize none) -> score
+the base -> score the base with k training examples in its prompt -> load the adapter -> score the
+fine-tuned model -> report.md + eval.json in the run directory -> gates. Each score is perplexity on
+the completion tokens, exact match and structured (JSON) match of greedy generations.
+Defaults for --model, --data, --train-data, --template and --format come from the run's config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+DEMO_RUN = os.path.join("runs", "demo")
+
+
+def fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Score base, few-shot base and fine-tuned model side by side (report.md + eval.json). "
+                    "With no arguments: the offline demo's run. Subcommand: `eval.py export --help`.",
+    )  # fmt: skip
+    a = p.add_argument
+    a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
+    a("--model", default=None, help="base model (default: the run's --model)")
+    a("--data", default=None, help="test JSONL (default: the run's --eval-data)")
+    a("--train-data", default=None, help="JSONL the few-shot examples come from (default: the run's --data)")
+    a("--shots", type=int, default=3, help="examples in the few-shot baseline's prompt (0 = no baseline)")
+    a("--max-new-tokens", type=int, default=64, help="greedy generation length limit")
+    a("--batch-size", type=int, default=16, help="examples per forward pass")
+    a("--generations", type=int, default=5, help="examples shown side by side in report.md")
+    a("--limit", type=int, default=0, help="evaluate only the first N test examples (0 = all)")
+    a("--out", default=None, help="folder for report.md and eval.json (default: the run directory)")
+    a("--template", choices=["chat", "raw"], default=None, help="prompt rendering (default: the run's)")
+    a("--format", default=None, help="data format (default: the run's, else auto)")
+    a("--quantize", choices=["nf4", "none"], default=None, help="base weights (default: as the run trained)")
+    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
+      help="compute dtype (default: the run's; auto = bf16 on GPU, float32 on CPU)")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--seed", type=int, default=0, help="seed for choosing the few-shot examples")
+    a("--min-exact-match", type=float, default=None, help="gate: exit 1 if fine-tuned exact match is lower")
+    a("--min-structured-match", type=float, default=None, help="gate: exit 1 if fine-tuned structured match is lower")
+    a("--max-perplexity", type=float, default=None, help="gate: exit 1 if fine-tuned perplexity is higher")
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval.py export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Merge a run's adapter into its base and write a Hugging Face checkpoint "
+                    "(transformers / vLLM load it as is); optionally pre-quantized bitsandbytes NF4.",
+    )  # fmt: skip
+    a = p.add_argument
+    a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
+    a("--out", required=True, help="folder for the checkpoint (must be empty or absent)")
+    a("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype")
+    a("--quantize-4bit", action="store_true", help="write bitsandbytes' NF4 layout (double quant) instead")
+    a("--model", default=None, help="base model (default: the run's --model)")
+    a("--merge-base", choices=["auto", "dequantized", "original"], default="auto",
+      help="merge into the dequantized NF4 weights the run trained against, or the checkpoint's own "
+           "(auto: dequantized for a QLoRA run)")  # fmt: skip
+    a("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def validate(args) -> None:
+    checks = [(args.shots >= 0, "--shots cannot be negative"), (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+              (args.batch_size >= 1, "--batch-size must be at least 1"), (args.generations >= 0, "--generations cannot be negative"),
+              (args.limit >= 0, "--limit cannot be negative")]  # fmt: skip
+    for flag, value in (("--min-exact-match", args.min_exact_match), ("--min-structured-match", args.min_structured_match)):
+        checks.append((value is None or 0.0 <= value <= 1.0, f"{flag} is a fraction; pass a value in [0, 1]"))
+    checks.append((args.max_perplexity is None or args.max_perplexity > 0, "--max-perplexity must be positive"))
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"{msg}; fix the flag and run again.")
+
+
+def run_eval(args) -> int:
+    from minilora.data import load_records
+    from minilora.evaluate import evaluate_variant, few_shot_example, select_shots
+    from minilora.export import adapter_config, check_adapter_fits, find_run
+    from minilora.models.loader import load_model
+    from minilora.report import check_gates, gate_failure_message, write_report
+    from minilora.trainer import Progress
+
+    validate(args)
+    if args.adapter == DEMO_RUN and not os.path.isdir(DEMO_RUN):
+        return fail(f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), then `python eval.py`.")
+    adapter_dir, run_dir, run_cfg = find_run(args.adapter)
+    trained_on = adapter_config(adapter_dir).get("base_model_name_or_path")
+    name = args.model or run_cfg.get("model") or trained_on
+    if not name:
+        return fail(f"{adapter_dir} does not say which base model it was trained on; pass --model.")
+    template = args.template or run_cfg.get("template", "chat")
+    fmt = args.format or run_cfg.get("format", "auto")
+    data = args.data or run_cfg.get("eval_data")
+    if not data:
+        return fail(f"the run in {run_dir} names no test data; pass --data test.jsonl.")
+    examples, rep = load_records(data, fmt)
+    if rep.fmt == "text":
+        return fail(f"{data} holds text records with no prompts; evaluation needs prompt/completion, alpaca or chat records.")
+    examples = examples[: args.limit] if args.limit else examples
+
+    shots, note, train = [], None, args.train_data or run_cfg.get("data")
+    if args.shots == 0:
+        note = "--shots 0"
+    elif not train:
+        note = "no training file to draw examples from; pass --train-data"
+    elif not os.path.isfile(train):
+        if args.train_data:
+            return fail(f"--train-data {train} does not exist; pass the JSONL the adapter was trained on.")
+        note = f"the run's training file {train} is not there; pass --train-data"
+    else:
+        shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
+
+    quantize = args.quantize or run_cfg.get("quantize", "nf4")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    dtype_name = args.dtype or run_cfg.get("dtype", "auto")
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if dtype_name == "auto" else getattr(torch, dtype_name)
+    print(f"loading {name} ({quantize}, {str(dtype).replace('torch.', '')}, {device})", file=sys.stderr)
+    model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
+    if tok is None:
+        return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
+    if template == "chat" and tok.chat_template is None:
+        return fail(f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw.")
+    check_adapter_fits(model, adapter_dir, name)
+    if trained_on and trained_on != name:
+        print(f"note: the adapter was trained on {trained_on!r}; evaluating it on {name!r}.", file=sys.stderr)
+
+    variants = [("base", examples)]
+    if shots:
+        variants.append(("few_shot", [few_shot_example(e, shots, template) for e in examples]))
+    variants.append(("fine_tuned", examples))
+    progress = Progress(2 * len(examples) * len(variants))
+    done = [0]
+    kw = dict(template=template, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+              max_seq_len=model.config.max_position_embeddings)  # fmt: skip
+    results = {}
+    for variant, exs in variants:
+        if variant == "fine_tuned":
+            from minilora.adapter import load_adapter
+
+            load_adapter(model, adapter_dir)
+
+        def tick(n, variant=variant):
+            done[0] += n
+            progress.update(done[0], variant.replace("_", "-"))
+
+        results[variant] = evaluate_variant(model, tok, exs, progress=tick, **kw)
+
+    thresholds = {"exact_match": args.min_exact_match, "structured_match": args.min_structured_match,
+                  "perplexity": args.max_perplexity}  # fmt: skip
+    gates = check_gates(results["fine_tuned"], thresholds)
+    meta = {"adapter": adapter_dir, "model": name, "quantize": quantize, "data": data, "n": len(examples),
+            "template": template, "max_new_tokens": args.max_new_tokens, "train_data": train if shots else None,
+            "shots_used": len(shots), "few_shot_note": note, "shot_sources": [s.source for s in shots]}  # fmt: skip
+    md, js = write_report(args.out or run_dir, meta, results, examples, gates, args.generations)
+    print_summary(results, len(shots))
+    print(f"report: {md}\nmetrics: {js}")
+    msg = gate_failure_message(gates, md)
+    return fail(msg, code=1) if msg else 0
+
+
+def print_summary(results: dict, shots: int) -> None:
+    names = {"base": "base", "few_shot": f"{shots}-shot", "fine_tuned": "fine-tuned"}
+    print(f"\n{'':12}{'perplexity':>12}{'exact':>9}{'struct':>9}{'bad JSON':>10}")
+    for v, r in results.items():
+        ppl = "n/a" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
+        sm = f"{r['structured_match']:.1%}" if r["json_references"] else "n/a"
+        print(f"{names[v]:12}{ppl:>12}{r['exact_match']:>9.1%}{sm:>9}{r['json_parse_failures']:>10}")
+
+
+def run_export(args) -> int:
+    from minilora.export import export_adapter
+
+    out = export_adapter(args.adapter, args.out, dtype=args.dtype, quantize_4bit=args.quantize_4bit,
+                         overwrite=args.overwrite, model_name=args.model, merge_base=args.merge_base,
+                         log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"wrote {out} ({size / 2**20:,.1f} MiB): {', '.join(sorted(os.listdir(out)))}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["export"]:
+            args = export_parser().parse_args(argv[1:])
+            if args.adapter == DEMO_RUN and not os.path.isdir(DEMO_RUN):
+                return fail(f"{DEMO_RUN} does not exist yet; run `python train.py` first, or pass --adapter.")
+            return run_export(args)
+        return run_eval(eval_parser().parse_args(argv))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        # every user error ends in one sentence (data, model, adapter and flag errors are ValueErrors);
+        # MINILORA_DEBUG=1 shows the traceback instead
+        if os.environ.get("MINILORA_DEBUG"):
+            raise
+        return fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
