@@ -61,6 +61,20 @@ def num_blocks(n: int) -> int:
     return -(-n // BLOCK)
 
 
+def _quantize_rows(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor) -> None:
+    """x float32 (rows, L) -> codes uint8 (rows, L), absmax float32 (rows,); one block per row."""
+    am = x.abs().amax(dim=1, keepdim=True)  # (rows, 1)
+    absmax.copy_(am.view(-1))
+    s = torch.mul(x, 1.0 / am).clamp_(-1.0, 1.0)  # (rows, L) in [-1, 1]; NaN rows where am == 0
+    # bin position ((s + 1) * 0.5) * 65535 + 0.5 in float32; (s + 1) * 0.5 is exact, so scaling
+    # by 32767.5 in one multiply rounds identically
+    j = s.add_(1.0).mul_(0.5 * (_LUT_SIZE - 1)).add_(0.5).to(torch.int32)  # truncation (t >= 0.5)
+    zero = am == 0  # (rows, 1): bitsandbytes writes code 0 for all-zero blocks
+    j.masked_fill_(zero, 0)
+    codes.copy_(lut[j])
+    codes.masked_fill_(zero, 0)
+
+
 def quantize_blockwise8_(
     x: torch.Tensor, codes_out: torch.Tensor, absmax_out: torch.Tensor, signed: bool
 ) -> None:
@@ -72,26 +86,14 @@ def quantize_blockwise8_(
             f"quantize_blockwise8_: expected codes ({n},) and absmax ({nb},), "
             f"got {tuple(codes_out.shape)} and {tuple(absmax_out.shape)}."
         )
-    if n == 0:
-        return
     _, lut = state_code(signed, x.device)
-    full = (n // BLOCK) * BLOCK
-    xf = x.reshape(-1).float()
-    # absmax per block; the short tail block is reduced separately (no padding copy)
+    xf, cf = x.reshape(-1).float(), codes_out.view(-1)
+    full = n // BLOCK  # whole blocks, then the short tail block (if any)
     if full:
-        absmax_out[: full // BLOCK] = xf[:full].view(-1, BLOCK).abs().amax(dim=1)  # (nb_full,)
-    if full < n:
-        absmax_out[nb - 1] = xf[full:].abs().amax()
-    inv = 1.0 / absmax_out  # (nb,) float32; inf for all-zero blocks, masked below
-    scale = inv.repeat_interleave(BLOCK)[:n]  # (n,) per-element 1 / a_b
-    s = (xf * scale).clamp_(-1.0, 1.0)  # (n,) normalized to [-1, 1]
-    t = s.add_(1.0).mul_(0.5).mul_(_LUT_SIZE - 1).add_(0.5)  # bin position, float32 like bnb
-    j = t.to(torch.int32)  # truncation toward zero (t >= 0.5, so floor)
-    zero_block = torch.repeat_interleave(absmax_out == 0, BLOCK)[:n]  # bnb writes code 0 there
-    j.masked_fill_(zero_block, 0)
-    codes = lut[j]  # (n,) uint8
-    codes.masked_fill_(zero_block, 0)
-    codes_out.view(-1).copy_(codes)
+        _quantize_rows(xf[: full * BLOCK].view(full, BLOCK), cf[: full * BLOCK].view(full, BLOCK),
+                       absmax_out[:full], lut)  # (full, 256)
+    if full * BLOCK < n:
+        _quantize_rows(xf[full * BLOCK :].view(1, -1), cf[full * BLOCK :].view(1, -1), absmax_out[full:], lut)
 
 
 def quantize_blockwise8(x: torch.Tensor, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,11 @@ import torch
 from minilora.blockwise8 import dequantize_blockwise8, num_blocks, quantize_blockwise8_
 from minilora.paging import Page, PageLayout, PagePool
 
+# elements per foreach batch: ~2 MiB of float32 param + grad + m + v, so that the eight passes of
+# the update stay in cache (one foreach over everything streams the whole state through memory
+# eight times; measured 1.3x slower on the CPU benchmark)
+_BATCH_ELEMS = 1 << 16
+
 _STATE_KEYS = {32: ("exp_avg", "exp_avg_sq"),
                8: ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")}
 
@@ -145,7 +150,15 @@ class PagedAdamW(torch.optim.Optimizer):
         by_group: dict[int, list] = {}
         for entry in wave:
             by_group.setdefault(id(entry[0].group), []).append(entry)
+        batches = []  # cache-sized batches: all ops of a batch run while its pages are in cache
         for entries in by_group.values():
+            start, elems = 0, 0
+            for i, (_, lo, hi, _) in enumerate(entries):
+                elems += hi - lo
+                if elems >= _BATCH_ELEMS or i == len(entries) - 1:
+                    batches.append(entries[start : i + 1])
+                    start, elems = i + 1, 0
+        for entries in batches:
             group = entries[0][0].group
             params, grads, ms, vs, steps, writeback = [], [], [], [], [], []
             for item, lo, hi, views in entries:
