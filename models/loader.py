@@ -14,6 +14,7 @@ file keeps every page it touched in the process's RSS, so peak RSS would grow to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -151,9 +152,24 @@ def _check_file_sizes(files):
             raise _corrupt(path, ValueError(f"{size} bytes on disk, header describes {8 + n + end}"))
 
 
+@contextlib.contextmanager
+def _no_random_init():
+    """Skip nn.Linear / nn.Embedding random init while building on the meta device: the checkpoint
+    overwrites every parameter, and running init on meta tensors imports torch's Python meta
+    kernels (~5 s on a 2-core CPU)."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+
+
 def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize, double_quant) -> Transformer:
     """Stream the checkpoint in `ckpt` into a Transformer built on the meta device."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = Transformer(cfg)
     model.tie_weights()
     expected = {n: p for n, p in model.named_parameters()}  # tied lm_head.weight is listed once, as embed
