@@ -119,7 +119,7 @@ def bench_device(device: torch.device, rounds: int, warmup: int, oversubscribed:
     ref = medians.get("torch AdamW (foreach)")
     case = "oversubscribed" if oversubscribed else "fits"
     return [
-        dict(device=device.type, case=case, optimizer=name, median_ms=1e3 * t,
+        dict(device=device.type, case="budget 1/2" if "budget" in name else case, optimizer=name, median_ms=1e3 * t,
              ratio_vs_torch_foreach=(t / ref if ref else None), paging=stats.get(name))
         for name, t in medians.items()
     ]
