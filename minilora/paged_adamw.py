@@ -38,7 +38,7 @@ import tempfile
 import torch
 
 from minilora.blockwise8 import dequantize_blockwise8, num_blocks, quantize_blockwise8_
-from minilora.paging import Page, PageLayout, PagePool
+from minilora.paging import PageLayout, PagePool, PageTable, slice_views
 
 # elements per foreach batch: ~2 MiB of float32 param + grad + m + v, so that the eight passes of
 # the update stay in cache (one foreach over everything streams the whole state through memory
@@ -67,12 +67,13 @@ def _check_hparams(group: dict) -> None:
 
 
 class _Item:
-    """One page of one parameter: the page covers the parameter's flat elements [lo, lo + n)."""
+    """A parameter's flat elements [lo, lo + n), stored at offset off of one page."""
 
-    __slots__ = ("param", "group", "page", "lo")
+    __slots__ = ("param", "group", "page", "off", "lo", "n")
 
-    def __init__(self, param, group, page, lo):
-        self.param, self.group, self.page, self.lo = param, group, page, lo
+    def __init__(self, param, group, span):
+        self.param, self.group = param, group
+        self.page, self.off, self.lo, self.n = span.page, span.off, span.lo, span.n
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -93,6 +94,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self.layout = PageLayout(page_bytes, state_bits)  # raises ValueError for bad bits / page size
         self.state_bits, self.page_bytes, self.device_budget = state_bits, page_bytes, device_budget
         self._pools: dict[torch.device, PagePool] = {}
+        self._tables: dict[torch.device, PageTable] = {}
         self._forward = True  # page walk direction, alternated every step (see minilora.paging)
         super().__init__(params, dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
                                       eps=eps, weight_decay=weight_decay))
@@ -107,18 +109,21 @@ class PagedAdamW(torch.optim.Optimizer):
             self._pools[device] = PagePool(self.layout, device, self.device_budget)
         return self._pools[device]
 
+    def _table(self, device: torch.device) -> PageTable:
+        if device not in self._tables:
+            self._tables[device] = PageTable(self.layout)
+        return self._tables[device]
+
     def _param_state(self, p: torch.Tensor, group: dict) -> dict:
         st = self.state[p]
-        if "pages" not in st:
+        if "items" not in st:
             if not p.is_contiguous():
                 raise ValueError(f"PagedAdamW needs contiguous parameters; got one of shape {tuple(p.shape)} "
                                  "that is not: make it contiguous (p.data = p.data.contiguous()).")
             if not p.is_floating_point():
                 raise ValueError(f"PagedAdamW updates real floating-point parameters only, got dtype {p.dtype}.")
-            E, n = self.layout.elems, p.numel()
             st["step"] = 0.0
-            st["pages"] = [Page(min(E, n - lo)) for lo in range(0, n, E)]
-            st["items"] = [_Item(p, group, pg, i * E) for i, pg in enumerate(st["pages"])]
+            st["items"] = [_Item(p, group, span) for span in self._table(p.device).alloc(p.numel())]
         return st
 
     @torch.no_grad()
@@ -214,10 +219,10 @@ class PagedAdamW(torch.optim.Optimizer):
         state = {}
         for p in params:
             st = self.state.get(p)
-            if not st or "pages" not in st:
+            if not st or "items" not in st:
                 continue
             pool = self._pool(p.device)
-            parts = [pool.read(pg) for pg in st["pages"]]
+            parts = [slice_views(pool.read(it.page), it.off, it.off + it.n) for it in st["items"]]
             out = {"step": torch.tensor(st["step"], dtype=torch.float32)}
             for key in _STATE_KEYS[self.state_bits]:
                 out[key] = torch.cat([v[key] for v in parts]).cpu() if parts else torch.empty(0)
@@ -242,11 +247,13 @@ class PagedAdamW(torch.optim.Optimizer):
             _check_hparams(g)
         order = [i for s in saved for i in s["params"]]
         by_index = dict(zip(order, params))
-        for p in params:  # forget current state: the checkpoint replaces it
-            st = self.state.pop(p, None)
-            for pg in (st or {}).get("pages", []):
-                self._pool(p.device).drop(pg)
-        for idx, src in state_dict["state"].items():
+        for device, table in self._tables.items():  # forget all state: the checkpoint replaces it
+            for pg in table.pages:
+                self._pool(device).drop(pg)
+        self._tables.clear()
+        for p in params:
+            self.state.pop(p, None)
+        for idx, src in sorted(state_dict["state"].items(), key=lambda kv: int(kv[0])):
             p = by_index[int(idx)]
             missing = [k for k in _STATE_KEYS[self.state_bits] if k not in src]
             if missing:
@@ -264,10 +271,10 @@ class PagedAdamW(torch.optim.Optimizer):
                                      f"expected {want}; the checkpoint belongs to a different model.")
             pool = self._pool(p.device)
             for item in st["items"]:
-                lo, hi = item.lo, item.lo + item.page.n
+                lo, hi = item.lo, item.lo + item.n
                 part = {k: (t[lo // 256: lo // 256 + num_blocks(hi - lo)] if k.endswith("absmax") else t[lo:hi])
                         for k, t in flat.items()}
-                pool.write(item.page, part)
+                pool.write(item, part)
 
 
 def _adamw(params, grads, ms, vs, steps, group, bnb_order: bool) -> None:

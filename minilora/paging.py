@@ -2,15 +2,18 @@
 
 Letters: n elements of one parameter, E elements per page, C elements per staging chunk.
 
-Every parameter's optimizer state is cut into fixed-size pages of ``page_bytes`` bytes; page i of
-a parameter holds the state of its flattened elements [i E, i E + n_i), n_i <= E, with both
-moments side by side so that one page is everything needed to update those elements:
+The optimizer state of all parameters on one device lives in one flat element space (the page
+table): each parameter gets the range [start, start + n) of it, start a multiple of 256, in the
+order parameters first get a gradient; the space is cut into fixed-size pages of ``page_bytes``
+bytes, E elements each. Small parameters share a page (LoRA matrices are far smaller than a
+page), a large one spans several. A page stores both moments side by side, so one page is
+everything needed to update its elements:
 
     state_bits=32:  [ exp_avg f32 (E) | exp_avg_sq f32 (E) ]                 8 bytes / element
     state_bits=8:   [ m codes u8 (E) | v codes u8 (E) | m absmax f32 (E/256) | v absmax f32 (E/256) ]
 
-E is a multiple of 256, so the 8-bit blocks of a page are the 256-element blocks of the flattened
-parameter (the same blocks bitsandbytes uses).
+E and every start are multiples of 256, so the 8-bit blocks are the 256-element blocks of each
+flattened parameter (the same blocks bitsandbytes uses).
 
 Where a page lives:
   * host store: a page-sized CPU tensor (pinned when the pool is on CUDA), allocated the first
@@ -94,7 +97,7 @@ def slice_views(views: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, t
 
 
 class Page:
-    """One page of one parameter's state: n used elements, host copy and/or device slot."""
+    """One page of state (n = E elements): host copy and/or device slot."""
 
     __slots__ = ("n", "host", "slot", "dirty", "views")
 
@@ -104,6 +107,39 @@ class Page:
         self.slot: torch.Tensor | None = None  # page_bytes uint8 on the device while resident
         self.dirty = False  # device copy newer than the host copy
         self.views: dict[str, torch.Tensor] | None = None  # cached state views into the slot
+
+
+class Span:
+    """Where n elements of a parameter, starting at its flat element lo, live: page, offset."""
+
+    __slots__ = ("page", "off", "lo", "n")
+
+    def __init__(self, page: Page, off: int, lo: int, n: int):
+        self.page, self.off, self.lo, self.n = page, off, lo, n
+
+
+class PageTable:
+    """The flat state space of one device, cut into pages of E elements."""
+
+    def __init__(self, layout: PageLayout):
+        self.layout = layout
+        self.pages: list[Page] = []
+        self.end = 0  # first free element
+
+    def alloc(self, n: int) -> list[Span]:
+        """Reserve n elements (from a 256 boundary); return the spans, one per page touched."""
+        E = self.layout.elems
+        start = self.end
+        self.end = start + num_blocks(n) * BLOCK
+        while len(self.pages) * E < self.end:
+            self.pages.append(Page(E))  # zero state; created on first use, no copy
+        spans, pos = [], start
+        while pos < start + n:
+            k, off = divmod(pos, E)
+            cnt = min(E - off, start + n - pos)
+            spans.append(Span(self.pages[k], off, pos - start, cnt))
+            pos += cnt
+        return spans
 
 
 def _host_free_bytes() -> tuple[int, int]:
@@ -222,31 +258,35 @@ class PagePool:
 
     # ---- the optimizer's view -------------------------------------------------------------------
     def waves(self, items: list):
-        """Yield lists of (item, lo, hi, views): state views of elements [lo, hi) of item.page.
+        """Yield lists of (item, lo, hi, views): state views of elements [lo, hi) of a span.
 
-        Each item has a ``.page``. After the consumer returns from a yield, it has updated those
-        views in place; the pages are then marked dirty (resident) or copied back (streamed).
+        Each item is a Span (``.page``, ``.off``, ``.n``). After the consumer returns from a
+        yield, it has updated those views in place; the pages are then marked dirty (resident)
+        or copied back (streamed).
         """
         self.refresh()
         if self.capacity == 0:
             yield from self._stream(items)
             return
-        if self.capacity is None or len(items) <= self.capacity:
-            size, prefetch = max(1, len(items)), False
+        by_page: dict[Page, list] = {}  # distinct pages in first-use order, with their spans
+        for it in items:
+            by_page.setdefault(it.page, []).append(it)
+        pages = list(by_page)
+        if self.capacity is None or len(pages) <= self.capacity:
+            size, prefetch = max(1, len(pages)), False
         else:
             size, prefetch = max(1, self.capacity // 2), self.capacity >= 2
-        waves = [items[i : i + size] for i in range(0, len(items), size)]
+        waves = [pages[i : i + size] for i in range(0, len(pages), size)]
         for k, wave in enumerate(waves):
-            pinned = {it.page for it in wave}
-            self._load([it.page for it in wave], pinned)  # no-op for pages prefetched at k - 1
+            pinned = set(wave)
+            self._load(wave, pinned)  # no-op for pages prefetched at k - 1
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             if prefetch and k + 1 < len(waves):
-                nxt = [it.page for it in waves[k + 1]]
-                self._load(nxt, pinned | set(nxt))  # overlaps with this wave's update on CUDA
-            yield [(it, 0, it.page.n, it.page.views) for it in wave]
-            for it in wave:
-                it.page.dirty = True
+                self._load(waves[k + 1], pinned | set(waves[k + 1]))  # overlaps the update on CUDA
+            yield [(it, 0, it.n, slice_views(pg.views, it.off, it.off + it.n)) for pg in wave for it in by_page[pg]]
+            for pg in wave:
+                pg.dirty = True
 
     def _stream(self, items: list):
         """capacity 0: stream each page through a staging chunk of C elements (see module doc)."""
@@ -259,9 +299,9 @@ class PagePool:
             if page.host is None:
                 page.host = self._new_host_page()
             host = lay.views(page.host, lay.elems, page.n)
-            for lo in range(0, page.n, cap):
-                hi = min(page.n, lo + cap)
-                hv = slice_views(host, lo, hi)
+            for lo in range(0, it.n, cap):
+                hi = min(it.n, lo + cap)
+                hv = slice_views(host, it.off + lo, it.off + hi)
                 sv = lay.views(staging, cap, hi - lo)
                 for key in hv:
                     sv[key].copy_(hv[key])
@@ -281,12 +321,13 @@ class PagePool:
             page.host = self._new_host_page()
         return self.layout.views(page.host, self.layout.elems, page.n)
 
-    def write(self, page: Page, src: dict[str, torch.Tensor]) -> None:
-        """Overwrite a page's state (from a checkpoint): into its slot if resident or the pool is
-        unlimited, else into the host copy."""
+    def write(self, span: Span, src: dict[str, torch.Tensor]) -> None:
+        """Overwrite a span's state (from a checkpoint): in the page's slot if resident or the
+        pool is unlimited, else in the host copy."""
+        page = span.page
         if page.slot is None and self.capacity is None:
             self.make_resident(page, pinned={page})
-        dst = self.read(page)
+        dst = slice_views(self.read(page), span.off, span.off + span.n)
         for key, t in dst.items():
             t.copy_(src[key])
         if page.slot is not None:
