@@ -93,7 +93,7 @@ def validate(args) -> None:
 
 def run_eval(args) -> int:
     from minilora.data import load_records
-    from minilora.evaluate import evaluate_variant, few_shot_example, select_shots
+    from minilora.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
     from minilora.export import adapter_config, check_adapter_fits, find_run
     from minilora.models.loader import load_model
     from minilora.report import check_gates, gate_failure_message, write_report
@@ -116,6 +116,9 @@ def run_eval(args) -> int:
     if rep.fmt == "text":
         return fail(f"{data} holds text records with no prompts; evaluation needs prompt/completion, alpaca or chat records.")
     examples = examples[: args.limit] if args.limit else examples
+    if args.min_structured_match is not None and not any(parse_json(e.completion)[0] for e in examples):
+        return fail(f"--min-structured-match was given but no reference completion in {data} is JSON, so "
+                    "structured match cannot be measured; drop the flag or use JSON completions.")  # fmt: skip
 
     shots, note, train = [], None, args.train_data or run_cfg.get("data")
     if args.shots == 0:

@@ -91,7 +91,7 @@ def encoded_sets(draw):
     return out
 
 
-@settings(max_examples=12)
+@settings(max_examples=20)
 @given(family=st.sampled_from(["gemma3", "llama"]), encoded=encoded_sets(), batch_size=st.integers(1, 4))
 def test_perplexity_is_exp_of_transformers_masked_mean_loss(model_pairs, family, encoded, batch_size):
     """One right-padded batch through transformers with labels (-100 on prompt, holes and padding):

@@ -99,7 +99,7 @@ def add_lora(model, r=4, use_rslora=False, use_dora=False, seed=0):
 
 
 # ------------------------------------------------------------------------------- merged export
-@settings(max_examples=6)
+@settings(max_examples=12)
 @given(family=st.sampled_from(["gemma3", "llama"]), quantize=st.sampled_from([None, "nf4"]),
        kind=st.sampled_from(["lora", "rslora", "dora"]), tie=st.booleans(), sharded=st.booleans(),
        r=st.integers(1, 8), seed=st.integers(0, 1000))  # fmt: skip

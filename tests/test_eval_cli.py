@@ -1,0 +1,178 @@
+"""eval.py end to end on a tiny run built here: report.md + eval.json whose numbers equal the metrics
+computed directly on the base and on the base + adapter, the gates' exit codes, and one clear
+sentence (exit 2, no traceback) for every bad input."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from minilora.adapter import load_adapter, save_adapter
+from minilora.data import load_records
+from minilora.evaluate import encode_for_eval, generate_completions, perplexity, score
+from minilora.lora import apply_lora, lora_modules
+from minilora.models.loader import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "examples", "demo")
+TOK_DIR = os.path.join(ROOT, "examples", "tokenizer")
+
+_spec = importlib.util.spec_from_file_location("minilora_eval_cli", os.path.join(ROOT, "eval.py"))
+eval_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(eval_cli)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads add only synchronization (stalls on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A train.py-shaped run on the `tiny` model: adapter/ with a random non-zero B, config.json."""
+    d = tmp_path_factory.mktemp("run")
+    with open(os.path.join(DEMO, "test.jsonl")) as f:
+        (d / "test.jsonl").write_text("".join(f.readlines()[:5]))
+    model, _ = load_model("tiny", quantize=None, dtype=torch.float32)
+    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0, seed=0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.5)
+    save_adapter(model, str(d / "adapter"), "tiny")
+    cfg = {"model": "tiny", "quantize": "none", "dtype": "float32", "template": "chat", "format": "auto",
+           "data": os.path.join(DEMO, "train.jsonl"), "eval_data": str(d / "test.jsonl"), "max_seq_len": 512}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def call(argv, capsys):
+    code = eval_cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_numbers_equal_direct_metrics(run, capsys):
+    code, out, err = call(["--adapter", str(run), "--shots", "2", "--max-new-tokens", "5", "--generations", "2"], capsys)
+    assert code == 0, err
+    assert "fine-tuned" in err and "5/30" in err  # progress: 5 examples x 3 variants x 2 passes
+    res = json.load(open(run / "eval.json"))
+    assert set(res["metrics"]) == {"base", "few_shot", "fine_tuned"} and res["n"] == 5 and res["shots_used"] == 2
+    examples, _ = load_records(run / "test.jsonl")
+    refs = [e.completion for e in examples]
+    model, tok = load_model("tiny", quantize=None, dtype=torch.float32)
+    enc, _ = encode_for_eval(examples, tok, "chat", 2048)
+    for variant in ("base", "fine_tuned"):
+        if variant == "fine_tuned":
+            load_adapter(model, str(run / "adapter"))
+        m = res["metrics"][variant]
+        assert m["perplexity"] == pytest.approx(perplexity(model, enc, pad_id=tok.pad_id), rel=1e-6)
+        preds = generate_completions(model, tok, examples, "chat", max_new_tokens=5)
+        assert [r[variant] for r in res["examples"]] == preds
+        assert {k: m[k] for k in score(preds, refs)} == score(preds, refs)
+    assert res["metrics"]["base"]["perplexity"] != res["metrics"]["fine_tuned"]["perplexity"]  # adapter applied
+    md = (run / "report.md").read_text()
+    assert "| metric | base | base, 2-shot | fine-tuned |" in md and "## Generations (first 2)" in md
+    assert "report:" in out and not any(p.startswith(".") for p in os.listdir(run))  # no temp files left
+
+
+def test_gates_exit_1_with_one_sentence(run, capsys, tmp_path):
+    base = ["--adapter", str(run), "--shots", "0", "--limit", "2", "--max-new-tokens", "2", "--out", str(tmp_path)]
+    code, _, err = call(base + ["--min-exact-match", "0.9", "--max-perplexity", "1.5"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error: fine-tuned exact match 0.0% is below --min-exact-match 0.9; ")
+    assert "is above --max-perplexity 1.5" in last and "Traceback" not in err
+    gates = json.load(open(tmp_path / "eval.json"))["gates"]
+    assert [(g["metric"], g["passed"]) for g in gates] == [("exact_match", False), ("perplexity", False)]
+    code, _, err = call(base + ["--min-exact-match", "0", "--max-perplexity", "1e12"], capsys)
+    assert code == 0, err
+    assert "**pass** --max-perplexity 1e+12" in (tmp_path / "report.md").read_text()
+
+
+def last_error(err: str) -> str:
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and line.endswith(".")
+    return line
+
+
+def test_missing_adapter_folder(capsys, tmp_path):
+    code, _, err = call(["--adapter", str(tmp_path / "nope"), "--data", os.path.join(DEMO, "test.jsonl")], capsys)
+    assert code == 2 and "nope does not exist; pass the run directory train.py wrote" in last_error(err)
+    code, _, err = call(["--adapter", str(tmp_path)], capsys)
+    assert code == 2 and "holds no adapter (no adapter_config.json" in last_error(err)
+    code, _, err = call(["export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "does not exist" in last_error(err) and not (tmp_path / "o").exists()
+
+
+def test_no_arguments_without_a_demo_run_says_to_train_first(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call([], capsys)
+    assert code == 2 and "run `python train.py` first" in last_error(err)
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """A Llama checkpoint with the bundled tokenizer but another geometry than `tiny`."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("llama")
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(TOK_DIR, f), d / f)
+    return str(d)
+
+
+def test_adapter_for_another_base(run, other_base, capsys, tmp_path):
+    code, _, err = call(["--adapter", str(run), "--model", other_base, "--limit", "1"], capsys)
+    msg = last_error(err)
+    assert code == 2 and "was trained on 'tiny' and does not fit" in msg and "pass the --model it was trained on" in msg
+    code, _, err = call(["export", "--adapter", str(run), "--model", other_base, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "does not fit" in last_error(err) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "is empty (no JSON lines)"),
+    ("\n\n", "is empty (no JSON lines)"),
+    (json.dumps({"text": "just text"}) + "\n", "holds text records with no prompts"),
+    ('{"prompt": "a", "completion": \n', "line 1: malformed JSON"),
+])  # fmt: skip
+def test_bad_test_files(run, capsys, tmp_path, content, expected):
+    (tmp_path / "t.jsonl").write_text(content)
+    code, _, err = call(["--adapter", str(run), "--data", str(tmp_path / "t.jsonl")], capsys)
+    assert code == 2 and expected in last_error(err)
+
+
+def test_bad_flags_and_unmeasurable_gate(run, capsys, tmp_path):
+    code, _, err = call(["--adapter", str(run), "--shots", "-1"], capsys)
+    assert code == 2 and "--shots cannot be negative" in last_error(err)
+    code, _, err = call(["--adapter", str(run), "--min-exact-match", "80"], capsys)
+    assert code == 2 and "--min-exact-match is a fraction" in last_error(err)
+    code, _, err = call(["--adapter", str(run), "--data", str(tmp_path / "missing.jsonl")], capsys)
+    assert code == 2 and "missing.jsonl does not exist" in last_error(err)
+    code, _, err = call(["--adapter", str(run), "--train-data", str(tmp_path / "nt.jsonl")], capsys)
+    assert code == 2 and "--train-data" in last_error(err)
+    plain = jsonl(tmp_path / "plain.jsonl", [{"prompt": "2+2=", "completion": "four"}])
+    code, _, err = call(["--adapter", str(run), "--data", plain, "--shots", "0", "--max-new-tokens", "1",
+                         "--out", str(tmp_path), "--min-structured-match", "0.5"], capsys)  # fmt: skip
+    assert code == 2 and "is JSON, so structured match cannot be measured" in last_error(err)
+
+
+def test_export_refuses_a_non_empty_out(run, capsys, tmp_path):
+    (tmp_path / "x.txt").write_text("keep")
+    code, _, err = call(["export", "--adapter", str(run), "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is not empty; choose another folder or pass --overwrite" in last_error(err)
+    assert os.listdir(tmp_path) == ["x.txt"]
