@@ -216,11 +216,22 @@ def write_checkpoint(out: str, tensors: dict[str, torch.Tensor], config: dict, *
                     shutil.copyfile(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
         if generation_config is not None:
             _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
+        _usual_permissions(tmp)
         _swap_into_place(tmp, out)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     return out
+
+
+def _usual_permissions(folder: str) -> None:
+    """mkdtemp makes a 0700 folder (and safetensors 0600 files); give them the modes a plain mkdir
+    and open would (umask applied), so that another user (a serving process) can read the export."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in os.listdir(folder):
+        os.chmod(os.path.join(folder, f), 0o666 & ~mask)
 
 
 def _swap_into_place(tmp: str, out: str) -> None:

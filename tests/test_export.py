@@ -250,4 +250,7 @@ def test_write_refuses_non_empty_out_and_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     E.write_checkpoint(str(out), tensors, cfg, overwrite=True)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700: a server may read it
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temp or old folder left behind
