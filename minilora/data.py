@@ -1,21 +1,14 @@
-"""Training data: JSONL formats, prompt rendering, loss masking, truncation, and `prepare_data`.
+"""Training data: prompt rendering, loss masking, truncation, and `prepare_data`.
 
-Pipeline (each step is a function here or in dedup.py / packing.py, re-exported from this module):
+Pipeline (each step is a function in records.py, dedup.py or packing.py, all re-exported here):
 
-  load_records(path)        JSONL -> [Example]   (format detected per file; every bad line raises
-                                                  DataError naming file and line, or is counted)
+  load_records(path)        JSONL -> [Example]   (records.py: format detected per file; every bad
+                                                  line raises DataError naming file and line, or is counted)
   dedup(examples)           exact + MinHash near-duplicates removed, before splitting
   split(examples)           seeded train/val split, stratified when completions are short labels
   assert_no_contamination   eval prompts must not appear in the training set
   encode_example(ex, tok)   -> EncodedExample(input_ids, labels): labels = -100 on prompt tokens
   batches(encoded, ...)     length-grouped padded or packed Batch tensors, resumable
-
-Formats, one JSON object per line:
-  prompt_completion  {"prompt": str, "completion": str}
-  alpaca             {"instruction": str, "input": str (optional), "output": str}
-  chat               {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]},
-                     ending with an assistant message (the completion)
-  text               {"text": str}                     (continued pretraining: every token labelled)
 
 Shape letters: T sequence length (tokens of one example).
 
@@ -25,7 +18,6 @@ CE(logits[:, :-1], labels[:, 1:]) (see packing.token_loss_sum).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -39,30 +31,9 @@ from minilora.dedup import (  # noqa: F401  (re-exported: train.py / eval.py imp
     split,
 )
 from minilora.packing import Batch, batches, num_batches, plan_batches, token_loss_sum  # noqa: F401
+from minilora.records import FORMATS, ROLES, DataError, Example, LoadReport, load_records  # noqa: F401
 
-FORMATS = ("prompt_completion", "alpaca", "chat", "text")
-ROLES = ("system", "user", "assistant")
 IGNORE = -100
-_FIX = "fix the line or pass --skip-bad-lines to skip it"
-
-
-class DataError(ValueError):
-    """A data file the user supplied cannot be used; the message names the file and line."""
-
-
-@dataclass
-class Example:
-    """One normalized record.
-
-    prompt: a string (prompt_completion, text: ""), or a list of {"role", "content"} messages (chat,
-    alpaca as one user message) that come before the completion. completion: the target text (the
-    last assistant message for chat). fmt: the source format. source: "file:line".
-    """
-
-    prompt: str | list[dict]
-    completion: str
-    fmt: str
-    source: str = ""
 
 
 @dataclass
@@ -76,139 +47,6 @@ class EncodedExample:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-@dataclass
-class LoadReport:
-    path: str
-    fmt: str
-    n_records: int = 0
-    n_skipped: int = 0
-    skipped: list[str] = field(default_factory=list)  # the first 20 messages, for the log
-
-
-# ---------------------------------------------------------------------------------------- loading
-def _line_format(obj: dict) -> str | None:
-    """The format a JSON object claims by its keys (the first identifying key wins)."""
-    if "messages" in obj:
-        return "chat"
-    if "instruction" in obj or "output" in obj:
-        return "alpaca"
-    if "prompt" in obj or "completion" in obj:
-        return "prompt_completion"
-    if "text" in obj:
-        return "text"
-    return None
-
-
-def _string(obj: dict, key: str, *, optional: bool = False) -> str:
-    if key not in obj or (optional and obj[key] is None):
-        if optional:
-            return ""
-        raise _BadLine(f"missing field '{key}'")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise _BadLine(f"field '{key}' must be a string, got {type(value).__name__}")
-    return value
-
-
-class _BadLine(Exception):
-    pass
-
-
-def _parse(obj: dict, fmt: str, source: str) -> Example:
-    if fmt == "prompt_completion":
-        return Example(_string(obj, "prompt"), _string(obj, "completion"), fmt, source)
-    if fmt == "alpaca":
-        instruction, extra = _string(obj, "instruction"), _string(obj, "input", optional=True)
-        output = _string(obj, "output")
-        user = instruction + ("\n\n" + extra if extra else "")
-        return Example([{"role": "user", "content": user}], output, fmt, source)
-    if fmt == "text":
-        return Example("", _string(obj, "text"), fmt, source)
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise _BadLine("field 'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise _BadLine(f"message {i} must be an object with 'role' and 'content', got {type(m).__name__}")
-        for key in ("role", "content"):
-            if key not in m:
-                raise _BadLine(f"message {i} is missing field '{key}'")
-            if not isinstance(m[key], str):
-                raise _BadLine(f"message {i} field '{key}' must be a string, got {type(m[key]).__name__}")
-        if m["role"] not in ROLES:
-            raise _BadLine(f"message {i} has unknown role '{m['role']}' (expected one of {', '.join(ROLES)})")
-        clean.append({"role": m["role"], "content": m["content"]})
-    if clean[-1]["role"] != "assistant":
-        raise _BadLine("the last message must be from the assistant (it is the completion to learn)")
-    return Example(clean[:-1], clean[-1]["content"], fmt, source)
-
-
-def load_records(path, fmt: str = "auto", skip_bad_lines: bool = False) -> tuple[list[Example], LoadReport]:
-    """Read a JSONL file into Examples. Every bad line raises DataError, or is counted and skipped."""
-    path = os.fspath(path)
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"Unknown data format '{fmt}'; use auto or one of {', '.join(FORMATS)}.")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Data file {path} does not exist; check the path.")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors write one)
-        raw = raw[3:]
-    report = LoadReport(path, fmt)
-    records: list[Example] = []
-    file_fmt, fmt_line = (fmt, None) if fmt != "auto" else (None, None)
-    n_lines = 0
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue  # blank lines (a trailing newline) are not records
-        n_lines += 1
-        try:
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _BadLine(f"bytes are not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
-                               "re-save the file as UTF-8 or pass --skip-bad-lines to skip it") from None
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise _BadLine(f"malformed JSON ({e.msg} at column {e.colno}); {_FIX}") from None
-            if not isinstance(obj, dict):
-                raise _BadLine(f"expected a JSON object, got {type(obj).__name__}; {_FIX}")
-            line_fmt = _line_format(obj)
-            if line_fmt is None:
-                raise _BadLine(
-                    f"none of the known fields (prompt/completion, instruction/output, messages, text) found, "
-                    f"keys are {sorted(obj)[:6]}; {_FIX}"
-                )
-            if file_fmt is None:
-                file_fmt, fmt_line = line_fmt, lineno
-            elif line_fmt != file_fmt:
-                origin = f"detected from line {fmt_line}" if fmt_line else "forced with --format"
-                raise _BadLine(
-                    f"this line is {line_fmt} but the file is {file_fmt} ({origin}); a file must not mix "
-                    "formats, so split it into one file per format or pass --skip-bad-lines to skip it"
-                )
-            try:
-                records.append(_parse(obj, file_fmt, f"{path}:{lineno}"))
-            except _BadLine as e:
-                raise _BadLine(f"{e}; {_FIX}") from None
-        except _BadLine as e:
-            msg = f"{path}, line {lineno}: {e}."
-            if not skip_bad_lines:
-                raise DataError(msg) from None
-            report.n_skipped += 1
-            if len(report.skipped) < 20:
-                report.skipped.append(msg)
-    if n_lines == 0:
-        raise DataError(f"{path} is empty (no JSON lines); point at a JSONL file with one example per line.")
-    if not records:
-        raise DataError(f"{path} has no usable lines ({report.n_skipped} bad lines skipped); fix the file.")
-    report.fmt = file_fmt
-    report.n_records = len(records)
-    return records, report
 
 
 # ---------------------------------------------------------------------------------------- encoding
