@@ -116,7 +116,7 @@ class NF4Tensor:
         dev = self.packed.device
         state2 = None
         if self.double_quant:
-            state2 = QuantState(absmax=self.absmax2, code=dynamic_map(True).to(dev),
+            state2 = QuantState(absmax=self.absmax2, code=dynamic_map(True, device=dev).clone(),
                                 blocksize=BLOCKSIZE2, dtype=torch.float32)
         state = QuantState(absmax=self.absmax, shape=self.shape, code=nf4_code(dev),
                            blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype,
@@ -253,7 +253,7 @@ def absmax_float(q: NF4Tensor) -> torch.Tensor:
         return q.absmax.float()
     nb = q.absmax.numel()
     nb2 = q.absmax2.numel()
-    dmap = dynamic_map(True).to(q.absmax.device)
+    dmap = dynamic_map(True, device=q.absmax.device)
     vals = dmap.index_select(0, q.absmax.int())  # (nb,)
     vals = torch.nn.functional.pad(vals, (0, nb2 * BLOCKSIZE2 - nb)).view(nb2, BLOCKSIZE2)  # (nb2, 256)
     return (vals * q.absmax2.unsqueeze(1)).view(-1)[:nb] + q.offset  # (nb,)

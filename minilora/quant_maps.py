@@ -11,6 +11,8 @@ i = 0..6 the magnitudes 10^(i-6) * m are used, m the midpoints of linspace(0.1, 
 per-block absmax values in double quantization (blocks of 256) and 8-bit optimizer states.
 """
 
+import functools
+
 import torch
 
 NF4_VALUES = (
@@ -38,8 +40,9 @@ def nf4_code(device=None) -> torch.Tensor:
     return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
 
 
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
-    """The 256-entry dynamic quantization map (float32, sorted ascending).
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8, device=None) -> torch.Tensor:
+    """The 256-entry dynamic quantization map (float32, sorted ascending), cached per device:
+    treat it as read-only.
 
     With the defaults (signed, 7 exponent bits, 8 total bits): for i in 0..6, 2^i + 1 boundaries
     b = linspace(0.1, 1) give 2^i midpoints m; values +-10^(i-6) * m; then 0 and 1.0.
@@ -70,4 +73,7 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     data.append(1.0)
     data += [0.0] * (2**total_bits - len(data))
     data.sort()
-    return torch.tensor(data, dtype=torch.float32)
+    return torch.tensor(data, dtype=torch.float32, device=device)
+
+
+dynamic_map = functools.lru_cache(maxsize=16)(dynamic_map)
