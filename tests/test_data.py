@@ -260,3 +260,40 @@ def test_bundled_tokenizer_matches_transformers(tok, ref):
             ref.apply_chat_template(msgs, tokenize=True, return_dict=False)
         )
         assert tok.encode(r.completion, True) == ref.encode(r.completion, add_special_tokens=True)
+
+
+def test_templates_that_rewrite_history_or_disagree_with_their_prompt(tok):
+    """Only the final turn is labelled when a template rewrites earlier turns; a template whose
+    generation prompt is not a prefix of the answered conversation is rejected with the example named."""
+    hides = (
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}[hidden]{% else %}{{ m['content'] }}{% endif %}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"
+    )
+    t = Tokenizer(tok.backend, special_tokens=tok.special_tokens, chat_template=hides)
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}]  # fmt: skip
+    enc = encode_example(Example(msgs, "a2", "chat"), t)
+    assert t.decode(labelled(enc), skip_special_tokens=False) == "a2<end_of_turn>\n<eos>"
+    assert "[hidden]" in t.decode(enc.input_ids, skip_special_tokens=False)
+    disagree = hides.replace("<start_of_turn>assistant\n{% endif %}", "<start_of_turn>model\n{% endif %}")
+    t = Tokenizer(tok.backend, special_tokens=tok.special_tokens, chat_template=disagree)
+    with pytest.raises(DataError, match=r"^d.jsonl:7: the chat template's prompt .* is not a prefix of the full "
+                                        r"conversation.*--template raw"):  # fmt: skip
+        encode_example(Example(msgs, "a2", "chat", "d.jsonl:7"), t)
+
+
+def test_prepare_data_needs_a_template_and_skips_rejected_conversations(tok, tmp_path):
+    no_template = Tokenizer(tok.backend, special_tokens=tok.special_tokens, chat_template=None)
+    path = write(tmp_path, "t.jsonl", [{"prompt": "a", "completion": "b"}] * 2)
+    with pytest.raises(ValueError, match=r"no chat template, so --template chat cannot render prompts; pass "
+                                         r"--template raw"):  # fmt: skip
+        prepare_data(path, no_template)
+    assert prepare_data(path, no_template, template="raw", val_fraction=0).summary["train_examples"] == 1
+    ok = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    path = write(tmp_path, "c.jsonl", [ok, bad])
+    with pytest.raises(DataError, match=r"c.jsonl:2: the chat template rejected this conversation"):
+        prepare_data(path, tok, val_fraction=0)
+    s = prepare_data(path, tok, val_fraction=0, skip_bad_lines=True).summary
+    assert (s["train_examples"], s["bad_lines_skipped"]) == (1, 1)
