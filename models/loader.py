@@ -10,6 +10,8 @@ Streaming load, so that the whole bf16 model is never resident:
      copy is dropped before the next tensor is read.
 Each tensor is read through its own short-lived `safe_open`: a mapping kept open for the whole
 file keeps every page it touched in the process's RSS, so peak RSS would grow to the file size.
+Tensors that are kept as they are (embeddings, norms, dense linears) are copied out of the mapping
+so the model never depends on the file after loading.
 """
 
 from __future__ import annotations
@@ -196,10 +198,13 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
                     f"tensor {hf} in {os.path.basename(path)} has shape {tuple(t.shape)} but config.json "
                     f"implies {want}; the weights do not belong to this config.json."
                 )
-            t = t.to(device=device, dtype=dtype)
             mod_name, _, pname = ours.rpartition(".")
             mod = model.get_submodule(mod_name)
-            if NF4Linear is not None and _is_quantized_linear(ours):
+            quantized = NF4Linear is not None and _is_quantized_linear(ours)
+            # A kept tensor is copied out of the file mapping: a model backed by the file would
+            # crash (SIGBUS) if that file were later rewritten in place, e.g. by saving over it.
+            t = t.to(device=device, dtype=dtype, copy=not quantized)
+            if quantized:
                 bias = None if mod.bias is None or mod.bias.is_meta else mod.bias  # bias sorts before weight
                 q = NF4Linear.from_weight(t, bias, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
                 _set_module(model, mod_name, q)

@@ -39,10 +39,10 @@ def _ours(hf, tmp_path):
     return load_model(str(tmp_path), quantize=None, dtype=torch.float32)[0]
 
 
-@settings(max_examples=5)
-@given(family=st.sampled_from(["gemma3", "llama"]), seed=st.integers(0, 1000), n_layers=st.integers(1, 3),
+@settings(max_examples=4)
+@given(family=st.sampled_from(["gemma3", "llama"]), seed=st.integers(0, 1000), n_layers=st.integers(1, 2),
        hkv=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2]), window=st.integers(2, 8),
-       lens=st.lists(st.integers(1, 9), min_size=1, max_size=3))  # fmt: skip
+       lens=st.lists(st.integers(1, 9), min_size=1, max_size=2))  # fmt: skip
 def test_greedy_matches_transformers_with_and_without_cache(tmp_path_factory, family, seed, n_layers, hkv, rep,
                                                              window, lens):  # fmt: skip
     """30 greedy tokens: cached == uncached == transformers.generate (each prompt alone), and the

@@ -219,3 +219,15 @@ def test_missing_files(llama_dir, tmp_path_factory):
     os.remove(sharded / shard)
     with pytest.raises(ModelLoadError, match=f"shard .*{shard} listed in .*index.json is missing"):
         load_model(str(sharded))
+
+
+def test_loaded_model_does_not_depend_on_the_checkpoint_file(llama_dir):
+    """Kept tensors are copied out of the file mapping: rewriting the file in place (same inode,
+    as saving over it does) must not crash (SIGBUS) or change a loaded model."""
+    model, _ = load_model(str(llama_dir), quantize=None, dtype=torch.float32)
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids)
+        with open(llama_dir / "model.safetensors", "r+b") as f:
+            f.truncate(0)
+        torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
