@@ -140,7 +140,7 @@ def main() -> None:
         print(f"writing a Gemma 3 1B-shaped random checkpoint to {args.ckpt} ...", flush=True)
         # In a subprocess, so this process (the children's parent) stays small.
         subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "write", "--ckpt", args.ckpt], check=True)
-    largest = 262144 * 1152 * 2 / 2**20  # embed_tokens in bf16, the largest tensor (MB)
+    largest = GEMMA3_1B["vocab_size"] * GEMMA3_1B["hidden_size"] * 2 / 2**20  # bf16 embed_tokens, the largest tensor (MB)
     rows = {}
     for which in ("minilora", "transformers"):
         runs = [run_child(which, args.ckpt) for _ in range(args.repeat)]
