@@ -110,7 +110,7 @@ hyper = dict(r=st.integers(1, 12), alpha=st.sampled_from([1, 8, 16.0, 32, 0.5]),
              drop=st.sampled_from([(0.0, True), (0.25, True), (0.25, False)]), seed=st.integers(0, 2**16))
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(k=st.integers(1, 80), m=st.integers(1, 80), **hyper)
 def test_matches_peft_dense(k, m, r, alpha, rslora, dora, dtype, batch, bias, drop, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -123,7 +123,7 @@ def test_matches_peft_dense(k, m, r, alpha, rslora, dora, dtype, batch, bias, dr
     assert_same(fwd_bwd(ours, ours_params(ours), x, seed), fwd_bwd(pm, theirs, x, seed), dtype)
 
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(k=st.sampled_from([100, 128, 256]), m=st.integers(1, 48), blocksize=st.sampled_from([32, 64, 128]), **hyper)
 def test_matches_peft_on_bitsandbytes_nf4(k, m, blocksize, r, alpha, rslora, dora, dtype, batch, bias, drop, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -150,7 +150,7 @@ def test_fused_nf4_path_equals_unfused_in_float32():
     assert torch.equal(ours(x).detach(), plain)
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(shape=st.tuples(st.integers(1, 33), st.integers(1, 300)), blocksize=st.sampled_from([32, 64, 256]),
        dq=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        chunk=st.sampled_from([32, 100, 1 << 16]), seed=st.integers(0, 1000))
