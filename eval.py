@@ -80,10 +80,15 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def validate(args) -> None:
-    checks = [(args.shots >= 0, "--shots cannot be negative"), (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-              (args.batch_size >= 1, "--batch-size must be at least 1"), (args.generations >= 0, "--generations cannot be negative"),
-              (args.limit >= 0, "--limit cannot be negative")]  # fmt: skip
-    for flag, value in (("--min-exact-match", args.min_exact_match), ("--min-structured-match", args.min_structured_match)):
+    checks = [
+        (args.shots >= 0, "--shots cannot be negative"),
+        (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+        (args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.generations >= 0, "--generations cannot be negative"),
+        (args.limit >= 0, "--limit cannot be negative"),
+    ]
+    for flag, value in (("--min-exact-match", args.min_exact_match),
+                        ("--min-structured-match", args.min_structured_match)):  # fmt: skip
         checks.append((value is None or 0.0 <= value <= 1.0, f"{flag} is a fraction; pass a value in [0, 1]"))
     checks.append((args.max_perplexity is None or args.max_perplexity > 0, "--max-perplexity must be positive"))
     for ok, msg in checks:
@@ -101,7 +106,8 @@ def run_eval(args) -> int:
 
     validate(args)
     if args.adapter == DEMO_RUN and not os.path.isdir(DEMO_RUN):
-        return fail(f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), then `python eval.py`.")
+        return fail(f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), "
+                    "then `python eval.py`.")  # fmt: skip
     adapter_dir, run_dir, run_cfg = find_run(args.adapter)
     trained_on = adapter_config(adapter_dir).get("base_model_name_or_path")
     name = args.model or run_cfg.get("model") or trained_on
@@ -114,7 +120,8 @@ def run_eval(args) -> int:
         return fail(f"the run in {run_dir} names no test data; pass --data test.jsonl.")
     examples, rep = load_records(data, fmt)
     if rep.fmt == "text":
-        return fail(f"{data} holds text records with no prompts; evaluation needs prompt/completion, alpaca or chat records.")
+        return fail(f"{data} holds text records with no prompts; evaluation needs prompt/completion, "
+                    "alpaca or chat records.")  # fmt: skip
     examples = examples[: args.limit] if args.limit else examples
     if args.min_structured_match is not None and not any(parse_json(e.completion)[0] for e in examples):
         return fail(f"--min-structured-match was given but no reference completion in {data} is JSON, so "
@@ -136,13 +143,17 @@ def run_eval(args) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))  # fmt: skip
     dtype_name = args.dtype or run_cfg.get("dtype", "auto")
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if dtype_name == "auto" else getattr(torch, dtype_name)
+    if dtype_name == "auto":  # as train.py: bf16 on a GPU, float32 on the CPU
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, dtype_name)
     print(f"loading {name} ({quantize}, {str(dtype).replace('torch.', '')}, {device})", file=sys.stderr)
     model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
     if tok is None:
         return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
     if template == "chat" and tok.chat_template is None:
-        return fail(f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw.")
+        return fail(f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; "
+                    "pass --template raw.")  # fmt: skip
     check_adapter_fits(model, adapter_dir, name)
     if trained_on and trained_on != name:
         print(f"note: the adapter was trained on {trained_on!r}; evaluating it on {name!r}.", file=sys.stderr)

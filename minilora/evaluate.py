@@ -205,7 +205,8 @@ def evaluate_variant(model, tokenizer, examples: list[Example], template: str = 
     result: dict = {"perplexity": None, "loss": None, "label_tokens": 0, "too_long_for_perplexity": dropped}
     if encoded:
         total, count = completion_loss(model, encoded, batch_size, tokenizer.pad_id, progress)
-        result.update(loss=total / count, perplexity=math.exp(total / count), label_tokens=count)
+        loss = total / count
+        result.update(loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf, label_tokens=count)
     if progress is not None and dropped:
         progress(dropped)
     predictions = generate_completions(model, tokenizer, examples, template, max_new_tokens, batch_size, progress)

@@ -284,8 +284,8 @@ def find_run(path: str) -> tuple[str, str, dict]:
         raise FileNotFoundError(f"{path} holds no adapter (no adapter_config.json there or in {path}/adapter); "
                                 "pass a run directory whose training finished, or a PEFT adapter folder.")  # fmt: skip
     if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
-        raise FileNotFoundError(f"{adapter} has adapter_config.json but no adapter_model.safetensors; "
-                                "the adapter was not fully written, so train again or copy the weights file.")  # fmt: skip
+        raise FileNotFoundError(f"{adapter} has adapter_config.json but no adapter_model.safetensors; the "
+                                "adapter was not fully written, so train again or copy the weights file.")  # fmt: skip
     run_config = {}
     cfg_path = os.path.join(run, "config.json")
     if run != adapter and os.path.isfile(cfg_path):

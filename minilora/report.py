@@ -126,8 +126,8 @@ def build_markdown(meta: dict, results: dict, examples: list, gates: list[dict],
             lines.append(f"| {label} | " + " | ".join("n/a (references are not JSON)" for _ in cols) + " |")
             continue
         lines.append(f"| {label} | " + " | ".join(_fmt(key, results[c].get(key)) for c in cols) + " |")
-    lines.append("| outputs that are not valid JSON | "
-                 + " | ".join(f"{results[c]['json_parse_failures']} / {results[c]['n']}" for c in cols) + " |")  # fmt: skip
+    bad = [f"{results[c]['json_parse_failures']} / {results[c]['n']}" for c in cols]
+    lines.append("| outputs that are not valid JSON | " + " | ".join(bad) + " |")
     skipped = results[cols[0]].get("too_long_for_perplexity", 0)
     if skipped:
         lines += ["", f"{skipped} example(s) were too long for the model's context and are left out of perplexity."]

@@ -65,7 +65,8 @@ def call(argv, capsys):
 
 
 def test_report_numbers_equal_direct_metrics(run, capsys):
-    code, out, err = call(["--adapter", str(run), "--shots", "2", "--max-new-tokens", "5", "--generations", "2"], capsys)
+    argv = ["--adapter", str(run), "--shots", "2", "--max-new-tokens", "5", "--generations", "2"]
+    code, out, err = call(argv, capsys)
     assert code == 0, err
     assert "fine-tuned" in err and "5/30" in err  # progress: 5 examples x 3 variants x 2 passes
     res = json.load(open(run / "eval.json"))

@@ -169,7 +169,8 @@ def test_few_shot_chat_keeps_one_system_message_first_and_shots_as_turns():
                           {"role": "user", "content": "q"}]  # fmt: skip
     assert got.completion == "answer" and EX.prompt == [SYS, {"role": "user", "content": "q"}]  # not mutated
     no_sys = few_shot_example(Example("q", "a", "prompt_completion"), SHOTS, "chat")
-    assert no_sys.prompt[0] == {"role": "user", "content": "u1"} and no_sys.prompt[-1] == {"role": "user", "content": "q"}
+    assert no_sys.prompt[0] == {"role": "user", "content": "u1"}
+    assert no_sys.prompt[-1] == {"role": "user", "content": "q"}
 
 
 def test_few_shot_raw_concatenates():

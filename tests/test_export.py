@@ -153,7 +153,8 @@ def test_export_cli_float32_and_bfloat16(tmp_path, capsys):
         assert rel_err(want, hf(ids).logits) < 2e-5
     ref_tok = transformers.AutoTokenizer.from_pretrained(out)
     msgs = [{"role": "user", "content": "hi"}]
-    assert ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).startswith("<bos><start_of_turn>user")
+    rendered = ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
     assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == 2
 
     out16 = str(tmp_path / "merged16")  # the default dtype is bf16
@@ -182,7 +183,7 @@ def test_4bit_export_loads_prequantized_in_bitsandbytes(tmp_path):
     assert eval_cli.main(["export", "--adapter", run, "--out", dense, "--dtype", "float32"]) == 0
     assert eval_cli.main(["export", "--adapter", run, "--out", q4, "--dtype", "float32", "--quantize-4bit"]) == 0
     qc = json.load(open(os.path.join(q4, "config.json")))["quantization_config"]
-    assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"]
+    assert (qc["quant_method"], qc["bnb_4bit_quant_type"], qc["bnb_4bit_use_double_quant"]) == ("bitsandbytes", "nf4", True)
     hf = AutoModelForCausalLM.from_pretrained(q4, device_map="cpu")
     ours, _ = load_model(dense, quantize="nf4", dtype=torch.float32)
     n_linear = 0
