@@ -40,6 +40,8 @@ def run(cfg) -> int:
     from minilora.models.loader import load_model
     from minilora.paged_adamw import PagedAdamW
 
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     rank, world, ddp_device = T.init_distributed()
     main = rank == 0
     device = ddp_device or torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()

@@ -80,6 +80,7 @@ class TrainConfig:
     save_every: int = _f(100, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk")
     log_every: int = _f(1, "log line every N steps")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     debug_nan_at_step: int = _f(0, "testing aid: make the loss NaN at this step", hidden=True)
 
     def resolved_dtype(self, device_type: str):
@@ -140,9 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The offline demo trains a tiny random model, which wants a far higher learning rate and more
+# passes than a pretrained 1B model; these apply to `--model tiny` unless the flag is given.
+DEMO_OVERRIDES = {"lr": 3e-3, "epochs": 3, "warmup_steps": 10, "eval_every": 25, "lora_dropout": 0.0,
+                  "gradient_checkpointing": False, "threads": 1, "log_every": 10, "save_every": 50}
+
+
 def parse_args(argv=None) -> TrainConfig:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(ns))
+    if cfg.model == "tiny":
+        given = {a.split("=")[0].lstrip("-").replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
+        for name, value in DEMO_OVERRIDES.items():
+            if name not in given:
+                setattr(cfg, name, value)
     for name in ("val_data", "eval_data"):
         if getattr(cfg, name) in ("", "none", "None"):
             setattr(cfg, name, None)
