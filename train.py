@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -43,6 +44,7 @@ def run(cfg) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     rank, world, ddp_device = T.init_distributed()
+    torch.manual_seed(cfg.seed + rank)  # dropout masks; data order and LoRA init have their own seeds
     main = rank == 0
     device = ddp_device or torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                                         else ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
@@ -160,6 +162,8 @@ def run(cfg) -> int:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state.update(stream.position())
+            if cfg.debug_interrupt_at_step and step == cfg.debug_interrupt_at_step:
+                os.kill(os.getpid(), signal.SIGINT)  # exercises the real signal path in tests
 
             if main and (step % cfg.log_every == 0 or step == total_steps):
                 now = time.time()

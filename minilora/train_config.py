@@ -82,6 +82,7 @@ class TrainConfig:
     log_every: int = _f(1, "log line every N steps")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     debug_nan_at_step: int = _f(0, "testing aid: make the loss NaN at this step", hidden=True)
+    debug_interrupt_at_step: int = _f(0, "testing aid: send SIGINT to this process after this step", hidden=True)
 
     def resolved_dtype(self, device_type: str):
         import torch
