@@ -143,7 +143,7 @@ def gpu_matmul(args, bnb, bnbF) -> list[dict]:
 
     dtype = torch.bfloat16
     rows = []
-    print(f"\nNF4 matmul, bf16, N tokens (median us): fused vs bitsandbytes dequantize + cuBLAS")
+    print("\nNF4 matmul, bf16, N tokens (median us): fused vs bitsandbytes dequantize + cuBLAS")
     print(f"{'shape':>12} {'N':>3} {'fused':>8} {'bnb+cuBLAS':>10} {'bnb gemv':>9} {'speedup':>8} "
           f"{'fused dx':>9} {'bnb dx':>8} {'speedup':>8}")
     for m, k in args.shapes:

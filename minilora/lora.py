@@ -31,12 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora.dora import dora_delta, merged_dora_weight, row_norm
-from minilora.nf4 import NF4Tensor, absmax_float, dequantize_nf4, quantize_nf4
+from minilora.nf4 import dequantize_nf4, quantize_nf4
 from minilora.quant_linear import NF4Linear
-from minilora.quant_maps import nf4_code
 
 INITS = ("default", "gaussian")
-CHUNK = 1 << 16  # elements dequantized at a time on the CPU: the float32 temporary stays in cache
 
 
 class AdapterError(ValueError):
@@ -44,57 +42,10 @@ class AdapterError(ValueError):
 
 
 # --- dense weight of a base layer ----------------------------------------------------------------
-_LUT: dict[torch.device, torch.Tensor] = {}
-# The CPU dequantization is a memory-bound stream over small chunks: on one thread each op costs
-# well under a millisecond, while an OpenMP fork/join per op stalls for a whole scheduler slice
-# whenever another process holds a core (measured 25 ms on one thread vs 700 ms on two, for a
-# 6912 x 1152 weight on a busy 2-core machine). The matmuls around it keep all threads.
-DEQUANT_THREADS = 1
-
-
-def dense_nf4(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dequantize_nf4(q, dtype), bit for bit, without its full-size float32 temporaries on the CPU.
-
-    Works through the flat weight in chunks of CHUNK elements (a multiple of the blocksize): a
-    256-entry table maps each byte to its two NF4 values (two float32 packed in one int64, high
-    nibble first), each block is scaled by its absmax in float32, and the chunk is cast once into
-    the output. CUDA tensors use dequantize_nf4 (the Triton kernel).
-    """
-    if q.packed.is_cuda:
-        return dequantize_nf4(q, dtype)
-    dev, n, bs = q.packed.device, q.numel, q.blocksize
-    if dev not in _LUT:
-        code, b = nf4_code(dev), torch.arange(256, device=dev)
-        pairs = torch.stack([code[b >> 4], code[b & 15]], dim=1)  # (256, 2) float32
-        _LUT[dev] = pairs.contiguous().view(torch.int64).view(-1)  # (256,): the two floats' bytes
-    out = torch.empty(n, dtype=dtype, device=dev)
-    step = max(bs, CHUNK - CHUNK % bs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, DEQUANT_THREADS))
-    try:
-        lut, absmax = _LUT[dev], absmax_float(q)  # (256,), (nb,)
-        idx = torch.empty((step + 1) // 2, dtype=torch.int32, device=dev)  # reused by every chunk
-        pairs = torch.empty((step + 1) // 2, dtype=torch.int64, device=dev)
-        for e0 in range(0, n, step):
-            e1 = min(n, e0 + step)
-            nbytes = (e1 + 1) // 2 - e0 // 2
-            idx[:nbytes].copy_(q.packed[e0 // 2: e0 // 2 + nbytes])  # (bytes,) uint8 -> int32
-            torch.index_select(lut, 0, idx[:nbytes], out=pairs[:nbytes])
-            vals = pairs[:nbytes].view(torch.float32)[: e1 - e0]  # (e1 - e0,) float32
-            full = (e1 - e0) - (e1 - e0) % bs
-            vals[:full].view(-1, bs).mul_(absmax[e0 // bs: (e0 + full) // bs].unsqueeze(1))  # (blocks, bs)
-            if full < e1 - e0:  # ragged last block of the tensor
-                vals[full:].mul_(absmax[-1])
-            out[e0:e1].copy_(vals)  # the single cast to dtype
-    finally:
-        torch.set_num_threads(threads)
-    return out.view(q.shape)
-
-
 def base_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """W0 (M, K) of an nn.Linear or an NF4Linear (dequantized), in `dtype` (default: its own)."""
     if isinstance(base, NF4Linear):
-        return dense_nf4(base.weight_nf4, dtype or base.weight_dtype)
+        return dequantize_nf4(base.weight_nf4, dtype or base.weight_dtype)
     w = base.weight
     return w if dtype is None else w.to(dtype)
 
@@ -119,7 +70,7 @@ class _LoRANF4Fn(torch.autograd.Function):
     def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
         in_dtype, cdt = x.dtype, base.compute_dtype or x.dtype
         q = base.weight_nf4
-        y = F.linear(x.to(cdt), dense_nf4(q, cdt))  # (N, K) @ (K, M) -> (N, M)
+        y = F.linear(x.to(cdt), dequantize_nf4(q, cdt))  # (N, K) @ (K, M) -> (N, M)
         if base.bias is not None:
             y = y + base.bias.to(y.dtype)  # NF4Linear adds the bias after the matmul
         y = y.to(in_dtype)
@@ -152,7 +103,7 @@ class _LoRANF4Fn(torch.autograd.Function):
             del xf
         if ctx.needs_input_grad[0]:
             cdt = base.compute_dtype or x.dtype
-            gx = (g.to(cdt) @ dense_nf4(base.weight_nf4, cdt)).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
+            gx = (g.to(cdt) @ dequantize_nf4(base.weight_nf4, cdt)).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
             gl = gu @ A  # (N, r) @ (r, K) -> (N, K) float32
             if mask is not None:
                 gl = gl * mask.float().div_(1 - p)

@@ -21,10 +21,8 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minilora.lora import (AdapterError, LoRALinear, apply_lora, dense_nf4, lora_parameters,
-                           lora_state_dict, merge_lora, unmerge_lora)
-import minilora.lora as lora_mod
-from minilora.nf4 import dequantize_nf4, quantize_nf4
+from minilora.lora import (AdapterError, LoRALinear, apply_lora, lora_parameters,
+                           lora_state_dict)
 from minilora.quant_linear import NF4Linear
 
 
@@ -148,23 +146,6 @@ def test_fused_nf4_path_equals_unfused_in_float32():
     with torch.no_grad():
         plain = ours(x)
     assert torch.equal(ours(x).detach(), plain)
-
-
-@settings(max_examples=10)
-@given(shape=st.tuples(st.integers(1, 33), st.integers(1, 300)), blocksize=st.sampled_from([32, 64, 256]),
-       dq=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       chunk=st.sampled_from([32, 100, 1 << 16]), seed=st.integers(0, 1000))
-def test_dense_nf4_is_dequantize_nf4(shape, blocksize, dq, dtype, chunk, seed):
-    """Chunked dequantization is bit-identical to dequantize_nf4 (chunks and ragged ends drawn)."""
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
-    q = quantize_nf4(w, blocksize, dq)
-    old = lora_mod.CHUNK
-    lora_mod.CHUNK = chunk
-    try:
-        got = dense_nf4(q, dtype)
-    finally:
-        lora_mod.CHUNK = old
-    assert torch.equal(got, dequantize_nf4(q, dtype))
 
 
 def test_fused_nf4_saves_no_weight_and_no_float32_x():

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
+import minilora.nf4 as nf4_mod  # noqa: E402
 from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4  # noqa: E402
 from minilora.quant_maps import dynamic_map, nf4_code  # noqa: E402
 
@@ -77,14 +78,19 @@ def test_quantize_bytes_identical_to_bitsandbytes(wb, double_quant):
         assert q.absmax2 is None and q.offset is None
 
 
-@given(weights(), st.booleans(), st.sampled_from(DTYPES))
-def test_dequantize_identical_to_bitsandbytes(wb, double_quant, out_dtype):
+@given(weights(), st.booleans(), st.sampled_from(DTYPES), st.sampled_from([32, 100, 4096, 1 << 16]))
+def test_dequantize_identical_to_bitsandbytes(wb, double_quant, out_dtype, chunk):
+    """Also over the reference's chunk size: several chunks, ragged ends, chunk < blocksize."""
     w, blocksize = wb
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     packed, state = _bnb(w, blocksize, double_quant)
     state.dtype = out_dtype  # bitsandbytes dequantizes to the state's dtype
     expected = bnbF.dequantize_4bit(packed, state)
-    got = dequantize_nf4(q, out_dtype)
+    old, nf4_mod.DEQUANT_CHUNK = nf4_mod.DEQUANT_CHUNK, chunk
+    try:
+        got = dequantize_nf4(q, out_dtype)
+    finally:
+        nf4_mod.DEQUANT_CHUNK = old
     assert got.dtype == out_dtype and got.shape == w.shape
     assert torch.equal(got.view(-1), expected.reshape(-1))
 
