@@ -104,6 +104,7 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the adapter gets the usual permissions
     old = None
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -212,3 +213,9 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
                                        f"{tuple(params[key].shape)}; the adapter was trained on a different base ({base}).")
                 params[key].copy_(t)
     return cfg
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

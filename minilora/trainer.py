@@ -137,6 +137,9 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:07d}"
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700
     save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
     save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))

@@ -36,7 +36,9 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# One thread: the tests use small tensors, where OpenMP fork/join costs more than it saves
+# (and stalls badly when another process holds a core).
+torch.set_num_threads(int(os.environ.get("MINILORA_TEST_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config, items):
