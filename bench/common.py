@@ -28,6 +28,25 @@ def median_time(fn, repeat: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeat: int = 7, warmup: int = 2) -> dict:
+    """Median seconds of each fn, timed round-robin (a, b, a, b, ...) so that bursts of load on a
+    shared machine hit every contestant alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def environment() -> dict:
     import importlib.metadata as md
 

@@ -2,7 +2,7 @@
 
     python bench/nf4_cpu.py [--repeat 7]
 
-Both run in this process on the same bf16 matrices; the table gives median milliseconds and
+Both run in this process on the same bf16 matrices, timed round-robin; the table gives median milliseconds and
 the ratio bitsandbytes / minilora (> 1 means minilora is faster). Writes bench/results/nf4_cpu.json.
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import environment, median_time, write_json  # noqa: E402
+from bench.common import environment, interleaved_medians, write_json  # noqa: E402
 from minilora.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 
 SHAPES = [(1152, 6912), (4096, 4096)]
@@ -40,8 +40,8 @@ def main() -> None:
             "dequantize": (lambda: dequantize_nf4(q, torch.bfloat16), lambda: bnbF.dequantize_4bit(packed, state)),
         }
         for op, (ours, theirs) in cases.items():
-            t_ours = median_time(ours, args.repeat)
-            t_bnb = median_time(theirs, args.repeat)
+            med = interleaved_medians({"ours": ours, "bnb": theirs}, args.repeat)
+            t_ours, t_bnb = med["ours"], med["bnb"]
             rows.append({"op": op, "shape": list(shape), "minilora_ms": t_ours * 1e3, "bnb_ms": t_bnb * 1e3,
                          "speedup_vs_bnb": t_bnb / t_ours})
     print(f"{'op':<11}{'shape':>12}{'minilora ms':>13}{'bnb ms':>10}{'bnb/minilora':>14}")
