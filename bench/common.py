@@ -14,18 +14,7 @@ import torch
 
 def median_time(fn, repeat: int = 7, warmup: int = 2) -> float:
     """Median wall time of fn() in seconds (synchronizing CUDA if used)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeat, warmup)["fn"]
 
 
 def interleaved_medians(fns: dict, repeat: int = 7, warmup: int = 2) -> dict:
