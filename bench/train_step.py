@@ -1,0 +1,381 @@
+"""One QLoRA training step, end to end: minilora beside transformers + PEFT + bitsandbytes.
+
+    python bench/train_step.py                                  # CPU: small Gemma-3-shaped model
+    python bench/train_step.py --geometry gemma-3-1b            # GPU: Gemma 3 1B's exact geometry
+    python bench/train_step.py --no-gradient-checkpointing --steps 10
+
+Shape letters: B batch rows, T tokens per row, D model dim, F MLP dim, V vocabulary, L layers,
+H heads, Hkv kv heads, hd head dim, r LoRA rank.
+
+The same random-weight checkpoint (a Gemma3ForCausalLM written by transformers' save_pretrained
+into a temp folder), the same (B, T) random token ids with a label on every next token, the same
+rank and the same gradient-checkpointing setting go through both implementations:
+
+  minilora      load_model(dir, quantize="nf4")  (NF4, blocksize 64, double quant), apply_lora(all-linear,
+                r, alpha=2r, dropout 0), PagedAdamW on lora_parameters, the loss train.py computes
+                (chunked_lm_loss on a packing.Batch, divided by its label tokens), then train.py's
+                step: backward, clip_grad_norm_(1.0), optimizer.step, zero_grad(set_to_none=True).
+  peft+bnb      AutoModelForCausalLM.from_pretrained(dir, BitsAndBytesConfig(load_in_4bit, nf4, double
+                quant, compute dtype = the run's dtype)), get_peft_model(LoraConfig(all-linear, r,
+                alpha=2r, dropout 0)), torch.optim.AdamW on the trainable parameters,
+                loss = model(input_ids, attention_mask, labels).loss, then the same step.
+                prepare_model_for_kbit_training is NOT applied by default (it upcasts the embedding
+                and norms to float32, which costs memory); --prepare-kbit applies it.
+
+Threads: one torch thread per worker by default. On this shared 2-core machine every parallel
+elementwise op's OpenMP fork/join waits for a scheduler slice whenever another process holds a
+core, which slowed 2-thread steps 5-10x at random (bitsandbytes' side most, with its many small
+ops), so 2-thread timings measured the neighbours, not the code. --threads 0 uses torch's default.
+
+dtype: float32 on the CPU (train.py's --dtype auto there), bfloat16 on CUDA. The learning-rate
+scheduler is left out on both sides (a scalar multiply per step).
+
+Each implementation runs in its own subprocess, so its peak memory is its own. Measured there:
+  step time   median of --steps steps after --warmup warm-up steps (forward + backward + clip +
+              optimizer step + zero_grad, CUDA synchronized), tokens/s = B*T / median.
+  peak memory CPU: VmHWM from /proc/self/status (the child's own peak RSS over its whole life:
+              imports, load, training; getrusage's ru_maxrss is inherited across fork + exec, so it
+              would report the parent's peak). Also the step peak: VmHWM reset through
+              /proc/self/clear_refs after loading, minus the RSS then (activations, gradients,
+              optimizer state, temporaries). CUDA: torch.cuda.max_memory_allocated over the whole
+              child, and the same step peak minus the allocation before the first step.
+  resident    bytes of parameters + buffers (+ bitsandbytes' quant_state tensors, which are neither),
+              each storage counted once (tied head): the NF4 base and the LoRA weights.
+
+Targets (issue 8): CPU no slower and at most 0.8x the peak memory; an H100 with Gemma 3 1B's
+geometry at least 1.5x the tokens/s and at most 0.6x the peak memory. Ratios printed as
+speedup = their time / ours (> 1 favours minilora) and memory = ours / theirs (< 1 favours minilora).
+Writes bench/results/train_step.json (train_step_<geometry>_<device>.json for non-default runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+IMPLS = ("minilora", "peft+bnb")
+
+# Gemma3TextConfig keyword arguments. "small" is Gemma 3's shape scaled down for a 2-core CPU;
+# "gemma-3-1b" is google/gemma-3-1b-pt's geometry (5 sliding-window layers : 1 global, window 512).
+GEOMETRIES = {
+    "small": dict(vocab_size=16384, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=128, sliding_window=128,
+                  query_pre_attn_scalar=128),
+    "gemma-3-1b": dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                       query_pre_attn_scalar=256),
+}  # fmt: skip
+
+
+def _status_kib(field: str) -> int:
+    """A /proc/self/status field in KiB (VmRSS: current RSS, VmHWM: peak RSS of this address space)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def write_checkpoint(folder: str, geometry: str) -> None:
+    """A random-weight Gemma3ForCausalLM with `geometry`, bf16, via transformers' save_pretrained."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    n = GEOMETRIES[geometry]["num_hidden_layers"]
+    layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    cfg = Gemma3TextConfig(**GEOMETRIES[geometry], layer_types=layer_types, max_position_embeddings=32768,
+                           final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
+                           bos_token_id=2, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).to(torch.bfloat16)
+    tmp = tempfile.mkdtemp(prefix=".ckpt.", dir=os.path.dirname(os.path.abspath(folder)))
+    model.save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
+def resident_bytes(model) -> tuple[int, int]:
+    """(all bytes, trainable bytes) of parameters, buffers and bitsandbytes quant states, once per storage."""
+    import torch
+
+    seen, total, train = set(), 0, 0
+
+    def add(t, trainable=False):
+        nonlocal total, train
+        if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
+            return
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+        train += t.numel() * t.element_size() if trainable else 0
+
+    for p in model.parameters():
+        add(p, p.requires_grad)
+        qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: absmax, code, nested state
+        if qs is not None:
+            for t in (qs.absmax, qs.code, getattr(qs, "offset", None)):
+                add(t)
+            if getattr(qs, "state2", None) is not None:
+                add(qs.state2.absmax)
+                add(qs.state2.code)
+    for b in model.buffers():
+        add(b)
+    return total, train
+
+
+def worker(impl: str, ckpt: str, a) -> dict:
+    """Runs in a fresh process: build one implementation, time its steps, report JSON."""
+    import torch
+    import torch._dynamo  # noqa: F401  (any torch optimizer imports it on construction, ~150 MB RSS: count it as import)
+
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    cuda = a.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    B, T = a.batch, a.seq
+    gen = torch.Generator().manual_seed(1)
+    vocab = GEOMETRIES[a.geometry]["vocab_size"]
+    ids = torch.randint(3, vocab, (B, T), generator=gen).to(a.device)  # (B, T), no special tokens
+
+    if impl == "minilora":
+        from minilora.lora import apply_lora, lora_parameters
+        from minilora.models.loader import load_model
+        from minilora.packing import Batch
+        from minilora.paged_adamw import PagedAdamW
+        from minilora.trainer import chunked_lm_loss
+
+        base_rss = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        model, _ = load_model(ckpt, quantize="nf4", dtype=dtype, device=a.device)
+        report = apply_lora(model, targets="all-linear", r=a.rank, alpha=2 * a.rank, dropout=0.0, seed=0,
+                            verbose=False)  # fmt: skip
+        model.set_gradient_checkpointing(a.gradient_checkpointing)
+        model.train()
+        params = lora_parameters(model)
+        opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
+        labels = ids.clone()
+        labels[:, 0] = -100  # packing's convention: the first token of an example carries no loss
+        ones = torch.ones_like(ids)
+        pos = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
+        batch = Batch(ids, labels, ones, pos, ones, n_label_tokens=B * (T - 1))
+        trainable = report["trainable"]
+
+        def loss_backward() -> float:
+            s, n = chunked_lm_loss(model, batch, chunk=a.loss_chunk)
+            (s / max(1.0, n)).backward()
+            return float(s.detach()) / n
+    else:
+        import bitsandbytes  # noqa: F401  (imported here so that its RSS counts as import, not load)
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        base_rss = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=dtype,
+                                                     device_map=a.device)  # fmt: skip
+        model.config.use_cache = False
+        if a.prepare_kbit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif a.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules="all-linear",
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))  # fmt: skip
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+        mask = torch.ones_like(ids)
+        trainable = sum(p.numel() for p in params)
+
+        def loss_backward() -> float:
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss  # mean over B*(T-1)
+            loss.backward()
+            return float(loss.detach())
+
+    load_s = time.perf_counter() - t0
+    loaded_rss = _status_kib("VmRSS")
+    model_bytes, lora_bytes = resident_bytes(model)
+
+    def step() -> float:
+        loss = loss_backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return loss
+
+    # the step's own peak: reset the high-water mark to "now" once everything is loaded
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        life_peak_load = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()  # from here max_memory_allocated is the training peak
+    else:
+        before = _status_kib("VmRSS") * 1024
+        life_peak_load = _status_kib("VmHWM") * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := current RSS
+    losses, times = [], []
+    for i in range(a.warmup + a.steps):
+        t1 = time.perf_counter()
+        losses.append(step())
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t1)
+    if cuda:
+        train_peak = torch.cuda.max_memory_allocated()
+        peak = max(train_peak, life_peak_load)  # reset_peak_memory_stats dropped the loading peak
+    else:
+        train_peak = _status_kib("VmHWM") * 1024
+        peak = max(train_peak, life_peak_load)
+    med = statistics.median(times)
+    return {"median_s": med, "times_s": times, "tokens_per_s": B * T / med, "losses": losses,
+            "load_s": load_s, "import_rss_mb": base_rss / 1024, "loaded_rss_mb": loaded_rss / 1024,
+            "end_rss_mb": _status_kib("VmRSS") / 1024, "peak_mb": peak / 2**20,
+            "step_peak_mb": (train_peak - before) / 2**20, "resident_mb": model_bytes / 2**20,
+            "lora_mb": lora_bytes / 2**20, "trainable_params": trainable}  # fmt: skip
+
+
+def run_worker(impl: str, ckpt: str, argv: list[str]) -> dict:
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1")  # bitsandbytes' CPU dequantize otherwise compiles C++
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", impl, "--ckpt", ckpt]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{impl} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--geometry", default="small", choices=sorted(GEOMETRIES))
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--batch", type=int, default=4, help="rows per step (B)")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per row (T)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha = 2r)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute block activations in backward, on both sides (train.py's default: on)")
+    ap.add_argument("--prepare-kbit", action="store_true",
+                    help="apply peft.prepare_model_for_kbit_training on the competitor side")
+    ap.add_argument("--loss-chunk", type=int, default=1024,
+                    help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 1024)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the two workers this many times, alternating; per-figure medians reported")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads in each worker (0 = torch's default); see the module docstring")
+    ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
+    ap.add_argument("--out", default=None, help="results name under bench/results/ (default: by geometry/device)")
+    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--write-ckpt", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.write_ckpt:
+        return write_checkpoint(a.ckpt, a.geometry)
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.ckpt, a)))
+        return
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is available; run with --device cpu for the CPU benchmark.")
+    if min(a.steps, a.batch, a.rank, a.rounds, a.loss_chunk) < 1 or a.seq < 2 or a.warmup < 0:
+        sys.exit("--steps, --batch, --rank, --rounds and --loss-chunk must be >= 1, --seq >= 2 and --warmup >= 0.")
+
+    # the same options go to both workers (everything but --ckpt/--out)
+    argv = ["--geometry", a.geometry, "--device", a.device, "--batch", str(a.batch), "--seq", str(a.seq),
+            "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
+            "--loss-chunk", str(a.loss_chunk),
+            "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]  # fmt: skip
+    if a.prepare_kbit:
+        argv.append("--prepare-kbit")
+    with tempfile.TemporaryDirectory(prefix="minilora_train_step_") as tmp:
+        ckpt = a.ckpt or os.path.join(tmp, f"gemma3-{a.geometry}")
+        if not os.path.isfile(os.path.join(ckpt, "config.json")):
+            t0 = time.perf_counter()
+            # in a subprocess, so this process (the workers' parent) stays small
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--write-ckpt", "--geometry", a.geometry,
+                            "--ckpt", ckpt], check=True, cwd=ROOT)  # fmt: skip
+            print(f"wrote a random {a.geometry} Gemma 3 checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
+        runs = {impl: [] for impl in IMPLS}
+        for k in range(a.rounds):
+            for impl in IMPLS:  # alternating, so a burst of load from elsewhere hits both sides
+                r = run_worker(impl, ckpt, argv)
+                runs[impl].append(r)
+                print(f"  round {k + 1} {impl}: {r['median_s']:.3f} s/step, peak {r['peak_mb']:.0f} MB, "
+                      f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
+    rows = {}
+    for impl, rs in runs.items():
+        rows[impl] = {key: statistics.median(r[key] for r in rs) for key, v in rs[0].items()
+                      if isinstance(v, (int, float))}  # fmt: skip
+        rows[impl]["trainable_params"] = rs[0]["trainable_params"]
+        rows[impl]["runs"] = rs
+    report(a, rows)
+
+
+def report(a, rows: dict) -> None:
+    ours, theirs = rows["minilora"], rows["peft+bnb"]
+    speedup = theirs["median_s"] / ours["median_s"]
+    mem = ours["peak_mb"] / theirs["peak_mb"]
+    step_mem = ours["step_peak_mb"] / max(1e-9, theirs["step_peak_mb"])
+    # CPU only: the peak above the RSS right after imports (torch alone is ~200 MB of it)
+    above = None if a.device == "cuda" else ((ours["peak_mb"] - ours["import_rss_mb"]) /
+                                             (theirs["peak_mb"] - theirs["import_rss_mb"]))  # fmt: skip
+    g = GEOMETRIES[a.geometry]
+    cuda = a.device == "cuda"
+    mem_name = "max allocated" if cuda else "peak RSS"
+    print(f"\n{a.geometry} Gemma 3 geometry (D {g['hidden_size']}, F {g['intermediate_size']}, "
+          f"L {g['num_hidden_layers']}, H {g['num_attention_heads']}/Hkv {g['num_key_value_heads']}, "
+          f"hd {g['head_dim']}, V {g['vocab_size']}), random weights, NF4 + double quant, "
+          f"{'bf16' if cuda else 'float32'} compute on {a.device}")
+    print(f"B {a.batch} x T {a.seq}, LoRA all-linear r {a.rank} alpha {2 * a.rank}, gradient checkpointing "
+          f"{'on' if a.gradient_checkpointing else 'off'}, prepare_model_for_kbit_training "
+          f"{'on' if a.prepare_kbit else 'off'}; median of {a.steps} steps after {a.warmup} warm-up, "
+          f"{a.rounds} round(s)")
+    hdr = (f"{'':10}{'step s':>8}{'tok/s':>8}{mem_name + ' MB':>18}{'import RSS MB':>15}{'step peak MB':>14}"
+           f"{'resident MB':>13}{'LoRA MB':>9}{'trainable':>11}")
+    print(hdr + "\n" + "-" * len(hdr))
+    for name, r in rows.items():
+        print(f"{name:10}{r['median_s']:8.2f}{r['tokens_per_s']:8.0f}{r['peak_mb']:18.0f}{r['import_rss_mb']:15.0f}"
+              f"{r['step_peak_mb']:14.0f}{r['resident_mb']:13.1f}{r['lora_mb']:9.1f}{r['trainable_params']:11,d}")
+    print(f"minilora vs peft+bnb: {speedup:.2f}x tokens/s, {mem:.2f}x {mem_name}"
+          + ("" if above is None else f" ({above:.2f}x above the import RSS)") + f", {step_mem:.2f}x step peak")
+    if cuda:
+        targets = {"speedup >= 1.5": speedup >= 1.5, "peak memory <= 0.6x": mem <= 0.6}
+    else:
+        targets = {"no slower (speedup >= 1.0)": speedup >= 1.0, "peak RSS <= 0.8x": mem <= 0.8}
+    print("targets: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in targets.items()))
+    sys.path.insert(0, ROOT)
+    from bench.common import environment, write_json
+
+    name = a.out or ("train_step" if (a.geometry, a.device) == ("small", "cpu") else
+                     f"train_step_{a.geometry}_{a.device}")  # fmt: skip
+    g_out = dict(g, layer_types="5 sliding : 1 full")
+    path = write_json(name, {
+        "benchmark": "train_step", "geometry": a.geometry, "config": g_out, "device": a.device,
+        "dtype": "bfloat16" if cuda else "float32", "batch": a.batch, "seq": a.seq, "rank": a.rank,
+        "alpha": 2 * a.rank, "steps": a.steps, "warmup": a.warmup,
+        "gradient_checkpointing": a.gradient_checkpointing, "prepare_model_for_kbit_training": a.prepare_kbit,
+        "memory": ("torch.cuda.max_memory_allocated over the worker's life" if cuda else
+                   "VmHWM (peak RSS) of the worker process over its life"),
+        "loss_chunk": a.loss_chunk, "rounds": a.rounds, "results": rows, "speedup": speedup, "memory_ratio": mem,
+        "memory_ratio_above_import": above, "step_memory_ratio": step_mem,
+        "targets": targets, "environment": environment()})  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
