@@ -66,12 +66,12 @@ IMPLS = ("minilora", "peft+bnb")
 # Gemma3TextConfig keyword arguments. "small" is Gemma 3's shape scaled down for a 2-core CPU;
 # "gemma-3-1b" is google/gemma-3-1b-pt's geometry (5 sliding-window layers : 1 global, window 512).
 GEOMETRIES = {
-    "small": dict(vocab_size=16384, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                  num_attention_heads=4, num_key_value_heads=1, head_dim=128, sliding_window=128,
-                  query_pre_attn_scalar=128),
-    "gemma-3-1b": dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
-                       num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
-                       query_pre_attn_scalar=256),
+    "small": {"vocab_size": 16384, "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+              "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128, "sliding_window": 128,
+              "query_pre_attn_scalar": 128},
+    "gemma-3-1b": {"vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+                   "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 512,
+                   "query_pre_attn_scalar": 256},
 }  # fmt: skip
 
 
@@ -132,7 +132,7 @@ def resident_bytes(model) -> tuple[int, int]:
 def worker(impl: str, ckpt: str, a) -> dict:
     """Runs in a fresh process: build one implementation, time its steps, report JSON."""
     import torch
-    import torch._dynamo  # noqa: F401  (any torch optimizer imports it on construction, ~150 MB RSS: count it as import)
+    import torch._dynamo  # any torch optimizer imports it when built (~150 MB RSS): count it as import
 
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -144,8 +144,9 @@ def worker(impl: str, ckpt: str, a) -> dict:
     ids = torch.randint(3, vocab, (B, T), generator=gen).to(a.device)  # (B, T), no special tokens
 
     if impl == "minilora":
-        from minilora.lora import apply_lora, lora_parameters
         from minilora.models.loader import load_model
+
+        from minilora.lora import apply_lora, lora_parameters
         from minilora.packing import Batch
         from minilora.paged_adamw import PagedAdamW
         from minilora.trainer import chunked_lm_loss
@@ -247,7 +248,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
 def run_worker(impl: str, ckpt: str, argv: list[str]) -> dict:
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")  # bitsandbytes' CPU dequantize otherwise compiles C++
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", impl, "--ckpt", ckpt]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
         raise RuntimeError(f"{impl} worker failed:\n{out.stderr[-3000:]}")
