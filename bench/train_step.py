@@ -24,8 +24,9 @@ rank and the same gradient-checkpointing setting go through both implementations
 
 Threads: one torch thread per worker by default. On this shared 2-core machine every parallel
 elementwise op's OpenMP fork/join waits for a scheduler slice whenever another process holds a
-core, which slowed 2-thread steps 5-10x at random (bitsandbytes' side most, with its many small
-ops), so 2-thread timings measured the neighbours, not the code. --threads 0 uses torch's default.
+core, which slowed 2-thread steps up to 10x at random (bitsandbytes' side most, with its many
+small ops), so 2-thread timings measured the neighbours, not the code; on a quiet machine 2 threads
+gave the same ratio as 1. --threads 0 uses torch's default.
 
 dtype: float32 on the CPU (train.py's --dtype auto there), bfloat16 on CUDA. The learning-rate
 scheduler is left out on both sides (a scalar multiply per step).
@@ -39,13 +40,17 @@ Each implementation runs in its own subprocess, so its peak memory is its own. M
               /proc/self/clear_refs after loading, minus the RSS then (activations, gradients,
               optimizer state, temporaries). CUDA: torch.cuda.max_memory_allocated over the whole
               child, and the same step peak minus the allocation before the first step.
+              glibc keeps freed large buffers in its heap (its mmap threshold grows after the first
+              big free), so on the CPU the RSS also holds retained garbage and varies by ~+-50 MB
+              from run to run; --mmap-threshold 65536 makes RSS follow live memory (and slows both).
   resident    bytes of parameters + buffers (+ bitsandbytes' quant_state tensors, which are neither),
               each storage counted once (tied head): the NF4 base and the LoRA weights.
 
 Targets (issue 8): CPU no slower and at most 0.8x the peak memory; an H100 with Gemma 3 1B's
 geometry at least 1.5x the tokens/s and at most 0.6x the peak memory. Ratios printed as
 speedup = their time / ours (> 1 favours minilora) and memory = ours / theirs (< 1 favours minilora).
-Writes bench/results/train_step.json (train_step_<geometry>_<device>.json for non-default runs).
+Writes bench/results/train_step.json (train_step_<geometry>_<device>.json for other geometries or
+devices, or --out NAME).
 """
 
 from __future__ import annotations
@@ -245,8 +250,11 @@ def worker(impl: str, ckpt: str, a) -> dict:
             "lora_mb": lora_bytes / 2**20, "trainable_params": trainable}  # fmt: skip
 
 
-def run_worker(impl: str, ckpt: str, argv: list[str]) -> dict:
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1")  # bitsandbytes' CPU dequantize otherwise compiles C++
+def run_worker(impl: str, ckpt: str, argv: list[str], mmap_threshold: int = 0) -> dict:
+    # no torch.compile on either side (bitsandbytes' CPU nf4 path is native C; measured the same with it on)
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
+    if mmap_threshold > 0:  # glibc: every block above this size is its own mapping, unmapped when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", impl, "--ckpt", ckpt]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -270,6 +278,9 @@ def main() -> None:
                     help="apply peft.prepare_model_for_kbit_training on the competitor side")
     ap.add_argument("--loss-chunk", type=int, default=1024,
                     help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 1024)")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="set MALLOC_MMAP_THRESHOLD_ (bytes) in both workers, so that CPU RSS follows live memory "
+                         "instead of glibc's retained heap (0 = glibc's default, as users run)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the two workers this many times, alternating; per-figure medians reported")
     ap.add_argument("--threads", type=int, default=1,
@@ -314,7 +325,7 @@ def main() -> None:
         runs = {impl: [] for impl in IMPLS}
         for k in range(a.rounds):
             for impl in IMPLS:  # alternating, so a burst of load from elsewhere hits both sides
-                r = run_worker(impl, ckpt, argv)
+                r = run_worker(impl, ckpt, argv, a.mmap_threshold)
                 runs[impl].append(r)
                 print(f"  round {k + 1} {impl}: {r['median_s']:.3f} s/step, peak {r['peak_mb']:.0f} MB, "
                       f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
@@ -372,7 +383,8 @@ def report(a, rows: dict) -> None:
         "gradient_checkpointing": a.gradient_checkpointing, "prepare_model_for_kbit_training": a.prepare_kbit,
         "memory": ("torch.cuda.max_memory_allocated over the worker's life" if cuda else
                    "VmHWM (peak RSS) of the worker process over its life"),
-        "loss_chunk": a.loss_chunk, "rounds": a.rounds, "results": rows, "speedup": speedup, "memory_ratio": mem,
+        "loss_chunk": a.loss_chunk, "rounds": a.rounds, "threads": a.threads,
+        "malloc_mmap_threshold": a.mmap_threshold or None, "results": rows, "speedup": speedup, "memory_ratio": mem,
         "memory_ratio_above_import": above, "step_memory_ratio": step_mem,
         "targets": targets, "environment": environment()})  # fmt: skip
     print(f"wrote {path}")
