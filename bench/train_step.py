@@ -363,7 +363,7 @@ def report(a, rows: dict) -> None:
     for name, r in rows.items():
         print(f"{name:10}{r['median_s']:8.2f}{r['tokens_per_s']:8.0f}{r['peak_mb']:18.0f}{r['import_rss_mb']:15.0f}"
               f"{r['step_peak_mb']:14.0f}{r['resident_mb']:13.1f}{r['lora_mb']:9.1f}{r['trainable_params']:11,d}")
-    print(f"minilora vs peft+bnb: {speedup:.2f}x tokens/s, {mem:.2f}x {mem_name}"
+    print(f"minilora vs peft+bnb: {speedup:.3f}x tokens/s, {mem:.3f}x {mem_name}"
           + ("" if above is None else f" ({above:.2f}x above the import RSS)") + f", {step_mem:.2f}x step peak")
     if cuda:
         targets = {"speedup >= 1.5": speedup >= 1.5, "peak memory <= 0.6x": mem <= 0.6}
