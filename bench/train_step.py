@@ -276,7 +276,7 @@ def main() -> None:
                     help="recompute block activations in backward, on both sides (train.py's default: on)")
     ap.add_argument("--prepare-kbit", action="store_true",
                     help="apply peft.prepare_model_for_kbit_training on the competitor side")
-    ap.add_argument("--loss-chunk", type=int, default=1024,
+    ap.add_argument("--loss-chunk", type=int, default=256,
                     help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 1024)")
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="set MALLOC_MMAP_THRESHOLD_ (bytes) in both workers, so that CPU RSS follows live memory "

@@ -59,7 +59,8 @@ class TrainConfig:
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     gradient_checkpointing: bool = _f(True, "recompute block activations in backward to save memory")
-    loss_chunk: int = _f(1024, "labelled tokens per cross-entropy chunk (bounds float32 logits memory)")
+    loss_chunk: int = _f(256, "labelled tokens per cross-entropy chunk: at most chunk x vocab float32 "
+                              "logits exist at once (256 x 262k = 256 MiB for Gemma 3)")
     # optimization
     lr: float = _f(2e-4, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine schedule)")
