@@ -28,8 +28,8 @@ class TrainConfig:
     model: str = _f("tiny", "preset name (e.g. gemma-3-1b), Hugging Face repo id, or local checkpoint folder")
     data: str = _f(DEMO_TRAIN, "training JSONL (prompt/completion, alpaca, chat messages, or text)")
     val_data: str | None = _f(None, "validation JSONL; default: --val-fraction of --data")
-    eval_data: str | None = _f(DEMO_TEST, "held-out test JSONL: checked for contamination, and scored "
-                                          "before/after training on --eval-generate examples")
+    eval_data: str | None = _f(None, "held-out test JSONL: checked for contamination, and scored "
+                                     "before/after training on --eval-generate examples (demo: examples/demo/test.jsonl)")
     out: str = _f(os.path.join("runs", "demo"), "run directory (config, metrics.jsonl, checkpoints, adapter)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
     # data
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The offline demo trains a tiny random model, which wants a far higher learning rate and more
 # passes than a pretrained 1B model; these apply to `--model tiny` unless the flag is given.
-DEMO_OVERRIDES = {"lr": 3e-3, "epochs": 3, "warmup_steps": 10, "eval_every": 25, "lora_dropout": 0.0,
+DEMO_OVERRIDES = {"eval_data": DEMO_TEST, "lr": 3e-3, "epochs": 3, "warmup_steps": 10, "eval_every": 25, "lora_dropout": 0.0,
                   "gradient_checkpointing": False, "threads": 1, "log_every": 10, "save_every": 50}
 
 
