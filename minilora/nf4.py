@@ -18,7 +18,7 @@ Double quantization stores the nb float32 absmax values in 8 bits:
     c_b      = absmax_b - offset                (centred, signed)
     absmax2_j = max_{b in block j} |c_b|        (float32, blocks of 256)
     acode_b  = 8-bit code of c_b / absmax2_j in the signed dynamic map, chosen through
-               bitsandbytes' 65536-bin lookup table (minilora/dynamic_search.py)
+               bitsandbytes' 65536-bin lookup table (minilora/blockwise8.py)
 
 Dequantize:  absmax_b = DYN[acode_b] * absmax2_j + offset ;  w_i = NF4[code_i] * absmax_b,
 computed in float32 and cast once to the output dtype.
@@ -42,12 +42,12 @@ from dataclasses import dataclass
 
 import torch
 
-from minilora.dynamic_search import quantize_blockwise_bnb
+from minilora.blockwise8 import BLOCK, quantize_blockwise8
 from minilora.quant_maps import dynamic_map, nf4_code
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 .. 4096
-BLOCKSIZE2 = 256  # second-level block of double quantization (fixed, as in bitsandbytes)
+BLOCKSIZE2 = BLOCK  # second-level block of double quantization: 256, as in bitsandbytes
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
@@ -249,15 +249,6 @@ def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
     return c.add_(torch.gt(scaled, mids.index_select(0, c))).to(torch.uint8)
 
 
-def quantize_blockwise8(x: torch.Tensor, blocksize: int = BLOCKSIZE2) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit dynamic-map quantization of float32 x (m,) -> (uint8 codes (m,), absmax (ceil(m/bs),)).
-
-    The code choice follows bitsandbytes' CPU kernel (a 65536-bin lookup table, see
-    minilora/dynamic_search.py), so the stored absmax codes equal bitsandbytes' byte for byte.
-    """
-    return quantize_blockwise_bnb(x, dynamic_map(True), blocksize)
-
-
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
     """Quantize a float32/bf16/fp16 tensor of any shape to NF4 (see the module docstring)."""
     _check_input(w, blocksize)
@@ -271,7 +262,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if not double_quant:
         return NF4Tensor(packed, absmax, torch.Size(w.shape), w.dtype, blocksize)
     offset = absmax.mean()  # () float32
-    acodes, absmax2 = quantize_blockwise8(absmax - offset, BLOCKSIZE2)
+    acodes, absmax2 = quantize_blockwise8(absmax - offset, signed=True)  # blocks of 256
     return NF4Tensor(packed, acodes, torch.Size(w.shape), w.dtype, blocksize, absmax2, offset)
 
 
