@@ -28,11 +28,10 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minilora.dora import dora_delta, merged_dora_weight, row_norm
-from minilora.nf4 import dequantize_nf4, quantize_nf4
-from minilora.quant_linear import NF4Linear
+from minilora.nf4 import quantize_nf4
+from minilora.quant_linear import NF4Linear, nf4_matmul, nf4_matmul_t
 
 INITS = ("default", "gaussian")
 
@@ -45,7 +44,7 @@ class AdapterError(ValueError):
 def base_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """W0 (M, K) of an nn.Linear or an NF4Linear (dequantized), in `dtype` (default: its own)."""
     if isinstance(base, NF4Linear):
-        return dequantize_nf4(base.weight_nf4, dtype or base.weight_dtype)
+        return base.dequantized_weight(dtype)
     w = base.weight
     return w if dtype is None else w.to(dtype)
 
@@ -62,7 +61,7 @@ class _LoRANF4Fn(torch.autograd.Function):
         dL/du = g_f B                                    (N, M) @ (M, r) -> (N, r)
         dL/dA = (dL/du)^T d(x_f)                         (r, N) @ (N, K) -> (r, K)
         dL/dx = (g_c W0).to(x dtype) + d'(dL/du A).to(x dtype)
-              d' multiplies by mask / (1-p) again; W0 is dequantized again here, chunk by chunk.
+              d' multiplies by mask / (1-p) again; W0 is dequantized again here (quant_linear.nf4_matmul_t).
     Each term is rounded where PEFT + bitsandbytes round it, so the results agree with them.
     """
 
@@ -70,7 +69,7 @@ class _LoRANF4Fn(torch.autograd.Function):
     def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
         in_dtype, cdt = x.dtype, base.compute_dtype or x.dtype
         q = base.weight_nf4
-        y = F.linear(x.to(cdt), dequantize_nf4(q, cdt))  # (N, K) @ (K, M) -> (N, M)
+        y = nf4_matmul(x.to(cdt), q)  # (N, K) @ (K, M) -> (N, M); fused Triton kernel on CUDA when it wins
         if base.bias is not None:
             y = y + base.bias.to(y.dtype)  # NF4Linear adds the bias after the matmul
         y = y.to(in_dtype)
@@ -103,7 +102,7 @@ class _LoRANF4Fn(torch.autograd.Function):
             del xf
         if ctx.needs_input_grad[0]:
             cdt = base.compute_dtype or x.dtype
-            gx = (g.to(cdt) @ dequantize_nf4(base.weight_nf4, cdt)).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
+            gx = nf4_matmul_t(g.to(cdt), base.weight_nf4).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
             gl = gu @ A  # (N, r) @ (r, K) -> (N, K) float32
             if mask is not None:
                 gl = gl * mask.float().div_(1 - p)
