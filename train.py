@@ -37,6 +37,7 @@ def run(cfg) -> int:
     from minilora.adapter import save_adapter
     from minilora.data import load_records, prepare_data
     from minilora.evaluate import completion_loss, generate_completions, score
+    from minilora.fileio import write_text_atomic
     from minilora.lora import apply_lora, lora_parameters
     from minilora.models.loader import load_model
     from minilora.paged_adamw import PagedAdamW
@@ -58,10 +59,7 @@ def run(cfg) -> int:
     if cfg.resume and ckpt is None:
         say(f"note: --resume given but {cfg.out} has no checkpoint; starting fresh.")
     if main:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
-            f.write(cfg.to_json())
-        os.replace(os.path.join(cfg.out, "config.json.tmp"), os.path.join(cfg.out, "config.json"))
+        write_text_atomic(os.path.join(cfg.out, "config.json"), cfg.to_json())
 
     # --- model, tokenizer, data
     t_start = time.time()
@@ -214,9 +212,7 @@ def run(cfg) -> int:
         preds = generate_completions(model, tok, eval_examples, cfg.template, batch_size=16)
         summary["heldout_after"] = score(preds, [e.completion for e in eval_examples])
     metrics.close()
-    with open(os.path.join(cfg.out, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(os.path.join(cfg.out, "summary.json.tmp"), os.path.join(cfg.out, "summary.json"))
+    write_text_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
     T.plot_loss_curve(cfg.out)
     print_summary(summary)
     return 0

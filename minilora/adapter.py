@@ -21,12 +21,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 
 import torch
 import torch.nn as nn
 
+from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
 from minilora.lora import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
 
 __all__ = ["AdapterError", "save_adapter", "load_adapter", "adapter_config"]
@@ -101,31 +101,18 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
     cfg = adapter_config(model, base_model_name_or_path, config)
     tensors = {PREFIX + k: v.detach().float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the adapter gets the usual permissions
-    old = None
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise AdapterError(f"{out_dir} exists and is not a directory; pass a directory path for the adapter.")
+    tmp = temp_dir_for(out_dir)
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
             f.write("\n")
-        if os.path.isdir(out_dir):  # swap: move the old one aside, move the new one in, drop the old
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.old-")
-            os.rmdir(old)
-            os.replace(out_dir, old)
-        elif os.path.exists(out_dir):
-            raise AdapterError(f"{out_dir} exists and is not a directory; pass a directory path for the adapter.")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None and not os.path.exists(out_dir):
-            os.replace(old, out_dir)  # put the previous adapter back
-            old = None
+        usual_permissions(tmp)
+        swap_into_place(tmp, out_dir)  # an existing adapter is replaced only now, and restored on failure
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -214,8 +201,3 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
                 params[key].copy_(t)
     return cfg
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

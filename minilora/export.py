@@ -39,10 +39,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 
+from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
 from minilora.models.config import FULL, SLIDING, ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -193,9 +193,7 @@ def write_checkpoint(out: str, tensors: dict[str, torch.Tensor], config: dict, *
 
     out = os.path.abspath(out)
     check_out_dir(out, overwrite)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+    tmp = temp_dir_for(out)
     try:
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
@@ -216,39 +214,12 @@ def write_checkpoint(out: str, tensors: dict[str, torch.Tensor], config: dict, *
                     shutil.copyfile(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
         if generation_config is not None:
             _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
-        _usual_permissions(tmp)
-        _swap_into_place(tmp, out)
+        usual_permissions(tmp)
+        swap_into_place(tmp, out)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     return out
-
-
-def _usual_permissions(folder: str) -> None:
-    """mkdtemp makes a 0700 folder (and safetensors 0600 files); give them the modes a plain mkdir
-    and open would (umask applied), so that another user (a serving process) can read the export."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
-    for f in os.listdir(folder):
-        os.chmod(os.path.join(folder, f), 0o666 & ~mask)
-
-
-def _swap_into_place(tmp: str, out: str) -> None:
-    """Rename the finished temp folder to `out`; an existing `out` is moved aside first, deleted last."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old-")
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)  # put the previous export back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: str, obj: dict) -> None:

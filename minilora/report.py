@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+
+from minilora.fileio import write_text_atomic as write_atomic  # noqa: F401  (re-exported)
 
 VARIANTS = ("base", "few_shot", "fine_tuned")
 GATES = (  # (flag, metric, direction): the fine-tuned model must be >= (min) or <= (max) the value
@@ -17,23 +18,6 @@ GATES = (  # (flag, metric, direction): the fine-tuned model must be >= (min) or
     ("--min-structured-match", "structured_match", "min"),
     ("--max-perplexity", "perplexity", "max"),
 )
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder and os.replace: never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; a report is as readable as any file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def check_gates(fine_tuned: dict, thresholds: dict) -> list[dict]:

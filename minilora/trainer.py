@@ -175,20 +175,19 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     from safetensors.torch import save_file
 
     from minilora.adapter import save_adapter
+    from minilora.fileio import usual_permissions
     from minilora.paged_adamw import save_optimizer_state
 
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:07d}"
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700
     save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
     save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
     _write_json(os.path.join(tmp, "state.json"), {**train_state, "step": step,
                                                   "scheduler": scheduler.state_dict()})
+    usual_permissions(tmp)
     final = os.path.join(root, name)
     if os.path.exists(final):
         shutil.rmtree(final)

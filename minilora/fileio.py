@@ -1,0 +1,69 @@
+"""Writes that are never seen half-done: temp file or folder beside the target, then a rename.
+
+Every artifact minilora writes (adapters, checkpoints, exports, reports, run configs) goes through
+these helpers, so a crash or kill -9 at any moment leaves either the old version or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def usual_permissions(folder: str) -> None:
+    """mkdtemp makes a 0700 folder (and mkstemp-based writers 0600 files); give the folder and the
+    files directly in it the modes a plain mkdir and open would (umask applied), so that another
+    user (a serving process) can read what was written."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~mask)
+
+
+def temp_dir_for(target: str) -> str:
+    """A new empty folder beside `target` (same filesystem, so the final rename is atomic)."""
+    target = os.path.abspath(target)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
+
+
+def swap_into_place(tmp: str, out: str) -> None:
+    """Rename the finished temp folder to `out`; an existing `out` is moved aside first, deleted last."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.old-")
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)  # put the previous version back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same folder and os.replace: never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the file is as readable as any other
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
