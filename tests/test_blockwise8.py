@@ -10,14 +10,6 @@ from minilora.blockwise8 import BLOCK, dequantize_blockwise8, num_blocks, quanti
 from minilora.quant_maps import dynamic_map
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @st.composite
 def state_vectors(draw):

@@ -30,16 +30,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK_DIR = os.path.join(ROOT, "examples", "tokenizer")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads add only synchronization (on a busy 2-core machine, stalls of
-    ~0.5 s per forward were measured with 2 threads against 2 ms with one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.from_dir(TOK_DIR)

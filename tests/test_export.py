@@ -45,16 +45,6 @@ def _load_eval_cli():
 eval_cli = _load_eval_cli()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads add only synchronization (on a busy 2-core machine, stalls of
-    ~0.5 s per forward were measured with 2 threads against 2 ms with one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel_err(a, b):
     return ((a - b).abs().max() / a.abs().max()).item()
 

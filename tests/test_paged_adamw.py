@@ -20,14 +20,6 @@ from minilora.paging import Page, PageLayout, PagePool
 PAGE = 4096  # bytes: 512 float32-state elements per page, so small tensors span several pages
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _params(shapes, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
