@@ -1,7 +1,7 @@
 """Writes that are never seen half-done: temp file or folder beside the target, then a rename.
 
-Every artifact minilora writes (adapters, checkpoints, exports, reports, run configs) goes through
-these helpers, so a crash or kill -9 at any moment leaves either the old version or the new one.
+Adapters, checkpoints, exports, reports and run configs go through these helpers, so a crash or
+kill -9 at any moment leaves either the old version or the new one.
 """
 
 from __future__ import annotations
