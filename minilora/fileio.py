@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 
 def _umask() -> int:
@@ -54,16 +55,31 @@ def swap_into_place(tmp: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder and os.replace: never half-written."""
+def write_file_atomic(path: str, write: Callable[[str], None], fsync: bool = False) -> None:
+    """Call write(tmp) with a temp path in the same folder as `path`, then os.replace(tmp, path):
+    readers see the old file or the whole new one, never half of it. With fsync=True the data is on
+    disk before the rename (for pointers a crash must not leave empty)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the file is as readable as any other
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text_atomic(path: str, text: str, fsync: bool = False) -> None:
+    """Write `text` to `path` through write_file_atomic: never half-written."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_file_atomic(path, write, fsync)

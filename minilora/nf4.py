@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -162,19 +160,13 @@ class NF4Tensor:
                    offset=tensors[prefix + "offset"].reshape(()) if dq else None)
 
     def save(self, path: str) -> None:
-        """Write to a safetensors file atomically (temp file in the same folder, then rename)."""
+        """Write to a safetensors file atomically (minilora/fileio.py: temp file, then rename)."""
         from safetensors.torch import save_file
 
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
-            save_file(tensors, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from minilora.fileio import write_file_atomic
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
+        write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
 
     @classmethod
     def load(cls, path: str, device="cpu") -> NF4Tensor:

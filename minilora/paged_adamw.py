@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import torch
 
@@ -354,15 +353,10 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
     """Write optimizer.state_dict() to a .safetensors file (metadata as JSON), atomically."""
     from safetensors.torch import save_file
 
+    from minilora.fileio import write_file_atomic
+
     tensors, meta = optimizer_state_to_safetensors(optimizer.state_dict())
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"minilora_optimizer": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"minilora_optimizer": json.dumps(meta)}))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:

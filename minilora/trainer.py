@@ -175,7 +175,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     from safetensors.torch import save_file
 
     from minilora.adapter import save_adapter
-    from minilora.fileio import usual_permissions
+    from minilora.fileio import usual_permissions, write_text_atomic
     from minilora.paged_adamw import save_optimizer_state
 
     root = os.path.join(run_dir, "checkpoints")
@@ -192,12 +192,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fd, ptr = tempfile.mkstemp(dir=root, prefix=".latest.")
-    with os.fdopen(fd, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(ptr, os.path.join(root, "latest"))
+    write_text_atomic(os.path.join(root, "latest"), name, fsync=True)
     done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -378,6 +373,8 @@ def plot_loss_curve(run_dir: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from minilora.fileio import write_file_atomic
+
     train, val = [], []
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
@@ -390,7 +387,6 @@ def plot_loss_curve(run_dir: str) -> str | None:
     ax.set_ylabel("loss (per label token)")
     ax.legend()
     path = os.path.join(run_dir, "loss.png")
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
