@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import time
 
 import numpy as np
@@ -175,23 +174,21 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     from safetensors.torch import save_file
 
     from minilora.adapter import save_adapter
-    from minilora.fileio import usual_permissions, write_text_atomic
+    from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_text_atomic
     from minilora.paged_adamw import save_optimizer_state
 
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:07d}"
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    final = os.path.join(root, name)
+    tmp = temp_dir_for(final)
     save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
     save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
     _write_json(os.path.join(tmp, "state.json"), {**train_state, "step": step,
                                                   "scheduler": scheduler.state_dict()})
     usual_permissions(tmp)
-    final = os.path.join(root, name)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_into_place(tmp, final)
     write_text_atomic(os.path.join(root, "latest"), name, fsync=True)
     done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
     for old in done[:-keep] if keep > 0 else []:
