@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 import torch
@@ -58,12 +57,9 @@ def environment() -> dict:
 
 
 def write_json(name: str, payload: dict) -> str:
-    """Write bench/results/<name>.json atomically and return its path."""
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name}.json")
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    """Write bench/results/<name>.json atomically (minilora/fileio.py) and return its path."""
+    from minilora.fileio import write_text_atomic
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
+    write_text_atomic(path, json.dumps(payload, indent=2))
     return path

@@ -5,14 +5,20 @@ Cases: base (in x out) 1152x6912 (Gemma 3 1B's gate/up projection) and 4096x4096
 (alpha = 2r, dropout 0), 512 and 2048 tokens, bf16 activations, x requiring grad (a layer inside the
 network: dL/dx, dL/dA, dL/dB are all computed).
 
-Each (implementation, case) runs in its own subprocess so that one's allocations cannot hide in the
-other's numbers. Time: median over --repeats steps after one warm-up step. Memory on the CPU: peak
-RSS of the step minus RSS just before it (the kernel's VmHWM, reset through /proc/self/clear_refs;
-glibc is told to mmap every buffer over 64 KiB, so freed memory leaves RSS at once and the peak is
-the step's real high-water mark). On CUDA: torch.cuda.max_memory_allocated minus allocated before.
+Each (implementation, case, measurement) runs in its own subprocess so that one's allocations cannot
+hide in the other's numbers, and the two implementations alternate (--rounds), so a slow spell of
+a shared machine falls on both.
+  time    median over --repeats steps after one warm-up step, glibc's allocator as users run it;
+          the reported figure is the median of the per-round medians.
+  memory  CPU: peak RSS of one step minus RSS just before it (VmHWM, reset through
+          /proc/self/clear_refs), in a separate worker where glibc is told to mmap every buffer over
+          64 KiB, so freed memory leaves RSS at once and the peak is the step's real high-water
+          mark (that setting also makes every large buffer page-fault afresh, which is why time is
+          not measured there). CUDA: torch.cuda.max_memory_allocated minus allocated before.
 
-    python bench/lora_layer.py [--repeats 3] [--quick] [--device cpu|cuda]
-writes bench/results/lora_layer.json and prints a table (ratios > 1 favour minilora).
+    python bench/lora_layer.py [--repeats 3] [--rounds 3] [--quick] [--device cpu|cuda]
+writes bench/results/lora_layer.json (lora_layer_cuda.json on CUDA) and prints a table
+(speedup = their time / ours and memory ratio = their peak / ours; > 1 favours minilora).
 """
 
 from __future__ import annotations
@@ -120,23 +126,40 @@ def worker(impl: str, k: int, m: int, r: int, n: int, repeats: int, device: str)
     return {"median_s": statistics.median(times), "times_s": times, "peak_delta_bytes": peak - base}
 
 
-def run_case(impl, k, m, r, n, repeats, device) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TORCHDYNAMO_DISABLE="1")
+def run_case(impl, k, m, r, n, repeats, device, measure_memory: bool) -> dict:
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if measure_memory and device == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # RSS follows live memory (see the module docstring)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(k), str(m), str(r), str(n),
-           "--repeats", str(repeats), "--device", device]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE)
+           "--repeats", str(1 if measure_memory else repeats), "--device", device]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
         raise RuntimeError(f"{impl} {k}x{m} r={r} n={n} failed:\n{out.stderr[-2000:]}")
     return json.loads(lines[-1])
 
 
+def measure(k, m, r, n, a) -> dict:
+    """Per implementation: the per-round median step times, their median, and the step's peak memory."""
+    res = {impl: {"round_medians_s": []} for impl in IMPLS}
+    for i in range(a.rounds):
+        order = IMPLS if i % 2 == 0 else IMPLS[::-1]  # alternate who goes first
+        for impl in order:
+            res[impl]["round_medians_s"].append(run_case(impl, k, m, r, n, a.repeats, a.device, False)["median_s"])
+    for impl in IMPLS:
+        res[impl]["median_s"] = statistics.median(res[impl]["round_medians_s"])
+        res[impl]["peak_delta_bytes"] = run_case(impl, k, m, r, n, 1, a.device, True)["peak_delta_bytes"]
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per worker (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timing workers per implementation")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="one shape, r=16, 512 tokens")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "lora_layer.json"))
+    ap.add_argument("--out", default=None, help="results file (default bench/results/lora_layer[_cuda].json)")
     ap.add_argument("--worker", nargs=5, metavar=("IMPL", "K", "M", "R", "N"))
     a = ap.parse_args()
     if a.worker:
@@ -152,11 +175,11 @@ def main():
     rows = []
     hdr = f"{'base KxM':>11} {'r':>3} {'tokens':>6} | {'minilora ms':>11} {'peft+bnb ms':>11} {'speedup':>7} | " \
           f"{'minilora MiB':>12} {'peft+bnb MiB':>12} {'mem ratio':>9}"
-    print(f"device={a.device} dtype=bf16 repeats={a.repeats}\n{hdr}\n{'-' * len(hdr)}", flush=True)
+    print(f"device={a.device} dtype=bf16 repeats={a.repeats} rounds={a.rounds}\n{hdr}\n{'-' * len(hdr)}", flush=True)
     for k, m in shapes:
         for r in ranks:
             for n in tokens:
-                res = {impl: run_case(impl, k, m, r, n, a.repeats, a.device) for impl in IMPLS}
+                res = measure(k, m, r, n, a)
                 ours, theirs = res["minilora"], res["peft+bnb"]
                 row = {"in": k, "out": m, "r": r, "tokens": n, "device": a.device, "results": res,
                        "speedup": theirs["median_s"] / ours["median_s"],
@@ -165,12 +188,19 @@ def main():
                 print(f"{k:>5}x{m:<5} {r:>3} {n:>6} | {ours['median_s'] * 1e3:>11.1f} {theirs['median_s'] * 1e3:>11.1f} "
                       f"{row['speedup']:>6.2f}x | {ours['peak_delta_bytes'] / 2**20:>12.1f} "
                       f"{theirs['peak_delta_bytes'] / 2**20:>12.1f} {row['mem_ratio']:>8.2f}x", flush=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"benchmark": "lora_layer", "memory": "peak RSS delta of the step (CPU) / "
-                   "max_memory_allocated delta (CUDA)", "rows": rows}, f, indent=2)
-    os.replace(tmp, a.out)
+    sys.path.insert(0, os.path.dirname(HERE))
+    from bench.common import environment, write_json
+
+    payload = {"benchmark": "lora_layer", "environment": environment(), "repeats": a.repeats, "rounds": a.rounds,
+               "time": "median of per-round medians (default allocator)",
+               "memory": "peak RSS delta of the step with MALLOC_MMAP_THRESHOLD_=65536 (CPU) / "
+                         "max_memory_allocated delta (CUDA)", "rows": rows}
+    if a.out:
+        from minilora.fileio import write_text_atomic
+
+        write_text_atomic(a.out, json.dumps(payload, indent=2))
+    else:
+        a.out = write_json("lora_layer" + ("_cuda" if a.device == "cuda" else ""), payload)
     print(f"wrote {a.out}")
 
 
