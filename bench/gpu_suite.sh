@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues ask for, in one go, on a machine with one CUDA GPU.
+#
+#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant lora adamw train (default: all)
+#
+# Run from the repository root. Needs torch with CUDA, triton, transformers and peft, plus
+# bitsandbytes: if .whl/ holds wheels (a lent device machine has no bitsandbytes and no network),
+# they are installed into /tmp/site first. minilora is imported from the checkout (no install).
+# All steps log to suite.log and put their JSON beside it, in $OUT when set (the device tool brings
+# $OUT back: at most 8 files, so one log), else in bench/results/gpu/. Steps are independent, so a 10-minute command limit can take them a few at a
+# time: `bash bench/gpu_suite.sh env tests dequant`, then `bash bench/gpu_suite.sh lora adamw`, ...
+#
+# What each step answers (README "Benchmarks"):
+#   tests    pytest -m gpu tests/test_kernels.py: the Triton kernels on real hardware
+#   dequant  bench/dequant.py: % of copy bandwidth and x bitsandbytes (issue 3 targets: >= 85%, >= 1.3x;
+#            fused matmul faster than bitsandbytes' dequantize + cuBLAS at 1..16 tokens)
+#   lora     bench/lora_layer.py --device cuda (issue 5: >= 1.3x PEFT + bitsandbytes, lower memory)
+#   adamw    bench/adamw.py, whose CUDA run adds the oversubscribed paging case (issue 6)
+#   train    bench/train_step.py --geometry gemma-3-1b (issue 8: >= 1.5x tokens/s, <= 0.6x memory)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/results/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "gpu_suite: installing the wheels in .whl/ failed" >&2; exit 1; }
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "gpu_suite: no CUDA device is visible to torch; run this on a GPU machine." >&2; exit 2; }
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant lora adamw train)
+status=0
+run() {  # run NAME COMMAND...: append to $out/suite.log, remember a failure, go on with the next step
+    local name=$1; shift
+    echo "=== $name: $*" | tee -a "$out/suite.log"
+    "$@" 2>&1 | tee -a "$out/suite.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && { echo "=== $name failed (exit $rc)" | tee -a "$out/suite.log"; status=1; }
+    return "$rc"
+}
+for step in "${steps[@]}"; do
+    case $step in
+        env) run env sh -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|peft|bitsandbytes) "' ;;
+        tests) run tests python3 -m pytest -q -m gpu tests/test_kernels.py ;;
+        dequant) run dequant python3 bench/dequant.py --out "$out/dequant.json" ;;
+        lora) run lora python3 bench/lora_layer.py --device cuda --rounds 3 --repeats 10 --out "$out/lora_layer_cuda.json" ;;
+        adamw) run adamw python3 bench/adamw.py && cp bench/results/adamw.json "$out/" ;;
+        train) run train python3 bench/train_step.py --geometry gemma-3-1b --device cuda --rounds 2 \
+                   --ckpt /tmp/gemma-3-1b-random && cp bench/results/train_step_gemma-3-1b_cuda.json "$out/" ;;
+        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, lora, adamw or train." >&2; status=2 ;;
+    esac
+done
+exit $status
