@@ -60,15 +60,10 @@ def build(impl: str, k: int, m: int, r: int, device: str):
         layer = LoRALinear(nl, r, 2 * r, dropout=0.0)
         params = [layer.lora_A.weight, layer.lora_B.weight]
     else:
-        import bitsandbytes as bnb
         import torch.nn as nn
         from peft import LoraConfig, get_peft_model
 
-        packed, state = nl.weight_nf4.to_bnb()
-        lin = bnb.nn.Linear4bit(k, m, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                                compress_statistics=True, device=device)
-        lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=64,
-                                       compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=lin)
+        lin = nl.to_bnb(compute_dtype=torch.bfloat16)
 
         class One(nn.Module):
             def __init__(self, lin):

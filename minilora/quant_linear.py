@@ -116,6 +116,25 @@ class NF4Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.to(in_dtype)
 
+    def to_bnb(self, compute_dtype: torch.dtype | None = None) -> nn.Module:
+        """A bitsandbytes Linear4bit (nf4) holding exactly these bytes and bias (interop, and the
+        oracle of the tests and benchmarks); compute_dtype defaults to the weight's dtype."""
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:  # bitsandbytes is a test/interop dependency only
+            raise ImportError("NF4Linear.to_bnb needs bitsandbytes: pip install bitsandbytes.") from e
+        q = self.weight_nf4
+        packed, state = q.to_bnb()
+        lin = bnb.nn.Linear4bit(q.shape[1], q.shape[0], bias=self.bias is not None, quant_type="nf4",
+                                compute_dtype=compute_dtype or q.dtype, compress_statistics=q.double_quant,
+                                device=packed.device)  # fmt: skip
+        lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=q.blocksize,
+                                       compress_statistics=q.double_quant, quant_type="nf4", bnb_quantized=True,
+                                       module=lin)  # fmt: skip
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.clone(), requires_grad=False)
+        return lin
+
     def extra_repr(self) -> str:
         dq = self.weight_absmax2 is not None
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4, "

@@ -12,7 +12,6 @@ import io
 import math
 import warnings
 
-import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn as nn
@@ -37,15 +36,8 @@ class One(nn.Module):
 
 def bnb_linear4bit(nl: NF4Linear) -> nn.Module:
     """A bitsandbytes Linear4bit (nf4, double quant) holding exactly the bytes of `nl`."""
-    q = nl.weight_nf4
-    packed, state = q.to_bnb()
-    lin = bnb.nn.Linear4bit(q.shape[1], q.shape[0], bias=nl.bias is not None, compute_dtype=q.dtype,
-                            quant_type="nf4", compress_statistics=q.double_quant)
-    lin.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=q.blocksize,
-                                   compress_statistics=q.double_quant, quant_type="nf4", bnb_quantized=True,
-                                   module=lin)
-    if nl.bias is not None:
-        lin.bias = nn.Parameter(nl.bias.clone(), requires_grad=False)
+    lin = nl.to_bnb()
+    assert torch.equal(lin.weight.data.view(-1), nl.weight_packed)  # the very bytes, no requantization
     return lin
 
 

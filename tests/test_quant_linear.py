@@ -6,6 +6,7 @@ in_features is drawn from sizes bitsandbytes' CPU dequantize handles correctly (
 """
 
 import gc
+import sys
 import weakref
 
 import pytest
@@ -127,3 +128,14 @@ def test_no_dequantized_weight_alive_between_forward_and_backward(dtype):
     naive_bytes, naive_big = kept_between_forward_and_backward(
         lambda z: F.linear(z, nl.dequantized_weight(dtype)), x, m, k)
     assert naive_bytes >= m * k * x.element_size() and len(naive_big) >= 1
+
+
+def test_to_bnb_without_bitsandbytes_says_what_to_install(monkeypatch):
+    """bitsandbytes is an interop/test dependency only: without it, one sentence naming the fix."""
+    nl = NF4Linear.from_linear(nn.Linear(64, 8))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        nl.to_bnb()
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        nl.weight_nf4.to_bnb()
