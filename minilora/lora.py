@@ -50,6 +50,19 @@ def base_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tens
 
 
 # --- the fused NF4 + LoRA function ----------------------------------------------------------------
+# The LoRA path runs in float32 over (rows, K) and (rows, M) slices of at most this many bytes, so no
+# (N, K) or (N, M) float32 temporary is ever built: on the CPU a 2 MiB slice stays in cache and is
+# reused from the heap (a fresh 32 MiB buffer costs ~16 ms of page faults here); on CUDA the slices
+# are large enough that a training batch is one slice (few launches). See bench/lora_layer.py.
+LORA_SLICE_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
+
+
+def _row_slices(n: int, width: int, device: torch.device) -> list[tuple[int, int]]:
+    """[(i0, i1), ...] covering rows 0..n so that a float32 (rows, width) slice fits LORA_SLICE_BYTES."""
+    rows = max(1, LORA_SLICE_BYTES.get(device.type, LORA_SLICE_BYTES["cuda"]) // (4 * max(1, width)))
+    return [(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
 class _LoRANF4Fn(torch.autograd.Function):
     """y = (x_c W0^T + b).to(x dtype) + (s * (d(x_f) A^T) B^T).to(x dtype)
 
@@ -62,7 +75,11 @@ class _LoRANF4Fn(torch.autograd.Function):
         dL/dA = (dL/du)^T d(x_f)                         (r, N) @ (N, K) -> (r, K)
         dL/dx = (g_c W0).to(x dtype) + d'(dL/du A).to(x dtype)
               d' multiplies by mask / (1-p) again; W0 is dequantized again here (quant_linear.nf4_matmul_t).
-    Each term is rounded where PEFT + bitsandbytes round it, so the results agree with them.
+    Each term is rounded where PEFT + bitsandbytes round it, so the results agree with them. The
+    float32 LoRA terms are computed over row slices (_row_slices), so dL/dA and dL/dB are sums of
+    per-slice products; slicing changes only float32 summation order and BLAS blocking (last-bit
+    differences, which can move a 16-bit output by one rounding step). A batch that fits one slice
+    (every small test, and a CUDA training batch) computes exactly PEFT's products.
     """
 
     @staticmethod
@@ -73,14 +90,17 @@ class _LoRANF4Fn(torch.autograd.Function):
         if base.bias is not None:
             y = y + base.bias.to(y.dtype)  # NF4Linear adds the bias after the matmul
         y = y.to(in_dtype)
-        xf = x.float()  # (N, K) float32, not saved
-        mask = None
+        noise = mask = None
         if p > 0:  # nn.Dropout on the CPU: noise = bernoulli(1-p) / (1-p); x * noise (same draw)
-            noise = torch.empty_like(xf).bernoulli_(1 - p).div_(1 - p)
-            xf = xf * noise
+            noise = torch.empty(x.shape, dtype=torch.float32, device=x.device).bernoulli_(1 - p).div_(1 - p)
             mask = noise != 0  # 1 byte per element saved, instead of a float32 x
-        u = xf @ A.t()  # (N, K) @ (K, r) -> (N, r)
-        y = y + (u @ B.t() * scaling).to(in_dtype)  # (N, r) @ (r, M) -> (N, M)
+        u = torch.empty(x.shape[0], A.shape[0], dtype=torch.float32, device=x.device)  # (N, r)
+        for i0, i1 in _row_slices(x.shape[0], max(x.shape[1], y.shape[1]), x.device):
+            xf = x[i0:i1].float()  # (rows, K) float32, not saved
+            if noise is not None:
+                xf = xf * noise[i0:i1]
+            torch.mm(xf, A.t(), out=u[i0:i1])  # (rows, K) @ (K, r) -> (rows, r)
+            y[i0:i1] += (u[i0:i1] @ B.t() * scaling).to(in_dtype)  # (rows, r) @ (r, M) -> (rows, M)
         ctx.save_for_backward(x, A, B, u, mask)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         return y
@@ -89,25 +109,32 @@ class _LoRANF4Fn(torch.autograd.Function):
     def backward(ctx, g):
         x, A, B, u, mask = ctx.saved_tensors
         s, p, base = ctx.scaling, ctx.p, ctx.base
-        gf = g.float() * s  # (N, M) float32
-        gB = gf.t() @ u  # (M, N) @ (N, r) -> (M, r)
-        gu = gf @ B  # (N, M) @ (M, r) -> (N, r)
-        del gf
-        gA = gx = None
-        if ctx.needs_input_grad[1]:
-            xf = x.float()
-            if mask is not None:
-                xf = xf * mask.float().div_(1 - p)  # d(x_f) again, bit for bit
-            gA = gu.t() @ xf  # (r, N) @ (N, K) -> (r, K)
-            del xf
-        if ctx.needs_input_grad[0]:
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        gx = gA = gB = None
+        if need_x:
             cdt = base.compute_dtype or x.dtype
             gx = nf4_matmul_t(g.to(cdt), base.weight_nf4).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
-            gl = gu @ A  # (N, r) @ (r, K) -> (N, K) float32
-            if mask is not None:
-                gl = gl * mask.float().div_(1 - p)
-            gx = gx + gl.to(x.dtype)
-        return gx, gA, gB if ctx.needs_input_grad[2] else None, None, None, None
+        gA = torch.zeros_like(A) if need_A else None  # (r, K)
+        gB = torch.zeros_like(B) if need_B else None  # (M, r)
+        for i0, i1 in _row_slices(x.shape[0], max(x.shape[1], g.shape[1]), x.device):
+            gf = g[i0:i1].float() * s  # (rows, M) float32
+            if need_B:
+                gB.addmm_(gf.t(), u[i0:i1])  # (M, rows) @ (rows, r) -> (M, r)
+            gu = gf @ B  # (rows, M) @ (M, r) -> (rows, r)
+            del gf
+            keep = None if mask is None else mask[i0:i1].float().div_(1 - p)  # d' on these rows
+            if need_A:
+                xf = x[i0:i1].float()
+                if keep is not None:
+                    xf = xf * keep  # d(x_f) again, bit for bit
+                gA.addmm_(gu.t(), xf)  # (r, rows) @ (rows, K) -> (r, K)
+                del xf
+            if need_x:
+                gl = gu @ A  # (rows, r) @ (r, K) -> (rows, K) float32
+                if keep is not None:
+                    gl = gl * keep
+                gx[i0:i1] += gl.to(x.dtype)
+        return gx, gA, gB, None, None, None
 
 
 # --- the layer -----------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ import copy
 import io
 import math
 import warnings
+from unittest import mock
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn as nn
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import minilora.lora as lora_mod
 from minilora.lora import (AdapterError, LoRALinear, apply_lora, lora_parameters,
                            lora_state_dict)
 from minilora.quant_linear import NF4Linear
@@ -45,7 +48,14 @@ def peft_twin(ours: LoRALinear, base: nn.Module):
     """PEFT's LoRA layer over `base` holding the same adapter weights as `ours`."""
     cfg = LoraConfig(r=ours.r, lora_alpha=ours.alpha, target_modules=["lin"], lora_dropout=ours.dropout_p,
                      use_rslora=ours.use_rslora, use_dora=ours.use_dora)
-    pm = get_peft_model(One(base), cfg)
+    model = One(base)
+    # PEFT picks its bitsandbytes LoRA layer (cast the LoRA term to the base dtype, then add) only for a
+    # model marked as loaded in 4 bit, as transformers marks a BitsAndBytesConfig model; unmarked, it
+    # wraps the Linear4bit in its generic layer (add in float32, round once), which is not QLoRA.
+    model.is_loaded_in_4bit = isinstance(base, bnb.nn.Linear4bit)
+    pm = get_peft_model(model, cfg)
+    if model.is_loaded_in_4bit:
+        assert type(pm.base_model.model.lin).__module__ == "peft.tuners.lora.bnb"
     layer = pm.base_model.model.lin
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
@@ -127,6 +137,30 @@ def test_matches_peft_on_bitsandbytes_nf4(k, m, blocksize, r, alpha, rslora, dor
     # NF4Linear adds the bias after the matmul, bitsandbytes inside it: one bf16 rounding apart.
     ulps = 3 if (bias and dtype == torch.bfloat16) else 0
     assert_same(fwd_bwd(ours, ours_params(ours), x, seed), fwd_bwd(pm, theirs, x, seed), dtype, ulps)
+
+
+@settings(max_examples=10)
+@given(k=st.sampled_from([64, 128]), m=st.integers(1, 48), rows=st.integers(1, 5), n=st.integers(1, 24),
+       r=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       drop=st.sampled_from([(0.0, True), (0.25, True)]), seed=st.integers(0, 2**16))
+def test_row_slices_match_peft_on_bitsandbytes_nf4(k, m, rows, n, r, dtype, drop, seed):
+    """The fused NF4 function's float32 LoRA terms run over row slices (lora.LORA_SLICE_BYTES); with
+    slices of 1-5 rows, so that most batches take several, outputs and gradients still equal PEFT's:
+    float32 ones within float32 rounding, bf16 ones within one bf16 rounding step (a BLAS product
+    over a few rows may differ from the whole-batch one in its last float32 bit, which can flip a
+    bf16 rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    nl = NF4Linear.from_linear(nn.Linear(k, m, bias=False).to(dtype))
+    ours = LoRALinear(nl, r, 2 * r, dropout=drop[0])
+    randomize(ours, gen)
+    pm, theirs = peft_twin(ours, bnb_linear4bit(nl))
+    ours.train(drop[1]), pm.train(drop[1])
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    with mock.patch.dict(lora_mod.LORA_SLICE_BYTES, {"cpu": rows * 4 * max(k, m)}):
+        assert len(lora_mod._row_slices(n, max(k, m), torch.device("cpu"))) == -(-n // rows)
+        got = fwd_bwd(ours, ours_params(ours), x, seed)
+    for a, b in zip(got, fwd_bwd(pm, theirs, x, seed)):  # y, dL/dx (x's dtype), dL/dA, dL/dB (float32)
+        assert_same([a], [b], a.dtype, bf16_ulps=1 if a.dtype == torch.bfloat16 else 0)
 
 
 def test_fused_nf4_path_equals_unfused_in_float32():
