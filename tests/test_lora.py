@@ -17,7 +17,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -125,6 +125,11 @@ def test_matches_peft_dense(k, m, r, alpha, rslora, dora, dtype, batch, bias, dr
 
 @settings(max_examples=10)
 @given(k=st.sampled_from([100, 128, 256]), m=st.integers(1, 48), blocksize=st.sampled_from([32, 64, 128]), **hyper)
+# QLoRA's usual case on purpose (bf16, no DoRA: the fused function), with and without dropout.
+@example(k=128, m=24, blocksize=64, r=8, alpha=16, rslora=False, dora=False, dtype=torch.bfloat16, batch=[2, 5],
+         bias=False, drop=(0.0, True), seed=1)
+@example(k=256, m=7, blocksize=64, r=4, alpha=8, rslora=True, dora=False, dtype=torch.bfloat16, batch=[9],
+         bias=False, drop=(0.25, True), seed=2)
 def test_matches_peft_on_bitsandbytes_nf4(k, m, blocksize, r, alpha, rslora, dora, dtype, batch, bias, drop, seed):
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, m, bias=bias).to(dtype)
