@@ -1,5 +1,6 @@
 """Forward + backward of one LoRA layer on an NF4 base: minilora's LoRALinear(NF4Linear) beside PEFT's
-LoRA layer on a bitsandbytes Linear4bit (nf4, double quant) holding the same bytes, in the same run.
+QLoRA layer (peft.tuners.lora.bnb.Linear4bit, what get_peft_model gives a model transformers loaded
+in 4 bit) on a bitsandbytes Linear4bit (nf4, double quant) holding the same bytes, in the same run.
 
 Cases: base (in x out) 1152x6912 (Gemma 3 1B's gate/up projection) and 4096x4096, r = 16 and 64
 (alpha = 2r, dropout 0), 512 and 2048 tokens, bf16 activations, x requiring grad (a layer inside the
@@ -73,8 +74,11 @@ def build(impl: str, k: int, m: int, r: int, device: str):
             def forward(self, x):
                 return self.lin(x)
 
-        layer = get_peft_model(One(lin), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["lin"]))
+        model = One(lin)
+        model.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: PEFT then uses its QLoRA layer
+        layer = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["lin"]))
         inner = layer.base_model.model.lin
+        assert type(inner).__module__ == "peft.tuners.lora.bnb", type(inner)
         params = [inner.lora_A["default"].weight, inner.lora_B["default"].weight]
     with torch.no_grad():
         for p in params:  # the same adapter weights for both
