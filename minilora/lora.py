@@ -115,7 +115,7 @@ class _LoRANF4Fn(torch.autograd.Function):
         x, A, B, u, mask = ctx.saved_tensors
         s, p, base = ctx.scaling, ctx.p, ctx.base
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
-        gx = gA = gB = None
+        gx = None
         if need_x:
             cdt = base.compute_dtype or x.dtype
             gx = nf4_matmul_t(g.to(cdt), base.weight_nf4).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
