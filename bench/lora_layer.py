@@ -61,20 +61,14 @@ def build(impl: str, k: int, m: int, r: int, device: str):
         layer = LoRALinear(nl, r, 2 * r, dropout=0.0)
         params = [layer.lora_A.weight, layer.lora_B.weight]
     else:
+        from collections import OrderedDict
+
         import torch.nn as nn
         from peft import LoraConfig, get_peft_model
 
         lin = nl.to_bnb(compute_dtype=torch.bfloat16)
 
-        class One(nn.Module):
-            def __init__(self, lin):
-                super().__init__()
-                self.lin = lin
-
-            def forward(self, x):
-                return self.lin(x)
-
-        model = One(lin)
+        model = nn.Sequential(OrderedDict(lin=lin))  # one module, named `lin`: PEFT's target
         model.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: PEFT then uses its QLoRA layer
         layer = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["lin"]))
         inner = layer.base_model.model.lin

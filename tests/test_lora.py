@@ -11,6 +11,7 @@ import copy
 import io
 import math
 import warnings
+from collections import OrderedDict
 from unittest import mock
 
 import bitsandbytes as bnb
@@ -28,13 +29,9 @@ from minilora.lora import (AdapterError, LoRALinear, apply_lora, lora_parameters
 from minilora.quant_linear import NF4Linear
 
 
-class One(nn.Module):
-    def __init__(self, lin):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
+def one(lin: nn.Module) -> nn.Module:
+    """A model whose only module, named `lin` (PEFT's target), is `lin`."""
+    return nn.Sequential(OrderedDict(lin=lin))
 
 
 def bnb_linear4bit(nl: NF4Linear) -> nn.Module:
@@ -48,7 +45,7 @@ def peft_twin(ours: LoRALinear, base: nn.Module):
     """PEFT's LoRA layer over `base` holding the same adapter weights as `ours`."""
     cfg = LoraConfig(r=ours.r, lora_alpha=ours.alpha, target_modules=["lin"], lora_dropout=ours.dropout_p,
                      use_rslora=ours.use_rslora, use_dora=ours.use_dora)
-    model = One(base)
+    model = one(base)
     # PEFT picks its bitsandbytes LoRA layer (cast the LoRA term to the base dtype, then add) only for a
     # model marked as loaded in 4 bit, as transformers marks a BitsAndBytesConfig model; unmarked, it
     # wraps the Linear4bit in its generic layer (add in float32, round once), which is not QLoRA.
@@ -321,7 +318,7 @@ def test_init_matches_peft(init):
     torch.manual_seed(11)
     ours = LoRALinear(copy.deepcopy(lin), 8, 16, init=init)
     torch.manual_seed(11)
-    pm = get_peft_model(One(copy.deepcopy(lin)), LoraConfig(r=8, lora_alpha=16, target_modules=["lin"],
+    pm = get_peft_model(one(copy.deepcopy(lin)), LoraConfig(r=8, lora_alpha=16, target_modules=["lin"],
                                                             init_lora_weights=True if init == "default" else init))
     layer = pm.base_model.model.lin
     assert torch.equal(ours.lora_A.weight, layer.lora_A["default"].weight)
