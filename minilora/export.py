@@ -42,7 +42,7 @@ import shutil
 
 import torch
 
-from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
+from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json
 from minilora.models.config import FULL, SLIDING, ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -205,27 +205,21 @@ def write_checkpoint(out: str, tensors: dict[str, torch.Tensor], config: dict, *
                 save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
                 weight_map.update({name: fname for name in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                        {"metadata": {"total_size": total}, "weight_map": weight_map})  # fmt: skip
-        _write_json(os.path.join(tmp, "config.json"), config)
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})  # fmt: skip
+        write_json(os.path.join(tmp, "config.json"), config)
         if tokenizer_dir is not None:
             for fname in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(tokenizer_dir, fname)):
                     shutil.copyfile(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
         if generation_config is not None:
-            _write_json(os.path.join(tmp, "generation_config.json"), generation_config)
+            write_json(os.path.join(tmp, "generation_config.json"), generation_config)
         usual_permissions(tmp)
         swap_into_place(tmp, out)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     return out
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def generation_config(base_dir: str | None, hf_config: dict) -> dict:

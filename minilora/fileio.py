@@ -6,6 +6,7 @@ kill -9 at any moment leaves either the old version or the new one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -53,6 +54,17 @@ def swap_into_place(tmp: str, out: str) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str, obj, fsync: bool = False) -> None:
+    """Write `obj` as indented JSON plus a newline, in place (for files inside a temp folder that is
+    renamed into place as a whole); fsync=True puts it on disk before that rename."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_file_atomic(path: str, write: Callable[[str], None], fsync: bool = False) -> None:

@@ -159,13 +159,6 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------------- checkpoints
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_state: dict,
                     adapter_meta: dict, keep: int = 2) -> str:
     """Write checkpoints/step_XXXXXXX atomically: build it in a temp dir, fsync, rename, then
@@ -174,7 +167,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     from safetensors.torch import save_file
 
     from minilora.adapter import save_adapter
-    from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_text_atomic
+    from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json, write_text_atomic
     from minilora.paged_adamw import save_optimizer_state
 
     root = os.path.join(run_dir, "checkpoints")
@@ -185,8 +178,8 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
     save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
-    _write_json(os.path.join(tmp, "state.json"), {**train_state, "step": step,
-                                                  "scheduler": scheduler.state_dict()})
+    write_json(os.path.join(tmp, "state.json"), {**train_state, "step": step, "scheduler": scheduler.state_dict()},
+               fsync=True)
     usual_permissions(tmp)
     swap_into_place(tmp, final)
     write_text_atomic(os.path.join(root, "latest"), name, fsync=True)
