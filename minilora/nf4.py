@@ -276,19 +276,22 @@ def absmax_float(q: NF4Tensor) -> torch.Tensor:
 # another process holds a core (measured 13 ms on one thread vs 1.9 s on two for a 1152 x 6912
 # weight on a busy 2-core machine). The matmuls around it keep all threads. 2**18 rather than 2**16:
 # a quarter of the per-op Python dispatch, 4096 x 4096 to bf16 in 17.5 ms instead of 25 ms.
-# (bitsandbytes' C++ AVX-512 loop is still ~4x faster per element: a table lookup has no
-# vectorized PyTorch op, index_select alone costs ~0.55 ns per element.)
+# The gather reads the 256-entry pair table viewed as float64 with int32 indices: PyTorch's CPU
+# index_select has a tight loop for floating tables and int32 indices (0.67 ns per byte) and a slower
+# generic one for int64 tables or int64 indices (1.1 ns per byte). The float64 view only moves bits:
+# no arithmetic touches it, and no pair of NF4 float32s (both in [-1, 1]) spells a float64 NaN.
+# (bitsandbytes' C++ AVX-512 loop is still faster per element: PyTorch has no vectorized table lookup.)
 DEQUANT_CHUNK = 1 << 18
 DEQUANT_THREADS = 1
 _PAIR_LUT: dict[torch.device, torch.Tensor] = {}
 
 
 def _pair_lut(device: torch.device) -> torch.Tensor:
-    """(256,) int64: for each byte, its two NF4 values (high nibble first) as two float32s' bytes."""
+    """(256,) float64 view: for each byte, its two NF4 values (high nibble first) as two float32s' bytes."""
     if device not in _PAIR_LUT:
         code, b = nf4_code(device), torch.arange(256, device=device)
         pairs = torch.stack([code[b >> 4], code[b & 15]], dim=1)  # (256, 2) float32
-        _PAIR_LUT[device] = pairs.contiguous().view(torch.int64).view(-1)  # one gather decodes a byte
+        _PAIR_LUT[device] = pairs.contiguous().view(torch.float64).view(-1)  # one gather decodes a byte
     return _PAIR_LUT[device]
 
 
@@ -309,7 +312,7 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> 
     try:
         lut, absmax = _pair_lut(dev), absmax_float(q)  # (256,), (nb,)
         idx = torch.empty((step + 1) // 2, dtype=torch.int32, device=dev)  # reused by every chunk
-        pairs = torch.empty((step + 1) // 2, dtype=torch.int64, device=dev)
+        pairs = torch.empty((step + 1) // 2, dtype=torch.float64, device=dev)
         for e0 in range(0, n, step):  # e0 is a multiple of bs, so chunks start on block bounds
             e1 = min(n, e0 + step)
             nbytes = (e1 + 1) // 2 - e0 // 2
