@@ -12,8 +12,14 @@ decoded inside the kernel from its 8-bit code (no intermediate absmax tensor in 
 no second launch); the 16-entry NF4 table and the 256-entry dynamic map are gathered from tiny
 tensors that stay in L1.
 
-Each program handles BLOCK_SIZE packed bytes = 2 * BLOCK_SIZE outputs. The two codes of a byte
-belong to the same absmax block (BLOCKSIZE is even), so the absmax is decoded once per byte.
+Each program handles BLOCK_SIZE packed bytes = 2 * BLOCK_SIZE outputs, as a (BLOCK_SIZE / VEC, VEC)
+tile: a thread owns whole rows, so it loads VEC bytes in one instruction and, after splitting each
+byte into its two codes, stores 2 * VEC contiguous outputs in one 16-byte instruction (VEC = 4 for
+bf16/fp16, 2 for fp32). A row's 2 * VEC <= 8 elements never straddle an absmax block (BLOCKSIZE >=
+32, a power of two), so the absmax is decoded once per row. `python bench/kernel_resources.py`
+compiles this for sm_90a and shows it: 32-bit packed loads, 16-byte stores, no shared memory, no
+spills. (A 1-D layout with tl.join of the nibbles, the first version, compiled to byte loads and a
+round trip through 4 KiB of shared memory.)
 The kernel is launched with enable_fp_fusion=False so `DYN * absmax2 + offset` rounds twice, like
 the reference and bitsandbytes, instead of becoming one FMA: float32 outputs are then bit-exact.
 
@@ -32,6 +38,7 @@ from minilora.nf4 import BLOCKSIZE2, BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor
 from minilora.quant_maps import dynamic_map, nf4_code
 
 DEFAULT_BLOCK_SIZE = 1024  # packed bytes per program: 2048 outputs, 8 bytes per thread at 4 warps
+DEFAULT_NUM_WARPS = 4
 
 
 @triton.jit
@@ -74,21 +81,23 @@ def _nf4_dequant_kernel(
     BLOCKSIZE: tl.constexpr,    # elements per absmax block (power of two, 32..4096)
     DOUBLE_QUANT: tl.constexpr,  # absmax is 8-bit codes + absmax2 + offset
     BLOCK_SIZE: tl.constexpr,   # packed bytes per program (power of two)
+    VEC: tl.constexpr,          # packed bytes per row: 8 // output element size (16-byte stores)
 ):
     pid = tl.program_id(axis=0).to(tl.int64)  # int64: 2 * BLOCK_SIZE * pid may pass 2^31
-    offs_byte = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # (BLOCK_SIZE,)
-    mask = offs_byte < n_bytes
-    byte = tl.load(packed_ptr + offs_byte, mask=mask, other=0).to(tl.int32)  # (BLOCK_SIZE,)
+    ROWS: tl.constexpr = BLOCK_SIZE // VEC
+    row = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,) global row index: bytes VEC*row .. VEC*row+VEC-1
+    offs_byte = row[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (ROWS, VEC)
+    byte = tl.load(packed_ptr + offs_byte, mask=offs_byte < n_bytes, other=0).to(tl.int32)  # (ROWS, VEC)
 
-    # Both codes of byte j are elements 2j and 2j+1: the same absmax block (BLOCKSIZE is even).
-    blk = (offs_byte // (BLOCKSIZE // 2)).to(tl.int32)  # (BLOCK_SIZE,)
-    absmax = _absmax_f32(blk, mask, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-    hi = _nf4_lookup(nf4_ptr, byte >> 4) * absmax  # element 2j, float32
-    lo = _nf4_lookup(nf4_ptr, byte & 15) * absmax  # element 2j+1
+    # A row's 2 * VEC elements share one absmax block: decode it once per row.
+    blk = (row * VEC // (BLOCKSIZE // 2)).to(tl.int32)  # (ROWS,)
+    absmax = _absmax_f32(blk, row * VEC < n_bytes, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+    hi = _nf4_lookup(nf4_ptr, byte >> 4) * absmax[:, None]  # (ROWS, VEC) elements 2j, float32
+    lo = _nf4_lookup(nf4_ptr, byte & 15) * absmax[:, None]  # (ROWS, VEC) elements 2j+1
 
-    # Interleave to (hi0, lo0, hi1, lo1, ...) so the store is one contiguous run per program.
-    vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK_SIZE,))  # (2 * BLOCK_SIZE,)
-    offs_out = pid * (2 * BLOCK_SIZE) + tl.arange(0, 2 * BLOCK_SIZE)
+    # Interleave to (hi0, lo0, hi1, lo1, ...) inside each thread's row: one contiguous store.
+    vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * VEC))  # (ROWS, 2 * VEC)
+    offs_out = row[:, None] * (2 * VEC) + tl.arange(0, 2 * VEC)[None, :]  # (ROWS, 2 * VEC)
     tl.store(out_ptr + offs_out, vals.to(out_ptr.dtype.element_ty), mask=offs_out < n_elements)
 
 
@@ -104,6 +113,11 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if device not in _TABLES:
         _TABLES[device] = (nf4_code(device), dynamic_map(True).to(device))
     return _TABLES[device]
+
+
+def vec_bytes(dtype: torch.dtype) -> int:
+    """Packed bytes per thread row: each byte gives two outputs, so 8 // size bytes fill a 16-byte store."""
+    return 8 // torch.empty((), dtype=dtype).element_size()
 
 
 def interpreting() -> bool:
@@ -166,7 +180,8 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *,
         q.absmax2 if dq else q.absmax,   # placeholders are never read when not DOUBLE_QUANT
         q.offset if dq else q.absmax,
         nf4, dyn, out, n, n_bytes,
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=dq, BLOCK_SIZE=block_size,
+        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=dq, BLOCK_SIZE=block_size, VEC=vec_bytes(dtype),
         enable_fp_fusion=False,  # round DYN * absmax2 and + offset separately, as the reference
+        num_warps=DEFAULT_NUM_WARPS,
     )
     return out

@@ -126,14 +126,14 @@ def _nf4_matmul_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _pick_config(n: int, o: int, r: int) -> tuple[int, int, int, int, int]:
+def _pick_config(n: int, o: int, r: int, interpret: bool | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps) by shape.
 
     Small output tiles and split reduction keep a GPU's SMs busy when N is tiny; the interpreter
     gets small tiles because its cost grows with tile area.
     """
     block_n = 16 if n <= 16 else 32
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         return block_n, 16, 32, 1, 4
     block_o, block_r = 64, 128
     tiles = triton.cdiv(n, block_n) * triton.cdiv(o, block_o)
