@@ -94,29 +94,31 @@ def dequant_cases():
 
 
 def matmul_cases():
-    """Every (token count class x direction x dtype x double quant) the fused matmul launcher picks."""
+    """Every (token count class x direction x dtype x double quant) the fused matmul launcher picks,
+    plus the element-wise path for odd K (bf16 only: explicit calls; use_fused never picks it)."""
     fn = nf4_matmul._nf4_matmul_kernel
     seen = set()
-    for n, o, r in [(1, 6912, 1152), (16, 1152, 6912), (1, 4096, 4096), (16, 14336, 4096), (64, 4096, 4096)]:
-        bn, bo, br, split, warps = nf4_matmul._pick_config(n, o, r, interpret=False)
+    for n, m, k in [(1, 6912, 1152), (16, 1152, 6912), (1, 4096, 4096), (16, 14336, 4096), (64, 4096, 4096)]:
         for transposed in (False, True):
-            for act in ("bf16", "fp16", "fp32"):
-                for dq in (True, False):
-                    key = (bn, bo, br, split > 1, warps, transposed, act, dq)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    types = {"a_ptr": _TY[act], "packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32",
-                             "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "nf4_ptr": "*fp32", "dyn_ptr": "*fp32",
-                             "out_ptr": "*fp32" if split > 1 else _TY[act], "N": "i32", "M": "i32", "K": "i32",
-                             "stride_an": "i32", "stride_ar": "i32", "stride_os": "i32", "stride_on": "i32",
-                             "stride_oo": "i32"}
-                    const = {"BLOCKSIZE": 64, "DOUBLE_QUANT": dq, "TRANSPOSED": transposed, "BLOCK_N": bn,
-                             "BLOCK_O": bo, "BLOCK_R": br, "SPLIT_K": split,
-                             "DOT_PRECISION": "ieee" if act == "fp32" else "tf32", "DOT_IN_F32": False}
-                    name = (f"matmul {'dx=gW ' if transposed else 'y=xWt'} {act} dq={int(dq)} "
-                            f"tile={bn}x{bo}x{br} split={split}")
-                    yield name, fn, types, const, warps, {}
+            o, r = (k, m) if transposed else (m, k)
+            bn, bo, br, split, warps, stages = nf4_matmul._pick_config(n, o, r, transposed, 64, interpret=False)
+            for act, dq, aligned in [(a, d, True) for a in ("bf16", "fp16", "fp32") for d in (True, False)] + \
+                                    [("bf16", True, False)]:
+                key = (bn, bo, br, split > 1, warps, stages, transposed, act, dq, aligned)
+                if key in seen:
+                    continue
+                seen.add(key)
+                types = {"a_ptr": _TY[act], "packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32",
+                         "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "nf4_ptr": "*fp32", "dyn_ptr": "*fp32",
+                         "out_ptr": "*fp32" if split > 1 else _TY[act], "N": "i32", "M": "i32", "K": "i32",
+                         "K_HALF": "i32", "stride_an": "i32", "stride_os": "i32", "stride_on": "i32"}
+                const = {"BLOCKSIZE": 64, "DOUBLE_QUANT": dq, "TRANSPOSED": transposed, "BLOCK_N": bn,
+                         "BLOCK_O": bo, "BLOCK_R": br, "SPLIT_K": split, "ALIGNED": aligned,
+                         "DOT_PRECISION": "ieee" if act == "fp32" else "tf32", "DOT_IN_F32": False,
+                         "stride_ar": 1, "stride_oo": 1}  # Triton specializes strides of 1
+                name = (f"matmul {'dx=gW' if transposed else 'y=xWt'} {act} dq={int(dq)} "
+                        f"{bn}x{bo}x{br} split={split}{'' if aligned else ' any-K'}")
+                yield name, fn, types, const, warps, {"num_stages": stages}
 
 
 def main() -> int:
@@ -140,10 +142,10 @@ def main() -> int:
                 print(f"FAILED sm_{args.arch} {name} aligned_ints={aligned}: {msg[-1] if msg else type(e).__name__}")
     if not args.check:
         print(f"sm_{args.arch}a, Triton {triton.__version__}")
-        print(f"{'kernel':<52}{'warps':>6}{'regs':>6}{'spill':>6}{'smem':>7}{'cvt':>5}  ld / st")
+        print(f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill':>6}{'smem':>7}{'cvt':>5}  ld / st")
         for r in rows:
             fmt = lambda d: " ".join(f"{w} x{c}" for w, c in sorted(d.items()))
-            print(f"{r['kernel']:<52}{r['num_warps']:>6}{r['regs']:>6}{r['spill']:>6}{r['smem']:>7}{r['cvt']:>5}"
+            print(f"{r['kernel']:<50}{r['num_warps']:>6}{r['regs']:>6}{r['spill']:>6}{r['smem']:>7}{r['cvt']:>5}"
                   f"  {fmt(r['ld'])} / {fmt(r['st'])}")
         from bench.common import environment, write_json
         print(f"wrote {write_json('kernel_resources', {'env': environment(), 'arch': args.arch, 'rows': rows})}")

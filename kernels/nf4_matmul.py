@@ -56,6 +56,34 @@ def _nf4_tile(
 
 
 @triton.jit
+def _nf4_row_tile(
+    rows,                       # (R,) int32 row indices of W
+    row_mask,                   # (R,) bool: rows that exist (and belong to this split)
+    col0,                       # first column of the tile: a multiple of WIDTH
+    K_HALF,                     # K // 2: bytes per row of W (K is a multiple of BLOCKSIZE, so even)
+    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, nf4_ptr, dyn_ptr,  # the NF4 state, see nf4_dequant
+    BLOCKSIZE: tl.constexpr,    # elements per absmax block, a multiple of WIDTH
+    DOUBLE_QUANT: tl.constexpr,  # absmax holds 8-bit codes
+    WIDTH: tl.constexpr,        # columns in the tile
+):
+    """W[rows, col0 : col0 + WIDTH] dequantized to float32, shape (R, WIDTH); 0 in masked rows.
+
+    The fast path for real layer shapes: K % BLOCKSIZE == 0 and WIDTH divides BLOCKSIZE, so each
+    tile row is WIDTH / 2 contiguous bytes (one vector load) inside a single absmax block (one
+    absmax per row, not per element). Nibbles are split and interleaved as in nf4_dequant.
+    """
+    first_byte = rows * K_HALF + col0 // 2  # (R,) byte of each row's first element
+    offs = first_byte[:, None] + tl.arange(0, WIDTH // 2)[None, :]  # (R, WIDTH / 2)
+    byte = tl.load(packed_ptr + offs, mask=row_mask[:, None], other=0).to(tl.int32)  # (R, WIDTH / 2)
+    absmax = _absmax_f32(first_byte // (BLOCKSIZE // 2), row_mask, absmax_ptr, absmax2_ptr, offset_ptr,
+                         dyn_ptr, DOUBLE_QUANT)  # (R,)
+    hi = _nf4_lookup(nf4_ptr, byte >> 4) * absmax[:, None]  # (R, WIDTH / 2) even columns
+    lo = _nf4_lookup(nf4_ptr, byte & 15) * absmax[:, None]  # odd columns
+    w = tl.reshape(tl.join(hi, lo), (rows.shape[0], WIDTH))  # (R, WIDTH)
+    return tl.where(row_mask[:, None], w, 0.0)
+
+
+@triton.jit
 def _nf4_matmul_kernel(
     a_ptr,                      # activations: x (N, K) forward, g (N, M) transposed
     packed_ptr,                 # *uint8 (ceil(M K / 2),) NF4 codes of W (M, K)
@@ -65,7 +93,7 @@ def _nf4_matmul_kernel(
     nf4_ptr,                    # *float32 (16,) NF4 table
     dyn_ptr,                    # *float32 (256,) signed dynamic map
     out_ptr,                    # (N, O) output in a's dtype, or (SPLIT_K, N, O) float32 partials
-    N, M, K,                    # tokens, W rows, W columns
+    N, M, K, K_HALF,            # tokens, W rows, W columns, K // 2
     stride_an, stride_ar,       # strides of a over (token, reduction index)
     stride_os, stride_on, stride_oo,  # strides of out over (split, token, output index)
     BLOCKSIZE: tl.constexpr,    # elements per absmax block
@@ -75,6 +103,7 @@ def _nf4_matmul_kernel(
     BLOCK_O: tl.constexpr,      # outputs per tile
     BLOCK_R: tl.constexpr,      # reduction step
     SPLIT_K: tl.constexpr,      # programs sharing one output tile's reduction
+    ALIGNED: tl.constexpr,      # K % BLOCKSIZE == 0 and the tile's K-direction width divides BLOCKSIZE
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32), else "tf32" (unused by bf16/fp16)
     DOT_IN_F32: tl.constexpr,   # upcast both operands to float32 first (interpreter only, see below)
 ):
@@ -99,7 +128,15 @@ def _nf4_matmul_kernel(
         a_mask = (offs_n[:, None] < N) & (offs_r[None, :] < r_end)
         a = tl.load(a_ptr + offs_n[:, None] * stride_an + offs_r[None, :] * stride_ar,
                     mask=a_mask, other=0.0)  # (BLOCK_N, BLOCK_R)
-        if TRANSPOSED:
+        if ALIGNED and TRANSPOSED:  # tile rows r of W, columns o: contiguous bytes, one absmax per row
+            w = _nf4_row_tile(offs_r, offs_r < r_end, pid_o * BLOCK_O, K_HALF, packed_ptr, absmax_ptr,
+                              absmax2_ptr, offset_ptr, nf4_ptr, dyn_ptr, BLOCKSIZE, DOUBLE_QUANT,
+                              BLOCK_O)  # (BLOCK_R, BLOCK_O) = W[r, o]
+        elif ALIGNED:  # tile rows o of W, columns r
+            w = _nf4_row_tile(offs_o, offs_o < O, r0, K_HALF, packed_ptr, absmax_ptr, absmax2_ptr,
+                              offset_ptr, nf4_ptr, dyn_ptr, BLOCKSIZE, DOUBLE_QUANT, BLOCK_R)  # W[o, r]
+            w = tl.trans(w)  # (BLOCK_R, BLOCK_O)
+        elif TRANSPOSED:  # any shape: element-wise index arithmetic
             w_mask = (offs_r[:, None] < r_end) & (offs_o[None, :] < O)
             w = _nf4_tile(offs_r, offs_o, w_mask, K, packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr,
                           nf4_ptr, dyn_ptr, BLOCKSIZE, DOUBLE_QUANT)  # (BLOCK_R, BLOCK_O) = W[r, o]
@@ -126,21 +163,36 @@ def _nf4_matmul_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _pick_config(n: int, o: int, r: int, interpret: bool | None = None) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps) by shape.
+def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int,
+                 interpret: bool | None = None) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps, num_stages) by shape.
 
-    Small output tiles and split reduction keep a GPU's SMs busy when N is tiny; the interpreter
-    gets small tiles because its cost grows with tile area.
+    The tile's width along K (BLOCK_R forward, BLOCK_O transposed) is 64, or the blocksize when
+    smaller, so it divides the blocksize (the ALIGNED fast path). Small output tiles and a split
+    reduction keep a GPU's SMs busy when N is tiny; the interpreter gets small tiles because its
+    cost grows with tile area.
+
+    num_stages 1 (no software pipelining): with more stages Triton's pipeliner turns every NF4
+    table lookup into a 4-byte async copy through shared memory (68 per thread per step, and
+    27 KiB of shared memory instead of 10; `python bench/kernel_resources.py` shows it), where
+    a plain load hits L1: the 16-entry table is one cache line. Latency is hidden by occupancy
+    instead (56 registers: 9 programs per SM). bench/dequant.py times 1, 2 and 3 on the GPU.
     """
     block_n = 16 if n <= 16 else 32
     if interpreting() if interpret is None else interpret:
-        return block_n, 16, 32, 1, 4
-    block_o, block_r = 64, 128
+        return block_n, 16, min(32, blocksize), 1, 4, 1
+    kw = min(64, blocksize)
+    block_o, block_r = (kw, 64) if transposed else (64, kw)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(o, block_o)
     split = 1
     while tiles * split < 264 and r // (split * 2) >= 4 * block_r:  # aim for ~2 programs per SM
         split *= 2
-    return block_n, block_o, block_r, split, 4
+    return block_n, block_o, block_r, split, 4, 1
+
+
+def aligned(q: NF4Tensor, width: int) -> bool:
+    """Whether tiles `width` columns wide take the fast path: whole rows of absmax blocks."""
+    return q.shape[1] % q.blocksize == 0 and q.blocksize % width == 0
 
 
 def _launch(a: torch.Tensor, q: NF4Tensor, transposed: bool, who: str, config=None) -> torch.Tensor:
@@ -165,19 +217,20 @@ def _launch(a: torch.Tensor, q: NF4Tensor, transposed: bool, who: str, config=No
     out = torch.empty((n, o_dim), dtype=a.dtype, device=dev)  # (N, O)
     if n == 0:
         return out.reshape(*lead, o_dim)
-    block_n, block_o, block_r, split, warps = config or _pick_config(n, o_dim, r_dim)
+    block_n, block_o, block_r, split, warps, stages = config or _pick_config(n, o_dim, r_dim, transposed, q.blocksize)
     target = out.unsqueeze(0) if split == 1 else torch.empty((split, n, o_dim), dtype=torch.float32, device=dev)
     nf4, dyn = _tables(dev)
     dq = q.double_quant
     grid = (triton.cdiv(n, block_n), triton.cdiv(o_dim, block_o), split)
     _nf4_matmul_kernel[grid](
         a2, q.packed, q.absmax, q.absmax2 if dq else q.absmax, q.offset if dq else q.absmax,
-        nf4, dyn, target, n, m, k,
+        nf4, dyn, target, n, m, k, k // 2,
         a2.stride(0), a2.stride(1), target.stride(0), target.stride(1), target.stride(2),
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=dq, TRANSPOSED=transposed,
         BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_R=block_r, SPLIT_K=split,
+        ALIGNED=aligned(q, block_o if transposed else block_r),
         DOT_PRECISION="ieee" if a.dtype == torch.float32 or interpreting() else "tf32",
-        DOT_IN_F32=interpreting(), num_warps=warps,
+        DOT_IN_F32=interpreting(), num_warps=warps, num_stages=stages,
     )
     if split > 1:
         out.copy_(target.sum(0))  # (SPLIT_K, N, O) float32 partials -> (N, O), rounded once
@@ -187,7 +240,7 @@ def _launch(a: torch.Tensor, q: NF4Tensor, transposed: bool, who: str, config=No
 def nf4_matmul_triton(x: torch.Tensor, q: NF4Tensor, *, config=None) -> torch.Tensor:
     """x (..., K) @ W^T -> (..., M) in x.dtype, W (M, K) NF4, without materializing W.
 
-    config: optional (BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps) override (tests, bench).
+    config: optional (BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps, num_stages) override (tests, bench).
     """
     return _launch(x, q, False, "nf4_matmul_triton", config)
 
@@ -200,10 +253,14 @@ def nf4_matmul_t_triton(g: torch.Tensor, q: NF4Tensor, *, config=None) -> torch.
 def use_fused(x: torch.Tensor, q: NF4Tensor, transposed: bool = False) -> bool:
     """Whether the fused kernel should replace dequantize + cuBLAS for this call.
 
-    Fused wins only when reading W dominates: at most FUSED_MAX_TOKENS tokens (rows of x).
-    Shapes or dtypes the kernel does not take fall back to dequantize-then-matmul.
+    Fused wins only when reading W dominates: at most FUSED_MAX_TOKENS tokens (rows of x); with
+    16-bit activations (a float32 tl.dot without TF32 runs on FMA units: 16 per weight element
+    at 16 tokens, where reading the weight leaves time for about 5); and when W's rows are whole absmax blocks (the
+    ALIGNED path, true of every real layer). Everything else: dequantize-then-matmul.
     """
-    if not (x.is_cuda and q.packed.is_cuda) or x.dtype not in _DTYPES or len(q.shape) != 2:
+    if not (x.is_cuda and q.packed.is_cuda) or x.dtype not in _DTYPES[:2] or len(q.shape) != 2:
+        return False
+    if q.shape[1] % q.blocksize:
         return False
     r_dim = q.shape[0] if transposed else q.shape[1]
     if x.dim() == 0 or x.shape[-1] != r_dim or q.numel >= 2**31:

@@ -138,16 +138,20 @@ def assert_matmul_close(got: torch.Tensor, a: torch.Tensor, w: torch.Tensor, tra
 
 @st.composite
 def matmul_cases(draw):
-    m, k = draw(st.integers(1, 40)), draw(st.integers(1, 72))  # m = 1: a one-row weight
-    blocksize = draw(st.sampled_from(BLOCKSIZES))
+    m = draw(st.integers(1, 40))  # m = 1: a one-row weight
+    if draw(st.booleans()):  # rows of whole absmax blocks: the kernel's ALIGNED path (real layers)
+        blocksize = draw(st.sampled_from([32, 64, 128]))
+        k = blocksize * draw(st.integers(1, 3))
+    else:  # any K: rows start mid-block and mid-byte (the element-wise path)
+        blocksize, k = draw(st.sampled_from(BLOCKSIZES)), draw(st.integers(1, 72))
     dtype = draw(st.sampled_from(DTYPES))
     exp = draw(st.integers(-3, 2))
     seed = draw(st.integers(0, 2**31 - 1))
     w = random_weight(seed, (m, k), exp, draw(st.sampled_from(["plain", "zero_block"])), blocksize)
     q = quantize_nf4(w, blocksize=blocksize, double_quant=draw(st.booleans()))
     lead = tuple(draw(st.lists(st.integers(1, 10), min_size=1, max_size=2)))  # (N,) or (B, T)
-    # None: the launcher's choice; else (BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps)
-    config = draw(st.sampled_from([None, (16, 32, 16, 3, 4), (32, 16, 32, 2, 4)]))
+    # None: the launcher's choice; else (BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps, num_stages)
+    config = draw(st.sampled_from([None, (16, 32, 16, 3, 4, 1), (32, 16, 32, 2, 4, 2)]))
     return q, dtype, lead, seed, config
 
 
@@ -178,6 +182,20 @@ def test_fused_matmul_input_grad(case):
     assert_matmul_close(dx, g, w, transposed=True)
     if dtype == torch.float32:  # and against autograd itself, within float32 accumulation error
         torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-5 * float(g.abs().max()) * k)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fused_matmul_aligned_path_with_split_and_ragged_tiles(double_quant):
+    """K % blocksize == 0 takes the row-tile path; M, N not multiples of the tile, split reduction."""
+    q = quantize_nf4(random_weight(3, (37, 192), 0, "zero_block", 64), blocksize=64, double_quant=double_quant)
+    assert nf4_matmul.aligned(q, 32) and not nf4_matmul.aligned(quantize_nf4(torch.randn(37, 96), 64), 32)
+    gen = torch.Generator().manual_seed(4)
+    for dtype in DTYPES:
+        x, g = torch.randn(5, 192, generator=gen).to(dtype), torch.randn(5, 37, generator=gen).to(dtype)
+        w = dequantize_nf4_reference(q, dtype)
+        for config in (None, (16, 16, 32, 3, 4, 1), (16, 32, 16, 2, 4, 1)):
+            assert_matmul_close(nf4_matmul_triton(x, q, config=config), x, w, transposed=False)
+            assert_matmul_close(nf4_matmul_t_triton(g, q, config=config), g, w, transposed=True)
 
 
 def test_fused_matmul_noncontiguous_input():
@@ -223,6 +241,27 @@ def test_use_fused_never_picks_cpu():
     assert not use_fused(torch.randn(1, 8), q, transposed=True)
 
 
+# --- the real compiler, without a GPU ---------------------------------------------------------------
+
+def test_every_kernel_configuration_compiles_for_sm90():
+    """The interpreter runs the Python, not Triton's compiler: layouts, tl.dot shape rules and
+    dtype lowering are only checked by compiling. bench/kernel_resources.py --check compiles every
+    configuration the launchers can pick (and odd-shape variants) for sm_90a with Triton's own
+    ptxas, which needs no GPU, and exits 1 naming each variant that fails."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton build has no CUDA backend to compile with")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "kernel_resources.py"), "--check"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 # --- GPU: the same comparisons at real sizes, exactly (a GPU rounds casts to nearest even) -----------
 
 @pytest.mark.gpu
@@ -243,7 +282,7 @@ def test_gpu_real_sizes(shape, double_quant):
         wd = dequantize_nf4_reference(q, torch.bfloat16)
         assert_matmul_close(nf4_matmul_triton(x, q), x, wd, transposed=False)
         assert_matmul_close(nf4_matmul_t_triton(g, q), g, wd, transposed=True)
-        assert use_fused(x, q) == (n <= nf4_matmul.FUSED_MAX_TOKENS)
+        assert use_fused(x, q) == (n <= nf4_matmul.FUSED_MAX_TOKENS and k % 64 == 0)
     # the dispatcher end to end: NF4Linear forward and input gradient on CUDA
     from minilora.quant_linear import NF4Linear
     lin = NF4Linear(q)
