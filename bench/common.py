@@ -56,10 +56,11 @@ def environment() -> dict:
     }
 
 
-def write_json(name: str, payload: dict) -> str:
-    """Write bench/results/<name>.json atomically (minilora/fileio.py) and return its path."""
+def write_json(name: str, payload: dict, path: str | None = None) -> str:
+    """Write `payload` atomically (minilora/fileio.py) to `path`, by default bench/results/<name>.json;
+    returns the path."""
     from minilora.fileio import write_text_atomic
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
+    path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
     write_text_atomic(path, json.dumps(payload, indent=2))
     return path

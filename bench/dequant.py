@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import write_json  # noqa: E402
 from minilora.nf4 import NF4Tensor, dequantize_nf4_reference  # noqa: E402
 
 SHAPES = [(1152, 1024), (1152, 6912), (6912, 1152),  # Gemma 3 1B: o_proj-ish, MLP up/gate, down
@@ -48,15 +47,6 @@ SHAPES = [(1152, 1024), (1152, 6912), (6912, 1152),  # Gemma 3 1B: o_proj-ish, M
           (8192, 8192)]
 TOKENS = [1, 2, 4, 8, 16]
 ROTATE_BYTES = 200 * 2**20  # 4 x the H100's 50 MB L2
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Atomic write: temp file in the same folder, then rename."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def torch_dequant(packed, absmax_codes, absmax2, offset, nf4, dyn, n: int, blocksize: int, dtype):
@@ -101,7 +91,7 @@ def gpu_dequant(args, bnbF) -> list[dict]:
     rows = []
     print(f"\nNF4 dequantization -> {dtype}, blocksize {args.blocksize}, double quant  (median us)")
     head = f"{'shape':>12} {'minilora':>9} {'bnb':>9} {'torch':>9} {'compiled':>9} {'copy':>8} " \
-           f"{'GB/s':>7} {'%copy':>6} {'bnb/ours':>8}"
+           f"{'GB/s':>7} {'%copy':>6} {'bnb/ours':>8} {'best block (us)':>16}"
     print(head)
     for m, k in args.shapes:
         w = torch.randn(m, k, device="cuda", dtype=dtype) * 0.02
@@ -121,6 +111,8 @@ def gpu_dequant(args, bnbF) -> list[dict]:
             "bnb": bench(lambda q_, p_, s_: bnbF.dequantize_4bit(p_, s_), rot),
             "torch": bench(lambda q_, p_, s_: dequantize_nf4_reference(q_, dtype), rot),
         }
+        for bsz in args.dq_blocks:  # program size sweep: the launcher's default is DEFAULT_BLOCK_SIZE
+            t[f"minilora_b{bsz}"] = bench(lambda q_, p_, s_: dequantize_nf4_triton(q_, dtype, block_size=bsz), rot)
         if m * k % args.blocksize == 0:
             t["compiled"] = bench(lambda q_, p_, s_: compiled(q_.packed, q_.absmax, q_.absmax2, q_.offset, nf4, dyn,
                                                               m * k, args.blocksize, dtype), rot)
@@ -129,23 +121,24 @@ def gpu_dequant(args, bnbF) -> list[dict]:
         t["copy"] = bench(lambda s_: dst.copy_(s_), src)
         copy_gbs = 2 * out_bytes / t["copy"] / 1e3
         gbs = (in_bytes + out_bytes) / t["minilora"] / 1e3
-        row = {"shape": [m, k], "us": t, "in_bytes": in_bytes, "out_bytes": out_bytes, "gb_s": gbs,
+        best = min(args.dq_blocks, key=lambda b: t[f"minilora_b{b}"])
+        row = {"shape": [m, k], "us": t, "best_block_size": best, "in_bytes": in_bytes, "out_bytes": out_bytes, "gb_s": gbs,
                "copy_gb_s": copy_gbs, "pct_of_copy": 100 * gbs / copy_gbs, "bnb_over_ours": t["bnb"] / t["minilora"]}
         rows.append(row)
         print(f"{m:>5}x{k:<6} {t['minilora']:9.1f} {t['bnb']:9.1f} {t['torch']:9.1f} "
               f"{t.get('compiled', float('nan')):9.1f} {t['copy']:8.1f} {gbs:7.0f} {row['pct_of_copy']:5.1f}% "
-              f"{row['bnb_over_ours']:7.2f}x")
+              f"{row['bnb_over_ours']:7.2f}x {best:>8} ({t[f'minilora_b{best}']:.1f})")
     return rows
 
 
 def gpu_matmul(args, bnb, bnbF) -> list[dict]:
-    from minilora.kernels.nf4_matmul import nf4_matmul_t_triton, nf4_matmul_triton
+    from minilora.kernels.nf4_matmul import _pick_config, nf4_matmul_t_triton, nf4_matmul_triton
 
     dtype = torch.bfloat16
     rows = []
     print("\nNF4 matmul, bf16, N tokens (median us): fused vs bitsandbytes dequantize + cuBLAS")
     print(f"{'shape':>12} {'N':>3} {'fused':>8} {'bnb+cuBLAS':>10} {'bnb gemv':>9} {'speedup':>8} "
-          f"{'fused dx':>9} {'bnb dx':>8} {'speedup':>8}")
+          f"{'fused dx':>9} {'bnb dx':>8} {'speedup':>8} {'s2 s3 / dx s2 s3':>24}")
     for m, k in args.shapes:
         w = torch.randn(m, k, device="cuda", dtype=dtype) * 0.02
         packed, state = bnbF.quantize_4bit(w, blocksize=args.blocksize, quant_type="nf4", compress_statistics=True)
@@ -167,11 +160,17 @@ def gpu_matmul(args, bnb, bnbF) -> list[dict]:
                 "fused_t": bench(lambda q_, p_, s_, x_, g_: nf4_matmul_t_triton(g_, q_), rot),
                 "bnb_cublas_t": bench(lambda q_, p_, s_, x_, g_: g_ @ bnbF.dequantize_4bit(p_, s_), rot),
             }
+            for st in (2, 3):  # software pipelining depth; the launcher uses 1 (see _pick_config)
+                cf = (*_pick_config(n, m, k, False, args.blocksize)[:5], st)
+                ct = (*_pick_config(n, k, m, True, args.blocksize)[:5], st)
+                t[f"fused_s{st}"] = bench(lambda q_, p_, s_, x_, g_: nf4_matmul_triton(x_, q_, config=cf), rot)
+                t[f"fused_t_s{st}"] = bench(lambda q_, p_, s_, x_, g_: nf4_matmul_t_triton(g_, q_, config=ct), rot)
             row = {"shape": [m, k], "tokens": n, "us": t, "max_abs_err_vs_bnb": err,
                    "speedup": t["bnb_cublas"] / t["fused"], "speedup_t": t["bnb_cublas_t"] / t["fused_t"]}
             rows.append(row)
             print(f"{m:>5}x{k:<6} {n:>3} {t['fused']:8.1f} {t['bnb_cublas']:10.1f} {t['bnb_matmul_4bit']:9.1f} "
-                  f"{row['speedup']:7.2f}x {t['fused_t']:9.1f} {t['bnb_cublas_t']:8.1f} {row['speedup_t']:7.2f}x")
+                  f"{row['speedup']:7.2f}x {t['fused_t']:9.1f} {t['bnb_cublas_t']:8.1f} {row['speedup_t']:7.2f}x "
+                  f"{t['fused_s2']:6.1f} {t['fused_s3']:6.1f} / {t['fused_t_s2']:6.1f} {t['fused_t_s3']:6.1f}")
     return rows
 
 
@@ -212,11 +211,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", type=str, default=None, help="e.g. 1152x1024,4096x4096 (default: the six above)")
     ap.add_argument("--tokens", type=str, default=",".join(map(str, TOKENS)))
     ap.add_argument("--no-matmul", action="store_true", help="skip the fused matmul table")
+    ap.add_argument("--dq-blocks", type=str, default="512,1024,2048,4096",
+                    help="dequantization program sizes (packed bytes) to time besides the default")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dequant.json"))
     args = ap.parse_args(argv)
     try:
         args.shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         args.tokens = [int(v) for v in args.tokens.split(",")]
+        args.dq_blocks = [int(v) for v in args.dq_blocks.split(",")]
         assert all(len(s) == 2 for s in args.shapes)
     except (ValueError, AssertionError):
         print("bench/dequant.py: --shapes must look like 1152x1024,4096x4096 and --tokens like 1,2,4.", file=sys.stderr)
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
         print("No CUDA device here: the GPU tables (Triton kernel vs bitsandbytes vs torch vs copy, fused "
               "matmul) need one and were NOT measured. Running only a CPU check of the reference.")
         out = os.path.join(os.path.dirname(args.out), "dequant_cpu.json")
-        write_json(out, {**meta, "device": "cpu", "cpu": cpu_comparison(args, bnbF)})
+        write_json("dequant_cpu", {**meta, "device": "cpu", "cpu": cpu_comparison(args, bnbF)}, out)
         print(f"wrote {out}")
         return 0
     import triton
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
     payload = {**meta, "dequant": gpu_dequant(args, bnbF)}
     if not args.no_matmul:
         payload["matmul"] = gpu_matmul(args, bnb, bnbF)
-    write_json(args.out, payload)
+    write_json("dequant", payload, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -188,13 +188,7 @@ def main():
                "time": "median of per-round medians (default allocator)",
                "memory": "peak RSS delta of the step with MALLOC_MMAP_THRESHOLD_=65536 (CPU) / "
                          "max_memory_allocated delta (CUDA)", "rows": rows}
-    if a.out:
-        from minilora.fileio import write_text_atomic
-
-        write_text_atomic(a.out, json.dumps(payload, indent=2))
-    else:
-        a.out = write_json("lora_layer" + ("_cuda" if a.device == "cuda" else ""), payload)
-    print(f"wrote {a.out}")
+    print(f"wrote {write_json('lora_layer' + ('_cuda' if a.device == 'cuda' else ''), payload, a.out)}")
 
 
 if __name__ == "__main__":
