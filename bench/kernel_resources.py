@@ -12,6 +12,11 @@ layouts, tl.dot shape rules, dtype lowering), and shows what a kernel will cost 
     spill     bytes of spill stores + loads per thread (should be 0)
     smem      shared memory per program in bytes (layout conversions and tl.dot staging)
     cvt       ttg.convert_layout ops in the TTGIR (each one a round trip through shared memory)
+    sass      SASS instructions: the whole kernel, or one trip round its main loop
+    per elt   sass / elements a thread handles (outputs for dequantization, weight elements per
+              loop step for the fused matmul): compare with what the GPU can issue per element
+              at full memory bandwidth (README: an H100 issues ~22 thread instructions per
+              dequantized bf16 output, ~4.4 per weight element read for the fused matmul)
     ld / st   global loads / stores in the PTX by width, e.g. 'v4.b32 x2' = two 16-byte vector ops
 
 Pointers are specialized as 16-byte aligned and sizes as multiples of 16, as Triton's launcher does
@@ -56,8 +61,21 @@ def compile_kernel(fn, types: dict, constexprs: dict, arch: int, num_warps: int,
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **options})
 
 
-def resources(k, arch: int) -> dict:
-    """Registers / spills from ptxas -v on the kernel's PTX; the rest from the TTGIR and PTX text."""
+def sass_counts(cubin_path: str, tools: str) -> tuple[int, int]:
+    """(instructions in the kernel, instructions in its longest loop: 0 if none), from cuobjdump -sass."""
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin_path],
+                          capture_output=True, text=True, check=True).stdout
+    addrs = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]{4,})\*/ ", sass)]
+    loop = 0
+    for at, target in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA (0x[0-9a-f]+)", sass):
+        if int(target, 16) < int(at, 16):  # a backward branch closes a loop: count what it spans
+            loop = max(loop, (int(at, 16) - int(target, 16)) // 16 + 1)
+    return len(addrs), loop
+
+
+def resources(k, arch: int, per_thread: int) -> dict:
+    """Registers / spills from ptxas -v on the kernel's PTX, instruction counts from its SASS, the rest
+    from the TTGIR and PTX text. per_thread: elements one thread handles (per loop step if any)."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -65,6 +83,7 @@ def resources(k, arch: int) -> dict:
         suffix = "a" if arch >= 90 else ""
         log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o", ptx + ".o"],
                              capture_output=True, text=True, check=True).stderr
+        total, loop = sass_counts(ptx + ".o", os.path.dirname(get_ptxas(arch).path))
     spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     ptx_text = k.asm["ptx"]
     widths = lambda op: dict(Counter(re.findall(rf"\b{op}\.global(?:\.\w+)*?\.((?:v[248]\.)?[busf]\d+)\b", ptx_text)))
@@ -73,13 +92,15 @@ def resources(k, arch: int) -> dict:
         "spill": spills,
         "smem": k.metadata.shared,
         "cvt": k.asm["ttgir"].count("ttg.convert_layout"),
+        "sass": loop or total,
+        "per_elt": round((loop or total) / per_thread, 1),
         "ld": widths("ld"),
         "st": widths("st"),
     }
 
 
 def dequant_cases():
-    """(name, fn, types, constexprs, num_warps, options) for every dequantization variant."""
+    """(name, fn, types, constexprs, num_warps, outputs per thread, options) for every dequantization variant."""
     fn = nf4_dequant._nf4_dequant_kernel
     for dq in (True, False):
         for out in ("bf16", "fp16", "fp32"):
@@ -90,7 +111,9 @@ def dequant_cases():
                 const = {"BLOCKSIZE": bs, "DOUBLE_QUANT": dq, "BLOCK_SIZE": nf4_dequant.DEFAULT_BLOCK_SIZE,
                          "VEC": 2 if out == "fp32" else 4}
                 name = f"dequant dq={int(dq)} out={out} bs={bs}"
-                yield name, fn, types, const, nf4_dequant.DEFAULT_NUM_WARPS, {"enable_fp_fusion": False}
+                warps = nf4_dequant.DEFAULT_NUM_WARPS
+                outputs = 2 * nf4_dequant.DEFAULT_BLOCK_SIZE // (32 * warps)
+                yield name, fn, types, const, warps, outputs, {"enable_fp_fusion": False}
 
 
 def matmul_cases():
@@ -118,7 +141,7 @@ def matmul_cases():
                          "stride_ar": 1, "stride_oo": 1}  # Triton specializes strides of 1
                 name = (f"matmul {'dx=gW' if transposed else 'y=xWt'} {act} dq={int(dq)} "
                         f"{bn}x{bo}x{br} split={split}{'' if aligned else ' any-K'}")
-                yield name, fn, types, const, warps, {"num_stages": stages}
+                yield name, fn, types, const, warps, bo * br // (32 * warps), {"num_stages": stages}
 
 
 def main() -> int:
@@ -128,25 +151,26 @@ def main() -> int:
     ap.add_argument("--only", default="", help="only kernels whose name contains this, e.g. 'dequant'")
     args = ap.parse_args()
     rows, failures = [], 0
-    for name, fn, types, const, warps, opts in [*dequant_cases(), *matmul_cases()]:
+    for name, fn, types, const, warps, per_thread, opts in [*dequant_cases(), *matmul_cases()]:
         if args.only not in name:
             continue
         for aligned in ((True, False) if args.check else (True,)):
             try:
                 k = compile_kernel(fn, types, const, args.arch, warps, aligned, **opts)
                 if not args.check:
-                    rows.append({"kernel": name, "num_warps": warps, **resources(k, args.arch)})
+                    rows.append({"kernel": name, "num_warps": warps, **resources(k, args.arch, per_thread)})
             except Exception as e:  # report every failing variant, not just the first
                 failures += 1
                 msg = str(e).strip().splitlines()
                 print(f"FAILED sm_{args.arch} {name} aligned_ints={aligned}: {msg[-1] if msg else type(e).__name__}")
     if not args.check:
         print(f"sm_{args.arch}a, Triton {triton.__version__}")
-        print(f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill':>6}{'smem':>7}{'cvt':>5}  ld / st")
+        print(f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill':>6}{'smem':>7}{'cvt':>5}{'sass':>6}{'per elt':>8}"
+              "  ld / st")
         for r in rows:
             fmt = lambda d: " ".join(f"{w} x{c}" for w, c in sorted(d.items()))
             print(f"{r['kernel']:<50}{r['num_warps']:>6}{r['regs']:>6}{r['spill']:>6}{r['smem']:>7}{r['cvt']:>5}"
-                  f"  {fmt(r['ld'])} / {fmt(r['st'])}")
+                  f"{r['sass']:>6}{r['per_elt']:>8}  {fmt(r['ld'])} / {fmt(r['st'])}")
         from bench.common import environment, write_json
         print(f"wrote {write_json('kernel_resources', {'env': environment(), 'arch': args.arch, 'rows': rows})}")
     return 1 if failures else 0
