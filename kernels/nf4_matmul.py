@@ -77,10 +77,10 @@ def _nf4_row_tile(
     byte = tl.load(packed_ptr + offs, mask=row_mask[:, None], other=0).to(tl.int32)  # (R, WIDTH / 2)
     absmax = _absmax_f32(first_byte // (BLOCKSIZE // 2), row_mask, absmax_ptr, absmax2_ptr, offset_ptr,
                          dyn_ptr, DOUBLE_QUANT)  # (R,)
+    absmax = tl.where(row_mask, absmax, 0.0)  # masked rows: every value NF4 * 0 = 0 (one select per row)
     hi = _nf4_lookup(nf4_ptr, byte >> 4) * absmax[:, None]  # (R, WIDTH / 2) even columns
     lo = _nf4_lookup(nf4_ptr, byte & 15) * absmax[:, None]  # odd columns
-    w = tl.reshape(tl.join(hi, lo), (rows.shape[0], WIDTH))  # (R, WIDTH)
-    return tl.where(row_mask[:, None], w, 0.0)
+    return tl.reshape(tl.join(hi, lo), (rows.shape[0], WIDTH))  # (R, WIDTH)
 
 
 @triton.jit
