@@ -176,7 +176,8 @@ def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int,
     table lookup into a 4-byte async copy through shared memory (68 per thread per step, and
     27 KiB of shared memory instead of 10; `python bench/kernel_resources.py` shows it), where
     a plain load hits L1: the 16-entry table is one cache line. Latency is hidden by occupancy
-    instead (56 registers: 9 programs per SM). bench/dequant.py times 1, 2 and 3 on the GPU.
+    instead (44-72 registers: 7-11 programs of 4 warps per SM). bench/dequant.py times 1, 2 and 3
+    on the GPU.
     """
     block_n = 16 if n <= 16 else 32
     if interpreting() if interpret is None else interpret:
@@ -254,9 +255,9 @@ def use_fused(x: torch.Tensor, q: NF4Tensor, transposed: bool = False) -> bool:
     """Whether the fused kernel should replace dequantize + cuBLAS for this call.
 
     Fused wins only when reading W dominates: at most FUSED_MAX_TOKENS tokens (rows of x); with
-    16-bit activations (a float32 tl.dot without TF32 runs on FMA units: 16 per weight element
-    at 16 tokens, where reading the weight leaves time for about 5); and when W's rows are whole absmax blocks (the
-    ALIGNED path, true of every real layer). Everything else: dequantize-then-matmul.
+    16-bit activations (a float32 tl.dot without TF32 runs on FMA units: 16 per weight element at
+    16 tokens, where reading the weight leaves time for about 5); and when W's rows are whole
+    absmax blocks (the ALIGNED path, true of every real layer). Else dequantize-then-matmul.
     """
     if not (x.is_cuda and q.packed.is_cuda) or x.dtype not in _DTYPES[:2] or len(q.shape) != 2:
         return False

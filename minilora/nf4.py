@@ -279,7 +279,8 @@ def absmax_float(q: NF4Tensor) -> torch.Tensor:
 # The gather reads the 256-entry pair table viewed as float64 with int32 indices: PyTorch's CPU
 # index_select has a tight loop for floating tables and int32 indices (0.67 ns per byte) and a slower
 # generic one for int64 tables or int64 indices (1.1 ns per byte). The float64 view only moves bits:
-# no arithmetic touches it, and no pair of NF4 float32s (both in [-1, 1]) spells a float64 NaN.
+# no arithmetic touches it (a pair ending in NF4 0.0 spells a float64 subnormal, which copies keep
+# even in flush-denormal mode; tested), and no pair of finite float32s spells a float64 NaN.
 # (bitsandbytes' C++ AVX-512 loop is still faster per element: PyTorch has no vectorized table lookup.)
 DEQUANT_CHUNK = 1 << 18
 DEQUANT_THREADS = 1

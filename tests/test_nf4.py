@@ -95,6 +95,24 @@ def test_dequantize_identical_to_bitsandbytes(wb, double_quant, out_dtype, chunk
     assert torch.equal(got.view(-1), expected.reshape(-1))
 
 
+def test_dequantize_exact_in_flush_denormal_mode():
+    """The CPU reference gathers byte pairs as float64 bit patterns; a pair whose second value is
+    NF4 0.0 spells a float64 subnormal. Flush-to-zero / denormals-are-zero must not touch it."""
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    w.view(-1)[1::2] = 0  # every byte's low nibble decodes to 0.0
+    q = quantize_nf4(w, blocksize=64)
+    want = dequantize_nf4(q, torch.float32)
+    assert (want.view(-1)[1::2] == 0).all() and (want.view(-1)[::2] != 0).any()
+    old = torch.set_flush_denormal(True)
+    try:
+        got = dequantize_nf4(q, torch.float32)
+    finally:
+        torch.set_flush_denormal(False)
+    if not old:
+        pytest.skip("this CPU has no flush-denormal mode")
+    assert torch.equal(got, want)
+
+
 @given(weights(max_numel=3000), st.booleans())
 def test_from_bnb_dequantizes_like_bitsandbytes(wb, double_quant):
     """Wrapping bitsandbytes' own output (no requantization) gives bitsandbytes' values."""
