@@ -70,7 +70,7 @@ def fwd_bwd(module, params, x, seed):
     x = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
     y = module(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device, y.dtype)
     y.backward(g)
     return [y, x.grad] + [p.grad for p in params]
 
@@ -163,6 +163,28 @@ def test_row_slices_match_peft_on_bitsandbytes_nf4(k, m, rows, n, r, dtype, drop
         got = fwd_bwd(ours, ours_params(ours), x, seed)
     for a, b in zip(got, fwd_bwd(pm, theirs, x, seed)):  # y, dL/dx (x's dtype), dL/dA, dL/dB (float32)
         assert_same([a], [b], a.dtype, bf16_ulps=1 if a.dtype == torch.bfloat16 else 0)
+
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [10, 64])  # on CUDA: the fused Triton matmul (<= 16 tokens), then dequantize + cuBLAS
+def test_nf4_lora_matches_peft_qlora_on_each_device(device, n):
+    """QLoRA's usual case (bf16, NF4 double quant, no dropout) against PEFT's QLoRA layer on a
+    bitsandbytes Linear4bit holding the same bytes, on the CPU and (marked gpu) on CUDA, where both
+    sides take their GPU kernels. Different GEMM kernels may accumulate in another order, flipping
+    a bf16 rounding: values within 2 bf16 ulps of the largest one."""
+    gen = torch.Generator().manual_seed(n)
+    lin = nn.Linear(256, 48, bias=False).to(torch.bfloat16)  # 48 outputs: a ragged output tile
+    nl = NF4Linear.from_linear(lin, blocksize=64).to(device)
+    ours = LoRALinear(nl, 8, 16, dropout=0.0).to(device)
+    randomize(ours, gen)
+    pm, theirs = peft_twin(ours, bnb_linear4bit(nl))
+    x = torch.randn(n, 256, generator=gen).to(device, torch.bfloat16)
+    got, want = fwd_bwd(ours, ours_params(ours), x, 0), fwd_bwd(pm, theirs, x, 0)
+    assert all(t.device.type == device for t in got + want)
+    assert_same(got, want, torch.bfloat16, bf16_ulps=2)
 
 
 def test_fused_nf4_path_equals_unfused_in_float32():
