@@ -161,8 +161,8 @@ def gpu_matmul(args, bnb, bnbF) -> list[dict]:
                 "bnb_cublas_t": bench(lambda q_, p_, s_, x_, g_: g_ @ bnbF.dequantize_4bit(p_, s_), rot),
             }
             for st in (2, 3):  # software pipelining depth; the launcher uses 1 (see _pick_config)
-                cf = (*_pick_config(n, m, k, False, args.blocksize)[:5], st)
-                ct = (*_pick_config(n, k, m, True, args.blocksize)[:5], st)
+                cf = (*_pick_config(n, m, k, False, args.blocksize, dtype)[:5], st)
+                ct = (*_pick_config(n, k, m, True, args.blocksize, dtype)[:5], st)
                 t[f"fused_s{st}"] = bench(lambda q_, p_, s_, x_, g_: nf4_matmul_triton(x_, q_, config=cf), rot)
                 t[f"fused_t_s{st}"] = bench(lambda q_, p_, s_, x_, g_: nf4_matmul_t_triton(g_, q_, config=ct), rot)
             row = {"shape": [m, k], "tokens": n, "us": t, "max_abs_err_vs_bnb": err,

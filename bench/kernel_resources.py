@@ -38,6 +38,7 @@ from collections import Counter
 os.environ.pop("TRITON_INTERPRET", None)  # decorated kernels must be JITFunctions, not interpreted
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
@@ -124,9 +125,11 @@ def matmul_cases():
     for n, m, k in [(1, 6912, 1152), (16, 1152, 6912), (1, 4096, 4096), (16, 14336, 4096), (64, 4096, 4096)]:
         for transposed in (False, True):
             o, r = (k, m) if transposed else (m, k)
-            bn, bo, br, split, warps, stages = nf4_matmul._pick_config(n, o, r, transposed, 64, interpret=False)
             for act, dq, aligned in [(a, d, True) for a in ("bf16", "fp16", "fp32") for d in (True, False)] + \
                                     [("bf16", True, False)]:
+                dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[act]
+                bn, bo, br, split, warps, stages = nf4_matmul._pick_config(n, o, r, transposed, 64, dtype,
+                                                                           interpret=False)
                 key = (bn, bo, br, split > 1, warps, stages, transposed, act, dq, aligned)
                 if key in seen:
                     continue

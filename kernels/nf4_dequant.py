@@ -9,8 +9,9 @@ second-level blocks. The math is minilora/nf4.py's (the PyTorch reference
 
 One launch reads each packed byte once and writes each output once. The float32 absmax is
 decoded inside the kernel from its 8-bit code (no intermediate absmax tensor in global memory,
-no second launch); the 16-entry NF4 table and the 256-entry dynamic map are gathered from tiny
-tensors that stay in L1.
+no second launch). The 16-entry NF4 table is loaded once per program and looked up with tl.gather
+(a conflict-free shared-memory read per element); the 256-entry dynamic map, read once per absmax
+block, is gathered from global memory and stays in L1.
 
 Each program handles BLOCK_SIZE packed bytes = 2 * BLOCK_SIZE outputs, as a (BLOCK_SIZE / VEC, VEC)
 tile: a thread owns whole rows, so it loads VEC bytes in one instruction and, after splitting each
@@ -23,7 +24,7 @@ round trip through 4 KiB of shared memory.)
 The kernel is launched with enable_fp_fusion=False so `DYN * absmax2 + offset` rounds twice, like
 the reference and bitsandbytes, instead of becoming one FMA: float32 outputs are then bit-exact.
 
-`_absmax_f32` and `_nf4_lookup` are shared with the fused matmul (kernels/nf4_matmul.py).
+`_absmax_f32`, `_nf4_table` and `_nf4_lookup` are shared with the fused matmul (kernels/nf4_matmul.py).
 """
 
 from __future__ import annotations
@@ -42,9 +43,21 @@ DEFAULT_NUM_WARPS = 4
 
 
 @triton.jit
-def _nf4_lookup(nf4_ptr, nib):
-    """NF4 value (float32) of each 4-bit code in `nib` (any shape, int32 in [0, 15])."""
-    return tl.load(nf4_ptr + nib)  # 16-entry table: always in bounds, always cached
+def _nf4_table(nf4_ptr):
+    """The 16 NF4 values (float32, (16,)) as a tensor of the program, loaded once."""
+    return tl.load(nf4_ptr + tl.arange(0, 16))
+
+
+@triton.jit
+def _nf4_lookup(table, nib):
+    """NF4 value (float32) of each 4-bit code in `nib` (any shape, int32 in [0, 15]).
+
+    tl.gather from the 16-entry table, which Triton lowers to a shared-memory lookup (conflict-free:
+    16 words in 16 banks): one instruction per element with a 32-bit address, where a global-memory
+    lookup costs a 64-bit address (two instructions) and a load through L1.
+    """
+    flat = tl.reshape(nib, (nib.numel,))  # tl.gather wants the index's rank to be the table's
+    return tl.reshape(tl.gather(table, flat, 0), nib.shape)
 
 
 @triton.jit
@@ -92,8 +105,9 @@ def _nf4_dequant_kernel(
     # A row's 2 * VEC elements share one absmax block: decode it once per row.
     blk = (row * VEC // (BLOCKSIZE // 2)).to(tl.int32)  # (ROWS,)
     absmax = _absmax_f32(blk, row * VEC < n_bytes, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-    hi = _nf4_lookup(nf4_ptr, byte >> 4) * absmax[:, None]  # (ROWS, VEC) elements 2j, float32
-    lo = _nf4_lookup(nf4_ptr, byte & 15) * absmax[:, None]  # (ROWS, VEC) elements 2j+1
+    nf4 = _nf4_table(nf4_ptr)  # (16,)
+    hi = _nf4_lookup(nf4, byte >> 4) * absmax[:, None]  # (ROWS, VEC) elements 2j, float32
+    lo = _nf4_lookup(nf4, byte & 15) * absmax[:, None]  # (ROWS, VEC) elements 2j+1
 
     # Interleave to (hi0, lo0, hi1, lo1, ...) inside each thread's row: one contiguous store.
     vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * VEC))  # (ROWS, 2 * VEC)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.kernels.nf4_dequant import _absmax_f32, _nf4_lookup, _tables, check_nf4, interpreting
+from minilora.kernels.nf4_dequant import _absmax_f32, _nf4_lookup, _nf4_table, _tables, check_nf4, interpreting
 from minilora.nf4 import NF4Tensor
 
 FUSED_MAX_TOKENS = 16  # use_fused's threshold; the bench (bench/dequant.py --matmul) measures it
@@ -43,7 +43,8 @@ def _nf4_tile(
     offs_col,                   # (C,) int32 column indices of W (0..K)
     mask,                       # (R, C) bool: in-bounds elements
     K,                          # columns of W (row stride in elements)
-    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, nf4_ptr, dyn_ptr,  # the NF4 state, see nf4_dequant
+    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr,  # the NF4 state, see nf4_dequant
+    nf4,                        # (16,) float32 NF4 table (_nf4_table)
     BLOCKSIZE: tl.constexpr,    # elements per absmax block
     DOUBLE_QUANT: tl.constexpr,  # absmax holds 8-bit codes
 ):
@@ -52,7 +53,7 @@ def _nf4_tile(
     byte = tl.load(packed_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)  # (R, C)
     nib = (byte >> (4 - 4 * (e & 1))) & 15  # even e: high nibble
     absmax = _absmax_f32(e // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-    return tl.where(mask, _nf4_lookup(nf4_ptr, nib) * absmax, 0.0)
+    return tl.where(mask, _nf4_lookup(nf4, nib) * absmax, 0.0)
 
 
 @triton.jit
@@ -61,7 +62,8 @@ def _nf4_row_tile(
     row_mask,                   # (R,) bool: rows that exist (and belong to this split)
     col0,                       # first column of the tile: a multiple of WIDTH
     K_HALF,                     # K // 2: bytes per row of W (K is a multiple of BLOCKSIZE, so even)
-    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, nf4_ptr, dyn_ptr,  # the NF4 state, see nf4_dequant
+    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr,  # the NF4 state, see nf4_dequant
+    nf4,                        # (16,) float32 NF4 table (_nf4_table)
     BLOCKSIZE: tl.constexpr,    # elements per absmax block, a multiple of WIDTH
     DOUBLE_QUANT: tl.constexpr,  # absmax holds 8-bit codes
     WIDTH: tl.constexpr,        # columns in the tile
@@ -78,8 +80,8 @@ def _nf4_row_tile(
     absmax = _absmax_f32(first_byte // (BLOCKSIZE // 2), row_mask, absmax_ptr, absmax2_ptr, offset_ptr,
                          dyn_ptr, DOUBLE_QUANT)  # (R,)
     absmax = tl.where(row_mask, absmax, 0.0)  # masked rows: every value NF4 * 0 = 0 (one select per row)
-    hi = _nf4_lookup(nf4_ptr, byte >> 4) * absmax[:, None]  # (R, WIDTH / 2) even columns
-    lo = _nf4_lookup(nf4_ptr, byte & 15) * absmax[:, None]  # odd columns
+    hi = _nf4_lookup(nf4, byte >> 4) * absmax[:, None]  # (R, WIDTH / 2) even columns
+    lo = _nf4_lookup(nf4, byte & 15) * absmax[:, None]  # odd columns
     return tl.reshape(tl.join(hi, lo), (rows.shape[0], WIDTH))  # (R, WIDTH)
 
 
@@ -123,6 +125,7 @@ def _nf4_matmul_kernel(
     r_end = tl.minimum(r_start + r_per_split, R)
 
     acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
+    nf4 = _nf4_table(nf4_ptr)  # (16,) once per program
     for r0 in range(r_start, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
         a_mask = (offs_n[:, None] < N) & (offs_r[None, :] < r_end)
@@ -130,20 +133,20 @@ def _nf4_matmul_kernel(
                     mask=a_mask, other=0.0)  # (BLOCK_N, BLOCK_R)
         if ALIGNED and TRANSPOSED:  # tile rows r of W, columns o: contiguous bytes, one absmax per row
             w = _nf4_row_tile(offs_r, offs_r < r_end, pid_o * BLOCK_O, K_HALF, packed_ptr, absmax_ptr,
-                              absmax2_ptr, offset_ptr, nf4_ptr, dyn_ptr, BLOCKSIZE, DOUBLE_QUANT,
+                              absmax2_ptr, offset_ptr, dyn_ptr, nf4, BLOCKSIZE, DOUBLE_QUANT,
                               BLOCK_O)  # (BLOCK_R, BLOCK_O) = W[r, o]
         elif ALIGNED:  # tile rows o of W, columns r
             w = _nf4_row_tile(offs_o, offs_o < O, r0, K_HALF, packed_ptr, absmax_ptr, absmax2_ptr,
-                              offset_ptr, nf4_ptr, dyn_ptr, BLOCKSIZE, DOUBLE_QUANT, BLOCK_R)  # W[o, r]
+                              offset_ptr, dyn_ptr, nf4, BLOCKSIZE, DOUBLE_QUANT, BLOCK_R)  # W[o, r]
             w = tl.trans(w)  # (BLOCK_R, BLOCK_O)
         elif TRANSPOSED:  # any shape: element-wise index arithmetic
             w_mask = (offs_r[:, None] < r_end) & (offs_o[None, :] < O)
             w = _nf4_tile(offs_r, offs_o, w_mask, K, packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr,
-                          nf4_ptr, dyn_ptr, BLOCKSIZE, DOUBLE_QUANT)  # (BLOCK_R, BLOCK_O) = W[r, o]
+                          dyn_ptr, nf4, BLOCKSIZE, DOUBLE_QUANT)  # (BLOCK_R, BLOCK_O) = W[r, o]
         else:
             w_mask = (offs_o[:, None] < O) & (offs_r[None, :] < r_end)
             w = _nf4_tile(offs_o, offs_r, w_mask, K, packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr,
-                          nf4_ptr, dyn_ptr, BLOCKSIZE, DOUBLE_QUANT)  # (BLOCK_O, BLOCK_R) = W[o, r]
+                          dyn_ptr, nf4, BLOCKSIZE, DOUBLE_QUANT)  # (BLOCK_O, BLOCK_R) = W[o, r]
             w = tl.trans(w)  # (BLOCK_R, BLOCK_O)
         # Round W to the activation dtype first: the same numbers dequantize-then-matmul uses.
         w = w.to(a_ptr.dtype.element_ty)
@@ -163,7 +166,7 @@ def _nf4_matmul_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int,
+def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int, dtype: torch.dtype = torch.bfloat16,
                  interpret: bool | None = None) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps, num_stages) by shape.
 
@@ -172,14 +175,16 @@ def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int,
     reduction keep a GPU's SMs busy when N is tiny; the interpreter gets small tiles because its
     cost grows with tile area.
 
-    num_stages 1 (no software pipelining): with more stages Triton's pipeliner turns every NF4
-    table lookup into a 4-byte async copy through shared memory (68 per thread per step, and
-    27 KiB of shared memory instead of 10; `python bench/kernel_resources.py` shows it), where
-    a plain load hits L1: the 16-entry table is one cache line. Latency is hidden by occupancy
-    instead (44-72 registers: 7-11 programs of 4 warps per SM). bench/dequant.py times 1, 2 and 3
-    on the GPU.
+    num_stages 1 (no software pipelining): the kernel is bound by instruction issue, not latency
+    (bench/kernel_resources.py: ~9.5 SASS instructions per weight element where the memory
+    leaves time for ~4.4), and 2 or 3 stages add 0.3-1.2 instructions per element and 24
+    registers to prefetch the packed bytes, activations and absmax. (Before the NF4 table moved
+    to shared memory, more stages also turned every table lookup into a 4-byte async copy: 68
+    per thread per step.) Latency is hidden by occupancy instead (71-96 registers: 5-7 programs
+    of 4 warps per SM); bench/dequant.py times 2 and 3 beside 1 on the GPU. float32 activations (explicit calls only: use_fused never picks them) get 16-token
+    tiles and 8 warps: their FMA-based tl.dot spills registers otherwise.
     """
-    block_n = 16 if n <= 16 else 32
+    block_n = 16 if n <= 16 or dtype == torch.float32 else 32
     if interpreting() if interpret is None else interpret:
         return block_n, 16, min(32, blocksize), 1, 4, 1
     kw = min(64, blocksize)
@@ -188,7 +193,7 @@ def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int,
     split = 1
     while tiles * split < 264 and r // (split * 2) >= 4 * block_r:  # aim for ~2 programs per SM
         split *= 2
-    return block_n, block_o, block_r, split, 4, 1
+    return block_n, block_o, block_r, split, 8 if dtype == torch.float32 else 4, 1
 
 
 def aligned(q: NF4Tensor, width: int) -> bool:
@@ -218,7 +223,7 @@ def _launch(a: torch.Tensor, q: NF4Tensor, transposed: bool, who: str, config=No
     out = torch.empty((n, o_dim), dtype=a.dtype, device=dev)  # (N, O)
     if n == 0:
         return out.reshape(*lead, o_dim)
-    block_n, block_o, block_r, split, warps, stages = config or _pick_config(n, o_dim, r_dim, transposed, q.blocksize)
+    block_n, block_o, block_r, split, warps, stages = config or _pick_config(n, o_dim, r_dim, transposed, q.blocksize, a.dtype)
     target = out.unsqueeze(0) if split == 1 else torch.empty((split, n, o_dim), dtype=torch.float32, device=dev)
     nf4, dyn = _tables(dev)
     dq = q.double_quant
