@@ -13,7 +13,9 @@ Bytes moved by a dequantization = NF4 storage read + output written; by the copy
 Reported: median microseconds (triton.testing.do_bench, which also flushes L2 between runs),
 GB/s, % of the copy's GB/s, and bnb time / minilora time.
 
-Part 2, y = x W^T with N = 1..16 tokens (and dx = g W, the input gradient):
+Part 2, y = x W^T with N = 1..16 tokens, the target's range, and 32, 64 to find where dequantize +
+cuBLAS overtakes (kernels/nf4_matmul.py FUSED_MAX_TOKENS; static instruction counts put the
+crossover near 64-128), and dx = g W, the input gradient:
     fused      kernels/nf4_matmul.py (never materializes W)
     bnb+cuBLAS F.linear(x, dequantize_4bit(W))
     bnb gemv   bitsandbytes.matmul_4bit (its inference kernel for one token)
@@ -45,7 +47,7 @@ from minilora.nf4 import NF4Tensor, dequantize_nf4_reference  # noqa: E402
 SHAPES = [(1152, 1024), (1152, 6912), (6912, 1152),  # Gemma 3 1B: o_proj-ish, MLP up/gate, down
           (4096, 4096), (4096, 14336),                # Llama 3 8B: attention, MLP
           (8192, 8192)]
-TOKENS = [1, 2, 4, 8, 16]
+TOKENS = [1, 2, 4, 8, 16, 32, 64]
 ROTATE_BYTES = 200 * 2**20  # 4 x the H100's 50 MB L2
 
 
