@@ -6,6 +6,10 @@
 # Run from the repository root. Needs torch with CUDA, triton, transformers and peft, plus
 # bitsandbytes: if .whl/ holds wheels (a lent device machine has no bitsandbytes and no network),
 # they are installed into /tmp/site first. minilora is imported from the checkout (no install).
+# Fetch the wheel on a machine with network (.whl/ is git-ignored; name it in the device tool's carry):
+#   pip download bitsandbytes==0.50.2 --no-deps --only-binary :all: \
+#       --platform manylinux_2_24_x86_64 --python-version 3.12 -d .whl/      (43 MB)
+# Without a GPU, `python bench/kernel_resources.py` shows what the kernels cost on sm_90a.
 # All steps log to suite.log and put their JSON beside it, in $OUT when set (the device tool brings
 # $OUT back: at most 8 files, so one log), else in bench/results/gpu/. Steps are independent, so a 10-minute command limit can take them a few at a
 # time: `bash bench/gpu_suite.sh env tests dequant`, then `bash bench/gpu_suite.sh lora adamw`, ...
