@@ -50,6 +50,8 @@ def run(cfg) -> int:
     device = ddp_device or torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                                         else ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
     dtype = cfg.resolved_dtype(device.type)
+    if device.type == "cuda":  # float32 GEMMs: the LoRA terms (see --tf32)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     say = print if main else (lambda *a, **k: None)
 
     # --- run directory: never overwrite a previous run's checkpoints by accident

@@ -143,6 +143,8 @@ def worker(impl: str, ckpt: str, a) -> dict:
         torch.set_num_threads(a.threads)
     cuda = a.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:  # the same for both: PEFT's LoRA terms are float32 matmuls too
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
     B, T = a.batch, a.seq
     gen = torch.Generator().manual_seed(1)
     vocab = GEOMETRIES[a.geometry]["vocab_size"]
@@ -276,6 +278,8 @@ def main() -> None:
                     help="recompute block activations in backward, on both sides (train.py's default: on)")
     ap.add_argument("--prepare-kbit", action="store_true",
                     help="apply peft.prepare_model_for_kbit_training on the competitor side")
+    ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA: float32 matmuls on TF32 tensor cores, on both sides (train.py's default: on)")
     ap.add_argument("--loss-chunk", type=int, default=256,
                     help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 1024)")
     ap.add_argument("--mmap-threshold", type=int, default=0,
@@ -311,7 +315,8 @@ def main() -> None:
     argv = ["--geometry", a.geometry, "--device", a.device, "--batch", str(a.batch), "--seq", str(a.seq),
             "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
             "--loss-chunk", str(a.loss_chunk),
-            "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]  # fmt: skip
+            "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
+            "--tf32" if a.tf32 else "--no-tf32"]  # fmt: skip
     if a.prepare_kbit:
         argv.append("--prepare-kbit")
     with tempfile.TemporaryDirectory(prefix="minilora_train_step_") as tmp:
@@ -355,7 +360,8 @@ def report(a, rows: dict) -> None:
           f"{'bf16' if cuda else 'float32'} compute on {a.device}")
     print(f"B {a.batch} x T {a.seq}, LoRA all-linear r {a.rank} alpha {2 * a.rank}, gradient checkpointing "
           f"{'on' if a.gradient_checkpointing else 'off'}, prepare_model_for_kbit_training "
-          f"{'on' if a.prepare_kbit else 'off'}; median of {a.steps} steps after {a.warmup} warm-up, "
+          f"{'on' if a.prepare_kbit else 'off'}{', TF32 ' + ('on' if a.tf32 else 'off') if cuda else ''}; "
+          f"median of {a.steps} steps after {a.warmup} warm-up, "
           f"{a.rounds} round(s)")
     hdr = (f"{'':10}{'step s':>8}{'tok/s':>8}{mem_name + ' MB':>18}{'import RSS MB':>15}{'step peak MB':>14}"
            f"{'resident MB':>13}{'LoRA MB':>9}{'trainable':>11}")
@@ -381,6 +387,7 @@ def report(a, rows: dict) -> None:
         "dtype": "bfloat16" if cuda else "float32", "batch": a.batch, "seq": a.seq, "rank": a.rank,
         "alpha": 2 * a.rank, "steps": a.steps, "warmup": a.warmup,
         "gradient_checkpointing": a.gradient_checkpointing, "prepare_model_for_kbit_training": a.prepare_kbit,
+        "tf32": a.tf32 if cuda else None,
         "memory": ("torch.cuda.max_memory_allocated over the worker's life" if cuda else
                    "VmHWM (peak RSS) of the worker process over its life"),
         "loss_chunk": a.loss_chunk, "rounds": a.rounds, "threads": a.threads,

@@ -59,6 +59,9 @@ class TrainConfig:
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     gradient_checkpointing: bool = _f(True, "recompute block activations in backward to save memory")
+    tf32: bool = _f(True, "CUDA: run float32 matmuls (the LoRA terms and their gradients) on TF32 tensor "
+                          "cores; the LoRA term is rounded to the 16-bit compute dtype before it is added, no "
+                          "finer than TF32's inputs (--no-tf32: full float32)")
     loss_chunk: int = _f(256, "labelled tokens per cross-entropy chunk: at most chunk x vocab float32 "
                               "logits exist at once (256 x 262k = 256 MiB for Gemma 3)")
     # optimization
