@@ -103,7 +103,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend."""
+        """x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend, or None for
+        plain causal attention over T == S (SDPA's is_causal: FlashAttention on a GPU)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -118,9 +119,12 @@ class Attention(nn.Module):
         k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
         v = v.repeat_interleave(rep, dim=1) if rep > 1 else v  # (B, H, S, hd)
         if self.softcap is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.scale)  # (B, H, T, hd)
         else:
             # SDPA cannot soft-cap scores, so this path spells attention out.
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, S): causal
             scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, T, S)
             scores = self.softcap * torch.tanh(scores / self.softcap)
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -201,6 +205,22 @@ def build_mask(q_slots, key_valid, segment_q, segment_k, window):
     return allowed[:, None]  # (B, 1, T, S)
 
 
+def causal_is_exact(valid, segment_ids) -> bool:
+    """Whether plain causal attention gives every real token what build_mask's mask would.
+
+    True when each row's real tokens are a prefix (no padding, or right padding) and all of them
+    share one segment id (unpacked batches): a real query then attends to exactly the earlier real
+    tokens either way. Padding queries differ, and their outputs are ignored by every caller.
+    Costs one device-to-host sync.
+    """
+    if valid.shape[1] < 2:
+        return True
+    ok = valid[:, 1:] <= valid[:, :-1]  # (B, T-1): once a row turns to padding it stays padding
+    if segment_ids is not None:  # a real token continues its predecessor's segment
+        ok = ok & (~valid[:, 1:] | (segment_ids[:, 1:] == segment_ids[:, :-1]))
+    return bool(ok.all())
+
+
 def default_positions(attention_mask, segment_ids, past_positions=None):
     """Position ids (B, T) so that padded or packed rows equal each sequence run alone.
 
@@ -271,8 +291,10 @@ class Transformer(nn.Module):
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packed sequences) are for training; they cannot be combined with a KV cache.")
         q_slots = torch.arange(past, past + T, device=dev)  # (T,)
+        causal = cache is None and causal_is_exact(valid, segment_ids)
         masks = {
-            kind: build_mask(q_slots, key_valid, segment_ids, segment_ids, cfg.sliding_window if kind == SLIDING else None)
+            kind: None if causal and (kind == FULL or T <= cfg.sliding_window) else
+            build_mask(q_slots, key_valid, segment_ids, segment_ids, cfg.sliding_window if kind == SLIDING else None)
             for kind in set(cfg.layer_types)
         }  # fmt: skip
 

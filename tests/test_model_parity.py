@@ -18,10 +18,12 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 
 from minilora.models.config import FULL, SLIDING, ModelConfig  # noqa: E402
 from minilora.models.loader import load_model  # noqa: E402
+from minilora.models.transformer import causal_is_exact  # noqa: E402
 
 
 def rel_err(a, b):
-    return ((a - b).abs().max() / a.abs().max()).item()
+    """Largest difference relative to a's largest magnitude (0 when both are all zeros)."""
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
 
 
 def _randomize_norms(hf):
@@ -82,7 +84,8 @@ def llama_configs(draw):
 
 
 def save_and_load(hf, tmp_path, sharded):
-    hf.save_pretrained(tmp_path, max_shard_size="20KB" if sharded else "5GB")
+    total = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+    hf.save_pretrained(tmp_path, max_shard_size=max(1, total // 3) if sharded else "5GB")  # bytes: 3+ shards
     assert (tmp_path / "model.safetensors.index.json").exists() == sharded
     model, tok = load_model(str(tmp_path), quantize=None, dtype=torch.float32)
     assert tok is None
@@ -148,8 +151,9 @@ def test_attention_softcapping_matches_reference_formula(tmp_path, monkeypatch):
 @settings(max_examples=4)
 @given(kw=gemma_configs(), lens=st.lists(st.integers(1, 14), min_size=2, max_size=4), seed=st.integers(0, 99))
 def test_padded_batch_and_packed_rows_equal_single_sequences(tmp_path_factory, kw, lens, seed):
-    """Left-padded batch == each sequence alone == transformers on it alone; a row packing the same
-    sequences with segment_ids gives each piece's logits as if run alone."""
+    """Left-padded batch (an explicit mask) and right-padded batch (plain causal attention, as
+    training batches take it) == each sequence alone == transformers on it alone; a row packing the
+    same sequences with segment_ids gives each piece's logits as if run alone."""
     hf = make_gemma(kw)
     ours = save_and_load(hf, tmp_path_factory.mktemp("p"), False)
     g = torch.Generator().manual_seed(seed)
@@ -159,15 +163,24 @@ def test_padded_batch_and_packed_rows_equal_single_sequences(tmp_path_factory, k
     mask = torch.zeros(len(seqs), P, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, P - len(s):], mask[i, P - len(s):] = s, 1
+    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)  # right padding, as training batches
+    for i, s in enumerate(seqs):
+        right_ids[i, :len(s)], right_mask[i, :len(s)] = s, 1
     packed = torch.cat(seqs)[None]  # (1, sum(lens))
     segs = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None]
+    # which batches may use plain causal attention (SDPA is_causal) instead of an explicit mask
+    assert not causal_is_exact(mask.bool(), None) or len(set(lens)) == 1
+    assert causal_is_exact(right_mask.bool(), None) and causal_is_exact(right_mask.bool(), right_mask)
+    assert not causal_is_exact(torch.ones_like(segs, dtype=torch.bool), segs)
     with torch.no_grad():
         batched = ours(ids, attention_mask=mask)
+        right = ours(right_ids, attention_mask=right_mask, segment_ids=right_mask)
         packed_logits = ours(packed, segment_ids=segs)[0]
         start = 0
         for i, s in enumerate(seqs):
             alone = hf(s[None]).logits[0]  # (n, V)
             assert rel_err(alone, batched[i, P - len(s):]) < 1e-5
+            assert rel_err(alone, right[i, :len(s)]) < 1e-5
             assert rel_err(alone, packed_logits[start:start + len(s)]) < 1e-5
             start += len(s)
 
