@@ -20,8 +20,11 @@ That only pays when the matmul is bound by reading W: few tokens (decoding, smal
 and few output tiles the GPU would be idle, so the reduction can be split (SPLIT_K programs per
 output tile, float32 partial sums added afterwards).
 
-The same element-index arithmetic handles any K (odd K lets a row start mid-byte) and any
-blocksize; masked lanes load code 0 and are zeroed before the dot.
+Two ways to build the W tile. Real layers have K % BLOCKSIZE == 0, so a tile WIDTH <= BLOCKSIZE
+columns wide is, row by row, WIDTH / 2 contiguous bytes under one absmax (`_nf4_row_tile`, the
+ALIGNED path: one vector load and one absmax per tile row). Any other K takes element-wise index
+arithmetic (`_nf4_tile`: odd K lets a row start mid-byte; masked lanes load code 0 and are zeroed
+before the dot). `python bench/kernel_resources.py` shows what each costs on sm_90a.
 """
 
 from __future__ import annotations
