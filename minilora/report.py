@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from minilora.fileio import write_text_atomic as write_atomic  # noqa: F401  (re-exported)
+from minilora.fileio import write_text_atomic
 
 VARIANTS = ("base", "few_shot", "fine_tuned")
 GATES = (  # (flag, metric, direction): the fine-tuned model must be >= (min) or <= (max) the value
@@ -134,6 +134,6 @@ def write_report(out_dir: str, meta: dict, results: dict, examples: list, gates:
     """Write report.md and eval.json into out_dir atomically; return their paths."""
     md = os.path.join(out_dir, "report.md")
     js = os.path.join(out_dir, "eval.json")
-    write_atomic(js, json.dumps(build_json(meta, results, examples, gates), indent=2, ensure_ascii=False) + "\n")
-    write_atomic(md, build_markdown(meta, results, examples, gates, generations))
+    write_text_atomic(js, json.dumps(build_json(meta, results, examples, gates), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(md, build_markdown(meta, results, examples, gates, generations))
     return md, js
