@@ -35,6 +35,16 @@ def interleaved_medians(fns: dict, repeat: int = 7, warmup: int = 2) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def status_kib(field: str) -> int:
+    """A /proc/self/status field in KiB (VmRSS: current RSS, VmHWM: peak RSS of this address space,
+    which unlike getrusage's ru_maxrss does not inherit a parent's peak over fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def environment() -> dict:
     import importlib.metadata as md
 

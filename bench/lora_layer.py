@@ -39,14 +39,6 @@ TOKENS = [512, 2048]
 IMPLS = ["minilora", "peft+bnb"]
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def build(impl: str, k: int, m: int, r: int, device: str):
     import torch
 
@@ -83,6 +75,9 @@ def build(impl: str, k: int, m: int, r: int, device: str):
 def worker(impl: str, k: int, m: int, r: int, n: int, repeats: int, device: str) -> dict:
     import torch
 
+    sys.path.insert(0, os.path.dirname(HERE))
+    from bench.common import status_kib
+
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     layer, params = build(impl, k, m, r, device)
     gen = torch.Generator().manual_seed(2)
@@ -109,13 +104,13 @@ def worker(impl: str, k: int, m: int, r: int, n: int, repeats: int, device: str)
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-        base = _rss_kib("VmRSS") * 1024
+        base = status_kib("VmRSS") * 1024
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
     return {"median_s": statistics.median(times), "times_s": times, "peak_delta_bytes": peak - base}
 
 

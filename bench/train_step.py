@@ -80,15 +80,6 @@ GEOMETRIES = {
 }  # fmt: skip
 
 
-def _status_kib(field: str) -> int:
-    """A /proc/self/status field in KiB (VmRSS: current RSS, VmHWM: peak RSS of this address space)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def write_checkpoint(folder: str, geometry: str) -> None:
     """A random-weight Gemma3ForCausalLM with `geometry`, bf16, via transformers' save_pretrained."""
     import torch
@@ -139,6 +130,9 @@ def worker(impl: str, ckpt: str, a) -> dict:
     import torch
     import torch._dynamo  # any torch optimizer imports it when built (~150 MB RSS): count it as import
 
+    sys.path.insert(0, ROOT)
+    from bench.common import status_kib
+
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     cuda = a.device == "cuda"
@@ -158,7 +152,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         from minilora.paged_adamw import PagedAdamW
         from minilora.trainer import chunked_lm_loss
 
-        base_rss = _status_kib("VmRSS")
+        base_rss = status_kib("VmRSS")
         t0 = time.perf_counter()
         model, _ = load_model(ckpt, quantize="nf4", dtype=dtype, device=a.device)
         report = apply_lora(model, targets="all-linear", r=a.rank, alpha=2 * a.rank, dropout=0.0, seed=0,
@@ -183,7 +177,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        base_rss = _status_kib("VmRSS")
+        base_rss = status_kib("VmRSS")
         t0 = time.perf_counter()
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=dtype)  # fmt: skip
@@ -209,7 +203,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
             return float(loss.detach())
 
     load_s = time.perf_counter() - t0
-    loaded_rss = _status_kib("VmRSS")
+    loaded_rss = status_kib("VmRSS")
     model_bytes, lora_bytes = resident_bytes(model)
 
     def step() -> float:
@@ -228,8 +222,8 @@ def worker(impl: str, ckpt: str, a) -> dict:
         life_peak_load = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()  # from here max_memory_allocated is the training peak
     else:
-        before = _status_kib("VmRSS") * 1024
-        life_peak_load = _status_kib("VmHWM") * 1024
+        before = status_kib("VmRSS") * 1024
+        life_peak_load = status_kib("VmHWM") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := current RSS
     losses, times = [], []
@@ -242,12 +236,12 @@ def worker(impl: str, ckpt: str, a) -> dict:
         train_peak = torch.cuda.max_memory_allocated()
         peak = max(train_peak, life_peak_load)  # reset_peak_memory_stats dropped the loading peak
     else:
-        train_peak = _status_kib("VmHWM") * 1024
+        train_peak = status_kib("VmHWM") * 1024
         peak = max(train_peak, life_peak_load)
     med = statistics.median(times)
     return {"median_s": med, "times_s": times, "tokens_per_s": B * T / med, "losses": losses,
             "load_s": load_s, "import_rss_mb": base_rss / 1024, "loaded_rss_mb": loaded_rss / 1024,
-            "end_rss_mb": _status_kib("VmRSS") / 1024, "peak_mb": peak / 2**20,
+            "end_rss_mb": status_kib("VmRSS") / 1024, "peak_mb": peak / 2**20,
             "step_peak_mb": (train_peak - before) / 2**20, "resident_mb": model_bytes / 2**20,
             "lora_mb": lora_bytes / 2**20, "trainable_params": trainable}  # fmt: skip
 
@@ -281,7 +275,7 @@ def main() -> None:
     ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                     help="CUDA: float32 matmuls on TF32 tensor cores, on both sides (train.py's default: on)")
     ap.add_argument("--loss-chunk", type=int, default=256,
-                    help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 1024)")
+                    help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 256)")
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="set MALLOC_MMAP_THRESHOLD_ (bytes) in both workers, so that CPU RSS follows live memory "
                          "instead of glibc's retained heap (0 = glibc's default, as users run)")
