@@ -131,7 +131,7 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def vec_bytes(dtype: torch.dtype) -> int:
     """Packed bytes per thread row: each byte gives two outputs, so 8 // size bytes fill a 16-byte store."""
-    return 8 // torch.empty((), dtype=dtype).element_size()
+    return 8 // dtype.itemsize
 
 
 def interpreting() -> bool:
