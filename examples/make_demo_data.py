@@ -19,11 +19,8 @@ set is balanced over the 15 (topic, sentiment) pairs.
 import json
 import os
 import random
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minilora.data import Example, assert_no_contamination, dedup  # noqa: E402
+from minilora.data import Example, assert_no_contamination, dedup
 
 SEED = 1234
 N_TRAIN, N_TEST = 450, 90
