@@ -44,6 +44,7 @@ import torch
 
 from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json
 from minilora.models.config import FULL, SLIDING, ModelConfig
+from minilora.models.loader import is_block_linear
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json")  # fmt: skip
@@ -85,6 +86,17 @@ def to_hf_config(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.bf
     if cfg.family == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
                 "mlp_bias": cfg.mlp_bias, **common}  # fmt: skip
+    if cfg.family == "mistral":  # one window for all layers, or none
+        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu", **common,
+                "sliding_window": cfg.sliding_window}  # fmt: skip
+    if cfg.family in ("qwen2", "qwen3"):
+        sliding = [i for i, t in enumerate(cfg.layer_types) if t == SLIDING]
+        arch = "Qwen2ForCausalLM" if cfg.family == "qwen2" else "Qwen3ForCausalLM"
+        # transformers 4.x: the window covers layers max_window_layers.. when use_sliding_window.
+        return {"architectures": [arch], "model_type": cfg.family, "hidden_act": "silu", **common,
+                "use_sliding_window": bool(sliding), "sliding_window": cfg.sliding_window,
+                "max_window_layers": sliding[0] if sliding else cfg.num_hidden_layers,
+                "layer_types": list(cfg.layer_types)}  # fmt: skip
     out = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
            "hidden_activation": cfg.hidden_act, **common, "rope_local_base_freq": cfg.rope_local_theta,
            "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
@@ -107,11 +119,6 @@ def quantization_config(compute_dtype: torch.dtype, double_quant: bool = True) -
 
 
 # ------------------------------------------------------------------------------- tensors
-def is_block_linear(name: str) -> bool:
-    """Linear weights inside the blocks: what the NF4 base and bitsandbytes quantize."""
-    return name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
 def dense_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """{transformers name: tensor in `dtype`} of a dense (merged, unquantized) model."""
     tensors = {}
