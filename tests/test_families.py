@@ -118,6 +118,37 @@ def test_greedy_generation_with_and_without_cache_equals_transformers(tmp_path_f
     assert cached == [ref]
 
 
+# ------------------------------------------------------------------------------- presets
+HUB_CONFIGS = {  # the hub's config.json (transformers 4.x dialect) of the repos two presets mirror
+    "qwen3-0.6b": {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                   "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+                   "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+                   "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+                   "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+                   "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+                   "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
+    "qwen2.5-0.5b": {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+                     "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+                     "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
+                     "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
+                     "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+                     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "use_mrope": False,
+                     "use_sliding_window": False, "vocab_size": 151936},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_presets_equal_the_hub_config_they_mirror(name):
+    from dataclasses import asdict
+
+    from minilora.models.config import ModelConfig
+
+    def model_fields(cfg):
+        return {k: v for k, v in asdict(cfg).items() if k not in ("name", "hf_repo", "source_architecture")}
+
+    assert model_fields(ModelConfig.from_name(name)) == model_fields(ModelConfig.from_hf_config(HUB_CONFIGS[name]))
+
+
 # ------------------------------------------------------------------------------- NF4 on load
 @pytest.mark.parametrize("family", sorted(CLASSES))
 def test_nf4_quantize_on_load_bytes_equal_bitsandbytes(tmp_path, family):
