@@ -8,8 +8,12 @@ An adapter directory holds two files:
                                base_model.model.<module path>.lora_A.weight          (r, K)
                                base_model.model.<module path>.lora_B.weight          (M, r)
                                base_model.model.<module path>.lora_magnitude_vector  (M,)  DoRA only
-Our parameter names are exactly `<module path>.lora_A.weight` etc. (see minilora/lora.py), so the
-mapping is the prefix alone.
+Our parameter names are exactly `<module path>.lora_A.weight` etc. (see minilora/lora.py), and the
+module path is written as the source checkpoint names it (models.loader.checkpoint_name): for a
+Gemma3ForConditionalGeneration checkpoint our `model.layers.0...` is saved as its
+`language_model.model.layers.0...` (transformers 4 layout) or `model.language_model.layers.0...`
+(transformers 5), so PEFT and vLLM apply the adapter to that checkpoint. Loading maps either
+layout back (models.loader.our_name) when the path is not a module of the model as it is.
 
 Writes are atomic: both files go to a temporary directory beside `out_dir`, which replaces
 `out_dir` only once complete; an existing adapter survives any failure before that.
@@ -55,6 +59,30 @@ UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False, "mod
                "arrow_config": None, "velora_config": None, "monteclora_config": None, "kasa_config": None}
 
 
+def _source_prefix(model: nn.Module) -> str:
+    """Where the model's source checkpoint keeps our `model.` (ModelConfig.source_prefix; "model." else)."""
+    prefix = getattr(getattr(model, "config", None), "source_prefix", None)
+    return prefix if isinstance(prefix, str) else "model."
+
+
+def _source_path(model: nn.Module, path: str) -> str:
+    """Our module path -> the path the model's source checkpoint uses (identity for other models)."""
+    from minilora.models.loader import checkpoint_name
+
+    return checkpoint_name(path, _source_prefix(model))
+
+
+def module_path(model: nn.Module, path: str) -> str:
+    """A module path as an adapter stores it -> the model's own (undoes _source_path)."""
+    from minilora.models.loader import our_name
+
+    try:
+        model.get_submodule(path)
+        return path
+    except AttributeError:
+        return our_name(path) or path
+
+
 def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
@@ -69,6 +97,17 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     if sorted(n for n in linears if n.split(".")[-1] in leaves) == sorted(names):
         return leaves
     return sorted(names)
+
+
+def _source_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
+    r"""target_modules for the source checkpoint. A multimodal source gets a regex (PEFT full-matches
+    a string) confined to its language model in either key layout, `(.*\.)?language_model\.(model\.)?(...)`,
+    so that PEFT does not also wrap the vision tower's q/k/v_proj."""
+    if _source_prefix(model) == "model.":
+        return targets
+    leaves = all("." not in t for t in targets)
+    alts = "|".join(rf"layers\.\d+\..*\.{t}" if leaves else re.escape(t[len("model."):]) for t in targets)
+    return rf"(.*\.)?language_model\.(model\.)?({alts})"
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None, config: dict | None = None) -> dict:
@@ -86,9 +125,9 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None, config
     cfg = dict(PEFT_DEFAULTS)
     cfg.update(base_model_name_or_path=base_model_name_or_path, r=r, lora_alpha=alpha, lora_dropout=dropout,
                use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=True if init == "default" else init,
-               target_modules=_target_modules(model, list(mods)),
-               rank_pattern={n: m.r for n, m in mods.items() if m.r != r},
-               alpha_pattern={n: m.alpha for n, m in mods.items() if m.alpha != alpha})
+               target_modules=_source_targets(model, _target_modules(model, list(mods))),
+               rank_pattern={_source_path(model, n): m.r for n, m in mods.items() if m.r != r},
+               alpha_pattern={_source_path(model, n): m.alpha for n, m in mods.items() if m.alpha != alpha})
     cfg.update(config or {})
     return cfg
 
@@ -99,7 +138,8 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
     from safetensors.torch import save_file
 
     cfg = adapter_config(model, base_model_name_or_path, config)
-    tensors = {PREFIX + k: v.detach().float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {PREFIX + _source_path(model, k): v.detach().float().contiguous().cpu()
+               for k, v in lora_state_dict(model).items()}  # fmt: skip
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise AdapterError(f"{out_dir} exists and is not a directory; pass a directory path for the adapter.")
@@ -164,7 +204,7 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
         if suffix is None:
             raise AdapterError(f"{adapter_dir}: tensor {key!r} is not a LoRA weight (lora_A / lora_B / "
                                "lora_magnitude_vector); minilora loads plain LoRA adapters only.")
-        weights.setdefault(name[: -len(suffix)], {})[suffix] = t
+        weights.setdefault(module_path(model, name[: -len(suffix)]), {})[suffix] = t
     base = cfg.get("base_model_name_or_path")
     mods = lora_modules(model)
     if not mods:
@@ -176,7 +216,10 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
                                    f"model; the adapter was trained on a different base ({base}).")
         names = sorted(weights)
         ranks = {n: int(weights[n][".lora_A.weight"].shape[0]) for n in names if ".lora_A.weight" in weights[n]}
-        alphas = {n: _pattern_value(cfg.get("alpha_pattern"), n, cfg["lora_alpha"]) for n in names}
+        # A pattern may name a module by our path or by the source checkpoint's.
+        alphas = {n: _pattern_value(cfg.get("alpha_pattern"), n,
+                                    _pattern_value(cfg.get("alpha_pattern"), _source_path(model, n), cfg["lora_alpha"]))
+                  for n in names}  # fmt: skip
         init = cfg.get("init_lora_weights", True)
         apply_lora(model, names, r=int(cfg["r"]), alpha=cfg["lora_alpha"],
                    dropout=float(cfg.get("lora_dropout", 0.0)), init="gaussian" if init == "gaussian" else "default",

@@ -44,9 +44,11 @@ import torch
 
 from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json
 from minilora.models.config import FULL, SLIDING, ModelConfig
+from minilora.models.loader import is_block_linear, source_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "added_tokens.json")  # fmt: skip
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json",
+                   "preprocessor_config.json", "processor_config.json")  # fmt: skip  (a multimodal source's processor)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -85,6 +87,17 @@ def to_hf_config(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.bf
     if cfg.family == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
                 "mlp_bias": cfg.mlp_bias, **common}  # fmt: skip
+    if cfg.family == "mistral":  # one window for all layers, or none
+        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu", **common,
+                "sliding_window": cfg.sliding_window}  # fmt: skip
+    if cfg.family in ("qwen2", "qwen3"):
+        sliding = [i for i, t in enumerate(cfg.layer_types) if t == SLIDING]
+        arch = "Qwen2ForCausalLM" if cfg.family == "qwen2" else "Qwen3ForCausalLM"
+        # transformers 4.x: the window covers layers max_window_layers.. when use_sliding_window.
+        return {"architectures": [arch], "model_type": cfg.family, "hidden_act": "silu", **common,
+                "use_sliding_window": bool(sliding), "sliding_window": cfg.sliding_window,
+                "max_window_layers": sliding[0] if sliding else cfg.num_hidden_layers,
+                "layer_types": list(cfg.layer_types)}  # fmt: skip
     out = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
            "hidden_activation": cfg.hidden_act, **common, "rope_local_base_freq": cfg.rope_local_theta,
            "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
@@ -107,11 +120,6 @@ def quantization_config(compute_dtype: torch.dtype, double_quant: bool = True) -
 
 
 # ------------------------------------------------------------------------------- tensors
-def is_block_linear(name: str) -> bool:
-    """Linear weights inside the blocks: what the NF4 base and bitsandbytes quantize."""
-    return name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
 def dense_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """{transformers name: tensor in `dtype`} of a dense (merged, unquantized) model."""
     tensors = {}
@@ -275,6 +283,8 @@ def check_adapter_fits(model, adapter_dir: str, model_name: str) -> None:
     """
     from safetensors import safe_open
 
+    from minilora.adapter import module_path
+
     trained_on = adapter_config(adapter_dir).get("base_model_name_or_path") or "another model"
     prefix = "base_model.model."
     with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
@@ -283,7 +293,7 @@ def check_adapter_fits(model, adapter_dir: str, model_name: str) -> None:
                 if not key.endswith(part):
                     continue
                 path = key[len(prefix) :] if key.startswith(prefix) else key
-                path = path[: -len(part)]
+                path = module_path(model, path[: -len(part)])
                 want = f.get_slice(key).get_shape()[dim]
                 try:
                     have = getattr(model.get_submodule(path), attr, None)
@@ -387,9 +397,16 @@ def export_adapter(adapter: str, out: str, dtype: str = "bfloat16", quantize_4bi
     merge_to_dense(model, out_dtype)
     tensors = dense_tensors(model, out_dtype)
     config = to_hf_config(model.config, tok, out_dtype)
+    src = base_dir(name)
+    if model.config.source_prefix != "model.":
+        # A multimodal source stays multimodal: its architecture and config.json, our merged text
+        # tower under its names, the vision tower and projector copied unchanged.
+        if quantize_4bit:
+            raise ExportError(f"--quantize-4bit is not supported for the multimodal {name}; export without it.")
+        tensors, config = source_checkpoint(model.config, tensors, src)
+        config["torch_dtype"] = _NAMES[out_dtype]
     if quantize_4bit:
         tensors = bnb_4bit_tensors(tensors)
         config["quantization_config"] = quantization_config(out_dtype)
-    src = base_dir(name)
     return write_checkpoint(out, tensors, config, tokenizer_dir=src, generation_config=generation_config(src, config),
                             overwrite=overwrite, max_shard_bytes=max_shard_bytes)  # fmt: skip

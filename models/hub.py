@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from minilora.models.config import PRESETS
+from .config import PRESETS
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.jinja"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

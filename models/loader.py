@@ -23,11 +23,12 @@ import os
 import torch
 import torch.nn as nn
 
-from minilora.models.config import PRESETS, ModelConfig
-from minilora.models.hub import ModelLoadError, resolve_checkpoint
-from minilora.models.transformer import Transformer
+from .config import PRESETS, ModelConfig
+from .hub import ModelLoadError, resolve_checkpoint
+from .transformer import Transformer
 
-__all__ = ["ModelLoadError", "load_model", "our_name", "build_tiny", "quantize_linears"]
+__all__ = ["ModelLoadError", "load_model", "our_name", "checkpoint_name", "is_block_linear", "build_tiny",
+           "quantize_linears", "source_checkpoint"]
 
 _EXAMPLES_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tokenizer")
 # Gemma 3 multimodal checkpoints keep the language model under a prefix (transformers 4.x wrote
@@ -38,10 +39,10 @@ _SKIPPED = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "m
 
 
 def our_name(hf_name: str) -> str | None:
-    """Checkpoint tensor name -> our parameter name, or None for tensors we do not use.
+    """Checkpoint tensor (or module) name -> ours, or None for tensors we do not use.
 
-    Our module names equal transformers' LlamaForCausalLM / Gemma3ForCausalLM, so apart from the
-    multimodal prefixes and skipped tensors the map is the identity.
+    Our module names equal transformers' *ForCausalLM classes, so apart from the multimodal
+    prefixes and skipped tensors the map is the identity.
     """
     if hf_name.startswith(_SKIPPED) or hf_name.endswith("rotary_emb.inv_freq"):
         return None
@@ -51,8 +52,24 @@ def our_name(hf_name: str) -> str | None:
     return hf_name
 
 
-def _is_quantized_linear(name: str) -> bool:
-    """Linear weights inside the blocks; embeddings, norms and lm_head stay in `dtype`."""
+def checkpoint_name(name: str, source_prefix: str = "model.") -> str:
+    """Our tensor or module name -> the source checkpoint's (the inverse of our_name).
+
+    `source_prefix` is where the checkpoint keeps what we call `model.` (ModelConfig.source_prefix);
+    a transformers-4 multimodal checkpoint also keeps the head under the language model.
+    """
+    if source_prefix == "model.":
+        return name
+    if name.startswith("model."):
+        return source_prefix + name[len("model.") :]
+    if name.startswith("lm_head.") and source_prefix == "language_model.model.":
+        return "language_model." + name
+    return name
+
+
+def is_block_linear(name: str) -> bool:
+    """Linear weights inside the blocks (our names): what the NF4 base and bitsandbytes quantize;
+    embeddings, norms and lm_head stay in the model dtype."""
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
 
@@ -61,7 +78,7 @@ def quantize_linears(model: nn.Module, blocksize: int = 64, double_quant: bool =
     from minilora.quant_linear import NF4Linear
 
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and _is_quantized_linear(name + ".weight"):
+        if isinstance(mod, nn.Linear) and is_block_linear(name + ".weight"):
             q = NF4Linear.from_weight(mod.weight.data, mod.bias.data if mod.bias is not None else None,
                                       blocksize=blocksize, double_quant=double_quant,
                                       compute_dtype=compute_dtype or mod.weight.dtype)  # fmt: skip
@@ -87,7 +104,7 @@ def _read_config(ckpt: str, name: str) -> ModelConfig:
         return ModelConfig.from_hf_config(raw, name=name)
     except (ValueError, KeyError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-        raise ModelLoadError(f"{path}: {msg.rstrip('.')}; use a Llama or Gemma 3 checkpoint.") from None
+        raise ModelLoadError(f"{path}: {msg.rstrip('.')}; use a checkpoint of a supported family.") from None
 
 
 def _weight_files(ckpt: str) -> dict[str, list[str]]:
@@ -186,6 +203,8 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
             ours = our_name(hf)
             if ours is None:
                 continue
+            if ours.startswith("model.") and hf != ours:  # a multimodal checkpoint's text tower
+                cfg.source_prefix = hf[: len(hf) - len(ours) + len("model.")]
             if ours == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # some checkpoints store the tied head anyway; it equals embed_tokens
             if ours not in expected:
@@ -200,7 +219,7 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
                 )
             mod_name, _, pname = ours.rpartition(".")
             mod = model.get_submodule(mod_name)
-            quantized = NF4Linear is not None and _is_quantized_linear(ours)
+            quantized = NF4Linear is not None and is_block_linear(ours)
             # A kept tensor is copied out of the file mapping: a model backed by the file would
             # crash (SIGBUS) if that file were later rewritten in place, e.g. by saving over it.
             t = t.to(device=device, dtype=dtype, copy=not quantized)
@@ -236,7 +255,7 @@ def _few(names: list[str], k: int = 5) -> str:
 def _load_tokenizer(path: str):
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         return None
-    from minilora.models.tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
     return Tokenizer.from_dir(path)
 
@@ -287,3 +306,18 @@ def load_model(name_or_path: str, quantize: str | None = "nf4", dtype: torch.dty
     cfg = _read_config(ckpt, preset)
     model = load_weights(ckpt, cfg, quantize, dtype, device, blocksize, double_quant)
     return model, _load_tokenizer(ckpt)
+
+
+def source_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], ckpt: str) -> tuple[dict, dict]:
+    """(tensors, config.json) of a checkpoint in the source's own architecture, for a merged export
+    of a multimodal source: our text tensors renamed to its layout (checkpoint_name) plus every
+    tensor we do not load (vision tower, projector) copied unchanged, and its config.json."""
+    out = {checkpoint_name(k, cfg.source_prefix): v for k, v in tensors.items()}
+    for path, names in _weight_files(ckpt).items():
+        for hf in names:
+            if our_name(hf) is None and not hf.endswith("rotary_emb.inv_freq"):
+                out[hf] = _read_tensor(path, hf).clone()
+    with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    return out, config

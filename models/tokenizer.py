@@ -217,9 +217,6 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return list(ids)
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        return [self.encode(t, add_special_tokens) for t in texts]
-
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

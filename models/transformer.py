@@ -1,19 +1,21 @@
-"""One readable decoder-only transformer for Llama and Gemma 3.
+"""One readable decoder-only transformer for Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma 3.
 
 Shape letters: B batch, T new tokens in this call, S keys visible (cache + new), D hidden_size,
 H query heads, Hkv key/value heads, hd head_dim, V vocab, F intermediate_size.
 
-Module names equal transformers' LlamaForCausalLM / Gemma3ForCausalLM, so parameter names equal
-the checkpoint's and PEFT adapter keys are `base_model.model.` + our module name.
+Module names equal transformers' *ForCausalLM classes (Llama, Mistral, Qwen2, Qwen3, Gemma3), so
+parameter names equal the checkpoint's and PEFT adapter keys are `base_model.model.` + our module name.
 
 Per block (pre-norm residual):
-  Llama:  h = x + attn(norm1(x));                 y = h + mlp(norm2(h))
+  Llama:  h = x + attn(norm1(x));                 y = h + mlp(norm2(h))     (Mistral, Qwen too)
   Gemma:  h = x + post_attn(attn(norm_in(x)));    y = h + post_ff(mlp(pre_ff(h)))
   RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w  (Llama; result cast to the input dtype before * w)
              = (x / sqrt(mean(x^2) + eps) * (1 + w))  in float32 (Gemma, then cast)
   mlp(x) = down(act(gate(x)) * up(x)),  act = SiLU (Llama) or GELU-tanh (Gemma)
-  attn: q, k, v projections; Gemma normalizes q and k per head (q_norm, k_norm); RoPE rotates q, k by
-        position; softmax(q k^T * scale + mask) v with GQA (each kv head serves H/Hkv query heads).
+  attn: q, k, v projections (Qwen2: with bias); Gemma and Qwen3 normalize q and k per head over hd
+        (q_norm, k_norm; Qwen3 with Llama's RMSNorm, no +1); RoPE rotates q, k by position;
+        softmax(q k^T * scale + mask) v with GQA (each kv head serves H/Hkv query heads). Sliding
+        layers (Gemma's local layers, Mistral/Qwen with a window) mask keys older than the window.
 Gemma also scales embeddings by sqrt(D) (rounded to the weight dtype, as the reference does) and
 can soft-cap attention scores and final logits: cap * tanh(z / cap).
 """
@@ -27,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from minilora.models.config import FULL, SLIDING, ModelConfig
+from .config import FULL, SLIDING, ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -92,13 +94,15 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_logit_softcapping
         D, b = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=b)
-        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=b)
-        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=b)
+        qkv_b = b or cfg.qkv_bias
+        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=qkv_b)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=qkv_b)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=qkv_b)
         self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=b)
-        if cfg.family == "gemma3":
-            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, gemma=True)
-            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, gemma=True)
+        if cfg.qk_norm:
+            gemma = cfg.family == "gemma3"
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, gemma=gemma)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, gemma=gemma)
         else:
             self.q_norm = self.k_norm = None
 
@@ -241,7 +245,8 @@ def default_positions(attention_mask, segment_ids, past_positions=None):
 
 
 class Transformer(nn.Module):
-    """LlamaForCausalLM / Gemma3ForCausalLM with the same parameter names."""
+    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / Gemma3ForCausalLM
+    with the same parameter names."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

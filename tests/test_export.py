@@ -212,7 +212,7 @@ def test_quant_state_tensors_equal_bitsandbytes_serialization(shape, dtype, bloc
 def test_hf_config_round_trips_every_preset(name):
     cfg = ModelConfig.from_name(name)
     back = ModelConfig.from_hf_config(json.loads(json.dumps(E.to_hf_config(cfg))), name=name)
-    skip = {"name", "hf_repo", "extra", "bos_token_id", "pad_token_id", "eos_token_ids"}
+    skip = {"name", "hf_repo", "source_architecture", "bos_token_id", "pad_token_id", "eos_token_ids"}
     for field in cfg.__dataclass_fields__:
         if field not in skip:
             assert getattr(back, field) == getattr(cfg, field), field

@@ -190,8 +190,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(llama_dir):
     with pytest.raises(ModelLoadError, match=r"tensor model.layers.0.mlp.down_proj.weight in model.safetensors has "
                                              r"shape \(32, 48\) but config.json implies \(32, 40\)"):  # fmt: skip
         load_model(str(llama_dir), quantize=None)
-    (llama_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
-    with pytest.raises(ModelLoadError, match=r"config.json: model_type 'mistral' .* is not supported"):
+    (llama_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral"}))
+    with pytest.raises(ModelLoadError, match=r"config.json: model_type 'mixtral' .* is not supported"):
         load_model(str(llama_dir))
 
 

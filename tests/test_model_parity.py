@@ -227,7 +227,8 @@ LLAMA_V4 = {  # shaped like meta-llama/Llama-3.2-1B's config.json
 
 def _strip(cfg: ModelConfig):
     d = dict(vars(cfg))
-    d.pop("name"), d.pop("hf_repo"), d.pop("extra")
+    for k in ("name", "hf_repo", "source_architecture"):  # where the config came from, not the model
+        d.pop(k)
     return d
 
 
@@ -251,8 +252,9 @@ def test_both_config_dialects_give_the_same_config(raw, cls):
 
 
 def test_unsupported_architecture_and_unknown_preset():
-    with pytest.raises(ValueError, match="'mistral'.*not supported"):
-        ModelConfig.from_hf_config({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
+    for model_type in ("mixtral", "qwen3_moe", "phi3", "t5"):  # MoE, fused qkv, encoder-decoder
+        with pytest.raises(ValueError, match=f"'{model_type}'.*not supported.*llama, mistral, qwen2.*qwen3.*gemma3"):
+            ModelConfig.from_hf_config({"model_type": model_type, "architectures": ["X"]})
     with pytest.raises(ValueError, match="unknown model preset 'gpt-5'.*gemma-3-1b"):
         ModelConfig.from_name("gpt-5")
     with pytest.raises(ValueError, match="RoPE scaling type 'yarn'"):
