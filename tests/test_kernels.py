@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-from minilora.kernels import nf4_dequant, nf4_matmul  # noqa: E402
+from minilora.kernels import common, nf4_matmul  # noqa: E402
 from minilora.kernels.nf4_dequant import dequantize_nf4_triton  # noqa: E402
 from minilora.kernels.nf4_matmul import nf4_matmul_t_triton, nf4_matmul_triton, use_fused  # noqa: E402
 from minilora.nf4 import NF4Tensor, dequantize_nf4_reference, quantize_nf4  # noqa: E402
@@ -291,4 +291,4 @@ def test_gpu_real_sizes(shape, double_quant):
     y.backward(torch.ones_like(y))
     assert_matmul_close(y.detach(), x.detach(), wd, transposed=False)
     assert_matmul_close(x.grad, torch.ones_like(y), wd, transposed=True)
-    assert nf4_dequant.interpreting() is False
+    assert common.interpreting() is False
