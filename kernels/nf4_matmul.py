@@ -266,8 +266,9 @@ def use_fused(x: torch.Tensor, q: NF4Tensor, transposed: bool = False) -> bool:
     16-bit activations (a float32 tl.dot without TF32 runs on FMA units: 16 per weight element at
     16 tokens, where reading the weight leaves time for about 5); and when W's rows are whole
     absmax blocks (the ALIGNED path, true of every real layer). Else dequantize-then-matmul.
+    Shapes and dtypes only: which devices may run the kernel is kernels/dispatch.py's decision.
     """
-    if not (x.is_cuda and q.packed.is_cuda) or x.dtype not in _DTYPES[:2] or len(q.shape) != 2:
+    if x.device != q.packed.device or x.dtype not in _DTYPES[:2] or len(q.shape) != 2:
         return False
     if q.shape[1] % q.blocksize:
         return False

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from minilora.blockwise8 import BLOCK, quantize_blockwise8
+from minilora.kernels import dispatch
 from minilora.quant_maps import dynamic_map, nf4_code
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -355,14 +356,12 @@ def dequantize_nf4_cpu(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize to `dtype` (default: the original dtype). CUDA tensors take the Triton kernel
-    (minilora.kernels.nf4_dequant) when it is available; the CPU the tuned CPU path; anything else
-    the reference. All three give the same values."""
-    if q.packed.is_cuda:
-        try:
-            from minilora.kernels.nf4_dequant import dequantize_nf4_triton
-        except ImportError:  # Triton missing on this platform: the PyTorch paths are always correct
-            dequantize_nf4_triton = None
-        if dequantize_nf4_triton is not None:
-            return dequantize_nf4_triton(q, q.dtype if dtype is None else dtype)
+    """Dequantize to `dtype` (default: the original dtype), the same values on every path.
+
+    The Triton kernel where kernels/dispatch.py allows it (CUDA, once the kernel has passed its
+    self-check); otherwise the tuned CPU path on the CPU and the reference elsewhere.
+    """
+    kernel = dispatch.dequant_kernel(q)
+    if kernel is not None:
+        return kernel(q, q.dtype if dtype is None else dtype)
     return (dequantize_nf4_cpu if q.packed.device.type == "cpu" else dequantize_nf4_reference)(q, dtype)

@@ -235,10 +235,18 @@ def test_launchers_reject_bad_inputs(monkeypatch):
         nf4_matmul_triton(torch.randn(3, 64), q)
 
 
-def test_use_fused_never_picks_cpu():
+def test_use_fused_by_shape_and_dtype():
+    """Few 16-bit tokens over whole absmax blocks, on the weight's device; which devices may run the
+    kernel at all is kernels/dispatch.py's decision (tests/test_selfcheck.py)."""
     q = quantize_nf4(torch.randn(8, 64), blocksize=32)
-    assert not use_fused(torch.randn(1, 64), q)
-    assert not use_fused(torch.randn(1, 8), q, transposed=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert use_fused(torch.randn(16, 64).to(dtype), q)
+        assert use_fused(torch.randn(1, 8).to(dtype), q, transposed=True)
+        assert not use_fused(torch.randn(nf4_matmul.FUSED_MAX_TOKENS + 1, 64).to(dtype), q)
+        assert not use_fused(torch.randn(1, 64, dtype=dtype, device="meta"), q)  # another device
+        assert not use_fused(torch.randn(0, 64).to(dtype), q)
+    assert not use_fused(torch.randn(1, 64), q)  # float32: never
+    assert not use_fused(torch.randn(1, 64).bfloat16(), quantize_nf4(torch.randn(8, 48), blocksize=32))  # K % 32
 
 
 # --- the real compiler, without a GPU ---------------------------------------------------------------
