@@ -15,6 +15,7 @@
 # time: `bash bench/gpu_suite.sh env tests dequant`, then `bash bench/gpu_suite.sh lora adamw`, ...
 #
 # What each step answers (README "Benchmarks"):
+#   env      versions, and each Triton kernel's self-check against PyTorch on this GPU (exit 1 if one fails)
 #   tests    pytest -m gpu tests: kernels, QLoRA layer vs PEFT, paged AdamW, the demo, on real hardware
 #   dequant  bench/dequant.py: % of copy bandwidth and x bitsandbytes (issue 3 targets: >= 85%, >= 1.3x;
 #            fused matmul faster than bitsandbytes' dequantize + cuBLAS at 1..16 tokens)
@@ -48,7 +49,7 @@ run() {  # run NAME COMMAND...: append to $out/suite.log, remember a failure, go
 }
 for step in "${steps[@]}"; do
     case $step in
-        env) run env sh -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|peft|bitsandbytes) "' ;;
+        env) run env sh -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|peft|bitsandbytes) "; python3 -c "from minilora.kernels import dispatch; raise SystemExit(dispatch.main())"' ;;
         tests) run tests python3 -m pytest -q -m gpu tests ;;
         dequant) run dequant python3 bench/dequant.py --out "$out/dequant.json" ;;
         lora) run lora python3 bench/lora_layer.py --device cuda --rounds 3 --repeats 10 --out "$out/lora_layer_cuda.json" ;;

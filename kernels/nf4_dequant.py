@@ -19,65 +19,26 @@ byte into its two codes, stores 2 * VEC contiguous outputs in one 16-byte instru
 bf16/fp16, 2 for fp32). A row's 2 * VEC <= 8 elements never straddle an absmax block (BLOCKSIZE >=
 32, a power of two), so the absmax is decoded once per row. `python bench/kernel_resources.py`
 compiles this for sm_90a and shows it: 32-bit packed loads, 16-byte stores, no shared memory, no
-spills. (A 1-D layout with tl.join of the nibbles, the first version, compiled to byte loads and a
-round trip through 4 KiB of shared memory.)
+spills.
 The kernel is launched with enable_fp_fusion=False so `DYN * absmax2 + offset` rounds twice, like
 the reference and bitsandbytes, instead of becoming one FMA: float32 outputs are then bit-exact.
 
-`_absmax_f32`, `_nf4_table` and `_nf4_lookup` are shared with the fused matmul (kernels/nf4_matmul.py).
+The decoding helpers (`absmax_f32`, `nf4_table`, `nf4_lookup`) live in kernels/common.py, shared
+with the fused matmul (kernels/nf4_matmul.py).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from minilora.nf4 import BLOCKSIZE2, BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor
-from minilora.quant_maps import dynamic_map, nf4_code
+from minilora.nf4 import SUPPORTED_DTYPES, NF4Tensor
+
+from .common import absmax_f32, check_nf4, nf4_lookup, nf4_table, tables
 
 DEFAULT_BLOCK_SIZE = 1024  # packed bytes per program: 2048 outputs, 8 bytes per thread at 4 warps
 DEFAULT_NUM_WARPS = 4
-
-
-@triton.jit
-def _nf4_table(nf4_ptr):
-    """The 16 NF4 values (float32, (16,)) as a tensor of the program, loaded once."""
-    return tl.load(nf4_ptr + tl.arange(0, 16))
-
-
-@triton.jit
-def _nf4_lookup(table, nib):
-    """NF4 value (float32) of each 4-bit code in `nib` (any shape, int32 in [0, 15]).
-
-    tl.gather from the 16-entry table, which Triton lowers to a shared-memory lookup (conflict-free:
-    16 words in 16 banks): one instruction per element with a 32-bit address, where a global-memory
-    lookup costs a 64-bit address (two instructions) and a load through L1.
-    """
-    flat = tl.reshape(nib, (nib.numel,))  # tl.gather wants the index's rank to be the table's
-    return tl.reshape(tl.gather(table, flat, 0), nib.shape)
-
-
-@triton.jit
-def _absmax_f32(
-    blk,                        # int32 tensor: absmax block index of each element
-    mask,                       # bool tensor (same shape): which lanes are real elements
-    absmax_ptr,                 # *uint8 (nb,) codes if DOUBLE_QUANT else *float32 (nb,) absmax
-    absmax2_ptr,                # *float32 (nb2,) second-level absmax (read only if DOUBLE_QUANT)
-    offset_ptr,                 # *float32 () mean of the first-level absmax (only if DOUBLE_QUANT)
-    dyn_ptr,                    # *float32 (256,) signed dynamic map (only if DOUBLE_QUANT)
-    DOUBLE_QUANT: tl.constexpr,  # whether absmax holds 8-bit codes
-):
-    """First-level absmax (float32) of each element's block, decoded in registers."""
-    if DOUBLE_QUANT:
-        acode = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + blk // 256, mask=mask, other=0.0)  # 256 = BLOCKSIZE2
-        absmax = tl.load(dyn_ptr + acode) * scale2 + tl.load(offset_ptr)
-    else:
-        absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    return absmax
 
 
 @triton.jit
@@ -104,10 +65,10 @@ def _nf4_dequant_kernel(
 
     # A row's 2 * VEC elements share one absmax block: decode it once per row.
     blk = (row * VEC // (BLOCKSIZE // 2)).to(tl.int32)  # (ROWS,)
-    absmax = _absmax_f32(blk, row * VEC < n_bytes, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-    nf4 = _nf4_table(nf4_ptr)  # (16,)
-    hi = _nf4_lookup(nf4, byte >> 4) * absmax[:, None]  # (ROWS, VEC) elements 2j, float32
-    lo = _nf4_lookup(nf4, byte & 15) * absmax[:, None]  # (ROWS, VEC) elements 2j+1
+    absmax = absmax_f32(blk, row * VEC < n_bytes, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+    nf4 = nf4_table(nf4_ptr)  # (16,)
+    hi = nf4_lookup(nf4, byte >> 4) * absmax[:, None]  # (ROWS, VEC) elements 2j, float32
+    lo = nf4_lookup(nf4, byte & 15) * absmax[:, None]  # (ROWS, VEC) elements 2j+1
 
     # Interleave to (hi0, lo0, hi1, lo1, ...) inside each thread's row: one contiguous store.
     vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * VEC))  # (ROWS, 2 * VEC)
@@ -119,59 +80,9 @@ def _nf4_dequant_kernel(
 # Launcher
 # ---------------------------------------------------------------------------------------------
 
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NF4 table (16,), signed dynamic map (256,)), float32, cached per device."""
-    if device not in _TABLES:
-        _TABLES[device] = (nf4_code(device), dynamic_map(True).to(device))
-    return _TABLES[device]
-
-
 def vec_bytes(dtype: torch.dtype) -> int:
     """Packed bytes per thread row: each byte gives two outputs, so 8 // size bytes fill a 16-byte store."""
     return 8 // dtype.itemsize
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1, used by the tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def check_nf4(q: NF4Tensor, who: str) -> torch.device:
-    """Validate an NF4Tensor's buffers for a Triton launch; returns their device."""
-    if not isinstance(q, NF4Tensor):
-        raise TypeError(f"{who}: expected an NF4Tensor, got {type(q).__name__}.")
-    dev = q.packed.device
-    if dev.type != "cuda" and not interpreting():
-        raise ValueError(f"{who}: the NF4 tensor is on {dev}; the Triton kernel needs CUDA tensors "
-                         "(move it with q.to('cuda') or use dequantize_nf4, which falls back to PyTorch).")
-    if q.blocksize not in BLOCKSIZES:
-        raise ValueError(f"{who}: blocksize {q.blocksize} is not supported; use a power of two from 32 to 4096.")
-    n, nb = q.numel, -(-q.numel // q.blocksize)
-    if n == 0:
-        raise ValueError(f"{who}: the NF4 tensor is empty.")
-    if n >= 2**31:
-        raise ValueError(f"{who}: {n} elements exceed the kernel's int32 indexing; split the tensor.")
-    parts = [("packed", q.packed, torch.uint8, (n + 1) // 2)]
-    if q.double_quant:
-        parts += [("absmax", q.absmax, torch.uint8, nb),
-                  ("absmax2", q.absmax2, torch.float32, -(-nb // BLOCKSIZE2)),
-                  ("offset", q.offset, torch.float32, 1)]
-    else:
-        parts += [("absmax", q.absmax, torch.float32, nb)]
-    for name, t, dtype, size in parts:
-        if t.device != dev:
-            raise ValueError(f"{who}: {name} is on {t.device} but packed is on {dev}; keep the NF4 state on one device.")
-        if t.dtype != dtype:
-            raise ValueError(f"{who}: {name} has dtype {t.dtype}, expected {dtype}.")
-        if t.numel() != size:
-            raise ValueError(f"{who}: {name} has {t.numel()} elements, expected {size} for shape "
-                             f"{tuple(q.shape)} at blocksize {q.blocksize}.")
-        if not t.is_contiguous():
-            raise ValueError(f"{who}: {name} is not contiguous; call .contiguous() on it first.")
-    return dev
 
 
 def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *,
@@ -185,7 +96,7 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *,
         raise ValueError(f"dequantize_nf4_triton: block_size {block_size} must be a power of two >= 16.")
     n = q.numel
     out = torch.empty(q.shape, dtype=dtype, device=dev)
-    nf4, dyn = _tables(dev)
+    nf4, dyn = tables(dev)
     dq = q.double_quant
     n_bytes = (n + 1) // 2
     grid = (triton.cdiv(n_bytes, block_size),)

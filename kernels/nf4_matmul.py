@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.kernels.nf4_dequant import _absmax_f32, _nf4_lookup, _nf4_table, _tables, check_nf4, interpreting
 from minilora.nf4 import NF4Tensor
+
+from .common import absmax_f32, check_nf4, interpreting, nf4_lookup, nf4_table, tables
 
 FUSED_MAX_TOKENS = 16  # use_fused's threshold; the bench (bench/dequant.py --matmul) measures it
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -46,8 +47,8 @@ def _nf4_tile(
     offs_col,                   # (C,) int32 column indices of W (0..K)
     mask,                       # (R, C) bool: in-bounds elements
     K,                          # columns of W (row stride in elements)
-    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr,  # the NF4 state, see nf4_dequant
-    nf4,                        # (16,) float32 NF4 table (_nf4_table)
+    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr,  # the NF4 state, see kernels/common.py
+    nf4,                        # (16,) float32 NF4 table (common.nf4_table)
     BLOCKSIZE: tl.constexpr,    # elements per absmax block
     DOUBLE_QUANT: tl.constexpr,  # absmax holds 8-bit codes
 ):
@@ -55,8 +56,8 @@ def _nf4_tile(
     e = offs_row[:, None] * K + offs_col[None, :]  # (R, C) flat element index
     byte = tl.load(packed_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)  # (R, C)
     nib = (byte >> (4 - 4 * (e & 1))) & 15  # even e: high nibble
-    absmax = _absmax_f32(e // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
-    return tl.where(mask, _nf4_lookup(nf4, nib) * absmax, 0.0)
+    absmax = absmax_f32(e // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT)
+    return tl.where(mask, nf4_lookup(nf4, nib) * absmax, 0.0)
 
 
 @triton.jit
@@ -65,8 +66,8 @@ def _nf4_row_tile(
     row_mask,                   # (R,) bool: rows that exist (and belong to this split)
     col0,                       # first column of the tile: a multiple of WIDTH
     K_HALF,                     # K // 2: bytes per row of W (K is a multiple of BLOCKSIZE, so even)
-    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr,  # the NF4 state, see nf4_dequant
-    nf4,                        # (16,) float32 NF4 table (_nf4_table)
+    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr,  # the NF4 state, see kernels/common.py
+    nf4,                        # (16,) float32 NF4 table (common.nf4_table)
     BLOCKSIZE: tl.constexpr,    # elements per absmax block, a multiple of WIDTH
     DOUBLE_QUANT: tl.constexpr,  # absmax holds 8-bit codes
     WIDTH: tl.constexpr,        # columns in the tile
@@ -80,11 +81,11 @@ def _nf4_row_tile(
     first_byte = rows * K_HALF + col0 // 2  # (R,) byte of each row's first element
     offs = first_byte[:, None] + tl.arange(0, WIDTH // 2)[None, :]  # (R, WIDTH / 2)
     byte = tl.load(packed_ptr + offs, mask=row_mask[:, None], other=0).to(tl.int32)  # (R, WIDTH / 2)
-    absmax = _absmax_f32(first_byte // (BLOCKSIZE // 2), row_mask, absmax_ptr, absmax2_ptr, offset_ptr,
+    absmax = absmax_f32(first_byte // (BLOCKSIZE // 2), row_mask, absmax_ptr, absmax2_ptr, offset_ptr,
                          dyn_ptr, DOUBLE_QUANT)  # (R,)
     absmax = tl.where(row_mask, absmax, 0.0)  # masked rows: every value NF4 * 0 = 0 (one select per row)
-    hi = _nf4_lookup(nf4, byte >> 4) * absmax[:, None]  # (R, WIDTH / 2) even columns
-    lo = _nf4_lookup(nf4, byte & 15) * absmax[:, None]  # odd columns
+    hi = nf4_lookup(nf4, byte >> 4) * absmax[:, None]  # (R, WIDTH / 2) even columns
+    lo = nf4_lookup(nf4, byte & 15) * absmax[:, None]  # odd columns
     return tl.reshape(tl.join(hi, lo), (rows.shape[0], WIDTH))  # (R, WIDTH)
 
 
@@ -128,7 +129,7 @@ def _nf4_matmul_kernel(
     r_end = tl.minimum(r_start + r_per_split, R)
 
     acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
-    nf4 = _nf4_table(nf4_ptr)  # (16,) once per program
+    nf4 = nf4_table(nf4_ptr)  # (16,) once per program
     for r0 in range(r_start, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
         a_mask = (offs_n[:, None] < N) & (offs_r[None, :] < r_end)
@@ -178,14 +179,13 @@ def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int, dtype
     reduction keep a GPU's SMs busy when N is tiny; the interpreter gets small tiles because its
     cost grows with tile area.
 
-    num_stages 1 (no software pipelining): the kernel is bound by instruction issue, not latency
-    (bench/kernel_resources.py: ~9.5 SASS instructions per weight element where the memory
-    leaves time for ~4.4), and 2 or 3 stages add 0.3-1.2 instructions per element and 24
-    registers to prefetch the packed bytes, activations and absmax. (Before the NF4 table moved
-    to shared memory, more stages also turned every table lookup into a 4-byte async copy: 68
-    per thread per step.) Latency is hidden by occupancy instead (71-96 registers: 5-7 programs
-    of 4 warps per SM); bench/dequant.py times 2 and 3 beside 1 on the GPU. float32 activations (explicit calls only: use_fused never picks them) get 16-token
-    tiles and 8 warps: their FMA-based tl.dot spills registers otherwise.
+    num_stages 1 (no software pipelining): the kernel is bound by instruction issue, not by
+    latency, and each extra stage adds instructions and registers to prefetch the packed bytes,
+    activations and absmax; latency is hidden by occupancy instead (several programs per SM).
+    `python bench/kernel_resources.py` shows the instruction and register counts on sm_90a, and
+    bench/dequant.py times 2 and 3 stages beside 1 on a GPU. float32 activations (explicit calls
+    only: use_fused never picks them) get 16-token tiles and 8 warps: their FMA-based tl.dot spills
+    registers otherwise.
     """
     block_n = 16 if n <= 16 or dtype == torch.float32 else 32
     if interpreting() if interpret is None else interpret:
@@ -228,7 +228,7 @@ def _launch(a: torch.Tensor, q: NF4Tensor, transposed: bool, who: str, config=No
         return out.reshape(*lead, o_dim)
     block_n, block_o, block_r, split, warps, stages = config or _pick_config(n, o_dim, r_dim, transposed, q.blocksize, a.dtype)
     target = out.unsqueeze(0) if split == 1 else torch.empty((split, n, o_dim), dtype=torch.float32, device=dev)
-    nf4, dyn = _tables(dev)
+    nf4, dyn = tables(dev)
     dq = q.double_quant
     grid = (triton.cdiv(n, block_n), triton.cdiv(o_dim, block_o), split)
     _nf4_matmul_kernel[grid](
@@ -266,8 +266,9 @@ def use_fused(x: torch.Tensor, q: NF4Tensor, transposed: bool = False) -> bool:
     16-bit activations (a float32 tl.dot without TF32 runs on FMA units: 16 per weight element at
     16 tokens, where reading the weight leaves time for about 5); and when W's rows are whole
     absmax blocks (the ALIGNED path, true of every real layer). Else dequantize-then-matmul.
+    Shapes and dtypes only: which devices may run the kernel is kernels/dispatch.py's decision.
     """
-    if not (x.is_cuda and q.packed.is_cuda) or x.dtype not in _DTYPES[:2] or len(q.shape) != 2:
+    if x.device != q.packed.device or x.dtype not in _DTYPES[:2] or len(q.shape) != 2:
         return False
     if q.shape[1] % q.blocksize:
         return False

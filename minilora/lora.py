@@ -54,9 +54,8 @@ def base_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tens
 # --- the fused NF4 + LoRA function ----------------------------------------------------------------
 # The LoRA path runs in float32 over (rows, K) and (rows, M) slices of at most this many bytes, so no
 # (N, K) or (N, M) float32 temporary is ever built. On the CPU an 8 MiB slice is reused from glibc's
-# heap instead of being mapped and page-faulted afresh (~16 ms per 32 MiB here), and still gives
-# efficient GEMMs (measured at 2048 tokens: 2 MiB slices 5-10% slower, unsliced 10-25% slower); on
-# CUDA a training batch is one slice (few launches). See bench/lora_layer.py.
+# heap instead of being mapped and page-faulted afresh, and is still large enough for efficient
+# GEMMs; on CUDA a training batch is one slice (few launches). bench/lora_layer.py measures it.
 LORA_SLICE_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 
 

@@ -34,6 +34,7 @@ for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from minilora.blockwise8 import BLOCK, quantize_blockwise8
+from minilora.kernels import dispatch
 from minilora.quant_maps import dynamic_map, nf4_code
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -270,20 +272,26 @@ def absmax_float(q: NF4Tensor) -> torch.Tensor:
     return (vals * q.absmax2.unsqueeze(1)).view(-1)[:nb] + q.offset  # (nb,)
 
 
-# Dequantization on the CPU streams through the flat weight in chunks of DEQUANT_CHUNK elements
-# (a multiple of the blocksize) so the int32/float32 temporaries (6 bytes per element, 1.5 MiB)
-# stay in cache, on one thread: an OpenMP fork/join per op stalls for a whole scheduler slice when
-# another process holds a core (measured 13 ms on one thread vs 1.9 s on two for a 1152 x 6912
-# weight on a busy 2-core machine). The matmuls around it keep all threads. 2**18 rather than 2**16:
-# a quarter of the per-op Python dispatch, 4096 x 4096 to bf16 in 17.5 ms instead of 25 ms.
-# The gather reads the 256-entry pair table viewed as float64 with int32 indices: PyTorch's CPU
-# index_select has a tight loop for floating tables and int32 indices (0.67 ns per byte) and a slower
-# generic one for int64 tables or int64 indices (1.1 ns per byte). The float64 view only moves bits:
-# no arithmetic touches it (a pair ending in NF4 0.0 spells a float64 subnormal, which copies keep
-# even in flush-denormal mode; tested), and no pair of finite float32s spells a float64 NaN.
-# (bitsandbytes' C++ AVX-512 loop is still faster per element: PyTorch has no vectorized table lookup.)
-DEQUANT_CHUNK = 1 << 18
-DEQUANT_THREADS = 1
+def _check_out_dtype(dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dequantize_nf4: output dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+
+
+def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """w_i = NF4[code_i] * absmax_{i // blocksize} in float32, cast once to `dtype` (default q.dtype).
+
+    The readable definition, which the tuned CPU path and the Triton kernels are tested against.
+    """
+    dtype = q.dtype if dtype is None else dtype
+    _check_out_dtype(dtype)
+    codes = torch.stack([q.packed >> 4, q.packed & 15], dim=1).view(-1)[: q.numel]  # (n,) high nibble first
+    absmax = absmax_float(q).repeat_interleave(q.blocksize)[: q.numel]  # (n,) each element's block absmax
+    w = nf4_code(q.packed.device)[codes.long()] * absmax  # (n,) float32
+    return w.to(dtype).view(q.shape)
+
+
+DEQUANT_CHUNK = 1 << 18  # elements per chunk of dequantize_nf4_cpu: its temporaries stay in cache
+DEQUANT_THREADS = 1  # threads of dequantize_nf4_cpu's elementwise ops (see its docstring)
 _PAIR_LUT: dict[torch.device, torch.Tensor] = {}
 
 
@@ -296,21 +304,40 @@ def _pair_lut(device: torch.device) -> torch.Tensor:
     return _PAIR_LUT[device]
 
 
-def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Pure-PyTorch dequantization: NF4[code] * absmax in float32, one cast to `dtype`.
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run the body with at most n intra-op threads, restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    Per chunk: bytes -> int32 -> gather from the 256-entry pair table -> (blocks, bs) *= absmax
-    -> copy (the cast) into the output. Bit-identical to doing it on the whole tensor at once.
+
+def dequantize_nf4_cpu(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dequantize_nf4_reference's result, bit for bit, tuned for the CPU.
+
+    Streams through the flat weight in chunks of DEQUANT_CHUNK elements (a multiple of the
+    blocksize) so the int32/float32 temporaries stay in cache. Per chunk: bytes -> int32 -> gather
+    from the 256-entry pair table -> (blocks, blocksize) *= absmax -> copy (the cast) into the output.
+
+    The gather reads the pair table viewed as float64 with int32 indices, because PyTorch's CPU
+    index_select has a tight loop for floating tables with int32 indices and a slower generic one
+    otherwise. The float64 view only moves bits: no arithmetic touches it (a pair ending in NF4 0.0
+    spells a float64 subnormal, which copies keep even in flush-denormal mode; tested), and no pair
+    of finite float32s spells a float64 NaN.
+
+    The elementwise ops run on DEQUANT_THREADS threads (restored afterwards): each op is small, and
+    an OpenMP fork/join per op stalls for a whole scheduler slice when another process holds a core.
+    bench/nf4_cpu.py measures this path beside bitsandbytes.
     """
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dequantize_nf4: output dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+    _check_out_dtype(dtype)
     dev, n, bs = q.packed.device, q.numel, q.blocksize
     out = torch.empty(n, dtype=dtype, device=dev)
     step = max(bs, DEQUANT_CHUNK - DEQUANT_CHUNK % bs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, DEQUANT_THREADS))
-    try:
+    with _torch_threads(DEQUANT_THREADS):
         lut, absmax = _pair_lut(dev), absmax_float(q)  # (256,), (nb,)
         idx = torch.empty((step + 1) // 2, dtype=torch.int32, device=dev)  # reused by every chunk
         pairs = torch.empty((step + 1) // 2, dtype=torch.float64, device=dev)
@@ -325,19 +352,16 @@ def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> 
             if full < e1 - e0:  # ragged last block of the tensor
                 vals[full:].mul_(absmax[-1])
             out[e0:e1].copy_(vals)  # the single cast to dtype
-    finally:
-        torch.set_num_threads(threads)
     return out.view(q.shape)
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize to `dtype` (default: the original dtype). CUDA tensors take the Triton kernel
-    (minilora.kernels.nf4_dequant) when it is available; everything else the reference."""
-    if q.packed.is_cuda:
-        try:
-            from minilora.kernels.nf4_dequant import dequantize_nf4_triton
-        except ImportError:  # Triton missing on this platform: the reference is always correct
-            dequantize_nf4_triton = None
-        if dequantize_nf4_triton is not None:
-            return dequantize_nf4_triton(q, q.dtype if dtype is None else dtype)
-    return dequantize_nf4_reference(q, dtype)
+    """Dequantize to `dtype` (default: the original dtype), the same values on every path.
+
+    The Triton kernel where kernels/dispatch.py allows it (CUDA, once the kernel has passed its
+    self-check); otherwise the tuned CPU path on the CPU and the reference elsewhere.
+    """
+    kernel = dispatch.dequant_kernel(q)
+    if kernel is not None:
+        return kernel(q, q.dtype if dtype is None else dtype)
+    return (dequantize_nf4_cpu if q.packed.device.type == "cpu" else dequantize_nf4_reference)(q, dtype)

@@ -288,13 +288,9 @@ def _adamw(params, grads, ms, vs, steps, group, bnb_order: bool) -> None:
         torch._foreach_lerp_(ms, grads, 1 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    bc1 = [1 - beta1**s for s in steps]
-    if bnb_order:
-        step_size = [-lr / c for c in bc1]
-        bc2_sqrt = [math.sqrt(1.0 - beta2**s) for s in steps]
-    else:
-        step_size = [-(lr / c) for c in bc1]
-        bc2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
+    step_size = [-(lr / (1 - beta1**s)) for s in steps]
+    # math.sqrt (bitsandbytes) and ** 0.5 (torch) round differently in about 1 case in 1000
+    bc2_sqrt = [math.sqrt(1.0 - beta2**s) if bnb_order else (1 - beta2**s) ** 0.5 for s in steps]
     denom = torch._foreach_sqrt(vs)
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)

@@ -20,34 +20,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minilora.kernels import dispatch
 from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """x (..., K) @ W^T -> (..., M), W (M, K) held as NF4, computed in x.dtype.
 
-    The one place that chooses how: CUDA inputs may take a fused Triton kernel
-    (minilora/kernels/nf4_matmul.py) when it exists and wins; otherwise dequantize then matmul.
+    The fused Triton kernel (kernels/nf4_matmul.py) when kernels/dispatch.py picks it (CUDA, few
+    tokens, the kernel passed its self-check); otherwise dequantize, then matmul.
     """
-    if x.is_cuda:
-        try:
-            from minilora.kernels.nf4_matmul import nf4_matmul_triton, use_fused
-        except ImportError:
-            use_fused = None
-        if use_fused is not None and use_fused(x, q):
-            return nf4_matmul_triton(x, q)
+    fused = dispatch.matmul_kernel(x, q)
+    if fused is not None:
+        return fused(x, q)
     return F.linear(x, dequantize_nf4(q, x.dtype))  # (..., M)
 
 
 def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
-    """g (..., M) @ W -> (..., K): the input gradient, in g.dtype."""
-    if g.is_cuda:
-        try:
-            from minilora.kernels.nf4_matmul import nf4_matmul_t_triton, use_fused
-        except ImportError:
-            use_fused = None
-        if use_fused is not None and use_fused(g, q, transposed=True):
-            return nf4_matmul_t_triton(g, q)
+    """g (..., M) @ W -> (..., K): the input gradient, in g.dtype (the same choice of path)."""
+    fused = dispatch.matmul_kernel(g, q, transposed=True)
+    if fused is not None:
+        return fused(g, q)
     return g @ dequantize_nf4(q, g.dtype)  # (..., M) @ (M, K) -> (..., K)
 
 

@@ -40,38 +40,24 @@ def nf4_code(device=None) -> torch.Tensor:
     return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
 
 
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8, device=None) -> torch.Tensor:
-    """The 256-entry dynamic quantization map (float32, sorted ascending), cached per device:
+def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
+    """The 256-entry 8-bit dynamic quantization map (float32, sorted ascending), cached per device:
     treat it as read-only.
 
-    With the defaults (signed, 7 exponent bits, 8 total bits): for i in 0..6, 2^i + 1 boundaries
-    b = linspace(0.1, 1) give 2^i midpoints m; values +-10^(i-6) * m; then 0 and 1.0.
-    That is 2 * (1 + 2 + ... + 64) + 2 = 256 values. The unsigned map uses twice as many
-    fraction values per exponent and no negatives, padded with zeros to 256.
+    Signed: for each exponent i = 0..6, 2^i + 1 boundaries b = linspace(0.1, 1) give 2^i midpoints
+    m; values +-10^(i-6) * m; then 0 and 1.0: 2 * (1 + 2 + ... + 64) + 2 = 256 values. Unsigned:
+    2^(i+1) midpoints per exponent and no negatives: (2 + 4 + ... + 128) + 2 = 256 values.
     """
     data: list[float] = []
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    for i in range(max_exponent_bits):
-        n_fraction = 2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (
-            i + non_sign_bits - max_exponent_bits + 1
-        ) + 1
-        boundaries = torch.linspace(0.1, 1, int(n_fraction), dtype=torch.float32)
+    for i in range(7):  # magnitudes 10^-6 .. 10^0
+        n_fraction = 2**i + 1 if signed else 2 ** (i + 1) + 1
+        boundaries = torch.linspace(0.1, 1, n_fraction, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        scale = 10 ** (i - 6)
         data += (scale * means).tolist()
         if signed:
             data += (-scale * means).tolist()
-    if additional_items > 0:
-        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
-        data += (scale * means).tolist()
-        if signed:
-            data += (-scale * means).tolist()
-    data.append(0.0)
-    data.append(1.0)
-    data += [0.0] * (2**total_bits - len(data))
+    data += [0.0, 1.0]
     data.sort()
     return torch.tensor(data, dtype=torch.float32, device=device)
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-from minilora.kernels import nf4_dequant, nf4_matmul  # noqa: E402
+from minilora.kernels import common, nf4_matmul  # noqa: E402
 from minilora.kernels.nf4_dequant import dequantize_nf4_triton  # noqa: E402
 from minilora.kernels.nf4_matmul import nf4_matmul_t_triton, nf4_matmul_triton, use_fused  # noqa: E402
 from minilora.nf4 import NF4Tensor, dequantize_nf4_reference, quantize_nf4  # noqa: E402
@@ -235,10 +235,18 @@ def test_launchers_reject_bad_inputs(monkeypatch):
         nf4_matmul_triton(torch.randn(3, 64), q)
 
 
-def test_use_fused_never_picks_cpu():
+def test_use_fused_by_shape_and_dtype():
+    """Few 16-bit tokens over whole absmax blocks, on the weight's device; which devices may run the
+    kernel at all is kernels/dispatch.py's decision (tests/test_selfcheck.py)."""
     q = quantize_nf4(torch.randn(8, 64), blocksize=32)
-    assert not use_fused(torch.randn(1, 64), q)
-    assert not use_fused(torch.randn(1, 8), q, transposed=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert use_fused(torch.randn(16, 64).to(dtype), q)
+        assert use_fused(torch.randn(1, 8).to(dtype), q, transposed=True)
+        assert not use_fused(torch.randn(nf4_matmul.FUSED_MAX_TOKENS + 1, 64).to(dtype), q)
+        assert not use_fused(torch.randn(1, 64, dtype=dtype, device="meta"), q)  # another device
+        assert not use_fused(torch.randn(0, 64).to(dtype), q)
+    assert not use_fused(torch.randn(1, 64), q)  # float32: never
+    assert not use_fused(torch.randn(1, 64).bfloat16(), quantize_nf4(torch.randn(8, 48), blocksize=32))  # K % 32
 
 
 # --- the real compiler, without a GPU ---------------------------------------------------------------
@@ -291,4 +299,4 @@ def test_gpu_real_sizes(shape, double_quant):
     y.backward(torch.ones_like(y))
     assert_matmul_close(y.detach(), x.detach(), wd, transposed=False)
     assert_matmul_close(x.grad, torch.ones_like(y), wd, transposed=True)
-    assert nf4_dequant.interpreting() is False
+    assert common.interpreting() is False

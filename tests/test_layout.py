@@ -1,4 +1,5 @@
-"""The package layout promised by DESIGN.md: kernels/ and models/ ship inside minilora."""
+"""The package layout: the top-level kernels/ and models/ folders ship inside minilora, as
+minilora.kernels and minilora.models, never as top-level packages of their own."""
 
 import importlib
 import importlib.util

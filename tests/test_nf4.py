@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 import minilora.nf4 as nf4_mod  # noqa: E402
-from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4  # noqa: E402
+from minilora.nf4 import (  # noqa: E402
+    NF4Tensor,
+    dequantize_nf4,
+    dequantize_nf4_cpu,
+    dequantize_nf4_reference,
+    quantize_nf4,
+)
 from minilora.quant_maps import dynamic_map, nf4_code  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -80,7 +86,8 @@ def test_quantize_bytes_identical_to_bitsandbytes(wb, double_quant):
 
 @given(weights(), st.booleans(), st.sampled_from(DTYPES), st.sampled_from([32, 100, 4096, 1 << 16]))
 def test_dequantize_identical_to_bitsandbytes(wb, double_quant, out_dtype, chunk):
-    """Also over the reference's chunk size: several chunks, ragged ends, chunk < blocksize."""
+    """dequantize_nf4 (the tuned CPU path here) and the readable reference; the tuned path over
+    chunk sizes: several chunks, ragged ends, chunk < blocksize."""
     w, blocksize = wb
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     packed, state = _bnb(w, blocksize, double_quant)
@@ -93,15 +100,37 @@ def test_dequantize_identical_to_bitsandbytes(wb, double_quant, out_dtype, chunk
         nf4_mod.DEQUANT_CHUNK = old
     assert got.dtype == out_dtype and got.shape == w.shape
     assert torch.equal(got.view(-1), expected.reshape(-1))
+    assert torch.equal(dequantize_nf4_reference(q, out_dtype).view(-1), expected.reshape(-1))
+
+
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@given(weights(), st.booleans(), st.sampled_from(DTYPES), st.sampled_from([32, 100, 4096, 1 << 16]))
+def test_tuned_cpu_path_is_the_reference_bit_for_bit(wb, double_quant, out_dtype, chunk):
+    """dequantize_nf4_cpu (chunks, a pair table read as float64) == the readable reference, bit
+    for bit (signed zeros included), over chunk sizes; and it leaves the thread count as it was."""
+    w, blocksize = wb
+    q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    threads = torch.get_num_threads()
+    old, nf4_mod.DEQUANT_CHUNK = nf4_mod.DEQUANT_CHUNK, chunk
+    try:
+        got = dequantize_nf4_cpu(q, out_dtype)
+    finally:
+        nf4_mod.DEQUANT_CHUNK = old
+    want = dequantize_nf4_reference(q, out_dtype)
+    assert got.dtype == want.dtype == out_dtype and got.shape == want.shape == w.shape
+    assert torch.equal(got.view(_BITS[out_dtype]), want.view(_BITS[out_dtype]))
+    assert torch.get_num_threads() == threads
 
 
 def test_dequantize_exact_in_flush_denormal_mode():
-    """The CPU reference gathers byte pairs as float64 bit patterns; a pair whose second value is
+    """The tuned CPU path gathers byte pairs as float64 bit patterns; a pair whose second value is
     NF4 0.0 spells a float64 subnormal. Flush-to-zero / denormals-are-zero must not touch it."""
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
     w.view(-1)[1::2] = 0  # every byte's low nibble decodes to 0.0
     q = quantize_nf4(w, blocksize=64)
-    want = dequantize_nf4(q, torch.float32)
+    want = dequantize_nf4_reference(q, torch.float32)
     assert (want.view(-1)[1::2] == 0).all() and (want.view(-1)[::2] != 0).any()
     old = torch.set_flush_denormal(True)
     try:
@@ -194,5 +223,6 @@ def test_bad_input_raises_clear_error(make, blocksize, message):
 
 def test_bad_output_dtype():
     q = quantize_nf4(torch.ones(8))
-    with pytest.raises(ValueError, match="output dtype"):
-        dequantize_nf4(q, torch.float64)
+    for dequantize in (dequantize_nf4, dequantize_nf4_cpu, dequantize_nf4_reference):
+        with pytest.raises(ValueError, match="output dtype"):
+            dequantize(q, torch.float64)
