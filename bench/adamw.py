@@ -16,23 +16,20 @@ With CUDA the same rows run on the GPU, plus fused torch AdamW and an oversubscr
 ballast allocation leaves room for only half the state, PagedAdamW runs with device_budget="auto",
 bitsandbytes' paged optimizers rely on unified-memory paging.
 
-    python bench/adamw.py [--rounds 15] [--warmup 3] [--threads 1]
+    python -m bench.adamw [--rounds 15] [--warmup 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench.common import environment, write_json  # noqa: E402
-from minilora.paged_adamw import PagedAdamW  # noqa: E402
+from bench.common import environment, write_json
+from minilora.paged_adamw import PagedAdamW
 
 LAYERS, D, Q_OUT, KV_OUT, FF = 26, 1152, 4 * 256, 1 * 256, 6912
 LINEARS = [(D, Q_OUT), (D, KV_OUT), (D, KV_OUT), (Q_OUT, D), (D, FF), (D, FF), (FF, D)]  # (in, out)

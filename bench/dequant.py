@@ -1,7 +1,7 @@
 """Benchmark: NF4 dequantization and the fused NF4 matmul against bitsandbytes, on one GPU.
 
-    python bench/dequant.py                  # all shapes, bf16 output, blocksize 64, double quant
-    python bench/dequant.py --no-matmul      # dequantization table only
+    python -m bench.dequant                  # all shapes, bf16 output, blocksize 64, double quant
+    python -m bench.dequant --no-matmul      # dequantization table only
 
 Part 1, dequantization of a W (M, K) weight, side by side in one run:
     minilora   kernels/nf4_dequant.py (one Triton launch)
@@ -39,10 +39,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bench.common import write_json  # noqa: E402
-from minilora.nf4 import NF4Tensor, dequantize_nf4_reference  # noqa: E402
+from bench.common import write_json
+from minilora.nf4 import NF4Tensor, dequantize_nf4_reference
 
 SHAPES = [(1152, 1024), (1152, 6912), (6912, 1152),  # Gemma 3 1B: o_proj-ish, MLP up/gate, down
           (4096, 4096), (4096, 14336),                # Llama 3 8B: attention, MLP

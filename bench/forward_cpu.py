@@ -1,6 +1,6 @@
 """Forward tokens/s on the CPU: minilora's Transformer beside transformers, same weights.
 
-    python bench/forward_cpu.py [--ckpt /tmp/minilora_gemma3_1b] [--tokens 128] [--batch 1]
+    python -m bench.forward_cpu [--ckpt /tmp/minilora_gemma3_1b] [--tokens 128] [--batch 1]
                                 [--dtype bfloat16|float32] [--repeat 5]
 
 Uses the Gemma-3-1B-shaped random checkpoint that bench/load.py writes (written here too if
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,12 +34,10 @@ def main() -> None:
 
     from minilora.models.loader import load_model
 
-    sys.path.insert(0, HERE)
-    from load import write_checkpoint  # bench/load.py
+    from bench.load import write_checkpoint
 
     if not os.path.isfile(os.path.join(args.ckpt, "model.safetensors")):
         write_checkpoint(args.ckpt)
-    sys.path.insert(0, os.path.dirname(HERE))
     from bench.common import environment, median_time, write_json
 
     dtype = getattr(torch, args.dtype)

@@ -1,38 +1,42 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues ask for, in one go, on a machine with one CUDA GPU.
+# Every GPU measurement in one go, on a machine with one CUDA GPU.
 #
 #   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant lora adamw train (default: all)
 #
 # Run from the repository root. Needs torch with CUDA, triton, transformers and peft, plus
-# bitsandbytes: if .whl/ holds wheels (a lent device machine has no bitsandbytes and no network),
-# they are installed into /tmp/site first. minilora is imported from the checkout (no install).
-# Fetch the wheel on a machine with network (.whl/ is git-ignored; name it in the device tool's carry):
+# bitsandbytes: if .whl/ holds wheels (for a machine without network), they are installed into
+# /tmp/site first. minilora itself is installed in editable mode (`pip install -e .`, no network
+# needed), as on any checkout. Fetch the wheel on a machine with network (.whl/ is git-ignored):
 #   pip download bitsandbytes==0.50.2 --no-deps --only-binary :all: \
 #       --platform manylinux_2_24_x86_64 --python-version 3.12 -d .whl/      (43 MB)
-# Without a GPU, `python bench/kernel_resources.py` shows what the kernels cost on sm_90a.
-# All steps log to suite.log and put their JSON beside it, in $OUT when set (the device tool brings
-# $OUT back: at most 8 files, so one log), else in bench/results/gpu/. Steps are independent, so a 10-minute command limit can take them a few at a
-# time: `bash bench/gpu_suite.sh env tests dequant`, then `bash bench/gpu_suite.sh lora adamw`, ...
+# Without a GPU, `python -m bench.kernel_resources` shows what the kernels cost on sm_90a.
+# All steps log to suite.log and put their JSON beside it, in $OUT when set (at most 8 files
+# come back from a remote run, so one log), else in bench/results/gpu/. Steps are independent,
+# so a 10-minute limit per command can take them a few at a time:
+# `bash bench/gpu_suite.sh env tests dequant`, then `bash bench/gpu_suite.sh lora adamw`, ...
 #
-# What each step answers (README "Benchmarks"):
+# What each step answers (targets as in bench/README.md):
 #   env      versions, and each Triton kernel's self-check against PyTorch on this GPU (exit 1 if one fails)
 #   tests    pytest -m gpu tests: kernels, QLoRA layer vs PEFT, paged AdamW, the demo, on real hardware
-#   dequant  bench/dequant.py: % of copy bandwidth and x bitsandbytes (issue 3 targets: >= 85%, >= 1.3x;
-#            fused matmul faster than bitsandbytes' dequantize + cuBLAS at 1..16 tokens)
-#   lora     bench/lora_layer.py --device cuda (issue 5: >= 1.3x PEFT + bitsandbytes, lower memory)
-#   adamw    bench/adamw.py, whose CUDA run adds the oversubscribed paging case (issue 6)
-#   train    bench/train_step.py --geometry gemma-3-1b (issue 8: >= 1.5x tokens/s, <= 0.6x memory)
+#   dequant  bench.dequant: % of copy bandwidth and x bitsandbytes (targets >= 85%, >= 1.3x); the
+#            fused matmul against bitsandbytes' dequantize + cuBLAS at 1..64 tokens
+#   lora     bench.lora_layer --device cuda (target >= 1.3x PEFT + bitsandbytes, lower memory)
+#   adamw    bench.adamw, whose CUDA run adds the oversubscribed paging case
+#   train    bench.train_step --geometry gemma-3-1b (targets >= 1.5x tokens/s, <= 0.6x memory)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results/gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "gpu_suite: installing the wheels in .whl/ failed" >&2; exit 1; }
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+python3 -c "import minilora.models, minilora.kernels" 2>/dev/null \
+    || python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    || { echo "gpu_suite: could not install minilora (pip install -e .)" >&2; exit 1; }
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu_suite: no CUDA device is visible to torch; run this on a GPU machine." >&2; exit 2; }
 
@@ -51,10 +55,10 @@ for step in "${steps[@]}"; do
     case $step in
         env) run env sh -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|peft|bitsandbytes) "; python3 -c "from minilora.kernels import dispatch; raise SystemExit(dispatch.main())"' ;;
         tests) run tests python3 -m pytest -q -m gpu tests ;;
-        dequant) run dequant python3 bench/dequant.py --out "$out/dequant.json" ;;
-        lora) run lora python3 bench/lora_layer.py --device cuda --rounds 3 --repeats 10 --out "$out/lora_layer_cuda.json" ;;
-        adamw) run adamw python3 bench/adamw.py && cp bench/results/adamw.json "$out/" ;;
-        train) run train python3 bench/train_step.py --geometry gemma-3-1b --device cuda --rounds 2 \
+        dequant) run dequant python3 -m bench.dequant --out "$out/dequant.json" ;;
+        lora) run lora python3 -m bench.lora_layer --device cuda --rounds 3 --repeats 10 --out "$out/lora_layer_cuda.json" ;;
+        adamw) run adamw python3 -m bench.adamw && cp bench/results/adamw.json "$out/" ;;
+        train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 \
                    --ckpt /tmp/gemma-3-1b-random && cp bench/results/train_step_gemma-3-1b_cuda.json "$out/" ;;
         *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, lora, adamw or train." >&2; status=2 ;;
     esac

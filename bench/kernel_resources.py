@@ -1,6 +1,6 @@
 """Static check of the Triton kernels for a GPU this machine need not have.
 
-    python bench/kernel_resources.py [--arch 90] [--check]
+    python -m bench.kernel_resources [--arch 90] [--check]
 
 Compiles every configuration the launchers can pick (kernels/nf4_dequant.py, kernels/nf4_matmul.py)
 through Triton's real CUDA pipeline (Python -> TTIR -> TTGIR -> LLVM -> PTX -> ptxas -> SASS) for
@@ -36,7 +36,6 @@ import tempfile
 from collections import Counter
 
 os.environ.pop("TRITON_INTERPRET", None)  # decorated kernels must be JITFunctions, not interpreted
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
 import triton  # noqa: E402

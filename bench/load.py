@@ -1,7 +1,7 @@
 """Load a Gemma-3-1B-shaped checkpoint with NF4 quantize-on-load: minilora beside
 transformers + bitsandbytes (load_in_4bit, nf4, double quant, bf16 compute), on the CPU.
 
-    python bench/load.py [--ckpt /tmp/minilora_gemma3_1b] [--repeat 1]
+    python -m bench.load [--ckpt /tmp/minilora_gemma3_1b] [--repeat 1]
 
 Writes (once, then reuses) a single-file model.safetensors with Gemma 3 1B's exact geometry
 (config of google/gemma-3-1b-pt) and random bf16 weights, ~2 GB. Each load runs in a fresh
@@ -118,8 +118,8 @@ def child(which: str, ckpt: str) -> None:
 
 
 def run_child(which: str, ckpt: str) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", which, "--ckpt", ckpt],
-                         capture_output=True, text=True, cwd="/")  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "bench.load", "--child", which, "--ckpt", ckpt],
+                         capture_output=True, text=True, cwd=os.path.dirname(HERE))  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"{which} child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -139,7 +139,7 @@ def main() -> None:
     if not os.path.isfile(os.path.join(args.ckpt, "model.safetensors")):
         print(f"writing a Gemma 3 1B-shaped random checkpoint to {args.ckpt} ...", flush=True)
         # In a subprocess, so this process (the children's parent) stays small.
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "write", "--ckpt", args.ckpt], check=True)
+        subprocess.run([sys.executable, "-m", "bench.load", "--child", "write", "--ckpt", args.ckpt], check=True)
     largest = GEMMA3_1B["vocab_size"] * GEMMA3_1B["hidden_size"] * 2 / 2**20  # bf16 embed_tokens, the largest tensor (MB)
     rows = {}
     for which in ("minilora", "transformers"):
@@ -158,7 +158,6 @@ def main() -> None:
     ok = ours["load_rss_mb"] < target
     print(f"target: load RSS {ours['load_rss_mb']:.0f} MB < (model {ours['model_mb']:.0f} + largest bf16 tensor "
           f"{largest:.0f}) * 1.25 = {target:.0f} MB: {'met' if ok else 'NOT met'}")
-    sys.path.insert(0, os.path.dirname(HERE))
     from bench.common import environment, write_json
 
     path = write_json("load", {"geometry": "gemma-3-1b", "repeat": args.repeat, "results": rows,

@@ -17,7 +17,7 @@ a shared machine falls on both.
           mark (that setting also makes every large buffer page-fault afresh, which is why time is
           not measured there). CUDA: torch.cuda.max_memory_allocated minus allocated before.
 
-    python bench/lora_layer.py [--repeats 3] [--rounds 3] [--quick] [--device cpu|cuda]
+    python -m bench.lora_layer [--repeats 3] [--rounds 3] [--quick] [--device cpu|cuda]
 writes bench/results/lora_layer.json (lora_layer_cuda.json on CUDA) and prints a table
 (speedup = their time / ours and memory ratio = their peak / ours; > 1 favours minilora).
 """
@@ -75,7 +75,6 @@ def build(impl: str, k: int, m: int, r: int, device: str):
 def worker(impl: str, k: int, m: int, r: int, n: int, repeats: int, device: str) -> dict:
     import torch
 
-    sys.path.insert(0, os.path.dirname(HERE))
     from bench.common import status_kib
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -119,9 +118,9 @@ def run_case(impl, k, m, r, n, repeats, device, measure_memory: bool) -> dict:
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if measure_memory and device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # RSS follows live memory (see the module docstring)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(k), str(m), str(r), str(n),
+    cmd = [sys.executable, "-m", "bench.lora_layer", "--worker", impl, str(k), str(m), str(r), str(n),
            "--repeats", str(1 if measure_memory else repeats), "--device", device]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE), check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
         raise RuntimeError(f"{impl} {k}x{m} r={r} n={n} failed:\n{out.stderr[-2000:]}")
@@ -176,7 +175,6 @@ def main():
                 print(f"{k:>5}x{m:<5} {r:>3} {n:>6} | {ours['median_s'] * 1e3:>11.1f} {theirs['median_s'] * 1e3:>11.1f} "
                       f"{row['speedup']:>6.2f}x | {ours['peak_delta_bytes'] / 2**20:>12.1f} "
                       f"{theirs['peak_delta_bytes'] / 2**20:>12.1f} {row['mem_ratio']:>8.2f}x", flush=True)
-    sys.path.insert(0, os.path.dirname(HERE))
     from bench.common import environment, write_json
 
     payload = {"benchmark": "lora_layer", "environment": environment(), "repeats": a.repeats, "rounds": a.rounds,

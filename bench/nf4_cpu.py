@@ -1,6 +1,6 @@
 """NF4 quantize / dequantize on the CPU: minilora's PyTorch reference beside bitsandbytes.
 
-    python bench/nf4_cpu.py [--repeat 7]
+    python -m bench.nf4_cpu [--repeat 7]
 
 Both run in this process on the same bf16 matrices, timed round-robin; the table gives median milliseconds and
 the ratio bitsandbytes / minilora (> 1 means minilora is faster). Writes bench/results/nf4_cpu.json.
@@ -9,10 +9,6 @@ the ratio bitsandbytes / minilora (> 1 means minilora is faster). Writes bench/r
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 

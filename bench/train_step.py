@@ -1,8 +1,8 @@
 """One QLoRA training step, end to end: minilora beside transformers + PEFT + bitsandbytes.
 
-    python bench/train_step.py                                  # CPU: small Gemma-3-shaped model
-    python bench/train_step.py --geometry gemma-3-1b            # GPU: Gemma 3 1B's exact geometry
-    python bench/train_step.py --no-gradient-checkpointing --steps 10
+    python -m bench.train_step                                  # CPU: small Gemma-3-shaped model
+    python -m bench.train_step --geometry gemma-3-1b            # GPU: Gemma 3 1B's exact geometry
+    python -m bench.train_step --no-gradient-checkpointing --steps 10
 
 Shape letters: B batch rows, T tokens per row, D model dim, F MLP dim, V vocabulary, L layers,
 H heads, Hkv kv heads, hd head dim, r LoRA rank.
@@ -130,7 +130,6 @@ def worker(impl: str, ckpt: str, a) -> dict:
     import torch
     import torch._dynamo  # any torch optimizer imports it when built (~150 MB RSS): count it as import
 
-    sys.path.insert(0, ROOT)
     from bench.common import status_kib
 
     if a.threads > 0:
@@ -251,7 +250,7 @@ def run_worker(impl: str, ckpt: str, argv: list[str], mmap_threshold: int = 0) -
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
     if mmap_threshold > 0:  # glibc: every block above this size is its own mapping, unmapped when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", impl, "--ckpt", ckpt]
+    cmd = [sys.executable, "-m", "bench.train_step", *argv, "--worker", impl, "--ckpt", ckpt]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
@@ -318,7 +317,7 @@ def main() -> None:
         if not os.path.isfile(os.path.join(ckpt, "config.json")):
             t0 = time.perf_counter()
             # in a subprocess, so this process (the workers' parent) stays small
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--write-ckpt", "--geometry", a.geometry,
+            subprocess.run([sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", a.geometry,
                             "--ckpt", ckpt], check=True, cwd=ROOT)  # fmt: skip
             print(f"wrote a random {a.geometry} Gemma 3 checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
         runs = {impl: [] for impl in IMPLS}
@@ -370,7 +369,6 @@ def report(a, rows: dict) -> None:
     else:
         targets = {"no slower (speedup >= 1.0)": speedup >= 1.0, "peak RSS <= 0.8x": mem <= 0.8}
     print("targets: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in targets.items()))
-    sys.path.insert(0, ROOT)
     from bench.common import environment, write_json
 
     name = a.out or ("train_step" if (a.geometry, a.device) == ("small", "cpu") else

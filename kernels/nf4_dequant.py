@@ -17,7 +17,7 @@ Each program handles BLOCK_SIZE packed bytes = 2 * BLOCK_SIZE outputs, as a (BLO
 tile: a thread owns whole rows, so it loads VEC bytes in one instruction and, after splitting each
 byte into its two codes, stores 2 * VEC contiguous outputs in one 16-byte instruction (VEC = 4 for
 bf16/fp16, 2 for fp32). A row's 2 * VEC <= 8 elements never straddle an absmax block (BLOCKSIZE >=
-32, a power of two), so the absmax is decoded once per row. `python bench/kernel_resources.py`
+32, a power of two), so the absmax is decoded once per row. `python -m bench.kernel_resources`
 compiles this for sm_90a and shows it: 32-bit packed loads, 16-byte stores, no shared memory, no
 spills.
 The kernel is launched with enable_fp_fusion=False so `DYN * absmax2 + offset` rounds twice, like

@@ -24,7 +24,7 @@ Two ways to build the W tile. Real layers have K % BLOCKSIZE == 0, so a tile WID
 columns wide is, row by row, WIDTH / 2 contiguous bytes under one absmax (`_nf4_row_tile`, the
 ALIGNED path: one vector load and one absmax per tile row). Any other K takes element-wise index
 arithmetic (`_nf4_tile`: odd K lets a row start mid-byte; masked lanes load code 0 and are zeroed
-before the dot). `python bench/kernel_resources.py` shows what each costs on sm_90a.
+before the dot). `python -m bench.kernel_resources` shows what each costs on sm_90a.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int, dtype
     num_stages 1 (no software pipelining): the kernel is bound by instruction issue, not by
     latency, and each extra stage adds instructions and registers to prefetch the packed bytes,
     activations and absmax; latency is hidden by occupancy instead (several programs per SM).
-    `python bench/kernel_resources.py` shows the instruction and register counts on sm_90a, and
+    `python -m bench.kernel_resources` shows the instruction and register counts on sm_90a, and
     bench/dequant.py times 2 and 3 stages beside 1 on a GPU. float32 activations (explicit calls
     only: use_fused never picks them) get 16-token tiles and 8 warps: their FMA-based tl.dot spills
     registers otherwise.

@@ -265,8 +265,8 @@ def test_every_kernel_configuration_compiles_for_sm90():
         pytest.skip("this Triton build has no CUDA backend to compile with")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(root, "bench", "kernel_resources.py"), "--check"],
-                       capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "bench.kernel_resources", "--check"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
