@@ -52,6 +52,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     # --- run directory: written only by train.py; checked (and --resume compared) before any write
     ckpt, old = rundir.check_out(cfg.out, cfg.resume)
+    T.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
     if cfg.resume and ckpt is not None:
         def resolve(name: str) -> str:  # --dtype NAME on this device, e.g. auto -> "float32" on the CPU
             return str(dataclasses.replace(cfg, dtype=name).resolved_dtype(device.type)).removeprefix("torch.")
