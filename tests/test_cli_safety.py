@@ -10,6 +10,7 @@ tiny model for a few steps.
 import argparse
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import random
@@ -354,3 +355,27 @@ def test_a_huge_line_is_dropped_before_tokenizing(tmp_path, tok):
     assert max(seen) < 1000  # the long line was never tokenized
     assert data.summary["dropped_too_long"] == 1 and len(data.train) == 7
     assert data.summary["long_lines_dropped_at"] == "d.jsonl lines 4"
+
+
+# ---------------------------------------------------------------------------------- progress
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypatch, tty):
+    from minilora.cli import Progress
+
+    err = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = Progress(20)
+    for step in (5, 10, 20):
+        bar.update(step, f"loss {step / 10:.4f} | lr 1.00e-03 | 9 tok/s | peak 3 MB")
+    bar.close()
+    text = err.getvalue()
+    if tty:  # tqdm redraws one line with \r: the counter and the postfix
+        assert "\r" in text and "20/20" in text and "loss 2.0000 | lr 1.00e-03 | 9 tok/s | peak 3 MB" in text
+    else:  # one line per update, nothing in between
+        assert text.splitlines() == [f"step {s}/20 loss {s / 10:.4f} | lr 1.00e-03 | 9 tok/s | peak 3 MB"
+                                     for s in (5, 10, 20)]  # fmt: skip
