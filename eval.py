@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from minilora.cli import EXIT_FAILED, fail, parser, resolve_device, resolve_dtype, run_main
+from minilora.cli import EXIT_FAILED, Progress, fail, parser, resolve_device, resolve_dtype, run_main
 from minilora.records import DataError, without_skip_hint
 
 DEMO_RUN = os.path.join("runs", "demo")
@@ -55,7 +55,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def export_parser() -> argparse.ArgumentParser:
     p = parser("eval.py export", "Merge a run's adapter into its base and write a Hugging Face checkpoint "
-                                 "(transformers / vLLM load it as is); optionally pre-quantized bitsandbytes NF4.")  # fmt: skip
+               "(transformers / vLLM load it as is); optionally pre-quantized bitsandbytes NF4.")
     a = p.add_argument
     a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
     a("--out", required=True, help="folder for the checkpoint (must be empty or absent)")
@@ -91,7 +91,6 @@ def run_eval(args) -> int:
     from minilora.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
     from minilora.export import adapter_config, check_adapter_fits, find_run
     from minilora.models.loader import load_model
-    from minilora.cli import Progress
     from minilora.report import check_gates, gate_failure_message, write_report
 
     validate(args)

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, fail, resolve_device, run_main
+from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, Progress, fail, resolve_device, run_main
 from minilora.train_config import given_flags, parse_args, validate
 
 
@@ -35,7 +35,6 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     from minilora import checkpoint as C
     from minilora import rundir
     from minilora import trainer as T
-    from minilora.cli import Progress
     from minilora.adapter import save_adapter
     from minilora.data import load_records, prepare_data
     from minilora.evaluate import completion_loss, generate_completions, score
@@ -72,7 +71,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     if cfg.resume and ckpt is None:
         say(f"note: --resume given but {cfg.out} has no checkpoint; starting fresh.")
     if main:
-        write_text_atomic(os.path.join(cfg.out, "config.json"), rundir.config_json(cfg, str(dtype).removeprefix("torch.")))
+        config = rundir.config_json(cfg, str(dtype).removeprefix("torch."))
+        write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
 
     # --- model, tokenizer, data
@@ -144,6 +144,11 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         if v0 is not None:
             state["val_history"].append([0, v0])
             metrics.write(step=0, val_loss=v0)
+
+    def save_checkpoint() -> str:  # with metrics.jsonl's length: a resume drops what was logged after it
+        return C.save_checkpoint(cfg.out, step, model, optimizer, scheduler, {**state, "metrics_bytes": metrics.tell()},
+                                 adapter_meta, cfg.keep_checkpoints)  # fmt: skip
+
     progress = Progress(total_steps, enabled=main)
     t_last, tokens_since = time.time(), 0
     stop_reason = "finished"
@@ -203,8 +208,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
                     stop_reason = f"early stopping after {state['bad_evals']} validations without improvement"
                     break
             if main and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                C.save_checkpoint(cfg.out, step, model, optimizer, scheduler, {**state, "metrics_bytes": metrics.tell()},
-                                  adapter_meta, cfg.keep_checkpoints)  # fmt: skip
+                save_checkpoint()
             if stop:
                 stop_reason = "interrupted"
                 break
@@ -213,8 +217,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     progress.close()
     if not main:
         return EXIT_INTERRUPTED if stop_reason == "interrupted" else 0
-    path = C.save_checkpoint(cfg.out, step, model, optimizer, scheduler, {**state, "metrics_bytes": metrics.tell()},
-                             adapter_meta, cfg.keep_checkpoints)  # fmt: skip
+    path = save_checkpoint()
     if stop_reason == "interrupted":
         metrics.close()
         print(f"\nInterrupted at step {step}; checkpoint written to {path}. "

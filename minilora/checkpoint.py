@@ -21,6 +21,7 @@ import signal
 import numpy as np
 import torch
 
+
 # ------------------------------------------------------------------------------------ RNG states
 def rng_state() -> dict[str, torch.Tensor]:
     """Every RNG the run draws from, as tensors (saved with safetensors, no pickle)."""

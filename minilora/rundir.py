@@ -28,12 +28,14 @@ import re
 from minilora.cli import UsageError
 
 ADAPTER_FIELDS = ("model", "quantize", "dtype", "lora_r", "lora_alpha", "lora_targets", "use_rslora", "use_dora")
-STREAM_FIELDS = ("data", "val_data", "format", "template", "train_on_all", "max_seq_len", "truncation", "pack",
-                 "dedup", "near_threshold", "val_fraction", "seed", "batch_size", "grad_accum", "optimizer_bits")  # fmt: skip
+STREAM_FIELDS = ("data", "val_data", "format", "template", "train_on_all", "max_seq_len", "truncation",
+                 "pack", "dedup", "near_threshold", "val_fraction", "seed", "batch_size", "grad_accum",
+                 "optimizer_bits")
 CHANGEABLE_FIELDS = ("eval_data", "allow_contamination", "skip_bad_lines", "device", "lora_dropout",
                      "gradient_checkpointing", "tf32", "loss_chunk", "lr", "min_lr_ratio", "warmup_steps",
                      "weight_decay", "optimizer_budget", "epochs", "max_steps", "max_grad_norm", "eval_every",
-                     "early_stopping", "eval_generate", "save_every", "keep_checkpoints", "log_every", "threads")  # fmt: skip
+                     "early_stopping", "eval_generate", "save_every", "keep_checkpoints", "log_every",
+                     "threads")
 NOT_INHERITED = ("out", "resume", "debug_nan_at_step", "debug_interrupt_at_step")  # this invocation's own
 PATH_FIELDS = ("data", "val_data", "eval_data")
 # keys every config.json train.py writes has (a model folder's config.json has none of them)

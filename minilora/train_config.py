@@ -32,7 +32,7 @@ class TrainConfig:
     data: str = _f(DEMO_TRAIN, "training JSONL (prompt/completion, alpaca, chat messages, or text)")
     val_data: str | None = _f(None, "validation JSONL; default: --val-fraction of --data")
     eval_data: str | None = _f(None, "held-out test JSONL: checked for contamination, and scored "
-                                     "before/after training on --eval-generate examples (demo: examples/demo/test.jsonl)")
+                                     "before/after training on --eval-generate examples")
     out: str = _f(os.path.join("runs", "demo"), "run directory (config, metrics.jsonl, checkpoints, adapter)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
     # data

@@ -261,8 +261,9 @@ def test_resume_end_to_end(tmp_path, capsys):
     progress = [line for line in p.stderr.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in progress] == ["2/8", "4/8"]  # not a terminal: every --log-every
     before = tree(out)
-    for flags, named in ((["--lora-alpha", "128"], "--lora-alpha 128.0 (the run has 32.0)"),
-                         (["--lora-r", "8", "--seed", "3"], "--lora-r 8 (the run has 16), --seed 3 (the run has 0)")):  # fmt: skip
+    refusals = [(["--lora-alpha", "128"], "--lora-alpha 128.0 (the run has 32.0)"),
+                (["--lora-r", "8", "--seed", "3"], "--lora-r 8 (the run has 16), --seed 3 (the run has 0)")]
+    for flags, named in refusals:
         code, _, err = train_here(capsys, out, "--resume", *flags)
         assert code == EXIT_USAGE and named in one_sentence(err)
         assert tree(out) == before  # nothing written, config.json included
@@ -274,7 +275,8 @@ def test_resume_end_to_end(tmp_path, capsys):
     from minilora.trainer import cosine_with_warmup
 
     f = cosine_with_warmup(cfg["warmup_steps"], 8, cfg["min_lr_ratio"])
-    assert lrs[2] == pytest.approx(3e-3 * f(2)) and lrs[6] == pytest.approx(0.5 * f(6)) and lrs[8] == pytest.approx(0.5 * f(8))
+    assert lrs[2] == pytest.approx(3e-3 * f(2))  # before the resume: the run's lr
+    assert lrs[6] == pytest.approx(0.5 * f(6)) and lrs[8] == pytest.approx(0.5 * f(8))  # after: --lr 0.5
 
 
 # ------------------------------------------------------------------------ 4. kill -9, resume
