@@ -238,6 +238,36 @@ def test_resume_refuses_adapter_and_stream_changes_and_applies_the_rest(changed,
     assert cfg.resumes[-1] == {"step": 5, "changed": {n: [old[n], getattr(cfg, n)] for n in changed}}
 
 
+@given(st.integers(0, 12), st.sampled_from([1e-3, 0.5]), st.sampled_from([0.0, 0.1]))
+def test_resume_applies_lr_and_weight_decay_to_the_restored_optimizer(step, lr, wd):
+    """The checkpoint restores the lr and weight decay the run started with; the flags of the resume
+    replace them, evaluated at the restored step; unchanged flags give the restored values exactly."""
+    from minilora.checkpoint import apply_hyperparameters
+    from minilora.trainer import cosine_with_warmup
+
+    def fresh(base_lr):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=base_lr, weight_decay=0.0)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(3, 12, 0.1))
+
+    opt, sched = fresh(2e-4)
+    for _ in range(step):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    restored, restored_sched = fresh(2e-4)
+    restored.load_state_dict(saved_opt)
+    restored_sched.load_state_dict(saved_sched)
+    apply_hyperparameters(restored, restored_sched, 2e-4, 0.0)
+    assert restored.param_groups[0]["lr"] == opt.param_groups[0]["lr"]  # unchanged flags: bitwise
+    apply_hyperparameters(restored, restored_sched, lr, wd)
+    f = cosine_with_warmup(3, 12, 0.1)
+    group = restored.param_groups[0]
+    assert group["lr"] == pytest.approx(lr * f(step)) and group["weight_decay"] == wd
+    restored.step()
+    restored_sched.step()
+    assert restored_sched.get_last_lr()[0] == pytest.approx(lr * f(step + 1))
+
+
 def test_dtype_auto_resolving_to_the_recorded_dtype_is_unchanged():
     old = json.loads(rundir.config_json(TrainConfig(dtype="float32"), "float32"))
     for given_dtype, ok in (("auto", True), ("float32", True), ("bfloat16", False)):
@@ -267,16 +297,18 @@ def test_resume_end_to_end(tmp_path, capsys):
         code, _, err = train_here(capsys, out, "--resume", *flags)
         assert code == EXIT_USAGE and named in one_sentence(err)
         assert tree(out) == before  # nothing written, config.json included
-    code, _, err = train_here(capsys, out, "--resume", "--lr", "0.5")
+    code, _, err = train_here(capsys, out, "--resume", "--lr", "0.5", "--max-steps", "10")
     assert code == 0, err[-3000:]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["lr"] == 0.5 and cfg["resumes"] == [{"step": 4, "changed": {"lr": [3e-3, 0.5]}}]
+    assert cfg["lr"] == 0.5 and cfg["max_steps"] == 10
+    assert cfg["resumes"] == [{"step": 4, "changed": {"lr": [3e-3, 0.5], "max_steps": [8, 10]}}]
     lrs = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}
+    assert sorted(lrs) == [2, 4, 6, 8, 10]
     from minilora.trainer import cosine_with_warmup
 
-    f = cosine_with_warmup(cfg["warmup_steps"], 8, cfg["min_lr_ratio"])
-    assert lrs[2] == pytest.approx(3e-3 * f(2))  # before the resume: the run's lr
-    assert lrs[6] == pytest.approx(0.5 * f(6)) and lrs[8] == pytest.approx(0.5 * f(8))  # after: --lr 0.5
+    before, after = (cosine_with_warmup(cfg["warmup_steps"], n, cfg["min_lr_ratio"]) for n in (8, 10))
+    assert lrs[2] == pytest.approx(3e-3 * before(2))  # before the resume: the run's schedule
+    assert [lrs[s] for s in (6, 8, 10)] == pytest.approx([0.5 * after(s) for s in (6, 8, 10)])  # after: the new one
 
 
 # ------------------------------------------------------------------------ 4. kill -9, resume
