@@ -149,7 +149,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         return C.save_checkpoint(cfg.out, step, model, optimizer, scheduler, {**state, "metrics_bytes": metrics.tell()},
                                  adapter_meta, cfg.keep_checkpoints)  # fmt: skip
 
-    progress = Progress(total_steps, enabled=main)
+    progress = Progress(total_steps, enabled=main, initial=step)
     t_last, tokens_since = time.time(), 0
     stop_reason = "finished"
 

@@ -88,13 +88,12 @@ class Progress:
     """Progress through tqdm: a live bar on a terminal; elsewhere (a log file, a pipe) one plain
     line per update() call (the caller updates every --log-every steps)."""
 
-    def __init__(self, total: int, enabled: bool = True, unit: str = "step"):
+    def __init__(self, total: int, enabled: bool = True, unit: str = "step", initial: int = 0):
         from tqdm.auto import tqdm
 
         self.total, self.enabled, self.unit = total, enabled, unit
-        self.tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, leave=True) if enabled and self.tty else None
-        self._n = 0
+        tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True) if tty else None
 
     def update(self, n: int, text: str = "") -> None:
         """Progress is now n of total; `text` is shown beside it (loss | lr | tok/s | peak mem)."""
