@@ -18,24 +18,17 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
+from minilora.cli import EXIT_FAILED, Progress, fail, parser, resolve_device, resolve_dtype, run_main
+from minilora.records import DataError, without_skip_hint
 
 DEMO_RUN = os.path.join("runs", "demo")
 
 
-def fail(msg: str, code: int = 2) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return code
-
-
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Score base, few-shot base and fine-tuned model side by side (report.md + eval.json). "
-                    "With no arguments: the offline demo's run. Subcommand: `eval.py export --help`.",
-    )  # fmt: skip
+    p = parser("eval.py", "Score base, few-shot base and fine-tuned model side by side (report.md + eval.json). "
+                          "With no arguments: the offline demo's run. Subcommand: `eval.py export --help`.",
+               epilog="exit codes: 0 done; 1 a gate (--min-exact-match, --min-structured-match, --max-perplexity) "
+                      "was missed; 2 a user error (one sentence on stderr).")  # fmt: skip
     a = p.add_argument
     a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
     a("--model", default=None, help="base model (default: the run's --model)")
@@ -61,11 +54,8 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="eval.py export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Merge a run's adapter into its base and write a Hugging Face checkpoint "
-                    "(transformers / vLLM load it as is); optionally pre-quantized bitsandbytes NF4.",
-    )  # fmt: skip
+    p = parser("eval.py export", "Merge a run's adapter into its base and write a Hugging Face checkpoint "
+               "(transformers / vLLM load it as is); optionally pre-quantized bitsandbytes NF4.")
     a = p.add_argument
     a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
     a("--out", required=True, help="folder for the checkpoint (must be empty or absent)")
@@ -102,9 +92,9 @@ def run_eval(args) -> int:
     from minilora.export import adapter_config, check_adapter_fits, find_run
     from minilora.models.loader import load_model
     from minilora.report import check_gates, gate_failure_message, write_report
-    from minilora.trainer import Progress
 
     validate(args)
+    device = resolve_device(args.device)
     if args.adapter == DEMO_RUN and not os.path.isdir(DEMO_RUN):
         return fail(f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), "
                     "then `python eval.py`.")  # fmt: skip
@@ -140,13 +130,7 @@ def run_eval(args) -> int:
         shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
 
     quantize = args.quantize or run_cfg.get("quantize", "nf4")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))  # fmt: skip
-    dtype_name = args.dtype or run_cfg.get("dtype", "auto")
-    if dtype_name == "auto":  # as train.py: bf16 on a GPU, float32 on the CPU
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, dtype_name)
+    dtype = resolve_dtype(args.dtype or run_cfg.get("dtype", "auto"), device.type)  # as train.py resolves it
     print(f"loading {name} ({quantize}, {str(dtype).replace('torch.', '')}, {device})", file=sys.stderr)
     model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
     if tok is None:
@@ -162,7 +146,7 @@ def run_eval(args) -> int:
     if shots:
         variants.append(("few_shot", [few_shot_example(e, shots, template) for e in examples]))
     variants.append(("fine_tuned", examples))
-    progress = Progress(2 * len(examples) * len(variants))
+    progress = Progress(2 * len(examples) * len(variants), unit="example")
     done = [0]
     kw = dict(template=template, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
               max_seq_len=model.config.max_position_embeddings)  # fmt: skip
@@ -178,6 +162,7 @@ def run_eval(args) -> int:
             progress.update(done[0], variant.replace("_", "-"))
 
         results[variant] = evaluate_variant(model, tok, exs, progress=tick, **kw)
+    progress.close()
 
     thresholds = {"exact_match": args.min_exact_match, "structured_match": args.min_structured_match,
                   "perplexity": args.max_perplexity}  # fmt: skip
@@ -189,7 +174,7 @@ def run_eval(args) -> int:
     print_summary(results, len(shots))
     print(f"report: {md}\nmetrics: {js}")
     msg = gate_failure_message(gates, md)
-    return fail(msg, code=1) if msg else 0
+    return fail(msg, code=EXIT_FAILED) if msg else 0
 
 
 def print_summary(results: dict, shots: int) -> None:
@@ -214,19 +199,19 @@ def run_export(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
+
+    def body() -> int:
         if argv[:1] == ["export"]:
             args = export_parser().parse_args(argv[1:])
             if args.adapter == DEMO_RUN and not os.path.isdir(DEMO_RUN):
                 return fail(f"{DEMO_RUN} does not exist yet; run `python train.py` first, or pass --adapter.")
             return run_export(args)
-        return run_eval(eval_parser().parse_args(argv))
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        # every user error ends in one sentence (data, model, adapter and flag errors are ValueErrors);
-        # MINILORA_DEBUG=1 shows the traceback instead
-        if os.environ.get("MINILORA_DEBUG"):
-            raise
-        return fail(str(e))
+        try:
+            return run_eval(eval_parser().parse_args(argv))
+        except DataError as e:  # its sentence may suggest train.py's --skip-bad-lines
+            raise DataError(without_skip_hint(str(e))) from None
+
+    return run_main(body)  # a user error: one sentence, exit 2 (MINILORA_DEBUG=1: the traceback)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@
 The loop: load (NF4 base) -> data -> LoRA surgery -> PagedAdamW + cosine schedule -> for each
 step: M micro-batches, loss normalized by the step's label tokens, backward, clip, step ->
 validation / early stopping / atomic checkpoints -> final adapter (PEFT format) + summary.
-Every knob is a flag (minilora/train_config.py; `python train.py --help`).
+Every knob is a flag (minilora/train_config.py; `python train.py --help`). The run folder --out is
+written only by train.py: a new folder, or one it wrote before (continued with --resume, see
+minilora/rundir.py). Exit codes: 0 done, 1 the loss became NaN/inf, 2 a user error (one sentence),
+3 interrupted by SIGINT/SIGTERM (checkpointed; continue with --resume).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -20,19 +24,16 @@ import signal
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from minilora.train_config import ConfigError, parse_args, validate  # noqa: E402
-
-
-def fail(msg: str, code: int = 2) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return code
+from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, Progress, fail, resolve_device, run_main
+from minilora.train_config import given_flags, parse_args, validate
 
 
-def run(cfg) -> int:
+def run(cfg, given: set[str] = frozenset()) -> int:
+    """Train as `cfg` says; `given`: the fields named on the command line (compared on --resume)."""
+    from minilora import checkpoint as C
+    from minilora import rundir
     from minilora import trainer as T
     from minilora.adapter import save_adapter
     from minilora.data import load_records, prepare_data
@@ -45,23 +46,34 @@ def run(cfg) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     rank, world, ddp_device = T.init_distributed()
-    torch.manual_seed(cfg.seed + rank)  # dropout masks; data order and LoRA init have their own seeds
     main = rank == 0
-    device = ddp_device or torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                        else ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
+    device = ddp_device or resolve_device(cfg.device)
+
+    # --- run directory: written only by train.py; checked (and --resume compared) before any write
+    ckpt, old = rundir.check_out(cfg.out, cfg.resume)
+    T.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
+    if cfg.resume and ckpt is not None:
+        def resolve(name: str) -> str:  # --dtype NAME on this device, e.g. auto -> "float32" on the CPU
+            return str(dataclasses.replace(cfg, dtype=name).resolved_dtype(device.type)).removeprefix("torch.")
+
+        with open(os.path.join(ckpt, "state.json")) as f:
+            changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"])
+        validate(cfg)
+        if changed and main:
+            print("resume: " + ", ".join(f"{rundir.flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
+        device = ddp_device or resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed + rank)  # dropout masks; data order and LoRA init have their own seeds
     dtype = cfg.resolved_dtype(device.type)
     if device.type == "cuda":  # float32 GEMMs: the LoRA terms (see --tf32)
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     say = print if main else (lambda *a, **k: None)
 
-    # --- run directory: never overwrite a previous run's checkpoints by accident
-    ckpt = T.latest_checkpoint(cfg.out) if os.path.isdir(cfg.out) else None
-    if ckpt is not None and not cfg.resume:
-        return fail(f"{cfg.out} already holds checkpoints; pass --resume to continue it or choose another --out.")
     if cfg.resume and ckpt is None:
         say(f"note: --resume given but {cfg.out} has no checkpoint; starting fresh.")
     if main:
-        write_text_atomic(os.path.join(cfg.out, "config.json"), cfg.to_json())
+        config = rundir.config_json(cfg, str(dtype).removeprefix("torch."))
+        write_text_atomic(os.path.join(cfg.out, "config.json"), config)
+        rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
 
     # --- model, tokenizer, data
     t_start = time.time()
@@ -79,8 +91,8 @@ def run(cfg) -> int:
     # --- LoRA surgery + optimizer + schedule
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     report = apply_lora(model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed)  # fmt: skip
-    say(report["summary"] if isinstance(report, dict) and "summary" in report else report)
+                        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed, verbose=False)  # fmt: skip
+    say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     model.train()
     budget = None if cfg.optimizer_budget == "none" else (
@@ -105,8 +117,11 @@ def run(cfg) -> int:
              "epoch": 0, "index": 0}  # fmt: skip
     step = 0
     if cfg.resume and ckpt is not None:
-        state = T.load_checkpoint(ckpt, model, optimizer, scheduler)
+        state = C.load_checkpoint(ckpt, model, optimizer, scheduler)
         step = state["step"]
+        C.apply_hyperparameters(optimizer, scheduler, cfg.lr, cfg.weight_decay)  # flags changed on resume
+        if main:
+            rundir.cut_metrics(os.path.join(cfg.out, "metrics.jsonl"), state)  # steps after ckpt: logged again
         stream = T.BatchStream(data.train, batch_kw, state["epoch"], state["index"])
         say(f"resumed from {ckpt} at step {step}")
     eval_examples = []
@@ -123,18 +138,23 @@ def run(cfg) -> int:
         total, count = completion_loss(model, data.val, cfg.batch_size, tok.pad_id)
         return total / max(1, count)
 
-    metrics = T.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=step > 0) if main else None
+    metrics = rundir.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=step > 0) if main else None
     if main and step == 0:
         v0 = validate_loss()
         if v0 is not None:
             state["val_history"].append([0, v0])
             metrics.write(step=0, val_loss=v0)
-    progress = T.Progress(total_steps, enabled=main)
+
+    def save_checkpoint() -> str:  # with metrics.jsonl's length: a resume drops what was logged after it
+        return C.save_checkpoint(cfg.out, step, model, optimizer, scheduler, {**state, "metrics_bytes": metrics.tell()},
+                                 adapter_meta, cfg.keep_checkpoints)  # fmt: skip
+
+    progress = Progress(total_steps, enabled=main, initial=step)
     t_last, tokens_since = time.time(), 0
     stop_reason = "finished"
 
     # --- the loop
-    with T.StopRequest() as stop:
+    with C.StopRequest() as stop:
         while step < total_steps:
             micro = [stream.next() for _ in range(micro_per_step)][rank::world]  # this rank's share
             n_total = T.all_reduce_sum(sum(b.n_label_tokens for b in micro), world)
@@ -151,10 +171,10 @@ def run(cfg) -> int:
             if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
                 loss = float("nan")
             if not math.isfinite(loss):
-                last = T.latest_checkpoint(cfg.out)
+                last = C.latest_checkpoint(cfg.out)
                 keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
                 return fail(f"the loss became {loss} at step {step + 1}; stopped without saving this step "
-                            f"({keep}); lower --lr or check the data.", code=1)  # fmt: skip
+                            f"({keep}); lower --lr or check the data.", code=EXIT_FAILED)  # fmt: skip
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.max_grad_norm)
             optimizer.step()
@@ -170,7 +190,7 @@ def run(cfg) -> int:
                 tok_s = tokens_since * world / max(1e-9, now - t_last)
                 lr = scheduler.get_last_lr()[0]
                 peak = T.peak_memory_bytes(device) / 2**20
-                progress.update(step, f"| loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | peak {peak:,.0f} MB")
+                progress.update(step, f"loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | peak {peak:,.0f} MB")
                 metrics.write(step=step, loss=loss, lr=lr, tokens_per_s=tok_s, peak_mem_mb=peak)
                 t_last, tokens_since = now, 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
@@ -188,20 +208,21 @@ def run(cfg) -> int:
                     stop_reason = f"early stopping after {state['bad_evals']} validations without improvement"
                     break
             if main and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                T.save_checkpoint(cfg.out, step, model, optimizer, scheduler, state, adapter_meta,
-                                  cfg.keep_checkpoints)  # fmt: skip
+                save_checkpoint()
             if stop:
                 stop_reason = "interrupted"
                 break
 
     # --- end: checkpoint, adapter, summary
+    progress.close()
     if not main:
-        return 0
-    path = T.save_checkpoint(cfg.out, step, model, optimizer, scheduler, state, adapter_meta, cfg.keep_checkpoints)
+        return EXIT_INTERRUPTED if stop_reason == "interrupted" else 0
+    path = save_checkpoint()
     if stop_reason == "interrupted":
+        metrics.close()
         print(f"\nInterrupted at step {step}; checkpoint written to {path}. "
-              f"Resume with: python train.py {' '.join(sys.argv[1:])} --resume")
-        return 0
+              f"Resume with: python train.py --out {cfg.out} --resume  (exit code {EXIT_INTERRUPTED})")
+        return EXIT_INTERRUPTED
     v = validate_loss()
     if v is not None:
         state["val_history"].append([step, v])
@@ -234,16 +255,14 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv=None) -> int:
-    try:
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def body() -> int:
         cfg = parse_args(argv)
         validate(cfg)
-        return run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        # every user error ends in one sentence (data, model and flag errors are ValueErrors);
-        # MINILORA_DEBUG=1 shows the traceback instead
-        if os.environ.get("MINILORA_DEBUG"):
-            raise
-        return fail(str(e))
+        return run(cfg, given_flags(argv))
+
+    return run_main(body)  # a user error: one sentence, exit 2 (MINILORA_DEBUG=1: the traceback)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,22 @@ def encode_example(
     return EncodedExample(ids, labels, truncated, ex.source)
 
 
+def max_line_bytes(tokenizer, max_seq_len: int) -> int | None:
+    """Length in bytes above which a JSONL line cannot encode to max_seq_len tokens or fewer.
+
+    A token stands for at most Lt bytes of text (Lt: the longest token string of the vocabulary,
+    in UTF-8), and JSON writes one byte of text as at most 6 bytes ("\\u0001"), so a line of
+    more than 6 Lt max_seq_len bytes of text, plus 4 KiB for keys and structure, holds more than
+    max_seq_len tokens. (A normalizer that deletes characters, or megabytes of ignored extra keys,
+    could break this; such lines are dropped and counted.) None for a tokenizer without a vocabulary.
+    """
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        return None
+    longest = max(len(t.encode("utf-8")) for t in backend.get_vocab(with_added_tokens=True))
+    return 6 * longest * max_seq_len + 4096
+
+
 # ---------------------------------------------------------------------------------------- bundle
 @dataclass
 class DataBundle:
@@ -236,13 +252,17 @@ def prepare_data(
         raise ValueError(
             "The tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw."
         )
-    examples, rep = load_records(train_path, fmt, skip_bad_lines)
+    # --truncation drop: lines too long to fit are dropped unread (left cuts long prompts, so keeps them)
+    limit = max_line_bytes(tokenizer, max_seq_len) if truncation == "drop" else None
+    examples, rep = load_records(train_path, fmt, skip_bad_lines, limit)
     summary: dict = {"train_file": os.fspath(train_path), "format": rep.fmt, "records": rep.n_records,
                      "bad_lines_skipped": rep.n_skipped}
+    long_lines = [(train_path, rep)]
     val_examples: list[Example] = []
     if val_path is not None:
-        val_examples, vrep = load_records(val_path, fmt, skip_bad_lines)
+        val_examples, vrep = load_records(val_path, fmt, skip_bad_lines, limit)
         summary["bad_lines_skipped"] += vrep.n_skipped
+        long_lines.append((val_path, vrep))
     if dedup:
         examples, drep = _dedup(examples, near_threshold=near_threshold, seed=seed)
         summary["exact_duplicates_removed"] = drep.exact_removed
@@ -259,7 +279,12 @@ def prepare_data(
         overlaps = assert_no_contamination(examples, held_out, allow=allow_contamination, name=os.fspath(path))
         summary["contaminated_prompts"] += len(overlaps)
 
-    counts = {"dropped_too_long": 0, "truncated": 0, "bad_lines_skipped": summary.pop("bad_lines_skipped")}
+    counts = {"dropped_too_long": sum(r.n_too_long for _, r in long_lines), "truncated": 0,
+              "bad_lines_skipped": summary.pop("bad_lines_skipped")}  # fmt: skip
+    if skip_bad_lines and counts["dropped_too_long"]:  # where they are (the first few lines of each file)
+        summary["long_lines_dropped_at"] = "; ".join(
+            f"{os.path.basename(os.fspath(p))} lines {','.join(map(str, r.too_long_lines))}"
+            for p, r in long_lines if r.n_too_long)  # fmt: skip
     kw = dict(template=template, train_on_all=train_on_all, max_seq_len=max_seq_len, truncation=truncation)
     train, examples = _encode_all(examples, tokenizer, counts, skip_bad_lines, **kw)
     val, val_examples = _encode_all(val_examples, tokenizer, counts, skip_bad_lines, **kw)

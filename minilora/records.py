@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 
 FORMATS = ("prompt_completion", "alpaca", "chat", "text")
 ROLES = ("system", "user", "assistant")
-_FIX = "fix the line or pass --skip-bad-lines to skip it"
+_SKIP = " or pass --skip-bad-lines to skip it"
+_FIX = "fix the line" + _SKIP
+
+
+def without_skip_hint(message: str) -> str:
+    """A data error message for a program that has no --skip-bad-lines (eval.py)."""
+    return message.replace("," + _SKIP, "").replace(_SKIP, "")
 
 
 class DataError(ValueError):
@@ -50,6 +56,8 @@ class LoadReport:
     n_records: int = 0
     n_skipped: int = 0
     skipped: list[str] = field(default_factory=list)  # the first 20 messages, for the log
+    n_too_long: int = 0  # lines over max_line_bytes, dropped unread
+    too_long_lines: list[int] = field(default_factory=list)  # the first 5 of their line numbers
 
 
 
@@ -111,11 +119,16 @@ def _parse(obj: dict, fmt: str, source: str) -> Example:
     return Example(clean[:-1], clean[-1]["content"], fmt, source)
 
 
-def load_records(path, fmt: str = "auto", skip_bad_lines: bool = False) -> tuple[list[Example], LoadReport]:
-    """Read a JSONL file into Examples. Every bad line raises DataError, or is counted and skipped."""
+def load_records(path, fmt: str = "auto", skip_bad_lines: bool = False,
+                 max_line_bytes: int | None = None) -> tuple[list[Example], LoadReport]:  # fmt: skip
+    """Read a JSONL file into Examples. Every bad line raises DataError, or is counted and skipped.
+    Lines longer than max_line_bytes are dropped before they are decoded or parsed (counted in the
+    report): a line that cannot fit the sequence length costs nothing to tokenize."""
     path = os.fspath(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"Unknown data format '{fmt}'; use auto or one of {', '.join(FORMATS)}.")
+    if os.path.isdir(path):
+        raise DataError(f"Data file {path} is a folder; pass the path of a JSONL file.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Data file {path} does not exist; check the path.")
     with open(path, "rb") as f:
@@ -130,12 +143,17 @@ def load_records(path, fmt: str = "auto", skip_bad_lines: bool = False) -> tuple
         if not line.strip():
             continue  # blank lines (a trailing newline) are not records
         n_lines += 1
+        if max_line_bytes is not None and len(line) > max_line_bytes:
+            report.n_too_long += 1
+            if len(report.too_long_lines) < 5:
+                report.too_long_lines.append(lineno)
+            continue
         try:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise _BadLine(f"bytes are not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
-                               "re-save the file as UTF-8 or pass --skip-bad-lines to skip it") from None
+                               "re-save the file as UTF-8" + _SKIP) from None
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
@@ -154,7 +172,7 @@ def load_records(path, fmt: str = "auto", skip_bad_lines: bool = False) -> tuple
                 origin = f"detected from line {fmt_line}" if fmt_line else "forced with --format"
                 raise _BadLine(
                     f"this line is {line_fmt} but the file is {file_fmt} ({origin}); a file must not mix "
-                    "formats, so split it into one file per format or pass --skip-bad-lines to skip it"
+                    "formats, so split it into one file per format" + _SKIP
                 )
             try:
                 records.append(_parse(obj, file_fmt, f"{path}:{lineno}"))
@@ -170,7 +188,8 @@ def load_records(path, fmt: str = "auto", skip_bad_lines: bool = False) -> tuple
     if n_lines == 0:
         raise DataError(f"{path} is empty (no JSON lines); point at a JSONL file with one example per line.")
     if not records:
-        raise DataError(f"{path} has no usable lines ({report.n_skipped} bad lines skipped); fix the file.")
+        long = f", {report.n_too_long} longer than {max_line_bytes} bytes dropped" if report.n_too_long else ""
+        raise DataError(f"{path} has no usable lines ({report.n_skipped} bad lines skipped{long}); fix the file.")
     report.fmt = file_fmt
     report.n_records = len(records)
     return records, report

@@ -2,7 +2,8 @@
 
 The command line is generated from the dataclass: field `lora_r` is flag `--lora-r`, its
 `help` metadata is the flag's help. `python train.py` with no arguments is the offline demo
-(the `tiny` model on the bundled examples/demo data); every flag overrides it.
+(the `tiny` model on the bundled examples/demo data, with the DEMO_OVERRIDES preset that --help
+shows as [tiny: value]); every flag given overrides it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+
+from minilora.cli import UsageError, resolve_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_TRAIN = os.path.join(ROOT, "examples", "demo", "train.jsonl")
@@ -29,7 +32,7 @@ class TrainConfig:
     data: str = _f(DEMO_TRAIN, "training JSONL (prompt/completion, alpaca, chat messages, or text)")
     val_data: str | None = _f(None, "validation JSONL; default: --val-fraction of --data")
     eval_data: str | None = _f(None, "held-out test JSONL: checked for contamination, and scored "
-                                     "before/after training on --eval-generate examples (demo: examples/demo/test.jsonl)")
+                                     "before/after training on --eval-generate examples")
     out: str = _f(os.path.join("runs", "demo"), "run directory (config, metrics.jsonl, checkpoints, adapter)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
     # data
@@ -89,18 +92,13 @@ class TrainConfig:
     debug_interrupt_at_step: int = _f(0, "testing aid: send SIGINT to this process after this step", hidden=True)
 
     def resolved_dtype(self, device_type: str):
-        import torch
-
-        if self.dtype == "auto":
-            return torch.bfloat16 if device_type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        return resolve_dtype(self.dtype, device_type)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
-class ConfigError(ValueError):
-    """A flag value that cannot work; the message names the flag."""
+ConfigError = UsageError  # a flag value that cannot work; the message names the flag
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -120,34 +118,48 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"{msg}; fix the flag and run again.")
     for flag, path in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--eval-data", cfg.eval_data)):
+        if path is not None and os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a folder; pass the path of a JSONL file.")
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{flag} {path} does not exist; pass the path of a JSONL file.")
     if cfg.optimizer_budget not in ("none", "auto") and not cfg.optimizer_budget.isdigit():
         raise ConfigError(f"--optimizer-budget {cfg.optimizer_budget!r} must be none, auto, or a number of bytes.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py",
-        description="QLoRA fine-tuning: NF4 base, LoRA adapters, paged AdamW. With no arguments: the "
-                    "offline demo (tiny model, bundled examples).",  # fmt: skip
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """train.py's parser, one flag per TrainConfig field; no abbreviations (`--epoch` is an error).
+    suppress_defaults: flags not on the command line stay out of the namespace (see given_flags)."""
+    from minilora.cli import EXIT_CODES_HELP, parser
+
+    p = parser("train.py", "QLoRA fine-tuning: NF4 base, LoRA adapters, paged AdamW. With no arguments: the "
+                           "offline demo (tiny model, bundled examples).",  # fmt: skip
+               epilog="--model tiny (the offline demo) uses the preset shown as [tiny: ...] in a flag's help "
+                      "unless that flag is given. " + EXIT_CODES_HELP)  # fmt: skip
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         help_ = argparse.SUPPRESS if meta.pop("hidden", False) else meta.pop("help")
         meta.pop("help", None)
+        if f.name in DEMO_OVERRIDES and help_ is not argparse.SUPPRESS:
+            demo = DEMO_OVERRIDES[f.name]
+            help_ += f" [tiny: {os.path.relpath(demo, ROOT) if f.name == 'eval_data' else demo}]"
+        default = argparse.SUPPRESS if suppress_defaults else f.default
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
         typ = {"int": int, "float": float}.get(str(f.type), str)
-        p.add_argument(flag, type=typ, default=f.default, help=help_, **meta)
+        p.add_argument(flag, type=typ, default=default, help=help_, **meta)
     return p
 
 
+def given_flags(argv) -> set[str]:
+    """The TrainConfig fields named on the command line (however spelled: --no-dedup names dedup)."""
+    return set(vars(build_parser(suppress_defaults=True).parse_args(list(argv))))
+
+
 # The offline demo trains a tiny random model, which wants a far higher learning rate and more
-# passes than a pretrained 1B model; these apply to `--model tiny` unless the flag is given.
+# passes than a pretrained 1B model; these apply to `--model tiny` unless the flag is given, and
+# --help shows them as [tiny: value].
 DEMO_OVERRIDES = {"eval_data": DEMO_TEST, "lr": 3e-3, "epochs": 3, "warmup_steps": 10, "eval_every": 25, "lora_dropout": 0.0,
                   "gradient_checkpointing": False, "threads": 1, "log_every": 10, "save_every": 50}
 
@@ -159,7 +171,7 @@ def parse_args(argv=None) -> TrainConfig:
     ns = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(ns))
     if cfg.model == "tiny":
-        given = {a.split("=")[0].lstrip("-").replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
+        given = given_flags(argv)
         for name, value in DEMO_OVERRIDES.items():
             if name not in given:
                 setattr(cfg, name, value)

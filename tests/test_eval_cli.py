@@ -168,3 +168,19 @@ def test_export_refuses_a_non_empty_out(run, capsys, tmp_path):
     code, _, err = call(["export", "--adapter", str(run), "--out", str(tmp_path)], capsys)
     assert code == 2 and "is not empty; choose another folder or pass --overwrite" in last_error(err)
     assert os.listdir(tmp_path) == ["x.txt"]
+
+
+def test_cli_errors_name_what_eval_py_has(run, capsys, tmp_path):
+    """A folder as --data is "a folder", not "does not exist"; data errors do not suggest
+    --skip-bad-lines (a train.py flag); a bad --device is a sentence; flags are never abbreviated."""
+    code, _, err = call(["--adapter", str(run), "--data", str(tmp_path)], capsys)
+    assert code == 2 and f"{tmp_path} is a folder; pass the path of a JSONL file." in last_error(err)
+    bad = jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "c"}])
+    code, _, err = call(["--adapter", str(run), "--data", bad], capsys)
+    line = last_error(err)
+    assert code == 2 and "line 2: field 'prompt' must be a string" in line and "skip-bad-lines" not in line
+    code, _, err = call(["--adapter", str(run), "--device", "gpu"], capsys)
+    assert code == 2 and "--device gpu is not a device" in last_error(err)
+    with pytest.raises(SystemExit) as e:
+        call(["--adapter", str(run), "--shot", "1"], capsys)
+    assert e.value.code == 2 and "unrecognized arguments: --shot" in capsys.readouterr().err

@@ -15,6 +15,8 @@ import time
 import pytest
 import torch
 
+from minilora.cli import EXIT_INTERRUPTED
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--eval-generate", "0", "--eval-every", "0", "--threads", "1", "--log-every", "1"]
 
@@ -60,7 +62,8 @@ def test_loss_falls_and_heldout_metric_improves(tmp_path, device):
 def test_resume_equals_uninterrupted_bitwise(tmp_path):
     base = ["--max-steps", "16", "--lora-dropout", "0.1", "--save-every", "0"]
     train(tmp_path / "full", *base)
-    p = train(tmp_path / "cut", *base, "--debug-interrupt-at-step", "7")
+    p = train(tmp_path / "cut", *base, "--debug-interrupt-at-step", "7", check=False)
+    assert p.returncode == EXIT_INTERRUPTED, p.stderr[-3000:]
     assert "Interrupted at step 7" in p.stdout and "--resume" in p.stdout
     assert max(losses(tmp_path / "cut")) == 7
     train(tmp_path / "cut", *base, "--resume")
@@ -78,7 +81,7 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path):
     assert "Traceback" not in p.stderr
 
 
-def test_sigint_checkpoints_and_exits_zero(tmp_path):
+def test_sigint_checkpoints_and_exits_interrupted(tmp_path):
     out = tmp_path / "sig"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), *FAST, "--max-steps", "5000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -89,9 +92,9 @@ def test_sigint_checkpoints_and_exits_zero(tmp_path):
         assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]  # `train.py && eval.py` stops here
     assert "Interrupted at step" in stdout and "--resume" in stdout
-    from minilora.trainer import latest_checkpoint
+    from minilora.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(str(out))
     assert ckpt is not None
@@ -112,7 +115,7 @@ def _fresh_model_and_optimizer():
 
 
 def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
-    from minilora.trainer import latest_checkpoint, load_checkpoint
+    from minilora.checkpoint import latest_checkpoint, load_checkpoint
 
     out = tmp_path / "k9"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), *FAST, "--max-steps", "40",
@@ -141,7 +144,7 @@ def test_injected_nan_stops_cleanly_and_keeps_last_checkpoint(tmp_path):
     assert p.returncode == 1
     assert "loss became nan at step 8" in p.stderr and "step_0000006" in p.stderr
     assert "Traceback" not in p.stderr
-    from minilora.trainer import latest_checkpoint
+    from minilora.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(str(out)).endswith("step_0000006")
     assert not (out / "adapter").exists()  # no final adapter from a broken run

@@ -1,0 +1,110 @@
+"""What train.py and eval.py share as command-line programs: exit codes, error sentences, device
+and dtype resolution, the MINILORA_DEBUG switch, and the progress display.
+
+Exit codes (both programs):
+  0  done
+  1  the run itself failed: train.py's loss became NaN/inf, or an eval.py gate was missed
+  2  a user error (a flag, a data file, a run folder): one sentence on stderr, nothing written
+  3  train.py was interrupted (SIGINT/SIGTERM): the step finished, a checkpoint was written, and
+     `train.py --out RUN --resume` continues it; `train.py && eval.py` stops here
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Callable
+
+import torch
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 done; 1 the run failed (loss became NaN/inf, or an eval gate was missed); "
+    "2 a user error (flag, data file or run folder; one sentence on stderr); "
+    f"{EXIT_INTERRUPTED} interrupted by SIGINT/SIGTERM (checkpoint written; continue with --resume)."
+)
+
+
+class UsageError(ValueError):
+    """A flag value that cannot work; the message is one sentence naming the flag and the fix."""
+
+
+def fail(msg: str, code: int = EXIT_USAGE) -> int:
+    """Print `error: msg` on stderr and return the exit code (2: a user error)."""
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def run_main(body: Callable[[], int], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a CLI's body; a user error (ValueError, a missing or existing file, and `errors`) ends in
+    one sentence and exit 2 instead of a traceback. MINILORA_DEBUG=1 shows the traceback instead."""
+    try:
+        return body()
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, *errors) as e:
+        if os.environ.get("MINILORA_DEBUG"):
+            raise
+        return fail(str(e))
+
+
+def parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser that shows defaults and accepts no abbreviations: `--epoch 7` is an error,
+    not a silent `--epochs 7` (or worse, a flag a preset then overrides)."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """auto -> cuda when torch sees a GPU, else cpu; cpu; cuda; cuda:N. Anything else, or a CUDA
+    device this torch cannot use, is a UsageError."""
+    if not _DEVICE.match(name):
+        raise UsageError(f"{flag} {name} is not a device; pass auto, cpu, cuda or cuda:N.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+            raise UsageError(f"{flag} {name} needs a CUDA GPU but {why}; pass {flag} cpu (or auto).")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {name}: only {torch.cuda.device_count()} GPU(s) are visible; "
+                             f"pass {flag} cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")  # fmt: skip
+    return device
+
+
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """auto -> bfloat16 on a GPU, float32 on the CPU; otherwise the named torch dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class Progress:
+    """Progress through tqdm: a live bar on a terminal; elsewhere (a log file, a pipe) one plain
+    line per update() call (the caller updates every --log-every steps)."""
+
+    def __init__(self, total: int, enabled: bool = True, unit: str = "step", initial: int = 0):
+        from tqdm.auto import tqdm
+
+        self.total, self.enabled, self.unit = total, enabled, unit
+        tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True) if tty else None
+
+    def update(self, n: int, text: str = "") -> None:
+        """Progress is now n of total; `text` is shown beside it (loss | lr | tok/s | peak mem)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n - self.bar.n)
+            self.bar.set_postfix_str(text, refresh=True)
+        else:
+            print(f"{self.unit} {n}/{self.total} {text}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
