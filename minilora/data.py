@@ -1,6 +1,6 @@
 """Training data: prompt rendering, loss masking, truncation, and `prepare_data`.
 
-Pipeline (each step is a function in records.py, dedup.py or packing.py, all re-exported here):
+Pipeline (each step is a function in records.py, dedup.py, holdout.py or packing.py, all re-exported here):
 
   load_records(path)        JSONL -> [Example]   (records.py: format detected per file; every bad
                                                   line raises DataError naming file and line, or is counted)
@@ -21,15 +21,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from minilora.dedup import (  # noqa: F401  (re-exported: train.py / eval.py import from here)
-    ContaminationError,
-    assert_no_contamination,
-    contamination_check,
-    dedup,
-    normalize_text,
-    prompt_text,
-    split,
-)
+# re-exported: train.py and eval.py import the whole pipeline from here
+from minilora.dedup import dedup, normalize_text, prompt_text  # noqa: F401
+from minilora.holdout import ContaminationError, assert_no_contamination, contamination_check, split  # noqa: F401
 from minilora.packing import Batch, batches, num_batches, plan_batches, token_loss_sum  # noqa: F401
 from minilora.records import FORMATS, ROLES, DataError, Example, LoadReport, load_records  # noqa: F401
 
