@@ -111,6 +111,34 @@ def _chat_pieces(messages: list[dict], tokenizer, source: str) -> list[tuple[str
     return [(gen, False), (full[len(gen):], True)]
 
 
+def _encoded_pieces(ex: Example, tokenizer, template: str) -> list[tuple[str, bool, list[int]]]:
+    """The example as (text, is_completion, token ids) pieces: the one place a prompt is rendered.
+
+    template "chat": the tokenizer's chat template, split at each assistant turn (_chat_pieces;
+    the template writes BOS itself); "raw": render_raw(prompt), then the completion, with the
+    tokenizer's special tokens (BOS) before the first piece. Text records are one completion piece.
+    """
+    if template not in ("chat", "raw"):
+        raise ValueError(f"Unknown template '{template}'; use chat or raw.")
+    if ex.fmt == "text":
+        pieces, first_special = [(ex.completion, True)], True
+    elif template == "raw":
+        pieces, first_special = [(render_raw(ex.prompt), False), (ex.completion, True)], True
+    else:
+        messages = prompt_messages(ex) + [{"role": "assistant", "content": ex.completion}]
+        pieces, first_special = _chat_pieces(messages, tokenizer, ex.source), False
+    return [(text, flag, tokenizer.encode(text, add_special_tokens=first_special and i == 0))
+            for i, (text, flag) in enumerate(pieces)]  # fmt: skip
+
+
+def prompt_ids(ex: Example, tokenizer, template: str = "chat") -> list[int]:
+    """Token ids before the final completion, tokenized exactly as encode_example tokenizes them,
+    so generation starts where training's labelled completion started."""
+    if ex.fmt == "text":  # no prompt: generation starts from BOS alone
+        return tokenizer.encode("", add_special_tokens=True)
+    return [t for _, _, piece_ids in _encoded_pieces(ex, tokenizer, template)[:-1] for t in piece_ids]
+
+
 def encode_example(
     ex: Example,
     tokenizer,
@@ -129,25 +157,14 @@ def encode_example(
     Longer than max_seq_len: truncation "drop" returns None; "left" cuts prompt tokens from the
     left (keeping BOS), and returns None when the final completion + EOS alone does not fit.
     """
-    if template not in ("chat", "raw"):
-        raise ValueError(f"Unknown template '{template}'; use chat or raw.")
     if truncation not in ("drop", "left"):
         raise ValueError(f"Unknown truncation policy '{truncation}'; use drop or left.")
     if tokenizer.eos_id is None:
         raise ValueError("The tokenizer has no EOS token; set eos_token in tokenizer_config.json.")
-    if ex.fmt == "text":
-        pieces, first_special = [(ex.completion, True)], True
-    elif template == "raw":
-        pieces, first_special = [(render_raw(ex.prompt), False), (ex.completion, True)], True
-    else:
-        messages = prompt_messages(ex) + [{"role": "assistant", "content": ex.completion}]
-        pieces, first_special = _chat_pieces(messages, tokenizer, ex.source), False  # templates write BOS
-
     ids: list[int] = []
     labelled: list[bool] = []
     completion_start = 0
-    for i, (text, is_completion) in enumerate(pieces):
-        piece_ids = tokenizer.encode(text, add_special_tokens=first_special and i == 0)
+    for text, is_completion, piece_ids in _encoded_pieces(ex, tokenizer, template):
         if is_completion:
             completion_start = len(ids)
         ids += piece_ids

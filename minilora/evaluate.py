@@ -27,16 +27,8 @@ import re
 
 import torch
 
-from minilora.data import IGNORE, Example, encode_example, prompt_messages, render_raw
+from minilora.data import IGNORE, Example, encode_example, prompt_ids, prompt_messages, render_raw
 from minilora.packing import batches, token_loss_sum
-
-
-def prompt_ids(ex: Example, tokenizer, template: str = "chat") -> list[int]:
-    """Token ids of the prompt, ending where the completion would start."""
-    if template == "chat":
-        text = tokenizer.apply_chat_template(prompt_messages(ex), add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
-    return tokenizer.encode(render_raw(ex.prompt), add_special_tokens=True)
 
 
 @torch.no_grad()

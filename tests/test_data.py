@@ -19,6 +19,7 @@ from minilora.data import (
     encode_example,
     load_records,
     prepare_data,
+    prompt_ids,
 )
 from minilora.models.tokenizer import Tokenizer
 
@@ -138,6 +139,7 @@ def test_raw_labels_cover_exactly_completion_and_eos(tok, prompt, completion):
     assert all(lab != -100 for lab in enc.labels[k:])  # the labelled span is one suffix
     assert tok.decode(labelled(enc), skip_special_tokens=False) == completion + "<eos>"
     assert tok.decode(enc.input_ids[:k], skip_special_tokens=False) == "<bos>" + prompt
+    assert prompt_ids(Example(prompt, completion, "prompt_completion"), tok, "raw") == enc.input_ids[:k]
     full = encode_example(Example(prompt, completion, "prompt_completion"), tok, "raw", train_on_all=True,
                           max_seq_len=10**6)  # fmt: skip
     assert full.labels == full.input_ids == enc.input_ids
@@ -183,6 +185,7 @@ def test_chat_labels_are_the_assistant_turns_as_transformers_renders_them(tok, r
     # The prompt the model is trained on is the one it is prompted with at inference.
     gen = ref.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
     assert enc.input_ids[: len(gen)] == list(gen) and enc.labels[len(gen) - 1] == -100
+    assert prompt_ids(ex, tok, "chat") == list(gen)  # what generation is prompted with
 
 
 def test_text_format_and_template_errors(tok):
