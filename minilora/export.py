@@ -282,6 +282,11 @@ def validate_export(path: str, kind: str, model, tok, hf_config: dict, run_confi
 
         V.reference_weights(model, round_trip_fn(model.config, gguf_type))
     ref_b = ref_a if kind == "hf" else V.outputs(model, prompts)
+    if kind == "gguf":
+        from minilora.gguf_export import gguf_arch
+
+        reader_type = gguf_arch(model.config).reader_model_type  # transformers reads a Mistral GGUF as llama
+        hf_config = {**hf_config, "model_type": reader_type} if reader_type else hf_config
     got = V.outputs(V.reload_or_fail(kind, path, hf_config), prompts)
     stats = V.compare(ref_b, got)
     V.report(kind if kind != "gguf" else f"gguf {gguf_type}", stats, None if kind == "hf" else V.compare(ref_a, got), log)

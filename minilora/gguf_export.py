@@ -59,6 +59,7 @@ class GGUFArch:
     permute_qk: bool = False  # LlamaModel.undo_permute: q/k rows reordered for llama.cpp's rope
     norm_shift: float = 0.0  # added to every *norm.weight (Gemma: 1, its RMSNorm scales by 1 + w)
     write_vocab_size: bool = False  # LlamaModel writes {arch}.vocab_size and rope.dimension_count
+    reader_model_type: str | None = None  # the transformers model_type its GGUF loads as, when not the family's
     checks: tuple = field(default=())  # functions cfg -> problem sentence or None
 
 
@@ -79,7 +80,7 @@ def _gemma3_fixed(cfg: ModelConfig) -> str | None:
 
 ARCHS = {  # ModelConfig.family -> its GGUF layout; a new family is one line
     "llama": GGUFArch("llama", permute_qk=True, write_vocab_size=True),
-    "mistral": GGUFArch("llama", permute_qk=True, write_vocab_size=True),  # MistralForCausalLM -> LlamaModel
+    "mistral": GGUFArch("llama", permute_qk=True, write_vocab_size=True, reader_model_type="llama"),  # LlamaModel
     "qwen2": GGUFArch("qwen2"),
     "qwen3": GGUFArch("qwen3"),
     "gemma3": GGUFArch("gemma3", norm_shift=1.0, checks=(_gemma3_fixed,)),

@@ -62,6 +62,30 @@ def _gemma3(seed):
     return transformers.Gemma3ForCausalLM(cfg)
 
 
+def _qwen2(seed):  # q/k/v carry biases (llama.cpp: blk.N.attn_q.bias, not permuted)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.1, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0))  # fmt: skip
+
+
+def _qwen3(seed):  # q_norm / k_norm per head (llama.cpp: attn_q_norm / attn_k_norm)
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, initializer_range=0.1,
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))  # fmt: skip
+
+
+def _mistral(seed):  # llama.cpp runs Mistral as llama (q/k rows permuted)
+    return transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.1, max_position_embeddings=256,
+        sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0))  # fmt: skip
+
+
 def _to_transformers4(cfg: dict) -> dict:
     """The same config in the transformers-4 dialect hub checkpoints carry."""
     rope = cfg.pop("rope_parameters")
@@ -84,6 +108,20 @@ FAMILIES = {
     "gemma3-t5": (_gemma3, False),
     "gemma3-t4": (_gemma3, True),
 }
+
+
+def _model_family_exists(family: str) -> bool:
+    try:
+        ModelConfig(family=family, num_attention_heads=4, num_key_value_heads=2)
+    except ValueError:
+        return False
+    return True
+
+
+# Families minilora's models/ adds: tested here as soon as ModelConfig knows them.
+FAMILIES.update({f"{name}-t5": (build, False) for name, build in (("qwen2", _qwen2), ("qwen3", _qwen3),
+                                                                  ("mistral", _mistral))
+                 if _model_family_exists(name)})  # fmt: skip
 
 
 def make_base(path, family: str, seed: int = 0) -> str:
@@ -202,7 +240,8 @@ def test_gguf_metadata_is_what_llama_cpp_writes(tmp_path, family):
     E.export_adapter(run, out, fmt="gguf", gguf_type="q8_0", validate=False, log=lambda m: None)
     c = json.load(open(os.path.join(base, "config.json")))
     rope = c.get("rope_parameters") or {}
-    arch = "gemma3" if family.startswith("gemma3") else "llama"
+    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    arch = G.ARCHS[family.split("-")[0]].arch
     want = {
         "general.architecture": arch, "general.type": "model", "general.file_type": 7,
         "general.quantization_version": 2,
@@ -210,17 +249,18 @@ def test_gguf_metadata_is_what_llama_cpp_writes(tmp_path, family):
         f"{arch}.feed_forward_length": c["intermediate_size"], f"{arch}.block_count": c["num_hidden_layers"],
         f"{arch}.attention.head_count": c["num_attention_heads"],
         f"{arch}.attention.head_count_kv": c["num_key_value_heads"],
-        f"{arch}.attention.key_length": c["head_dim"], f"{arch}.attention.value_length": c["head_dim"],
+        f"{arch}.attention.key_length": hd, f"{arch}.attention.value_length": hd,
         f"{arch}.attention.layer_norm_rms_epsilon": c["rms_norm_eps"],
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 1,
         "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
         "tokenizer.ggml.add_bos_token": True,
     }  # fmt: skip
-    if arch == "llama":
+    if arch != "gemma3":
         theta = c.get("rope_theta", rope.get("rope_theta"))
-        want.update({f"{arch}.rope.freq_base": theta, f"{arch}.vocab_size": c["vocab_size"],
-                     f"{arch}.rope.dimension_count": c["head_dim"]})  # fmt: skip
-    else:
+        want[f"{arch}.rope.freq_base"] = theta
+    if arch == "llama":  # LlamaModel.set_gguf_parameters adds these two
+        want.update({f"{arch}.vocab_size": c["vocab_size"], f"{arch}.rope.dimension_count": hd})
+    if arch == "gemma3":
         theta = c.get("rope_theta", rope.get("full_attention", {}).get("rope_theta"))
         scaling = c.get("rope_scaling") or {k: v for k, v in rope["full_attention"].items() if k != "rope_theta"}
         want.update({f"{arch}.rope.freq_base": theta, f"{arch}.rope.scaling.type": "linear",
@@ -235,12 +275,12 @@ def test_gguf_metadata_is_what_llama_cpp_writes(tmp_path, family):
     assert len(tokens) == c["vocab_size"] and all(tokens[i] == t for t, i in vocab.items())
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) == (not c.get("tie_word_embeddings", arch == "gemma3"))
-    if arch == "llama":  # llama3 rope scaling travels as llama.cpp's rope_freqs tensor: f_default / f_llama3
+    if (c.get("rope_scaling") or rope).get("rope_type") == "llama3":  # llama3 rope scaling travels as llama.cpp's rope_freqs tensor: f_default / f_llama3
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         hf_cfg = transformers.AutoConfig.from_pretrained(base)
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
-        plain = 1.0 / (theta ** (torch.arange(0, c["head_dim"], 2, dtype=torch.float64) / c["head_dim"]))
+        plain = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         f = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         torch.testing.assert_close(torch.from_numpy(np.array(f.data)).double(), plain / scaled.double(),
                                    rtol=1e-5, atol=0)  # fmt: skip
@@ -370,7 +410,7 @@ def test_gguf_lora_tensors_equal_the_adapters(tmp_path_factory, family, use_rslo
     got = {t.name: torch.from_numpy(np.array(t.data)).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
     undo = LlamaTensorProcessor(config={"num_attention_heads": c["num_attention_heads"],
                                         "num_key_value_heads": c["num_key_value_heads"]})  # fmt: skip
-    arch = "gemma3" if family.startswith("gemma3") else "llama"
+    arch = G.ARCHS[family.split("-")[0]].arch
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c["num_hidden_layers"])
     adapter = load_file(os.path.join(run, "adapter", "adapter_model.safetensors"))
     n = 0
@@ -379,7 +419,7 @@ def test_gguf_lora_tensors_equal_the_adapters(tmp_path_factory, family, use_rslo
         gname = names.get_name(path + ".weight", try_suffixes=(".weight",)) + (".lora_a" if part == "A.weight" else ".lora_b")
         t = got[gname]
         if part == "B.weight":
-            if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+            if G.ARCHS[family.split("-")[0]].permute_qk and (".attn_q." in gname or ".attn_k." in gname):
                 t = torch.from_numpy(undo.process(t.numpy(), gname.replace(".lora_b", "")).weights)
             if use_rslora:  # llama.cpp applies alpha / r; the adapter's scale is alpha / sqrt(r)
                 t = t * (8.0 / 4) / (8.0 / math.sqrt(4))
@@ -446,3 +486,23 @@ def test_unmappable_model_is_refused_in_one_sentence(tmp_path, capsys, monkeypat
     assert cli.main(["export", "--adapter", run, "--out", str(tmp_path / "a.gguf"), "--format", "gguf-lora"]) == 2
     assert "Model family 'gemma3' has no GGUF mapping" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "a.gguf")
+
+
+def test_validation_prompts_come_from_the_runs_eval_data(tmp_path):
+    """The held-out prompts, rendered as evaluation renders them; no data at all: seeded random ids."""
+    from minilora.evaluate import prompt_ids
+    from minilora.models.tokenizer import Tokenizer
+    from minilora.data import load_records
+    from minilora.validate import validation_prompts
+
+    tok = Tokenizer.from_dir(TOK_DIR)
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "completion": str(2 * i)}) + "\n"
+                            for i in range(6)))  # fmt: skip
+    run_cfg = {"eval_data": str(data), "data": "/nonexistent.jsonl", "template": "chat"}
+    ids, source = validation_prompts(run_cfg, tok, VOCAB)
+    want = [prompt_ids(e, tok, "chat") for e in load_records(str(data), "auto")[0][:4]]
+    assert ids == want and str(data) in source
+    ids2, source2 = validation_prompts({}, tok, VOCAB)
+    assert len(ids2) == 4 and all(0 <= i < VOCAB for p in ids2 for i in p) and "random" in source2
+    assert validation_prompts({}, tok, VOCAB)[0] == ids2  # seeded
