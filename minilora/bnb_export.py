@@ -78,8 +78,10 @@ def bnb_4bit_tensors(dense: dict[str, torch.Tensor], blocksize: int = 64,
     return out
 
 
-def nf4_round_trip(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> torch.Tensor:
-    """The weight bitsandbytes reconstructs from the NF4 export of `w`, in w's dtype."""
+def nf4_round_trip(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """The weight bitsandbytes reconstructs (dequantizing to `dtype`) from the NF4 export of `w`,
+    which is quantized in the dtype it is stored in."""
     from minilora.nf4 import dequantize_nf4, quantize_nf4
 
-    return dequantize_nf4(quantize_nf4(w, blocksize=blocksize, double_quant=double_quant), dtype=w.dtype)
+    return dequantize_nf4(quantize_nf4(w, blocksize=blocksize, double_quant=double_quant), dtype=dtype)

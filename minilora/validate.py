@@ -15,6 +15,10 @@ any reordering noise, while one wrong tensor (a flipped byte, a missing weight, 
 norm offset) moves the logits by O(1) of their range. Also printed: the same numbers against the
 unquantized merged model (what quantizing cost) and greedy agreement (tokens of free-running greedy
 continuations that match, position by position).
+
+NF4 on the CPU: bitsandbytes 0.50's CPU dequantize_4bit misplaces blocks that straddle two rows (a
+linear whose in_features K is not a multiple of the 64-value block), so such an export fails here,
+rightly: that is the model bitsandbytes would run on the CPU. Real checkpoints have K % 64 == 0.
 """
 
 from __future__ import annotations
@@ -95,11 +99,15 @@ def reload(kind: str, path: str, hf_config: dict):
         model = auto.from_pretrained(folder, gguf_file=name, config=cfg, dtype=torch.float32)
     elif kind == "nf4":
         model = auto.from_pretrained(path, device_map="cpu", dtype=torch.float32)
-        for m in model.modules():
-            if hasattr(m, "compute_dtype"):
-                m.compute_dtype = torch.float32  # compare float32 against float32
+        for m in model.modules():  # compare float32 against float32: dequantize NF4 to float32 and compute there
+            state = getattr(getattr(m, "weight", None), "quant_state", None)
+            if state is not None:
+                state.dtype, m.compute_dtype = torch.float32, torch.float32
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False  # bitsandbytes' bf16 CPU kernel would round to bf16
+        for p in model.parameters():
+            if p.dtype in (torch.bfloat16, torch.float16):  # embeddings, norms, lm_head stay in the file's dtype
+                p.data = p.data.float()
     else:
         model = auto.from_pretrained(path, dtype=torch.float32)
     return model.eval()

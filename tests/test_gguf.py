@@ -40,8 +40,10 @@ VOCAB = 1024  # the bundled byte-level BPE tokenizer's size
 
 # ------------------------------------------------------------------------------- tiny checkpoints
 def _llama(seed):
+    """Rows a multiple of 64: bitsandbytes 0.50's CPU dequantize_4bit misplaces blocks that straddle
+    rows (its own quantize/dequantize round trip of a (64, 96) weight errs 4x the NF4 bound)."""
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.1, max_position_embeddings=256,
         rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8}, bos_token_id=1,
@@ -50,10 +52,11 @@ def _llama(seed):
 
 
 def _gemma3(seed):
-    """llama.cpp's Gemma 3: every 6th layer global, sliding rope base 10000, scale hd**-0.5."""
+    """llama.cpp's Gemma 3: every 6th layer global, sliding rope base 10000, scale hd**-0.5. The MLP
+    width 80 is not a multiple of 32, so down_proj takes the F16 fallback in q8_0 / q4_0 files."""
     types = ["sliding_attention"] * 5 + ["full_attention"]
     cfg = transformers.Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=6, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16, layer_types=types,
         final_logit_softcapping=30.0, max_position_embeddings=256, initializer_range=0.1,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
@@ -328,13 +331,14 @@ def test_qk_row_order_is_what_transformers_undoes(h_kv, group, half, k, bias, se
 
 
 # ------------------------------------------------------------------------------- validation
-def _merged(tmp_path, family):
+def _merged(tmp_path, family, dtype=torch.float32):
+    """The merged model as export_adapter holds it (loaded and merged in `dtype`)."""
     base, run = make_run(tmp_path, family)
-    model, tok = load_model(base, quantize=None, dtype=torch.float32)
+    model, tok = load_model(base, quantize=None, dtype=dtype)
     from minilora.adapter import load_adapter
 
     load_adapter(model, os.path.join(run, "adapter"))
-    E.merge_to_dense(model, torch.float32)
+    E.merge_to_dense(model, dtype)
     return base, run, model, tok
 
 
@@ -373,21 +377,27 @@ def test_validation_catches_damaged_gguf(tmp_path, family, damage):
         E.validate_export(out, "gguf", model, tok, hf_config, {}, "q8_0", log=lambda m: None)
 
 
-def test_validation_catches_damaged_hf_checkpoint(tmp_path):
+@pytest.mark.parametrize("kind", ["hf", "nf4"])
+def test_validation_catches_damaged_hf_checkpoint(tmp_path, kind):
+    """A bf16 checkpoint (NF4: bitsandbytes' layout) passes as written and fails with one weight changed."""
     from safetensors.torch import load_file, save_file
 
     base, run = make_run(tmp_path, "llama-t5")
     out = str(tmp_path / "hf")
-    E.export_adapter(run, out, dtype="float32", validate=False, log=lambda m: None)
-    _, _, model, tok = _merged(tmp_path / "a", "llama-t5")
+    E.export_adapter(run, out, dtype="bfloat16", quantize_4bit=kind == "nf4", validate=False, log=lambda m: None)
     hf_config = json.load(open(os.path.join(out, "config.json")))
-    E.validate_export(out, "hf", model, tok, hf_config, {}, log=lambda m: None)
+    _, _, model, tok = _merged(tmp_path / "a", "llama-t5", torch.bfloat16)
+    E.validate_export(out, kind, model, tok, hf_config, {}, log=lambda m: None)
     weights = load_file(os.path.join(out, "model.safetensors"))
-    weights["model.layers.1.mlp.up_proj.weight"][3, 5] += 1.0  # one changed weight
+    w = weights["model.layers.1.mlp.up_proj.weight"]
+    if kind == "nf4":
+        w[5] ^= 0x77  # two NF4 codes of one byte
+    else:
+        w[3, 5] += 1.0
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    _, _, model, tok = _merged(tmp_path / "b", "llama-t5")
+    _, _, model, tok = _merged(tmp_path / "b", "llama-t5", torch.bfloat16)
     with pytest.raises(ValidationError, match="does not reproduce the merged model"):
-        E.validate_export(out, "hf", model, tok, hf_config, {}, log=lambda m: None)
+        E.validate_export(out, kind, model, tok, hf_config, {}, log=lambda m: None)
 
 
 # ------------------------------------------------------------------------------- GGUF LoRA
