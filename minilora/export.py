@@ -240,6 +240,9 @@ def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, log
     cfg = model.config
     ids = {"bos": config.get("bos_token_id"), "eos": (cfg.eos_token_ids or [config.get("eos_token_id")])[0],
            "pad": config.get("pad_token_id")}  # fmt: skip
+    if tok is not None:  # as llama.cpp's SpecialVocab: the tokenizer's own special tokens first, config.json after
+        named = {"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token}
+        ids.update({k: tok.token_to_id(t) for k, t in named.items() if t and tok.token_to_id(t) is not None})
     meta = {"general.name": os.path.basename(os.path.normpath(src or cfg.name)) or cfg.name, **gguf_metadata(cfg),
             "general.file_type": int(file_type(gguf_type))}  # fmt: skip
     if gguf_type in ("q8_0", "q4_0"):

@@ -10,6 +10,12 @@ _set_vocab_gpt2):
                                 (other added tokens), 5 unused (the padding ids)
   tokenizer.ggml.merges         "a b" strings in rank order
   tokenizer.ggml.{bos,eos,padding}_token_id, tokenizer.ggml.add_bos_token, tokenizer.chat_template
+
+A SentencePiece-style BPE tokenizer.json (byte_fallback, "▁" for spaces: Gemma, Llama 2, Mistral v0.1)
+becomes what _set_vocab_sentencepiece writes: model "llama", the same tokens, token types with 2
+unknown and 6 byte (<0x00>..<0xFF>), no merges but a score per token, and add_space_prefix. llama.cpp
+merges the adjacent pair whose joined token scores highest, so a token's score is minus the rank of
+the first merge in tokenizer.json that forms it: the same order in which tokenizer.json's BPE merges.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import os
 
 from minilora.export import ExportError
 
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # gguf.TokenType values
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf.TokenType values
 
 # Split regexes of tokenizer.json files -> llama.cpp's pre-tokenizer name (llama-vocab.cpp).
 PRE_TOKENIZERS = {
@@ -63,10 +69,9 @@ def vocab_metadata(tok_dir: str | None, tokenizer, vocab_size: int, ids: dict) -
     with open(path, encoding="utf-8") as f:
         tj = json.load(f)
     model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ExportError(f"{path} is not a byte-level BPE tokenizer (a SentencePiece-style vocabulary); GGUF "
-                          "export writes byte-level BPE only, so export --format hf instead.")  # fmt: skip
-    pre = _pre_tokenizer(tj, path)
+    if model.get("type") != "BPE":
+        raise ExportError(f"{path} holds a {model.get('type')} tokenizer; GGUF export writes BPE vocabularies "
+                          "(byte-level or SentencePiece-style), so export --format hf instead.")  # fmt: skip
     tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
     for token, i in model["vocab"].items():
         if i < vocab_size:
@@ -77,11 +82,13 @@ def vocab_metadata(tok_dir: str | None, tokenizer, vocab_size: int, ids: dict) -
             raise ExportError(f"{path} has token id {i} past the model's {vocab_size} embedding rows.")
         tokens[i], types[i] = added["content"], CONTROL if added.get("special") else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    out = {
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.add_bos_token": _add_bos(tj, tok_dir, getattr(tokenizer, "bos_token", None)),
-    }  # fmt: skip
+    if model.get("byte_fallback"):
+        out = _sentencepiece_fields(tj, model, tokens, types, merges)
+    else:
+        out = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer(tj, path),
+               "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+               "tokenizer.ggml.merges": merges}  # fmt: skip
+    out["tokenizer.ggml.add_bos_token"] = _add_bos(tj, tok_dir, getattr(tokenizer, "bos_token", None))
     for key, name in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
         if ids.get(key) is not None:
             out[f"tokenizer.ggml.{name}"] = int(ids[key])
@@ -89,3 +96,31 @@ def vocab_metadata(tok_dir: str | None, tokenizer, vocab_size: int, ids: dict) -
     if template:
         out["tokenizer.chat_template"] = template
     return out
+
+
+def _sentencepiece_fields(tj: dict, model: dict, tokens: list, types: list, merges: list[str]) -> dict:
+    """Tokens, scores and types of a SentencePiece-style BPE vocabulary (see the module docstring)."""
+    rank = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", ""), r)
+    scores = [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+    unk = model.get("unk_token")
+    for i, t in enumerate(tokens):
+        if types[i] == NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i] = BYTE
+        elif t == unk:
+            types[i] = UNKNOWN
+    out = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+           "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_space_prefix": _adds_space_prefix(tj)}  # fmt: skip
+    if unk in model["vocab"]:
+        out["tokenizer.ggml.unknown_token_id"] = int(model["vocab"][unk])
+    return out
+
+
+def _adds_space_prefix(tj: dict) -> bool:
+    """Whether the tokenizer prepends "▁" to the text (Llama 2) or not (Gemma 3)."""
+    norm, pre = tj.get("normalizer") or {}, tj.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    if any(n.get("type") == "Prepend" for n in steps):
+        return True
+    return pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never"

@@ -127,7 +127,39 @@ FAMILIES.update({f"{name}-t5": (build, False) for name, build in (("qwen2", _qwe
                  if _model_family_exists(name)})  # fmt: skip
 
 
-def make_base(path, family: str, seed: int = 0) -> str:
+def make_spm_tokenizer(out_dir, vocab_size=400):
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from tokenizers.processors import TemplateProcessing
+
+    """A Gemma-style SentencePiece BPE tokenizer.json trained here: <pad> <eos> <bos> <unk> <mask>, turn
+    markers, 256 byte-fallback tokens, then merged pieces in merge order."""
+    corpus = ["The quick brown fox jumps over the lazy dog.", "naïve café 12345 67890", "Hello  world\\t tabs",
+              "日本語のテキスト", "def f(x):\\n    return x * 2"] * 20
+    t = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    t.normalizer = normalizers.Replace(" ", "▁")
+    t.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    trained = json.loads(t.to_str())["model"]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [p for p, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if p not in pieces]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in trained["merges"]]
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+               "add_bos_token": True}, open(os.path.join(out_dir, "tokenizer_config.json"), "w"))
+    return len(pieces)
+
+
+def make_base(path, family: str, seed: int = 0, tok_dir: str = TOK_DIR) -> str:
     """A saved tiny checkpoint with non-identity norms (a lost Gemma norm offset shows) and the
     bundled tokenizer."""
     build, t4 = FAMILIES[family]
@@ -143,13 +175,13 @@ def make_base(path, family: str, seed: int = 0) -> str:
         cfg = _to_transformers4(json.load(open(cfg_path)))
         json.dump(cfg, open(cfg_path, "w"))
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(TOK_DIR, f), os.path.join(path, f))
+        shutil.copy(os.path.join(tok_dir, f), os.path.join(path, f))
     return str(path)
 
 
-def make_run(tmp_path, family: str, seed: int = 0, use_rslora: bool = False):
+def make_run(tmp_path, family: str, seed: int = 0, use_rslora: bool = False, tok_dir: str = TOK_DIR):
     """A base checkpoint and a train.py-like run folder (adapter/ + config.json), random LoRA B."""
-    base = make_base(tmp_path / "base", family, seed)
+    base = make_base(tmp_path / "base", family, seed, tok_dir)
     model, _ = load_model(base, quantize=None, dtype=torch.float32)
     apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0, use_rslora=use_rslora, seed=seed, verbose=False)
     g = torch.Generator().manual_seed(seed)
@@ -292,26 +324,50 @@ def test_gguf_metadata_is_what_llama_cpp_writes(tmp_path, family):
 _TOKENIZERS = {}
 
 
-def _tokenizer_pair(tmp_path_factory):
-    """(tokenizer transformers builds from our GGUF, tokenizer.json's own), built once."""
-    if not _TOKENIZERS:
+def _tokenizer_pair(tmp_path_factory, kind: str):
+    """(tokenizer transformers builds from our GGUF, tokenizer.json's own), built once per kind:
+    the bundled byte-level BPE, or a Gemma-style SentencePiece BPE (byte fallback) trained here."""
+    if kind not in _TOKENIZERS:
         from tokenizers import Tokenizer
 
         tmp = tmp_path_factory.mktemp("tok")
-        base, run = make_run(tmp, "gemma3-t5")
+        tok_dir = TOK_DIR
+        if kind == "sentencepiece":
+            tok_dir = str(tmp / "spm")
+            make_spm_tokenizer(tok_dir)
+        base, run = make_run(tmp, "gemma3-t5", tok_dir=tok_dir)
         E.export_adapter(run, str(tmp / "m.gguf"), fmt="gguf", gguf_type="q4_0", validate=False, log=lambda m: None)
-        _TOKENIZERS["pair"] = (transformers.AutoTokenizer.from_pretrained(str(tmp), gguf_file="m.gguf"),
-                               Tokenizer.from_file(os.path.join(base, "tokenizer.json")))  # fmt: skip
-    return _TOKENIZERS["pair"]
+        _TOKENIZERS[kind] = (transformers.AutoTokenizer.from_pretrained(str(tmp), gguf_file="m.gguf"),
+                             Tokenizer.from_file(os.path.join(base, "tokenizer.json")))  # fmt: skip
+    return _TOKENIZERS[kind]
 
 
 @settings(max_examples=25)
-@given(text=st.lists(st.sampled_from(["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<pad>", " ", "  ",
+@given(kind=st.sampled_from(["byte-level", "sentencepiece"]),
+       text=st.lists(st.sampled_from(["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<pad>", " ", "  ",
                                       "\t", "\n", "\n\n", "0", "42", "31415926", "ab", "Hello", "naïve", "日本",
-                                      "🤗", "ß", "'s", "x.y", "-", "  \n "]), max_size=20).map("".join))  # fmt: skip
-def test_gguf_tokenizer_matches_on_drawn_text(tmp_path_factory, text):
-    ours, ref = _tokenizer_pair(tmp_path_factory)
+                                      "🤗", "ß", "'s", "x.y", "-", "  \n ", "quick", "fox"]),
+                     max_size=20).map("".join))  # fmt: skip
+def test_gguf_tokenizer_matches_on_drawn_text(tmp_path_factory, kind, text):
+    ours, ref = _tokenizer_pair(tmp_path_factory, kind)
     assert ours(text)["input_ids"] == ref.encode(text, add_special_tokens=True).ids
+
+
+def test_sentencepiece_vocab_fields(tmp_path_factory):
+    """Byte tokens typed BYTE, <unk> UNKNOWN, scores ordered as tokenizer.json's merges, no space prefix."""
+    ours, ref = _tokenizer_pair(tmp_path_factory, "sentencepiece")
+    path = next(p for p in tmp_path_factory.getbasetemp().rglob("m.gguf") if (p.parent / "spm").is_dir())
+    reader = gguf.GGUFReader(str(path))
+    tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
+    scores = _field(reader, "tokenizer.ggml.scores")
+    assert _field(reader, "tokenizer.ggml.model") == "llama" and _field(reader, "tokenizer.ggml.add_space_prefix") is False
+    assert [types[tokens.index(f"<0x{b:02X}>")] for b in range(256)] == [6] * 256
+    assert types[tokens.index("<unk>")] == 2 and types[tokens.index("<bos>")] == 3
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(ref.to_str())["model"]["merges"]]
+    formed = [m.replace(" ", "") for m in merges]
+    firsts = list(dict.fromkeys(formed))  # each formed token at its first merge, in merge order
+    got = [scores[tokens.index(t)] for t in firsts]
+    assert got == sorted(got, reverse=True) and len(set(got)) == len(got)
 
 
 @settings(max_examples=25)
