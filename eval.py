@@ -4,6 +4,7 @@
     python eval.py --adapter runs/mytask --data test.jsonl  # base vs k-shot base vs fine-tuned
     python eval.py ... --min-exact-match 0.8                # exit 1 when the fine-tuned model falls below
     python eval.py export --adapter runs/mytask --out merged/ [--dtype bfloat16] [--quantize-4bit]
+    python eval.py export --adapter runs/mytask --out model.gguf --format gguf --gguf-type q8_0  # llama.cpp
 
 Evaluation: load the base as the run trained it (NF4 unless the run said --quantize none) -> score
 the base -> score the base with k training examples in its prompt -> load the adapter -> score the

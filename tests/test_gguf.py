@@ -335,6 +335,17 @@ def _tokenizer_pair(tmp_path_factory, kind: str):
         if kind == "sentencepiece":
             tok_dir = str(tmp / "spm")
             make_spm_tokenizer(tok_dir)
+        elif kind in ("llama-bpe", "qwen2"):  # the bundled vocabulary behind Llama 3's / Qwen 2's split regex
+            from minilora.gguf_vocab import PRE_TOKENIZERS
+
+            tok_dir = str(tmp / kind)
+            shutil.copytree(TOK_DIR, tok_dir)
+            regex = next(r for r, name in PRE_TOKENIZERS.items() if name == kind)
+            tj = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
+            tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+            json.dump(tj, open(os.path.join(tok_dir, "tokenizer.json"), "w"))
         base, run = make_run(tmp, "gemma3-t5", tok_dir=tok_dir)
         E.export_adapter(run, str(tmp / "m.gguf"), fmt="gguf", gguf_type="q4_0", validate=False, log=lambda m: None)
         _TOKENIZERS[kind] = (transformers.AutoTokenizer.from_pretrained(str(tmp), gguf_file="m.gguf"),
@@ -343,10 +354,10 @@ def _tokenizer_pair(tmp_path_factory, kind: str):
 
 
 @settings(max_examples=25)
-@given(kind=st.sampled_from(["byte-level", "sentencepiece"]),
+@given(kind=st.sampled_from(["byte-level", "llama-bpe", "qwen2", "sentencepiece"]),
        text=st.lists(st.sampled_from(["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<pad>", " ", "  ",
                                       "\t", "\n", "\n\n", "0", "42", "31415926", "ab", "Hello", "naïve", "日本",
-                                      "🤗", "ß", "'s", "x.y", "-", "  \n ", "quick", "fox"]),
+                                      "🤗", "ß", "'s", "'LL", "x.y", "-", "  \n ", "quick", "fox", "\r\n"]),
                      max_size=20).map("".join))  # fmt: skip
 def test_gguf_tokenizer_matches_on_drawn_text(tmp_path_factory, kind, text):
     ours, ref = _tokenizer_pair(tmp_path_factory, kind)
