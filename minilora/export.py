@@ -225,14 +225,15 @@ def export_adapter(adapter: str, out: str, dtype: str = "bfloat16", quantize_4bi
                                 overwrite=overwrite, max_shard_bytes=max_shard_bytes)  # fmt: skip
         kind = "nf4" if quantize_4bit else "hf"
     else:
-        path, hf_config, kind = _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, log), config, "gguf"
+        path = _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log)
+        hf_config, kind = config, "gguf"
     del tensors
     if validate:
         validate_export(path, kind, model, tok, hf_config, run_config, gguf_type, log)
     return path
 
 
-def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, log) -> str:
+def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log) -> str:
     from minilora.fileio import write_text_atomic
     from minilora.gguf_export import file_type, gguf_arch, gguf_metadata, gguf_tensors, modelfile, write_gguf
     from minilora.gguf_vocab import vocab_metadata
@@ -243,7 +244,7 @@ def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, log
     if tok is not None:  # as llama.cpp's SpecialVocab: the tokenizer's own special tokens first, config.json after
         named = {"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token}
         ids.update({k: tok.token_to_id(t) for k, t in named.items() if t and tok.token_to_id(t) is not None})
-    meta = {"general.name": os.path.basename(os.path.normpath(src or cfg.name)) or cfg.name, **gguf_metadata(cfg),
+    meta = {"general.name": os.path.basename(os.path.normpath(name)), **gguf_metadata(cfg),
             "general.file_type": int(file_type(gguf_type))}  # fmt: skip
     if gguf_type in ("q8_0", "q4_0"):
         meta["general.quantization_version"] = _gguf_quant_version()
