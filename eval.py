@@ -4,6 +4,7 @@
     python eval.py --adapter runs/mytask --data test.jsonl  # base vs k-shot base vs fine-tuned
     python eval.py ... --min-exact-match 0.8                # exit 1 when the fine-tuned model falls below
     python eval.py export --adapter runs/mytask --out merged/ [--dtype bfloat16] [--quantize-4bit]
+    python eval.py export --adapter runs/mytask --out model.gguf --format gguf --gguf-type q8_0  # llama.cpp
 
 Evaluation: load the base as the run trained it (NF4 unless the run said --quantize none) -> score
 the base -> score the base with k training examples in its prompt -> load the adapter -> score the
@@ -54,18 +55,25 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = parser("eval.py export", "Merge a run's adapter into its base and write a Hugging Face checkpoint "
-               "(transformers / vLLM load it as is); optionally pre-quantized bitsandbytes NF4.")
+    p = parser("eval.py export",
+               "Merge a run's adapter into its base and write it for serving: a Hugging Face checkpoint "
+               "(transformers / vLLM; optionally bitsandbytes NF4), one GGUF file (llama.cpp / Ollama), or "
+               "the adapter alone as a GGUF LoRA (llama.cpp --lora). The export is then read back and "
+               "compared with the merged model (exit 1 when they disagree).")  # fmt: skip
     a = p.add_argument
     a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
-    a("--out", required=True, help="folder for the checkpoint (must be empty or absent)")
-    a("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype")
+    a("--out", required=True, help="folder for the checkpoint (must be empty or absent), or the .gguf file")
+    a("--format", choices=["hf", "gguf", "gguf-lora"], default="hf",
+      help="hf: checkpoint folder; gguf: merged model as one GGUF file; gguf-lora: the adapter alone as GGUF")
+    a("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype (--format hf)")
     a("--quantize-4bit", action="store_true", help="write bitsandbytes' NF4 layout (double quant) instead")
+    a("--gguf-type", choices=["f16", "bf16", "q8_0", "q4_0"], default="f16", help="GGUF tensor type (--format gguf)")
+    a("--no-validate", action="store_true", help="skip reading the export back and comparing it with the merged model")
     a("--model", default=None, help="base model (default: the run's --model)")
     a("--merge-base", choices=["auto", "dequantized", "original"], default="auto",
       help="merge into the dequantized NF4 weights the run trained against, or the checkpoint's own "
            "(auto: dequantized for a QLoRA run)")  # fmt: skip
-    a("--overwrite", action="store_true", help="replace a non-empty --out")
+    a("--overwrite", action="store_true", help="replace a non-empty --out folder or an existing --out file")
     return p
 
 
@@ -89,7 +97,7 @@ def validate(args) -> None:
 def run_eval(args) -> int:
     from minilora.data import load_records
     from minilora.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
-    from minilora.export import adapter_config, check_adapter_fits, find_run
+    from minilora.adapter import check_adapter_fits, find_run, read_adapter_config
     from minilora.models.loader import load_model
     from minilora.report import check_gates, gate_failure_message, write_report
 
@@ -99,7 +107,7 @@ def run_eval(args) -> int:
         return fail(f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), "
                     "then `python eval.py`.")  # fmt: skip
     adapter_dir, run_dir, run_cfg = find_run(args.adapter)
-    trained_on = adapter_config(adapter_dir).get("base_model_name_or_path")
+    trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     name = args.model or run_cfg.get("model") or trained_on
     if not name:
         return fail(f"{adapter_dir} does not say which base model it was trained on; pass --model.")
@@ -188,12 +196,20 @@ def print_summary(results: dict, shots: int) -> None:
 
 def run_export(args) -> int:
     from minilora.export import export_adapter
+    from minilora.validate import ValidationError
 
-    out = export_adapter(args.adapter, args.out, dtype=args.dtype, quantize_4bit=args.quantize_4bit,
-                         overwrite=args.overwrite, model_name=args.model, merge_base=args.merge_base,
-                         log=lambda m: print(m, file=sys.stderr))  # fmt: skip
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-    print(f"wrote {out} ({size / 2**20:,.1f} MiB): {', '.join(sorted(os.listdir(out)))}")
+    try:
+        out = export_adapter(args.adapter, args.out, dtype=args.dtype, quantize_4bit=args.quantize_4bit,
+                             overwrite=args.overwrite, model_name=args.model, merge_base=args.merge_base,
+                             fmt=args.format, gguf_type=args.gguf_type, validate=not args.no_validate,
+                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    except ValidationError as e:
+        return fail(str(e), code=1)
+    if os.path.isdir(out):
+        size, files = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)), sorted(os.listdir(out))
+        print(f"wrote {out} ({size / 2**20:,.1f} MiB): {', '.join(files)}")
+    else:
+        print(f"wrote {out} ({os.path.getsize(out) / 2**20:,.1f} MiB)")
     return 0
 
 

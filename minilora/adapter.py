@@ -33,7 +33,8 @@ import torch.nn as nn
 from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
 from minilora.lora import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
 
-__all__ = ["AdapterError", "save_adapter", "load_adapter", "adapter_config"]
+__all__ = ["AdapterError", "save_adapter", "load_adapter", "adapter_config", "read_adapter_config", "find_run",
+           "check_adapter_fits"]
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -163,12 +164,7 @@ def _read(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} does not exist; pass a directory written by save_adapter or PEFT's save_pretrained.")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path} is not valid JSON ({e.msg}); re-save the adapter.") from None
-    return cfg, load_file(w_path)
+    return read_adapter_config(adapter_dir), load_file(w_path)
 
 
 def _check_config(cfg: dict, adapter_dir: str) -> None:
@@ -244,3 +240,70 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
                 params[key].copy_(t)
     return cfg
 
+
+# ------------------------------------------------------------------------------- runs on disk
+def find_run(path: str) -> tuple[str, str, dict]:
+    """(adapter folder, run directory, the run's TrainConfig as a dict or {}) for a run directory
+    written by train.py (holding adapter/) or for an adapter folder itself."""
+    path = os.path.normpath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Adapter folder {path} does not exist; pass the run directory train.py wrote "
+                                "(e.g. runs/mytask) or its adapter/ folder.")  # fmt: skip
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        adapter = path
+        parent = os.path.dirname(os.path.abspath(path))
+        run = parent if os.path.isfile(os.path.join(parent, "config.json")) else path
+    elif os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
+        adapter, run = os.path.join(path, "adapter"), path
+    else:
+        raise FileNotFoundError(f"{path} holds no adapter (no adapter_config.json there or in {path}/adapter); "
+                                "pass a run directory whose training finished, or a PEFT adapter folder.")  # fmt: skip
+    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        raise FileNotFoundError(f"{adapter} has adapter_config.json but no adapter_model.safetensors; the "
+                                "adapter was not fully written, so train again or copy the weights file.")  # fmt: skip
+    run_config = {}
+    cfg_path = os.path.join(run, "config.json")
+    if run != adapter and os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            run_config = json.load(f)
+    return adapter, run, run_config
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """The adapter_config.json of an adapter folder, as a dict (adapter_config() builds one from a model)."""
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); save the adapter again.") from None
+
+
+def check_adapter_fits(model, adapter_dir: str, model_name: str) -> None:
+    """Raise one sentence when the adapter's LoRA shapes do not fit `model` (an adapter for another base).
+
+    lora_A (r, K) must match the module's in_features K and lora_B (M, r) its out_features M.
+    """
+    from safetensors import safe_open
+
+    trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path") or "another model"
+    prefix = "base_model.model."
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            for part, dim, attr in ((".lora_A.weight", 1, "in_features"), (".lora_B.weight", 0, "out_features")):
+                if not key.endswith(part):
+                    continue
+                path = key[len(prefix) :] if key.startswith(prefix) else key
+                path = module_path(model, path[: -len(part)])
+                want = f.get_slice(key).get_shape()[dim]
+                try:
+                    have = getattr(model.get_submodule(path), attr, None)
+                except AttributeError:
+                    have = None
+                if have != want:
+                    what = f"has no {path}" if have is None else f"has {attr} {have} in {path}"
+                    raise ValueError(
+                        f"The adapter in {adapter_dir} was trained on {trained_on!r} and does not fit {model_name!r} "
+                        f"(the adapter expects {attr} {want} in {path}, the model {what}); pass the --model it "
+                        "was trained on."
+                    )

@@ -1,7 +1,4 @@
-"""Export: merge a LoRA adapter into its base and write a Hugging Face checkpoint.
-
-Shape letters: M out_features, K in_features, r rank, n = M*K weight elements,
-nb = ceil(n / blocksize) NF4 blocks, nb2 = ceil(nb / 256) second-level blocks.
+"""Export: merge a LoRA adapter into its base and write it for serving, then check what was written.
 
     W_merged = W0 + s * B @ A          B (M, r), A (r, K), s = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
@@ -9,48 +6,29 @@ computed in float32 per weight and cast once to the export dtype. W0 is the weig
 trained against: for a QLoRA run the dequantized NF4 weight, so the export is the very model that
 eval.py scored (`--merge-base original` merges into the checkpoint's own weights instead).
 
-What is written (what transformers' save_pretrained writes; `from_pretrained` loads it as is):
-  config.json             transformers-4.x dialect (rope_theta / rope_scaling, Gemma's
-                          rope_local_base_freq) plus layer_types: read by transformers 4.50+ and 5, vLLM
-  model.safetensors       transformers' tensor names; a tied lm_head is not stored; sharded with an
-                          index past `max_shard_bytes`
-  generation_config.json  the base's, else bos/eos/pad from the tokenizer
-  tokenizer files         copied from the base (tokenizer.json, tokenizer_config.json with the chat
-                          template, chat_template.jinja, special_tokens_map.json, ...)
-
-4-bit export: bitsandbytes' serialized layout (QuantState.as_dict(packed=True)) for every block
-linear `L` (embeddings, norms and lm_head stay in the export dtype, as bitsandbytes leaves them):
-  L.weight                                 uint8 (ceil(n/2), 1)  NF4 codes, two per byte
-  L.weight.absmax                          uint8 (nb,)    8-bit codes of the block absmax
-  L.weight.quant_map                       float32 (16,)  the NF4 table
-  L.weight.nested_absmax                   float32 (nb2,)
-  L.weight.nested_quant_map                float32 (256,) the signed dynamic 8-bit map
-  L.weight.quant_state.bitsandbytes__nf4   uint8 bytes of the JSON {quant_type, blocksize, dtype,
-                                           shape, nested_blocksize, nested_dtype, nested_offset}
-and `quantization_config` in config.json, so from_pretrained loads it quantized, without requantizing.
-The codes come from minilora.nf4.quantize_nf4, which is bit-exact with bitsandbytes.
-
-Every export is written into a temporary folder beside `out` and renamed into place at the end:
-an interrupted export leaves nothing half-written.
+Formats, each in its own module:
+  hf         a Hugging Face checkpoint folder (minilora.hf_checkpoint), config.json from
+             to_hf_config below; with quantize_4bit the block linears in bitsandbytes' NF4 layout
+             (minilora.bnb_export): transformers and vLLM load either as is
+  gguf       one GGUF file for llama.cpp / Ollama (minilora.gguf_export, minilora.gguf_vocab)
+  gguf-lora  the adapter alone as a GGUF LoRA for llama.cpp's --lora
+Then minilora.validate reloads the export through an independent reader and compares logits.
+Every file or folder is written beside its target and renamed into place: an interrupted export
+leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
-from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json
 from minilora.models.config import FULL, SLIDING, ModelConfig
 from minilora.models.loader import is_block_linear, source_checkpoint
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json", "added_tokens.json",
-                   "preprocessor_config.json", "processor_config.json")  # fmt: skip  (a multimodal source's processor)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class ExportError(ValueError):
@@ -82,7 +60,7 @@ def to_hf_config(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.bf
         "attention_bias": cfg.attention_bias, "tie_word_embeddings": cfg.tie_word_embeddings,
         "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
         "bos_token_id": bos, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": pad,
-        "torch_dtype": _NAMES[dtype], "use_cache": True,
+        "torch_dtype": DTYPE_NAMES[dtype], "use_cache": True,
     }  # fmt: skip
     if cfg.family == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -110,15 +88,6 @@ def to_hf_config(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.bf
     return out
 
 
-def quantization_config(compute_dtype: torch.dtype, double_quant: bool = True) -> dict:
-    """The quantization_config transformers writes for a bitsandbytes NF4 model."""
-    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": double_quant,
-            "bnb_4bit_compute_dtype": _NAMES[compute_dtype], "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": ["lm_head"], "llm_int8_threshold": 6.0,
-            "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}  # fmt: skip
-
-
 # ------------------------------------------------------------------------------- tensors
 def dense_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """{transformers name: tensor in `dtype`} of a dense (merged, unquantized) model."""
@@ -132,182 +101,7 @@ def dense_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def bnb_quant_state(q, prefix: str) -> dict[str, torch.Tensor]:
-    """bitsandbytes' QuantState.as_dict(packed=True) for an NF4Tensor, keys prefixed by `prefix`.
-
-    Written without importing bitsandbytes (not a runtime dependency); tests compare it byte for
-    byte with bitsandbytes' own serialization of the same state.
-    """
-    from minilora.nf4 import BLOCKSIZE2
-    from minilora.quant_maps import dynamic_map, nf4_code
-
-    out = {prefix + "absmax": q.absmax, prefix + "quant_map": nf4_code("cpu")}
-    meta = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": _NAMES[q.dtype], "shape": list(q.shape)}
-    if q.double_quant:
-        out[prefix + "nested_absmax"] = q.absmax2
-        out[prefix + "nested_quant_map"] = dynamic_map(True).clone()
-        meta.update({"nested_blocksize": BLOCKSIZE2, "nested_dtype": "float32", "nested_offset": float(q.offset)})
-    blob = json.dumps(meta).encode("utf-8")  # bitsandbytes' pack_dict_to_tensor: json.dumps -> uint8 bytes
-    out[prefix + "quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-
-def bnb_4bit_tensors(dense: dict[str, torch.Tensor], blocksize: int = 64,
-                     double_quant: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Dense tensors -> bitsandbytes' serialized 4-bit layout (block linears quantized to NF4).
-
-    Each weight is quantized in the dtype it is stored in, exactly as minilora's loader with
-    quantize="nf4" (and bitsandbytes' from_pretrained(load_in_4bit)) would quantize it.
-    """
-    from minilora.nf4 import quantize_nf4
-
-    out = {}
-    for name, t in dense.items():
-        if not is_block_linear(name):
-            out[name] = t
-            continue
-        q = quantize_nf4(t, blocksize=blocksize, double_quant=double_quant)
-        out[name] = q.packed.reshape(-1, 1)  # (ceil(n/2), 1) uint8
-        out.update(bnb_quant_state(q, name + "."))
-    return out
-
-
-# ------------------------------------------------------------------------------- writing
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Consecutive groups of tensors, each under max_bytes (a larger tensor gets a shard alone)."""
-    shards, cur, size = [], {}, 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name], size = t, size + n
-    return shards + [cur] if cur else shards
-
-
-def check_out_dir(out: str, overwrite: bool) -> None:
-    """Refuse a non-empty `out` unless overwrite (raised before any work is done)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"--out {out} is a file; pass a folder path for the checkpoint.")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ExportError(f"--out {out} is not empty; choose another folder or pass --overwrite to replace it.")
-
-
-def write_checkpoint(out: str, tensors: dict[str, torch.Tensor], config: dict, *, tokenizer_dir: str | None = None,
-                     generation_config: dict | None = None, overwrite: bool = False,
-                     max_shard_bytes: int = 5 * 2**30) -> str:  # fmt: skip
-    """Write a Hugging Face checkpoint folder atomically (temp folder + rename); returns `out`."""
-    from safetensors.torch import save_file
-
-    out = os.path.abspath(out)
-    check_out_dir(out, overwrite)
-    tmp = temp_dir_for(out)
-    try:
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({name: fname for name in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})  # fmt: skip
-        write_json(os.path.join(tmp, "config.json"), config)
-        if tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(tokenizer_dir, fname)):
-                    shutil.copyfile(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
-        if generation_config is not None:
-            write_json(os.path.join(tmp, "generation_config.json"), generation_config)
-        usual_permissions(tmp)
-        swap_into_place(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-    return out
-
-
-def generation_config(base_dir: str | None, hf_config: dict) -> dict:
-    """The base checkpoint's generation_config.json, else one built from config.json's token ids."""
-    path = os.path.join(base_dir, "generation_config.json") if base_dir else None
-    if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
-
-
-# ------------------------------------------------------------------------------- runs and adapters
-def find_run(path: str) -> tuple[str, str, dict]:
-    """(adapter folder, run directory, the run's TrainConfig as a dict or {}) for a run directory
-    written by train.py (holding adapter/) or for an adapter folder itself."""
-    path = os.path.normpath(os.fspath(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Adapter folder {path} does not exist; pass the run directory train.py wrote "
-                                "(e.g. runs/mytask) or its adapter/ folder.")  # fmt: skip
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        adapter = path
-        parent = os.path.dirname(os.path.abspath(path))
-        run = parent if os.path.isfile(os.path.join(parent, "config.json")) else path
-    elif os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
-        adapter, run = os.path.join(path, "adapter"), path
-    else:
-        raise FileNotFoundError(f"{path} holds no adapter (no adapter_config.json there or in {path}/adapter); "
-                                "pass a run directory whose training finished, or a PEFT adapter folder.")  # fmt: skip
-    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
-        raise FileNotFoundError(f"{adapter} has adapter_config.json but no adapter_model.safetensors; the "
-                                "adapter was not fully written, so train again or copy the weights file.")  # fmt: skip
-    run_config = {}
-    cfg_path = os.path.join(run, "config.json")
-    if run != adapter and os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            run_config = json.load(f)
-    return adapter, run, run_config
-
-
-def adapter_config(adapter_dir: str) -> dict:
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); save the adapter again.") from None
-
-
-def check_adapter_fits(model, adapter_dir: str, model_name: str) -> None:
-    """Raise one sentence when the adapter's LoRA shapes do not fit `model` (an adapter for another base).
-
-    lora_A (r, K) must match the module's in_features K and lora_B (M, r) its out_features M.
-    """
-    from safetensors import safe_open
-
-    from minilora.adapter import module_path
-
-    trained_on = adapter_config(adapter_dir).get("base_model_name_or_path") or "another model"
-    prefix = "base_model.model."
-    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():
-            for part, dim, attr in ((".lora_A.weight", 1, "in_features"), (".lora_B.weight", 0, "out_features")):
-                if not key.endswith(part):
-                    continue
-                path = key[len(prefix) :] if key.startswith(prefix) else key
-                path = module_path(model, path[: -len(part)])
-                want = f.get_slice(key).get_shape()[dim]
-                try:
-                    have = getattr(model.get_submodule(path), attr, None)
-                except AttributeError:
-                    have = None
-                if have != want:
-                    what = f"has no {path}" if have is None else f"has {attr} {have} in {path}"
-                    raise ValueError(
-                        f"The adapter in {adapter_dir} was trained on {trained_on!r} and does not fit {model_name!r} "
-                        f"(the adapter expects {attr} {want} in {path}, the model {what}); pass the --model it "
-                        "was trained on."
-                    )
-
-
+# ------------------------------------------------------------------------------- merging
 def merge_to_dense(model, dtype: torch.dtype):
     """Replace every LoRALinear by an nn.Linear holding W0 + s B A (DoRA: its merged weight), and every
     NF4Linear by its dequantized weight; the sum is formed in float32 and cast once to `dtype`."""
@@ -362,51 +156,186 @@ def run_dtype(run_config: dict) -> torch.dtype:
     return DTYPES[name]
 
 
+FORMATS = ("hf", "gguf", "gguf-lora")
+
+
+def _base_config(name: str) -> ModelConfig:
+    """The base model's ModelConfig without loading weights (for the adapter-only GGUF)."""
+    from minilora.models.config import PRESETS
+    from minilora.models.hub import resolve_checkpoint
+
+    if name in PRESETS:
+        return ModelConfig.from_name(name)
+    with open(os.path.join(resolve_checkpoint(name), "config.json"), encoding="utf-8") as f:
+        return ModelConfig.from_hf_config(json.load(f), name=name)
+
+
 def export_adapter(adapter: str, out: str, dtype: str = "bfloat16", quantize_4bit: bool = False,
                    overwrite: bool = False, model_name: str | None = None, merge_base: str = "auto",
-                   max_shard_bytes: int = 5 * 2**30, log=print) -> str:  # fmt: skip
-    """Merge the adapter of a run into its base and write a Hugging Face checkpoint to `out`.
+                   max_shard_bytes: int = 5 * 2**30, fmt: str = "hf", gguf_type: str = "f16",
+                   validate: bool = True, log=print) -> str:  # fmt: skip
+    """Merge the adapter of a run into its base and write `out`: a Hugging Face checkpoint folder
+    (fmt="hf", optionally bitsandbytes NF4), one GGUF file (fmt="gguf", `gguf_type` f16/bf16/q8_0/q4_0),
+    or the adapter alone as a GGUF LoRA (fmt="gguf-lora"); then, unless validate=False, read it back
+    (minilora.validate) and raise ValidationError when it does not reproduce the merged model.
 
     merge_base: "dequantized" merges into the dequantized NF4 weights the QLoRA run trained against
     (the model eval.py scored), "original" into the checkpoint's weights, "auto" picks by the run's
     --quantize (no run config: original).
     """
-    from minilora.adapter import load_adapter
+    from minilora.adapter import check_adapter_fits, find_run, load_adapter, read_adapter_config
+    from minilora.gguf_export import GGUF_TYPES, check_out_file
+    from minilora.hf_checkpoint import check_out_dir
     from minilora.models.loader import load_model
 
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt} is not supported; use one of {', '.join(FORMATS)}.")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}.")
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"--gguf-type {gguf_type} is not supported; use one of {', '.join(GGUF_TYPES)}.")
     if merge_base not in ("auto", "dequantized", "original"):
         raise ExportError(f"--merge-base {merge_base} is not supported; use auto, dequantized or original.")
-    out_dtype = DTYPES[dtype]
+    if quantize_4bit and fmt != "hf":
+        raise ExportError("--quantize-4bit writes bitsandbytes' layout, which only --format hf holds; for a "
+                          "4-bit GGUF pass --gguf-type q4_0.")  # fmt: skip
     adapter_dir, _, run_config = find_run(adapter)
-    check_out_dir(os.path.abspath(out), overwrite)
-    name = model_name or run_config.get("model") or adapter_config(adapter_dir).get("base_model_name_or_path")
+    (check_out_dir if fmt == "hf" else check_out_file)(os.path.abspath(out), overwrite)
+    name = model_name or run_config.get("model") or read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not name:
         raise ExportError(f"{adapter_dir} does not say which base model it was trained on; pass --model.")
+    if fmt == "gguf-lora":
+        return _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log)
     if merge_base == "auto":
         merge_base = "dequantized" if run_config.get("quantize", "none") == "nf4" else "original"
+    out_dtype = DTYPES[dtype] if fmt == "hf" else torch.float32  # GGUF: merge in float32, round once on writing
     if merge_base == "dequantized":  # quantize exactly as training did: same source dtype, NF4 defaults
         model, tok = load_model(name, quantize="nf4", dtype=run_dtype(run_config))
     else:
         model, tok = load_model(name, quantize=None, dtype=out_dtype)
+    if fmt == "gguf":
+        from minilora.gguf_export import gguf_arch
+
+        gguf_arch(model.config)  # refuse an unmappable model before the merge
     check_adapter_fits(model, adapter_dir, name)
     load_adapter(model, adapter_dir)
-    log(f"merging {adapter_dir} into {name} ({merge_base} base weights), writing {dtype}"
-        + (" + bitsandbytes NF4" if quantize_4bit else ""))  # fmt: skip
+    what = {"hf": dtype + (" + bitsandbytes NF4" if quantize_4bit else ""), "gguf": f"GGUF {gguf_type}"}[fmt]
+    log(f"merging {adapter_dir} into {name} ({merge_base} base weights), writing {what}")
     merge_to_dense(model, out_dtype)
     tensors = dense_tensors(model, out_dtype)
-    config = to_hf_config(model.config, tok, out_dtype)
+    config = to_hf_config(model.config, tok, out_dtype if fmt == "hf" else torch.float32)
     src = base_dir(name)
-    if model.config.source_prefix != "model.":
+    if fmt == "hf" and model.config.source_prefix != "model.":
         # A multimodal source stays multimodal: its architecture and config.json, our merged text
         # tower under its names, the vision tower and projector copied unchanged.
         if quantize_4bit:
             raise ExportError(f"--quantize-4bit is not supported for the multimodal {name}; export without it.")
         tensors, config = source_checkpoint(model.config, tensors, src)
-        config["torch_dtype"] = _NAMES[out_dtype]
-    if quantize_4bit:
-        tensors = bnb_4bit_tensors(tensors)
-        config["quantization_config"] = quantization_config(out_dtype)
-    return write_checkpoint(out, tensors, config, tokenizer_dir=src, generation_config=generation_config(src, config),
-                            overwrite=overwrite, max_shard_bytes=max_shard_bytes)  # fmt: skip
+        config["torch_dtype"] = DTYPE_NAMES[out_dtype]
+    if fmt == "hf":
+        from minilora.bnb_export import bnb_4bit_tensors, quantization_config
+        from minilora.hf_checkpoint import generation_config, write_checkpoint
+
+        hf_config = dict(config)
+        if quantize_4bit:
+            tensors = bnb_4bit_tensors(tensors)
+            config["quantization_config"] = quantization_config(out_dtype)
+        path = write_checkpoint(out, tensors, config, tokenizer_dir=src, generation_config=generation_config(src, config),
+                                overwrite=overwrite, max_shard_bytes=max_shard_bytes)  # fmt: skip
+        kind = "nf4" if quantize_4bit else "hf"
+    else:
+        path = _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log)
+        hf_config, kind = config, "gguf"
+    del tensors
+    if validate:
+        validate_export(path, kind, model, tok, hf_config, run_config, gguf_type, log)
+    return path
+
+
+def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log) -> str:
+    from minilora.fileio import write_text_atomic
+    from minilora.gguf_export import file_type, gguf_arch, gguf_metadata, gguf_tensors, modelfile, write_gguf
+    from minilora.gguf_vocab import vocab_metadata
+
+    cfg = model.config
+    ids = {"bos": config.get("bos_token_id"), "eos": (cfg.eos_token_ids or [config.get("eos_token_id")])[0],
+           "pad": config.get("pad_token_id")}  # fmt: skip
+    if tok is not None:  # as llama.cpp's SpecialVocab: the tokenizer's own special tokens first, config.json after
+        named = {"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token}
+        ids.update({k: tok.token_to_id(t) for k, t in named.items() if t and tok.token_to_id(t) is not None})
+    meta = {"general.name": os.path.basename(os.path.normpath(name)), **gguf_metadata(cfg),
+            "general.file_type": int(file_type(gguf_type))}  # fmt: skip
+    if gguf_type in ("q8_0", "q4_0"):
+        meta["general.quantization_version"] = _gguf_quant_version()
+    vocab = vocab_metadata(src, tok, cfg.vocab_size, ids)
+    path = write_gguf(out, gguf_arch(cfg).arch, meta, gguf_tensors(tensors, cfg, gguf_type), vocab=vocab,
+                      overwrite=overwrite)  # fmt: skip
+    mf_path = os.path.splitext(path)[0] + ".Modelfile"
+    text = modelfile(path, vocab.get("tokenizer.chat_template"))
+    if overwrite or not os.path.exists(mf_path):
+        write_text_atomic(mf_path, text)
+    log(f"Ollama: ollama create {os.path.splitext(os.path.basename(path))[0]} -f {mf_path}\n{text.rstrip()}")
+    return path
+
+
+def _gguf_quant_version() -> int:
+    import gguf
+
+    return int(gguf.GGML_QUANT_VERSION)
+
+
+def validate_export(path: str, kind: str, model, tok, hf_config: dict, run_config: dict, gguf_type: str = "f16",
+                    log=print) -> None:  # fmt: skip
+    """Compare the merged in-memory `model` (A) and the weights as the file should hold them (B, set in
+    place: the model is spent afterwards) with transformers' reading of the file at `path`; kind is
+    hf, nf4 or gguf. Raises ValidationError past minilora.validate.TOLERANCE."""
+    from minilora import validate as V
+
+    prompts, source = V.validation_prompts(run_config, tok, model.config.vocab_size)
+    log(f"validating {path} on {source}")
+    V.reference_weights(model, lambda n, p: p)  # float32 compute, same weights
+    ref_a = V.outputs(model, prompts)
+    if kind == "nf4":
+        from minilora.bnb_export import nf4_round_trip
+
+        dt = DTYPES[hf_config["torch_dtype"]]
+        V.reference_weights(model, lambda n, p: nf4_round_trip(p.to(dt)) if is_block_linear(n) else p)
+    elif kind == "gguf":
+        from minilora.gguf_export import round_trip_fn
+
+        V.reference_weights(model, round_trip_fn(model.config, gguf_type))
+    ref_b = ref_a if kind == "hf" else V.outputs(model, prompts)
+    if kind == "gguf":
+        from minilora.gguf_export import gguf_arch
+
+        reader_type = gguf_arch(model.config).reader_model_type  # transformers reads a Mistral GGUF as llama
+        hf_config = {**hf_config, "model_type": reader_type} if reader_type else hf_config
+    got = V.outputs(V.reload_or_fail(kind, path, hf_config), prompts)
+    stats = V.compare(ref_b, got)
+    V.report(kind if kind != "gguf" else f"gguf {gguf_type}", stats, None if kind == "hf" else V.compare(ref_a, got), log)
+    V.check(path, stats)
+
+
+def _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log) -> str:
+    from safetensors.torch import load_file
+
+    from minilora.adapter import PREFIX, read_adapter_config
+    from minilora.gguf_export import gguf_arch, lora_metadata, lora_tensors, write_gguf
+
+    cfg, acfg = _base_config(name), read_adapter_config(adapter_dir)
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items():
+        key = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
+            if key.endswith(suffix):
+                weights.setdefault(key[: -len(suffix)], {})[suffix] = t
+    arch = gguf_arch(cfg).arch
+    log(f"writing the adapter in {adapter_dir} as a GGUF LoRA for {arch} ({name})")
+    expected = list(lora_tensors(weights, acfg, cfg))
+    path = write_gguf(out, arch, {"general.name": os.path.basename(os.path.normpath(adapter_dir)),
+                                  **lora_metadata(acfg)}, expected, general_type="adapter", overwrite=overwrite)  # fmt: skip
+    if validate:
+        from minilora.validate import check_gguf_tensors
+
+        check_gguf_tensors(path, expected, log)
+    return path

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minilora import bnb_export, hf_checkpoint
 from minilora import export as E
 from minilora.adapter import save_adapter
 from minilora.lora import apply_lora, lora_modules
@@ -104,7 +105,7 @@ def test_merged_export_loads_in_transformers_with_the_adapted_logits(tmp_path_fa
         want = ours(ids)
     E.merge_to_dense(ours, torch.float32)
     out = str(tmp_path_factory.mktemp("out") / "merged")
-    E.write_checkpoint(out, E.dense_tensors(ours, torch.float32), E.to_hf_config(ours.config, None, torch.float32),
+    hf_checkpoint.write_checkpoint(out, E.dense_tensors(ours, torch.float32), E.to_hf_config(ours.config, None, torch.float32),
                        max_shard_bytes=20_000 if sharded else 2**30)  # fmt: skip
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json")) == sharded
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -201,7 +202,7 @@ def test_quant_state_tensors_equal_bitsandbytes_serialization(shape, dtype, bloc
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     _, state = q.to_bnb()
     want = state.as_dict(packed=True)
-    got = E.bnb_quant_state(q, "")
+    got = bnb_export.bnb_quant_state(q, "")
     assert list(got) == list(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
@@ -229,17 +230,17 @@ def test_write_refuses_non_empty_out_and_is_atomic(tmp_path, monkeypatch):
     (out / "keep.txt").write_text("old")
     tensors, cfg = {"a": torch.ones(3)}, {"model_type": "llama"}
     with pytest.raises(E.ExportError, match="is not empty; choose another folder or pass --overwrite"):
-        E.write_checkpoint(str(out), tensors, cfg)
+        hf_checkpoint.write_checkpoint(str(out), tensors, cfg)
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        E.write_checkpoint(str(out), tensors, cfg, overwrite=True)
+        hf_checkpoint.write_checkpoint(str(out), tensors, cfg, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"] and (out / "keep.txt").read_text() == "old"  # untouched
     monkeypatch.undo()
-    E.write_checkpoint(str(out), tensors, cfg, overwrite=True)
+    hf_checkpoint.write_checkpoint(str(out), tensors, cfg, overwrite=True)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     mask = os.umask(0)
     os.umask(mask)

@@ -25,6 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import minilora.export as E  # noqa: E402
 from minilora.adapter import load_adapter, save_adapter  # noqa: E402
+from minilora.hf_checkpoint import write_checkpoint  # noqa: E402
 from minilora.lora import apply_lora, lora_modules  # noqa: E402
 from minilora.models.config import FULL, SLIDING  # noqa: E402
 from minilora.models.generate import generate  # noqa: E402
@@ -210,7 +211,7 @@ def test_adapters_both_ways_and_merged_export(tmp_path_factory, fk, r, seed):
     # merged export -> transformers, as the family's own class
     E.merge_to_dense(ours, torch.float32)
     out = str(tmp / "merged")
-    E.write_checkpoint(out, E.dense_tensors(ours, torch.float32), E.to_hf_config(ours.config, None, torch.float32))
+    write_checkpoint(out, E.dense_tensors(ours, torch.float32), E.to_hf_config(ours.config, None, torch.float32))
     back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(back).__name__ == CLASSES[family][1]
     assert rel_err(want, hf_logits(back, ids)) < 1e-5
