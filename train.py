@@ -3,6 +3,7 @@
     python train.py                                   # offline demo: tiny model, bundled data
     python train.py --model gemma-3-1b --data train.jsonl --out runs/mytask
     torchrun --nproc_per_node 2 train.py ...          # data parallel, LoRA grads all-reduced
+    torchrun --nproc_per_node 2 train.py ... --parallel fsdp   # NF4 base and LoRA sharded over ranks
 
 The loop: load (NF4 base) -> data -> LoRA surgery -> PagedAdamW + cosine schedule -> for each
 step: M micro-batches, loss normalized by the step's label tokens, backward, clip, step ->
@@ -33,6 +34,7 @@ def fail(msg: str, code: int = 2) -> int:
 
 
 def run(cfg) -> int:
+    from minilora import distributed as D
     from minilora import trainer as T
     from minilora.adapter import save_adapter
     from minilora.data import load_records, prepare_data
@@ -44,7 +46,10 @@ def run(cfg) -> int:
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    rank, world, ddp_device = T.init_distributed()
+    rank, world, ddp_device = D.init_distributed()
+    parallel = D.choose_parallel(cfg.parallel, world)  # "none", "ddp" or "fsdp"
+    D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits)
+    fsdp = parallel == "fsdp"  # every rank then takes part in evaluation and checkpoints too
     torch.manual_seed(cfg.seed + rank)  # dropout masks; data order and LoRA init have their own seeds
     main = rank == 0
     device = ddp_device or torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -83,6 +88,8 @@ def run(cfg) -> int:
     say(report["summary"] if isinstance(report, dict) and "summary" in report else report)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     model.train()
+    if fsdp:
+        D.shard_model(model, device, world)  # before the optimizer: it holds the sharded LoRA parameters
     budget = None if cfg.optimizer_budget == "none" else (
         "auto" if cfg.optimizer_budget == "auto" else int(cfg.optimizer_budget))  # fmt: skip
     optimizer = PagedAdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -95,7 +102,7 @@ def run(cfg) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, T.cosine_with_warmup(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
     loss_fn = T.LossModule(model, cfg.loss_chunk)
-    if world > 1:
+    if parallel == "ddp":
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=None if device.type == "cpu"
                                                             else [device.index])  # fmt: skip
     adapter_meta = {"base_model_name_or_path": cfg.model}
@@ -105,7 +112,10 @@ def run(cfg) -> int:
              "epoch": 0, "index": 0}  # fmt: skip
     step = 0
     if cfg.resume and ckpt is not None:
-        state = T.load_checkpoint(ckpt, model, optimizer, scheduler)
+        read = (lambda path: D.read_sharded_state(path, model, optimizer)) if D.is_dcp_checkpoint(ckpt) else None
+        if fsdp and read is None:
+            return fail(f"{ckpt} was written without --parallel fsdp; resume it with --parallel ddp.")
+        state = T.load_checkpoint(ckpt, model, optimizer, scheduler, read_state=read)
         step = state["step"]
         stream = T.BatchStream(data.train, batch_kw, state["epoch"], state["index"])
         say(f"resumed from {ckpt} at step {step}")
@@ -113,7 +123,7 @@ def run(cfg) -> int:
     if cfg.eval_data and cfg.eval_generate > 0:
         eval_examples, _ = load_records(cfg.eval_data, cfg.format, cfg.skip_bad_lines)
         eval_examples = eval_examples[: cfg.eval_generate]
-    if main and eval_examples and state["heldout_before"] is None:
+    if (main or fsdp) and eval_examples and state["heldout_before"] is None:
         preds = generate_completions(model, tok, eval_examples, cfg.template, batch_size=16)
         state["heldout_before"] = score(preds, [e.completion for e in eval_examples])
 
@@ -124,12 +134,14 @@ def run(cfg) -> int:
         return total / max(1, count)
 
     metrics = T.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=step > 0) if main else None
-    if main and step == 0:
+    if (main or fsdp) and step == 0:
         v0 = validate_loss()
         if v0 is not None:
             state["val_history"].append([0, v0])
-            metrics.write(step=0, val_loss=v0)
+            if main:
+                metrics.write(step=0, val_loss=v0)
     progress = T.Progress(total_steps, enabled=main)
+    save = D.save_checkpoint if fsdp else T.save_checkpoint
     t_last, tokens_since = time.time(), 0
     stop_reason = "finished"
 
@@ -137,17 +149,17 @@ def run(cfg) -> int:
     with T.StopRequest() as stop:
         while step < total_steps:
             micro = [stream.next() for _ in range(micro_per_step)][rank::world]  # this rank's share
-            n_total = T.all_reduce_sum(sum(b.n_label_tokens for b in micro), world)
+            n_total = D.all_reduce_sum(sum(b.n_label_tokens for b in micro), world)
             loss_sum = 0.0
             for i, b in enumerate(micro):
                 b = b.to(device)
-                sync = contextlib.nullcontext() if (world == 1 or i == len(micro) - 1) else loss_fn.no_sync()
+                sync = loss_fn.no_sync() if parallel == "ddp" and i < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
                     s, _ = loss_fn(b)
                     (s * world / max(1.0, n_total)).backward()
                 loss_sum += float(s.detach())
                 tokens_since += int(b.attention_mask.sum())
-            loss = T.all_reduce_sum(loss_sum, world) / max(1.0, n_total)
+            loss = D.all_reduce_sum(loss_sum, world) / max(1.0, n_total)
             if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
                 loss = float("nan")
             if not math.isfinite(loss):
@@ -187,32 +199,35 @@ def run(cfg) -> int:
                 if cfg.early_stopping and state["bad_evals"] >= cfg.early_stopping:
                     stop_reason = f"early stopping after {state['bad_evals']} validations without improvement"
                     break
-            if main and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                T.save_checkpoint(cfg.out, step, model, optimizer, scheduler, state, adapter_meta,
-                                  cfg.keep_checkpoints)  # fmt: skip
+            if (main or fsdp) and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save(cfg.out, step, model, optimizer, scheduler, state, adapter_meta, cfg.keep_checkpoints)
             if stop:
                 stop_reason = "interrupted"
                 break
 
     # --- end: checkpoint, adapter, summary
-    if not main:
+    if not (main or fsdp):
         return 0
-    path = T.save_checkpoint(cfg.out, step, model, optimizer, scheduler, state, adapter_meta, cfg.keep_checkpoints)
+    path = save(cfg.out, step, model, optimizer, scheduler, state, adapter_meta, cfg.keep_checkpoints)
     if stop_reason == "interrupted":
-        print(f"\nInterrupted at step {step}; checkpoint written to {path}. "
-              f"Resume with: python train.py {' '.join(sys.argv[1:])} --resume")
+        say(f"\nInterrupted at step {step}; checkpoint written to {path}. "
+            f"Resume with: python train.py {' '.join(sys.argv[1:])} --resume")
         return 0
     v = validate_loss()
-    if v is not None:
+    full = D.full_adapter_state(model) if fsdp else None  # gathered from the shards, written once
+    if v is not None and main:
         state["val_history"].append([step, v])
         metrics.write(step=step, val_loss=v)
-    save_adapter(model, os.path.join(cfg.out, "adapter"), **adapter_meta)
+    if main:
+        save_adapter(model, os.path.join(cfg.out, "adapter"), state=full, **adapter_meta)
     summary = {"steps": step, "stop_reason": stop_reason, "minutes": (time.time() - t_start) / 60,
                "val_loss": state["val_history"], "heldout_before": state["heldout_before"],
                "adapter": os.path.join(cfg.out, "adapter")}  # fmt: skip
     if eval_examples:
         preds = generate_completions(model, tok, eval_examples, cfg.template, batch_size=16)
         summary["heldout_after"] = score(preds, [e.completion for e in eval_examples])
+    if not main:
+        return 0
     metrics.close()
     write_text_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
     T.plot_loss_curve(cfg.out)

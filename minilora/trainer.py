@@ -1,4 +1,5 @@
-"""Training building blocks used by train.py's loop: loss, schedule, checkpoints, signals, DDP.
+"""Training building blocks used by train.py's loop: loss, schedule, checkpoints, signals.
+(Several processes, DDP and FSDP: minilora/distributed.py.)
 
 Shape letters: B batch, T time, D model dim, V vocabulary, N labelled tokens in a chunk.
 
@@ -160,10 +161,11 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 # ----------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_state: dict,
-                    adapter_meta: dict, keep: int = 2) -> str:
+                    adapter_meta: dict, keep: int = 2, write_state=None) -> str:
     """Write checkpoints/step_XXXXXXX atomically: build it in a temp dir, fsync, rename, then
     point checkpoints/latest at it (also by rename). A kill at any moment leaves the previous
-    checkpoint complete and `latest` naming a complete one."""
+    checkpoint complete and `latest` naming a complete one. `write_state(tmp)` writes the adapter
+    and optimizer state instead of this process (FSDP: minilora.distributed.save_checkpoint)."""
     from safetensors.torch import save_file
 
     from minilora.adapter import save_adapter
@@ -175,8 +177,11 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     name = f"step_{step:07d}"
     final = os.path.join(root, name)
     tmp = temp_dir_for(final)
-    save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
-    save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
+    if write_state is not None:
+        write_state(tmp)
+    else:
+        save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
+        save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
     write_json(os.path.join(tmp, "state.json"), {**train_state, "step": step, "scheduler": scheduler.state_dict()},
                fsync=True)
@@ -205,15 +210,19 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return None
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the saved train state."""
+def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG; return the saved train state.
+    `read_state(path)` restores the adapter and optimizer instead (minilora.distributed's DCP)."""
     from safetensors.torch import load_file
 
     from minilora.adapter import load_adapter
     from minilora.paged_adamw import load_optimizer_state
 
-    load_adapter(model, os.path.join(path, "adapter"))
-    load_optimizer_state(optimizer, os.path.join(path, "optimizer.safetensors"))
+    if read_state is not None:
+        read_state(path)
+    else:
+        load_adapter(model, os.path.join(path, "adapter"))
+        load_optimizer_state(optimizer, os.path.join(path, "optimizer.safetensors"))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     scheduler.load_state_dict(state.pop("scheduler"))
@@ -245,37 +254,6 @@ class StopRequest:
 
     def __bool__(self):
         return self.signum is not None
-
-
-# ------------------------------------------------------------------------------------ distributed
-def init_distributed() -> tuple[int, int, torch.device | None]:
-    """(rank, world_size, device) from torchrun's environment; (0, 1, None) when run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank = dist.get_rank()
-    device = None
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    return rank, world, device
-
-
-def all_reduce_sum(x: float | int, world: int) -> float:
-    if world <= 1:
-        return x
-    import torch.distributed as dist
-
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t.item())
 
 
 # ---------------------------------------------------------------------------------------- logging

@@ -1,0 +1,313 @@
+"""Training on several processes (torchrun): data parallel (DDP) and sharded data parallel (FSDP2).
+
+Shape letters: W ranks (world size), L transformer blocks.
+
+DDP keeps a whole copy of the NF4 base on every rank and all-reduces the LoRA gradients. FSDP2
+(`torch.distributed.fsdp.fully_shard`) shards it: every parameter is split along dim 0 into W
+pieces, a rank keeps one piece, and a block's pieces are all-gathered just before that block runs
+(forward, and again in backward) and freed right after. Per rank, at rest:
+
+    base bytes / W  +  LoRA weights, gradients and optimizer states / W
+
+plus, while a block runs, that block's gathered base (two blocks with prefetching). NF4 codes and
+their quantization state are frozen parameters for this (buffers are not sharded); each
+transformer block is one fully_shard unit and the whole model the root unit (embeddings, final
+norm, tied head). After the all-gather a block's NF4Linear sees its whole codes and dequantizes
+exactly as on one device, so losses equal a single-process run over the same global batch.
+Gradients are reduce-scattered as averages over ranks, as DDP all-reduces them.
+
+Checkpoints under FSDP go through torch.distributed.checkpoint (DCP): every rank writes its own
+shards of the LoRA weights and AdamW moments, DCP records their global layout, and a load on any
+number of ranks (one process included, without torchrun) reads back the pieces it needs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+PARALLEL_CHOICES = ("auto", "ddp", "fsdp")
+NF4_PARAM_NAMES = ("weight_packed", "weight_absmax", "weight_absmax2")  # weight_offset: a scalar, replicated
+
+
+class ParallelError(ValueError):
+    """A --parallel choice that cannot work with the given launch or flags (one clear sentence)."""
+
+
+# ----------------------------------------------------------------------------------- process group
+def init_distributed() -> tuple[int, int, torch.device | None]:
+    """(rank, world_size, device) from torchrun's environment; (0, 1, None) when run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    device = None
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return rank, world, device
+
+
+def all_reduce_sum(x: float | int, world: int) -> float:
+    if world <= 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------ choosing a strategy
+def choose_parallel(requested: str, world: int, fits_one_device: bool | None = None) -> str:
+    """The data-parallel strategy for this run: "none" (one process), "ddp" or "fsdp".
+
+    `auto` picks fsdp when the memory planner says the model does not fit one device
+    (`fits_one_device=False`), else ddp. WIRING POINT: train.py passes fits_one_device=None until
+    it asks the planner (minilora/planner.py); None means "fits", i.e. auto = ddp.
+    """
+    if requested not in PARALLEL_CHOICES:
+        raise ParallelError(f"--parallel {requested!r} is unknown; use one of {', '.join(PARALLEL_CHOICES)}.")
+    if requested == "fsdp":
+        return "fsdp"
+    if world <= 1:
+        return "none"
+    if requested == "auto" and fits_one_device is False:
+        return "fsdp"
+    return "ddp"
+
+
+def check_parallel(parallel: str, launched_by_torchrun: bool, optimizer_bits: int) -> None:
+    """Raise ParallelError for a --parallel fsdp run that cannot work, before anything is written."""
+    if parallel != "fsdp":
+        return
+    if not launched_by_torchrun:
+        raise ParallelError("--parallel fsdp shards the model over several processes; launch it with "
+                            "`torchrun --nproc_per_node N train.py ...` (or drop --parallel fsdp).")
+    if optimizer_bits != 32:
+        # 8-bit states are blockwise over each rank's local shard, so a checkpoint could not be
+        # resharded onto another number of ranks
+        raise ParallelError("--optimizer-bits 8 is not supported with --parallel fsdp; use --optimizer-bits 32 "
+                            "(FSDP already divides the optimizer states by the number of ranks).")
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+# ----------------------------------------------------------------------------------------- FSDP2
+def nf4_buffers_to_parameters(model: nn.Module) -> int:
+    """Re-register every NF4Linear's codes and quantization state as frozen parameters, which
+    fully_shard shards (it leaves buffers whole on every rank). Returns how many tensors moved."""
+    from minilora.quant_linear import NF4Linear
+
+    moved = 0
+    for m in model.modules():
+        if not isinstance(m, NF4Linear):
+            continue
+        for name in NF4_PARAM_NAMES:
+            t = m._buffers.pop(name, None)
+            if t is None:  # weight_absmax2 without double quantization
+                continue
+            m.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            moved += 1
+    return moved
+
+
+def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """fully_shard each transformer block, then the whole model (embeddings, norm, head) as the root.
+
+    In place: afterwards every parameter is a DTensor sharded along dim 0 over the W ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    nf4_buffers_to_parameters(model)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nf4_resident_bytes(model: nn.Module) -> int:
+    """Bytes of NF4 codes and quantization state held by this rank (its shards under FSDP)."""
+    from minilora.quant_linear import NF4Linear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            for name in (*NF4_PARAM_NAMES, "weight_offset"):
+                t = getattr(m, name, None)
+                if t is not None:
+                    t = local(t)
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: whole LoRA tensor on the CPU}; under FSDP a collective (every rank must call it)."""
+    from minilora.lora import lora_state_dict
+
+    out = {}
+    for k, v in lora_state_dict(model).items():
+        v = v.detach()
+        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+    return out
+
+
+# ------------------------------------------------------------------------------- DCP checkpoints
+DCP_DIR = "dcp"  # inside a checkpoint folder: the DCP files (one .distcp per rank + .metadata)
+GROUPS_FILE = "optimizer_groups.json"  # hyperparameters of the optimizer's groups (lr, betas, ...)
+
+
+def is_dcp_checkpoint(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, DCP_DIR))
+
+
+def _as_global(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard `t` as a DTensor laid out like parameter `like` (itself when not sharded)."""
+    if not hasattr(like, "device_mesh"):
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t.to(local(like).device), like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride())  # fmt: skip
+
+
+def _optimizer_params(model: nn.Module, optimizer) -> list[tuple[str, torch.Tensor]]:
+    """(LoRA name, parameter) in the optimizer's index order."""
+    from minilora.lora import lora_state_dict
+
+    name_of = {id(p): n for n, p in lora_state_dict(model).items()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return [(name_of[id(p)], p) for p in params]
+
+
+def sharded_state(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """What DCP saves: {"lora/<name>": weight, "optim/<name>/<key>": AdamW moment or step}, each
+    weight and moment a DTensor under FSDP (so DCP knows its global shape and this rank's piece)."""
+    from minilora.lora import lora_state_dict
+
+    sd = {f"lora/{n}": p.detach() for n, p in lora_state_dict(model).items()}
+    opt = optimizer.state_dict()["state"]
+    for i, (name, p) in enumerate(_optimizer_params(model, optimizer)):
+        for key, t in opt.get(i, {}).items():
+            sd[f"optim/{name}/{key}"] = t if t.dim() == 0 else _as_global(t, p)  # step: a replicated scalar
+    return sd
+
+
+def write_sharded_state(tmp: str, model: nn.Module, optimizer, adapter_meta: dict) -> None:
+    """Write the LoRA weights and optimizer states into checkpoint folder `tmp` (every rank calls
+    this with the same `tmp`): DCP shards, plus the gathered adapter in PEFT format and the optimizer
+    hyperparameters, both from rank 0."""
+    import torch.distributed.checkpoint as dcp
+
+    from minilora.adapter import save_adapter
+    from minilora.fileio import write_json
+
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=os.path.join(tmp, DCP_DIR))
+    full = full_adapter_state(model)  # a collective: every rank gathers, rank 0 writes
+    if rank() == 0:
+        save_adapter(model, os.path.join(tmp, "adapter"), state=full, **adapter_meta)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
+        write_json(os.path.join(tmp, GROUPS_FILE), groups, fsync=True)
+
+
+def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer, scheduler, train_state: dict,
+                    adapter_meta: dict, keep: int = 2) -> str | None:
+    """trainer.save_checkpoint under FSDP (every rank calls it): rank 0 builds the temp folder,
+    every rank writes its shards into it, rank 0 adds RNG and train state and renames it into place.
+    Returns the checkpoint path on rank 0, None elsewhere."""
+    from minilora import trainer as T
+
+    def write(tmp):
+        write_sharded_state(broadcast_path(tmp), model, optimizer, adapter_meta)
+
+    path = None
+    if rank() == 0:
+        path = T.save_checkpoint(run_dir, step, model, optimizer, scheduler, train_state, adapter_meta, keep,
+                                 write_state=write)  # fmt: skip
+    else:
+        write(None)
+    barrier()  # nobody reads or prunes checkpoints before rank 0 has renamed this one into place
+    return path
+
+
+def read_sharded_state(path: str, model: nn.Module, optimizer) -> None:
+    """Load a checkpoint written by write_sharded_state into this run's model and optimizer, on any
+    number of ranks: DCP reads into each rank's shards (or whole tensors in a single process)."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    from minilora.lora import lora_state_dict
+
+    src = os.path.join(path, DCP_DIR)
+    saved = dcp.FileSystemReader(src).read_metadata().state_dict_metadata
+    sd = {f"lora/{n}": p.detach() for n, p in lora_state_dict(model).items()}  # loaded in place
+    missing = [k for k in sd if k not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks LoRA tensors such as {missing[0][5:]}; it belongs to another "
+                         "--lora-targets/--lora-r configuration.")
+    params = _optimizer_params(model, optimizer)
+    for name, p in params:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            k = f"optim/{name}/{key}"
+            if k in saved:
+                sd[k] = torch.zeros((), dtype=torch.float32) if key == "step" else torch.zeros_like(p.detach())
+    dcp.load(sd, checkpoint_id=src)
+    state = {}
+    for i, (name, _) in enumerate(params):
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        if all(f"optim/{name}/{k}" in sd for k in keys):
+            state[i] = {k: local(sd[f"optim/{name}/{k}"]) for k in keys}
+    with open(os.path.join(path, GROUPS_FILE)) as f:
+        groups = json.load(f)
+    index = iter(range(len(params)))
+    for g, mine in zip(groups, optimizer.param_groups):
+        g["params"] = [next(index) for _ in mine["params"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_distributed() else 0
+
+
+def broadcast_path(path: str | None) -> str:
+    """Rank 0's `path` on every rank (e.g. the temp folder rank 0 created)."""
+    if not is_distributed():
+        return path
+    import torch.distributed as dist
+
+    box = [path]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
