@@ -311,3 +311,35 @@ def broadcast_path(path: str | None) -> str:
     box = [path]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ---------------------------------------------------------------------------------- memory plans
+# Plan components (minilora/planner.py names them) that FSDP divides over the ranks: the NF4 base,
+# the LoRA weights with their gradients, and the optimizer states. Everything else stays whole on
+# every rank: activations belong to the rank's own micro-batch, the loss chunk is per rank, and the
+# root unit (embeddings, head, norms) is gathered for the whole step.
+SHARDED_COMPONENTS = ("base weights", "LoRA weights", "optimizer states")
+
+
+def per_rank_components(components: list[tuple[str, int, str]], world: int, num_layers: int,
+                        sharded: tuple[str, ...] = SHARDED_COMPONENTS) -> list[tuple[str, int, str]]:
+    """A one-device plan's (name, bytes, flag) rows as FSDP over `world` ranks sees them, per rank.
+
+    A sharded row of b bytes becomes ceil(b / W) (fully_shard pads dim 0 to a multiple of W);
+    other rows stay whole. One more row: the gathered base of the blocks in flight, two of the L
+    blocks (the running one and the one prefetched), less the rank's own shard of them:
+        2 * base / L * (1 - 1 / W)
+    """
+    if world < 1 or num_layers < 1:
+        raise ValueError(f"world={world} and num_layers={num_layers} must be at least 1.")
+    rows, base = [], 0
+    for name, b, flag in components:
+        if name.startswith(sharded):
+            rows.append((f"{name} / {world} ranks" if world > 1 else name, -(-b // world), flag))
+            if name.startswith("base weights"):
+                base = b
+        else:
+            rows.append((name, b, flag))
+    if world > 1:
+        rows.append(("gathered blocks in flight (2)", int(2 * base / num_layers * (1 - 1 / world)), "--parallel"))
+    return rows
