@@ -48,7 +48,7 @@ def run(cfg) -> int:
         torch.set_num_threads(cfg.threads)
     rank, world, ddp_device = D.init_distributed()
     parallel = D.choose_parallel(cfg.parallel, world)  # "none", "ddp" or "fsdp"
-    D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits)
+    D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora)
     fsdp = parallel == "fsdp"  # every rank then takes part in evaluation and checkpoints too
     torch.manual_seed(cfg.seed + rank)  # dropout masks; data order and LoRA init have their own seeds
     main = rank == 0
@@ -70,8 +70,15 @@ def run(cfg) -> int:
 
     # --- model, tokenizer, data
     t_start = time.time()
-    model, tok = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
-                            device=str(device))  # fmt: skip
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    lora_kw = dict(targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed)  # fmt: skip
+    streamed = fsdp and D.streams_load(cfg.model, cfg.quantize)  # loaded straight into this rank's shards
+    if streamed:
+        model, tok, report = D.load_sharded(cfg.model, dtype, device, world, lora_kw)
+    else:
+        model, tok = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
+                                device=str(device))  # fmt: skip
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
     data = prepare_data(cfg.data, tok, val_path=cfg.val_data, eval_path=cfg.eval_data, fmt=cfg.format,
@@ -82,13 +89,12 @@ def run(cfg) -> int:
     say("data: " + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file"))
 
     # --- LoRA surgery + optimizer + schedule
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-    report = apply_lora(model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed)  # fmt: skip
+    if not streamed:
+        report = apply_lora(model, **lora_kw)
     say(report["summary"] if isinstance(report, dict) and "summary" in report else report)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     model.train()
-    if fsdp:
+    if fsdp and not streamed:
         D.shard_model(model, device, world)  # before the optimizer: it holds the sharded LoRA parameters
     budget = None if cfg.optimizer_budget == "none" else (
         "auto" if cfg.optimizer_budget == "auto" else int(cfg.optimizer_budget))  # fmt: skip

@@ -99,7 +99,7 @@ def choose_parallel(requested: str, world: int, fits_one_device: bool | None = N
     return "ddp"
 
 
-def check_parallel(parallel: str, launched_by_torchrun: bool, optimizer_bits: int) -> None:
+def check_parallel(parallel: str, launched_by_torchrun: bool, optimizer_bits: int, use_dora: bool = False) -> None:
     """Raise ParallelError for a --parallel fsdp run that cannot work, before anything is written."""
     if parallel != "fsdp":
         return
@@ -111,6 +111,9 @@ def check_parallel(parallel: str, launched_by_torchrun: bool, optimizer_bits: in
         # resharded onto another number of ranks
         raise ParallelError("--optimizer-bits 8 is not supported with --parallel fsdp; use --optimizer-bits 32 "
                             "(FSDP already divides the optimizer states by the number of ranks).")
+    if use_dora:
+        # load_sharded initializes LoRA before the base weights exist; DoRA's magnitude needs them
+        raise ParallelError("--use-dora is not supported with --parallel fsdp; drop --use-dora or use --parallel ddp.")
 
 
 def launched_by_torchrun() -> bool:
@@ -180,6 +183,98 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         v = v.detach()
         out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
     return out
+
+
+def streams_load(model_name: str, quantize: str) -> bool:
+    """Whether --parallel fsdp loads block by block (load_sharded): every NF4 checkpoint; the
+    `tiny` preset is built in memory (and small), so it is built whole and then sharded."""
+    return quantize == "nf4" and model_name != "tiny"
+
+
+def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, world: int, lora: dict,
+                 blocksize: int = 64, double_quant: bool = True):  # fmt: skip
+    """(model, tokenizer, LoRA report): an NF4 + LoRA model loaded, one block at a time, straight
+    into its FSDP shards, so no rank ever holds the whole model, not even as NF4.
+
+    1. The model is built on the meta device (no memory), each block linear given a stand-in
+       weight of its shape that costs nothing (a broadcast zero); apply_lora(**lora) then draws
+       exactly the initial A, B that it draws on a loaded model (they depend on shapes and order).
+    2. For each block: its tensors are read from safetensors, its linears quantized to NF4 (the
+       bf16 copy of one weight at a time), and the block is fully_shard-ed: this rank keeps 1/W.
+    3. Embeddings, final norm and head are read last and sharded with the root unit.
+    Peak per rank: its shards + one block whole + one bf16 weight (+ the root unit, whole until
+    sharded). Every rank reads and quantizes every block and keeps its own shard (no scatter).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from minilora.lora import LoRALinear, apply_lora
+    from minilora.models import loader as L
+    from minilora.models.config import PRESETS
+    from minilora.models.transformer import Transformer
+    from minilora.quant_linear import NF4Linear
+
+    ckpt = L.resolve_checkpoint(name_or_path)
+    cfg = L._read_config(ckpt, name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt)))
+    files = L._weight_files(ckpt)
+    L._check_file_sizes(files)
+    where = {}  # our name -> (file, name in the file)
+    for path, names in files.items():
+        for hf in names:
+            ours = L.our_name(hf)
+            if ours is not None:
+                where.setdefault(ours, (path, hf))
+
+    def read(ours: str, like: torch.Tensor) -> torch.Tensor:
+        if ours not in where:
+            raise L.ModelLoadError(f"{ckpt} is missing tensor {ours}; download the checkpoint again.")
+        t = L._read_tensor(*where[ours])
+        if tuple(t.shape) != tuple(like.shape):
+            raise L.ModelLoadError(f"tensor {where[ours][1]} has shape {tuple(t.shape)} but config.json implies "
+                                   f"{tuple(like.shape)}; the weights do not belong to this config.json.")
+        return t.to(device=device, dtype=dtype, copy=True)  # copied out of the file mapping
+
+    with torch.device("meta"), L._no_random_init():
+        model = Transformer(cfg)
+    model.tie_weights()
+    for name, mod in model.named_modules():  # 1. stand-ins, then LoRA
+        if isinstance(mod, nn.Linear) and L._is_quantized_linear(name + ".weight"):
+            mod.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(mod.out_features, mod.in_features),
+                                      requires_grad=False)  # fmt: skip
+    report = apply_lora(model, **lora)
+    mesh = init_device_mesh(device.type, (world,))
+
+    def materialize(module: nn.Module, prefix: str) -> None:
+        for name, mod in list(module.named_modules()):
+            full = prefix + name
+            base = mod.base if isinstance(mod, LoRALinear) else mod
+            if isinstance(base, nn.Linear) and L._is_quantized_linear(full.removesuffix(".base") + ".weight"):
+                stem = full.removesuffix(".base")
+                bias = None if base.bias is None else read(stem + ".bias", base.bias)
+                q = NF4Linear.from_weight(read(stem + ".weight", base.weight), bias, blocksize=blocksize,
+                                          double_quant=double_quant, compute_dtype=dtype)  # fmt: skip
+                if isinstance(mod, LoRALinear):
+                    mod.base = q
+                else:
+                    L._set_module(module, name, q)
+        for name, p in list(module.named_parameters()):
+            if p.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                m = module.get_submodule(owner) if owner else module
+                m._parameters[leaf] = nn.Parameter(read(prefix + name, p), requires_grad=False)
+
+    for i, block in enumerate(model.model.layers):  # 2. block by block
+        materialize(block, f"model.layers.{i}.")
+        nf4_buffers_to_parameters(block)
+        fully_shard(block, mesh=mesh)
+    for name in ("model.embed_tokens", "model.norm") + (() if cfg.tie_word_embeddings else ("lm_head",)):
+        m = model.get_submodule(name)  # 3. the root unit (a tied head follows the embeddings)
+        m._parameters["weight"] = nn.Parameter(read(name + ".weight", m.weight), requires_grad=False)
+    model.tie_weights()
+    model.inv_freq_global = model.inv_freq_global.to(device)
+    model.inv_freq_local = model.inv_freq_local.to(device)
+    fully_shard(model, mesh=mesh)
+    return model, L._load_tokenizer(ckpt), report
 
 
 # ------------------------------------------------------------------------------- DCP checkpoints

@@ -51,19 +51,31 @@ def assert_same_adapter(a_dir, b_dir):
         assert json.load(f) == json.load(g)
 
 
+def write_tiny_checkpoint(out) -> str:
+    """The `tiny` preset's weights as a Hugging Face checkpoint folder (what load_sharded streams)."""
+    from minilora.export import dense_tensors, to_hf_config, write_checkpoint
+    from minilora.models.loader import load_model
+
+    model, tok = load_model("tiny", quantize=None, dtype=torch.float32)
+    return write_checkpoint(str(out), dense_tensors(model, torch.float32), to_hf_config(model.config, tok, torch.float32),
+                            tokenizer_dir=os.path.join(ROOT, "examples", "tokenizer"))  # fmt: skip
+
+
 def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
-    """2 ranks under FSDP, stopped by SIGINT after step 2 (DCP checkpoint), then resumed on 2 ranks
-    and, from a copy of the same checkpoint, on 1 process: every step's loss equals one process's
-    over the same global batch (grad-accum 2), and so do the final PEFT adapters."""
-    train(tmp_path / "one", *COMMON, "--grad-accum", "2")
+    """2 ranks under FSDP, loading block by block into their shards, stopped by SIGINT after step 2
+    (DCP checkpoint), then resumed on 2 ranks and, from a copy of the same checkpoint, on 1 process:
+    every step's loss equals one process's over the same global batch (grad-accum 2), and so do the
+    final PEFT adapters."""
+    common = [*COMMON, "--model", write_tiny_checkpoint(tmp_path / "ckpt"), "--lr", "3e-3", "--lora-dropout", "0"]
+    train(tmp_path / "one", *common, "--grad-accum", "2")
     two = tmp_path / "two"
-    train(two, *COMMON, "--parallel", "fsdp", "--debug-interrupt-at-step", "2", nproc=2)
+    train(two, *common, "--parallel", "fsdp", "--debug-interrupt-at-step", "2", nproc=2)
     ckpt = two / "checkpoints" / "step_0000002"
     assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     assert not (two / "adapter").exists()  # interrupted: no final adapter yet
     shutil.copytree(two, tmp_path / "two_to_one")
-    train(two, *COMMON, "--parallel", "fsdp", "--resume", nproc=2)
-    train(tmp_path / "two_to_one", *COMMON, "--grad-accum", "2", "--resume")  # 2-rank checkpoint, 1 process
+    train(two, *common, "--parallel", "fsdp", "--resume", nproc=2)
+    train(tmp_path / "two_to_one", *common, "--grad-accum", "2", "--resume")  # 2-rank checkpoint, 1 process
 
     one = losses(tmp_path / "one")
     assert sorted(one) == [1, 2, 3, 4]
@@ -78,9 +90,10 @@ def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
         load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors")).keys()
 
 
-def _shard_worker(rank: int, world: int, init_file: str, out: str):
-    """One rank: quantize the tiny model, add LoRA, shard it, report its resident NF4 bytes and one
-    PagedAdamW step's local shard sizes."""
+def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
+    """One rank: the tiny model loaded whole, quantized, LoRA-adapted and sharded, and the same model
+    streamed block by block into its shards (load_sharded); report resident NF4 bytes, LoRA shards,
+    and one PagedAdamW step's local state sizes."""
     import torch.distributed as dist
 
     from minilora.lora import apply_lora, lora_parameters
@@ -89,10 +102,16 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    lora = dict(r=4, alpha=8, dropout=0.0, seed=0, verbose=False)
     model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
-    apply_lora(model, r=4, alpha=8, dropout=0.0, seed=0, verbose=False)
+    apply_lora(model, **lora)
     whole = D.nf4_resident_bytes(model)
     D.shard_model(model, torch.device("cpu"), world)
+    streamed, _, _ = D.load_sharded(ckpt, torch.float32, torch.device("cpu"), world, lora)
+    a, b = dict(model.named_parameters()), dict(streamed.named_parameters())
+    assert a.keys() == b.keys()
+    for k in a:  # the same bytes and LoRA initialisation, shard by shard
+        assert torch.equal(D.local(a[k]), D.local(b[k])), k
     opt = PagedAdamW(lora_parameters(model), lr=1e-2)
     ids = torch.arange(3, 3 + 2 * 12).view(2, 12) + rank  # (2, 12) a different micro-batch per rank
     model(ids).float().logsumexp(-1).sum().backward()
@@ -108,7 +127,8 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str):
 def test_each_rank_holds_about_half_of_the_nf4_base_and_optimizer_states(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r")), nprocs=2, join=True)
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    mp.spawn(_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), ckpt), nprocs=2, join=True)
     r = [json.loads((tmp_path / f"r.{i}.json").read_text()) for i in range(2)]
     whole = r[0]["whole"]
     assert whole == r[1]["whole"] > 0
@@ -125,14 +145,16 @@ def test_fsdp_without_torchrun_is_one_sentence(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_fsdp_with_8bit_optimizer_states_is_refused(tmp_path):
+@pytest.mark.parametrize("flags, message", [(["--optimizer-bits", "8"], "--optimizer-bits 8"),
+                                             (["--use-dora"], "--use-dora")])
+def test_fsdp_incompatible_flags_are_refused(tmp_path, flags, message):
     # launched_by_torchrun() reads torchrun's environment; one process with it needs no process group
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "r"), *FAST, "--parallel", "fsdp",
-           "--optimizer-bits", "8"]  # fmt: skip
+           *flags]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={**os.environ, "WORLD_SIZE": "1", "LOCAL_RANK": "0", "RANK": "0"})  # fmt: skip
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "--optimizer-bits 8" in p.stderr
+    assert message in p.stderr and "--parallel fsdp" in p.stderr
     assert not (tmp_path / "r").exists()
 
 
