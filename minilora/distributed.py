@@ -11,10 +11,12 @@ pieces, a rank keeps one piece, and a block's pieces are all-gathered just befor
 
 plus, while a block runs, that block's gathered base (two blocks with prefetching). NF4 codes and
 their quantization state are frozen parameters for this (buffers are not sharded); each
-transformer block is one fully_shard unit and the whole model the root unit (embeddings, final
-norm, tied head). After the all-gather a block's NF4Linear sees its whole codes and dequantizes
-exactly as on one device, so losses equal a single-process run over the same global batch.
-Gradients are reduce-scattered as averages over ranks, as DDP all-reduces them.
+transformer block is one fully_shard unit. The embeddings, final norm and head stay whole on every
+rank: the chunked loss needs the whole head after the forward, so a sharded root unit would be
+gathered for the whole step on top of its shard (R + R/W at the peak instead of R). After the
+all-gather a block's NF4Linear sees its whole codes and dequantizes exactly as on one device, so
+losses equal a single-process run over the same global batch. Gradients are reduce-scattered as
+averages over ranks, as DDP all-reduces them; trainable parameters must therefore live in blocks.
 
 Checkpoints under FSDP go through torch.distributed.checkpoint (DCP): every rank writes its own
 shards of the LoRA weights and AdamW moments, DCP records their global layout, and a load on any
@@ -140,9 +142,8 @@ def nf4_buffers_to_parameters(model: nn.Module) -> int:
 
 
 def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
-    """fully_shard each transformer block, then the whole model (embeddings, norm, head) as the root.
-
-    In place: afterwards every parameter is a DTensor sharded along dim 0 over the W ranks."""
+    """fully_shard each transformer block (in place): afterwards every block parameter is a DTensor
+    sharded along dim 0 over the W ranks; embeddings, final norm and head stay whole."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -150,8 +151,17 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module
     mesh = init_device_mesh(device.type, (world,))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    check_trainable_sharded(model)
     return model
+
+
+def check_trainable_sharded(model: nn.Module) -> None:
+    """Raise ParallelError when a trainable parameter lies outside the blocks (its gradient would not
+    be averaged over the ranks), e.g. LoRA on the output head."""
+    loose = [n for n, p in model.named_parameters() if p.requires_grad and not hasattr(p, "device_mesh")]
+    if loose:
+        raise ParallelError(f"--parallel fsdp trains parameters inside the transformer blocks only, not {loose[0]}; "
+                            "leave it out of --lora-targets or use --parallel ddp.")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -201,9 +211,9 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
        exactly the initial A, B that it draws on a loaded model (they depend on shapes and order).
     2. For each block: its tensors are read from safetensors, its linears quantized to NF4 (the
        bf16 copy of one weight at a time), and the block is fully_shard-ed: this rank keeps 1/W.
-    3. Embeddings, final norm and head are read last and sharded with the root unit.
-    Peak per rank: its shards + one block whole + one bf16 weight (+ the root unit, whole until
-    sharded). Every rank reads and quantizes every block and keeps its own shard (no scatter).
+    3. Embeddings, final norm and head are read last; they stay whole (see the module docstring).
+    Peak per rank: its shards + one block whole + one bf16 weight + embeddings, norm and head.
+    Every rank reads and quantizes every block and keeps its own shard (no scatter).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -268,12 +278,12 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
         nf4_buffers_to_parameters(block)
         fully_shard(block, mesh=mesh)
     for name in ("model.embed_tokens", "model.norm") + (() if cfg.tie_word_embeddings else ("lm_head",)):
-        m = model.get_submodule(name)  # 3. the root unit (a tied head follows the embeddings)
+        m = model.get_submodule(name)  # 3. whole on every rank (a tied head follows the embeddings)
         m._parameters["weight"] = nn.Parameter(read(name + ".weight", m.weight), requires_grad=False)
     model.tie_weights()
     model.inv_freq_global = model.inv_freq_global.to(device)
     model.inv_freq_local = model.inv_freq_local.to(device)
-    fully_shard(model, mesh=mesh)
+    check_trainable_sharded(model)
     return model, L._load_tokenizer(ckpt), report
 
 
@@ -411,8 +421,8 @@ def broadcast_path(path: str | None) -> str:
 # ---------------------------------------------------------------------------------- memory plans
 # Plan components (minilora/planner.py names them) that FSDP divides over the ranks: the NF4 base,
 # the LoRA weights with their gradients, and the optimizer states. Everything else stays whole on
-# every rank: activations belong to the rank's own micro-batch, the loss chunk is per rank, and the
-# root unit (embeddings, head, norms) is gathered for the whole step.
+# every rank: activations belong to the rank's own micro-batch, the loss chunk is per rank, and
+# embeddings, head and norms are not sharded (see the module docstring).
 SHARDED_COMPONENTS = ("base weights", "LoRA weights", "optimizer states")
 
 

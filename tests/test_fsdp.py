@@ -190,3 +190,17 @@ def test_per_rank_components(world, layers, sizes):
     if world > 1:
         base = sizes[1]
         assert rows[-1][1] == pytest.approx(2 * base / layers - 2 * base / layers / world, abs=1)
+
+
+def test_trainable_parameters_outside_the_blocks_are_refused():
+    """A trainable parameter FSDP does not shard would get no gradient averaging: one sentence."""
+    from minilora.lora import apply_lora
+    from minilora.models.loader import load_model
+
+    model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
+    apply_lora(model, r=2, alpha=4, dropout=0.0, verbose=False)
+    with pytest.raises(D.ParallelError, match=r"not model\.layers\.0\..*lora_A\.weight; leave it out of --lora-targets"):
+        D.check_trainable_sharded(model)  # nothing sharded yet: the first LoRA weight is named
+    for p in model.parameters():
+        p.requires_grad_(False)
+    D.check_trainable_sharded(model)
