@@ -35,6 +35,7 @@ def fail(msg: str, code: int = 2) -> int:
 
 def run(cfg) -> int:
     from minilora import distributed as D
+    from minilora import sharded_checkpoint as SC
     from minilora import trainer as T
     from minilora.adapter import save_adapter
     from minilora.data import load_records, prepare_data
@@ -118,7 +119,7 @@ def run(cfg) -> int:
              "epoch": 0, "index": 0}  # fmt: skip
     step = 0
     if cfg.resume and ckpt is not None:
-        read = (lambda path: D.read_sharded_state(path, model, optimizer)) if D.is_dcp_checkpoint(ckpt) else None
+        read = (lambda path: SC.read_sharded_state(path, model, optimizer)) if SC.is_dcp_checkpoint(ckpt) else None
         if fsdp and read is None:
             return fail(f"{ckpt} was written without --parallel fsdp; resume it with --parallel ddp.")
         state = T.load_checkpoint(ckpt, model, optimizer, scheduler, read_state=read)
@@ -147,7 +148,7 @@ def run(cfg) -> int:
             if main:
                 metrics.write(step=0, val_loss=v0)
     progress = T.Progress(total_steps, enabled=main)
-    save = D.save_checkpoint if fsdp else T.save_checkpoint
+    save = SC.save_checkpoint if fsdp else T.save_checkpoint
     t_last, tokens_since = time.time(), 0
     stop_reason = "finished"
 

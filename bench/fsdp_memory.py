@@ -66,7 +66,8 @@ def worker(a) -> None:
     model.train()
     opt = PagedAdamW(lora_parameters(model), lr=2e-4, weight_decay=0.0)
     B, T = a.batch, a.seq
-    ids = torch.randint(3, GEOMETRIES[a.geometry]["vocab_size"], (B, T), generator=torch.Generator().manual_seed(1))
+    vocab = GEOMETRIES[a.geometry]["vocab_size"]
+    ids = torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(1))  # (B, T) global batch
     ids = ids[rank::world].to(device)  # (B / W, T): this rank's rows of the global batch
     labels = ids.clone()
     labels[:, 0] = -100
@@ -140,10 +141,14 @@ def main(argv=None) -> None:
     device = "cuda" if "cuda" in environment()["device"].lower() or _has_cuda() else "cpu"
     print(f"geometry {a.geometry}, global batch {a.batch} x {a.seq}, r={a.rank}, {device}")
     print(f"{'':12}{'peak MB':>10}{'load peak MB':>14}{'NF4 MB':>10}{'step s':>9}{'peak ratio':>12}{'step ratio':>12}")
-    print(f"{'1 process':12}{one['peak_mb']:10.0f}{one['load_peak_mb']:14.0f}{one['nf4_mb']:10.1f}{one['median_s']:9.3f}")
+
+    def row(name, r):
+        return f"{name:12}{r['peak_mb']:10.0f}{r['load_peak_mb']:14.0f}{r['nf4_mb']:10.1f}{r['median_s']:9.3f}"
+
+    print(row("1 process", one))
     for r in two:
-        print(f"{'rank ' + str(r['rank']) + ' of 2':12}{r['peak_mb']:10.0f}{r['load_peak_mb']:14.0f}{r['nf4_mb']:10.1f}"
-              f"{r['median_s']:9.3f}{r['peak_mb'] / one['peak_mb']:12.2f}{r['median_s'] / one['median_s']:12.2f}")
+        ratios = f"{r['peak_mb'] / one['peak_mb']:12.2f}{r['median_s'] / one['median_s']:12.2f}"
+        print(row(f"rank {r['rank']} of 2", r) + ratios)
     worst = max(r["peak_mb"] for r in two) / one["peak_mb"]
     print(f"per-rank peak / one process: {worst:.2f}x (target <= 0.6x); losses 1 process {one['losses']}, "
           f"2 ranks {two[0]['losses']}")

@@ -165,7 +165,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     """Write checkpoints/step_XXXXXXX atomically: build it in a temp dir, fsync, rename, then
     point checkpoints/latest at it (also by rename). A kill at any moment leaves the previous
     checkpoint complete and `latest` naming a complete one. `write_state(tmp)` writes the adapter
-    and optimizer state instead of this process (FSDP: minilora.distributed.save_checkpoint)."""
+    and optimizer state instead of this process (FSDP: minilora.sharded_checkpoint)."""
     from safetensors.torch import save_file
 
     from minilora.adapter import save_adapter
@@ -212,7 +212,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; return the saved train state.
-    `read_state(path)` restores the adapter and optimizer instead (minilora.distributed's DCP)."""
+    `read_state(path)` restores the adapter and optimizer instead (minilora.sharded_checkpoint)."""
     from safetensors.torch import load_file
 
     from minilora.adapter import load_adapter

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from minilora import distributed as D
+from test_train import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--eval-generate", "0", "--eval-every", "0", "--threads", "1", "--log-every", "1"]
@@ -36,14 +37,9 @@ def train(out, *args, nproc=0, check=True):
     return p
 
 
-def losses(run_dir) -> dict[int, float]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 def assert_same_adapter(a_dir, b_dir):
-    a, b = load_file(os.path.join(a_dir, "adapter_model.safetensors")), load_file(os.path.join(b_dir, "adapter_model.safetensors"))
+    a = load_file(os.path.join(a_dir, "adapter_model.safetensors"))
+    b = load_file(os.path.join(b_dir, "adapter_model.safetensors"))
     assert sorted(a) == sorted(b) and a
     for k in a:  # float32; the reduce-scatter sums the ranks' gradients in another order than one process
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5 * float(a[k].abs().max()), msg=k)
@@ -57,8 +53,9 @@ def write_tiny_checkpoint(out) -> str:
     from minilora.models.loader import load_model
 
     model, tok = load_model("tiny", quantize=None, dtype=torch.float32)
-    return write_checkpoint(str(out), dense_tensors(model, torch.float32), to_hf_config(model.config, tok, torch.float32),
-                            tokenizer_dir=os.path.join(ROOT, "examples", "tokenizer"))  # fmt: skip
+    config = to_hf_config(model.config, tok, torch.float32)
+    return write_checkpoint(str(out), dense_tensors(model, torch.float32), config,
+                            tokenizer_dir=os.path.join(ROOT, "examples", "tokenizer"))
 
 
 def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
@@ -199,7 +196,7 @@ def test_trainable_parameters_outside_the_blocks_are_refused():
 
     model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
     apply_lora(model, r=2, alpha=4, dropout=0.0, verbose=False)
-    with pytest.raises(D.ParallelError, match=r"not model\.layers\.0\..*lora_A\.weight; leave it out of --lora-targets"):
+    with pytest.raises(D.ParallelError, match=r"not model\.layers\.0\..*lora_A\.weight; leave it out"):
         D.check_trainable_sharded(model)  # nothing sharded yet: the first LoRA weight is named
     for p in model.parameters():
         p.requires_grad_(False)
