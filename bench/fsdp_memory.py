@@ -1,7 +1,7 @@
 """Per-rank memory and step time of FSDP (2 ranks, gloo/NCCL) beside one process, same global batch.
 
-    python bench/fsdp_memory.py                                   # CPU smoke: the "small" geometry
-    python bench/fsdp_memory.py --geometry gemma-3-1b --batch 4 --seq 256 --steps 5
+    python -m bench.fsdp_memory                                   # CPU smoke: the "small" geometry
+    python -m bench.fsdp_memory --geometry gemma-3-1b --batch 4 --seq 256 --steps 3
 
 The same random-weight bf16 checkpoint (bench/train_step.py's write_checkpoint, transformers'
 save_pretrained), the same global batch of B rows x T random tokens, LoRA all-linear r, PagedAdamW
@@ -39,7 +39,6 @@ def worker(a) -> None:
     """One process (or one rank): load, train --warmup + --steps steps, write <out>/rank<r>.json."""
     import torch
 
-    sys.path.insert(0, ROOT)
     from bench.common import status_kib
     from bench.train_step import GEOMETRIES
     from minilora import distributed as D
@@ -100,7 +99,7 @@ def launch(a, argv: list[str], nproc: int, out: str) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     run = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                "--nproc_per_node", str(nproc)]  # fmt: skip
-    cmd = [*run, os.path.abspath(__file__), *argv, "--worker", "--ckpt", a.ckpt, "--out-dir", out]
+    cmd = [*run, "-m", "bench.fsdp_memory", *argv, "--worker", "--ckpt", a.ckpt, "--out-dir", out]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=str(a.threads))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if p.returncode:
@@ -109,7 +108,6 @@ def launch(a, argv: list[str], nproc: int, out: str) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    sys.path.insert(0, ROOT)
     from bench.common import environment, write_json
     from bench.train_step import GEOMETRIES, write_checkpoint
 

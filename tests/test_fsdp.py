@@ -66,7 +66,8 @@ def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
     common = [*COMMON, "--model", write_tiny_checkpoint(tmp_path / "ckpt"), "--lr", "3e-3", "--lora-dropout", "0"]
     train(tmp_path / "one", *common, "--grad-accum", "2")
     two = tmp_path / "two"
-    train(two, *common, "--parallel", "fsdp", "--debug-interrupt-at-step", "2", nproc=2)
+    p = train(two, *common, "--parallel", "fsdp", "--debug-interrupt-at-step", "2", nproc=2, check=False)
+    assert p.returncode in (0, 3), p.stderr[-3000:]  # interrupted: 0, or 3 where that has its own exit code
     ckpt = two / "checkpoints" / "step_0000002"
     assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     assert not (two / "adapter").exists()  # interrupted: no final adapter yet
