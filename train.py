@@ -3,6 +3,7 @@
     python train.py                                   # offline demo: tiny model, bundled data
     python train.py --model gemma-3-1b --data train.jsonl --out runs/mytask
     torchrun --nproc_per_node 2 train.py ...          # data parallel, LoRA grads all-reduced
+    torchrun --nproc_per_node 2 train.py ... --parallel fsdp   # NF4 base and LoRA sharded over ranks
 
 The loop: load (NF4 base) -> data -> LoRA surgery -> PagedAdamW + cosine schedule -> for each
 step: M micro-batches, loss normalized by the step's label tokens, backward, clip, step ->
@@ -33,7 +34,9 @@ from minilora.train_config import given_flags, parse_args, validate
 def run(cfg, given: set[str] = frozenset()) -> int:
     """Train as `cfg` says; `given`: the fields named on the command line (compared on --resume)."""
     from minilora import checkpoint as C
+    from minilora import distributed as D
     from minilora import rundir
+    from minilora import sharded_checkpoint as SC
     from minilora import trainer as T
     from minilora.adapter import save_adapter
     from minilora.data import load_records, prepare_data
@@ -45,19 +48,24 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    rank, world, ddp_device = T.init_distributed()
+    rank, world, ddp_device = D.init_distributed()
+    parallel = D.choose_parallel(cfg.parallel, world)  # "none", "ddp" or "fsdp"
+    D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora)
+    fsdp = parallel == "fsdp"  # every rank then takes part in evaluation and checkpoints too
     main = rank == 0
     device = ddp_device or resolve_device(cfg.device)
 
     # --- run directory: written only by train.py; checked (and --resume compared) before any write
     ckpt, old = rundir.check_out(cfg.out, cfg.resume)
-    T.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
+    if fsdp and cfg.resume and ckpt is not None and not SC.is_dcp_checkpoint(ckpt):
+        return fail(f"{ckpt} was written without --parallel fsdp; resume it with --parallel ddp.")
+    D.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
     if cfg.resume and ckpt is not None:
         def resolve(name: str) -> str:  # --dtype NAME on this device, e.g. auto -> "float32" on the CPU
             return str(dataclasses.replace(cfg, dtype=name).resolved_dtype(device.type)).removeprefix("torch.")
 
         with open(os.path.join(ckpt, "state.json")) as f:
-            changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"])
+            changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world)
         validate(cfg)
         if changed and main:
             print("resume: " + ", ".join(f"{rundir.flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
@@ -71,14 +79,21 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     if cfg.resume and ckpt is None:
         say(f"note: --resume given but {cfg.out} has no checkpoint; starting fresh.")
     if main:
-        config = rundir.config_json(cfg, str(dtype).removeprefix("torch."))
+        config = rundir.config_json(cfg, str(dtype).removeprefix("torch."), world)
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
 
     # --- model, tokenizer, data
     t_start = time.time()
-    model, tok = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
-                            device=str(device))  # fmt: skip
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    lora_kw = dict(targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed, verbose=False)  # fmt: skip
+    streamed = fsdp and D.streams_load(cfg.model, cfg.quantize)  # loaded straight into this rank's shards
+    if streamed:
+        model, tok, report = D.load_sharded(cfg.model, dtype, device, world, lora_kw)
+    else:
+        model, tok = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
+                                device=str(device))  # fmt: skip
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
     data = prepare_data(cfg.data, tok, val_path=cfg.val_data, eval_path=cfg.eval_data, fmt=cfg.format,
@@ -89,12 +104,13 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     say("data: " + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file"))
 
     # --- LoRA surgery + optimizer + schedule
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-    report = apply_lora(model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed, verbose=False)  # fmt: skip
+    if not streamed:
+        report = apply_lora(model, **lora_kw)
     say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     model.train()
+    if fsdp and not streamed:
+        D.shard_model(model, device, world)  # before the optimizer: it holds the sharded LoRA parameters
     budget = None if cfg.optimizer_budget == "none" else (
         "auto" if cfg.optimizer_budget == "auto" else int(cfg.optimizer_budget))  # fmt: skip
     optimizer = PagedAdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -107,7 +123,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, T.cosine_with_warmup(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
     loss_fn = T.LossModule(model, cfg.loss_chunk)
-    if world > 1:
+    if parallel == "ddp":
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=None if device.type == "cpu"
                                                             else [device.index])  # fmt: skip
     adapter_meta = {"base_model_name_or_path": cfg.model}
@@ -117,7 +133,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
              "epoch": 0, "index": 0}  # fmt: skip
     step = 0
     if cfg.resume and ckpt is not None:
-        state = C.load_checkpoint(ckpt, model, optimizer, scheduler)
+        read = (lambda path: SC.read_sharded_state(path, model, optimizer)) if SC.is_dcp_checkpoint(ckpt) else None
+        state = C.load_checkpoint(ckpt, model, optimizer, scheduler, read_state=read)
         step = state["step"]
         C.apply_hyperparameters(optimizer, scheduler, cfg.lr, cfg.weight_decay)  # flags changed on resume
         if main:
@@ -128,7 +145,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     if cfg.eval_data and cfg.eval_generate > 0:
         eval_examples, _ = load_records(cfg.eval_data, cfg.format, cfg.skip_bad_lines)
         eval_examples = eval_examples[: cfg.eval_generate]
-    if main and eval_examples and state["heldout_before"] is None:
+    if (main or fsdp) and eval_examples and state["heldout_before"] is None:
         preds = generate_completions(model, tok, eval_examples, cfg.template, batch_size=16)
         state["heldout_before"] = score(preds, [e.completion for e in eval_examples])
 
@@ -139,15 +156,17 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         return total / max(1, count)
 
     metrics = rundir.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=step > 0) if main else None
-    if main and step == 0:
+    if (main or fsdp) and step == 0:
         v0 = validate_loss()
         if v0 is not None:
             state["val_history"].append([0, v0])
-            metrics.write(step=0, val_loss=v0)
+            if main:
+                metrics.write(step=0, val_loss=v0)
 
-    def save_checkpoint() -> str:  # with metrics.jsonl's length: a resume drops what was logged after it
-        return C.save_checkpoint(cfg.out, step, model, optimizer, scheduler, {**state, "metrics_bytes": metrics.tell()},
-                                 adapter_meta, cfg.keep_checkpoints)  # fmt: skip
+    def save_checkpoint() -> str | None:  # with metrics.jsonl's length: a resume drops what was logged after it
+        train_state = {**state, "metrics_bytes": metrics.tell() if main else 0}
+        save = SC.save_checkpoint if fsdp else C.save_checkpoint  # FSDP: every rank writes its shards
+        return save(cfg.out, step, model, optimizer, scheduler, train_state, adapter_meta, cfg.keep_checkpoints)
 
     progress = Progress(total_steps, enabled=main, initial=step)
     t_last, tokens_since = time.time(), 0
@@ -157,17 +176,17 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     with C.StopRequest() as stop:
         while step < total_steps:
             micro = [stream.next() for _ in range(micro_per_step)][rank::world]  # this rank's share
-            n_total = T.all_reduce_sum(sum(b.n_label_tokens for b in micro), world)
+            n_total = D.all_reduce_sum(sum(b.n_label_tokens for b in micro), world)
             loss_sum = 0.0
             for i, b in enumerate(micro):
                 b = b.to(device)
-                sync = contextlib.nullcontext() if (world == 1 or i == len(micro) - 1) else loss_fn.no_sync()
+                sync = loss_fn.no_sync() if parallel == "ddp" and i < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
                     s, _ = loss_fn(b)
                     (s * world / max(1.0, n_total)).backward()
                 loss_sum += float(s.detach())
                 tokens_since += int(b.attention_mask.sum())
-            loss = T.all_reduce_sum(loss_sum, world) / max(1.0, n_total)
+            loss = D.all_reduce_sum(loss_sum, world) / max(1.0, n_total)
             if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
                 loss = float("nan")
             if not math.isfinite(loss):
@@ -207,7 +226,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
                 if cfg.early_stopping and state["bad_evals"] >= cfg.early_stopping:
                     stop_reason = f"early stopping after {state['bad_evals']} validations without improvement"
                     break
-            if main and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            if (main or fsdp) and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_checkpoint()
             if stop:
                 stop_reason = "interrupted"
@@ -215,25 +234,30 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     # --- end: checkpoint, adapter, summary
     progress.close()
-    if not main:
+    if not (main or fsdp):
         return EXIT_INTERRUPTED if stop_reason == "interrupted" else 0
     path = save_checkpoint()
     if stop_reason == "interrupted":
-        metrics.close()
-        print(f"\nInterrupted at step {step}; checkpoint written to {path}. "
-              f"Resume with: python train.py --out {cfg.out} --resume  (exit code {EXIT_INTERRUPTED})")
+        if main:
+            metrics.close()
+            print(f"\nInterrupted at step {step}; checkpoint written to {path}. "
+                  f"Resume with: python train.py --out {cfg.out} --resume  (exit code {EXIT_INTERRUPTED})")
         return EXIT_INTERRUPTED
     v = validate_loss()
-    if v is not None:
+    full = D.full_adapter_state(model) if fsdp else None  # gathered from the shards, written once
+    if v is not None and main:
         state["val_history"].append([step, v])
         metrics.write(step=step, val_loss=v)
-    save_adapter(model, os.path.join(cfg.out, "adapter"), **adapter_meta)
+    if main:
+        save_adapter(model, os.path.join(cfg.out, "adapter"), state=full, **adapter_meta)
     summary = {"steps": step, "stop_reason": stop_reason, "minutes": (time.time() - t_start) / 60,
                "val_loss": state["val_history"], "heldout_before": state["heldout_before"],
                "adapter": os.path.join(cfg.out, "adapter")}  # fmt: skip
     if eval_examples:
         preds = generate_completions(model, tok, eval_examples, cfg.template, batch_size=16)
         summary["heldout_after"] = score(preds, [e.completion for e in eval_examples])
+    if not main:
+        return 0
     metrics.close()
     write_text_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
     T.plot_loss_curve(cfg.out)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go, on a machine with one CUDA GPU.
 #
-#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant lora adamw train (default: all)
+#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant lora adamw train fsdp (default: all)
 #
 # Run from the repository root. Needs torch with CUDA, triton, transformers and peft, plus
 # bitsandbytes: if .whl/ holds wheels (for a machine without network), they are installed into
@@ -23,6 +23,7 @@
 #   lora     bench.lora_layer --device cuda (target >= 1.3x PEFT + bitsandbytes, lower memory)
 #   adamw    bench.adamw, whose CUDA run adds the oversubscribed paging case
 #   train    bench.train_step --geometry gemma-3-1b (targets >= 1.5x tokens/s, <= 0.6x memory)
+#   fsdp     1-GPU FSDP smoke: torchrun --nproc_per_node 1 train.py --parallel fsdp (NCCL, bf16, Triton)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results/gpu}
@@ -41,7 +42,7 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
     || { echo "gpu_suite: no CUDA device is visible to torch; run this on a GPU machine." >&2; exit 2; }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant lora adamw train)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant lora adamw train fsdp)
 status=0
 run() {  # run NAME COMMAND...: append to $out/suite.log, remember a failure, go on with the next step
     local name=$1; shift
@@ -60,7 +61,10 @@ for step in "${steps[@]}"; do
         adamw) run adamw python3 -m bench.adamw && cp bench/results/adamw.json "$out/" ;;
         train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 \
                    --ckpt /tmp/gemma-3-1b-random && cp bench/results/train_step_gemma-3-1b_cuda.json "$out/" ;;
-        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, lora, adamw or train." >&2; status=2 ;;
+        fsdp) rm -rf /tmp/fsdp_smoke && run fsdp python3 -m torch.distributed.run --standalone --nproc_per_node 1 train.py \
+                  --parallel fsdp --max-steps 30 --eval-generate 8 --out /tmp/fsdp_smoke \
+                  && cp /tmp/fsdp_smoke/summary.json "$out/fsdp_smoke_summary.json" ;;
+        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, lora, adamw, train or fsdp." >&2; status=2 ;;
     esac
 done
 exit $status

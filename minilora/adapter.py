@@ -134,13 +134,14 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None, config
 
 
 def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None,
-                 config: dict | None = None) -> str:
-    """Write `out_dir`/adapter_config.json + adapter_model.safetensors (PEFT layout), atomically."""
+                 config: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> str:
+    """Write `out_dir`/adapter_config.json + adapter_model.safetensors (PEFT layout), atomically.
+    `state`: the LoRA tensors to write instead of the model's (FSDP: gathered from the shards)."""
     from safetensors.torch import save_file
 
     cfg = adapter_config(model, base_model_name_or_path, config)
-    tensors = {PREFIX + _source_path(model, k): v.detach().float().contiguous().cpu()
-               for k, v in lora_state_dict(model).items()}  # fmt: skip
+    state = lora_state_dict(model) if state is None else state
+    tensors = {PREFIX + _source_path(model, k): v.detach().float().contiguous().cpu() for k, v in state.items()}
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise AdapterError(f"{out_dir} exists and is not a directory; pass a directory path for the adapter.")

@@ -55,10 +55,11 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 # ----------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_state: dict,
-                    adapter_meta: dict, keep: int = 2) -> str:
+                    adapter_meta: dict, keep: int = 2, write_state=None) -> str:
     """Write checkpoints/step_XXXXXXX atomically: build it in a temp dir, fsync, rename, then
     point checkpoints/latest at it (also by rename). A kill at any moment leaves the previous
-    checkpoint complete and `latest` naming a complete one."""
+    checkpoint complete and `latest` naming a complete one. `write_state(tmp)` writes the adapter
+    and optimizer state instead of this process (FSDP: minilora.sharded_checkpoint)."""
     from safetensors.torch import save_file
 
     from minilora.adapter import save_adapter
@@ -70,8 +71,11 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, scheduler, train_
     name = f"step_{step:07d}"
     final = os.path.join(root, name)
     tmp = temp_dir_for(final)
-    save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
-    save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
+    if write_state is not None:
+        write_state(tmp)
+    else:
+        save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
+        save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
     write_json(os.path.join(tmp, "state.json"), {**train_state, "step": step, "scheduler": scheduler.state_dict()},
                fsync=True)
@@ -100,15 +104,19 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return None
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the saved train state."""
+def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG; return the saved train state.
+    `read_state(path)` restores the adapter and optimizer instead (minilora.sharded_checkpoint)."""
     from safetensors.torch import load_file
 
     from minilora.adapter import load_adapter
     from minilora.paged_adamw import load_optimizer_state
 
-    load_adapter(model, os.path.join(path, "adapter"))
-    load_optimizer_state(optimizer, os.path.join(path, "optimizer.safetensors"))
+    if read_state is not None:
+        read_state(path)
+    else:
+        load_adapter(model, os.path.join(path, "adapter"))
+        load_optimizer_state(optimizer, os.path.join(path, "optimizer.safetensors"))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     scheduler.load_state_dict(state.pop("scheduler"))

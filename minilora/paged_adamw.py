@@ -48,6 +48,12 @@ _STATE_KEYS = {32: ("exp_avg", "exp_avg_sq"),
                8: ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2 shards parameters and gradients; each rank updates its own
+    shard, element by element as on one device); any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -116,13 +122,14 @@ class PagedAdamW(torch.optim.Optimizer):
     def _param_state(self, p: torch.Tensor, group: dict) -> dict:
         st = self.state[p]
         if "items" not in st:
-            if not p.is_contiguous():
+            shard = _local(p)  # pages cover this rank's elements only
+            if not shard.is_contiguous():
                 raise ValueError(f"PagedAdamW needs contiguous parameters; got one of shape {tuple(p.shape)} "
                                  "that is not: make it contiguous (p.data = p.data.contiguous()).")
-            if not p.is_floating_point():
+            if not shard.is_floating_point():
                 raise ValueError(f"PagedAdamW updates real floating-point parameters only, got dtype {p.dtype}.")
             st["step"] = 0.0
-            st["items"] = [_Item(p, group, span) for span in self._table(p.device).alloc(p.numel())]
+            st["items"] = [_Item(p, group, span) for span in self._table(shard.device).alloc(shard.numel())]
         return st
 
     @torch.no_grad()
@@ -168,8 +175,8 @@ class PagedAdamW(torch.optim.Optimizer):
             for item, lo, hi, views in entries:
                 p = item.param
                 a, b = item.lo + lo, item.lo + hi  # parameter elements of this entry
-                pf = p.view(-1)[a:b]  # (hi - lo,)
-                gf = p.grad.reshape(-1)[a:b]
+                pf = _local(p).view(-1)[a:b]  # (hi - lo,)
+                gf = _local(p.grad).reshape(-1)[a:b]
                 if pf.dtype != torch.float32:  # bf16/fp16 parameters: update a float32 copy
                     writeback.append((pf, len(params)))
                     pf = pf.float()
@@ -225,9 +232,9 @@ class PagedAdamW(torch.optim.Optimizer):
             out = {"step": torch.tensor(st["step"], dtype=torch.float32)}
             for key in _STATE_KEYS[self.state_bits]:
                 out[key] = torch.cat([v[key] for v in parts]).cpu() if parts else torch.empty(0)
-            if self.state_bits == 32:
-                out["exp_avg"] = out["exp_avg"].view(p.shape)
-                out["exp_avg_sq"] = out["exp_avg_sq"].view(p.shape)
+            if self.state_bits == 32:  # under FSDP: the shape of this rank's shard
+                out["exp_avg"] = out["exp_avg"].view(_local(p).shape)
+                out["exp_avg_sq"] = out["exp_avg_sq"].view(_local(p).shape)
             state[index[id(p)]] = out
         return {"state": state, "param_groups": groups}
 
@@ -262,7 +269,7 @@ class PagedAdamW(torch.optim.Optimizer):
             st = self._param_state(p, group)
             st["step"] = float(src["step"])
             flat = {k: src[k].reshape(-1) for k in _STATE_KEYS[self.state_bits]}
-            n = p.numel()
+            n = _local(p).numel()
             for k, t in flat.items():
                 want = num_blocks(n) if k.endswith("absmax") else n
                 if t.numel() != want:

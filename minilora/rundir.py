@@ -35,7 +35,7 @@ CHANGEABLE_FIELDS = ("eval_data", "allow_contamination", "skip_bad_lines", "devi
                      "gradient_checkpointing", "tf32", "loss_chunk", "lr", "min_lr_ratio", "warmup_steps",
                      "weight_decay", "optimizer_budget", "epochs", "max_steps", "max_grad_norm", "eval_every",
                      "early_stopping", "eval_generate", "save_every", "keep_checkpoints", "log_every",
-                     "threads")
+                     "threads", "parallel")
 NOT_INHERITED = ("out", "resume", "debug_nan_at_step", "debug_interrupt_at_step")  # this invocation's own
 PATH_FIELDS = ("data", "val_data", "eval_data")
 # keys every config.json train.py writes has (a model folder's config.json has none of them)
@@ -85,16 +85,21 @@ def _same(name: str, a, b) -> bool:
     return a == b
 
 
-def merge_resume(cfg, given: set[str], old: dict, resolve_dtype, step: int) -> dict:
+def merge_resume(cfg, given: set[str], old: dict, resolve_dtype, step: int, world: int = 1) -> dict:
     """Fill `cfg` for a resumed run: fields not in `given` take the run's recorded values; given
     fields that differ from them are refused (ADAPTER_FIELDS, STREAM_FIELDS: UsageError naming each)
     or applied. `resolve_dtype(name) -> str` resolves --dtype auto on this machine; the dtype
-    compared is the resolved one. Returns {field: [old, new]} of the applied changes, and appends
-    it to cfg's resume history (written to config.json by `config_json`)."""
+    compared is the resolved one. --grad-accum may change with the number of ranks `world` as long
+    as grad_accum x world, the micro-batches a step takes from the data stream, stays the same (a
+    2-rank run resumes on 1 process with twice the accumulation). Returns {field: [old, new]} of
+    the applied changes, and appends it to cfg's resume history (written by `config_json`)."""
     old_dtype = old.get("resolved_dtype") or resolve_dtype(old.get("dtype", "auto"))
     refused, changed = [], {}
     for name in (f.name for f in dataclasses.fields(cfg)):
         if name in NOT_INHERITED or name not in old:
+            continue
+        if name == "grad_accum":
+            _merge_grad_accum(cfg, name in given, old, world, refused, changed)
             continue
         if name not in given:
             setattr(cfg, name, old_dtype if name == "dtype" else old[name])
@@ -116,11 +121,24 @@ def merge_resume(cfg, given: set[str], old: dict, resolve_dtype, step: int) -> d
     return changed
 
 
-def config_json(cfg, resolved_dtype: str) -> str:
-    """config.json of a run: every TrainConfig field, the dtype --dtype resolved to, and the history
-    of resumes ({step, changed: {field: [old, new]}})."""
+def _merge_grad_accum(cfg, given: bool, old: dict, world: int, refused: list, changed: dict) -> None:
+    old_world = old.get("world_size", 1)
+    micro = old["grad_accum"] * old_world  # micro-batches per step: what the checkpoint's data position counts
+    accum = cfg.grad_accum if given else micro // world
+    if accum * world != micro:
+        refused.append(f"{flag('grad_accum')} {accum} (the run has {old['grad_accum']} on {old_world} process(es), "
+                       f"this is {world}: grad-accum x processes must stay {micro})")  # fmt: skip
+    elif accum != old["grad_accum"]:
+        changed["grad_accum"] = [old["grad_accum"], accum]
+    cfg.grad_accum = accum
+
+
+def config_json(cfg, resolved_dtype: str, world: int = 1) -> str:
+    """config.json of a run: every TrainConfig field, the dtype --dtype resolved to, the number of
+    processes, and the history of resumes ({step, changed: {field: [old, new]}})."""
     d = json.loads(cfg.to_json())
     d["resolved_dtype"] = resolved_dtype
+    d["world_size"] = world
     d["resumes"] = getattr(cfg, "resumes", [])
     return json.dumps(d, indent=2)
 

@@ -55,6 +55,8 @@ class TrainConfig:
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32",
                     choices=["auto", "bfloat16", "float16", "float32"])
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    parallel: str = _f("auto", "under torchrun: ddp (a whole model per rank), fsdp (the NF4 base, LoRA weights and "
+                               "optimizer states sharded over the ranks), or auto", choices=["auto", "ddp", "fsdp"])
     lora_r: int = _f(16, "LoRA rank r")
     lora_alpha: float = _f(32.0, "LoRA alpha (scale alpha/r)")
     lora_dropout: float = _f(0.05, "dropout on the LoRA input")

@@ -1,5 +1,6 @@
-"""Training building blocks used by train.py's loop: loss, schedule, DDP, batch stream, loss plot.
-(Checkpoints, RNG state and signals: minilora/checkpoint.py; the run folder: minilora/rundir.py.)
+"""Training building blocks used by train.py's loop: loss, schedule, batch stream, loss plot.
+(Checkpoints, RNG state and signals: minilora/checkpoint.py; the run folder: minilora/rundir.py;
+several processes, DDP and FSDP: minilora/distributed.py.)
 
 Shape letters: B batch, T time, D model dim, V vocabulary, N labelled tokens in a chunk.
 
@@ -123,35 +124,6 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float = 0.1):
     return f
 
 
-# ------------------------------------------------------------------------------------ distributed
-def init_distributed() -> tuple[int, int, torch.device | None]:
-    """(rank, world_size, device) from torchrun's environment; (0, 1, None) when run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank = dist.get_rank()
-    device = None
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    return rank, world, device
-
-
-def all_reduce_sum(x: float | int, world: int) -> float:
-    if world <= 1:
-        return x
-    import torch.distributed as dist
-
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t.item())
 
 
 # ---------------------------------------------------------------------------------------- logging

@@ -280,6 +280,27 @@ def test_dtype_auto_resolving_to_the_recorded_dtype_is_unchanged():
                 rundir.merge_resume(cfg, {"dtype"}, old, resolve, step=1)
 
 
+@given(old_accum=st.integers(1, 4), old_world=st.integers(1, 4), world=st.integers(1, 4),
+       given_accum=st.none() | st.integers(1, 8))  # fmt: skip
+def test_grad_accum_follows_the_number_of_processes(old_accum, old_world, world, given_accum):
+    """A step takes grad_accum x processes micro-batches from the data stream (the checkpoint's
+    position counts them): a resume on another number of processes keeps that product, taking the
+    matching --grad-accum when none is given, and refuses a --grad-accum that breaks it."""
+    old = json.loads(rundir.config_json(TrainConfig(grad_accum=old_accum), "float32", world=old_world))
+    cfg = TrainConfig(grad_accum=given_accum or 1)
+    given = {"grad_accum"} if given_accum else set()
+    resolve = lambda name: "float32"  # noqa: E731
+    micro = old_accum * old_world
+    want = given_accum or micro // world
+    if want * world != micro:
+        with pytest.raises(UsageError, match=f"--grad-accum {want} \\(the run has {old_accum} on {old_world}"):
+            rundir.merge_resume(cfg, given, old, resolve, step=1, world=world)
+        return
+    changed = rundir.merge_resume(cfg, given, old, resolve, step=1, world=world)
+    assert cfg.grad_accum * world == micro
+    assert changed == ({"grad_accum": [old_accum, cfg.grad_accum]} if cfg.grad_accum != old_accum else {})
+
+
 def test_resume_end_to_end(tmp_path, capsys):
     """Reproduction 3 (and 8): an interrupted run exits 3 and prints a one-line LoRA report; a resume
     with --lora-alpha or --lora-r is refused naming the flag and writes nothing; --lr is applied."""

@@ -1,0 +1,334 @@
+"""Training on several processes (torchrun): data parallel (DDP) and sharded data parallel (FSDP2).
+
+Shape letters: W ranks (world size), L transformer blocks.
+
+DDP keeps a whole copy of the NF4 base on every rank and all-reduces the LoRA gradients. FSDP2
+(`torch.distributed.fsdp.fully_shard`) shards it: every parameter is split along dim 0 into W
+pieces, a rank keeps one piece, and a block's pieces are all-gathered just before that block runs
+(forward, and again in backward) and freed right after. Per rank, at rest:
+
+    base bytes / W  +  LoRA weights, gradients and optimizer states / W
+
+plus, while a block runs, that block's gathered base (two blocks with prefetching). NF4 codes and
+their quantization state are frozen parameters for this (buffers are not sharded); each
+transformer block is one fully_shard unit. The embeddings, final norm and head stay whole on every
+rank: the chunked loss needs the whole head after the forward, so a sharded root unit would be
+gathered for the whole step on top of its shard (R + R/W at the peak instead of R). After the
+all-gather a block's NF4Linear sees its whole codes and dequantizes exactly as on one device, so
+losses equal a single-process run over the same global batch. Gradients are reduce-scattered as
+averages over ranks, as DDP all-reduces them; trainable parameters must therefore live in blocks.
+
+Checkpoints under FSDP: minilora/sharded_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+PARALLEL_CHOICES = ("auto", "ddp", "fsdp")
+NF4_PARAM_NAMES = ("weight_packed", "weight_absmax", "weight_absmax2")  # weight_offset: a scalar, replicated
+
+
+class ParallelError(ValueError):
+    """A --parallel choice that cannot work with the given launch or flags (one clear sentence)."""
+
+
+# ----------------------------------------------------------------------------------- process group
+def init_distributed() -> tuple[int, int, torch.device | None]:
+    """(rank, world_size, device) from torchrun's environment; (0, 1, None) when run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    device = None
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return rank, world, device
+
+
+def all_reduce_sum(x: float | int, world: int) -> float:
+    if world <= 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_distributed() else 0
+
+
+def broadcast_path(path: str | None) -> str:
+    """Rank 0's `path` on every rank (e.g. the temp folder rank 0 created)."""
+    if not is_distributed():
+        return path
+    import torch.distributed as dist
+
+    box = [path]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------------------ choosing a strategy
+def choose_parallel(requested: str, world: int, fits_one_device: bool | None = None) -> str:
+    """The data-parallel strategy for this run: "none" (one process), "ddp" or "fsdp".
+
+    `auto` picks fsdp when the memory planner says the model does not fit one device
+    (`fits_one_device=False`), else ddp. WIRING POINT: train.py passes fits_one_device=None until
+    it asks the planner (minilora/planner.py); None means "fits", i.e. auto = ddp.
+    """
+    if requested not in PARALLEL_CHOICES:
+        raise ParallelError(f"--parallel {requested!r} is unknown; use one of {', '.join(PARALLEL_CHOICES)}.")
+    if requested == "fsdp":
+        return "fsdp"
+    if world <= 1:
+        return "none"
+    if requested == "auto" and fits_one_device is False:
+        return "fsdp"
+    return "ddp"
+
+
+def check_parallel(parallel: str, launched_by_torchrun: bool, optimizer_bits: int, use_dora: bool = False) -> None:
+    """Raise ParallelError for a --parallel fsdp run that cannot work, before anything is written."""
+    if parallel != "fsdp":
+        return
+    if not launched_by_torchrun:
+        raise ParallelError("--parallel fsdp shards the model over several processes; launch it with "
+                            "`torchrun --nproc_per_node N train.py ...` (or drop --parallel fsdp).")
+    if optimizer_bits != 32:
+        # 8-bit states are blockwise over each rank's local shard, so a checkpoint could not be
+        # resharded onto another number of ranks
+        raise ParallelError("--optimizer-bits 8 is not supported with --parallel fsdp; use --optimizer-bits 32 "
+                            "(FSDP already divides the optimizer states by the number of ranks).")
+    if use_dora:
+        # load_sharded initializes LoRA before the base weights exist; DoRA's magnitude needs them
+        raise ParallelError("--use-dora is not supported with --parallel fsdp; drop --use-dora or use --parallel ddp.")
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+# ----------------------------------------------------------------------------------------- FSDP2
+def nf4_buffers_to_parameters(model: nn.Module) -> int:
+    """Re-register every NF4Linear's codes and quantization state as frozen parameters, which
+    fully_shard shards (it leaves buffers whole on every rank). Returns how many tensors moved."""
+    from minilora.quant_linear import NF4Linear
+
+    moved = 0
+    for m in model.modules():
+        if not isinstance(m, NF4Linear):
+            continue
+        for name in NF4_PARAM_NAMES:
+            t = m._buffers.pop(name, None)
+            if t is None:  # weight_absmax2 without double quantization
+                continue
+            m.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            moved += 1
+    return moved
+
+
+def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """fully_shard each transformer block (in place): afterwards every block parameter is a DTensor
+    sharded along dim 0 over the W ranks; embeddings, final norm and head stay whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    nf4_buffers_to_parameters(model)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    check_trainable_sharded(model)
+    return model
+
+
+def check_trainable_sharded(model: nn.Module) -> None:
+    """Raise ParallelError when a trainable parameter lies outside the blocks (its gradient would not
+    be averaged over the ranks), e.g. LoRA on the output head."""
+    loose = [n for n, p in model.named_parameters() if p.requires_grad and not hasattr(p, "device_mesh")]
+    if loose:
+        raise ParallelError(f"--parallel fsdp trains parameters inside the transformer blocks only, not {loose[0]}; "
+                            "leave it out of --lora-targets or use --parallel ddp.")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nf4_resident_bytes(model: nn.Module) -> int:
+    """Bytes of NF4 codes and quantization state held by this rank (its shards under FSDP)."""
+    from minilora.quant_linear import NF4Linear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            for name in (*NF4_PARAM_NAMES, "weight_offset"):
+                t = getattr(m, name, None)
+                if t is not None:
+                    t = local(t)
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: whole LoRA tensor on the CPU}; under FSDP a collective (every rank must call it)."""
+    from minilora.lora import lora_state_dict
+
+    out = {}
+    for k, v in lora_state_dict(model).items():
+        v = v.detach()
+        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+    return out
+
+
+def streams_load(model_name: str, quantize: str) -> bool:
+    """Whether --parallel fsdp loads block by block (load_sharded): every NF4 checkpoint; the
+    `tiny` preset is built in memory (and small), so it is built whole and then sharded."""
+    return quantize == "nf4" and model_name != "tiny"
+
+
+def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, world: int, lora: dict,
+                 blocksize: int = 64, double_quant: bool = True):  # fmt: skip
+    """(model, tokenizer, LoRA report): an NF4 + LoRA model loaded, one block at a time, straight
+    into its FSDP shards, so no rank ever holds the whole model, not even as NF4.
+
+    1. The model is built on the meta device (no memory), each block linear given a stand-in
+       weight of its shape that costs nothing (a broadcast zero); apply_lora(**lora) then draws
+       exactly the initial A, B that it draws on a loaded model (they depend on shapes and order).
+    2. For each block: its tensors are read from safetensors, its linears quantized to NF4 (the
+       bf16 copy of one weight at a time), and the block is fully_shard-ed: this rank keeps 1/W.
+    3. Embeddings, final norm and head are read last; they stay whole (see the module docstring).
+    Peak per rank: its shards + one block whole + one bf16 weight + embeddings, norm and head.
+    Every rank reads and quantizes every block and keeps its own shard (no scatter).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from minilora.lora import LoRALinear, apply_lora
+    from minilora.models import loader as L
+    from minilora.models.config import PRESETS
+    from minilora.models.transformer import Transformer
+    from minilora.quant_linear import NF4Linear
+
+    ckpt = L.resolve_checkpoint(name_or_path)
+    cfg = L._read_config(ckpt, name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt)))
+    files = L._weight_files(ckpt)
+    L._check_file_sizes(files)
+    where = {}  # our name -> (file, name in the file)
+    for path, names in files.items():
+        for hf in names:
+            ours = L.our_name(hf)
+            if ours is not None:
+                where.setdefault(ours, (path, hf))
+
+    def read(ours: str, like: torch.Tensor) -> torch.Tensor:
+        if ours not in where:
+            raise L.ModelLoadError(f"{ckpt} is missing tensor {ours}; download the checkpoint again.")
+        t = L._read_tensor(*where[ours])
+        if tuple(t.shape) != tuple(like.shape):
+            raise L.ModelLoadError(f"tensor {where[ours][1]} has shape {tuple(t.shape)} but config.json implies "
+                                   f"{tuple(like.shape)}; the weights do not belong to this config.json.")
+        return t.to(device=device, dtype=dtype, copy=True)  # copied out of the file mapping
+
+    with torch.device("meta"), L._no_random_init():
+        model = Transformer(cfg)
+    model.tie_weights()
+    for name, mod in model.named_modules():  # 1. stand-ins, then LoRA
+        if isinstance(mod, nn.Linear) and L.is_block_linear(name + ".weight"):
+            mod.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(mod.out_features, mod.in_features),
+                                      requires_grad=False)  # fmt: skip
+    report = apply_lora(model, **lora)
+    mesh = init_device_mesh(device.type, (world,))
+
+    def materialize(module: nn.Module, prefix: str) -> None:
+        for name, mod in list(module.named_modules()):
+            full = prefix + name
+            base = mod.base if isinstance(mod, LoRALinear) else mod
+            if isinstance(base, nn.Linear) and L.is_block_linear(full.removesuffix(".base") + ".weight"):
+                stem = full.removesuffix(".base")
+                bias = None if base.bias is None else read(stem + ".bias", base.bias)
+                q = NF4Linear.from_weight(read(stem + ".weight", base.weight), bias, blocksize=blocksize,
+                                          double_quant=double_quant, compute_dtype=dtype)  # fmt: skip
+                if isinstance(mod, LoRALinear):
+                    mod.base = q
+                else:
+                    L._set_module(module, name, q)
+        for name, p in list(module.named_parameters()):
+            if p.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                m = module.get_submodule(owner) if owner else module
+                m._parameters[leaf] = nn.Parameter(read(prefix + name, p), requires_grad=False)
+
+    for i, block in enumerate(model.model.layers):  # 2. block by block
+        materialize(block, f"model.layers.{i}.")
+        nf4_buffers_to_parameters(block)
+        fully_shard(block, mesh=mesh)
+    for name in ("model.embed_tokens", "model.norm") + (() if cfg.tie_word_embeddings else ("lm_head",)):
+        m = model.get_submodule(name)  # 3. whole on every rank (a tied head follows the embeddings)
+        m._parameters["weight"] = nn.Parameter(read(name + ".weight", m.weight), requires_grad=False)
+    model.tie_weights()
+    model.inv_freq_global = model.inv_freq_global.to(device)
+    model.inv_freq_local = model.inv_freq_local.to(device)
+    check_trainable_sharded(model)
+    return model, L._load_tokenizer(ckpt), report
+
+
+# ---------------------------------------------------------------------------------- memory plans
+# Plan components (minilora/planner.py names them) that FSDP divides over the ranks: the NF4 base,
+# the LoRA weights with their gradients, and the optimizer states. Everything else stays whole on
+# every rank: activations belong to the rank's own micro-batch, the loss chunk is per rank, and
+# embeddings, head and norms are not sharded (see the module docstring).
+SHARDED_COMPONENTS = ("base weights", "LoRA weights", "optimizer states")
+
+
+def per_rank_components(components: list[tuple[str, int, str]], world: int, num_layers: int,
+                        sharded: tuple[str, ...] = SHARDED_COMPONENTS) -> list[tuple[str, int, str]]:
+    """A one-device plan's (name, bytes, flag) rows as FSDP over `world` ranks sees them, per rank.
+
+    A sharded row of b bytes becomes ceil(b / W) (fully_shard pads dim 0 to a multiple of W);
+    other rows stay whole. One more row: the gathered base of the blocks in flight, two of the L
+    blocks (the running one and the one prefetched), less the rank's own shard of them:
+        2 * base / L * (1 - 1 / W)
+    """
+    if world < 1 or num_layers < 1:
+        raise ValueError(f"world={world} and num_layers={num_layers} must be at least 1.")
+    rows, base = [], 0
+    for name, b, flag in components:
+        if name.startswith(sharded):
+            rows.append((f"{name} / {world} ranks" if world > 1 else name, -(-b // world), flag))
+            if name.startswith("base weights"):
+                base = b
+        else:
+            rows.append((name, b, flag))
+    if world > 1:
+        rows.append(("gathered blocks in flight (2)", int(2 * base / num_layers * (1 - 1 / world)), "--parallel"))
+    return rows

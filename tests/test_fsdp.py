@@ -1,0 +1,206 @@
+"""FSDP2 (--parallel fsdp) on the CPU with gloo and 2 processes: equal losses and adapters to one
+process over the same global batch, per-rank NF4 bytes, DCP resume (also onto 1 rank), errors.
+
+Multi-process runs are few and tiny (the `tiny` model, 4 steps, one thread per rank): the 2-core
+CI machine runs each torchrun in ~15 s.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from minilora import distributed as D
+from test_train import losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--eval-generate", "0", "--eval-every", "0", "--threads", "1", "--log-every", "1"]
+COMMON = ["--max-steps", "4", "--batch-size", "4", "--save-every", "0"]
+
+
+def train(out, *args, nproc=0, check=True):
+    """python train.py (nproc=0), or torchrun --nproc_per_node nproc train.py."""
+    launch = [sys.executable] if nproc == 0 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", str(nproc)]  # fmt: skip
+    cmd = [*launch, os.path.join(ROOT, "train.py"), "--out", str(out), *FAST, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    if check:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def assert_same_adapter(a_dir, b_dir):
+    a = load_file(os.path.join(a_dir, "adapter_model.safetensors"))
+    b = load_file(os.path.join(b_dir, "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and a
+    for k in a:  # float32; the reduce-scatter sums the ranks' gradients in another order than one process
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5 * float(a[k].abs().max()), msg=k)
+    with open(os.path.join(a_dir, "adapter_config.json")) as f, open(os.path.join(b_dir, "adapter_config.json")) as g:
+        assert json.load(f) == json.load(g)
+
+
+def write_tiny_checkpoint(out) -> str:
+    """The `tiny` preset's weights as a Hugging Face checkpoint folder (what load_sharded streams)."""
+    from minilora.export import dense_tensors, to_hf_config
+    from minilora.hf_checkpoint import write_checkpoint
+    from minilora.models.loader import load_model
+
+    model, tok = load_model("tiny", quantize=None, dtype=torch.float32)
+    config = to_hf_config(model.config, tok, torch.float32)
+    return write_checkpoint(str(out), dense_tensors(model, torch.float32), config,
+                            tokenizer_dir=os.path.join(ROOT, "examples", "tokenizer"))
+
+
+def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
+    """2 ranks under FSDP, loading block by block into their shards, stopped by SIGINT after step 2
+    (DCP checkpoint), then resumed on 2 ranks and, from a copy of the same checkpoint, on 1 process:
+    every step's loss equals one process's over the same global batch (grad-accum 2), and so do the
+    final PEFT adapters."""
+    common = [*COMMON, "--model", write_tiny_checkpoint(tmp_path / "ckpt"), "--lr", "3e-3", "--lora-dropout", "0"]
+    train(tmp_path / "one", *common, "--grad-accum", "2")
+    two = tmp_path / "two"
+    p = train(two, *common, "--parallel", "fsdp", "--debug-interrupt-at-step", "2", nproc=2, check=False)
+    # interrupted: every rank exits 3 (checkpointed), which torchrun reports as a failed launch (1)
+    assert p.returncode != 0 and "Interrupted at step 2" in p.stdout, p.stderr[-3000:]
+    ckpt = two / "checkpoints" / "step_0000002"
+    assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (two / "adapter").exists()  # interrupted: no final adapter yet
+    shutil.copytree(two, tmp_path / "two_to_one")
+    train(two, *common, "--parallel", "fsdp", "--resume", nproc=2)
+    train(tmp_path / "two_to_one", *common, "--grad-accum", "2", "--resume")  # 2-rank checkpoint, 1 process
+
+    one = losses(tmp_path / "one")
+    assert sorted(one) == [1, 2, 3, 4]
+    for run in ("two", "two_to_one"):
+        got = losses(tmp_path / run)
+        assert sorted(got) == [1, 2, 3, 4], run
+        for s in one:
+            assert got[s] == pytest.approx(one[s], rel=1e-5), (run, s, one[s], got[s])
+        assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / run / "adapter")
+    # the checkpoint's adapter is the gathered one, in PEFT format, as one process writes it
+    assert load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).keys() == \
+        load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors")).keys()
+
+
+def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
+    """One rank: the tiny model loaded whole, quantized, LoRA-adapted and sharded, and the same model
+    streamed block by block into its shards (load_sharded); report resident NF4 bytes, LoRA shards,
+    and one PagedAdamW step's local state sizes."""
+    import torch.distributed as dist
+
+    from minilora.lora import apply_lora, lora_parameters
+    from minilora.models.loader import load_model
+    from minilora.paged_adamw import PagedAdamW
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    lora = dict(r=4, alpha=8, dropout=0.0, seed=0, verbose=False)
+    model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
+    apply_lora(model, **lora)
+    whole = D.nf4_resident_bytes(model)
+    D.shard_model(model, torch.device("cpu"), world)
+    streamed, _, _ = D.load_sharded(ckpt, torch.float32, torch.device("cpu"), world, lora)
+    a, b = dict(model.named_parameters()), dict(streamed.named_parameters())
+    assert a.keys() == b.keys()
+    for k in a:  # the same bytes and LoRA initialisation, shard by shard
+        assert torch.equal(D.local(a[k]), D.local(b[k])), k
+    opt = PagedAdamW(lora_parameters(model), lr=1e-2)
+    ids = torch.arange(3, 3 + 2 * 12).view(2, 12) + rank  # (2, 12) a different micro-batch per rank
+    model(ids).float().logsumexp(-1).sum().backward()
+    opt.step()
+    state = opt.state_dict()["state"]
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump({"whole": whole, "mine": D.nf4_resident_bytes(model),
+                   "opt": sum(t.numel() for s in state.values() for k, t in s.items() if k != "step"),
+                   "lora": sum(p.numel() for p in lora_parameters(model))}, f)
+    dist.destroy_process_group()
+
+
+def test_each_rank_holds_about_half_of_the_nf4_base_and_optimizer_states(tmp_path):
+    import torch.multiprocessing as mp
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    mp.spawn(_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), ckpt), nprocs=2, join=True)
+    r = [json.loads((tmp_path / f"r.{i}.json").read_text()) for i in range(2)]
+    whole = r[0]["whole"]
+    assert whole == r[1]["whole"] > 0
+    for x in r:  # padding to a multiple of 2 rows costs at most one row per tensor
+        assert 0.45 * whole < x["mine"] < 0.55 * whole, (x["mine"], whole)
+        assert 0.4 * 2 * x["lora"] < x["opt"] < 0.6 * 2 * x["lora"], x  # exp_avg + exp_avg_sq of its shard only
+    assert r[0]["mine"] + r[1]["mine"] >= whole - 4 * 28  # the replicated scalar offsets aside, nothing is lost
+
+
+def test_fsdp_without_torchrun_is_one_sentence(tmp_path):
+    p = train(tmp_path / "r", "--parallel", "fsdp", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--parallel fsdp" in p.stderr and "torchrun" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags, message", [(["--optimizer-bits", "8"], "--optimizer-bits 8"),
+                                             (["--use-dora"], "--use-dora")])
+def test_fsdp_incompatible_flags_are_refused(tmp_path, flags, message):
+    # launched_by_torchrun() reads torchrun's environment; one process with it needs no process group
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "r"), *FAST, "--parallel", "fsdp",
+           *flags]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "WORLD_SIZE": "1", "LOCAL_RANK": "0", "RANK": "0"})  # fmt: skip
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert message in p.stderr and "--parallel fsdp" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("requested, world, fits, want", [
+    ("auto", 1, None, "none"), ("auto", 2, None, "ddp"), ("auto", 2, True, "ddp"), ("auto", 2, False, "fsdp"),
+    ("ddp", 2, False, "ddp"), ("fsdp", 1, None, "fsdp"), ("fsdp", 2, True, "fsdp"), ("ddp", 1, None, "none"),
+])  # fmt: skip
+def test_choose_parallel(requested, world, fits, want):
+    assert D.choose_parallel(requested, world, fits) == want
+
+
+def test_choose_parallel_rejects_unknown():
+    with pytest.raises(D.ParallelError, match="--parallel 'zero3'"):
+        D.choose_parallel("zero3", 2)
+
+
+@given(world=st.integers(1, 16), layers=st.integers(1, 128),
+       sizes=st.lists(st.integers(0, 1 << 40), min_size=7, max_size=7))  # fmt: skip
+def test_per_rank_components(world, layers, sizes):
+    """Sharded rows are the ceil share of W ranks (so W shares cover the whole); whole rows are
+    unchanged; the in-flight row is two blocks' gathered base less the rank's own shard."""
+    names = ["runtime (Python, torch, allocator)", "base weights (NF4 codes + quant state)",
+             "embeddings, head, norms", "LoRA weights + gradients", "optimizer states (32-bit)",
+             "activations kept (off recompute)", "transient (loss chunk / block backward)"]  # fmt: skip
+    plan = [(n, b, "") for n, b in zip(names, sizes)]
+    rows = D.per_rank_components(plan, world, layers)
+    assert len(rows) == len(plan) + (world > 1)
+    for (name, b, _), (_, got, _) in zip(plan, rows):
+        if name.split(" (")[0] in ("base weights", "LoRA weights + gradients", "optimizer states"):
+            assert got * world >= b > (got - 1) * world
+        else:
+            assert got == b
+    if world > 1:
+        base = sizes[1]
+        assert rows[-1][1] == pytest.approx(2 * base / layers - 2 * base / layers / world, abs=1)
+
+
+def test_trainable_parameters_outside_the_blocks_are_refused():
+    """A trainable parameter FSDP does not shard would get no gradient averaging: one sentence."""
+    from minilora.lora import apply_lora
+    from minilora.models.loader import load_model
+
+    model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
+    apply_lora(model, r=2, alpha=4, dropout=0.0, verbose=False)
+    with pytest.raises(D.ParallelError, match=r"not model\.layers\.0\..*lora_A\.weight; leave it out"):
+        D.check_trainable_sharded(model)  # nothing sharded yet: the first LoRA weight is named
+    for p in model.parameters():
+        p.requires_grad_(False)
+    D.check_trainable_sharded(model)
