@@ -39,6 +39,7 @@ def run(cfg) -> int:
     from minilora.evaluate import completion_loss, generate_completions, score
     from minilora.fileio import write_text_atomic
     from minilora.lora import apply_lora, lora_parameters
+    from minilora.loss import LossModule
     from minilora.models.loader import load_model
     from minilora.paged_adamw import PagedAdamW
 
@@ -94,7 +95,7 @@ def run(cfg) -> int:
     total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // micro_per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, T.cosine_with_warmup(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
-    loss_fn = T.LossModule(model, cfg.loss_chunk)
+    loss_fn = LossModule(model, cfg.loss_chunk)
     if world > 1:
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=None if device.type == "cpu"
                                                             else [device.index])  # fmt: skip
@@ -120,7 +121,7 @@ def run(cfg) -> int:
     def validate_loss() -> float | None:
         if not data.val:
             return None
-        total, count = completion_loss(model, data.val, cfg.batch_size, tok.pad_id)
+        total, count = completion_loss(model, data.val, cfg.batch_size, tok.pad_id, chunk=cfg.loss_chunk)
         return total / max(1, count)
 
     metrics = T.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=step > 0) if main else None

@@ -150,7 +150,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         from minilora.lora import apply_lora, lora_parameters
         from minilora.packing import Batch
         from minilora.paged_adamw import PagedAdamW
-        from minilora.trainer import chunked_lm_loss
+        from minilora.loss import chunked_lm_loss
 
         base_rss = status_kib("VmRSS")
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ Pipeline (each step is a function in records.py, dedup.py or packing.py, all re-
 Shape letters: T sequence length (tokens of one example).
 
 Labels are aligned with input_ids (labels[t] is input_ids[t] or -100), not shifted; the loss is
-CE(logits[:, :-1], labels[:, 1:]) (see packing.token_loss_sum).
+CE(logits[:, :-1], labels[:, 1:]) (see minilora/loss.py).
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from minilora.dedup import (  # noqa: F401  (re-exported: train.py / eval.py imp
     prompt_text,
     split,
 )
-from minilora.packing import Batch, batches, num_batches, plan_batches, token_loss_sum  # noqa: F401
+from minilora.loss import IGNORE
+from minilora.packing import Batch, batches, num_batches, plan_batches  # noqa: F401
 from minilora.records import FORMATS, ROLES, DataError, Example, LoadReport, load_records  # noqa: F401
-
-IGNORE = -100
 
 
 @dataclass
