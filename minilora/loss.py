@@ -65,6 +65,7 @@ class HeadCrossEntropyFn(torch.autograd.Function):
             if cap is not None:
                 p *= 1 - t * t
             grad_h[i : i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)  # (c, V) @ (V, D) -> (c, D)
+            del z, p  # before the next chunk's logits exist: one chunk's buffers at a time
         ctx.save_for_backward(grad_h)
         return total
 
