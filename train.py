@@ -42,6 +42,7 @@ def run(cfg) -> int:
     from minilora.loss import LossModule
     from minilora.models.loader import load_model
     from minilora.paged_adamw import PagedAdamW
+    from minilora.planner import config_and_tokenizer, longest_batch, plan_run
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -61,13 +62,12 @@ def run(cfg) -> int:
         return fail(f"{cfg.out} already holds checkpoints; pass --resume to continue it or choose another --out.")
     if cfg.resume and ckpt is None:
         say(f"note: --resume given but {cfg.out} has no checkpoint; starting fresh.")
-    if main:
+    if main and not cfg.plan:
         write_text_atomic(os.path.join(cfg.out, "config.json"), cfg.to_json())
 
-    # --- model, tokenizer, data
+    # --- tokenizer, data, plan (config.json only: no weights yet), model
     t_start = time.time()
-    model, tok = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
-                            device=str(device))  # fmt: skip
+    model_cfg, tok = config_and_tokenizer(cfg.model)
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
     data = prepare_data(cfg.data, tok, val_path=cfg.val_data, eval_path=cfg.eval_data, fmt=cfg.format,
@@ -76,20 +76,36 @@ def run(cfg) -> int:
                         val_fraction=cfg.val_fraction, seed=cfg.seed,
                         allow_contamination=cfg.allow_contamination, skip_bad_lines=cfg.skip_bad_lines)  # fmt: skip
     say("data: " + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file"))
+    batch_kw = dict(batch_size=cfg.batch_size, pack=cfg.pack, max_seq_len=cfg.max_seq_len, shuffle=True,
+                    seed=cfg.seed, pad_id=tok.pad_id)  # fmt: skip
+    plan, too_big = plan_run(cfg, model_cfg, device, dtype, longest_batch(data.train, batch_kw),
+                             probe_seconds=2.0 if cfg.plan else 0.0)  # fmt: skip
+    if cfg.plan:
+        from minilora.packing import num_batches
+
+        plan.steps = cfg.max_steps * cfg.grad_accum or cfg.epochs * num_batches(data.train, **batch_kw)  # micro-batches
+        print(f"plan for {device.type} ({cfg.model}):\n{plan.table()}" + (f"\nwould not start: {too_big}" if too_big else ""))
+        return 0
+    if too_big:
+        return fail(too_big)
+    say(f"settings: dtype {plan.dtype}, recompute {plan.recompute}, predicted peak {plan.peak / 2**20:,.0f} MiB")
+    if main:
+        write_text_atomic(os.path.join(cfg.out, "config.json"),
+                          json.dumps({**json.loads(cfg.to_json()), "resolved": plan.settings()}, indent=2))
+    model, _ = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
+                          device=str(device))  # fmt: skip
 
     # --- LoRA surgery + optimizer + schedule
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     report = apply_lora(model, targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed)  # fmt: skip
     say(report["summary"] if isinstance(report, dict) and "summary" in report else report)
-    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    model.set_gradient_checkpointing(plan.recompute_blocks)
     model.train()
     budget = None if cfg.optimizer_budget == "none" else (
         "auto" if cfg.optimizer_budget == "auto" else int(cfg.optimizer_budget))  # fmt: skip
     optimizer = PagedAdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            state_bits=cfg.optimizer_bits, device_budget=budget)  # fmt: skip
-    batch_kw = dict(batch_size=cfg.batch_size, pack=cfg.pack, max_seq_len=cfg.max_seq_len, shuffle=True,
-                    seed=cfg.seed, pad_id=tok.pad_id)  # fmt: skip
     stream = T.BatchStream(data.train, batch_kw)
     micro_per_step = cfg.grad_accum * world
     total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // micro_per_step)

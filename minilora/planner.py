@@ -50,7 +50,7 @@ MiB = 2**20
 NF4_BLOCK, ABSMAX_BLOCK, STATE_BLOCK = 64, 256, 256
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALLOCATOR_SLACK = {"cpu": 0.25, "cuda": 0.0}  # fraction of activations + transients (see plan_memory)
-MARGIN = 0.9  # plan against 90% of the free memory: the allocator and other processes need room
+MARGIN = 0.85  # plan against 85% of the budget: the prediction is within 15% of the measured peak
 
 
 def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -136,24 +136,35 @@ class Plan:
     step_seconds: float | None = None
     steps: int | None = None
     dtype: str = "float32"
+    budget: int | None = None
 
     @property
     def recompute(self) -> str:
         k, L = self.recompute_blocks, self.num_layers
         return "off" if k == 0 else ("full" if k == L else f"{k} of {L} blocks")
 
+    def settings(self) -> dict:
+        """What the run resolved (saved in config.json under "resolved")."""
+        return {"dtype": self.dtype, "gradient_checkpointing": self.recompute, "recompute_blocks": self.recompute_blocks,
+                "predicted_peak_bytes": self.peak, "memory_budget_bytes": self.budget}  # fmt: skip
+
     def largest(self) -> tuple[str, int, str]:
-        return max(self.components, key=lambda c: c[1])
+        """The biggest component a flag can shrink (the runtime cannot be)."""
+        return max((c for c in self.components if c[2]), key=lambda c: c[1])
 
     def table(self) -> str:
         rows = [f"{'component':<40}{'MiB':>12}"]
         rows += [f"{name:<40}{b / MiB:>12,.1f}" for name, b, _ in self.components]
         rows.append(f"{'predicted peak':<40}{self.peak / MiB:>12,.1f}")
+        if self.budget is not None:
+            rows.append(f"{'budget (x 0.85 margin)':<40}{self.budget * MARGIN / MiB:>12,.1f}")
         rows.append(f"compute dtype {self.dtype}, recompute {self.recompute}")
-        rows.append(f"FLOPs per token {self.flops_per_token / 1e9:,.3f} G, tokens per step {self.tokens_per_step:,}")
+        rows.append(f"FLOPs per token {self.flops_per_token / 1e9:,.3f} G, tokens per micro-batch {self.tokens_per_step:,}"
+                    " (the longest batch)")  # fmt: skip
         if self.step_seconds is not None:
-            rows.append(f"predicted step {self.step_seconds:,.2f} s ({self.tokens_per_step / self.step_seconds:,.0f} tok/s)"
-                        + (f", run {self.steps} steps = {self.steps * self.step_seconds / 60:,.1f} min" if self.steps else ""))
+            rows.append(f"predicted micro-batch {self.step_seconds:,.2f} s ({self.tokens_per_step / self.step_seconds:,.0f} "
+                        f"tok/s at the probe's GEMM rate)" + (f", run of {self.steps} micro-batches at most "
+                        f"{self.steps * self.step_seconds / 60:,.1f} min" if self.steps else ""))  # fmt: skip
         return "\n".join(rows)
 
 
@@ -273,5 +284,70 @@ def auto_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if any(cpu_bf16_units().values()) else torch.float32
 
 
-def budget_or_free(budget: int | None, device: torch.device) -> int:
-    return int(budget) if budget is not None else int(free_memory(device) * MARGIN) + runtime_bytes(device.type)
+# ------------------------------------------------------------------------------ train.py
+def config_and_tokenizer(name: str):
+    """(ModelConfig, tokenizer) without weights: a local folder's config.json, or for a preset or hub
+    id only its JSON and tokenizer files are fetched; the `tiny` demo model from its preset."""
+    import dataclasses
+
+    from minilora.models import hub, loader
+    from minilora.models.config import ModelConfig
+
+    if name == "tiny":
+        tok = loader._load_tokenizer(loader._EXAMPLES_TOKENIZER)
+        cfg = ModelConfig.from_name("tiny")
+        return (dataclasses.replace(cfg, vocab_size=tok.vocab_size) if tok else cfg), tok
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        if name not in hub.PRESETS and not hub._REPO_ID.match(name):
+            hub.resolve_checkpoint(name)  # raises its one-sentence error for a name that is neither
+        path = hub.download(hub.PRESETS[name].hf_repo if name in hub.PRESETS else name,
+                            allow_patterns=["*.json", "tokenizer*", "*.jinja"])  # fmt: skip
+    preset = name if name in hub.PRESETS else os.path.basename(os.path.normpath(path))
+    return loader._read_config(path, preset), loader._load_tokenizer(path)
+
+
+def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
+    """(rows, length) of the batch with the most padded tokens that these batching arguments produce."""
+    from minilora.packing import plan_batches
+
+    kw = {k: v for k, v in batch_kw.items() if k not in ("pad_id", "shuffle")}
+    lengths = [len(e.input_ids) for e in encoded]
+    best = (1, 1)
+    for rows in plan_batches(lengths, shuffle=False, **kw):
+        T = max(sum(lengths[i] for i in row) for row in rows)
+        if len(rows) * T > best[0] * best[1]:
+            best = (len(rows), T)
+    return best
+
+
+def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tuple[int, int],
+             probe_seconds: float = 0.0) -> tuple[Plan, str | None]:  # fmt: skip
+    """The plan for a TrainConfig on `device`, with --gradient-checkpointing resolved; and an error
+    sentence when even full recompute does not fit the budget (--memory-budget or the free memory)."""
+    L = model_cfg.num_hidden_layers
+    budget = int(tc.memory_budget) if tc.memory_budget != "auto" else free_memory(device) + rss_bytes()
+    targets = LINEARS if tc.lora_targets == "all-linear" else tuple(tc.lora_targets.split(","))
+    opt_budget = int(tc.optimizer_budget) if tc.optimizer_budget.isdigit() else None
+    runtime = warm_runtime(device, dtype)
+
+    def make(k: int) -> Plan:
+        return plan_memory(model_cfg, batch_size=shape[0], seq_len=shape[1], dtype=dtype, quantize=tc.quantize,
+                           lora_r=tc.lora_r, lora_targets=targets, lora_dropout=tc.lora_dropout,
+                           optimizer_bits=tc.optimizer_bits, optimizer_budget=opt_budget, loss_chunk=tc.loss_chunk,
+                           recompute_blocks=k, runtime=runtime, device_type=device.type)  # fmt: skip
+
+    fixed = {"off": 0, "on": L}.get(tc.gradient_checkpointing)
+    k = fixed if fixed is not None else choose_recompute(lambda k: make(k).peak <= budget * MARGIN, L)
+    plan = make(L if k is None else k)
+    plan.budget = budget
+    error = None
+    if plan.peak > budget * MARGIN:
+        name, size, flag = plan.largest()
+        error = (f"the run needs about {plan.peak / MiB:,.0f} MiB (with recompute {plan.recompute}) but "
+                 f"{budget * MARGIN / MiB:,.0f} MiB are available (85% of {budget / MiB:,.0f} MiB); the largest "
+                 f"part is {name} ({size / MiB:,.0f} MiB): lower it with {flag}, "
+                 f"or pass --plan to see every part.")  # fmt: skip
+    if probe_seconds > 0:
+        plan.step_seconds = plan.flops_per_token * plan.tokens_per_step / probe_flops(device, dtype, probe_seconds)
+    return plan, error

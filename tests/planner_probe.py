@@ -61,6 +61,17 @@ def main(spec: dict) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
     ones = torch.ones_like(ids)
     batch = Batch(ids, ids.clone(), ones, torch.arange(T).expand(B, T), ones.clone(), B * (T - 1))
+    if spec.get("budgets"):  # the parent sends budgets computed from this process's runtime
+        from minilora.planner import MARGIN, choose_recompute, plan_memory
+
+        print(json.dumps({"runtime": runtime}), flush=True)
+        budgets = json.loads(sys.stdin.readline())
+
+        def fits(k, budget):
+            return plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=k, runtime=runtime).peak <= budget * MARGIN
+
+        chosen = [choose_recompute(lambda k: fits(k, b), cfg.num_hidden_layers) for b in budgets]
+        spec["recompute_blocks"] = [k for k in chosen if k is not None]
     peaks = []
     # Smallest plan first: what one setting leaves in the allocator is then at most what the next uses.
     for k in spec["recompute_blocks"]:
@@ -74,7 +85,7 @@ def main(spec: dict) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         peaks.append(status("VmHWM:"))
-    return {"runtime": runtime, "peaks": peaks}
+    return {"runtime": runtime, "peaks": peaks, "recompute_blocks": spec["recompute_blocks"]}
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from minilora.models.config import FULL, SLIDING, ModelConfig
 from minilora.planner import auto_dtype, choose_recompute, plan_memory
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 
 def llama_135m(layers: int = 30) -> ModelConfig:
@@ -45,7 +45,7 @@ def probe(cfg: ModelConfig, **spec) -> subprocess.Popen:
     spec = {"config": json.loads(json.dumps(fields, default=list)), "dtype": "float32", "r": 16, "optimizer_bits": 32,
             "steps": 2, "loss_chunk": 256, "recompute_blocks": [cfg.num_hidden_layers, 0], **spec}  # fmt: skip
     return subprocess.Popen([sys.executable, os.path.join(HERE, "planner_probe.py"), json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def test_predicted_peak_within_15_percent_of_measured_rss():
@@ -61,6 +61,43 @@ def test_predicted_peak_within_15_percent_of_measured_rss():
         for k, peak in zip([cfg.num_hidden_layers, 0], m["peaks"]):
             plan = plan_memory(cfg, batch_size=b, seq_len=t, recompute_blocks=k, runtime=m["runtime"])
             assert plan.peak == pytest.approx(peak, rel=0.15), f"{name}, recompute {plan.recompute}:\n{plan.table()}"
+
+
+def test_gradient_checkpointing_auto_recomputes_more_blocks_as_the_budget_shrinks():
+    """Budgets that the plan without recompute overflows select some blocks, then all of them; the
+    process that trains chooses from its own runtime, and its measured peak stays under each budget."""
+    from minilora.planner import MARGIN
+
+    cfg, B, T = llama_135m(4), 2, 128
+    p = probe(cfg, batch=B, seq=T, budgets=True)
+    runtime = json.loads(p.stdout.readline())["runtime"]
+    peak = [plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=k, runtime=runtime).peak for k in range(5)]
+    budgets = [int(peak[4] / MARGIN) + 1, int(peak[2] / MARGIN) + 1]  # smallest first: full, then 2 of 4 blocks
+    p.stdin.write(json.dumps(budgets) + "\n")
+    p.stdin.flush()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    m = json.loads(out.splitlines()[-1])
+    assert m["recompute_blocks"] == [4, 2]
+    for budget, measured in zip(budgets, m["peaks"]):
+        assert measured <= budget
+    # Too small even with full recompute: no choice, and plan_run's refusal names the largest part.
+    assert choose_recompute(lambda k: peak[k] <= (peak[4] - 1), 4) is None
+
+
+def test_plan_refuses_a_run_that_does_not_fit_naming_the_part_and_flag(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(os.path.dirname(HERE), "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    args = ["--plan", "--model", "tiny", "--out", os.devnull + "-unused", "--gradient-checkpointing", "auto"]
+    assert train.main(args + ["--memory-budget", str(10**12)]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "would not start" not in out and "optimizer states (32-bit)" in out
+    assert train.main(args + ["--memory-budget", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "would not start: the run needs about" in out and "lower it with --" in out and "recompute full" in out
 
 
 @settings(max_examples=6)  # each example builds a quantized block: a few are enough to vary every term
