@@ -36,9 +36,17 @@ from bench.train_step import GEOMETRIES, IMPLS, run_worker  # noqa: E402
 def minilora_defaults(a) -> tuple[str, bool]:
     """(dtype, recompute) that train.py would choose here for this geometry and batch."""
     import torch
-
     from minilora.models.config import ModelConfig
-    from minilora.planner import MARGIN, auto_dtype, choose_recompute, free_memory, plan_memory, rss_bytes, warm_runtime
+
+    from minilora.planner import (
+        MARGIN,
+        auto_dtype,
+        choose_recompute,
+        free_memory,
+        plan_memory,
+        rss_bytes,
+        warm_runtime,
+    )
 
     g = dict(GEOMETRIES["llama-135m"], num_hidden_layers=a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"])
     g.pop("family")
@@ -77,7 +85,7 @@ def main() -> None:
     base = ["--geometry", "llama-135m", "--device", "cpu", "--batch", str(a.batch), "--seq", hi, "--lengths", a.lengths,
             "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads), "--layers", str(a.layers),
             "--loss-chunk", "256", "--no-tf32"]  # fmt: skip
-    ckpt_flag = lambda on: "--gradient-checkpointing" if on else "--no-gradient-checkpointing"  # noqa: E731
+    ckpt_flag = lambda on: "--gradient-checkpointing" if on else "--no-gradient-checkpointing"
     dtype, recompute = minilora_defaults(a)
     cases = [(f"{dt}, recompute {'on' if rc else 'off'}", {impl: [*base, "--dtype", dt, ckpt_flag(rc)] for impl in IMPLS})
              for dt in ("float32", "bfloat16") for rc in (True, False)]  # fmt: skip

@@ -77,8 +77,8 @@ def warm_runtime(device: torch.device, dtype: torch.dtype) -> int:
     """The runtime constant: memory a training process holds before its model (Python, torch, the
     math libraries and the code paths a step touches). One LoRA step of a tiny NF4 model loads them
     all; then this process's RSS is measured (CPU). 0 on CUDA (max_memory_allocated excludes it)."""
-    from minilora.loss import chunked_lm_loss
     from minilora.lora import apply_lora, lora_parameters
+    from minilora.loss import chunked_lm_loss
     from minilora.models.config import ModelConfig
     from minilora.models.loader import quantize_linears
     from minilora.models.transformer import Transformer

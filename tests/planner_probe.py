@@ -19,6 +19,7 @@ def status(key: str) -> int:
 
 def build(cfg, dtype):
     from minilora.models.transformer import Transformer
+
     from minilora.quant_linear import NF4Linear
 
     with torch.device("meta"):
@@ -41,12 +42,12 @@ def build(cfg, dtype):
 
 def main(spec: dict) -> dict:
     torch.set_num_threads(1)
-    from minilora.loss import chunked_lm_loss
-    from minilora.lora import apply_lora, lora_parameters
     from minilora.models.config import ModelConfig
+
+    from minilora.lora import apply_lora, lora_parameters
+    from minilora.loss import chunked_lm_loss
     from minilora.packing import Batch
     from minilora.paged_adamw import PagedAdamW
-
     from minilora.planner import warm_runtime
 
     cfg = ModelConfig(**spec["config"])
@@ -70,7 +71,7 @@ def main(spec: dict) -> dict:
         def fits(k, budget):
             return plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=k, runtime=runtime).peak <= budget * MARGIN
 
-        chosen = [choose_recompute(lambda k: fits(k, b), cfg.num_hidden_layers) for b in budgets]
+        chosen = [choose_recompute(lambda k, b=b: fits(k, b), cfg.num_hidden_layers) for b in budgets]
         spec["recompute_blocks"] = [k for k in chosen if k is not None]
     peaks = []
     # Smallest plan first: what one setting leaves in the allocator is then at most what the next uses.

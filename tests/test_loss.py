@@ -69,8 +69,9 @@ def test_head_cross_entropy_bf16_close_to_autograd():
 @settings(max_examples=5)
 @given(seed=st.integers(0, 1000), chunk=st.sampled_from([5, 64, 1024]))
 def test_chunked_lm_loss_equals_full_logits_loss(seed, chunk):
-    from minilora.lora import apply_lora, lora_parameters
     from minilora.models.loader import load_model
+
+    from minilora.lora import apply_lora, lora_parameters
     from minilora.packing import Batch
 
     model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
@@ -173,7 +174,7 @@ def test_validation_peak_stays_far_below_full_logits_on_a_262k_vocabulary():
     V, B, T, chunk = 262144, 4, 128, 32
     logits_bytes = B * T * V * 4  # the float32 (B, T, V) logits the old path materialized: 512 MiB
     script = _PEAK_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), V=V, B=B, T=T, chunk=chunk)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=False,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr
     peak = int(out.stdout.split()[-1])

@@ -19,9 +19,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from minilora.models.config import FULL, SLIDING, ModelConfig
+
 from minilora.planner import auto_dtype, choose_recompute, plan_memory
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -105,9 +106,10 @@ def test_plan_refuses_a_run_that_does_not_fit_naming_the_part_and_flag(capsys):
        dropout=st.sampled_from([0.0, 0.1]), batch=st.integers(1, 3), seq=st.integers(8, 40))  # fmt: skip
 def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, batch, seq):
     """The per-block activation term vs the bytes of every distinct storage autograd saves in one block."""
-    from minilora.lora import apply_lora
     from minilora.models.loader import quantize_linears
     from minilora.models.transformer import Transformer, rope_cos_sin
+
+    from minilora.lora import apply_lora
 
     base = llama_135m(1) if family == "llama" else gemma3(1)
     cfg = dataclasses.replace(base, vocab_size=64, hidden_size=base.hidden_size // 4, intermediate_size=base.intermediate_size // 4)
@@ -130,12 +132,13 @@ def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, b
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model.layers[0](x, cos, sin, None)
-    kwargs = dict(batch_size=batch, seq_len=seq, dtype=dtype, lora_r=4, lora_dropout=dropout, loss_chunk=1)
-    one = plan_memory(dataclasses.replace(cfg, num_hidden_layers=2, layer_types=[FULL, FULL]), **kwargs)
-    none = plan_memory(dataclasses.replace(cfg, num_hidden_layers=1, layer_types=[FULL]), **kwargs)
-    per_block = dict((n, b) for n, b, _ in one.components)  # the second block adds exactly its activations
-    per_block = next(b for n, b in per_block.items() if n.startswith("activations")) - next(
-        b for n, b, _ in none.components if n.startswith("activations"))
+    kwargs = {"batch_size": batch, "seq_len": seq, "dtype": dtype, "lora_r": 4, "lora_dropout": dropout, "loss_chunk": 1}
+
+    def activations(layers: int) -> int:
+        plan = plan_memory(dataclasses.replace(cfg, num_hidden_layers=layers, layer_types=[FULL] * layers), **kwargs)
+        return next(b for name, b, _ in plan.components if name.startswith("activations"))
+
+    per_block = activations(2) - activations(1)  # the second block adds exactly its activations
     assert per_block == pytest.approx(sum(saved.values()), rel=0.02, abs=8 * batch * seq)
 
 
