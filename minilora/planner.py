@@ -209,7 +209,8 @@ def plan_memory(cfg, *, batch_size: int, seq_len: int, label_tokens: int | None 
     transient = max(loss, block * (2 if k else 1) + dequant)
 
     # CPU: glibc keeps freed blocks below its (growing) mmap threshold in the heap, so RSS runs above
-    # the live bytes; measured at about a quarter of the step's working set (tests/test_planner.py).
+    # the live bytes: about a quarter of the step's working set for shallow models; more for deep ones
+    # (an underestimate there, see tests/test_planner.py).
     slack = int(ALLOCATOR_SLACK.get(device_type, 0.0) * (kept + transient))
     plan = Plan(recompute_blocks=k, num_layers=L, dtype=str(dtype).removeprefix("torch."))
     plan.components = [
