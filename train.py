@@ -43,8 +43,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     from minilora.evaluate import completion_loss, generate_completions, score
     from minilora.fileio import write_text_atomic
     from minilora.lora import apply_lora, lora_parameters
+    from minilora.loss import LossModule
     from minilora.models.loader import load_model
     from minilora.paged_adamw import PagedAdamW
+    from minilora.planner import config_and_tokenizer, longest_batch, plan_run
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -56,7 +58,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     device = ddp_device or resolve_device(cfg.device)
 
     # --- run directory: written only by train.py; checked (and --resume compared) before any write
-    ckpt, old = rundir.check_out(cfg.out, cfg.resume)
+    ckpt, old = (None, None) if cfg.plan else rundir.check_out(cfg.out, cfg.resume)  # --plan writes nothing
     if fsdp and cfg.resume and ckpt is not None and not SC.is_dcp_checkpoint(ckpt):
         return fail(f"{ckpt} was written without --parallel fsdp; resume it with --parallel ddp.")
     D.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
@@ -78,22 +80,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     if cfg.resume and ckpt is None:
         say(f"note: --resume given but {cfg.out} has no checkpoint; starting fresh.")
-    if main:
-        config = rundir.config_json(cfg, str(dtype).removeprefix("torch."), world)
-        write_text_atomic(os.path.join(cfg.out, "config.json"), config)
-        rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
 
-    # --- model, tokenizer, data
+    # --- tokenizer, data, plan (config.json only: no weights yet), model
     t_start = time.time()
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-    lora_kw = dict(targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                   use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed, verbose=False)  # fmt: skip
-    streamed = fsdp and D.streams_load(cfg.model, cfg.quantize)  # loaded straight into this rank's shards
-    if streamed:
-        model, tok, report = D.load_sharded(cfg.model, dtype, device, world, lora_kw)
-    else:
-        model, tok = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
-                                device=str(device))  # fmt: skip
+    model_cfg, tok = config_and_tokenizer(cfg.model)
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
     data = prepare_data(cfg.data, tok, val_path=cfg.val_data, eval_path=cfg.eval_data, fmt=cfg.format,
@@ -102,12 +92,39 @@ def run(cfg, given: set[str] = frozenset()) -> int:
                         val_fraction=cfg.val_fraction, seed=cfg.seed,
                         allow_contamination=cfg.allow_contamination, skip_bad_lines=cfg.skip_bad_lines)  # fmt: skip
     say("data: " + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file"))
+    batch_kw = dict(batch_size=cfg.batch_size, pack=cfg.pack, max_seq_len=cfg.max_seq_len, shuffle=True,
+                    seed=cfg.seed, pad_id=tok.pad_id)  # fmt: skip
+    plan, too_big = plan_run(cfg, model_cfg, device, dtype, longest_batch(data.train, batch_kw),
+                             probe_seconds=2.0 if cfg.plan else 0.0)  # fmt: skip
+    if cfg.plan:
+        from minilora.packing import num_batches
+
+        plan.steps = cfg.max_steps * cfg.grad_accum or cfg.epochs * num_batches(data.train, **batch_kw)  # micro-batches
+        print(f"plan for {device.type} ({cfg.model}):\n{plan.table()}" + (f"\nwould not start: {too_big}" if too_big else ""))
+        return 0
+    if too_big:
+        return fail(too_big)
+    say(f"settings: dtype {plan.dtype}, recompute {plan.recompute}, predicted peak {plan.peak / 2**20:,.0f} MiB")
+    if main:  # the first write: every check above has passed
+        config = json.loads(rundir.config_json(cfg, str(dtype).removeprefix("torch."), world))
+        write_text_atomic(os.path.join(cfg.out, "config.json"), json.dumps({**config, "resolved": plan.settings()},
+                                                                           indent=2))  # fmt: skip
+        rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    lora_kw = dict(targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed, verbose=False)  # fmt: skip
+    streamed = fsdp and D.streams_load(cfg.model, cfg.quantize)  # loaded straight into this rank's shards
+    if streamed:
+        model, _, report = D.load_sharded(cfg.model, dtype, device, world, lora_kw)
+    else:
+        model, _ = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
+                              device=str(device))  # fmt: skip
 
     # --- LoRA surgery + optimizer + schedule
     if not streamed:
         report = apply_lora(model, **lora_kw)
     say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
-    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    model.set_gradient_checkpointing(plan.recompute_blocks)
     model.train()
     if fsdp and not streamed:
         D.shard_model(model, device, world)  # before the optimizer: it holds the sharded LoRA parameters
@@ -115,14 +132,12 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         "auto" if cfg.optimizer_budget == "auto" else int(cfg.optimizer_budget))  # fmt: skip
     optimizer = PagedAdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            state_bits=cfg.optimizer_bits, device_budget=budget)  # fmt: skip
-    batch_kw = dict(batch_size=cfg.batch_size, pack=cfg.pack, max_seq_len=cfg.max_seq_len, shuffle=True,
-                    seed=cfg.seed, pad_id=tok.pad_id)  # fmt: skip
     stream = T.BatchStream(data.train, batch_kw)
     micro_per_step = cfg.grad_accum * world
     total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // micro_per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, T.cosine_with_warmup(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
-    loss_fn = T.LossModule(model, cfg.loss_chunk)
+    loss_fn = LossModule(model, cfg.loss_chunk)
     if parallel == "ddp":
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=None if device.type == "cpu"
                                                             else [device.index])  # fmt: skip
@@ -152,7 +167,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     def validate_loss() -> float | None:
         if not data.val:
             return None
-        total, count = completion_loss(model, data.val, cfg.batch_size, tok.pad_id)
+        total, count = completion_loss(model, data.val, cfg.batch_size, tok.pad_id, chunk=cfg.loss_chunk)
         return total / max(1, count)
 
     metrics = rundir.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=step > 0) if main else None

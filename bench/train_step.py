@@ -77,14 +77,27 @@ GEOMETRIES = {
     "gemma-3-1b": {"vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 512,
                    "query_pre_attn_scalar": 256},
+    # a 135M-class Llama (SmolLM-135M's shape): LlamaConfig keyword arguments
+    "llama-135m": {"family": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                   "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64},
 }  # fmt: skip
 
 
 def write_checkpoint(folder: str, geometry: str) -> None:
     """A random-weight Gemma3ForCausalLM with `geometry`, bf16, via transformers' save_pretrained."""
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
+    g = dict(GEOMETRIES[geometry])
+    if g.pop("family", "gemma3") == "llama":
+        cfg = LlamaConfig(**g, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0)  # fmt: skip
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        tmp = tempfile.mkdtemp(prefix=".ckpt.", dir=os.path.dirname(os.path.abspath(folder)))
+        model.save_pretrained(tmp)
+        os.replace(tmp, folder)
+        return
     n = GEOMETRIES[geometry]["num_hidden_layers"]
     layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
     cfg = Gemma3TextConfig(**GEOMETRIES[geometry], layer_types=layer_types, max_position_embeddings=32768,
@@ -135,13 +148,22 @@ def worker(impl: str, ckpt: str, a) -> dict:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     cuda = a.device == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
     if cuda:  # the same for both: PEFT's LoRA terms are float32 matmuls too
         torch.backends.cuda.matmul.allow_tf32 = a.tf32
     B, T = a.batch, a.seq
     gen = torch.Generator().manual_seed(1)
     vocab = GEOMETRIES[a.geometry]["vocab_size"]
     ids = torch.randint(3, vocab, (B, T), generator=gen).to(a.device)  # (B, T), no special tokens
+    # --lengths LO:HI: rows of random length in [LO, HI] (T = HI), right-padded; the second half of
+    # each row is its completion (labelled), the first half its prompt and the padding are not
+    lens = [T] * B
+    if a.lengths:
+        lo, hi = map(int, a.lengths.split(":"))
+        lens = torch.randint(lo, hi + 1, (B,), generator=gen).tolist()
+    real = (torch.arange(T)[None, :] < torch.tensor(lens)[:, None]).to(a.device)  # (B, T)
+    completion = real & (torch.arange(T)[None, :] >= torch.tensor(lens)[:, None] // 2).to(a.device)
+    hf_labels = torch.where(completion, ids, -100)  # transformers shifts inside its loss
 
     if impl == "minilora":
         from minilora.models.loader import load_model
@@ -149,22 +171,22 @@ def worker(impl: str, ckpt: str, a) -> dict:
         from minilora.lora import apply_lora, lora_parameters
         from minilora.packing import Batch
         from minilora.paged_adamw import PagedAdamW
-        from minilora.trainer import chunked_lm_loss
+        from minilora.loss import chunked_lm_loss
 
         base_rss = status_kib("VmRSS")
         t0 = time.perf_counter()
         model, _ = load_model(ckpt, quantize="nf4", dtype=dtype, device=a.device)
         report = apply_lora(model, targets="all-linear", r=a.rank, alpha=2 * a.rank, dropout=0.0, seed=0,
                             verbose=False)  # fmt: skip
-        model.set_gradient_checkpointing(a.gradient_checkpointing)
+        model.set_gradient_checkpointing(bool(a.gradient_checkpointing))
         model.train()
         params = lora_parameters(model)
         opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
-        labels = ids.clone()
+        labels = hf_labels.clone()
         labels[:, 0] = -100  # packing's convention: the first token of an example carries no loss
-        ones = torch.ones_like(ids)
-        pos = torch.arange(T, device=ids.device).expand(B, T)  # (B, T)
-        batch = Batch(ids, labels, ones, pos, ones, n_label_tokens=B * (T - 1))
+        mask = real.long()
+        pos = torch.arange(T, device=ids.device).expand(B, T) * mask  # (B, T), padding at 0 as collate does
+        batch = Batch(ids, labels, mask, pos, mask.clone(), n_label_tokens=int((labels[:, 1:] != -100).sum()))
         trainable = report["trainable"]
 
         def loss_backward() -> float:
@@ -193,11 +215,11 @@ def worker(impl: str, ckpt: str, a) -> dict:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-        mask = torch.ones_like(ids)
+        mask = real.long()
         trainable = sum(p.numel() for p in params)
 
         def loss_backward() -> float:
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss  # mean over B*(T-1)
+            loss = model(input_ids=ids, attention_mask=mask, labels=hf_labels, use_cache=False).loss  # mean
             loss.backward()
             return float(loss.detach())
 
@@ -238,7 +260,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         train_peak = status_kib("VmHWM") * 1024
         peak = max(train_peak, life_peak_load)
     med = statistics.median(times)
-    return {"median_s": med, "times_s": times, "tokens_per_s": B * T / med, "losses": losses,
+    return {"median_s": med, "times_s": times, "tokens_per_s": sum(lens) / med, "losses": losses,
             "load_s": load_s, "import_rss_mb": base_rss / 1024, "loaded_rss_mb": loaded_rss / 1024,
             "end_rss_mb": status_kib("VmRSS") / 1024, "peak_mb": peak / 2**20,
             "step_peak_mb": (train_peak - before) / 2**20, "resident_mb": model_bytes / 2**20,
@@ -275,6 +297,11 @@ def main() -> None:
                     help="CUDA: float32 matmuls on TF32 tensor cores, on both sides (train.py's default: on)")
     ap.add_argument("--loss-chunk", type=int, default=256,
                     help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 256)")
+    ap.add_argument("--layers", type=int, default=0, help="override the geometry's layer count (0 = keep)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="compute dtype on both sides (auto: float32 on the CPU, bfloat16 on CUDA)")
+    ap.add_argument("--lengths", default=None, metavar="LO:HI",
+                    help="rows of random length in [LO, HI] tokens (T = HI), right-padded, completion = second half")
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="set MALLOC_MMAP_THRESHOLD_ (bytes) in both workers, so that CPU RSS follows live memory "
                          "instead of glibc's retained heap (0 = glibc's default, as users run)")
@@ -287,6 +314,8 @@ def main() -> None:
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--write-ckpt", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.layers:
+        GEOMETRIES[a.geometry]["num_hidden_layers"] = a.layers
     if a.device == "auto":
         import torch
 
@@ -307,7 +336,7 @@ def main() -> None:
     # the same options go to both workers (everything but --ckpt/--out)
     argv = ["--geometry", a.geometry, "--device", a.device, "--batch", str(a.batch), "--seq", str(a.seq),
             "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
-            "--loss-chunk", str(a.loss_chunk),
+            "--loss-chunk", str(a.loss_chunk), "--layers", str(a.layers), "--dtype", a.dtype, *(["--lengths", a.lengths] if a.lengths else []),
             "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
             "--tf32" if a.tf32 else "--no-tf32"]  # fmt: skip
     if a.prepare_kbit:

@@ -78,9 +78,12 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
 
 
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:
-    """auto -> bfloat16 on a GPU, float32 on the CPU; otherwise the named torch dtype."""
+    """auto -> bfloat16 where the device has bf16 matrix units (planner.auto_dtype), else float32;
+    otherwise the named torch dtype."""
     if name == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
+        from minilora.planner import auto_dtype
+
+        return auto_dtype(torch.device(device_type))
     return getattr(torch, name)
 
 

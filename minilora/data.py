@@ -13,7 +13,7 @@ Pipeline (each step is a function in records.py, dedup.py, holdout.py or packing
 Shape letters: T sequence length (tokens of one example).
 
 Labels are aligned with input_ids (labels[t] is input_ids[t] or -100), not shifted; the loss is
-CE(logits[:, :-1], labels[:, 1:]) (see packing.token_loss_sum).
+CE(logits[:, :-1], labels[:, 1:]) (see minilora/loss.py).
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 # re-exported: train.py and eval.py import the whole pipeline from here
 from minilora.dedup import dedup, normalize_text, prompt_text  # noqa: F401
 from minilora.holdout import ContaminationError, assert_no_contamination, contamination_check, split  # noqa: F401
-from minilora.packing import Batch, batches, num_batches, plan_batches, token_loss_sum  # noqa: F401
+from minilora.loss import IGNORE
+from minilora.packing import Batch, batches, num_batches, plan_batches  # noqa: F401
 from minilora.records import FORMATS, ROLES, DataError, Example, LoadReport, load_records  # noqa: F401
-
-IGNORE = -100
 
 
 @dataclass

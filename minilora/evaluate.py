@@ -3,6 +3,7 @@
 Shape letters: B batch, T time, V vocabulary.
 
     perplexity        = exp( sum_t CE(logits_t, label_{t+1}) / #labelled tokens )   over completion tokens
+                        (the chunked training loss, minilora/loss.py: no (B, T, V) logits)
     exact match       = strip(prediction) == strip(reference)
     structured match  = json.loads(prediction) == json.loads(reference)   (parse failures counted)
 
@@ -28,7 +29,8 @@ import re
 import torch
 
 from minilora.data import IGNORE, Example, encode_example, prompt_ids, prompt_messages, render_raw
-from minilora.packing import batches, token_loss_sum
+from minilora.loss import loss_over
+from minilora.packing import batches
 
 
 @torch.no_grad()
@@ -112,24 +114,11 @@ def score(predictions: list[str], references: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------- perplexity
-@torch.no_grad()
-def completion_loss(model, encoded, batch_size: int = 16, pad_id: int = 0, progress=None) -> tuple[float, int]:
-    """(sum of CE over labelled tokens, number of labelled tokens) of encoded examples."""
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for b in batches(encoded, batch_size, shuffle=False, pad_id=pad_id):
-            b = b.to(dev)
-            logits = model(b.input_ids, position_ids=b.position_ids, attention_mask=b.attention_mask)  # (B, T, V)
-            total += float(token_loss_sum(logits, b.labels))
-            count += b.n_label_tokens
-            if progress is not None:
-                progress(b.input_ids.shape[0])
-    finally:
-        model.train(was_training)
-    return total, count
+def completion_loss(model, encoded, batch_size: int = 16, pad_id: int = 0, progress=None,
+                    chunk: int = 256) -> tuple[float, int]:  # fmt: skip
+    """(sum of CE over labelled tokens, number of labelled tokens) of encoded examples, through the
+    training loss (minilora.loss.chunked_lm_loss): at most chunk x V logits at a time."""
+    return loss_over(model, batches(encoded, batch_size, shuffle=False, pad_id=pad_id), chunk, progress)
 
 
 def perplexity(model, encoded, batch_size: int = 16, pad_id: int = 0, progress=None) -> float:

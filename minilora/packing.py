@@ -11,7 +11,7 @@ A Batch holds, all (B, T):
   attention_mask  1 on real tokens, 0 on padding
   position_ids    0, 1, ... restarting at each example (padding: 0)
   segment_ids     packed: 1, 2, ... per example in the row, 0 on padding; unpacked: 1 / 0
-and n_label_tokens = (labels != -100).sum(): exactly the number of terms in L, so the trainer
+and n_label_tokens = (labels != -100).sum(): exactly the number of terms in L (minilora/loss.py), so the trainer
 can normalize by tokens across gradient accumulation (sum losses, divide by the total count).
 
 The plan for an epoch (which examples go in which row of which batch) is a pure function of the
@@ -27,7 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-IGNORE = -100
+from minilora.loss import IGNORE
+
 _CHUNK = 64  # length grouping sorts within windows of _CHUNK * batch_size examples
 
 
@@ -44,19 +45,6 @@ class Batch:
         move = {k: getattr(self, k).to(device, non_blocking=True) for k in
                 ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids")}  # fmt: skip
         return Batch(**move, n_label_tokens=self.n_label_tokens)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sum_t CE(logits[:, t], labels[:, t+1]) over labelled positions, in at least float32. logits (B, T, V)."""
-    V = logits.shape[-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # log-softmax over a large vocabulary needs float32 accumulation
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, V),  # (B*(T-1), V)
-        labels[:, 1:].reshape(-1),  # (B*(T-1),)
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
 
 
 def _fill_rows(order: list[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -35,8 +35,8 @@ CHANGEABLE_FIELDS = ("eval_data", "allow_contamination", "skip_bad_lines", "devi
                      "gradient_checkpointing", "tf32", "loss_chunk", "lr", "min_lr_ratio", "warmup_steps",
                      "weight_decay", "optimizer_budget", "epochs", "max_steps", "max_grad_norm", "eval_every",
                      "early_stopping", "eval_generate", "save_every", "keep_checkpoints", "log_every",
-                     "threads", "parallel")
-NOT_INHERITED = ("out", "resume", "debug_nan_at_step", "debug_interrupt_at_step")  # this invocation's own
+                     "threads", "parallel", "memory_budget")
+NOT_INHERITED = ("out", "resume", "plan", "debug_nan_at_step", "debug_interrupt_at_step")  # this invocation's own
 PATH_FIELDS = ("data", "val_data", "eval_data")
 # keys every config.json train.py writes has (a model folder's config.json has none of them)
 _RUN_KEYS = {"model", "data", "out", "lora_r", "lora_alpha", "save_every"}

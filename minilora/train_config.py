@@ -52,7 +52,9 @@ class TrainConfig:
     skip_bad_lines: bool = _f(False, "skip malformed data lines (counted) instead of stopping")
     # model and LoRA
     quantize: str = _f("nf4", "base weights: nf4 (QLoRA, double quantized) or none", choices=["nf4", "none"])
-    dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32",
+    dtype: str = _f("auto", "compute dtype: auto (bf16 on GPUs with bf16 and on CPUs with bf16 matrix units, "
+                            "AVX512-BF16 or AMX; float32 elsewhere), bfloat16, float16, float32; LoRA weights, "
+                            "gradients and optimizer states stay float32",
                     choices=["auto", "bfloat16", "float16", "float32"])
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     parallel: str = _f("auto", "under torchrun: ddp (a whole model per rank), fsdp (the NF4 base, LoRA weights and "
@@ -63,7 +65,12 @@ class TrainConfig:
     lora_targets: str = _f("all-linear", "all-linear, or comma-separated module names (q_proj,v_proj)")
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
-    gradient_checkpointing: bool = _f(True, "recompute block activations in backward to save memory")
+    gradient_checkpointing: str = _f("auto", "recompute block activations in backward: auto (off when the plan "
+                                             "fits the memory budget, else as few blocks as fit), on (every "
+                                             "block), off", choices=["auto", "on", "off"])
+    memory_budget: str = _f("auto", "bytes the run may use (auto: free RAM on the CPU, free GPU memory on CUDA); "
+                                    "the plan must fit 85%% of it")
+    plan: bool = _f(False, "print the memory and time plan (config.json and data only, no weights) and exit")
     tf32: bool = _f(True, "CUDA: run float32 matmuls (the LoRA terms and their gradients) on TF32 tensor "
                           "cores; the LoRA term is rounded to the 16-bit compute dtype before it is added, no "
                           "finer than TF32's inputs (--no-tf32: full float32)")
@@ -124,6 +131,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag} {path} is a folder; pass the path of a JSONL file.")
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{flag} {path} does not exist; pass the path of a JSONL file.")
+    if cfg.memory_budget != "auto" and not cfg.memory_budget.isdigit():
+        raise ConfigError(f"--memory-budget {cfg.memory_budget!r} must be auto or a number of bytes.")
     if cfg.optimizer_budget not in ("none", "auto") and not cfg.optimizer_budget.isdigit():
         raise ConfigError(f"--optimizer-budget {cfg.optimizer_budget!r} must be none, auto, or a number of bytes.")
 
@@ -163,7 +172,7 @@ def given_flags(argv) -> set[str]:
 # passes than a pretrained 1B model; these apply to `--model tiny` unless the flag is given, and
 # --help shows them as [tiny: value].
 DEMO_OVERRIDES = {"eval_data": DEMO_TEST, "lr": 3e-3, "epochs": 3, "warmup_steps": 10, "eval_every": 25, "lora_dropout": 0.0,
-                  "gradient_checkpointing": False, "threads": 1, "log_every": 10, "save_every": 50}
+                  "threads": 1, "log_every": 10, "save_every": 50}
 
 
 def parse_args(argv=None) -> TrainConfig:

@@ -1,6 +1,6 @@
-"""Training building blocks used by train.py's loop: loss, schedule, batch stream, loss plot.
-(Checkpoints, RNG state and signals: minilora/checkpoint.py; the run folder: minilora/rundir.py;
-several processes, DDP and FSDP: minilora/distributed.py.)
+"""Training building blocks used by train.py's loop: schedule, batch stream, loss plot.
+(The loss: minilora/loss.py; checkpoints, RNG state and signals: minilora/checkpoint.py; the run
+folder: minilora/rundir.py; several processes, DDP and FSDP: minilora/distributed.py.)
 
 Shape letters: B batch, T time, D model dim, V vocabulary, N labelled tokens in a chunk.
 
@@ -12,12 +12,7 @@ DDP), with L_m the summed token cross-entropy of micro-batch m and n_m its label
 Each micro-batch backpropagates L_m / n_total with n_total counted over the whole step (and
 all-reduced over ranks), so long and short micro-batches weigh by their tokens, exactly as
 one big batch would. DDP averages gradients over W ranks, so each rank scales by W.
-
-Chunked cross-entropy. Only labelled positions need logits. The final hidden states of those
-positions are gathered (N, D) and pushed through the frozen output head in chunks of `chunk` rows;
-each chunk's gradient with respect to the hidden states is computed right away (HeadCrossEntropyFn),
-so at most (chunk, V) float32 logits exist at a time and none are kept for backward: Gemma's 262k
-vocabulary never materializes (B, T, V) float32 logits.
+The chunked loss itself lives in minilora/loss.py.
 """
 
 from __future__ import annotations
@@ -27,88 +22,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-IGNORE = -100
-
-
-# ------------------------------------------------------------------------------------------ loss
-class HeadCrossEntropyFn(torch.autograd.Function):
-    """L = sum_i CE(l_i, y_i) over N rows, l_i = cap tanh(z_i / cap) (or z_i), z_i = h_i W^T,
-    with the frozen output head W (V, D), computed chunk by chunk.
-
-    Backward, derived here and evaluated in the forward pass, chunk by chunk:
-        dL/dl_i = softmax(l_i) - e_{y_i}                              (c, V)
-        dl/dz   = 1 - tanh^2(z / cap)         (1 without soft-capping)
-        dL/dh_i = (dL/dl_i * dl/dz) W                                 (c, V) @ (V, D) -> (c, D)
-    Only dL/dh (N, D) is kept; the backward scales it by the incoming gradient. No (N, V) logits
-    outlive their chunk and none are recomputed: one vocabulary matmul forward, one for dL/dh.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, cap, chunk: int):
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)  # (N, D)
-        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
-        for i in range(0, h.shape[0], chunk):
-            hc, yc = h[i : i + chunk], y[i : i + chunk]  # (c, D), (c,)
-            z = (hc @ weight.t()).float()  # (c, D) @ (D, V) -> (c, V), as logits_from_hidden computes it
-            if cap is not None:
-                t = torch.tanh(z / cap)
-                z = cap * t
-            lse = torch.logsumexp(z, dim=-1)  # (c,)
-            total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
-            p = torch.exp(z - lse[:, None])  # (c, V) softmax
-            p[rows[: len(yc)], yc] -= 1.0
-            if cap is not None:
-                p *= 1 - t * t
-            grad_h[i : i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)  # (c, V) @ (V, D) -> (c, D)
-        ctx.save_for_backward(grad_h)
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * g.to(grad_h.dtype), None, None, None, None
-
-
-def _chunk_ce(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model.logits_from_hidden(h).float()  # (chunk, V)
-    return F.cross_entropy(logits, y, reduction="sum")
-
-
-def chunked_lm_loss(model, batch, chunk: int = 1024) -> tuple[torch.Tensor, int]:
-    """(sum of next-token CE over labelled positions, their count) for one Batch."""
-    h = model(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-              segment_ids=batch.segment_ids, return_hidden=True)  # (B, T, D)
-    targets = batch.labels[:, 1:]  # (B, T-1): the token each position predicts
-    keep = targets != IGNORE
-    h_sel = h[:, :-1][keep]  # (N, D)
-    y_sel = targets[keep]  # (N,)
-    head = getattr(model.lm_head, "weight", None)
-    if torch.is_grad_enabled() and head is not None and not head.requires_grad:  # LoRA: frozen head
-        cap = model.config.final_logit_softcapping
-        return HeadCrossEntropyFn.apply(h_sel, head, y_sel, cap, chunk), int(y_sel.numel())
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, y_sel.numel(), chunk):  # a trainable head, or no grad: plain chunks
-        hc, yc = h_sel[i : i + chunk], y_sel[i : i + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce, model, hc, yc, use_reentrant=False)
-        else:
-            total = total + _chunk_ce(model, hc, yc)
-    return total, int(y_sel.numel())
-
-
-class LossModule(torch.nn.Module):
-    """Wraps the model so that DDP sees the whole loss computation as one forward."""
-
-    def __init__(self, model, chunk: int):
-        super().__init__()
-        self.model, self.chunk = model, chunk
-
-    def forward(self, batch):
-        return chunked_lm_loss(self.model, batch, self.chunk)
 
 
 # -------------------------------------------------------------------------------------- schedule

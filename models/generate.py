@@ -108,7 +108,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         cache = KVCache(model.config, B, P + max_new_tokens, dtype, dev)
     step_ids, step_mask = ids, mask
     for _ in range(max_new_tokens):
-        logits = model(step_ids, attention_mask=step_mask, cache=cache)[:, -1]  # (B, V)
+        h = model(step_ids, attention_mask=step_mask, cache=cache, return_hidden=True)[:, -1]  # (B, D)
+        logits = model.logits_from_hidden(h)  # (B, V): the last position only, never (B, T, V)
         nxt = _pick(logits, temperature, top_p, gen)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)

@@ -38,7 +38,7 @@ def resolve_checkpoint(name_or_path: str) -> str:
     return download(repo)
 
 
-def download(repo: str) -> str:
+def download(repo: str, allow_patterns=ALLOW_PATTERNS) -> str:
     """snapshot_download with the hub's exceptions turned into one-sentence ModelLoadErrors."""
     try:
         import huggingface_hub
@@ -47,7 +47,7 @@ def download(repo: str) -> str:
         raise ModelLoadError(f"downloading {repo!r} needs huggingface-hub; pip install huggingface-hub.") from None
     try:
         return huggingface_hub.snapshot_download(
-            repo_id=repo, allow_patterns=ALLOW_PATTERNS, token=os.environ.get("HF_TOKEN") or None
+            repo_id=repo, allow_patterns=allow_patterns, token=os.environ.get("HF_TOKEN") or None
         )
     except errors.GatedRepoError:  # before RepositoryNotFoundError: it is a subclass
         raise ModelLoadError(

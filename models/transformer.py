@@ -259,15 +259,20 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq_global", rope_inv_freq(hd, config.rope_theta, config.rope_scaling), False)
         self.register_buffer("inv_freq_local", rope_inv_freq(hd, config.rope_local_theta, None), False)
         self.gradient_checkpointing = False
+        self.checkpoint_blocks = 0  # the first checkpoint_blocks blocks recompute (see set_gradient_checkpointing)
 
     def tie_weights(self):
         """Re-tie lm_head to embed_tokens (the loader calls this after replacing parameters)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def set_gradient_checkpointing(self, enabled: bool = True):
-        """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
-        self.gradient_checkpointing = bool(enabled)
+    def set_gradient_checkpointing(self, enabled: bool | int = True):
+        """Recompute block activations in backward (torch.utils.checkpoint, non-reentrant): True for
+        every block, False for none, or k for the first k blocks (the memory planner's middle ground:
+        each recomputed block keeps only its input)."""
+        L = self.config.num_hidden_layers
+        k = L if enabled is True else 0 if enabled is False else max(0, min(L, int(enabled)))
+        self.gradient_checkpointing, self.checkpoint_blocks = k > 0, k
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) final-normed hidden -> (B, T, V) logits, with Gemma's final soft-capping."""
@@ -313,9 +318,9 @@ class Transformer(nn.Module):
             SLIDING: rope_cos_sin(self.inv_freq_local, position_ids, x.dtype),
         }
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
-        for layer, kind in zip(self.model.layers, cfg.layer_types):
+        for i, (layer, kind) in enumerate(zip(self.model.layers, cfg.layer_types)):
             cos, sin = rope[kind]
-            if use_ckpt:
+            if use_ckpt and i < self.checkpoint_blocks:
                 x = checkpoint(layer, x, cos, sin, masks[kind], use_reentrant=False)
             else:
                 x = layer(x, cos, sin, masks[kind], cache)

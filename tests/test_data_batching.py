@@ -14,10 +14,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.data import EncodedExample, batches, encode_example, load_records, num_batches, token_loss_sum
+from minilora.data import IGNORE, EncodedExample, batches, encode_example, load_records, num_batches
 from minilora.packing import plan_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def token_loss_sum(logits, labels):
+    """Reference: sum_t CE(logits[:, t], labels[:, t+1]) from full (B, T, V) logits, in float64."""
+    V = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].double().reshape(-1, V), labels[:, 1:].reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")  # fmt: skip
 V = 50
 
 

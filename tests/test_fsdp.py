@@ -21,7 +21,8 @@ from minilora import distributed as D
 from test_train import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--eval-generate", "0", "--eval-every", "0", "--threads", "1", "--log-every", "1"]
+FAST = ["--eval-generate", "0", "--eval-every", "0", "--threads", "1", "--log-every", "1",
+        "--dtype", "float32"]  # the comparisons below are float32 (--dtype auto picks bf16 on some CPUs)
 COMMON = ["--max-steps", "4", "--batch-size", "4", "--save-every", "0"]
 
 

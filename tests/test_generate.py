@@ -102,3 +102,16 @@ def test_generate_input_errors(tmp_path):
     cache = KVCache(model.config, 1, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="KV cache holds 4 positions; 5 were requested"):
         model(torch.ones(1, 5, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_computes_logits_for_the_last_position_only(use_cache):
+    """Every head call sees (B, D) hidden states: never the (B, T, V) logits of the whole prompt."""
+    model, _ = load_model("tiny", quantize=None, dtype=torch.float32)
+    shapes = []
+    head = model.logits_from_hidden
+    model.logits_from_hidden = lambda h: shapes.append(tuple(h.shape)) or head(h)
+    new = generate(model, [[5, 6, 7, 8, 9], [10, 11]], 4, use_cache=use_cache)
+    assert shapes and all(s == (2, model.config.hidden_size) for s in shapes)
+    del model.logits_from_hidden
+    assert new == generate(model, [[5, 6, 7, 8, 9], [10, 11]], 4, use_cache=use_cache)  # same tokens

@@ -1,0 +1,117 @@
+"""The planner's settings on a real-length task: minilora beside transformers + PEFT + bitsandbytes.
+
+    python -m bench.plan_step                         # 135M-class Llama, rows of 130-170 tokens, batch 4
+    python -m bench.plan_step --layers 2 --steps 1 --warmup 1      # a smoke run
+
+A random-weight 135M-class Llama (vocab 49152, D 576, 30 layers, 9/3 heads, FFN 1536) through
+bench/train_step.py's two workers (each in its own process: its own peak RSS), rows of random length
+in [130, 170] right-padded, the second half of each row labelled (a prompt/completion task).
+
+  equal settings    float32 and bf16 compute, recompute on and off, the same on both sides
+  defaults          minilora as train.py runs it (--dtype auto, --gradient-checkpointing auto: the
+                    planner's choice for this batch and this machine's free memory) beside the usual
+                    QLoRA recipe (prepare_model_for_kbit_training, gradient checkpointing on, float32
+                    compute: transformers' CPU default)
+
+Ratios: speedup = their step time / ours (> 1 favours minilora), memory = our peak RSS / theirs
+(< 1 favours minilora). Also reported: this CPU's native bf16 units (avx512_bf16, amx) as torch
+sees them. Never evaluates a bitsandbytes model before timing it (see train_step.py).
+Writes bench/results/plan_step.json (or --out NAME).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from bench.train_step import GEOMETRIES, IMPLS, ROOT, run_worker
+
+
+def minilora_defaults(a) -> tuple[str, bool]:
+    """(dtype, recompute) that train.py would choose here for this geometry and batch."""
+    import torch
+    from minilora.models.config import ModelConfig
+
+    from minilora.planner import (
+        MARGIN,
+        auto_dtype,
+        choose_recompute,
+        free_memory,
+        plan_memory,
+        rss_bytes,
+        warm_runtime,
+    )
+
+    g = dict(GEOMETRIES["llama-135m"], num_hidden_layers=a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"])
+    g.pop("family")
+    L = g["num_hidden_layers"]
+    cfg = ModelConfig(family="llama", name="llama-135m", rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=2048,
+                      tie_word_embeddings=True, rope_theta=10000.0, rope_local_theta=10000.0,
+                      layer_types=["full_attention"] * L, sliding_window=None, **g)  # fmt: skip
+    cpu = torch.device("cpu")
+    dtype = auto_dtype(cpu)
+    runtime, budget = warm_runtime(cpu, dtype), free_memory(cpu) + rss_bytes()
+    hi = int(a.lengths.split(":")[1])
+    k = choose_recompute(lambda k: plan_memory(cfg, batch_size=a.batch, seq_len=hi, dtype=dtype, recompute_blocks=k,
+                                               runtime=runtime).peak <= budget * MARGIN, L)  # fmt: skip
+    return str(dtype).removeprefix("torch."), bool(k)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=0, help="override the 30 layers (0 = keep; smoke runs use 2)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lengths", default="130:170", metavar="LO:HI", help="row lengths in tokens")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (see train_step.py)")
+    ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
+    ap.add_argument("--out", default="plan_step", help="results name under bench/results/")
+    a = ap.parse_args()
+    import subprocess
+
+    import torch
+
+    from bench.common import environment, write_json
+    from minilora.planner import cpu_bf16_units
+
+    hi = a.lengths.split(":")[1]
+    base = ["--geometry", "llama-135m", "--device", "cpu", "--batch", str(a.batch), "--seq", hi, "--lengths", a.lengths,
+            "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads), "--layers", str(a.layers),
+            "--loss-chunk", "256", "--no-tf32"]  # fmt: skip
+    ckpt_flag = lambda on: "--gradient-checkpointing" if on else "--no-gradient-checkpointing"
+    dtype, recompute = minilora_defaults(a)
+    cases = [(f"{dt}, recompute {'on' if rc else 'off'}", {impl: [*base, "--dtype", dt, ckpt_flag(rc)] for impl in IMPLS})
+             for dt in ("float32", "bfloat16") for rc in (True, False)]  # fmt: skip
+    cases.append((f"defaults: minilora {dtype} recompute {'on' if recompute else 'off'} vs QLoRA recipe",
+                  {"minilora": [*base, "--dtype", dtype, ckpt_flag(recompute)],
+                   "peft+bnb": [*base, "--dtype", "float32", ckpt_flag(True), "--prepare-kbit"]}))  # fmt: skip
+    results = []
+    with tempfile.TemporaryDirectory(prefix="minilora_plan_step_") as tmp:
+        ckpt = a.ckpt or os.path.join(tmp, "llama-135m")
+        if not os.path.isfile(os.path.join(ckpt, "config.json")):
+            subprocess.run([sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry",
+                            "llama-135m", "--layers", str(a.layers), "--ckpt", ckpt], check=True, cwd=ROOT)  # fmt: skip
+        for name, argv in cases:
+            rows = {impl: run_worker(impl, ckpt, argv[impl]) for impl in IMPLS}
+            ours, theirs = rows["minilora"], rows["peft+bnb"]
+            r = {"case": name, "speedup": theirs["median_s"] / ours["median_s"],
+                 "memory_ratio": ours["peak_mb"] / theirs["peak_mb"], "results": rows}  # fmt: skip
+            results.append(r)
+            print(f"{name:58} minilora {ours['tokens_per_s']:7.0f} tok/s {ours['peak_mb']:6.0f} MB | peft+bnb "
+                  f"{theirs['tokens_per_s']:7.0f} tok/s {theirs['peak_mb']:6.0f} MB | {r['speedup']:.2f}x tok/s, "
+                  f"{r['memory_ratio']:.2f}x peak RSS", flush=True)  # fmt: skip
+    units = cpu_bf16_units()
+    print(f"CPU bf16 units (torch): {', '.join(f'{k} {v}' for k, v in units.items())}; "
+          f"torch.get_cpu_capability() {torch.backends.cpu.get_cpu_capability()}")
+    path = write_json(a.out, {"benchmark": "plan_step", "geometry": "llama-135m", "layers": a.layers or 30,
+                              "batch": a.batch, "lengths": a.lengths, "steps": a.steps, "warmup": a.warmup,
+                              "threads": a.threads, "cpu_bf16_units": units, "cases": results,
+                              "environment": environment()})  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
