@@ -27,7 +27,8 @@
 #   plan     bench.plan_check: the planner's predicted peak vs torch.cuda.max_memory_allocated of a
 #            real train.py run on Gemma 3 1B geometry (target: within 10%)
 #   fsdp     1-GPU FSDP smoke: torchrun --nproc_per_node 1 train.py --parallel fsdp (NCCL, bf16, Triton)
-#   gguf     the demo trained on the GPU, exported as a q8_0 GGUF and validated (transformers reads it back)
+#   gguf     tests/test_gguf.py with this machine's transformers and gguf: every family and GGUF type
+#            exported, read back and validated
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results/gpu}
@@ -67,8 +68,7 @@ for step in "${steps[@]}"; do
                    --ckpt /tmp/gemma-3-1b-random && cp bench/results/train_step_gemma-3-1b_cuda.json "$out/" ;;
         plan) run plan python3 -m bench.plan_check --geometry gemma-3-1b --device cuda --ckpt /tmp/gemma-3-1b-random \
                    && cp bench/results/plan_check_gemma-3-1b_cuda.json "$out/" ;;
-        gguf) rm -rf /tmp/gguf_demo /tmp/gguf_demo.gguf /tmp/gguf_demo.Modelfile \
-                  && run gguf sh -c 'python3 train.py --out /tmp/gguf_demo --eval-generate 8 && python3 eval.py export --adapter /tmp/gguf_demo --out /tmp/gguf_demo.gguf --format gguf --gguf-type q8_0' ;;
+        gguf) run gguf python3 -m pytest -q tests/test_gguf.py ;;
         fsdp) rm -rf /tmp/fsdp_smoke && run fsdp python3 -m torch.distributed.run --standalone --nproc_per_node 1 train.py \
                   --parallel fsdp --max-steps 30 --eval-generate 8 --out /tmp/fsdp_smoke \
                   && cp /tmp/fsdp_smoke/summary.json "$out/fsdp_smoke_summary.json" ;;

@@ -6,7 +6,7 @@ transformers + bitsandbytes (load_in_4bit, nf4, double quant, bf16 compute), on 
 Writes (once, then reuses) a single-file model.safetensors with Gemma 3 1B's exact geometry
 (config of google/gemma-3-1b-pt) and random bf16 weights, ~2 GB. Each load runs in a fresh
 subprocess; the child reports wall time of the load call, its RSS after imports (baseline) and
-its peak RSS (VmHWM; see peak_rss_mb for why not ru_maxrss, which is reported too). Target (issue 4): load peak RSS, i.e. peak minus the import
+its peak RSS (VmHWM; see peak_rss_mb for why not ru_maxrss, which is reported too). Target: load peak RSS, i.e. peak minus the import
 baseline, under (loaded model bytes + largest bf16 tensor) * 1.25, below transformers +
 bitsandbytes, and load time no slower. Writes bench/results/load.json.
 """

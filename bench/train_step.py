@@ -46,7 +46,7 @@ Each implementation runs in its own subprocess, so its peak memory is its own. M
   resident    bytes of parameters + buffers (+ bitsandbytes' quant_state tensors, which are neither),
               each storage counted once (tied head): the NF4 base and the LoRA weights.
 
-Targets (issue 8): CPU no slower and at most 0.8x the peak memory; an H100 with Gemma 3 1B's
+Targets: CPU no slower and at most 0.8x the peak memory; an H100 with Gemma 3 1B's
 geometry at least 1.5x the tokens/s and at most 0.6x the peak memory. Ratios printed as
 speedup = their time / ours (> 1 favours minilora) and memory = ours / theirs (< 1 favours minilora).
 Writes bench/results/train_step.json (train_step_<geometry>_<device>.json for other geometries or

@@ -240,9 +240,9 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
     from minilora.quant_linear import NF4Linear
 
     ckpt = L.resolve_checkpoint(name_or_path)
-    cfg = L._read_config(ckpt, name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt)))
-    files = L._weight_files(ckpt)
-    L._check_file_sizes(files)
+    cfg = L.read_config(ckpt, name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt)))
+    files = L.weight_files(ckpt)
+    L.check_file_sizes(files)
     where = {}  # our name -> (file, name in the file)
     for path, names in files.items():
         for hf in names:
@@ -253,13 +253,13 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
     def read(ours: str, like: torch.Tensor) -> torch.Tensor:
         if ours not in where:
             raise L.ModelLoadError(f"{ckpt} is missing tensor {ours}; download the checkpoint again.")
-        t = L._read_tensor(*where[ours])
+        t = L.read_tensor(*where[ours])
         if tuple(t.shape) != tuple(like.shape):
             raise L.ModelLoadError(f"tensor {where[ours][1]} has shape {tuple(t.shape)} but config.json implies "
                                    f"{tuple(like.shape)}; the weights do not belong to this config.json.")
         return t.to(device=device, dtype=dtype, copy=True)  # copied out of the file mapping
 
-    with torch.device("meta"), L._no_random_init():
+    with torch.device("meta"), L.no_random_init():
         model = Transformer(cfg)
     model.tie_weights()
     for name, mod in model.named_modules():  # 1. stand-ins, then LoRA
@@ -281,7 +281,7 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
                 if isinstance(mod, LoRALinear):
                     mod.base = q
                 else:
-                    L._set_module(module, name, q)
+                    L.set_module(module, name, q)
         for name, p in list(module.named_parameters()):
             if p.is_meta:
                 owner, _, leaf = name.rpartition(".")
@@ -299,7 +299,7 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
     model.inv_freq_global = model.inv_freq_global.to(device)
     model.inv_freq_local = model.inv_freq_local.to(device)
     check_trainable_sharded(model)
-    return model, L._load_tokenizer(ckpt), report
+    return model, L.load_tokenizer(ckpt), report
 
 
 # ---------------------------------------------------------------------------------- memory plans

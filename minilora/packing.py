@@ -67,7 +67,6 @@ def plan_batches(
     lengths: Sequence[int],
     batch_size: int,
     *,
-    max_tokens: int | None = None,
     pack: bool = False,
     max_seq_len: int | None = None,
     shuffle: bool = True,
@@ -77,8 +76,8 @@ def plan_batches(
 ) -> list[list[list[int]]]:
     """Which examples form each row of each batch: plan[step][row] = [example indices].
 
-    Rows are grouped into batches of at most batch_size rows, and (with max_tokens) at most
-    max_tokens padded tokens (rows * longest row); a single row longer than max_tokens is a batch.
+    Rows (one example each, or several packed into max_seq_len) are grouped into batches of
+    batch_size rows, the last one possibly smaller.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -106,20 +105,7 @@ def plan_batches(
         if group_by_length:  # longest first within each window, so batches hold similar lengths
             order = [i for s in range(0, n, window) for i in sorted(order[s : s + window], key=lambda i: -lengths[i])]
         rows = [[i] for i in order]
-    row_len = [sum(lengths[i] for i in row) for row in rows]
-    plan: list[list[list[int]]] = []
-    current: list[list[int]] = []
-    longest = 0
-    for row, length in zip(rows, row_len):
-        new_longest = max(longest, length)
-        over_tokens = max_tokens is not None and (len(current) + 1) * new_longest > max_tokens
-        if current and (len(current) == batch_size or over_tokens):
-            plan.append(current)
-            current, new_longest = [], length
-        current.append(row)
-        longest = new_longest
-    if current:
-        plan.append(current)
+    plan = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     if shuffle and not pack and group_by_length:
         plan = [plan[int(j)] for j in rng.permutation(len(plan))]  # batches of similar lengths, random order
     return plan
@@ -162,7 +148,6 @@ def batches(
     encoded: Sequence,
     batch_size: int,
     *,
-    max_tokens: int | None = None,
     pack: bool = False,
     max_seq_len: int | None = None,
     shuffle: bool = True,
@@ -176,7 +161,7 @@ def batches(
     if not encoded:
         raise ValueError("No examples to batch; check the data file and --max-seq-len.")
     plan = plan_batches(
-        [len(e.input_ids) for e in encoded], batch_size, max_tokens=max_tokens, pack=pack,
+        [len(e.input_ids) for e in encoded], batch_size, pack=pack,
         max_seq_len=max_seq_len, shuffle=shuffle, seed=seed, epoch=epoch, group_by_length=group_by_length,
     )  # fmt: skip
     for rows in plan[start_step:]:

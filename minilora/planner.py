@@ -299,7 +299,7 @@ def config_and_tokenizer(name: str):
     from minilora.models.config import ModelConfig
 
     if name == "tiny":
-        tok = loader._load_tokenizer(loader._EXAMPLES_TOKENIZER)
+        tok = loader.load_tokenizer(loader._EXAMPLES_TOKENIZER)
         cfg = ModelConfig.from_name("tiny")
         return (dataclasses.replace(cfg, vocab_size=tok.vocab_size) if tok else cfg), tok
     path = os.path.expanduser(name)
@@ -309,7 +309,7 @@ def config_and_tokenizer(name: str):
         path = hub.download(hub.PRESETS[name].hf_repo if name in hub.PRESETS else name,
                             allow_patterns=["*.json", "tokenizer*", "*.jinja"])  # fmt: skip
     preset = name if name in hub.PRESETS else os.path.basename(os.path.normpath(path))
-    return loader._read_config(path, preset), loader._load_tokenizer(path)
+    return loader.read_config(path, preset), loader.load_tokenizer(path)
 
 
 def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:

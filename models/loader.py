@@ -28,7 +28,10 @@ from .hub import ModelLoadError, resolve_checkpoint
 from .transformer import Transformer
 
 __all__ = ["ModelLoadError", "load_model", "our_name", "checkpoint_name", "is_block_linear", "build_tiny",
-           "quantize_linears", "source_checkpoint"]
+           "quantize_linears", "source_checkpoint",
+           # the pieces of load_weights, also used by minilora.distributed's block-by-block loader
+           "read_config", "weight_files", "check_file_sizes", "read_tensor", "no_random_init", "set_module",
+           "load_tokenizer"]
 
 _EXAMPLES_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tokenizer")
 # Gemma 3 multimodal checkpoints keep the language model under a prefix (transformers 4.x wrote
@@ -82,16 +85,16 @@ def quantize_linears(model: nn.Module, blocksize: int = 64, double_quant: bool =
             q = NF4Linear.from_weight(mod.weight.data, mod.bias.data if mod.bias is not None else None,
                                       blocksize=blocksize, double_quant=double_quant,
                                       compute_dtype=compute_dtype or mod.weight.dtype)  # fmt: skip
-            _set_module(model, name, q)
+            set_module(model, name, q)
     return model
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module):
+def set_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _read_config(ckpt: str, name: str) -> ModelConfig:
+def read_config(ckpt: str, name: str) -> ModelConfig:
     path = os.path.join(ckpt, "config.json")
     if not os.path.isfile(path):
         raise ModelLoadError(f"{ckpt} has no config.json; point to a Hugging Face checkpoint folder.")
@@ -107,7 +110,7 @@ def _read_config(ckpt: str, name: str) -> ModelConfig:
         raise ModelLoadError(f"{path}: {msg.rstrip('.')}; use a checkpoint of a supported family.") from None
 
 
-def _weight_files(ckpt: str) -> dict[str, list[str]]:
+def weight_files(ckpt: str) -> dict[str, list[str]]:
     """{file path: [tensor names]} from the shard index, or every *.safetensors in the folder."""
     from safetensors import safe_open
 
@@ -139,7 +142,7 @@ def _corrupt(path: str, e: Exception) -> ModelLoadError:
     return ModelLoadError(f"{path} is truncated or corrupt ({e}); delete it and download the checkpoint again.")
 
 
-def _read_tensor(path: str, name: str) -> torch.Tensor:
+def read_tensor(path: str, name: str) -> torch.Tensor:
     """One tensor, memory-mapped, through a safe_open that is closed right after (see module doc)."""
     from safetensors import safe_open
 
@@ -151,7 +154,7 @@ def _read_tensor(path: str, name: str) -> torch.Tensor:
         raise _corrupt(path, e) from None
 
 
-def _check_file_sizes(files):
+def check_file_sizes(files):
     """safe_open maps lazily; a file shorter than its header promises is caught here, before loading."""
     import struct
 
@@ -172,7 +175,7 @@ def _check_file_sizes(files):
 
 
 @contextlib.contextmanager
-def _no_random_init():
+def no_random_init():
     """Skip nn.Linear / nn.Embedding random init while building on the meta device: the checkpoint
     overwrites every parameter, and running init on meta tensors imports torch's Python meta
     kernels (~5 s on a 2-core CPU)."""
@@ -188,12 +191,12 @@ def _no_random_init():
 
 def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize, double_quant) -> Transformer:
     """Stream the checkpoint in `ckpt` into a Transformer built on the meta device."""
-    with torch.device("meta"), _no_random_init():
+    with torch.device("meta"), no_random_init():
         model = Transformer(cfg)
     model.tie_weights()
     expected = {n: p for n, p in model.named_parameters()}  # tied lm_head.weight is listed once, as embed
-    files = _weight_files(ckpt)
-    _check_file_sizes(files)
+    files = weight_files(ckpt)
+    check_file_sizes(files)
     unexpected, seen = [], set()
     NF4Linear = None
     if quantize == "nf4":
@@ -210,7 +213,7 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
             if ours not in expected:
                 unexpected.append(hf)
                 continue
-            t = _read_tensor(path, hf)
+            t = read_tensor(path, hf)
             want = tuple(expected[ours].shape)
             if tuple(t.shape) != want:
                 raise ModelLoadError(
@@ -226,7 +229,7 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
             if quantized:
                 bias = None if mod.bias is None or mod.bias.is_meta else mod.bias  # bias sorts before weight
                 q = NF4Linear.from_weight(t, bias, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
-                _set_module(model, mod_name, q)
+                set_module(model, mod_name, q)
             elif NF4Linear is not None and isinstance(mod, NF4Linear):  # a bias read after its weight
                 mod.bias = t  # NF4Linear keeps its (frozen) bias as a buffer
             else:
@@ -252,7 +255,7 @@ def _few(names: list[str], k: int = 5) -> str:
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def _load_tokenizer(path: str):
+def load_tokenizer(path: str):
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         return None
     from .tokenizer import Tokenizer
@@ -296,16 +299,16 @@ def load_model(name_or_path: str, quantize: str | None = "nf4", dtype: torch.dty
     if quantize not in ("nf4", None):
         raise ModelLoadError(f"quantize={quantize!r} is not supported; use 'nf4' or None.")
     if name_or_path == "tiny":
-        tok = _load_tokenizer(_EXAMPLES_TOKENIZER) if os.path.isdir(_EXAMPLES_TOKENIZER) else None
+        tok = load_tokenizer(_EXAMPLES_TOKENIZER) if os.path.isdir(_EXAMPLES_TOKENIZER) else None
         model = build_tiny(tok, dtype=dtype, device=device)
         if quantize == "nf4":
             quantize_linears(model, blocksize, double_quant, compute_dtype=dtype)
         return model, tok
     ckpt = resolve_checkpoint(name_or_path)
     preset = name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt))
-    cfg = _read_config(ckpt, preset)
+    cfg = read_config(ckpt, preset)
     model = load_weights(ckpt, cfg, quantize, dtype, device, blocksize, double_quant)
-    return model, _load_tokenizer(ckpt)
+    return model, load_tokenizer(ckpt)
 
 
 def source_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], ckpt: str) -> tuple[dict, dict]:
@@ -313,10 +316,10 @@ def source_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], ckpt: 
     of a multimodal source: our text tensors renamed to its layout (checkpoint_name) plus every
     tensor we do not load (vision tower, projector) copied unchanged, and its config.json."""
     out = {checkpoint_name(k, cfg.source_prefix): v for k, v in tensors.items()}
-    for path, names in _weight_files(ckpt).items():
+    for path, names in weight_files(ckpt).items():
         for hf in names:
             if our_name(hf) is None and not hf.endswith("rotary_emb.inv_freq"):
-                out[hf] = _read_tensor(path, hf).clone()
+                out[hf] = read_tensor(path, hf).clone()
     with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     config.pop("quantization_config", None)

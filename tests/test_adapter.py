@@ -106,7 +106,7 @@ def test_load_into_model_that_already_has_lora(tmp_path):
 
 
 def _minilora_model(tmp_path, hf):
-    loader = pytest.importorskip("minilora.models.loader")
+    from minilora.models import loader
     hf.save_pretrained(str(tmp_path / "base"))
     model, _ = loader.load_model(str(tmp_path / "base"), quantize=None, dtype=torch.float32)
     return model.eval()

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 # The checkpoints' own chat templates, verbatim: Qwen2.5-Instruct's (tools), Qwen3's (tools, think
 # blocks, enable_thinking) and Mistral-7B-Instruct-v0.3's (tools, tool calls with 9-character ids).

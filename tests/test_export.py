@@ -25,8 +25,8 @@ from minilora.models.config import PRESETS, ModelConfig
 from minilora.models.loader import load_model
 from minilora.nf4 import quantize_nf4
 
-transformers = pytest.importorskip("transformers")
-bnb = pytest.importorskip("bitsandbytes")
+import transformers
+import bitsandbytes as bnb
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def add_lora(model, r=4, use_rslora=False, use_dora=False, seed=0):
 
 
 # ------------------------------------------------------------------------------- merged export
-@settings(max_examples=12)
+@settings(max_examples=12)  # each example merges, writes a checkpoint and loads it in transformers
 @given(family=st.sampled_from(["gemma3", "llama"]), quantize=st.sampled_from([None, "nf4"]),
        kind=st.sampled_from(["lora", "rslora", "dora"]), tie=st.booleans(), sharded=st.booleans(),
        r=st.integers(1, 8), seed=st.integers(0, 1000))  # fmt: skip
@@ -193,7 +193,7 @@ def test_4bit_export_loads_prequantized_in_bitsandbytes(tmp_path):
         assert rel_err(ours(ids), hf(ids).logits) < 1e-5
 
 
-@settings(max_examples=20)
+@settings(max_examples=20)  # each example merges, writes a checkpoint and loads it in transformers
 @given(shape=st.sampled_from([(7,), (33, 5), (64, 64), (3, 130), (300, 257)]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        blocksize=st.sampled_from([32, 64, 256]), double_quant=st.booleans(), seed=st.integers(0, 99))  # fmt: skip

@@ -7,7 +7,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("transformers")
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper  # noqa: E402
 
@@ -39,7 +38,7 @@ def _ours(hf, tmp_path):
     return load_model(str(tmp_path), quantize=None, dtype=torch.float32)[0]
 
 
-@settings(max_examples=4)
+@settings(max_examples=4)  # each example generates three ways: with and without the KV cache, and in transformers
 @given(family=st.sampled_from(["gemma3", "llama"]), seed=st.integers(0, 1000), n_layers=st.integers(1, 2),
        hkv=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2]), window=st.integers(2, 8),
        lens=st.lists(st.integers(1, 9), min_size=1, max_size=2))  # fmt: skip
@@ -73,7 +72,7 @@ def test_eos_stops_each_row(tmp_path):
     assert len(stopped[0]) <= 4
 
 
-@settings(max_examples=8)
+@settings(max_examples=8)  # each example runs transformers' logits processors beside ours
 @given(V=st.integers(2, 40), temperature=st.floats(0.3, 2.0), top_p=st.floats(0.05, 1.0), seed=st.integers(0, 99))
 def test_nucleus_probs_match_transformers_warpers(V, temperature, top_p, seed):
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(seed)) * 3

@@ -22,8 +22,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
+import gguf
+import transformers
 
 from minilora import export as E  # noqa: E402
 from minilora import gguf_export as G  # noqa: E402

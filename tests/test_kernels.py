@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes.functional as bnbF
 
 from minilora.kernels import common, nf4_matmul  # noqa: E402
 from minilora.kernels.nf4_dequant import dequantize_nf4_triton  # noqa: E402
@@ -155,7 +155,7 @@ def matmul_cases(draw):
     return q, dtype, lead, seed, config
 
 
-@settings(max_examples=15)
+@settings(max_examples=15)  # the Triton interpreter runs every program of a launch in Python
 @given(matmul_cases())
 def test_fused_matmul_forward(case):
     q, dtype, lead, seed, config = case
@@ -166,7 +166,7 @@ def test_fused_matmul_forward(case):
     assert_matmul_close(y, x, dequantize_nf4_reference(q, dtype), transposed=False)
 
 
-@settings(max_examples=15)
+@settings(max_examples=15)  # the Triton interpreter runs every program of a launch in Python
 @given(matmul_cases())
 def test_fused_matmul_input_grad(case):
     """nf4_matmul_t_triton(g) is the input gradient of y = x W^T, as autograd computes it."""

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-pytest.importorskip("transformers")
 import huggingface_hub  # noqa: E402
 from huggingface_hub import errors as hub_errors  # noqa: E402
 from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig  # noqa: E402
@@ -69,7 +68,7 @@ def test_gemma3_multimodal_checkpoint_loads_text_part(tmp_path, layout):
         assert ((ref - ours(ids)).abs().max() / ref.abs().max()).item() < 1e-5
 
 
-@settings(max_examples=5)
+@settings(max_examples=5)  # each example writes a checkpoint and loads it twice, quantizing every linear
 @given(blocksize=st.sampled_from([64, 128, 256]), double_quant=st.booleans(), sharded=st.booleans())
 def test_quantize_on_load_equals_quantize_after_full_load(tmp_path_factory, blocksize, double_quant, sharded):
     tmp = tmp_path_factory.mktemp("q")

@@ -107,7 +107,7 @@ hyper = dict(r=st.integers(1, 12), alpha=st.sampled_from([1, 8, 16.0, 32, 0.5]),
              drop=st.sampled_from([(0.0, True), (0.25, True), (0.25, False)]), seed=st.integers(0, 2**16))
 
 
-@settings(max_examples=12)
+@settings(max_examples=12)  # each example builds PEFT's twin layer and compares forward and backward
 @given(k=st.integers(1, 80), m=st.integers(1, 80), **hyper)
 def test_matches_peft_dense(k, m, r, alpha, rslora, dora, dtype, batch, bias, drop, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -120,7 +120,7 @@ def test_matches_peft_dense(k, m, r, alpha, rslora, dora, dtype, batch, bias, dr
     assert_same(fwd_bwd(ours, ours_params(ours), x, seed), fwd_bwd(pm, theirs, x, seed), dtype)
 
 
-@settings(max_examples=10)
+@settings(max_examples=10)  # each example quantizes with both libraries and runs PEFT's QLoRA layer forward and backward
 @given(k=st.sampled_from([100, 128, 256]), m=st.integers(1, 48), blocksize=st.sampled_from([32, 64, 128]), **hyper)
 # QLoRA's usual case on purpose (bf16, no DoRA: the fused function), with and without dropout.
 @example(k=128, m=24, blocksize=64, r=8, alpha=16, rslora=False, dora=False, dtype=torch.bfloat16, batch=[2, 5],
@@ -141,7 +141,7 @@ def test_matches_peft_on_bitsandbytes_nf4(k, m, blocksize, r, alpha, rslora, dor
     assert_same(fwd_bwd(ours, ours_params(ours), x, seed), fwd_bwd(pm, theirs, x, seed), dtype, ulps)
 
 
-@settings(max_examples=10)
+@settings(max_examples=10)  # each example quantizes with both libraries and runs PEFT's QLoRA layer forward and backward
 @given(k=st.sampled_from([64, 128]), m=st.integers(1, 48), rows=st.integers(1, 5), n=st.integers(1, 24),
        r=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        drop=st.sampled_from([(0.0, True), (0.25, True)]), seed=st.integers(0, 2**16))

@@ -66,7 +66,7 @@ def test_head_cross_entropy_bf16_close_to_autograd():
     torch.testing.assert_close(h.grad.float(), h2.grad.float(), rtol=2e-2, atol=2e-3)
 
 
-@settings(max_examples=5)
+@settings(max_examples=5)  # each example builds a model and a full-vocabulary reference
 @given(seed=st.integers(0, 1000), chunk=st.sampled_from([5, 64, 1024]))
 def test_chunked_lm_loss_equals_full_logits_loss(seed, chunk):
     from minilora.models.loader import load_model

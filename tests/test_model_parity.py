@@ -13,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-transformers = pytest.importorskip("transformers")
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from minilora.models.config import FULL, SLIDING, ModelConfig  # noqa: E402
@@ -102,7 +101,7 @@ def make_llama(kw):
     return _randomize_norms(LlamaForCausalLM(LlamaConfig(**kw, attn_implementation="eager")).eval())
 
 
-@settings(max_examples=6)
+@settings(max_examples=6)  # each example saves a random checkpoint and runs transformers beside it
 @given(kw=gemma_configs(), T=st.integers(7, 24), sharded=st.booleans(), seed=st.integers(0, 2**16))
 def test_gemma3_logits_match_transformers(tmp_path_factory, kw, T, sharded, seed):
     """Mixed sliding/full layers with T longer than the window, GQA, q/k norms, local vs global RoPE
@@ -114,7 +113,7 @@ def test_gemma3_logits_match_transformers(tmp_path_factory, kw, T, sharded, seed
         assert rel_err(hf(ids).logits, ours(ids)) < 1e-5
 
 
-@settings(max_examples=8)
+@settings(max_examples=8)  # each example saves a random checkpoint and runs transformers beside it
 @given(kw=llama_configs(), T=st.integers(1, 40), sharded=st.booleans(), seed=st.integers(0, 2**16))
 def test_llama_logits_match_transformers(tmp_path_factory, kw, T, sharded, seed):
     """GQA, tied and untied embeddings, llama3 RoPE scaling (positions past original_max 16)."""
@@ -148,7 +147,7 @@ def test_attention_softcapping_matches_reference_formula(tmp_path, monkeypatch):
         assert rel_err(a, ours(ids)) > 1e-3
 
 
-@settings(max_examples=4)
+@settings(max_examples=4)  # each example runs every sequence alone, padded and packed, in both libraries
 @given(kw=gemma_configs(), lens=st.lists(st.integers(1, 14), min_size=2, max_size=4), seed=st.integers(0, 99))
 def test_padded_batch_and_packed_rows_equal_single_sequences(tmp_path_factory, kw, lens, seed):
     """Left-padded batch (an explicit mask) and right-padded batch (plain causal attention, as

@@ -13,7 +13,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes.functional as bnbF
 
 import minilora.nf4 as nf4_mod  # noqa: E402
 from minilora.nf4 import (  # noqa: E402
@@ -165,7 +165,7 @@ def test_to_bnb_from_bnb_round_trip_lossless(wb, double_quant):
     assert (q2.shape, q2.dtype, q2.blocksize) == (q.shape, q.dtype, q.blocksize)
 
 
-@settings(max_examples=8)
+@settings(max_examples=8)  # each example writes and reads a safetensors file
 @given(weights(max_numel=3000), st.booleans())
 def test_safetensors_round_trip_lossless(tmp_path_factory, wb, double_quant):
     w, blocksize = wb

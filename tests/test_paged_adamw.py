@@ -210,7 +210,7 @@ def _roundtrip_through_safetensors(state_dict):
     return optimizer_state_from_safetensors(st_load(blob), json.loads(json.dumps(meta)))
 
 
-@settings(max_examples=15)
+@settings(max_examples=15)  # each example runs two optimizers for several steps around a save and a load
 @given(bits=st.sampled_from([32, 8]), budget=budgets, cut=st.integers(1, 4), more=st.integers(1, 4),
        seed=st.integers(0, 1000), split=st.booleans())
 def test_checkpoint_resume_is_bitwise_identical(bits, budget, cut, more, seed, split):

@@ -32,7 +32,7 @@ def fwd_bwd(layer, x, g):
     return y.detach(), x.grad
 
 
-@settings(max_examples=12)
+@settings(max_examples=12)  # each example quantizes with both libraries and runs forward and backward
 @given(k=st.integers(1, 200), m=st.integers(1, 64), blocksize=st.sampled_from([32, 64, 128]), dq=st.booleans(),
        bias=st.booleans(), dtype=st.sampled_from(DTYPES), batch=st.lists(st.integers(1, 3), max_size=2),
        seed=st.integers(0, 2**16))
@@ -52,7 +52,7 @@ def test_matches_dequantize_then_linear(k, m, blocksize, dq, bias, dtype, batch,
     assert not any(t.requires_grad for t in nl.buffers())
 
 
-@settings(max_examples=10)
+@settings(max_examples=10)  # each example quantizes with both libraries and runs forward and backward
 @given(k=st.sampled_from([100, 128, 256]), m=st.integers(1, 64), blocksize=st.sampled_from([32, 64, 128]),
        bias=st.booleans(), dtype=st.sampled_from(DTYPES), batch=st.lists(st.integers(1, 3), max_size=2),
        seed=st.integers(0, 2**16))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from minilora.models.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from tokenizers import Tokenizer as HFTok  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
