@@ -94,13 +94,20 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     say("data: " + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file"))
     batch_kw = dict(batch_size=cfg.batch_size, pack=cfg.pack, max_seq_len=cfg.max_seq_len, shuffle=True,
                     seed=cfg.seed, pad_id=tok.pad_id)  # fmt: skip
-    plan, too_big = plan_run(cfg, model_cfg, device, dtype, longest_batch(data.train, batch_kw),
-                             probe_seconds=2.0 if cfg.plan else 0.0)  # fmt: skip
+    shape, probe = longest_batch(data.train, batch_kw), 2.0 if cfg.plan else 0.0
+    plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, probe, fsdp_ranks=world if fsdp else 1)
+    if too_big and parallel == "ddp" and cfg.parallel == "auto" and not (cfg.resume and ckpt is not None):
+        parallel = D.choose_parallel(cfg.parallel, world, fits_one_device=False)  # does not fit one device: shard
+        D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora)
+        fsdp = True
+        plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, probe, fsdp_ranks=world)
+        say(f"parallel: fsdp over {world} ranks (the model does not fit one device)")
     if cfg.plan:
         from minilora.packing import num_batches
 
         plan.steps = cfg.max_steps * cfg.grad_accum or cfg.epochs * num_batches(data.train, **batch_kw)  # micro-batches
-        print(f"plan for {device.type} ({cfg.model}):\n{plan.table()}" + (f"\nwould not start: {too_big}" if too_big else ""))
+        per = f", per rank of {world} (--parallel fsdp)" if fsdp else ""
+        print(f"plan for {device.type} ({cfg.model}){per}:\n{plan.table()}" + (f"\nwould not start: {too_big}" if too_big else ""))
         return 0
     if too_big:
         return fail(too_big)

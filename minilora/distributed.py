@@ -102,8 +102,7 @@ def choose_parallel(requested: str, world: int, fits_one_device: bool | None = N
     """The data-parallel strategy for this run: "none" (one process), "ddp" or "fsdp".
 
     `auto` picks fsdp when the memory planner says the model does not fit one device
-    (`fits_one_device=False`), else ddp. WIRING POINT: train.py passes fits_one_device=None until
-    it asks the planner (minilora/planner.py); None means "fits", i.e. auto = ddp.
+    (`fits_one_device=False`), else ddp; None (not planned yet) counts as fitting.
     """
     if requested not in PARALLEL_CHOICES:
         raise ParallelError(f"--parallel {requested!r} is unknown; use one of {', '.join(PARALLEL_CHOICES)}.")

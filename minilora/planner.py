@@ -327,9 +327,11 @@ def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
 
 
 def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tuple[int, int],
-             probe_seconds: float = 0.0) -> tuple[Plan, str | None]:  # fmt: skip
+             probe_seconds: float = 0.0, fsdp_ranks: int = 1) -> tuple[Plan, str | None]:  # fmt: skip
     """The plan for a TrainConfig on `device`, with --gradient-checkpointing resolved; and an error
-    sentence when even full recompute does not fit the budget (--memory-budget or the free memory)."""
+    sentence when even full recompute does not fit the budget (--memory-budget or the free memory).
+    fsdp_ranks > 1: per rank, with the base, LoRA weights and optimizer states sharded over that
+    many ranks (distributed.per_rank_components)."""
     L = model_cfg.num_hidden_layers
     budget = int(tc.memory_budget) if tc.memory_budget != "auto" else free_memory(device) + rss_bytes()
     targets = LINEARS if tc.lora_targets == "all-linear" else tuple(tc.lora_targets.split(","))
@@ -337,10 +339,16 @@ def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tup
     runtime = warm_runtime(device, dtype)
 
     def make(k: int) -> Plan:
-        return plan_memory(model_cfg, batch_size=shape[0], seq_len=shape[1], dtype=dtype, quantize=tc.quantize,
+        p = plan_memory(model_cfg, batch_size=shape[0], seq_len=shape[1], dtype=dtype, quantize=tc.quantize,
                            lora_r=tc.lora_r, lora_targets=targets, lora_dropout=tc.lora_dropout,
                            optimizer_bits=tc.optimizer_bits, optimizer_budget=opt_budget, loss_chunk=tc.loss_chunk,
                            recompute_blocks=k, runtime=runtime, device_type=device.type)  # fmt: skip
+        if fsdp_ranks > 1:
+            from minilora.distributed import per_rank_components
+
+            p.components = per_rank_components(p.components, fsdp_ranks, L)
+            p.peak = sum(b for _, b, _ in p.components)
+        return p
 
     fixed = {"off": 0, "on": L}.get(tc.gradient_checkpointing)
     k = fixed if fixed is not None else choose_recompute(lambda k: make(k).peak <= budget * MARGIN, L)

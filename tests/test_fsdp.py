@@ -7,6 +7,7 @@ CI machine runs each torchrun in ~15 s.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,3 +206,34 @@ def test_trainable_parameters_outside_the_blocks_are_refused():
     for p in model.parameters():
         p.requires_grad_(False)
     D.check_trainable_sharded(model)
+
+
+def _plan_peak(text: str) -> float:
+    return float(re.search(r"predicted peak\s+([\d,.]+)", text).group(1).replace(",", ""))
+
+
+def test_plan_under_torchrun_is_per_rank_and_auto_shards_what_one_device_cannot_hold(tmp_path):
+    """`--plan` with 2 ranks: under --parallel fsdp the table is per rank (the sharded parts halved,
+    the gathered blocks added) and its peak below one device's; under --parallel auto with a
+    --memory-budget that one device's plan exceeds (even with full recompute) but a rank's fits,
+    the run switches to fsdp; --parallel ddp under that budget refuses to start."""
+    import transformers
+
+    model = str(tmp_path / "llama-1b-geometry")  # --plan reads config.json and the tokenizer, no weights
+    transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8).save_pretrained(model)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ROOT, "examples", "tokenizer", name), model)
+    common = [*COMMON, "--model", model, "--plan", "--gradient-checkpointing", "on"]  # recompute cannot rescue it
+    one = train(tmp_path / "one", *common)
+    assert "per rank" not in one.stdout
+    per_rank = train(tmp_path / "two", *common, "--parallel", "fsdp", nproc=2)
+    assert "per rank of 2 (--parallel fsdp)" in per_rank.stdout and "gathered blocks in flight" in per_rank.stdout
+    whole, sharded = _plan_peak(one.stdout), _plan_peak(per_rank.stdout)
+    assert sharded < whole
+    budget = int((whole + sharded) / 2 * 2**20 / 0.85)  # the plan keeps a 15% margin
+    auto = train(tmp_path / "auto", *common, "--memory-budget", str(budget), nproc=2)
+    assert "parallel: fsdp over 2 ranks" in auto.stdout and "per rank of 2" in auto.stdout, auto.stdout
+    refused = train(tmp_path / "ddp", *common, "--parallel", "ddp", "--memory-budget", str(budget), nproc=2)
+    assert "would not start" in refused.stdout
+    assert not any(os.path.exists(tmp_path / d) for d in ("one", "two", "auto", "ddp"))  # --plan writes nothing
