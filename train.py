@@ -46,7 +46,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     from minilora.loss import LossModule
     from minilora.models.loader import load_model
     from minilora.paged_adamw import PagedAdamW
-    from minilora.planner import config_and_tokenizer, longest_batch, plan_run
+    from minilora.planner import config_and_tokenizer, longest_batch, peak_memory_bytes, plan_run
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -230,7 +230,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
                 now = time.time()
                 tok_s = tokens_since * world / max(1e-9, now - t_last)
                 lr = scheduler.get_last_lr()[0]
-                peak = T.peak_memory_bytes(device) / 2**20
+                peak = peak_memory_bytes(device) / 2**20
                 progress.update(step, f"loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | peak {peak:,.0f} MB")
                 metrics.write(step=step, loss=loss, lr=lr, tokens_per_s=tok_s, peak_mem_mb=peak)
                 t_last, tokens_since = now, 0

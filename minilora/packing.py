@@ -48,15 +48,16 @@ class Batch:
 
 
 def _fill_rows(order: list[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: pack examples (by index) into rows of at most `capacity` tokens."""
+    """Best-fit decreasing: pack examples (by index) into rows of at most `capacity` tokens, each
+    example, longest first, into the row it leaves with the least free space (a new row if none fits)."""
     rows: list[list[int]] = []
     free: list[int] = []
     for i in sorted(order, key=lambda i: -lengths[i]):  # stable: ties keep the shuffled order
-        for r, space in enumerate(free):
-            if lengths[i] <= space:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
+        fits = [r for r, space in enumerate(free) if lengths[i] <= space]
+        if fits:
+            r = min(fits, key=lambda r: free[r])  # the tightest fit; ties: the earliest row
+            rows[r].append(i)
+            free[r] -= lengths[i]
         else:
             rows.append([i])
             free.append(capacity - lengths[i])

@@ -61,16 +61,34 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
             "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}  # fmt: skip
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 where unavailable)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (Linux) in bytes; None where unavailable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (0 where unavailable)."""
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """What the plan's predicted peak is compared with: torch.cuda.max_memory_allocated on CUDA; on
+    the CPU this process's own peak RSS (VmHWM; ru_maxrss would carry a parent's peak over fork + exec)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = _proc_status_bytes("VmHWM")
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak
 
 
 def warm_runtime(device: torch.device, dtype: torch.dtype) -> int:

@@ -21,8 +21,6 @@ import json
 import math
 import os
 
-import torch
-
 
 # -------------------------------------------------------------------------------------- schedule
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float = 0.1):
@@ -35,24 +33,6 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float = 0.1):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-
-
-# ---------------------------------------------------------------------------------------- logging
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:  # VmHWM: this process's own peak RSS (ru_maxrss carries a parent's peak over fork + exec)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # ------------------------------------------------------------------------------------ data stream

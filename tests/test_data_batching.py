@@ -178,3 +178,26 @@ def test_tiny_transformer_padded_or_packed_equals_each_example_alone(tiny_and_da
     torch.testing.assert_close(total, alone_loss, rtol=1e-5, atol=1e-4)
     if pack:
         assert rows_seen > 0  # at least one row really held several examples
+
+
+def _best_fit_decreasing(lengths, capacity):
+    """Reference: longest first, each into the open row whose remaining space after it is smallest."""
+    rows = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        options = [(capacity - sum(lengths[j] for j in row) - lengths[i], k) for k, row in enumerate(rows)]
+        options = [o for o in options if o[0] >= 0]
+        if options:
+            rows[min(options)[1]].append(i)
+        else:
+            rows.append([i])
+    return rows
+
+
+@given(lengths=st.lists(st.integers(1, 32), min_size=1, max_size=40), capacity=st.integers(32, 64))
+def test_packing_rows_are_best_fit_decreasing(lengths, capacity):
+    from minilora.packing import _fill_rows
+
+    rows = _fill_rows(list(range(len(lengths))), lengths, capacity)
+    assert rows == _best_fit_decreasing(lengths, capacity)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
