@@ -348,7 +348,7 @@ def main() -> None:
             # in a subprocess, so this process (the workers' parent) stays small
             subprocess.run([sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", a.geometry,
                             "--ckpt", ckpt], check=True, cwd=ROOT)  # fmt: skip
-            print(f"wrote a random {a.geometry} Gemma 3 checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"wrote a random {a.geometry} checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
         runs = {impl: [] for impl in IMPLS}
         for k in range(a.rounds):
             for impl in IMPLS:  # alternating, so a burst of load from elsewhere hits both sides
@@ -376,10 +376,12 @@ def report(a, rows: dict) -> None:
     g = GEOMETRIES[a.geometry]
     cuda = a.device == "cuda"
     mem_name = "max allocated" if cuda else "peak RSS"
-    print(f"\n{a.geometry} Gemma 3 geometry (D {g['hidden_size']}, F {g['intermediate_size']}, "
+    family = "Llama" if a.geometry.startswith("llama") else "Gemma 3"
+    compute = a.dtype if a.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    print(f"\n{a.geometry} {family} geometry (D {g['hidden_size']}, F {g['intermediate_size']}, "
           f"L {g['num_hidden_layers']}, H {g['num_attention_heads']}/Hkv {g['num_key_value_heads']}, "
           f"hd {g['head_dim']}, V {g['vocab_size']}), random weights, NF4 + double quant, "
-          f"{'bf16' if cuda else 'float32'} compute on {a.device}")
+          f"{compute} compute on {a.device}")
     print(f"B {a.batch} x T {a.seq}, LoRA all-linear r {a.rank} alpha {2 * a.rank}, gradient checkpointing "
           f"{'on' if a.gradient_checkpointing else 'off'}, prepare_model_for_kbit_training "
           f"{'on' if a.prepare_kbit else 'off'}{', TF32 ' + ('on' if a.tf32 else 'off') if cuda else ''}; "
