@@ -46,7 +46,7 @@ def worker(a) -> None:
     from minilora.models.loader import load_model
     from minilora.packing import Batch
     from minilora.paged_adamw import PagedAdamW
-    from minilora.trainer import chunked_lm_loss
+    from minilora.loss import chunked_lm_loss
 
     torch.set_num_threads(a.threads)
     rank, world, dev = D.init_distributed()
