@@ -132,6 +132,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="fsdp_memory.") as tmp:
         if not a.ckpt:
             a.ckpt = os.path.join(tmp, "ckpt")
+        if not os.path.isfile(os.path.join(a.ckpt, "config.json")):  # written there once, then reused
             write_checkpoint(a.ckpt, a.geometry)
         argv_w = [x for x in passed if x != a.ckpt]
         one = launch(a, argv_w, 1, os.path.join(tmp, "one"))[0]
