@@ -155,6 +155,22 @@ def nf4_buffers_to_parameters(model: nn.Module) -> int:
     return moved
 
 
+def return_freed_blocks_to_the_os(device: torch.device) -> bool:
+    """On the CPU, have glibc mmap every allocation of 64 KiB or more, so that freeing it returns the
+    memory to the OS. Under FSDP each step all-gathers and dequantizes every block into fresh
+    buffers of many sizes; glibc's heap kept those freed buffers (RSS grew about 2 GB a step on
+    Gemma 3 1B geometry, 2.6x one process), with this setting RSS stays flat. Costs page faults on
+    each large allocation. True when set (glibc only; CUDA memory has its own caching allocator)."""
+    if device.type != "cpu":
+        return False
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     """fully_shard each transformer block (in place): afterwards every block parameter is a DTensor
     sharded along dim 0 over the W ranks; embeddings, final norm and head stay whole."""
@@ -162,6 +178,7 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module
     from torch.distributed.fsdp import fully_shard
 
     nf4_buffers_to_parameters(model)
+    return_freed_blocks_to_the_os(device)
     mesh = init_device_mesh(device.type, (world,))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh)
@@ -266,6 +283,7 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
             mod.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(mod.out_features, mod.in_features),
                                       requires_grad=False)  # fmt: skip
     report = apply_lora(model, **lora)
+    return_freed_blocks_to_the_os(device)
     mesh = init_device_mesh(device.type, (world,))
 
     def materialize(module: nn.Module, prefix: str) -> None:
