@@ -186,12 +186,9 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dict:
-    """Load a PEFT-layout LoRA adapter into `model` (in place) and return its config.
-
-    A model without LoRA layers gets them first (apply_lora on exactly the modules the adapter has
-    weights for, with its r / lora_alpha / rank_pattern / alpha_pattern / use_rslora / use_dora /
-    lora_dropout). With strict=True every LoRA layer of the model must receive weights."""
+def read_adapter_weights(adapter_dir: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(adapter_config.json, {module path as saved: {suffix: tensor}}) of a PEFT-layout LoRA adapter;
+    suffixes are SUFFIXES. Raises AdapterError for anything but a plain LoRA adapter."""
     cfg, tensors = _read(adapter_dir)
     _check_config(cfg, adapter_dir)
     weights: dict[str, dict[str, torch.Tensor]] = {}
@@ -201,7 +198,18 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
         if suffix is None:
             raise AdapterError(f"{adapter_dir}: tensor {key!r} is not a LoRA weight (lora_A / lora_B / "
                                "lora_magnitude_vector); minilora loads plain LoRA adapters only.")
-        weights.setdefault(module_path(model, name[: -len(suffix)]), {})[suffix] = t
+        weights.setdefault(name[: -len(suffix)], {})[suffix] = t
+    return cfg, weights
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dict:
+    """Load a PEFT-layout LoRA adapter into `model` (in place) and return its config.
+
+    A model without LoRA layers gets them first (apply_lora on exactly the modules the adapter has
+    weights for, with its r / lora_alpha / rank_pattern / alpha_pattern / use_rslora / use_dora /
+    lora_dropout). With strict=True every LoRA layer of the model must receive weights."""
+    cfg, saved = read_adapter_weights(adapter_dir)
+    weights = {module_path(model, name): w for name, w in saved.items()}
     base = cfg.get("base_model_name_or_path")
     mods = lora_modules(model)
     if not mods:

@@ -317,18 +317,11 @@ def validate_export(path: str, kind: str, model, tok, hf_config: dict, run_confi
 
 
 def _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log) -> str:
-    from safetensors.torch import load_file
-
-    from minilora.adapter import PREFIX, read_adapter_config
+    from minilora.adapter import read_adapter_weights
     from minilora.gguf_export import gguf_arch, lora_metadata, lora_tensors, write_gguf
 
-    cfg, acfg = _base_config(name), read_adapter_config(adapter_dir)
-    weights: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items():
-        key = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
-            if key.endswith(suffix):
-                weights.setdefault(key[: -len(suffix)], {})[suffix] = t
+    cfg = _base_config(name)
+    acfg, weights = read_adapter_weights(adapter_dir)
     arch = gguf_arch(cfg).arch
     log(f"writing the adapter in {adapter_dir} as a GGUF LoRA for {arch} ({name})")
     expected = list(lora_tensors(weights, acfg, cfg))

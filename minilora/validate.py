@@ -43,7 +43,7 @@ def validation_prompts(run_config: dict, tokenizer, vocab_size: int, n: int = N_
     """([token ids] per prompt, where they came from): the run's eval data, else its training data,
     else random token ids (a run without data files still gets its weights checked)."""
     from minilora.data import load_records
-    from minilora.evaluate import prompt_ids
+    from minilora.data import prompt_ids
 
     for key in ("eval_data", "data"):
         path = run_config.get(key)
