@@ -17,7 +17,6 @@ minilora/rundir.py). Exit codes: 0 done, 1 the loss became NaN/inf, 2 a user err
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import time
 
 import torch
 
-from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, Progress, fail, resolve_device, run_main
+from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, Progress, fail, resolve_device, resolve_dtype, run_main
 from minilora.train_config import given_flags, parse_args, validate
 
 
@@ -44,9 +43,9 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     from minilora.fileio import write_text_atomic
     from minilora.lora import apply_lora, lora_parameters
     from minilora.loss import LossModule
-    from minilora.models.loader import load_model
+    from minilora.models.loader import load_config, load_model
     from minilora.paged_adamw import PagedAdamW
-    from minilora.planner import config_and_tokenizer, longest_batch, peak_memory_bytes, plan_run
+    from minilora.planner import longest_batch, peak_memory_bytes, plan_run
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -64,7 +63,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     D.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
     if cfg.resume and ckpt is not None:
         def resolve(name: str) -> str:  # --dtype NAME on this device, e.g. auto -> "float32" on the CPU
-            return str(dataclasses.replace(cfg, dtype=name).resolved_dtype(device.type)).removeprefix("torch.")
+            return str(resolve_dtype(name, device.type)).removeprefix("torch.")
 
         with open(os.path.join(ckpt, "state.json")) as f:
             changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world)
@@ -83,7 +82,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     # --- tokenizer, data, plan (config.json only: no weights yet), model
     t_start = time.time()
-    model_cfg, tok = config_and_tokenizer(cfg.model)
+    model_cfg, tok = load_config(cfg.model)
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
     data = prepare_data(cfg.data, tok, val_path=cfg.val_data, eval_path=cfg.eval_data, fmt=cfg.format,
@@ -113,9 +112,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         return fail(too_big)
     say(f"settings: dtype {plan.dtype}, recompute {plan.recompute}, predicted peak {plan.peak / 2**20:,.0f} MiB")
     if main:  # the first write: every check above has passed
-        config = json.loads(rundir.config_json(cfg, str(dtype).removeprefix("torch."), world))
-        write_text_atomic(os.path.join(cfg.out, "config.json"), json.dumps({**config, "resolved": plan.settings()},
-                                                                           indent=2))  # fmt: skip
+        config = rundir.config_json(cfg, str(dtype).removeprefix("torch."), world, plan.settings())
+        write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     lora_kw = dict(targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

@@ -251,12 +251,11 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
 
     from minilora.lora import LoRALinear, apply_lora
     from minilora.models import loader as L
-    from minilora.models.config import PRESETS
     from minilora.models.transformer import Transformer
     from minilora.quant_linear import NF4Linear
 
     ckpt = L.resolve_checkpoint(name_or_path)
-    cfg = L.read_config(ckpt, name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt)))
+    cfg = L.read_config(ckpt, L.preset_name(name_or_path, ckpt))
     files = L.weight_files(ckpt)
     L.check_file_sizes(files)
     where = {}  # our name -> (file, name in the file)

@@ -40,7 +40,6 @@ second measures on this device in the compute dtype.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -95,6 +94,8 @@ def warm_runtime(device: torch.device, dtype: torch.dtype) -> int:
     """The runtime constant: memory a training process holds before its model (Python, torch, the
     math libraries and the code paths a step touches). One LoRA step of a tiny NF4 model loads them
     all; then this process's RSS is measured (CPU). 0 on CUDA (max_memory_allocated excludes it)."""
+    if device.type != "cpu":
+        return 0
     from minilora.lora import apply_lora, lora_parameters
     from minilora.loss import chunked_lm_loss
     from minilora.models.config import ModelConfig
@@ -124,7 +125,7 @@ def warm_runtime(device: torch.device, dtype: torch.dtype) -> int:
         (loss / n).backward()
         opt.step()
     del model, opt, loss
-    return rss_bytes() if device.type == "cpu" else 0
+    return rss_bytes()
 
 
 def free_memory(device: torch.device) -> int:
@@ -308,28 +309,6 @@ def auto_dtype(device: torch.device) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------ train.py
-def config_and_tokenizer(name: str):
-    """(ModelConfig, tokenizer) without weights: a local folder's config.json, or for a preset or hub
-    id only its JSON and tokenizer files are fetched; the `tiny` demo model from its preset."""
-    import dataclasses
-
-    from minilora.models import hub, loader
-    from minilora.models.config import ModelConfig
-
-    if name == "tiny":
-        tok = loader.load_tokenizer(loader._EXAMPLES_TOKENIZER)
-        cfg = ModelConfig.from_name("tiny")
-        return (dataclasses.replace(cfg, vocab_size=tok.vocab_size) if tok else cfg), tok
-    path = os.path.expanduser(name)
-    if not os.path.isdir(path):
-        if name not in hub.PRESETS and not hub._REPO_ID.match(name):
-            hub.resolve_checkpoint(name)  # raises its one-sentence error for a name that is neither
-        path = hub.download(hub.PRESETS[name].hf_repo if name in hub.PRESETS else name,
-                            allow_patterns=["*.json", "tokenizer*", "*.jinja"])  # fmt: skip
-    preset = name if name in hub.PRESETS else os.path.basename(os.path.normpath(path))
-    return loader.read_config(path, preset), loader.load_tokenizer(path)
-
-
 def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
     """(rows, length) of the batch with the most padded tokens that these batching arguments produce."""
     from minilora.packing import plan_batches

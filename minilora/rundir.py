@@ -133,12 +133,15 @@ def _merge_grad_accum(cfg, given: bool, old: dict, world: int, refused: list, ch
     cfg.grad_accum = accum
 
 
-def config_json(cfg, resolved_dtype: str, world: int = 1) -> str:
+def config_json(cfg, resolved_dtype: str, world: int = 1, resolved: dict | None = None) -> str:
     """config.json of a run: every TrainConfig field, the dtype --dtype resolved to, the number of
-    processes, and the history of resumes ({step, changed: {field: [old, new]}})."""
+    processes, the settings the planner resolved, and the history of resumes ({step, changed:
+    {field: [old, new]}})."""
     d = json.loads(cfg.to_json())
     d["resolved_dtype"] = resolved_dtype
     d["world_size"] = world
+    if resolved is not None:
+        d["resolved"] = resolved
     d["resumes"] = getattr(cfg, "resumes", [])
     return json.dumps(d, indent=2)
 

@@ -21,8 +21,9 @@ class ModelLoadError(ValueError):
     """A model could not be loaded for a reason the user can fix; the message says how."""
 
 
-def resolve_checkpoint(name_or_path: str) -> str:
-    """Local folder holding config.json and *.safetensors for `name_or_path` (downloading if needed)."""
+def resolve_checkpoint(name_or_path: str, allow_patterns=ALLOW_PATTERNS) -> str:
+    """Local folder holding config.json and *.safetensors for `name_or_path` (downloading the files
+    matching `allow_patterns` if needed)."""
     path = os.path.expanduser(str(name_or_path))
     if os.path.isdir(path):
         return path
@@ -35,7 +36,7 @@ def resolve_checkpoint(name_or_path: str) -> str:
             f"{name_or_path!r} is neither a local folder, a preset nor a Hugging Face repo id; "
             f"use a folder with config.json and *.safetensors, an 'org/name' repo id, or one of: {', '.join(PRESETS)}."
         )
-    return download(repo)
+    return download(repo, allow_patterns)
 
 
 def download(repo: str, allow_patterns=ALLOW_PATTERNS) -> str:

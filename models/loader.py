@@ -31,7 +31,7 @@ __all__ = ["ModelLoadError", "load_model", "our_name", "checkpoint_name", "is_bl
            "quantize_linears", "source_checkpoint",
            # the pieces of load_weights, also used by minilora.distributed's block-by-block loader
            "read_config", "weight_files", "check_file_sizes", "read_tensor", "no_random_init", "set_module",
-           "load_tokenizer"]
+           "load_tokenizer", "load_config", "preset_name", "tiny_config", "tiny_tokenizer"]
 
 _EXAMPLES_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tokenizer")
 # Gemma 3 multimodal checkpoints keep the language model under a prefix (transformers 4.x wrote
@@ -263,15 +263,26 @@ def load_tokenizer(path: str):
     return Tokenizer.from_dir(path)
 
 
-def build_tiny(tokenizer=None, seed: int = 0, dtype=torch.float32, device="cpu") -> Transformer:
-    """The `tiny` preset with seeded random weights (normal(0, 0.02) linears, normal(0, 0.5) embeddings, norms at
-    their identity init), independent of and not disturbing the global RNG. Vocabulary size and
-    special ids come from `tokenizer` when one is given."""
+def tiny_config(tokenizer=None) -> ModelConfig:
+    """The `tiny` preset, its vocabulary size and special ids taken from `tokenizer` when one is given."""
     cfg = ModelConfig.from_name("tiny")
     if tokenizer is not None:
         cfg.vocab_size = tokenizer.vocab_size
         cfg.bos_token_id, cfg.pad_token_id = tokenizer.bos_id, tokenizer.pad_id
         cfg.eos_token_ids = tuple(tokenizer.eos_ids)
+    return cfg
+
+
+def tiny_tokenizer():
+    """The bundled tokenizer the `tiny` demo model uses (None when examples/ is not there)."""
+    return load_tokenizer(_EXAMPLES_TOKENIZER) if os.path.isdir(_EXAMPLES_TOKENIZER) else None
+
+
+def build_tiny(tokenizer=None, seed: int = 0, dtype=torch.float32, device="cpu") -> Transformer:
+    """The `tiny` preset with seeded random weights (normal(0, 0.02) linears, normal(0, 0.5) embeddings, norms at
+    their identity init), independent of and not disturbing the global RNG. Vocabulary size and
+    special ids come from `tokenizer` when one is given."""
+    cfg = tiny_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Transformer(cfg)
@@ -299,16 +310,30 @@ def load_model(name_or_path: str, quantize: str | None = "nf4", dtype: torch.dty
     if quantize not in ("nf4", None):
         raise ModelLoadError(f"quantize={quantize!r} is not supported; use 'nf4' or None.")
     if name_or_path == "tiny":
-        tok = load_tokenizer(_EXAMPLES_TOKENIZER) if os.path.isdir(_EXAMPLES_TOKENIZER) else None
+        tok = tiny_tokenizer()
         model = build_tiny(tok, dtype=dtype, device=device)
         if quantize == "nf4":
             quantize_linears(model, blocksize, double_quant, compute_dtype=dtype)
         return model, tok
     ckpt = resolve_checkpoint(name_or_path)
-    preset = name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt))
-    cfg = read_config(ckpt, preset)
+    cfg = read_config(ckpt, preset_name(name_or_path, ckpt))
     model = load_weights(ckpt, cfg, quantize, dtype, device, blocksize, double_quant)
     return model, load_tokenizer(ckpt)
+
+
+def preset_name(name_or_path: str, ckpt: str) -> str:
+    """The name a checkpoint's ModelConfig carries: the preset's, else its folder's."""
+    return name_or_path if name_or_path in PRESETS else os.path.basename(os.path.normpath(ckpt))
+
+
+def load_config(name_or_path: str):
+    """(ModelConfig, tokenizer) without weights: for a preset or hub id only its JSON and tokenizer
+    files are fetched; the `tiny` demo model's preset with its bundled tokenizer."""
+    if name_or_path == "tiny":
+        tok = tiny_tokenizer()
+        return tiny_config(tok), tok
+    ckpt = resolve_checkpoint(name_or_path, allow_patterns=["*.json", "tokenizer*", "*.jinja"])
+    return read_config(ckpt, preset_name(name_or_path, ckpt)), load_tokenizer(ckpt)
 
 
 def source_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], ckpt: str) -> tuple[dict, dict]:
