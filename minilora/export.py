@@ -19,7 +19,6 @@ leaves nothing half-written.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -163,11 +162,11 @@ def _base_config(name: str) -> ModelConfig:
     """The base model's ModelConfig without loading weights (for the adapter-only GGUF)."""
     from minilora.models.config import PRESETS
     from minilora.models.hub import resolve_checkpoint
+    from minilora.models.loader import read_config
 
-    if name in PRESETS:
+    if name in PRESETS:  # a preset mirrors its hub config.json, so no download is needed
         return ModelConfig.from_name(name)
-    with open(os.path.join(resolve_checkpoint(name), "config.json"), encoding="utf-8") as f:
-        return ModelConfig.from_hf_config(json.load(f), name=name)
+    return read_config(resolve_checkpoint(name, allow_patterns=["*.json"]), name)
 
 
 def export_adapter(adapter: str, out: str, dtype: str = "bfloat16", quantize_4bit: bool = False,

@@ -67,10 +67,13 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _greedy(model, ids: list[int], n: int) -> list[int]:
+def _greedy(model, ids: list[int], n: int, logits: torch.Tensor | None = None) -> list[int]:
+    """n greedy tokens after ids; `logits` (T, V), when given, are the prompt's own (not computed again)."""
     ids = list(ids)
     for _ in range(n):
-        ids.append(int(_logits(model, ids)[-1].argmax()))
+        logits = _logits(model, ids) if logits is None else logits
+        ids.append(int(logits[-1].argmax()))
+        logits = None
     return ids[-n:]
 
 
@@ -141,7 +144,11 @@ def check(path: str, stats: dict) -> None:
 
 def outputs(model, prompts) -> list[tuple[torch.Tensor, list[int]]]:
     """(logits (T, V), greedy continuation) per prompt."""
-    return [(_logits(model, ids), _greedy(model, ids, NEW_TOKENS)) for ids in prompts]
+    out = []
+    for ids in prompts:
+        logits = _logits(model, ids)  # (T, V), also the first greedy step's
+        out.append((logits, _greedy(model, ids, NEW_TOKENS, logits)))
+    return out
 
 
 def compare(ref: list, got: list) -> dict:
