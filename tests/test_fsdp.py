@@ -41,22 +41,30 @@ def train(out, *args, nproc=0, check=True):
 
 
 def assert_same_adapter(a_dir, b_dir):
+    """Equal PEFT adapters. Float32: the reduce-scatter sums the ranks' LoRA gradients, and the
+    vocabulary-parallel loss its slices' softmax sums and dL/dh terms, in another order than one
+    process (the gradients agree to ~1e-6, test_vocab_parallel.py). AdamW divides each gradient
+    element by its own RMS, so an element whose gradient is a cancelling sum (rounding noise) can
+    move by up to lr either way: over 4 steps elements differ by up to ~1.3e-4 of the tensor's
+    largest (measured); a misrouted gradient differs by O(1)."""
     a = load_file(os.path.join(a_dir, "adapter_model.safetensors"))
     b = load_file(os.path.join(b_dir, "adapter_model.safetensors"))
     assert sorted(a) == sorted(b) and a
-    for k in a:  # float32; the reduce-scatter sums the ranks' gradients in another order than one process
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5 * float(a[k].abs().max()), msg=k)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-3 * float(a[k].abs().max()), msg=k)
     with open(os.path.join(a_dir, "adapter_config.json")) as f, open(os.path.join(b_dir, "adapter_config.json")) as g:
         assert json.load(f) == json.load(g)
 
 
-def write_tiny_checkpoint(out) -> str:
-    """The `tiny` preset's weights as a Hugging Face checkpoint folder (what load_sharded streams)."""
+def write_tiny_checkpoint(out, softcap: float | None = 30.0) -> str:
+    """The `tiny` preset's weights (Gemma 3, tied head) as a Hugging Face checkpoint folder (what
+    load_sharded streams), with Gemma's final logit soft-capping on."""
     from minilora.export import dense_tensors, to_hf_config
     from minilora.hf_checkpoint import write_checkpoint
     from minilora.models.loader import load_model
 
     model, tok = load_model("tiny", quantize=None, dtype=torch.float32)
+    model.config.final_logit_softcapping = softcap
     config = to_hf_config(model.config, tok, torch.float32)
     return write_checkpoint(str(out), dense_tensors(model, torch.float32), config,
                             tokenizer_dir=os.path.join(ROOT, "examples", "tokenizer"))
@@ -177,8 +185,8 @@ def test_choose_parallel_rejects_unknown():
 @given(world=st.integers(1, 16), layers=st.integers(1, 128),
        sizes=st.lists(st.integers(0, 1 << 40), min_size=7, max_size=7))  # fmt: skip
 def test_per_rank_components(world, layers, sizes):
-    """Sharded rows are the ceil share of W ranks (so W shares cover the whole); whole rows are
-    unchanged; the in-flight row is two blocks' gathered base less the rank's own shard."""
+    """Sharded rows (embeddings and head too: vocabulary-parallel) are the ceil share of W ranks
+    (so W shares cover the whole); whole rows are unchanged; the in-flight row is two blocks' gathered base less the rank's own shard."""
     names = ["runtime (Python, torch, allocator)", "base weights (NF4 codes + quant state)",
              "embeddings, head, norms", "LoRA weights + gradients", "optimizer states (32-bit)",
              "activations kept (off recompute)", "transient (loss chunk / block backward)"]  # fmt: skip
@@ -186,7 +194,8 @@ def test_per_rank_components(world, layers, sizes):
     rows = D.per_rank_components(plan, world, layers)
     assert len(rows) == len(plan) + (world > 1)
     for (name, b, _), (_, got, _) in zip(plan, rows):
-        if name.split(" (")[0] in ("base weights", "LoRA weights + gradients", "optimizer states"):
+        if name.split(" (")[0] in ("base weights", "LoRA weights + gradients", "optimizer states",
+                                   "embeddings, head, norms"):  # fmt: skip
             assert got * world >= b > (got - 1) * world
         else:
             assert got == b
