@@ -58,20 +58,28 @@ def check_vocab(vocab: int, world: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ collectives
+def _collective(new: str, old: str):
+    """torch.distributed's `new` name for a collective, else its older one (torch 2.4 lacks the new)."""
+    import torch.distributed as dist
+
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """All ranks' x (n, ...) as (W, m, ...), each padded with zeros to m rows, and the W counts n."""
     import torch.distributed as dist
 
     W = dist.get_world_size()
     sizes = torch.empty(W, dtype=torch.int64, device=x.device)
-    dist.all_gather_into_tensor(sizes, torch.tensor([x.shape[0]], device=x.device))
+    all_gather = _collective("all_gather_single", "all_gather_into_tensor")
+    all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     sizes = sizes.tolist()
     m = max(sizes)
     padded = x.new_zeros((m, *x.shape[1:]))  # (m, ...)
     padded[: x.shape[0]] = x
     out = x.new_empty((W * m, *x.shape[1:]))
     if m:  # every rank sees the same sizes, so all skip together
-        dist.all_gather_into_tensor(out, padded)
+        all_gather(out, padded)
     return out.view(W, m, *x.shape[1:]), sizes  # (W, m, ...)
 
 
@@ -83,7 +91,8 @@ def sum_own_rows(parts: torch.Tensor, n: int) -> torch.Tensor:
     W, m = parts.shape[:2]
     out = parts.new_empty(parts.shape[1:])  # (m, ...)
     if m:
-        dist.reduce_scatter_tensor(out, parts.reshape(W * m, *parts.shape[2:]).contiguous())
+        reduce_scatter = _collective("reduce_scatter_single", "reduce_scatter_tensor")
+        reduce_scatter(out, parts.reshape(W * m, *parts.shape[2:]).contiguous())  # summed over ranks
     return out[:n]
 
 

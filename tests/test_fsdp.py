@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from minilora import distributed as D
-from test_train import losses
+from test_train import losses, val_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--eval-generate", "0", "--eval-every", "0", "--threads", "1", "--log-every", "1",
@@ -99,6 +99,32 @@ def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
     # the checkpoint's adapter is the gathered one, in PEFT format, as one process writes it
     assert load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).keys() == \
         load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors")).keys()
+
+
+def test_fsdp_untied_odd_vocabulary_losses_validation_and_adapter_equal_one_process(tmp_path):
+    """An untied Llama with V = 1031 (not divisible by 2: the ranks hold 516 and 515 rows of the
+    embedding and of the head): training losses, the validation loss before and after, and the
+    final adapter of 2 FSDP ranks equal one process's over the same global batch."""
+    import transformers
+
+    model = str(tmp_path / "llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=1031, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.2)).save_pretrained(model)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ROOT, "examples", "tokenizer", name), model)
+    common = ["--max-steps", "3", "--batch-size", "4", "--save-every", "0", "--model", model, "--lr", "3e-3",
+              "--lora-dropout", "0"]  # fmt: skip
+    train(tmp_path / "one", *common, "--grad-accum", "2")
+    train(tmp_path / "two", *common, "--parallel", "fsdp", nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=1e-5), (s, one[s], two[s])
+    v1, v2 = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert len(v1) == len(v2) == 2 and v2 == pytest.approx(v1, rel=1e-5)  # before training and after
+    assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
 
 
 def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
