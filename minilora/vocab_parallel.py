@@ -86,8 +86,6 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 def sum_own_rows(parts: torch.Tensor, n: int) -> torch.Tensor:
     """(W, m, ...) this rank's contributions to every rank's rows -> (n, ...) its own rows summed
     over the ranks (reduce-scatter)."""
-    import torch.distributed as dist
-
     W, m = parts.shape[:2]
     out = parts.new_empty(parts.shape[1:])  # (m, ...)
     if m:
@@ -175,7 +173,7 @@ def vocab_parallel_cross_entropy(h, head: VocabParallelHead, y, cap, chunk: int,
             rows = torch.arange(len(yc), device=h.device)[mine]
             p[rows, yc[mine]] -= 1.0
             grad[i : i + chunk] = head_grad(p, t, w, h.dtype)  # (c, D) this slice's term
-        del z, t
+        z = t = p = None  # before the next chunk's logits exist: one chunk's buffers at a time
     r = dist.get_rank()
     first = sum(sizes[:r])
     total = losses[first : first + h.shape[0]].sum()
@@ -212,7 +210,7 @@ class _HeadLogitsFn(torch.autograd.Function):
         import torch.distributed as dist
 
         x = h.reshape(-1, h.shape[-1])  # (n, D)
-        H, sizes = gather_rows(x)  # (W, m, D)
+        H, _ = gather_rows(x)  # (W, m, D)
         W, m = H.shape[:2]
         V, Vs, per = head.out_features, head.weight.shape[0], -(-head.out_features // W)
         z = H.new_zeros((W, m, per), dtype=head.weight.dtype)

@@ -4,7 +4,8 @@ Streaming load, so that the whole bf16 model is never resident:
   1. build the Transformer on the meta device (shapes only, no memory);
   2. for each tensor in the checkpoint (single model.safetensors, or shards listed in
      model.safetensors.index.json) map its name to ours (`our_name`, the ONE name map), read it
-     memory-mapped, cast to `dtype`, move to `device`;
+     memory-mapped, cast to `dtype`, move to `device` (`read_weights` + `place_tensor`, which
+     minilora.distributed's FSDP loader streams through too);
   3. with quantize="nf4" every linear weight of the blocks (not embeddings, norms or lm_head) is
      quantized right away and its nn.Linear swapped for minilora.quant_linear.NF4Linear; the bf16
      copy is dropped before the next tensor is read.
@@ -281,7 +282,7 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
     with torch.device("meta"), no_random_init():
         model = Transformer(cfg)
     model.tie_weights()
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied lm_head.weight is listed once, as embed
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head is listed once, as embed
     nf4 = dict(blocksize=blocksize, double_quant=double_quant) if quantize == "nf4" else None
     for ours, t in read_weights(ckpt, cfg, expected):
         place_tensor(model, ours, t, dtype, device, nf4)

@@ -212,7 +212,8 @@ def test_choose_parallel_rejects_unknown():
        sizes=st.lists(st.integers(0, 1 << 40), min_size=7, max_size=7))  # fmt: skip
 def test_per_rank_components(world, layers, sizes):
     """Sharded rows (embeddings and head too: vocabulary-parallel) are the ceil share of W ranks
-    (so W shares cover the whole); whole rows are unchanged; the in-flight row is two blocks' gathered base less the rank's own shard."""
+    (so W shares cover the whole); whole rows are unchanged; the in-flight row is two blocks'
+    gathered base less the rank's own shard."""
     names = ["runtime (Python, torch, allocator)", "base weights (NF4 codes + quant state)",
              "embeddings, head, norms", "LoRA weights + gradients", "optimizer states (32-bit)",
              "activations kept (off recompute)", "transient (loss chunk / block backward)"]  # fmt: skip
