@@ -243,12 +243,8 @@ class _HeadLogitsFn(torch.autograd.Function):
 # ------------------------------------------------------------------------------------ installing
 def install(model: nn.Module, rows: dict[str, torch.Tensor], start: int) -> None:
     """Swap model.model.embed_tokens and model.lm_head for their vocabulary-parallel versions over
-    this rank's rows {"model.embed_tokens.weight": (Vs, D), and "lm_head.weight" when untied}."""
-    from minilora.distributed import ParallelError
-
-    if type(model.lm_head) is not nn.Linear:  # e.g. LoRA on the head: its gradient would not be averaged
-        raise ParallelError("--parallel fsdp trains parameters inside the transformer blocks only, not lm_head; "
-                            "leave it out of --lora-targets or use --parallel ddp.")  # fmt: skip
+    this rank's rows {"model.embed_tokens.weight": (Vs, D), and "lm_head.weight" when untied}.
+    Called after distributed.check_trainable_sharded, which refuses LoRA on the head."""
     cfg = model.config
     emb = nn.Parameter(rows["model.embed_tokens.weight"], requires_grad=False)
     model.model.embed_tokens = VocabParallelEmbedding(emb, start, cfg.vocab_size)
