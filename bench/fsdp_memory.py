@@ -9,10 +9,12 @@ and train.py's loss (chunked_lm_loss / label tokens, clip, step) in:
 
   1 process   load_model(dir, "nf4") + apply_lora: the whole NF4 base, B rows per step.
   2 ranks     torchrun --nproc_per_node 2, minilora.distributed.load_sharded: each rank reads and
-              quantizes block by block and keeps its FSDP shard; B/2 rows per rank per step.
+              quantizes block by block and keeps its FSDP shard, and reads only its V/2 rows of the
+              embedding/head; B/2 rows per rank per step.
 
 Measured in each process: peak RSS over its whole life (VmHWM: imports, load, training), the peak
-while loading, the NF4 bytes it holds (its shards), and the median step time after --warmup steps.
+while loading, the NF4 bytes it holds (its shards), the embedding and head bytes it holds (its
+vocabulary rows under FSDP, minilora/vocab_parallel.py), and the median step time after --warmup steps.
 Printed: per-rank peak / one process's peak (target: at most 0.6x) and the step-time ratio
 (FSDP's overhead: all-gathers and reduce-scatters each step; on a 2-core CPU the two ranks also
 share the cores). CPU float32; on CUDA bf16 and torch.cuda.max_memory_allocated as the peak.
@@ -47,6 +49,7 @@ def worker(a) -> None:
     from minilora.packing import Batch
     from minilora.paged_adamw import PagedAdamW
     from minilora.loss import chunked_lm_loss
+    from minilora.vocab_parallel import resident_bytes
 
     torch.set_num_threads(a.threads)
     rank, world, dev = D.init_distributed()
@@ -89,7 +92,8 @@ def worker(a) -> None:
             times.append(time.perf_counter() - t1)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_kib("VmHWM") * 1024
     out = {"rank": rank, "world": world, "peak_mb": peak / 2**20, "load_peak_mb": load_peak / 2**20,
-           "load_s": load_s, "nf4_mb": D.nf4_resident_bytes(model) / 2**20, "median_s": statistics.median(times),
+           "load_s": load_s, "nf4_mb": D.nf4_resident_bytes(model) / 2**20,
+           "embed_mb": resident_bytes(model) / 2**20, "median_s": statistics.median(times),
            "losses": losses}  # fmt: skip
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -139,10 +143,12 @@ def main(argv=None) -> None:
         two = launch(a, argv_w, 2, os.path.join(tmp, "two"))
     device = "cuda" if "cuda" in environment()["device"].lower() or _has_cuda() else "cpu"
     print(f"geometry {a.geometry}, global batch {a.batch} x {a.seq}, r={a.rank}, {device}")
-    print(f"{'':12}{'peak MB':>10}{'load peak MB':>14}{'NF4 MB':>10}{'step s':>9}{'peak ratio':>12}{'step ratio':>12}")
+    print(f"{'':12}{'peak MB':>10}{'load peak MB':>14}{'NF4 MB':>10}{'emb+head MB':>13}{'step s':>9}{'peak ratio':>12}"
+          f"{'step ratio':>12}")
 
     def row(name, r):
-        return f"{name:12}{r['peak_mb']:10.0f}{r['load_peak_mb']:14.0f}{r['nf4_mb']:10.1f}{r['median_s']:9.3f}"
+        return (f"{name:12}{r['peak_mb']:10.0f}{r['load_peak_mb']:14.0f}{r['nf4_mb']:10.1f}{r['embed_mb']:13.1f}"
+                f"{r['median_s']:9.3f}")
 
     print(row("1 process", one))
     for r in two:

@@ -11,12 +11,13 @@ pieces, a rank keeps one piece, and a block's pieces are all-gathered just befor
 
 plus, while a block runs, that block's gathered base (two blocks with prefetching). NF4 codes and
 their quantization state are frozen parameters for this (buffers are not sharded); each
-transformer block is one fully_shard unit. The embeddings, final norm and head stay whole on every
-rank: the chunked loss needs the whole head after the forward, so a sharded root unit would be
-gathered for the whole step on top of its shard (R + R/W at the peak instead of R). After the
-all-gather a block's NF4Linear sees its whole codes and dequantizes exactly as on one device, so
-losses equal a single-process run over the same global batch. Gradients are reduce-scattered as
-averages over ranks, as DDP all-reduces them; trainable parameters must therefore live in blocks.
+transformer block is one fully_shard unit. The embeddings and head are split by vocabulary rows
+instead (minilora/vocab_parallel.py: each rank keeps V/W rows and the lookup and the chunked loss
+exchange hidden states, never the table; FSDP would gather the whole table for the whole step);
+the final norm stays whole. After the all-gather a block's NF4Linear sees its whole codes and
+dequantizes exactly as on one device, so losses equal a single-process run over the same global
+batch. Gradients are reduce-scattered as averages over ranks, as DDP all-reduces them; trainable
+parameters must therefore live in blocks.
 
 Checkpoints under FSDP: minilora/sharded_checkpoint.py.
 """
@@ -173,9 +174,12 @@ def return_freed_blocks_to_the_os(device: torch.device) -> bool:
 
 def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     """fully_shard each transformer block (in place): afterwards every block parameter is a DTensor
-    sharded along dim 0 over the W ranks; embeddings, final norm and head stay whole."""
+    sharded along dim 0 over the W ranks; embeddings and head become vocabulary-parallel (this
+    rank's V/W rows, minilora/vocab_parallel.py); the final norm stays whole."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from minilora.vocab_parallel import shard_vocab
 
     nf4_buffers_to_parameters(model)
     return_freed_blocks_to_the_os(device)
@@ -183,6 +187,7 @@ def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module
     for block in model.model.layers:
         fully_shard(block, mesh=mesh)
     check_trainable_sharded(model)
+    shard_vocab(model, rank(), world)
     return model
 
 
@@ -234,49 +239,36 @@ def streams_load(model_name: str, quantize: str) -> bool:
 
 def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, world: int, lora: dict,
                  blocksize: int = 64, double_quant: bool = True):  # fmt: skip
-    """(model, tokenizer, LoRA report): an NF4 + LoRA model loaded, one block at a time, straight
-    into its FSDP shards, so no rank ever holds the whole model, not even as NF4.
+    """(model, tokenizer, LoRA report): an NF4 + LoRA model loaded straight into this rank's shards,
+    so no rank ever holds the whole model, not even as NF4.
 
     1. The model is built on the meta device (no memory), each block linear given a stand-in
        weight of its shape that costs nothing (a broadcast zero); apply_lora(**lora) then draws
        exactly the initial A, B that it draws on a loaded model (they depend on shapes and order).
-    2. For each block: its tensors are read from safetensors, its linears quantized to NF4 (the
-       bf16 copy of one weight at a time), and the block is fully_shard-ed: this rank keeps 1/W.
-    3. Embeddings, final norm and head are read last; they stay whole (see the module docstring).
-    Peak per rank: its shards + one block whole + one bf16 weight + embeddings, norm and head.
-    Every rank reads and quantizes every block and keeps its own shard (no scatter).
+    2. The checkpoint is streamed by models/loader.py's read_weights (the reader load_model uses,
+       with its checks), each block linear quantized to NF4 as it arrives (the bf16 copy of one
+       weight at a time); a block is fully_shard-ed once its last tensor is in: this rank keeps 1/W.
+    3. Of the embedding and an untied head only this rank's vocabulary rows are read
+       (minilora/vocab_parallel.py); the final norm is read whole.
+    Peak per rank: its shards + the blocks still incomplete (one, unless a block spans two files)
+    + one bf16 weight. Every rank reads and quantizes every block and keeps its own shard.
     """
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from minilora.lora import LoRALinear, apply_lora
+    from minilora import vocab_parallel as VP
+    from minilora.lora import apply_lora
     from minilora.models import loader as L
     from minilora.models.transformer import Transformer
-    from minilora.quant_linear import NF4Linear
 
     ckpt = L.resolve_checkpoint(name_or_path)
     cfg = L.read_config(ckpt, L.preset_name(name_or_path, ckpt))
-    files = L.weight_files(ckpt)
-    L.check_file_sizes(files)
-    where = {}  # our name -> (file, name in the file)
-    for path, names in files.items():
-        for hf in names:
-            ours = L.our_name(hf)
-            if ours is not None:
-                where.setdefault(ours, (path, hf))
-
-    def read(ours: str, like: torch.Tensor) -> torch.Tensor:
-        if ours not in where:
-            raise L.ModelLoadError(f"{ckpt} is missing tensor {ours}; download the checkpoint again.")
-        t = L.read_tensor(*where[ours])
-        if tuple(t.shape) != tuple(like.shape):
-            raise L.ModelLoadError(f"tensor {where[ours][1]} has shape {tuple(t.shape)} but config.json implies "
-                                   f"{tuple(like.shape)}; the weights do not belong to this config.json.")
-        return t.to(device=device, dtype=dtype, copy=True)  # copied out of the file mapping
-
+    VP.check_vocab(cfg.vocab_size, world)
     with torch.device("meta"), L.no_random_init():
         model = Transformer(cfg)
     model.tie_weights()
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # before LoRA renames the linears
     for name, mod in model.named_modules():  # 1. stand-ins, then LoRA
         if isinstance(mod, nn.Linear) and L.is_block_linear(name + ".weight"):
             mod.weight = nn.Parameter(torch.zeros((), dtype=dtype).expand(mod.out_features, mod.in_features),
@@ -285,45 +277,39 @@ def load_sharded(name_or_path: str, dtype: torch.dtype, device: torch.device, wo
     return_freed_blocks_to_the_os(device)
     mesh = init_device_mesh(device.type, (world,))
 
-    def materialize(module: nn.Module, prefix: str) -> None:
-        for name, mod in list(module.named_modules()):
-            full = prefix + name
-            base = mod.base if isinstance(mod, LoRALinear) else mod
-            if isinstance(base, nn.Linear) and L.is_block_linear(full.removesuffix(".base") + ".weight"):
-                stem = full.removesuffix(".base")
-                bias = None if base.bias is None else read(stem + ".bias", base.bias)
-                q = NF4Linear.from_weight(read(stem + ".weight", base.weight), bias, blocksize=blocksize,
-                                          double_quant=double_quant, compute_dtype=dtype)  # fmt: skip
-                if isinstance(mod, LoRALinear):
-                    mod.base = q
-                else:
-                    L.set_module(module, name, q)
-        for name, p in list(module.named_parameters()):
-            if p.is_meta:
-                owner, _, leaf = name.rpartition(".")
-                m = module.get_submodule(owner) if owner else module
-                m._parameters[leaf] = nn.Parameter(read(prefix + name, p), requires_grad=False)
-
-    for i, block in enumerate(model.model.layers):  # 2. block by block
-        materialize(block, f"model.layers.{i}.")
-        nf4_buffers_to_parameters(block)
-        fully_shard(block, mesh=mesh)
-    for name in ("model.embed_tokens", "model.norm") + (() if cfg.tie_word_embeddings else ("lm_head",)):
-        m = model.get_submodule(name)  # 3. whole on every rank (a tied head follows the embeddings)
-        m._parameters["weight"] = nn.Parameter(read(name + ".weight", m.weight), requires_grad=False)
-    model.tie_weights()
+    lo, hi = VP.vocab_range(cfg.vocab_size, world, dist.get_rank())
+    vocab = {"model.embed_tokens.weight", "lm_head.weight"}
+    left = [0] * cfg.num_hidden_layers  # tensors still to come, per block
+    for n in expected:
+        if n.startswith("model.layers."):
+            left[int(n.split(".")[2])] += 1
+    rows = {}  # this rank's vocabulary rows
+    nf4 = dict(blocksize=blocksize, double_quant=double_quant)
+    for ours, t in L.read_weights(ckpt, cfg, expected, rows={n: (lo, hi) for n in vocab}):  # 2. streamed
+        if ours in vocab:
+            rows[ours] = t.to(device=device, dtype=dtype, copy=True)  # 3. this rank's rows only
+            continue
+        L.place_tensor(model, ours, t, dtype, device, nf4)
+        del t
+        if ours.startswith("model.layers."):
+            i = int(ours.split(".")[2])
+            left[i] -= 1
+            if not left[i]:  # the block is whole: shard it, keeping 1/W
+                nf4_buffers_to_parameters(model.model.layers[i])
+                fully_shard(model.model.layers[i], mesh=mesh)
     model.inv_freq_global = model.inv_freq_global.to(device)
     model.inv_freq_local = model.inv_freq_local.to(device)
     check_trainable_sharded(model)
+    VP.install(model, rows, lo)
     return model, L.load_tokenizer(ckpt), report
 
 
 # ---------------------------------------------------------------------------------- memory plans
 # Plan components (minilora/planner.py names them) that FSDP divides over the ranks: the NF4 base,
-# the LoRA weights with their gradients, and the optimizer states. Everything else stays whole on
-# every rank: activations belong to the rank's own micro-batch, the loss chunk is per rank, and
-# embeddings, head and norms are not sharded (see the module docstring).
-SHARDED_COMPONENTS = ("base weights", "LoRA weights", "optimizer states")
+# the LoRA weights with their gradients, the optimizer states, and the embeddings and head (split by
+# vocabulary rows; the norms in that row are replicated but tiny). Everything else stays whole on
+# every rank: activations belong to the rank's own micro-batch and the loss chunk is per rank.
+SHARDED_COMPONENTS = ("base weights", "LoRA weights", "optimizer states", "embeddings, head")
 
 
 def per_rank_components(components: list[tuple[str, int, str]], world: int, num_layers: int,

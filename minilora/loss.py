@@ -15,6 +15,8 @@ logits (in float32, or float64 for a float64 model) exist at a time:
   the hidden states right away and keeps none of the logits for backward;
 - a trainable head: each chunk is checkpointed (its logits are recomputed in backward);
 - no grad (validation, perplexity): plain chunks, each chunk's logits freed before the next.
+- under --parallel fsdp the head is vocabulary-parallel (minilora/vocab_parallel.py): each rank
+  holds V/W rows of it, and the head computes the loss itself (`cross_entropy`), with or without grad.
 
 Gemma 3's 262k vocabulary at 16 x 1024 tokens would be 16 GiB of float32 logits; here it is
 chunk x V x 4 bytes (256 MiB at the default chunk of 256).
@@ -34,6 +36,24 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def head_logits(h: torch.Tensor, weight: torch.Tensor, cap):
+    """(l, t) for rows h (c, D) and head rows weight (V', D): the logits l = cap tanh(z / cap) (or z),
+    z = h W^T, in the accumulation dtype, and t = tanh(z / cap) for the gradient (None without cap)."""
+    z = (h @ weight.t()).to(_acc_dtype(h.dtype))  # (c, D) @ (D, V') -> (c, V'), as logits_from_hidden computes it
+    if cap is None:
+        return z, None
+    t = torch.tanh(z / cap)
+    return cap * t, t
+
+
+def head_grad(p: torch.Tensor, t, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dL/dh = (dL/dl * dl/dz) W for dL/dl = p (c, V') (softmax - one-hot; scaled in place by
+    dl/dz = 1 - t^2 under soft-capping) and head rows weight (V', D): (c, V') @ (V', D) -> (c, D)."""
+    if t is not None:
+        p *= 1 - t * t
+    return (p.to(weight.dtype) @ weight).to(dtype)
+
+
 class HeadCrossEntropyFn(torch.autograd.Function):
     """L = sum_i CE(l_i, y_i) over N rows, l_i = cap tanh(z_i / cap) (or z_i), z_i = h_i W^T,
     with the frozen output head W (V, D), computed chunk by chunk.
@@ -48,23 +68,17 @@ class HeadCrossEntropyFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, cap, chunk: int):
-        acc = _acc_dtype(h.dtype)
-        total = torch.zeros((), dtype=acc, device=h.device)
+        total = torch.zeros((), dtype=_acc_dtype(h.dtype), device=h.device)
         grad_h = torch.empty_like(h)  # (N, D)
         rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
         for i in range(0, h.shape[0], chunk):
             hc, yc = h[i : i + chunk], y[i : i + chunk]  # (c, D), (c,)
-            z = (hc @ weight.t()).to(acc)  # (c, D) @ (D, V) -> (c, V), as logits_from_hidden computes it
-            if cap is not None:
-                t = torch.tanh(z / cap)
-                z = cap * t
+            z, t = head_logits(hc, weight, cap)  # (c, V)
             lse = torch.logsumexp(z, dim=-1)  # (c,)
             total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
             p = torch.exp(z - lse[:, None])  # (c, V) softmax
             p[rows[: len(yc)], yc] -= 1.0
-            if cap is not None:
-                p *= 1 - t * t
-            grad_h[i : i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)  # (c, V) @ (V, D) -> (c, D)
+            grad_h[i : i + chunk] = head_grad(p, t, weight, h.dtype)
             del z, p  # before the next chunk's logits exist: one chunk's buffers at a time
         ctx.save_for_backward(grad_h)
         return total
@@ -88,9 +102,11 @@ def chunked_lm_loss(model, batch, chunk: int = 256) -> tuple[torch.Tensor, int]:
     keep = targets != IGNORE
     h_sel = h[:, :-1][keep]  # (N, D)
     y_sel = targets[keep]  # (N,)
+    cap = model.config.final_logit_softcapping
+    if hasattr(model.lm_head, "cross_entropy"):  # --parallel fsdp: a vocabulary-parallel head (vocab_parallel.py)
+        return model.lm_head.cross_entropy(h_sel, y_sel, cap, chunk), int(y_sel.numel())
     head = getattr(model.lm_head, "weight", None)
     if torch.is_grad_enabled() and head is not None and not head.requires_grad:  # LoRA: frozen head
-        cap = model.config.final_logit_softcapping
         return HeadCrossEntropyFn.apply(h_sel, head, y_sel, cap, chunk), int(y_sel.numel())
     total = h.new_zeros((), dtype=_acc_dtype(h.dtype))
     for i in range(0, y_sel.numel(), chunk):  # a trainable head, or no grad: plain chunks

@@ -4,7 +4,8 @@ Streaming load, so that the whole bf16 model is never resident:
   1. build the Transformer on the meta device (shapes only, no memory);
   2. for each tensor in the checkpoint (single model.safetensors, or shards listed in
      model.safetensors.index.json) map its name to ours (`our_name`, the ONE name map), read it
-     memory-mapped, cast to `dtype`, move to `device`;
+     memory-mapped, cast to `dtype`, move to `device` (`read_weights` + `place_tensor`, which
+     minilora.distributed's FSDP loader streams through too);
   3. with quantize="nf4" every linear weight of the blocks (not embeddings, norms or lm_head) is
      quantized right away and its nn.Linear swapped for minilora.quant_linear.NF4Linear; the bf16
      copy is dropped before the next tensor is read.
@@ -30,7 +31,8 @@ from .transformer import Transformer
 __all__ = ["ModelLoadError", "load_model", "our_name", "checkpoint_name", "is_block_linear", "build_tiny",
            "quantize_linears", "source_checkpoint",
            # the pieces of load_weights, also used by minilora.distributed's block-by-block loader
-           "read_config", "weight_files", "check_file_sizes", "read_tensor", "no_random_init", "set_module",
+           "read_config", "read_weights", "place_tensor", "weight_files", "check_file_sizes", "read_tensor",
+           "no_random_init", "set_module",
            "load_tokenizer", "load_config", "preset_name", "tiny_config", "tiny_tokenizer"]
 
 _EXAMPLES_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tokenizer")
@@ -189,18 +191,22 @@ def no_random_init():
             cls.reset_parameters = fn
 
 
-def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize, double_quant) -> Transformer:
-    """Stream the checkpoint in `ckpt` into a Transformer built on the meta device."""
-    with torch.device("meta"), no_random_init():
-        model = Transformer(cfg)
-    model.tie_weights()
-    expected = {n: p for n, p in model.named_parameters()}  # tied lm_head.weight is listed once, as embed
+def read_weights(ckpt: str, cfg: ModelConfig, expected: dict[str, tuple[int, ...]],
+                 rows: dict[str, tuple[int, int]] | None = None):  # fmt: skip
+    """Yield (our name, tensor) for each checkpoint tensor in `expected` ({our name: whole shape}),
+    in file order: the one streaming reader of load_weights and distributed.load_sharded.
+
+    Each tensor comes memory-mapped through its own short-lived safe_open (see the module doc), so
+    callers copy what they keep. `rows` ({our name: (start, stop)}) reads only those rows of a
+    tensor (safe_open's get_slice: the rest is never read). Checked here, once: file sizes, every
+    tensor's whole shape against `expected`, then, after the last tensor, that none is unexpected
+    or missing. A multimodal checkpoint's text-tower prefix goes to cfg.source_prefix; a stored tied
+    head is skipped (it equals embed_tokens).
+    """
+    rows = rows or {}
     files = weight_files(ckpt)
     check_file_sizes(files)
     unexpected, seen = [], set()
-    NF4Linear = None
-    if quantize == "nf4":
-        from minilora.quant_linear import NF4Linear
     for path, names in files.items():
         for hf in names:
             ours = our_name(hf)
@@ -213,29 +219,8 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
             if ours not in expected:
                 unexpected.append(hf)
                 continue
-            t = read_tensor(path, hf)
-            want = tuple(expected[ours].shape)
-            if tuple(t.shape) != want:
-                raise ModelLoadError(
-                    f"tensor {hf} in {os.path.basename(path)} has shape {tuple(t.shape)} but config.json "
-                    f"implies {want}; the weights do not belong to this config.json."
-                )
-            mod_name, _, pname = ours.rpartition(".")
-            mod = model.get_submodule(mod_name)
-            quantized = NF4Linear is not None and is_block_linear(ours)
-            # A kept tensor is copied out of the file mapping: a model backed by the file would
-            # crash (SIGBUS) if that file were later rewritten in place, e.g. by saving over it.
-            t = t.to(device=device, dtype=dtype, copy=not quantized)
-            if quantized:
-                bias = None if mod.bias is None or mod.bias.is_meta else mod.bias  # bias sorts before weight
-                q = NF4Linear.from_weight(t, bias, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
-                set_module(model, mod_name, q)
-            elif NF4Linear is not None and isinstance(mod, NF4Linear):  # a bias read after its weight
-                mod.bias = t  # NF4Linear keeps its (frozen) bias as a buffer
-            else:
-                mod._parameters[pname] = nn.Parameter(t, requires_grad=expected[ours].requires_grad)
+            yield ours, _read_checked(path, hf, tuple(expected[ours]), rows.get(ours))
             seen.add(ours)
-            del t  # the bf16 copy of a quantized weight dies here, before the next read
     if unexpected:
         raise ModelLoadError(
             f"{ckpt} has tensors this {cfg.family} model does not use: {_few(unexpected)}; "
@@ -244,6 +229,64 @@ def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize
     missing = [n for n in expected if n not in seen]
     if missing:
         raise ModelLoadError(f"{ckpt} is missing tensors {_few(missing)}; download the checkpoint again.")
+
+
+def _read_checked(path: str, name: str, want: tuple[int, ...], rows: tuple[int, int] | None) -> torch.Tensor:
+    """Tensor `name` of `path` (rows [start, stop) of it when `rows`), its whole shape checked first."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            part = f.get_slice(name)
+            shape = tuple(part.get_shape())
+            t = None if shape != want else f.get_tensor(name) if rows is None else part[rows[0] : rows[1]]
+    except Exception as e:
+        raise _corrupt(path, e) from None
+    if t is None:
+        raise ModelLoadError(f"tensor {name} in {os.path.basename(path)} has shape {shape} but config.json "
+                             f"implies {want}; the weights do not belong to this config.json.")  # fmt: skip
+    return t
+
+
+def place_tensor(model: nn.Module, ours: str, t: torch.Tensor, dtype, device, nf4: dict | None = None) -> None:
+    """Put checkpoint tensor `t` (our name) into the meta-built `model`, as `dtype` on `device`.
+
+    With `nf4` (NF4Linear.from_weight's keyword arguments) a block linear's weight becomes an
+    NF4Linear right away; a bias read before its weight waits in the linear, one read after goes
+    into the NF4Linear. A LoRA wrapper (distributed.load_sharded applies LoRA before loading)
+    holds the checkpoint's linear as `.base`. Other tensors are copied out of the file mapping: a
+    model backed by the file would crash (SIGBUS) if that file were later rewritten in place.
+    """
+    from minilora.quant_linear import NF4Linear
+
+    mod_name, _, pname = ours.rpartition(".")
+    owner = model.get_submodule(mod_name)
+    mod = owner.base if isinstance(getattr(owner, "base", None), nn.Module) else owner
+    quantized = nf4 is not None and is_block_linear(ours)
+    t = t.to(device=device, dtype=dtype, copy=not quantized)
+    if quantized:
+        bias = None if mod.bias is None or mod.bias.is_meta else mod.bias  # bias sorts before weight
+        q = NF4Linear.from_weight(t, bias, compute_dtype=dtype, **nf4)
+        if mod is owner:
+            set_module(model, mod_name, q)
+        else:
+            owner.base = q
+    elif isinstance(mod, NF4Linear):  # a bias read after its weight
+        mod.bias = t  # NF4Linear keeps its (frozen) bias as a buffer
+    else:
+        mod._parameters[pname] = nn.Parameter(t, requires_grad=mod._parameters[pname].requires_grad)
+
+
+def load_weights(ckpt: str, cfg: ModelConfig, quantize, dtype, device, blocksize, double_quant) -> Transformer:
+    """Stream the checkpoint in `ckpt` into a Transformer built on the meta device."""
+    with torch.device("meta"), no_random_init():
+        model = Transformer(cfg)
+    model.tie_weights()
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head is listed once, as embed
+    nf4 = dict(blocksize=blocksize, double_quant=double_quant) if quantize == "nf4" else None
+    for ours, t in read_weights(ckpt, cfg, expected):
+        place_tensor(model, ours, t, dtype, device, nf4)
+        del t  # the bf16 copy of a quantized weight dies here, before the next read
     model.tie_weights()
     model.inv_freq_global = model.inv_freq_global.to(device)
     model.inv_freq_local = model.inv_freq_local.to(device)
