@@ -199,3 +199,43 @@ def test_attention_module_keeps_kv_at_hkv_heads_with_the_same_output(dtype, T, r
     e = torch.empty((), dtype=dtype).element_size()
     assert torch.equal(out[True], out[False])
     assert size[False] - size[True] == 2 * B * T * (Hkv * rep - Hkv) * hd * e
+
+
+def test_sdpa_takes_gqa_only_where_a_fused_kernel_would_run():
+    """Where only the math backend may run (it would repeat k, v itself and build the scores), the
+    module repeats k, v itself and keeps the old path; with the fused kernels allowed it does not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, kv = torch.randn(1, 6, 5, 16), torch.randn(1, 2, 5, 16)
+    assert transformer.sdpa_takes_gqa(q, kv, kv, None)
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert not transformer.sdpa_takes_gqa(q, kv, kv, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_gqa_on_cuda_saves_kv_unrepeated_where_a_fused_kernel_takes_it(masked):
+    """On CUDA, sdpa_takes_gqa asks torch's own dispatch (flash, cuDNN or memory-efficient kernels,
+    whichever accept Hkv < H for these inputs): when it says yes, k and v are saved at Hkv heads and
+    the output agrees with the repeated path; when it says no, the module repeats as before."""
+    torch.manual_seed(0)
+    dev, dtype, B, T, Hkv, rep, hd, D = "cuda", torch.bfloat16, 2, 64, 2, 4, 64, 128
+    cfg = ModelConfig(family="llama", name="t", vocab_size=8, hidden_size=D, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=Hkv * rep, num_key_value_heads=Hkv, head_dim=hd)  # fmt: skip
+    attn = transformer.Attention(cfg, 0).to(dev, dtype).requires_grad_(False)
+    x = torch.randn(B, T, D, device=dev, dtype=dtype, requires_grad=True)
+    pos = torch.arange(T, device=dev).expand(B, T)
+    cos, sin = transformer.rope_cos_sin(transformer.rope_inv_freq(hd, 1e4, None), pos, dtype)
+    mask = random_mask(B, T).to(dev) if masked else None
+    q = torch.empty(B, Hkv * rep, T, hd, device=dev, dtype=dtype)
+    kv = torch.empty(B, Hkv, T, hd, device=dev, dtype=dtype)
+    takes = transformer.sdpa_takes_gqa(q, kv, kv, mask)
+    out, size = {}, {}
+    for gqa in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            real = transformer.sdpa_takes_gqa
+            mp.setattr(transformer, "sdpa_takes_gqa", lambda *a: real(*a) if gqa else False)
+            out[gqa] = attn(x, cos, sin, mask)
+            size[gqa] = saved_bytes(lambda: attn(x, cos, sin, mask))
+    torch.testing.assert_close(out[True], out[False])
+    assert size[False] - size[True] == (2 * B * T * (Hkv * rep - Hkv) * hd * 2 if takes else 0)
