@@ -27,13 +27,16 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from .config import FULL, SLIDING, ModelConfig
+from .ops import gated_act, rms_norm
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm; `gemma=True` uses the (1 + w) parameterization in float32."""
+    """Root-mean-square norm; `gemma=True` uses the (1 + w) parameterization in float32. Keeps its
+    input in its own dtype for backward, not a float32 copy (ops.rms_norm)."""
 
     def __init__(self, dim: int, eps: float, gemma: bool):
         super().__init__()
@@ -41,11 +44,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.gemma:
-            return (xf * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * xf.type_as(x)
+        return rms_norm(x, self.weight, self.eps, self.gemma)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -87,6 +86,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def sdpa_takes_gqa(q, k, v, mask) -> bool:
+    """Whether scaled_dot_product_attention can take k, v with Hkv < H heads (enable_gqa, torch >= 2.5)
+    in a fused kernel for these inputs (the CPU and CUDA flash kernels can; the math fallback would
+    repeat k, v itself and build the (B, H, T, S) scores, so there the caller repeats and keeps the
+    fused kernel that dense heads get)."""
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, mask is None, enable_gqa=True)
+    except (TypeError, RuntimeError):  # torch < 2.5 (no enable_gqa), or a device without the check
+        return False
+    return choice != SDPBackend.MATH.value
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -119,12 +130,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
         rep = self.n_heads // self.n_kv
-        # GQA: repeat each kv head for its `rep` query heads (same order as transformers' repeat_kv).
-        k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, hd)
-        v = v.repeat_interleave(rep, dim=1) if rep > 1 else v  # (B, H, S, hd)
+        gqa = rep > 1 and self.softcap is None and sdpa_takes_gqa(q, k, v, mask)
+        if rep > 1 and not gqa:
+            # GQA by hand: repeat each kv head for its `rep` query heads (transformers' repeat_kv order)
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+            v = v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
         if self.softcap is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 scale=self.scale)  # (B, H, T, hd)
+            # enable_gqa: query head h reads kv head h // rep, and backward keeps k, v unrepeated
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                 **({"enable_gqa": True} if gqa else {}))  # (B, H, T, hd)
         else:
             # SDPA cannot soft-cap scores, so this path spells attention out.
             if mask is None:
@@ -147,9 +161,8 @@ class MLP(nn.Module):
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x):  # (B, T, D) -> (B, T, F) -> (B, T, D)
-        g = self.gate_proj(x)
-        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
-        return self.down_proj(g * self.up_proj(x))
+        # act(gate) * up keeping gate and up only: act(gate) is recomputed in backward (ops.gated_act)
+        return self.down_proj(gated_act(self.gate_proj(x), self.up_proj(x), self.gelu))
 
 
 class Block(nn.Module):

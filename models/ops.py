@@ -1,0 +1,123 @@
+"""Memory-lean autograd functions for the transformer block: the same forward numbers as the plain
+PyTorch ops, fewer bytes kept for backward.
+
+Letters: N rows (all leading dims), D the normalized width, F the MLP width; e bytes per element of
+the activations' dtype.
+
+    rms_norm      plain autograd keeps the float32 upcast of x (4 D per row, also for a bf16 x) and
+                  rstd; this keeps x in its own dtype (e D) and rstd (4), and recomputes the float32
+                  upcast in backward.
+    gated_act     act(g) * u: plain autograd keeps g (for act's backward), act(g) and u (for the
+                  product's); this keeps g and u, and recomputes act(g) in backward.
+
+Each backward runs the same aten ops, in the same order and dtypes, as autograd's backward of the
+plain ops (torch/csrc/autograd/FunctionsManual.cpp: mean_backward, pow_backward; derivatives.yaml:
+rsqrt, mul, silu, gelu), so the gradients are bit for bit autograd's (tests/test_ops.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_plain(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    """The reference: x / sqrt(mean(x^2) + eps) in float32, then * w (cast to x's dtype first) or
+    * (1 + w) in float32 (gemma, cast after). Autograd through it keeps float32 x."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (xf * (1.0 + weight.float())).type_as(x)
+    return weight * xf.type_as(x)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = w * cast(n)  (Llama)   or   y = cast(n * (1 + w))  (Gemma),   n = x r,   r = (mean(x^2) + eps)^(-1/2)
+
+    with x upcast to float32 and cast() back to x's dtype; w is frozen (the caller falls back to
+    rms_norm_plain when it needs dL/dw). Saved: x (its own dtype) and r (float32, one per row).
+
+    Backward, g = dL/dy, everything in float32 after the first line:
+        gn = cast(g * w)  (Llama)   or   g (1 + w)  (Gemma)                     dL/dn
+        dL/dx = gn r + dL/d(x^2) 2 x                     (n = x r; and r depends on x through x^2)
+        dL/dr = sum_i gn_i x_i                           (a row sum)
+        dL/d(mean) = -1/2 dL/dr r^3                      (d/dm m^(-1/2) = -1/2 r^3)
+        dL/d(x_i^2) = dL/d(mean) / D
+    which is r (gn - n mean(gn n)); it is computed term by term as above because those are the ops
+    autograd runs on the plain path, so the numbers are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, gemma: bool):
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (N, 1) float32
+        ctx.save_for_backward(x, r, weight)
+        ctx.gemma = gemma
+        n = xf * r  # (N, D) float32, not saved
+        if gemma:
+            return (n * (1.0 + weight.float())).type_as(x)
+        return weight * n.type_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, r, weight = ctx.saved_tensors
+        xf = x.float()
+        if ctx.gemma:
+            gn = g.float() * (1.0 + weight.float())
+        else:
+            # The product's dtype is promote(w, x); autograd casts it to x's dtype, then to float32.
+            gn = (g * weight).to(x.dtype).float()
+        g_r = (gn * xf).sum(-1, keepdim=True)  # (N, 1)
+        g_mean = -0.5 * g_r * r.pow(3)  # (N, 1)
+        g_sq = g_mean.expand(xf.shape) / xf.shape[-1]  # (N, D)
+        gx = gn * r + g_sq * (2.0 * xf)
+        return gx.to(x.dtype), None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    """rms_norm_plain's numbers, keeping x in its own dtype instead of its float32 copy. A trainable
+    weight (full fine-tuning of norms) takes the plain path, whose autograd also gives dL/dw."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        return rms_norm_plain(x, weight, eps, gemma)
+    return _RMSNormFn.apply(x, weight, eps, gemma)
+
+
+def gated_act_plain(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """The reference: act(g) * u, act = GELU-tanh (gelu) or SiLU. Autograd keeps g, act(g) and u."""
+    return (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u
+
+
+class _GatedActFn(torch.autograd.Function):
+    """y = act(g) * u,  act = SiLU (x sigmoid(x)) or GELU-tanh. Saved: g and u; act(g) is recomputed.
+
+    Backward, with h = dL/dy:
+        dL/du = h act(g)
+        dL/dg = h u act'(g)       aten.silu_backward(h u, g) / aten.gelu_backward(h u, g, "tanh"),
+                                  the kernels autograd's SiluBackward / GeluBackward call
+    """
+
+    @staticmethod
+    def forward(ctx, g, u, gelu: bool):
+        ctx.save_for_backward(g, u)
+        ctx.gelu = gelu
+        return gated_act_plain(g, u, gelu)
+
+    @staticmethod
+    def backward(ctx, h):
+        g, u = ctx.saved_tensors
+        need_g, need_u = ctx.needs_input_grad[:2]
+        gg = gu = None
+        if need_g:
+            hu = h * u
+            if ctx.gelu:
+                gg = torch.ops.aten.gelu_backward(hu, g, approximate="tanh")
+            else:
+                gg = torch.ops.aten.silu_backward(hu, g)
+        if need_u:
+            gu = h * (F.gelu(g, approximate="tanh") if ctx.gelu else F.silu(g))
+        return gg, gu, None
+
+
+def gated_act(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """gated_act_plain's numbers and gradients, keeping g and u only (2 e F per row instead of 3 e F)."""
+    return _GatedActFn.apply(g, u, gelu)
