@@ -100,8 +100,8 @@ def test_selective_keeps_what_the_planner_counts(family, dtype, quantize, softca
     y = checkpoint(model.model.layers[0], x, cos, sin, mask, use_reentrant=False,
                    context_fn=functools.partial(create_selective_checkpoint_contexts, recording))  # fmt: skip
     y.float().sum().backward()
-    kw = dict(batch_size=batch, seq_len=seq, dtype=dtype, lora_r=r, lora_dropout=dropout, loss_chunk=1,
-              quantize="nf4" if quantize else "none")  # fmt: skip
+    kw = {"batch_size": batch, "seq_len": seq, "dtype": dtype, "lora_r": r, "lora_dropout": dropout, "loss_chunk": 1,
+          "quantize": "nf4" if quantize else "none"}  # fmt: skip
 
     def activations(full, selective):
         plan = plan_memory(cfg, recompute_blocks=full, selective_blocks=selective, **kw)
