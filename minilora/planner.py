@@ -1,5 +1,5 @@
 """Plan a run before it starts: predicted peak memory by component, FLOPs and time per step, and the
-settings chosen from them (compute dtype, how many blocks recompute their activations).
+settings chosen from them (compute dtype, how many blocks recompute their activations, and how).
 
 Shape letters: B rows per batch, T the longest batch's length, N = B T tokens, n labelled tokens,
 L blocks, D hidden, H / Hkv query / kv heads, hd head dim, F MLP width, V vocabulary, r LoRA rank,
@@ -23,7 +23,8 @@ against torch.autograd.graph.saved_tensors_hooks in tests/test_planner.py):
     MLP             gate, act(gate), up and their product: 4 e F
 Full recompute keeps only each block's input (e D) and rebuilds one block's activations during
 backward. Selective recompute (models/recompute.py) keeps the block's input and the outputs of its
-matrix products and reruns only the elementwise ops between them, per token per block:
+matrix products and reruns only the elementwise ops between them, per token per block (checked
+against the outputs its policy keeps in tests/test_recompute.py):
     input           e D
     base linears    q, k, v, o, gate, up, down outputs: e (H hd + 2 Hkv hd + 2 D + 2 F)
     attention       SDPA's output e H hd and its float32 log-sum-exp 4 H; with attention soft-capping
@@ -42,8 +43,9 @@ FLOPs per token (a multiply-add is 2 FLOPs). Forward: 2 P_base (every block weig
 + 2 * 2 T_avg H hd (q k^T and p v over on average T/2 causal keys) + 2 P_lora; the head 2 D V per
 labelled token. Backward with a frozen base: dL/dx through every base weight (2 P_base), the
 attention twice (4 * ...), LoRA 4 P_lora (dL/dA, dL/dB, dL/dx); the head's dL/dh 2 D V. Fully
-recomputed blocks run their forward again; selectively recomputed ones only the LoRA products
-(2 P_lora) and elementwise ops, counted as 0 FLOPs (they are memory-bound, not GEMM time). Time per step = FLOPs per step / the GEMM FLOP/s that a probe of a
+recomputed blocks run their forward again; selectively recomputed ones only their LoRA products
+(2 P_lora) and elementwise ops, which count as 0 FLOPs (memory-bound, not GEMM time: an estimate
+that is low by their time). Time per step = FLOPs per step / the GEMM FLOP/s that a probe of a
 second measures on this device in the compute dtype.
 """
 
@@ -365,8 +367,8 @@ def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
 def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tuple[int, int],
              probe_seconds: float = 0.0, fsdp_ranks: int = 1) -> tuple[Plan, str | None]:  # fmt: skip
     """The plan for a TrainConfig on `device`, with --gradient-checkpointing resolved (auto:
-    choose_checkpointing); and an error
-    sentence when even full recompute does not fit the budget (--memory-budget or the free memory).
+    choose_checkpointing); and an error sentence when even full recompute does not fit the budget
+    (--memory-budget or the free memory).
     fsdp_ranks > 1: per rank, with the base, LoRA weights and optimizer states sharded over that
     many ranks (distributed.per_rank_components)."""
     L = model_cfg.num_hidden_layers
