@@ -129,7 +129,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     if not streamed:
         report = apply_lora(model, **lora_kw)
     say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
-    model.set_gradient_checkpointing(plan.recompute_blocks)
+    model.set_gradient_checkpointing(plan.recompute_blocks, selective=plan.selective_blocks)
     model.train()
     if fsdp and not streamed:
         D.shard_model(model, device, world)  # before the optimizer: it holds the sharded LoRA parameters

@@ -9,7 +9,8 @@ in [130, 170] right-padded, the second half of each row labelled (a prompt/compl
 
   equal settings    float32 and bf16 compute, recompute on and off, the same on both sides
   defaults          minilora as train.py runs it (--dtype auto, --gradient-checkpointing auto: the
-                    planner's choice for this batch and this machine's free memory) beside the usual
+                    planner's choice for this batch and this machine's free memory: off, selective or
+                    full recompute on some blocks) beside the usual
                     QLoRA recipe (prepare_model_for_kbit_training, gradient checkpointing on, float32
                     compute: transformers' CPU default)
 
@@ -29,15 +30,16 @@ import tempfile
 from bench.train_step import GEOMETRIES, IMPLS, ROOT, run_worker
 
 
-def minilora_defaults(a) -> tuple[str, bool]:
-    """(dtype, recompute) that train.py would choose here for this geometry and batch."""
+def minilora_defaults(a) -> tuple[str, tuple[int, int] | None]:
+    """(dtype, (full, selective) recompute block counts) that train.py would choose here for this
+    geometry and batch (None: nothing fits; train.py would refuse)."""
     import torch
     from minilora.models.config import ModelConfig
 
     from minilora.planner import (
         MARGIN,
         auto_dtype,
-        choose_recompute,
+        choose_checkpointing,
         free_memory,
         plan_memory,
         rss_bytes,
@@ -54,9 +56,10 @@ def minilora_defaults(a) -> tuple[str, bool]:
     dtype = auto_dtype(cpu)
     runtime, budget = warm_runtime(cpu, dtype), free_memory(cpu) + rss_bytes()
     hi = int(a.lengths.split(":")[1])
-    k = choose_recompute(lambda k: plan_memory(cfg, batch_size=a.batch, seq_len=hi, dtype=dtype, recompute_blocks=k,
-                                               runtime=runtime).peak <= budget * MARGIN, L)  # fmt: skip
-    return str(dtype).removeprefix("torch."), bool(k)
+    chosen = choose_checkpointing(lambda k, s: plan_memory(cfg, batch_size=a.batch, seq_len=hi, dtype=dtype,
+                                                           recompute_blocks=k, selective_blocks=s,
+                                                           runtime=runtime).peak <= budget * MARGIN, L)  # fmt: skip
+    return str(dtype).removeprefix("torch."), chosen
 
 
 def main() -> None:
@@ -82,11 +85,13 @@ def main() -> None:
             "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads), "--layers", str(a.layers),
             "--loss-chunk", "256", "--no-tf32"]  # fmt: skip
     ckpt_flag = lambda on: "--gradient-checkpointing" if on else "--no-gradient-checkpointing"
-    dtype, recompute = minilora_defaults(a)
+    dtype, chosen = minilora_defaults(a)
+    full, sel = chosen or (a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"], 0)  # refused: full, as plan_run
+    recompute = ["--no-gradient-checkpointing"] if full + sel == 0 else ["--gradient-checkpointing", "--recompute", f"{full}:{sel}"]
     cases = [(f"{dt}, recompute {'on' if rc else 'off'}", {impl: [*base, "--dtype", dt, ckpt_flag(rc)] for impl in IMPLS})
              for dt in ("float32", "bfloat16") for rc in (True, False)]  # fmt: skip
-    cases.append((f"defaults: minilora {dtype} recompute {'on' if recompute else 'off'} vs QLoRA recipe",
-                  {"minilora": [*base, "--dtype", dtype, ckpt_flag(recompute)],
+    cases.append((f"defaults: minilora {dtype} recompute {full} full + {sel} selective vs QLoRA recipe",
+                  {"minilora": [*base, "--dtype", dtype, *recompute],
                    "peft+bnb": [*base, "--dtype", "float32", ckpt_flag(True), "--prepare-kbit"]}))  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory(prefix="minilora_plan_step_") as tmp:

@@ -178,7 +178,12 @@ def worker(impl: str, ckpt: str, a) -> dict:
         model, _ = load_model(ckpt, quantize="nf4", dtype=dtype, device=a.device)
         report = apply_lora(model, targets="all-linear", r=a.rank, alpha=2 * a.rank, dropout=0.0, seed=0,
                             verbose=False)  # fmt: skip
-        model.set_gradient_checkpointing(bool(a.gradient_checkpointing))
+        if not a.gradient_checkpointing or a.recompute in ("full", "selective"):
+            model.set_gradient_checkpointing(a.gradient_checkpointing and a.recompute == "full",
+                                             selective=a.gradient_checkpointing and a.recompute == "selective")
+        else:  # FULL:SELECTIVE block counts (what train.py's planner may choose)
+            full, sel = map(int, a.recompute.split(":"))
+            model.set_gradient_checkpointing(full, selective=sel)
         model.train()
         params = lora_parameters(model)
         opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
@@ -291,6 +296,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute block activations in backward, on both sides (train.py's default: on)")
+    ap.add_argument("--recompute", default="full",
+                    help="what --gradient-checkpointing means on minilora's side: full recompute, selective "
+                         "(keep the matmul outputs, recompute the elementwise ops; bench/recompute.py compares), "
+                         "or FULL:SELECTIVE block counts")
     ap.add_argument("--prepare-kbit", action="store_true",
                     help="apply peft.prepare_model_for_kbit_training on the competitor side")
     ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
@@ -338,7 +347,7 @@ def main() -> None:
             "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
             "--loss-chunk", str(a.loss_chunk), "--layers", str(a.layers), "--dtype", a.dtype, *(["--lengths", a.lengths] if a.lengths else []),
             "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
-            "--tf32" if a.tf32 else "--no-tf32"]  # fmt: skip
+            "--recompute", a.recompute, "--tf32" if a.tf32 else "--no-tf32"]  # fmt: skip
     if a.prepare_kbit:
         argv.append("--prepare-kbit")
     with tempfile.TemporaryDirectory(prefix="minilora_train_step_") as tmp:

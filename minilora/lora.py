@@ -97,17 +97,25 @@ class _LoRANF4Fn(torch.autograd.Function):
         # with dropout and several slices check it); only the 1-byte mask is kept for backward.
         mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if p > 0 else None  # (N, K)
         u = torch.empty(x.shape[0], A.shape[0], dtype=torch.float32, device=x.device)  # (N, r)
-        for i0, i1 in _row_slices(x.shape[0], max(x.shape[1], y.shape[1]), x.device):
+        # The sum goes into a new tensor, not into y: selective recompute keeps the base matmul's
+        # output as it was computed and refuses (and would double-count) an in-place add into it.
+        out = torch.empty_like(y)  # (N, M) in x's dtype
+        rows = _row_slices(x.shape[0], max(x.shape[1], y.shape[1]), x.device)
+        lora = torch.empty(rows[0][1] - rows[0][0], y.shape[1], dtype=torch.float32, device=x.device) if rows else None
+        for i0, i1 in rows:
             xf = x[i0:i1].float()  # (rows, K) float32, not saved
             if mask is not None:
                 noise = torch.empty_like(xf).bernoulli_(1 - p).div_(1 - p)
                 torch.ne(noise, 0, out=mask[i0:i1])
                 xf = xf * noise  # (not in place: for float32 x, x[i0:i1].float() is x itself)
+            # The rank-r products use out= (aten's mm.out): the selective-recompute policy
+            # (models/recompute.py) saves mm outputs, and these are cheap to recompute.
             torch.mm(xf, A.t(), out=u[i0:i1])  # (rows, K) @ (K, r) -> (rows, r)
-            y[i0:i1] += (u[i0:i1] @ B.t() * scaling).to(in_dtype)  # (rows, r) @ (r, M) -> (rows, M)
+            term = torch.mm(u[i0:i1], B.t(), out=lora[: i1 - i0]).mul_(scaling)  # (rows, r) @ (r, M) -> (rows, M)
+            torch.add(y[i0:i1], term.to(in_dtype), out=out[i0:i1])
         ctx.save_for_backward(x, A, B, u, mask)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
-        return y
+        return out
 
     @staticmethod
     def backward(ctx, g):

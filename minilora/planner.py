@@ -1,5 +1,5 @@
 """Plan a run before it starts: predicted peak memory by component, FLOPs and time per step, and the
-settings chosen from them (compute dtype, how many blocks recompute their activations).
+settings chosen from them (compute dtype, how many blocks recompute their activations, and how).
 
 Shape letters: B rows per batch, T the longest batch's length, N = B T tokens, n labelled tokens,
 L blocks, D hidden, H / Hkv query / kv heads, hd head dim, F MLP width, V vocabulary, r LoRA rank,
@@ -23,7 +23,17 @@ against torch.autograd.graph.saved_tensors_hooks in tests/test_planner.py):
                     and the float32 log-sum-exp (4 H); its output is o_proj's saved input
     MLP             gate and up (act(gate) is recomputed in backward) and their product: 3 e F
 Full recompute keeps only each block's input (e D) and rebuilds one block's activations during
-backward. `recompute_blocks` = k recomputes the first k blocks and keeps the rest.
+backward. Selective recompute (models/recompute.py) keeps the block's input and the outputs of its
+matrix products and reruns only the elementwise ops between them, per token per block (checked
+against the outputs its policy keeps in tests/test_recompute.py):
+    input           e D
+    base linears    q, k, v, o, gate, up, down outputs: e (H hd + 2 Hkv hd + 2 D + 2 F)
+    attention       SDPA's output e H hd and its float32 log-sum-exp 4 H; with attention soft-capping
+                    (no SDPA) the two batched products: the scores e H T and the output e H hd
+    dense base      (--quantize none) each adapted linear's LoRA products, float32: 4 r + 4 M
+(the NF4 + LoRA function computes its rank-r products with out=, which the policy recomputes; the
+dropout mask is redrawn from the saved RNG state). `recompute_blocks` = k recomputes the first k
+blocks fully, `selective_blocks` = s the next s selectively, and the rest keep everything.
 Transient peaks on top: the loss chunk (c, V) in float32, a few times (logits, softmax, the bf16
 copy for dL/dh, soft-capping's tanh), one dequantized base weight (M K e, plus its float32
 intermediate), the backward's gradients of one block (about one block's activations).
@@ -33,8 +43,10 @@ pools), measured in this process (CPU RSS); 0 on CUDA, where max_memory_allocate
 FLOPs per token (a multiply-add is 2 FLOPs). Forward: 2 P_base (every block weight once)
 + 2 * 2 T_avg H hd (q k^T and p v over on average T/2 causal keys) + 2 P_lora; the head 2 D V per
 labelled token. Backward with a frozen base: dL/dx through every base weight (2 P_base), the
-attention twice (4 * ...), LoRA 4 P_lora (dL/dA, dL/dB, dL/dx); the head's dL/dh 2 D V. Recomputed
-blocks run their forward again. Time per step = FLOPs per step / the GEMM FLOP/s that a probe of a
+attention twice (4 * ...), LoRA 4 P_lora (dL/dA, dL/dB, dL/dx); the head's dL/dh 2 D V. Fully
+recomputed blocks run their forward again; selectively recomputed ones only their LoRA products
+(2 P_lora) and elementwise ops, which count as 0 FLOPs (memory-bound, not GEMM time: an estimate
+that is low by their time). Time per step = FLOPs per step / the GEMM FLOP/s that a probe of a
 second measures on this device in the compute dtype.
 """
 
@@ -145,11 +157,13 @@ def free_memory(device: torch.device) -> int:
 
 @dataclass
 class Plan:
-    """Predicted bytes per component, the peak, and time; `recompute_blocks` of num_layers recompute."""
+    """Predicted bytes per component, the peak, and time; of num_layers blocks, `recompute_blocks`
+    recompute fully and `selective_blocks` selectively."""
 
     components: list[tuple[str, int, str]] = field(default_factory=list)  # (name, bytes, flag that shrinks it)
     peak: int = 0
     recompute_blocks: int = 0
+    selective_blocks: int = 0
     num_layers: int = 0
     flops_per_token: float = 0.0
     tokens_per_step: int = 0
@@ -160,12 +174,15 @@ class Plan:
 
     @property
     def recompute(self) -> str:
-        k, L = self.recompute_blocks, self.num_layers
-        return "off" if k == 0 else ("full" if k == L else f"{k} of {L} blocks")
+        """off, full, selective, or the mix: "full on 3 of 30 blocks + selective on 27 of 30 blocks"."""
+        k, s, L = self.recompute_blocks, self.selective_blocks, self.num_layers
+        parts = [name if n == L else f"{name} on {n} of {L} blocks" for name, n in (("full", k), ("selective", s)) if n]
+        return " + ".join(parts) or "off"
 
     def settings(self) -> dict:
         """What the run resolved (saved in config.json under "resolved")."""
         return {"dtype": self.dtype, "gradient_checkpointing": self.recompute, "recompute_blocks": self.recompute_blocks,
+                "selective_blocks": self.selective_blocks,
                 "predicted_peak_bytes": self.peak, "memory_budget_bytes": self.budget}  # fmt: skip
 
     def largest(self) -> tuple[str, int, str]:
@@ -191,7 +208,8 @@ class Plan:
 def plan_memory(cfg, *, batch_size: int, seq_len: int, label_tokens: int | None = None, dtype=torch.float32,
                 quantize: str = "nf4", lora_r: int = 16, lora_targets=LINEARS, lora_dropout: float = 0.0,
                 optimizer_bits: int = 32, optimizer_budget: int | None = None, loss_chunk: int = 256,
-                recompute_blocks: int = 0, runtime: int = 0, device_type: str = "cpu") -> Plan:  # fmt: skip
+                recompute_blocks: int = 0, selective_blocks: int = 0, runtime: int = 0,
+                device_type: str = "cpu") -> Plan:  # fmt: skip
     """The memory plan for one training step on a batch of batch_size x seq_len tokens."""
     e = torch.empty((), dtype=dtype).element_size()
     L, D, F, V, r = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, lora_r
@@ -216,8 +234,17 @@ def plan_memory(cfg, *, batch_size: int, seq_len: int, label_tokens: int | None 
     if lora_dropout > 0:
         act += sum(K for _, K in adapted)  # one bool mask element per LoRA input element
     k = max(0, min(L, recompute_blocks))
+    s = max(0, min(L - k, selective_blocks))
+    # selective recompute's kept bytes per token per block (see the module docstring)
+    if cfg.attn_logit_softcapping is None:
+        sel_attention = e * H * hd + 4 * H  # SDPA output + float32 log-sum-exp
+    else:
+        sel_attention = e * H * seq_len + e * H * hd  # scores (B, H, T, T) and p v, both from bmm
+    sel = e * (D + H * hd + 2 * Hkv * hd + 2 * D + 2 * F) + sel_attention
+    if quantize != "nf4":
+        sel += sum(4 * r + 4 * M for M, _ in adapted)  # the dense LoRA path's mm outputs, float32
     rope = 2 * hd * e * (2 if gemma else 1)  # cos, sin per position (global + local on Gemma)
-    kept = N * ((L - k) * act + k * e * D + rope + 4 * D) + 2 * n * D * e  # + final norm, h_sel, dL/dh
+    kept = N * ((L - k - s) * act + k * e * D + s * sel + rope + 4 * D) + 2 * n * D * e  # + final norm, h_sel, dL/dh
     block = N * act  # one block's activations: rebuilt by recompute, and its gradients in backward
     cap = cfg.final_logit_softcapping is not None
     c = min(loss_chunk, n)
@@ -226,7 +253,7 @@ def plan_memory(cfg, *, batch_size: int, seq_len: int, label_tokens: int | None 
     loss = c * V * (4 * 3 + (4 * 2 if cap else 0) + (2 * e if e != 4 else 0))
     Mmax, Kmax = max(shapes.values(), key=lambda s: s[0] * s[1])
     dequant = Mmax * Kmax * (e + 4)
-    transient = max(loss, block * (2 if k else 1) + dequant)
+    transient = max(loss, block * (2 if k + s else 1) + dequant)
 
     # CPU: glibc keeps freed blocks below its (growing) mmap threshold in the heap, so RSS runs above
     # the live bytes. Fitted to measured steady-state RSS (Llama 135M geometry at 2, 6 and 30 layers
@@ -236,26 +263,28 @@ def plan_memory(cfg, *, batch_size: int, seq_len: int, label_tokens: int | None 
     # the fraction covers them too), and the loss chunk about half of its buffers.
     slack = 0
     if device_type == "cpu":
-        slack = int(N * (L - k) * act + ALLOCATOR_SLACK["recompute"] * block * k + ALLOCATOR_SLACK["loss"] * loss)
-    plan = Plan(recompute_blocks=k, num_layers=L, dtype=str(dtype).removeprefix("torch."))
+        slack = int(N * (L - k - s) * act + ALLOCATOR_SLACK["recompute"] * block * k + ALLOCATOR_SLACK["loss"] * loss)
+        slack += int(N * s * sel + ALLOCATOR_SLACK["recompute"] * block * s)  # selective: as both of those
+    plan = Plan(recompute_blocks=k, selective_blocks=s, num_layers=L, dtype=str(dtype).removeprefix("torch."))
     plan.components = [
         ("runtime (Python, torch, allocator)", runtime, ""),
         ("base weights (NF4 codes + quant state)" if quantize == "nf4" else "base weights", int(base), "--quantize nf4"),
         ("embeddings, head, norms", int(dense), ""),
         ("LoRA weights + gradients", 8 * p, "--lora-r"),
         (f"optimizer states ({optimizer_bits}-bit)", int(states), "--optimizer-bits 8 or --optimizer-budget"),
-        (f"activations kept ({plan.recompute} recompute)", int(kept), "--batch-size or --max-seq-len"),
+        (f"activations kept (recompute {plan.recompute})", int(kept), "--batch-size or --max-seq-len"),
         ("transient (loss chunk / block backward)", int(transient), "--loss-chunk" if loss >= block else "--batch-size"),
         ("allocator slack", slack, "--batch-size"),
     ]
     plan.peak = sum(b for _, b, _ in plan.components)
     plan.tokens_per_step = N
-    plan.flops_per_token = flops_per_token(cfg, seq_len, lora_r, lora_targets, k, label_fraction=n / max(1, N))
+    plan.flops_per_token = flops_per_token(cfg, seq_len, lora_r, lora_targets, k, label_fraction=n / max(1, N),
+                                           selective_blocks=s)
     return plan
 
 
 def flops_per_token(cfg, seq_len: int, lora_r: int = 16, lora_targets=LINEARS, recompute_blocks: int = 0,
-                    label_fraction: float = 1.0) -> float:  # fmt: skip
+                    label_fraction: float = 1.0, selective_blocks: int = 0) -> float:  # fmt: skip
     """Training FLOPs per token (forward + backward, see the module docstring)."""
     L, H, hd, D, V = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size, cfg.vocab_size
     shapes = linear_shapes(cfg)
@@ -265,7 +294,7 @@ def flops_per_token(cfg, seq_len: int, lora_r: int = 16, lora_targets=LINEARS, r
     fwd_block = 2 * base + attn + 2 * lora
     bwd_block = 2 * base + 2 * attn + 4 * lora
     head = (2 + 2) * D * V * label_fraction
-    return L * (fwd_block + bwd_block) + recompute_blocks * fwd_block + head
+    return L * (fwd_block + bwd_block) + recompute_blocks * fwd_block + selective_blocks * 2 * lora + head
 
 
 def probe_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0, m: int = 512, k: int = 1024) -> float:
@@ -294,6 +323,18 @@ def choose_recompute(fits, num_layers: int) -> int | None:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
+
+
+def choose_checkpointing(fits, num_layers: int) -> tuple[int, int] | None:
+    """--gradient-checkpointing auto: (full, selective) block counts with fits(full, selective). Off
+    if that fits; else selective recompute on the fewest blocks that fit; else full recompute on the
+    fewest blocks that fit, the other blocks selective; None if full recompute everywhere does not fit."""
+    L = num_layers
+    s = choose_recompute(lambda s: fits(0, s), L)
+    if s is not None:
+        return 0, s
+    k = choose_recompute(lambda k: fits(k, L - k), L)
+    return None if k is None else (k, L - k)
 
 
 def cpu_bf16_units() -> dict[str, bool]:
@@ -327,8 +368,9 @@ def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
 
 def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tuple[int, int],
              probe_seconds: float = 0.0, fsdp_ranks: int = 1) -> tuple[Plan, str | None]:  # fmt: skip
-    """The plan for a TrainConfig on `device`, with --gradient-checkpointing resolved; and an error
-    sentence when even full recompute does not fit the budget (--memory-budget or the free memory).
+    """The plan for a TrainConfig on `device`, with --gradient-checkpointing resolved (auto:
+    choose_checkpointing); and an error sentence when even full recompute does not fit the budget
+    (--memory-budget or the free memory).
     fsdp_ranks > 1: per rank, with the base, LoRA weights and optimizer states sharded over that
     many ranks (distributed.per_rank_components)."""
     L = model_cfg.num_hidden_layers
@@ -337,11 +379,12 @@ def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tup
     opt_budget = int(tc.optimizer_budget) if tc.optimizer_budget.isdigit() else None
     runtime = warm_runtime(device, dtype)
 
-    def make(k: int) -> Plan:
+    def make(k: int, s: int = 0) -> Plan:
         p = plan_memory(model_cfg, batch_size=shape[0], seq_len=shape[1], dtype=dtype, quantize=tc.quantize,
                            lora_r=tc.lora_r, lora_targets=targets, lora_dropout=tc.lora_dropout,
                            optimizer_bits=tc.optimizer_bits, optimizer_budget=opt_budget, loss_chunk=tc.loss_chunk,
-                           recompute_blocks=k, runtime=runtime, device_type=device.type)  # fmt: skip
+                           recompute_blocks=k, selective_blocks=s, runtime=runtime,
+                           device_type=device.type)  # fmt: skip
         if fsdp_ranks > 1:
             from minilora.distributed import per_rank_components
 
@@ -349,9 +392,9 @@ def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tup
             p.peak = sum(b for _, b, _ in p.components)
         return p
 
-    fixed = {"off": 0, "on": L}.get(tc.gradient_checkpointing)
-    k = fixed if fixed is not None else choose_recompute(lambda k: make(k).peak <= budget * MARGIN, L)
-    plan = make(L if k is None else k)
+    fixed = {"off": (0, 0), "on": (L, 0), "selective": (0, L)}.get(tc.gradient_checkpointing)
+    chosen = fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
+    plan = make(*(chosen or (L, 0)))
     plan.budget = budget
     error = None
     if plan.peak > budget * MARGIN:

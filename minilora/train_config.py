@@ -66,8 +66,11 @@ class TrainConfig:
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     gradient_checkpointing: str = _f("auto", "recompute block activations in backward: auto (off when the plan "
-                                             "fits the memory budget, else as few blocks as fit), on (every "
-                                             "block), off", choices=["auto", "on", "off"])
+                                             "fits the memory budget; else selective recompute, which keeps the "
+                                             "matmul outputs and reruns the elementwise ops, on as few blocks as "
+                                             "fit; else full recompute on as few blocks as fit, the rest "
+                                             "selective), selective (every block), on (full, every block), off",
+                                     choices=["auto", "selective", "on", "off"])
     memory_budget: str = _f("auto", "bytes the run may use (auto: free RAM on the CPU, free GPU memory on CUDA); "
                                     "the plan must fit 85%% of it")
     plan: bool = _f(False, "print the memory and time plan (config.json and data only, no weights) and exit")

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import FULL, SLIDING, ModelConfig
 from .ops import gated_act, rms_norm
+from .recompute import selective_context
 
 
 class RMSNorm(nn.Module):
@@ -273,19 +274,28 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq_local", rope_inv_freq(hd, config.rope_local_theta, None), False)
         self.gradient_checkpointing = False
         self.checkpoint_blocks = 0  # the first checkpoint_blocks blocks recompute (see set_gradient_checkpointing)
+        self.selective_blocks = 0  # the next selective_blocks blocks recompute selectively
 
     def tie_weights(self):
         """Re-tie lm_head to embed_tokens (the loader calls this after replacing parameters)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def set_gradient_checkpointing(self, enabled: bool | int = True):
-        """Recompute block activations in backward (torch.utils.checkpoint, non-reentrant): True for
-        every block, False for none, or k for the first k blocks (the memory planner's middle ground:
-        each recomputed block keeps only its input)."""
+    def set_gradient_checkpointing(self, enabled: bool | int = True, selective: bool | int = 0):
+        """Recompute block activations in backward (torch.utils.checkpoint, non-reentrant).
+
+        enabled: full recompute (each such block keeps only its input) on every block (True), none
+        (False), or the first k blocks. selective: selective recompute (models/recompute.py: the
+        matmul outputs are kept, the elementwise ops rerun) on the next k blocks, or on every block
+        that `enabled` leaves (True). The memory planner picks the two counts; the rest keep all."""
         L = self.config.num_hidden_layers
-        k = L if enabled is True else 0 if enabled is False else max(0, min(L, int(enabled)))
-        self.gradient_checkpointing, self.checkpoint_blocks = k > 0, k
+
+        def count(v, room):
+            return room if v is True else 0 if v is False else max(0, min(room, int(v)))
+
+        full = count(enabled, L)
+        self.checkpoint_blocks, self.selective_blocks = full, count(selective, L - full)
+        self.gradient_checkpointing = full + self.selective_blocks > 0
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) final-normed hidden -> (B, T, V) logits, with Gemma's final soft-capping."""
@@ -335,6 +345,8 @@ class Transformer(nn.Module):
             cos, sin = rope[kind]
             if use_ckpt and i < self.checkpoint_blocks:
                 x = checkpoint(layer, x, cos, sin, masks[kind], use_reentrant=False)
+            elif use_ckpt and i < self.checkpoint_blocks + self.selective_blocks:
+                x = checkpoint(layer, x, cos, sin, masks[kind], use_reentrant=False, context_fn=selective_context)
             else:
                 x = layer(x, cos, sin, masks[kind], cache)
         if cache is not None:

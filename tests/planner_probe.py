@@ -62,21 +62,23 @@ def main(spec: dict) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
     ones = torch.ones_like(ids)
     batch = Batch(ids, ids.clone(), ones, torch.arange(T).expand(B, T), ones.clone(), B * (T - 1))
+    settings = [k if isinstance(k, list) else [k, 0] for k in spec["recompute_blocks"]]  # [full, selective]
     if spec.get("budgets"):  # the parent sends budgets computed from this process's runtime
-        from minilora.planner import MARGIN, choose_recompute, plan_memory
+        from minilora.planner import MARGIN, choose_checkpointing, plan_memory
 
         print(json.dumps({"runtime": runtime}), flush=True)
         budgets = json.loads(sys.stdin.readline())
 
-        def fits(k, budget):
-            return plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=k, runtime=runtime).peak <= budget * MARGIN
+        def fits(k, s, budget):
+            plan = plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=k, selective_blocks=s, runtime=runtime)
+            return plan.peak <= budget * MARGIN
 
-        chosen = [choose_recompute(lambda k, b=b: fits(k, b), cfg.num_hidden_layers) for b in budgets]
-        spec["recompute_blocks"] = [k for k in chosen if k is not None]
+        chosen = [choose_checkpointing(lambda k, s, b=b: fits(k, s, b), cfg.num_hidden_layers) for b in budgets]
+        settings = [list(c) for c in chosen if c is not None]
     peaks = []
     # Smallest plan first: what one setting leaves in the allocator is then at most what the next uses.
-    for k in spec["recompute_blocks"]:
-        model.set_gradient_checkpointing(k)
+    for k, s in settings:
+        model.set_gradient_checkpointing(k, selective=s)
         for step in range(spec["steps"]):
             if step == 1:  # the first step allocated the optimizer states: measure the steady state
                 with open("/proc/self/clear_refs", "w") as f:
@@ -86,7 +88,7 @@ def main(spec: dict) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         peaks.append(status("VmHWM:"))
-    return {"runtime": runtime, "peaks": peaks, "recompute_blocks": spec["recompute_blocks"]}
+    return {"runtime": runtime, "peaks": peaks, "recompute_blocks": settings}
 
 
 if __name__ == "__main__":

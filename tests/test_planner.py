@@ -22,7 +22,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from minilora.models.config import FULL, SLIDING, ModelConfig
 
-from minilora.planner import auto_dtype, choose_recompute, plan_memory
+from minilora.planner import (
+    auto_dtype,
+    choose_checkpointing,
+    choose_recompute,
+    flops_per_token,
+    linear_shapes,
+    plan_memory,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,17 +48,23 @@ def gemma3(layers: int = 18) -> ModelConfig:
                                layer_types=[SLIDING] * (layers - 1) + [FULL])  # fmt: skip
 
 
+def settings_measured(L: int) -> list[list[int]]:
+    """[full, selective] block counts measured per geometry: full, selective, off (smallest plan first)."""
+    return [[L, 0], [0, L], [0, 0]]
+
+
 def probe(cfg: ModelConfig, **spec) -> subprocess.Popen:
-    """Start tests/planner_probe.py for cfg: one process per geometry, both recompute settings."""
+    """Start tests/planner_probe.py for cfg: one process per geometry, every recompute setting."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
     spec = {"config": json.loads(json.dumps(fields, default=list)), "dtype": "float32", "r": 16, "optimizer_bits": 32,
-            "steps": 2, "loss_chunk": 256, "recompute_blocks": [cfg.num_hidden_layers, 0], **spec}  # fmt: skip
+            "steps": 2, "loss_chunk": 256, "recompute_blocks": settings_measured(cfg.num_hidden_layers), **spec}  # fmt: skip
     return subprocess.Popen([sys.executable, os.path.join(HERE, "planner_probe.py"), json.dumps(spec)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def test_predicted_peak_within_15_percent_of_measured_rss():
-    """tiny, a 135M-class Llama and a Gemma 3 geometry with its 262k vocabulary; recompute on and off."""
+    """tiny, a 135M-class Llama and a Gemma 3 geometry with its 262k vocabulary; recompute full,
+    selective and off."""
     cases = {"tiny": (ModelConfig.from_name("tiny"), 4, 64), "llama-135m": (llama_135m(2), 4, 160),
              "gemma3-262k": (gemma3(2), 1, 32)}  # fmt: skip
     procs = {name: probe(cfg, batch=b, seq=t) for name, (cfg, b, t) in cases.items()}  # run side by side
@@ -60,31 +73,38 @@ def test_predicted_peak_within_15_percent_of_measured_rss():
         assert p.returncode == 0, err[-3000:]
         m = json.loads(out.splitlines()[-1])
         cfg, b, t = cases[name]
-        for k, peak in zip([cfg.num_hidden_layers, 0], m["peaks"]):
-            plan = plan_memory(cfg, batch_size=b, seq_len=t, recompute_blocks=k, runtime=m["runtime"])
+        for (k, s), peak in zip(settings_measured(cfg.num_hidden_layers), m["peaks"]):
+            plan = plan_memory(cfg, batch_size=b, seq_len=t, recompute_blocks=k, selective_blocks=s,
+                               runtime=m["runtime"])  # fmt: skip
             assert plan.peak == pytest.approx(peak, rel=0.15), f"{name}, recompute {plan.recompute}:\n{plan.table()}"
 
 
-def test_gradient_checkpointing_auto_recomputes_more_blocks_as_the_budget_shrinks():
-    """Budgets that the plan without recompute overflows select some blocks, then all of them; the
-    process that trains chooses from its own runtime, and its measured peak stays under each budget."""
+def test_gradient_checkpointing_auto_goes_off_then_selective_then_full_as_the_budget_shrinks():
+    """Budgets from roomy to tight select: off; selective recompute on some blocks, then on all; full
+    recompute on some blocks (the rest selective), then on all. The process that trains chooses from
+    its own runtime (choose_checkpointing, as plan_run), and its measured peak stays under each budget."""
     from minilora.planner import MARGIN
 
     cfg, B, T = llama_135m(4), 2, 128
     p = probe(cfg, batch=B, seq=T, budgets=True)
     runtime = json.loads(p.stdout.readline())["runtime"]
-    peak = [plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=k, runtime=runtime).peak for k in range(5)]
-    budgets = [int(peak[4] / MARGIN) + 1, int(peak[2] / MARGIN) + 1]  # smallest first: full, then 2 of 4 blocks
+
+    def peak(full, selective):
+        return plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=full, selective_blocks=selective,
+                           runtime=runtime).peak  # fmt: skip
+
+    want = [[4, 0], [2, 2], [0, 4], [0, 2], [0, 0]]  # smallest plan first (see planner_probe)
+    budgets = [int(peak(*ks) / MARGIN) + 1 for ks in want]
     p.stdin.write(json.dumps(budgets) + "\n")
     p.stdin.flush()
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
     m = json.loads(out.splitlines()[-1])
-    assert m["recompute_blocks"] == [4, 2]
+    assert m["recompute_blocks"] == want
     for budget, measured in zip(budgets, m["peaks"]):
         assert measured <= budget
     # Too small even with full recompute: no choice, and plan_run's refusal names the largest part.
-    assert choose_recompute(lambda k: peak[k] <= (peak[4] - 1), 4) is None
+    assert choose_checkpointing(lambda k, s: peak(k, s) <= peak(4, 0) - 1, 4) is None
 
 
 def test_plan_refuses_a_run_that_does_not_fit_naming_the_part_and_flag(capsys):
@@ -152,6 +172,47 @@ def test_choose_recompute_finds_the_fewest_blocks():
     assert choose_recompute(lambda k: need[k] <= 65, 8) == 4
     assert choose_recompute(lambda k: need[k] <= 20, 8) == 8
     assert choose_recompute(lambda k: need[k] <= 10, 8) is None
+
+
+def test_choose_checkpointing_off_then_selective_then_full():
+    """need(full, selective): a selective block saves 5, a full one 8 (of 10 kept per block)."""
+    def need(k, s):
+        return 100 - 8 * k - 5 * s
+
+    assert choose_checkpointing(lambda k, s: need(k, s) <= 100, 8) == (0, 0)
+    assert choose_checkpointing(lambda k, s: need(k, s) <= 80, 8) == (0, 4)
+    assert choose_checkpointing(lambda k, s: need(k, s) <= 60, 8) == (0, 8)
+    assert choose_checkpointing(lambda k, s: need(k, s) <= 54, 8) == (2, 6)
+    assert choose_checkpointing(lambda k, s: need(k, s) <= 36, 8) == (8, 0)
+    assert choose_checkpointing(lambda k, s: need(k, s) <= 35, 8) is None
+
+
+@pytest.mark.parametrize("mode,text", [("off", "recompute off"), ("selective", "recompute selective"),
+                                       ("on", "recompute full")])  # fmt: skip
+def test_plan_names_the_recompute_mode(capsys, mode, text):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(os.path.dirname(HERE), "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    args = ["--plan", "--model", "tiny", "--out", os.devnull + "-unused", "--gradient-checkpointing", mode,
+            "--memory-budget", str(10**12)]  # fmt: skip
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert f", {text}\n" in out and f"activations kept ({text})" in out, out
+
+
+def test_flops_count_a_full_recompute_forward_but_only_the_lora_products_for_selective():
+    cfg, T, r = llama_135m(3), 64, 8
+    H, hd = cfg.num_attention_heads, cfg.head_dim
+    shapes = linear_shapes(cfg).values()
+    base, lora = sum(M * K for M, K in shapes), sum(r * (M + K) for M, K in shapes)
+
+    def extra(k, s):
+        return flops_per_token(cfg, T, r, recompute_blocks=k, selective_blocks=s) - flops_per_token(cfg, T, r)
+
+    assert extra(0, 3) == 3 * 2 * lora
+    assert extra(1, 2) == (2 * base + 2 * 2 * (T / 2) * H * hd + 2 * lora) + 2 * 2 * lora
 
 
 @pytest.mark.parametrize("avx512_bf16,amx,want", [(False, False, torch.float32), (True, False, torch.bfloat16),
