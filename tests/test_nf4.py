@@ -2,7 +2,10 @@
 
 bitsandbytes.functional.quantize_4bit / dequantize_4bit run on the CPU; every drawn case
 compares packed bytes, absmax (or its 8-bit codes), second-level absmax, offset and the
-dequantized values for exact equality.
+dequantized values for exact equality. bitsandbytes 0.50's CPU dequantize_4bit misplaces the
+absmax of some 2-D shapes whose rows are shorter than a block (e.g. (3, 16) or (4, 16) at
+blocksize 32: row 2 is scaled by block 0's absmax; checked against a table lookup by hand), so
+the oracle dequantizes the same bytes as a flat (n,) tensor (_bnb_dequantize), which it gets right.
 """
 
 import math
@@ -10,7 +13,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import bitsandbytes.functional as bnbF
@@ -70,6 +73,16 @@ def _bnb(w, blocksize, double_quant):
     return bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
 
 
+def _bnb_dequantize(packed, state) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit of (packed, state), asked for the flat (n,) tensor (see the
+    module docstring), in the state's shape."""
+    shape, state.shape = state.shape, torch.Size([math.prod(state.shape)])
+    try:
+        return bnbF.dequantize_4bit(packed, state).view(shape)
+    finally:
+        state.shape = shape
+
+
 @given(weights(), st.booleans())
 def test_quantize_bytes_identical_to_bitsandbytes(wb, double_quant):
     w, blocksize = wb
@@ -92,7 +105,7 @@ def test_dequantize_identical_to_bitsandbytes(wb, double_quant, out_dtype, chunk
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     packed, state = _bnb(w, blocksize, double_quant)
     state.dtype = out_dtype  # bitsandbytes dequantizes to the state's dtype
-    expected = bnbF.dequantize_4bit(packed, state)
+    expected = _bnb_dequantize(packed, state)
     old, nf4_mod.DEQUANT_CHUNK = nf4_mod.DEQUANT_CHUNK, chunk
     try:
         got = dequantize_nf4(q, out_dtype)
@@ -143,12 +156,13 @@ def test_dequantize_exact_in_flush_denormal_mode():
 
 
 @given(weights(max_numel=3000), st.booleans())
+@example((torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), 32), False)  # rows < a block
 def test_from_bnb_dequantizes_like_bitsandbytes(wb, double_quant):
     """Wrapping bitsandbytes' own output (no requantization) gives bitsandbytes' values."""
     w, blocksize = wb
     packed, state = _bnb(w, blocksize, double_quant)
     q = NF4Tensor.from_bnb(packed, state)
-    assert torch.equal(q.dequantize(), bnbF.dequantize_4bit(packed, state).view(w.shape))
+    assert torch.equal(q.dequantize(), _bnb_dequantize(packed, state))
 
 
 @given(weights(max_numel=3000), st.booleans())
@@ -157,7 +171,7 @@ def test_to_bnb_from_bnb_round_trip_lossless(wb, double_quant):
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     packed, state = q.to_bnb()
     # bitsandbytes dequantizes our state exactly as ours does
-    assert torch.equal(bnbF.dequantize_4bit(packed, state).view(w.shape), q.dequantize())
+    assert torch.equal(_bnb_dequantize(packed, state), q.dequantize())
     q2 = NF4Tensor.from_bnb(packed, state)
     for name in ("packed", "absmax", "absmax2", "offset"):
         a, b = getattr(q, name), getattr(q2, name)
@@ -186,7 +200,7 @@ def test_mean_abs_error_matches_bitsandbytes_figure():
         q = quantize_nf4(w, blocksize=64, double_quant=dq)
         ours = (q.dequantize(torch.float32) - w).abs().mean().item()
         packed, state = _bnb(w, 64, dq)
-        theirs = (bnbF.dequantize_4bit(packed, state) - w).abs().mean().item()
+        theirs = (_bnb_dequantize(packed, state) - w).abs().mean().item()
         assert ours == theirs
         assert 0.070 < ours < 0.075
 
