@@ -32,19 +32,13 @@ from bench.train_step import GEOMETRIES, IMPLS, ROOT, run_worker
 
 def minilora_defaults(a) -> tuple[str, tuple[int, int] | None]:
     """(dtype, (full, selective) recompute block counts) that train.py would choose here for this
-    geometry and batch (None: nothing fits; train.py would refuse)."""
+    geometry and batch (None: nothing fits; train.py would refuse): planner.plan_run on train.py's
+    defaults with this benchmark's LoRA (r 16, no dropout)."""
     import torch
     from minilora.models.config import ModelConfig
 
-    from minilora.planner import (
-        MARGIN,
-        auto_dtype,
-        choose_checkpointing,
-        free_memory,
-        plan_memory,
-        rss_bytes,
-        warm_runtime,
-    )
+    from minilora.planner import auto_dtype, plan_run
+    from minilora.train_config import TrainConfig
 
     g = dict(GEOMETRIES["llama-135m"], num_hidden_layers=a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"])
     g.pop("family")
@@ -54,12 +48,8 @@ def minilora_defaults(a) -> tuple[str, tuple[int, int] | None]:
                       layer_types=["full_attention"] * L, sliding_window=None, **g)  # fmt: skip
     cpu = torch.device("cpu")
     dtype = auto_dtype(cpu)
-    runtime, budget = warm_runtime(cpu, dtype), free_memory(cpu) + rss_bytes()
-    hi = int(a.lengths.split(":")[1])
-    chosen = choose_checkpointing(lambda k, s: plan_memory(cfg, batch_size=a.batch, seq_len=hi, dtype=dtype,
-                                                           recompute_blocks=k, selective_blocks=s,
-                                                           runtime=runtime).peak <= budget * MARGIN, L)  # fmt: skip
-    return str(dtype).removeprefix("torch."), chosen
+    plan, error = plan_run(TrainConfig(lora_r=16, lora_dropout=0.0), cfg, cpu, dtype, (a.batch, int(a.lengths.split(":")[1])))
+    return str(dtype).removeprefix("torch."), None if error else (plan.recompute_blocks, plan.selective_blocks)
 
 
 def main() -> None:

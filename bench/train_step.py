@@ -140,8 +140,8 @@ def resident_bytes(model) -> tuple[int, int]:
 
 def worker(impl: str, ckpt: str, a) -> dict:
     """Runs in a fresh process: build one implementation, time its steps, report JSON."""
-    import torch
-    import torch._dynamo  # any torch optimizer imports it when built (~150 MB RSS): count it as import
+    import torch  # torch._dynamo (~150 MB RSS) loads when something needs it: torch.optim's AdamW when
+    # built, non-reentrant checkpointing when first used; minilora without recompute never loads it
 
     from bench.common import status_kib
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -56,6 +57,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _plain(method):
+    """`method` without torch._disable_dynamo's wrapper while nothing is being compiled. torch.optim's
+    Optimizer wraps add_param_group and zero_grad in it, and its first call imports torch._dynamo
+    (about 150 MB resident) only to keep the compiler out of them; once torch._dynamo is loaded
+    anyway, the wrapped method is used."""
+    return method if "torch._dynamo" in sys.modules else getattr(method, "__wrapped__", method)
 
 
 def _check_hparams(group: dict) -> None:
@@ -105,8 +114,11 @@ class PagedAdamW(torch.optim.Optimizer):
                                       eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        _plain(torch.optim.Optimizer.add_param_group)(self, param_group)
         _check_hparams(self.param_groups[-1])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _plain(torch.optim.Optimizer.zero_grad)(self, set_to_none)
 
     # ---- state ----------------------------------------------------------------------------------
     def _pool(self, device: torch.device) -> PagePool:

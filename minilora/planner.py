@@ -103,23 +103,25 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak
 
 
-def warm_runtime(device: torch.device, dtype: torch.dtype) -> int:
+def warm_runtime(device: torch.device, dtype: torch.dtype, recompute: bool = True) -> int:
     """The runtime constant: memory a training process holds before its model (Python, torch, the
     math libraries and the code paths a step touches). One LoRA step of a tiny NF4 model loads them
-    all; then this process's RSS is measured (CPU). 0 on CUDA (max_memory_allocated excludes it)."""
+    all; then this process's RSS is measured (CPU). 0 on CUDA (max_memory_allocated excludes it).
+    recompute: the step recomputes a block, as the run will; torch's non-reentrant checkpoint loads
+    torch._dynamo on first use (about 150 MB), which a run without recompute never loads."""
     if device.type != "cpu":
         return 0
     from minilora.lora import apply_lora, lora_parameters
     from minilora.loss import chunked_lm_loss
     from minilora.models.config import ModelConfig
-    from minilora.models.loader import quantize_linears
+    from minilora.models.loader import no_random_init, quantize_linears
     from minilora.models.transformer import Transformer
     from minilora.packing import Batch
     from minilora.paged_adamw import PagedAdamW
 
     cfg = ModelConfig.from_name("tiny")
     with torch.random.fork_rng(devices=[]):
-        with torch.device("meta"):
+        with torch.device("meta"), no_random_init():  # as the loader builds it (init on meta loads more code)
             model = Transformer(cfg)
         model.to_empty(device=device)
         with torch.no_grad():
@@ -129,7 +131,7 @@ def warm_runtime(device: torch.device, dtype: torch.dtype) -> int:
         model.to(dtype)
         quantize_linears(model, compute_dtype=dtype)
         apply_lora(model, r=4, alpha=8, dropout=0.0, verbose=False)
-        model.set_gradient_checkpointing(1)
+        model.set_gradient_checkpointing(1 if recompute else 0)
         opt = PagedAdamW(lora_parameters(model), lr=1e-4)
         ids = torch.randint(0, cfg.vocab_size, (2, 16), device=device)
         ones = torch.ones_like(ids)
@@ -377,7 +379,7 @@ def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tup
     budget = int(tc.memory_budget) if tc.memory_budget != "auto" else free_memory(device) + rss_bytes()
     targets = LINEARS if tc.lora_targets == "all-linear" else tuple(tc.lora_targets.split(","))
     opt_budget = int(tc.optimizer_budget) if tc.optimizer_budget.isdigit() else None
-    runtime = warm_runtime(device, dtype)
+    runtime = warm_runtime(device, dtype, recompute=False)
 
     def make(k: int, s: int = 0) -> Plan:
         p = plan_memory(model_cfg, batch_size=shape[0], seq_len=shape[1], dtype=dtype, quantize=tc.quantize,
@@ -393,7 +395,12 @@ def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tup
         return p
 
     fixed = {"off": (0, 0), "on": (L, 0), "selective": (0, L)}.get(tc.gradient_checkpointing)
-    chosen = fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
+    if fixed is None and make(0, 0).peak <= budget * MARGIN:
+        chosen = (0, 0)
+    else:
+        if fixed != (0, 0):  # the run recomputes: measure with what recompute loads (a run without it never does)
+            runtime = warm_runtime(device, dtype, recompute=True)
+        chosen = fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
     plan = make(*(chosen or (L, 0)))
     plan.budget = budget
     error = None

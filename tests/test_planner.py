@@ -241,3 +241,40 @@ def test_set_gradient_checkpointing_recomputes_the_first_k_blocks(monkeypatch, s
     assert calls == list(model.model.layers[:want])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+_DYNAMO_PROBE = """
+import sys, torch
+from minilora.lora import apply_lora, lora_parameters
+from minilora.loss import chunked_lm_loss
+from minilora.models import load_model
+from minilora.packing import Batch
+from minilora.paged_adamw import PagedAdamW
+from minilora.planner import warm_runtime
+
+recompute = sys.argv[1] == "1"
+warm_runtime(torch.device("cpu"), torch.float32, recompute=recompute)
+model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
+apply_lora(model, r=4, alpha=8, dropout=0.05, verbose=False)
+model.set_gradient_checkpointing(recompute)
+opt = PagedAdamW(lora_parameters(model), lr=1e-3)
+ids = torch.randint(3, 200, (2, 16))
+ones = torch.ones_like(ids)
+loss, n = chunked_lm_loss(model, Batch(ids, ids, ones, torch.arange(16).expand(2, 16), ones, 30))
+(loss / n).backward()
+opt.step()
+opt.zero_grad()
+opt.load_state_dict(opt.state_dict())
+print("torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_run_without_recompute_never_loads_torch_dynamo(recompute):
+    """torch._dynamo costs about 150 MB of RSS. torch.optim.Optimizer's add_param_group and zero_grad
+    load it on first call (PagedAdamW calls the plain methods underneath), and so does non-reentrant
+    checkpointing (which recompute needs; warm_runtime(recompute=True) counts it)."""
+    out = subprocess.run([sys.executable, "-c", _DYNAMO_PROBE, str(int(recompute))], capture_output=True, text=True,
+                         timeout=300, cwd=HERE)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == str(recompute)
