@@ -142,7 +142,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // micro_per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, T.cosine_with_warmup(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
-    loss_fn = LossModule(model, cfg.loss_chunk)
+    loss_fn = LossModule(model, plan.loss_chunk)
     if parallel == "ddp":
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=None if device.type == "cpu"
                                                             else [device.index])  # fmt: skip
@@ -172,7 +172,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     def validate_loss() -> float | None:
         if not data.val:
             return None
-        total, count = completion_loss(model, data.val, cfg.batch_size, tok.pad_id, chunk=cfg.loss_chunk)
+        total, count = completion_loss(model, data.val, cfg.batch_size, tok.pad_id, chunk=plan.loss_chunk)
         return total / max(1, count)
 
     metrics = rundir.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=step > 0) if main else None

@@ -30,10 +30,10 @@ import tempfile
 from bench.train_step import GEOMETRIES, IMPLS, ROOT, run_worker
 
 
-def minilora_defaults(a) -> tuple[str, tuple[int, int] | None]:
-    """(dtype, (full, selective) recompute block counts) that train.py would choose here for this
-    geometry and batch (None: nothing fits; train.py would refuse): planner.plan_run on train.py's
-    defaults with this benchmark's LoRA (r 16, no dropout)."""
+def minilora_defaults(a) -> tuple[str, tuple[int, int] | None, int]:
+    """(dtype, (full, selective) recompute block counts, loss chunk rows) that train.py would choose
+    here for this geometry and batch (None: nothing fits; train.py would refuse): planner.plan_run on
+    train.py's defaults with this benchmark's LoRA (r 16, no dropout)."""
     import torch
     from minilora.models.config import ModelConfig
 
@@ -49,7 +49,8 @@ def minilora_defaults(a) -> tuple[str, tuple[int, int] | None]:
     cpu = torch.device("cpu")
     dtype = auto_dtype(cpu)
     plan, error = plan_run(TrainConfig(lora_r=16, lora_dropout=0.0), cfg, cpu, dtype, (a.batch, int(a.lengths.split(":")[1])))
-    return str(dtype).removeprefix("torch."), None if error else (plan.recompute_blocks, plan.selective_blocks)
+    chosen = None if error else (plan.recompute_blocks, plan.selective_blocks)
+    return str(dtype).removeprefix("torch."), chosen, plan.loss_chunk
 
 
 def main() -> None:
@@ -75,13 +76,13 @@ def main() -> None:
             "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads), "--layers", str(a.layers),
             "--loss-chunk", "256", "--no-tf32"]  # fmt: skip
     ckpt_flag = lambda on: "--gradient-checkpointing" if on else "--no-gradient-checkpointing"
-    dtype, chosen = minilora_defaults(a)
+    dtype, chosen, chunk = minilora_defaults(a)
     full, sel = chosen or (a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"], 0)  # refused: full, as plan_run
     recompute = ["--no-gradient-checkpointing"] if full + sel == 0 else ["--gradient-checkpointing", "--recompute", f"{full}:{sel}"]
     cases = [(f"{dt}, recompute {'on' if rc else 'off'}", {impl: [*base, "--dtype", dt, ckpt_flag(rc)] for impl in IMPLS})
              for dt in ("float32", "bfloat16") for rc in (True, False)]  # fmt: skip
-    cases.append((f"defaults: minilora {dtype} recompute {full} full + {sel} selective vs QLoRA recipe",
-                  {"minilora": [*base, "--dtype", dtype, *recompute],
+    cases.append((f"defaults: minilora {dtype} recompute {full} full + {sel} selective, loss chunk {chunk} vs QLoRA recipe",
+                  {"minilora": [*base, "--dtype", dtype, *recompute, "--loss-chunk", str(chunk)],
                    "peft+bnb": [*base, "--dtype", "float32", ckpt_flag(True), "--prepare-kbit"]}))  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory(prefix="minilora_plan_step_") as tmp:

@@ -29,6 +29,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # the label of a position without loss, project-wide (torch's ignore_index default)
+CHUNK_ROWS = {"cpu": 64, "cuda": 256}  # rows per chunk for --loss-chunk 0 (auto): see default_chunk
+
+
+def default_chunk(device: torch.device) -> int:
+    """Rows per loss chunk when the run leaves it to us. Every chunk multiplies its rows by the whole
+    head (V x D). A CPU's GEMM is bound by arithmetic already at 64 rows, so fewer rows cost no time
+    and keep the chunk's (c, V) float32 buffers small; a GPU reads the head faster than it multiplies
+    only from about 256 rows on, so fewer rows there would leave it waiting on memory."""
+    return CHUNK_ROWS.get(device.type, CHUNK_ROWS["cuda"])
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -173,6 +173,7 @@ class Plan:
     steps: int | None = None
     dtype: str = "float32"
     budget: int | None = None
+    loss_chunk: int = 256
 
     @property
     def recompute(self) -> str:
@@ -184,7 +185,7 @@ class Plan:
     def settings(self) -> dict:
         """What the run resolved (saved in config.json under "resolved")."""
         return {"dtype": self.dtype, "gradient_checkpointing": self.recompute, "recompute_blocks": self.recompute_blocks,
-                "selective_blocks": self.selective_blocks,
+                "selective_blocks": self.selective_blocks, "loss_chunk": self.loss_chunk,
                 "predicted_peak_bytes": self.peak, "memory_budget_bytes": self.budget}  # fmt: skip
 
     def largest(self) -> tuple[str, int, str]:
@@ -375,16 +376,19 @@ def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tup
     (--memory-budget or the free memory).
     fsdp_ranks > 1: per rank, with the base, LoRA weights and optimizer states sharded over that
     many ranks (distributed.per_rank_components)."""
+    from minilora.loss import default_chunk
+
     L = model_cfg.num_hidden_layers
     budget = int(tc.memory_budget) if tc.memory_budget != "auto" else free_memory(device) + rss_bytes()
     targets = LINEARS if tc.lora_targets == "all-linear" else tuple(tc.lora_targets.split(","))
     opt_budget = int(tc.optimizer_budget) if tc.optimizer_budget.isdigit() else None
     runtime = warm_runtime(device, dtype, recompute=False)
+    chunk = tc.loss_chunk or default_chunk(device)
 
     def make(k: int, s: int = 0) -> Plan:
         p = plan_memory(model_cfg, batch_size=shape[0], seq_len=shape[1], dtype=dtype, quantize=tc.quantize,
                            lora_r=tc.lora_r, lora_targets=targets, lora_dropout=tc.lora_dropout,
-                           optimizer_bits=tc.optimizer_bits, optimizer_budget=opt_budget, loss_chunk=tc.loss_chunk,
+                           optimizer_bits=tc.optimizer_bits, optimizer_budget=opt_budget, loss_chunk=chunk,
                            recompute_blocks=k, selective_blocks=s, runtime=runtime,
                            device_type=device.type)  # fmt: skip
         if fsdp_ranks > 1:
@@ -402,7 +406,7 @@ def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tup
             runtime = warm_runtime(device, dtype, recompute=True)
         chosen = fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
     plan = make(*(chosen or (L, 0)))
-    plan.budget = budget
+    plan.budget, plan.loss_chunk = budget, chunk
     error = None
     if plan.peak > budget * MARGIN:
         name, size, flag = plan.largest()

@@ -77,8 +77,8 @@ class TrainConfig:
     tf32: bool = _f(True, "CUDA: run float32 matmuls (the LoRA terms and their gradients) on TF32 tensor "
                           "cores; the LoRA term is rounded to the 16-bit compute dtype before it is added, no "
                           "finer than TF32's inputs (--no-tf32: full float32)")
-    loss_chunk: int = _f(256, "labelled tokens per cross-entropy chunk: at most chunk x vocab float32 "
-                              "logits exist at once (256 x 262k = 256 MiB for Gemma 3)")
+    loss_chunk: int = _f(0, "labelled tokens per cross-entropy chunk: at most chunk x vocab float32 logits "
+                            "exist at once (256 x 262k = 256 MiB for Gemma 3); 0: 64 on the CPU, 256 on CUDA")
     # optimization
     lr: float = _f(2e-4, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine schedule)")
@@ -124,7 +124,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.val_fraction < 1, "--val-fraction must be in [0, 1)"),
         (cfg.epochs >= 1 or cfg.max_steps > 0, "--epochs must be at least 1 (or set --max-steps)"),
         (cfg.max_steps >= 0 and cfg.warmup_steps >= 0, "--max-steps and --warmup-steps cannot be negative"),
-        (cfg.loss_chunk >= 1, "--loss-chunk must be at least 1"),
+        (cfg.loss_chunk >= 0, "--loss-chunk must be at least 1 (or 0 for the device's default)"),
     ]
     for ok, msg in checks:
         if not ok:

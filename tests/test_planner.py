@@ -278,3 +278,19 @@ def test_a_run_without_recompute_never_loads_torch_dynamo(recompute):
                          timeout=300, cwd=HERE)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-1] == str(recompute)
+
+
+@pytest.mark.parametrize("given,device,want", [(0, "cpu", 64), (0, "cuda", 256), (100, "cpu", 100)])
+def test_loss_chunk_zero_is_the_devices_default_and_is_recorded(monkeypatch, given, device, want):
+    """--loss-chunk 0 resolves per device (loss.default_chunk); the plan counts and records that chunk."""
+    from minilora import planner
+    from minilora.train_config import TrainConfig
+
+    monkeypatch.setattr(planner, "warm_runtime", lambda *a, **k: 0)  # no CUDA here: only the arithmetic
+    monkeypatch.setattr(planner, "free_memory", lambda d: 1 << 40)
+    cfg = llama_135m(2)
+    plan, error = planner.plan_run(TrainConfig(loss_chunk=given), cfg, torch.device(device), torch.float32, (4, 160))
+    assert error is None and plan.loss_chunk == want and plan.settings()["loss_chunk"] == want
+    expect = plan_memory(cfg, batch_size=4, seq_len=160, loss_chunk=want, device_type=device)
+    assert dict((n, b) for n, b, _ in plan.components)["transient (loss chunk / block backward)"] == \
+        dict((n, b) for n, b, _ in expect.components)["transient (loss chunk / block backward)"]
