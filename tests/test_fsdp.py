@@ -130,8 +130,10 @@ def test_fsdp_untied_odd_vocabulary_losses_validation_and_adapter_equal_one_proc
 def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
     """One rank: the tiny model loaded whole, quantized, LoRA-adapted and sharded, and the same model
     streamed block by block into its shards (load_sharded); report resident NF4 bytes, LoRA shards,
-    and one PagedAdamW step's local state sizes."""
+    one PagedAdamW step's local state sizes, and how many block parameters are still gathered
+    (not sharded DTensors) between a forward and its backward."""
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     from minilora.lora import apply_lora, lora_parameters
     from minilora.models.loader import load_model
@@ -151,17 +153,23 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
         assert torch.equal(D.local(a[k]), D.local(b[k])), k
     opt = PagedAdamW(lora_parameters(model), lr=1e-2)
     ids = torch.arange(3, 3 + 2 * 12).view(2, 12) + rank  # (2, 12) a different micro-batch per rank
-    model(ids).float().logsumexp(-1).sum().backward()
+    gathered = 0
+    for m in (streamed, model):
+        y = m(ids).float().logsumexp(-1).sum()
+        gathered += sum(not isinstance(p, DTensor) for block in m.model.layers for p in block.parameters())
+        y.backward()
     opt.step()
     state = opt.state_dict()["state"]
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump({"whole": whole, "mine": D.nf4_resident_bytes(model),
                    "opt": sum(t.numel() for s in state.values() for k, t in s.items() if k != "step"),
-                   "lora": sum(p.numel() for p in lora_parameters(model))}, f)
+                   "lora": sum(p.numel() for p in lora_parameters(model)), "gathered": gathered}, f)
     dist.destroy_process_group()
 
 
 def test_each_rank_holds_about_half_of_the_nf4_base_and_optimizer_states(tmp_path):
+    """... also between a forward and its backward: the blocks free their gathered parameters after
+    forward (under one root unit, distributed.shard_root) instead of holding the whole base."""
     import torch.multiprocessing as mp
 
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
@@ -169,6 +177,7 @@ def test_each_rank_holds_about_half_of_the_nf4_base_and_optimizer_states(tmp_pat
     r = [json.loads((tmp_path / f"r.{i}.json").read_text()) for i in range(2)]
     whole = r[0]["whole"]
     assert whole == r[1]["whole"] > 0
+    assert [x["gathered"] for x in r] == [0, 0]
     for x in r:  # padding to a multiple of 2 rows costs at most one row per tensor
         assert 0.45 * whole < x["mine"] < 0.55 * whole, (x["mine"], whole)
         assert 0.4 * 2 * x["lora"] < x["opt"] < 0.6 * 2 * x["lora"], x  # exp_avg + exp_avg_sq of its shard only
