@@ -176,6 +176,19 @@ def test_sdpa_gqa_gradients_equal_the_repeated_path_within_a_derived_bound(dtype
             assert ((got.double() - want).abs() <= bound).all()
 
 
+def with_and_without_gqa(attn, x, cos, sin, mask):
+    """({gqa: output}, {gqa: bytes saved for backward}) of the attention module with k, v handed to
+    SDPA unrepeated where torch's dispatch takes it (gqa True) and repeated by the module (False)."""
+    out, size = {}, {}
+    for gqa in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            real = transformer.sdpa_takes_gqa
+            mp.setattr(transformer, "sdpa_takes_gqa", lambda *a: real(*a) if gqa else False)
+            out[gqa] = attn(x, cos, sin, mask)
+            size[gqa] = saved_bytes(lambda: attn(x, cos, sin, mask))
+    return out, size
+
+
 @given(dtype=st.sampled_from(DTYPES), T=st.integers(1, 24), rep=st.integers(1, 3), masked=st.booleans(),
        seed=st.integers(0, 2**16))  # fmt: skip
 def test_attention_module_keeps_kv_at_hkv_heads_with_the_same_output(dtype, T, rep, masked, seed):
@@ -189,13 +202,7 @@ def test_attention_module_keeps_kv_at_hkv_heads_with_the_same_output(dtype, T, r
     x = torch.randn(B, T, D).to(dtype).requires_grad_()
     cos, sin = transformer.rope_cos_sin(transformer.rope_inv_freq(hd, 1e4, None), torch.arange(T).expand(B, T), dtype)
     mask = random_mask(B, T) if masked else None
-    out, size = {}, {}
-    for gqa in (False, True):
-        with pytest.MonkeyPatch.context() as mp:
-            real = transformer.sdpa_takes_gqa
-            mp.setattr(transformer, "sdpa_takes_gqa", lambda *a: real(*a) if gqa else False)
-            out[gqa] = attn(x, cos, sin, mask)
-            size[gqa] = saved_bytes(lambda: attn(x, cos, sin, mask))
+    out, size = with_and_without_gqa(attn, x, cos, sin, mask)
     e = torch.empty((), dtype=dtype).element_size()
     assert torch.equal(out[True], out[False])
     assert size[False] - size[True] == 2 * B * T * (Hkv * rep - Hkv) * hd * e
@@ -230,12 +237,6 @@ def test_attention_gqa_on_cuda_saves_kv_unrepeated_where_a_fused_kernel_takes_it
     q = torch.empty(B, Hkv * rep, T, hd, device=dev, dtype=dtype)
     kv = torch.empty(B, Hkv, T, hd, device=dev, dtype=dtype)
     takes = transformer.sdpa_takes_gqa(q, kv, kv, mask)
-    out, size = {}, {}
-    for gqa in (False, True):
-        with pytest.MonkeyPatch.context() as mp:
-            real = transformer.sdpa_takes_gqa
-            mp.setattr(transformer, "sdpa_takes_gqa", lambda *a: real(*a) if gqa else False)
-            out[gqa] = attn(x, cos, sin, mask)
-            size[gqa] = saved_bytes(lambda: attn(x, cos, sin, mask))
+    out, size = with_and_without_gqa(attn, x, cos, sin, mask)
     torch.testing.assert_close(out[True], out[False])
     assert size[False] - size[True] == (2 * B * T * (Hkv * rep - Hkv) * hd * 2 if takes else 0)
