@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go, on a machine with one CUDA GPU.
 #
-#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant lora adamw train plan fsdp gguf (default: all)
+#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant lora adamw train recompute plan fsdp gguf (default: all)
 #
 # Run from the repository root. Needs torch with CUDA, triton, transformers and peft, plus
 # bitsandbytes: if .whl/ holds wheels (for a machine without network), they are installed into
@@ -24,6 +24,8 @@
 #   lora     bench.lora_layer --device cuda (target >= 1.3x PEFT + bitsandbytes, lower memory)
 #   adamw    bench.adamw, whose CUDA run adds the oversubscribed paging case
 #   train    bench.train_step --geometry gemma-3-1b (targets >= 1.5x tokens/s, <= 0.6x memory)
+#   recompute bench.recompute on Gemma 3 1B geometry: step time and peak with recompute off,
+#            selective (torch's selective activation checkpointing) and full, beside the planner's figures
 #   plan     bench.plan_check: the planner's predicted peak vs torch.cuda.max_memory_allocated of a
 #            real train.py run on Gemma 3 1B geometry (target: within 10%)
 #   fsdp     1-GPU FSDP smoke: torchrun --nproc_per_node 1 train.py --parallel fsdp (NCCL, bf16, Triton)
@@ -47,7 +49,7 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
     || { echo "gpu_suite: no CUDA device is visible to torch; run this on a GPU machine." >&2; exit 2; }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant lora adamw train plan fsdp gguf)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant lora adamw train recompute plan fsdp gguf)
 status=0
 run() {  # run NAME COMMAND...: append to $out/suite.log, remember a failure, go on with the next step
     local name=$1; shift
@@ -66,13 +68,15 @@ for step in "${steps[@]}"; do
         adamw) run adamw python3 -m bench.adamw && cp bench/results/adamw.json "$out/" ;;
         train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 \
                    --ckpt /tmp/gemma-3-1b-random && cp bench/results/train_step_gemma-3-1b_cuda.json "$out/" ;;
+        recompute) run recompute python3 -m bench.recompute --geometry gemma-3-1b --device cuda --seq 1024 --rounds 2 \
+                   --ckpt /tmp/gemma-3-1b-random && cp bench/results/recompute_gemma-3-1b_cuda.json "$out/" ;;
         plan) run plan python3 -m bench.plan_check --geometry gemma-3-1b --device cuda --ckpt /tmp/gemma-3-1b-random \
                    && cp bench/results/plan_check_gemma-3-1b_cuda.json "$out/" ;;
         gguf) run gguf python3 -m pytest -q tests/test_gguf.py ;;
         fsdp) rm -rf /tmp/fsdp_smoke && run fsdp python3 -m torch.distributed.run --standalone --nproc_per_node 1 train.py \
                   --parallel fsdp --max-steps 30 --eval-generate 8 --out /tmp/fsdp_smoke \
                   && cp /tmp/fsdp_smoke/summary.json "$out/fsdp_smoke_summary.json" ;;
-        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, lora, adamw, train, plan, fsdp or gguf." >&2; status=2 ;;
+        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, lora, adamw, train, recompute, plan, fsdp or gguf." >&2; status=2 ;;
     esac
 done
 exit $status
