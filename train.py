@@ -110,7 +110,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         return 0
     if too_big:
         return fail(too_big)
-    say(f"settings: dtype {plan.dtype}, recompute {plan.recompute}, predicted peak {plan.peak / 2**20:,.0f} MiB")
+    say(f"settings: dtype {plan.dtype}, recompute {plan.recompute}, loss chunk {plan.loss_chunk}, "
+        f"predicted peak {plan.peak / 2**20:,.0f} MiB")
     if main:  # the first write: every check above has passed
         config = rundir.config_json(cfg, str(dtype).removeprefix("torch."), world, plan.settings())
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)

@@ -198,7 +198,7 @@ class Plan:
         rows.append(f"{'predicted peak':<40}{self.peak / MiB:>12,.1f}")
         if self.budget is not None:
             rows.append(f"{'budget (x 0.85 margin)':<40}{self.budget * MARGIN / MiB:>12,.1f}")
-        rows.append(f"compute dtype {self.dtype}, recompute {self.recompute}")
+        rows.append(f"compute dtype {self.dtype}, recompute {self.recompute}, loss chunk {self.loss_chunk} rows")
         rows.append(f"FLOPs per token {self.flops_per_token / 1e9:,.3f} G, tokens per micro-batch {self.tokens_per_step:,}"
                     " (the longest batch)")  # fmt: skip
         if self.step_seconds is not None:

@@ -199,7 +199,7 @@ def test_plan_names_the_recompute_mode(capsys, mode, text):
             "--memory-budget", str(10**12)]  # fmt: skip
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert f", {text}\n" in out and f"activations kept ({text})" in out, out
+    assert f", {text}, loss chunk " in out and f"activations kept ({text})" in out, out
 
 
 def test_flops_count_a_full_recompute_forward_but_only_the_lora_products_for_selective():
