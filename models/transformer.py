@@ -146,7 +146,7 @@ class Attention(nn.Module):
                 mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, S): causal
             scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, T, S)
             scores = self.softcap * torch.tanh(scores / self.softcap)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
             out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, H*hd)
         return self.o_proj(out)
@@ -221,6 +221,12 @@ def build_mask(q_slots, key_valid, segment_q, segment_k, window):
         allowed = allowed & (segment_q[:, :, None] == segment_k[:, None, :])
     allowed = allowed | (k_slots[None, :] == q_slots[:, None])[None]
     return allowed[:, None]  # (B, 1, T, S)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive mask SDPA builds from it: 0 where allowed,
+    -inf elsewhere, in `dtype`. Added to the scores it equals masking them (s + 0 = s, s - inf = -inf)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def causal_is_exact(valid, segment_ids) -> bool:
@@ -336,6 +342,9 @@ class Transformer(nn.Module):
             # sqrt(D) rounded to the weight dtype first (bf16: sqrt(1152)=33.94 -> 34.0), as in the reference.
             emb = emb * torch.tensor(cfg.hidden_size**0.5, dtype=emb.dtype, device=dev)
         x = emb
+        # SDPA turns a boolean mask into an additive one (0 / -inf in q's dtype) on every call and keeps
+        # that copy for backward, one per layer; converted once here, the layers of a kind share it.
+        masks = {kind: None if m is None else additive_mask(m, x.dtype) for kind, m in masks.items()}
         rope = {
             FULL: rope_cos_sin(self.inv_freq_global, position_ids, x.dtype),
             SLIDING: rope_cos_sin(self.inv_freq_local, position_ids, x.dtype),

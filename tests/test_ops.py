@@ -240,3 +240,50 @@ def test_attention_gqa_on_cuda_saves_kv_unrepeated_where_a_fused_kernel_takes_it
     out, size = with_and_without_gqa(attn, x, cos, sin, mask)
     torch.testing.assert_close(out[True], out[False])
     assert size[False] - size[True] == (2 * B * T * (Hkv * rep - Hkv) * hd * 2 if takes else 0)
+
+
+@given(dtype=st.sampled_from(DTYPES), family=st.sampled_from(["llama", "gemma3"]), T=st.integers(2, 40),
+       pieces=st.integers(2, 4), seed=st.integers(0, 2**16))  # fmt: skip
+def test_packed_rows_share_one_additive_mask_per_layer_kind_with_the_same_bits(dtype, family, T, pieces, seed):
+    """Packed rows need a mask. Handed to SDPA as a boolean, each layer converted it to an additive
+    mask and kept its own copy for backward; Transformer.forward converts it once (additive_mask), so
+    the layers of a kind keep one shared (B, 1, T, T) tensor, and the hidden states and the
+    gradients are the same bits as with the boolean mask."""
+    import dataclasses
+
+    torch.manual_seed(seed)
+    base = ModelConfig.from_name("tiny")  # Gemma 3: sliding and full layers
+    if family == "llama":
+        base = ModelConfig.from_name("smollm2-135m")
+        base = dataclasses.replace(base, vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8)  # fmt: skip
+    L = 3
+    cfg = dataclasses.replace(base, num_hidden_layers=L, layer_types=(list(base.layer_types) * L)[:L], sliding_window=8)
+    model = transformer.Transformer(cfg).to(dtype)
+    B = 2
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    seg = (torch.arange(T) * pieces // T + 1).expand(B, T).contiguous()  # (B, T): `pieces` packed examples a row
+
+    def run():
+        model.zero_grad()
+        h = model(ids, segment_ids=seg, return_hidden=True)
+        h.float().square().sum().backward()
+        return h, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def run_counting_masks():
+        masks = set()
+
+        def pack(t):
+            if t.dim() == 4 and t.shape[1] == 1 and t.shape[-2:] == (T, T):
+                masks.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return (*run(), len(masks))
+
+    h_new, g_new, n_new = run_counting_masks()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformer, "additive_mask", lambda allowed, dtype: allowed)  # the boolean mask, as before
+        h_old, g_old, n_old = run_counting_masks()
+    assert torch.equal(h_new, h_old) and all(torch.equal(a, b) for a, b in zip(g_new, g_old))
+    assert (n_new, n_old) == (len(set(cfg.layer_types)), L)
