@@ -268,7 +268,8 @@ def plan_memory(cfg, *, batch_size: int, seq_len: int, label_tokens: int | None 
     if device_type == "cpu":
         slack = int(N * (L - k - s) * act + ALLOCATOR_SLACK["recompute"] * block * k + ALLOCATOR_SLACK["loss"] * loss)
         slack += int(N * s * sel + ALLOCATOR_SLACK["recompute"] * block * s)  # selective: as both of those
-    plan = Plan(recompute_blocks=k, selective_blocks=s, num_layers=L, dtype=str(dtype).removeprefix("torch."))
+    plan = Plan(recompute_blocks=k, selective_blocks=s, num_layers=L, dtype=str(dtype).removeprefix("torch."),
+                loss_chunk=loss_chunk)
     plan.components = [
         ("runtime (Python, torch, allocator)", runtime, ""),
         ("base weights (NF4 codes + quant state)" if quantize == "nf4" else "base weights", int(base), "--quantize nf4"),
@@ -406,7 +407,7 @@ def plan_run(tc, model_cfg, device: torch.device, dtype: torch.dtype, shape: tup
             runtime = warm_runtime(device, dtype, recompute=True)
         chosen = fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
     plan = make(*(chosen or (L, 0)))
-    plan.budget, plan.loss_chunk = budget, chunk
+    plan.budget = budget
     error = None
     if plan.peak > budget * MARGIN:
         name, size, flag = plan.largest()

@@ -119,8 +119,9 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S) bool, True = may attend, or None for
-        plain causal attention over T == S (SDPA's is_causal: FlashAttention on a GPU)."""
+        """x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S) bool (True = may attend) or additive in
+        x's dtype (0 / -inf, additive_mask), or None for plain causal attention over T == S (SDPA's
+        is_causal: FlashAttention on a GPU)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -331,20 +332,20 @@ class Transformer(nn.Module):
             raise ValueError("segment_ids (packed sequences) are for training; they cannot be combined with a KV cache.")
         q_slots = torch.arange(past, past + T, device=dev)  # (T,)
         causal = cache is None and causal_is_exact(valid, segment_ids)
-        masks = {
-            kind: None if causal and (kind == FULL or T <= cfg.sliding_window) else
-            build_mask(q_slots, key_valid, segment_ids, segment_ids, cfg.sliding_window if kind == SLIDING else None)
-            for kind in set(cfg.layer_types)
-        }  # fmt: skip
 
         emb = self.model.embed_tokens(input_ids)  # (B, T, D)
         if cfg.family == "gemma3":
             # sqrt(D) rounded to the weight dtype first (bf16: sqrt(1152)=33.94 -> 34.0), as in the reference.
             emb = emb * torch.tensor(cfg.hidden_size**0.5, dtype=emb.dtype, device=dev)
         x = emb
-        # SDPA turns a boolean mask into an additive one (0 / -inf in q's dtype) on every call and keeps
-        # that copy for backward, one per layer; converted once here, the layers of a kind share it.
-        masks = {kind: None if m is None else additive_mask(m, x.dtype) for kind, m in masks.items()}
+        # Additive masks, one per layer kind: SDPA would turn a boolean mask into this form in every
+        # layer and keep every copy for backward; built once here, the layers of a kind share it.
+        masks = {
+            kind: None if causal and (kind == FULL or T <= cfg.sliding_window) else additive_mask(
+                build_mask(q_slots, key_valid, segment_ids, segment_ids, cfg.sliding_window if kind == SLIDING else None),
+                x.dtype)
+            for kind in set(cfg.layer_types)
+        }  # fmt: skip
         rope = {
             FULL: rope_cos_sin(self.inv_freq_global, position_ids, x.dtype),
             SLIDING: rope_cos_sin(self.inv_freq_local, position_ids, x.dtype),
