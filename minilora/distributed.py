@@ -11,7 +11,8 @@ pieces, a rank keeps one piece, and a block's pieces are all-gathered just befor
 
 plus, while a block runs, that block's gathered base (two blocks with prefetching). NF4 codes and
 their quantization state are frozen parameters for this (buffers are not sharded); each
-transformer block is one fully_shard unit. The embeddings and head are split by vocabulary rows
+transformer block is one fully_shard unit, under one root unit over the whole model (shard_root).
+The embeddings and head are split by vocabulary rows
 instead (minilora/vocab_parallel.py: each rank keeps V/W rows and the lookup and the chunked loss
 exchange hidden states, never the table; FSDP would gather the whole table for the whole step);
 the final norm stays whole. After the all-gather a block's NF4Linear sees its whole codes and
