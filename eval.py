@@ -19,17 +19,21 @@ import argparse
 import os
 import sys
 
-from minilora.cli import EXIT_FAILED, Progress, fail, parser, resolve_device, resolve_dtype, run_main
-from minilora.records import DataError, without_skip_hint
+from minilora.cli import EXIT_FAILED, Progress, fail, parser, resolve_device, run_main
+from minilora.data.records import DataError, without_skip_hint
+from minilora.dtypes import dtype_name, resolve_dtype, run_dtype
 
 DEMO_RUN = os.path.join("runs", "demo")
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = parser("eval.py", "Score base, few-shot base and fine-tuned model side by side (report.md + eval.json). "
-                          "With no arguments: the offline demo's run. Subcommand: `eval.py export --help`.",
-               epilog="exit codes: 0 done; 1 a gate (--min-exact-match, --min-structured-match, --max-perplexity) "
-                      "was missed; 2 a user error (one sentence on stderr).")  # fmt: skip
+    p = parser(
+        "eval.py",
+        "Score base, few-shot base and fine-tuned model side by side (report.md + eval.json). "
+        "With no arguments: the offline demo's run. Subcommand: `eval.py export --help`.",
+        epilog="exit codes: 0 done; 1 a gate (--min-exact-match, --min-structured-match, --max-perplexity) "
+        "was missed; 2 a user error (one sentence on stderr).",
+    )
     a = p.add_argument
     a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
     a("--model", default=None, help="base model (default: the run's --model)")
@@ -44,8 +48,12 @@ def eval_parser() -> argparse.ArgumentParser:
     a("--template", choices=["chat", "raw"], default=None, help="prompt rendering (default: the run's)")
     a("--format", default=None, help="data format (default: the run's, else auto)")
     a("--quantize", choices=["nf4", "none"], default=None, help="base weights (default: as the run trained)")
-    a("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None,
-      help="compute dtype (default: the run's; auto = bf16 on GPU, float32 on CPU)")
+    a(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default=None,
+        help="compute dtype (default: the one the run trained in; auto = bf16 where the device has bf16 units)",
+    )
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--seed", type=int, default=0, help="seed for choosing the few-shot examples")
     a("--min-exact-match", type=float, default=None, help="gate: exit 1 if fine-tuned exact match is lower")
@@ -55,24 +63,34 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = parser("eval.py export",
-               "Merge a run's adapter into its base and write it for serving: a Hugging Face checkpoint "
-               "(transformers / vLLM; optionally bitsandbytes NF4), one GGUF file (llama.cpp / Ollama), or "
-               "the adapter alone as a GGUF LoRA (llama.cpp --lora). The export is then read back and "
-               "compared with the merged model (exit 1 when they disagree).")  # fmt: skip
+    p = parser(
+        "eval.py export",
+        "Merge a run's adapter into its base and write it for serving: a Hugging Face checkpoint "
+        "(transformers / vLLM; optionally bitsandbytes NF4), one GGUF file (llama.cpp / Ollama), or "
+        "the adapter alone as a GGUF LoRA (llama.cpp --lora). The export is then read back and "
+        "compared with the merged model (exit 1 when they disagree).",
+    )
     a = p.add_argument
     a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
     a("--out", required=True, help="folder for the checkpoint (must be empty or absent), or the .gguf file")
-    a("--format", choices=["hf", "gguf", "gguf-lora"], default="hf",
-      help="hf: checkpoint folder; gguf: merged model as one GGUF file; gguf-lora: the adapter alone as GGUF")
+    a(
+        "--format",
+        choices=["hf", "gguf", "gguf-lora"],
+        default="hf",
+        help="hf: checkpoint folder; gguf: merged model as one GGUF file; gguf-lora: the adapter alone as GGUF",
+    )
     a("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype (--format hf)")
     a("--quantize-4bit", action="store_true", help="write bitsandbytes' NF4 layout (double quant) instead")
     a("--gguf-type", choices=["f16", "bf16", "q8_0", "q4_0"], default="f16", help="GGUF tensor type (--format gguf)")
     a("--no-validate", action="store_true", help="skip reading the export back and comparing it with the merged model")
     a("--model", default=None, help="base model (default: the run's --model)")
-    a("--merge-base", choices=["auto", "dequantized", "original"], default="auto",
-      help="merge into the dequantized NF4 weights the run trained against, or the checkpoint's own "
-           "(auto: dequantized for a QLoRA run)")  # fmt: skip
+    a(
+        "--merge-base",
+        choices=["auto", "dequantized", "original"],
+        default="auto",
+        help="merge into the dequantized NF4 weights the run trained against, or the checkpoint's own "
+        "(auto: dequantized for a QLoRA run)",
+    )
     a("--overwrite", action="store_true", help="replace a non-empty --out folder or an existing --out file")
     return p
 
@@ -85,8 +103,10 @@ def validate(args) -> None:
         (args.generations >= 0, "--generations cannot be negative"),
         (args.limit >= 0, "--limit cannot be negative"),
     ]
-    for flag, value in (("--min-exact-match", args.min_exact_match),
-                        ("--min-structured-match", args.min_structured_match)):  # fmt: skip
+    for flag, value in (
+        ("--min-exact-match", args.min_exact_match),
+        ("--min-structured-match", args.min_structured_match),
+    ):
         checks.append((value is None or 0.0 <= value <= 1.0, f"{flag} is a fraction; pass a value in [0, 1]"))
     checks.append((args.max_perplexity is None or args.max_perplexity > 0, "--max-perplexity must be positive"))
     for ok, msg in checks:
@@ -95,17 +115,18 @@ def validate(args) -> None:
 
 
 def run_eval(args) -> int:
-    from minilora.data import load_records
-    from minilora.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
-    from minilora.adapter import check_adapter_fits, find_run, read_adapter_config
+    from minilora.data.records import load_records
+    from minilora.eval.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
+    from minilora.eval.report import check_gates, gate_failure_message, write_report
+    from minilora.lora.adapter import check_adapter_fits, find_run, read_adapter_config
     from minilora.models.loader import load_model
-    from minilora.report import check_gates, gate_failure_message, write_report
 
     validate(args)
     device = resolve_device(args.device)
     if args.adapter == DEMO_RUN and not os.path.isdir(DEMO_RUN):
-        return fail(f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), "
-                    "then `python eval.py`.")  # fmt: skip
+        return fail(
+            f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), then `python eval.py`."
+        )
     adapter_dir, run_dir, run_cfg = find_run(args.adapter)
     trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     name = args.model or run_cfg.get("model") or trained_on
@@ -118,12 +139,15 @@ def run_eval(args) -> int:
         return fail(f"the run in {run_dir} names no test data; pass --data test.jsonl.")
     examples, rep = load_records(data, fmt)
     if rep.fmt == "text":
-        return fail(f"{data} holds text records with no prompts; evaluation needs prompt/completion, "
-                    "alpaca or chat records.")  # fmt: skip
+        return fail(
+            f"{data} holds text records with no prompts; evaluation needs prompt/completion, alpaca or chat records."
+        )
     examples = examples[: args.limit] if args.limit else examples
     if args.min_structured_match is not None and not any(parse_json(e.completion)[0] for e in examples):
-        return fail(f"--min-structured-match was given but no reference completion in {data} is JSON, so "
-                    "structured match cannot be measured; drop the flag or use JSON completions.")  # fmt: skip
+        return fail(
+            f"--min-structured-match was given but no reference completion in {data} is JSON, so "
+            "structured match cannot be measured; drop the flag or use JSON completions."
+        )
 
     shots, note, train = [], None, args.train_data or run_cfg.get("data")
     if args.shots == 0:
@@ -138,14 +162,15 @@ def run_eval(args) -> int:
         shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
 
     quantize = args.quantize or run_cfg.get("quantize", "nf4")
-    dtype = resolve_dtype(args.dtype or run_cfg.get("dtype", "auto"), device.type)  # as train.py resolves it
-    print(f"loading {name} ({quantize}, {str(dtype).replace('torch.', '')}, {device})", file=sys.stderr)
+    dtype = resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)  # the dtype the run trained in
+    print(f"loading {name} ({quantize}, {dtype_name(dtype)}, {device})", file=sys.stderr)
     model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
     if tok is None:
         return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
     if template == "chat" and tok.chat_template is None:
-        return fail(f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; "
-                    "pass --template raw.")  # fmt: skip
+        return fail(
+            f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw."
+        )
     check_adapter_fits(model, adapter_dir, name)
     if trained_on and trained_on != name:
         print(f"note: the adapter was trained on {trained_on!r}; evaluating it on {name!r}.", file=sys.stderr)
@@ -156,12 +181,16 @@ def run_eval(args) -> int:
     variants.append(("fine_tuned", examples))
     progress = Progress(2 * len(examples) * len(variants), unit="example")
     done = [0]
-    kw = dict(template=template, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-              max_seq_len=model.config.max_position_embeddings)  # fmt: skip
+    kw = dict(
+        template=template,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_seq_len=model.config.max_position_embeddings,
+    )
     results = {}
     for variant, exs in variants:
         if variant == "fine_tuned":
-            from minilora.adapter import load_adapter
+            from minilora.lora.adapter import load_adapter
 
             load_adapter(model, adapter_dir)
 
@@ -172,12 +201,25 @@ def run_eval(args) -> int:
         results[variant] = evaluate_variant(model, tok, exs, progress=tick, **kw)
     progress.close()
 
-    thresholds = {"exact_match": args.min_exact_match, "structured_match": args.min_structured_match,
-                  "perplexity": args.max_perplexity}  # fmt: skip
+    thresholds = {
+        "exact_match": args.min_exact_match,
+        "structured_match": args.min_structured_match,
+        "perplexity": args.max_perplexity,
+    }
     gates = check_gates(results["fine_tuned"], thresholds)
-    meta = {"adapter": adapter_dir, "model": name, "quantize": quantize, "data": data, "n": len(examples),
-            "template": template, "max_new_tokens": args.max_new_tokens, "train_data": train if shots else None,
-            "shots_used": len(shots), "few_shot_note": note, "shot_sources": [s.source for s in shots]}  # fmt: skip
+    meta = {
+        "adapter": adapter_dir,
+        "model": name,
+        "quantize": quantize,
+        "data": data,
+        "n": len(examples),
+        "template": template,
+        "max_new_tokens": args.max_new_tokens,
+        "train_data": train if shots else None,
+        "shots_used": len(shots),
+        "few_shot_note": note,
+        "shot_sources": [s.source for s in shots],
+    }
     md, js = write_report(args.out or run_dir, meta, results, examples, gates, args.generations)
     print_summary(results, len(shots))
     print(f"report: {md}\nmetrics: {js}")
@@ -195,14 +237,23 @@ def print_summary(results: dict, shots: int) -> None:
 
 
 def run_export(args) -> int:
-    from minilora.export import export_adapter
-    from minilora.validate import ValidationError
+    from minilora.export.merge import export_adapter
+    from minilora.export.readback import ValidationError
 
     try:
-        out = export_adapter(args.adapter, args.out, dtype=args.dtype, quantize_4bit=args.quantize_4bit,
-                             overwrite=args.overwrite, model_name=args.model, merge_base=args.merge_base,
-                             fmt=args.format, gguf_type=args.gguf_type, validate=not args.no_validate,
-                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+        out = export_adapter(
+            args.adapter,
+            args.out,
+            dtype=args.dtype,
+            quantize_4bit=args.quantize_4bit,
+            overwrite=args.overwrite,
+            model_name=args.model,
+            merge_base=args.merge_base,
+            fmt=args.format,
+            gguf_type=args.gguf_type,
+            validate=not args.no_validate,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except ValidationError as e:
         return fail(str(e), code=1)
     if os.path.isdir(out):

@@ -8,9 +8,9 @@
 The loop: load (NF4 base) -> data -> LoRA surgery -> PagedAdamW + cosine schedule -> for each
 step: M micro-batches, loss normalized by the step's label tokens, backward, clip, step ->
 validation / early stopping / atomic checkpoints -> final adapter (PEFT format) + summary.
-Every knob is a flag (minilora/train_config.py; `python train.py --help`). The run folder --out is
+Every knob is a flag (minilora/train/config.py; `python train.py --help`). The run folder --out is
 written only by train.py: a new folder, or one it wrote before (continued with --resume, see
-minilora/rundir.py). Exit codes: 0 done, 1 the loss became NaN/inf, 2 a user error (one sentence),
+minilora/train/rundir.py). Exit codes: 0 done, 1 the loss became NaN/inf, 2 a user error (one sentence),
 3 interrupted by SIGINT/SIGTERM (checkpointed; continue with --resume).
 """
 
@@ -26,26 +26,28 @@ import time
 
 import torch
 
-from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, Progress, fail, resolve_device, resolve_dtype, run_main
-from minilora.train_config import given_flags, parse_args, validate
+from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, Progress, fail, resolve_device, run_main
+from minilora.dtypes import dtype_name, resolve_dtype
+from minilora.train.config import given_flags, parse_args, validate
 
 
 def run(cfg, given: set[str] = frozenset()) -> int:
     """Train as `cfg` says; `given`: the fields named on the command line (compared on --resume)."""
-    from minilora import checkpoint as C
-    from minilora import distributed as D
-    from minilora import rundir
-    from minilora import sharded_checkpoint as SC
-    from minilora import trainer as T
-    from minilora.adapter import save_adapter
-    from minilora.data import load_records, prepare_data
-    from minilora.evaluate import completion_loss, generate_completions, score
+    from minilora.data.encode import prepare_data
+    from minilora.data.records import load_records
+    from minilora.eval.evaluate import completion_loss, generate_completions, score
     from minilora.fileio import write_text_atomic
-    from minilora.lora import apply_lora, lora_parameters
-    from minilora.loss import LossModule
+    from minilora.lora.adapter import save_adapter
+    from minilora.lora.layers import apply_lora, lora_parameters
     from minilora.models.loader import load_config, load_model
-    from minilora.paged_adamw import PagedAdamW
-    from minilora.planner import longest_batch, peak_memory_bytes, plan_run
+    from minilora.optim.paged_adamw import PagedAdamW
+    from minilora.parallel import distributed as D
+    from minilora.parallel import sharded_checkpoint as SC
+    from minilora.train import checkpoint as C
+    from minilora.train import rundir
+    from minilora.train import schedule as T
+    from minilora.train.loss import LossModule
+    from minilora.train.planner import longest_batch, peak_memory_bytes, plan_run
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -62,8 +64,9 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         return fail(f"{ckpt} was written without --parallel fsdp; resume it with --parallel ddp.")
     D.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
     if cfg.resume and ckpt is not None:
+
         def resolve(name: str) -> str:  # --dtype NAME on this device, e.g. auto -> "float32" on the CPU
-            return str(resolve_dtype(name, device.type)).removeprefix("torch.")
+            return dtype_name(resolve_dtype(name, device.type))
 
         with open(os.path.join(ckpt, "state.json")) as f:
             changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world)
@@ -85,14 +88,32 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     model_cfg, tok = load_config(cfg.model)
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
-    data = prepare_data(cfg.data, tok, val_path=cfg.val_data, eval_path=cfg.eval_data, fmt=cfg.format,
-                        template=cfg.template, train_on_all=cfg.train_on_all, max_seq_len=cfg.max_seq_len,
-                        truncation=cfg.truncation, dedup=cfg.dedup, near_threshold=cfg.near_threshold,
-                        val_fraction=cfg.val_fraction, seed=cfg.seed,
-                        allow_contamination=cfg.allow_contamination, skip_bad_lines=cfg.skip_bad_lines)  # fmt: skip
+    data = prepare_data(
+        cfg.data,
+        tok,
+        val_path=cfg.val_data,
+        eval_path=cfg.eval_data,
+        fmt=cfg.format,
+        template=cfg.template,
+        train_on_all=cfg.train_on_all,
+        max_seq_len=cfg.max_seq_len,
+        truncation=cfg.truncation,
+        dedup=cfg.dedup,
+        near_threshold=cfg.near_threshold,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        allow_contamination=cfg.allow_contamination,
+        skip_bad_lines=cfg.skip_bad_lines,
+    )
     say("data: " + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file"))
-    batch_kw = dict(batch_size=cfg.batch_size, pack=cfg.pack, max_seq_len=cfg.max_seq_len, shuffle=True,
-                    seed=cfg.seed, pad_id=tok.pad_id)  # fmt: skip
+    batch_kw = dict(
+        batch_size=cfg.batch_size,
+        pack=cfg.pack,
+        max_seq_len=cfg.max_seq_len,
+        shuffle=True,
+        seed=cfg.seed,
+        pad_id=tok.pad_id,
+    )
     shape, probe = longest_batch(data.train, batch_kw), 2.0 if cfg.plan else 0.0
     plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, probe, fsdp_ranks=world if fsdp else 1)
     if too_big and parallel == "ddp" and cfg.parallel == "auto" and not (cfg.resume and ckpt is not None):
@@ -102,29 +123,43 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, probe, fsdp_ranks=world)
         say(f"parallel: fsdp over {world} ranks (the model does not fit one device)")
     if cfg.plan:
-        from minilora.packing import num_batches
+        from minilora.data.packing import num_batches
 
         plan.steps = cfg.max_steps * cfg.grad_accum or cfg.epochs * num_batches(data.train, **batch_kw)  # micro-batches
         per = f", per rank of {world} (--parallel fsdp)" if fsdp else ""
-        print(f"plan for {device.type} ({cfg.model}){per}:\n{plan.table()}" + (f"\nwould not start: {too_big}" if too_big else ""))
+        print(
+            f"plan for {device.type} ({cfg.model}){per}:\n{plan.table()}"
+            + (f"\nwould not start: {too_big}" if too_big else "")
+        )
         return 0
     if too_big:
         return fail(too_big)
-    say(f"settings: dtype {plan.dtype}, recompute {plan.recompute}, loss chunk {plan.loss_chunk}, "
-        f"predicted peak {plan.peak / 2**20:,.0f} MiB")
+    say(
+        f"settings: dtype {plan.dtype}, recompute {plan.recompute}, loss chunk {plan.loss_chunk}, "
+        f"predicted peak {plan.peak / 2**20:,.0f} MiB"
+    )
     if main:  # the first write: every check above has passed
-        config = rundir.config_json(cfg, str(dtype).removeprefix("torch."), world, plan.settings())
+        config = rundir.config_json(cfg, dtype_name(dtype), world, plan.settings())
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-    lora_kw = dict(targets=targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                   use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, seed=cfg.seed, verbose=False)  # fmt: skip
+    lora_kw = dict(
+        targets=targets,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        seed=cfg.seed,
+        verbose=False,
+    )
     streamed = fsdp and D.streams_load(cfg.model, cfg.quantize)  # loaded straight into this rank's shards
     if streamed:
         model, _, report = D.load_sharded(cfg.model, dtype, device, world, lora_kw)
     else:
-        model, _ = load_model(cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype,
-                              device=str(device))  # fmt: skip
+        model, _ = load_model(
+            cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype, device=str(device)
+        )
 
     # --- LoRA surgery + optimizer + schedule
     if not streamed:
@@ -134,24 +169,33 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     model.train()
     if fsdp and not streamed:
         D.shard_model(model, device, world)  # before the optimizer: it holds the sharded LoRA parameters
-    budget = None if cfg.optimizer_budget == "none" else (
-        "auto" if cfg.optimizer_budget == "auto" else int(cfg.optimizer_budget))  # fmt: skip
-    optimizer = PagedAdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           state_bits=cfg.optimizer_bits, device_budget=budget)  # fmt: skip
+    budget = (
+        None
+        if cfg.optimizer_budget == "none"
+        else ("auto" if cfg.optimizer_budget == "auto" else int(cfg.optimizer_budget))
+    )
+    optimizer = PagedAdamW(
+        lora_parameters(model),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        state_bits=cfg.optimizer_bits,
+        device_budget=budget,
+    )
     stream = T.BatchStream(data.train, batch_kw)
     micro_per_step = cfg.grad_accum * world
     total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // micro_per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, T.cosine_with_warmup(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+        optimizer, T.cosine_with_warmup(cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
     loss_fn = LossModule(model, plan.loss_chunk)
     if parallel == "ddp":
-        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=None if device.type == "cpu"
-                                                            else [device.index])  # fmt: skip
+        loss_fn = torch.nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=None if device.type == "cpu" else [device.index]
+        )
     adapter_meta = {"base_model_name_or_path": cfg.model}
 
     # --- state (fresh or resumed)
-    state = {"best_val": math.inf, "bad_evals": 0, "val_history": [], "heldout_before": None,
-             "epoch": 0, "index": 0}  # fmt: skip
+    state = {"best_val": math.inf, "bad_evals": 0, "val_history": [], "heldout_before": None, "epoch": 0, "index": 0}
     step = 0
     if cfg.resume and ckpt is not None:
         read = (lambda path: SC.read_sharded_state(path, model, optimizer)) if SC.is_dcp_checkpoint(ckpt) else None
@@ -213,8 +257,11 @@ def run(cfg, given: set[str] = frozenset()) -> int:
             if not math.isfinite(loss):
                 last = C.latest_checkpoint(cfg.out)
                 keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                return fail(f"the loss became {loss} at step {step + 1}; stopped without saving this step "
-                            f"({keep}); lower --lr or check the data.", code=EXIT_FAILED)  # fmt: skip
+                return fail(
+                    f"the loss became {loss} at step {step + 1}; stopped without saving this step "
+                    f"({keep}); lower --lr or check the data.",
+                    code=EXIT_FAILED,
+                )
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.max_grad_norm)
             optimizer.step()
@@ -261,8 +308,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     if stop_reason == "interrupted":
         if main:
             metrics.close()
-            print(f"\nInterrupted at step {step}; checkpoint written to {path}. "
-                  f"Resume with: python train.py --out {cfg.out} --resume  (exit code {EXIT_INTERRUPTED})")
+            print(
+                f"\nInterrupted at step {step}; checkpoint written to {path}. "
+                f"Resume with: python train.py --out {cfg.out} --resume  (exit code {EXIT_INTERRUPTED})"
+            )
         return EXIT_INTERRUPTED
     v = validate_loss()
     full = D.full_adapter_state(model) if fsdp else None  # gathered from the shards, written once
@@ -271,9 +320,14 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         metrics.write(step=step, val_loss=v)
     if main:
         save_adapter(model, os.path.join(cfg.out, "adapter"), state=full, **adapter_meta)
-    summary = {"steps": step, "stop_reason": stop_reason, "minutes": (time.time() - t_start) / 60,
-               "val_loss": state["val_history"], "heldout_before": state["heldout_before"],
-               "adapter": os.path.join(cfg.out, "adapter")}  # fmt: skip
+    summary = {
+        "steps": step,
+        "stop_reason": stop_reason,
+        "minutes": (time.time() - t_start) / 60,
+        "val_loss": state["val_history"],
+        "heldout_before": state["heldout_before"],
+        "adapter": os.path.join(cfg.out, "adapter"),
+    }
     if eval_examples:
         preds = generate_completions(model, tok, eval_examples, cfg.template, batch_size=16)
         summary["heldout_after"] = score(preds, [e.completion for e in eval_examples])

@@ -29,7 +29,7 @@ import time
 import torch
 
 from bench.common import environment, write_json
-from minilora.paged_adamw import PagedAdamW
+from minilora.optim.paged_adamw import PagedAdamW
 
 LAYERS, D, Q_OUT, KV_OUT, FF = 26, 1152, 4 * 256, 1 * 256, 6912
 LINEARS = [(D, Q_OUT), (D, KV_OUT), (D, KV_OUT), (Q_OUT, D), (D, FF), (D, FF), (FF, D)]  # (in, out)
@@ -116,8 +116,14 @@ def bench_device(device: torch.device, rounds: int, warmup: int, oversubscribed:
     ref = medians.get("torch AdamW (foreach)")
     case = "oversubscribed" if oversubscribed else "fits"
     return [
-        dict(device=device.type, case="budget 1/2" if "budget" in name else case, optimizer=name, median_ms=1e3 * t,
-             ratio_vs_torch_foreach=(t / ref if ref else None), paging=stats.get(name))
+        dict(
+            device=device.type,
+            case="budget 1/2" if "budget" in name else case,
+            optimizer=name,
+            median_ms=1e3 * t,
+            ratio_vs_torch_foreach=(t / ref if ref else None),
+            paging=stats.get(name),
+        )
         for name, t in medians.items()
     ]
 
@@ -126,15 +132,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads for the CPU rows (default 1: on a small shared machine "
-                         "extra threads stall; every optimizer runs with the same setting)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for the CPU rows (default 1: on a small shared machine "
+        "extra threads stall; every optimizer runs with the same setting)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = lora_shapes()
     n = sum(a * b for a, b in shapes)
-    print(f"Gemma 3 1B LoRA r=16, all linear: {len(shapes)} tensors, {n / 1e6:.2f}M params, "
-          f"{8 * n / 2**20:.0f} MiB float32 Adam state")
+    print(
+        f"Gemma 3 1B LoRA r=16, all linear: {len(shapes)} tensors, {n / 1e6:.2f}M params, "
+        f"{8 * n / 2**20:.0f} MiB float32 Adam state"
+    )
     rows = bench_device(torch.device("cpu"), args.rounds, args.warmup)
     if torch.cuda.is_available():
         rows += bench_device(torch.device("cuda"), args.rounds, args.warmup)
@@ -143,8 +155,10 @@ def main() -> None:
     for r in rows:
         ratio = f"{r['ratio_vs_torch_foreach']:.2f}x" if r["ratio_vs_torch_foreach"] else "-"
         print(f"{r['device']:6} {r['case']:14} {r['optimizer']:46} {r['median_ms']:10.2f} {ratio:>16}")
-    path = write_json("adamw", dict(env=environment(), params=n, tensors=len(shapes), rounds=args.rounds,
-                                    warmup=args.warmup, rows=rows))
+    path = write_json(
+        "adamw",
+        dict(env=environment(), params=n, tensors=len(shapes), rounds=args.rounds, warmup=args.warmup, rows=rows),
+    )
     print(f"\nwrote {path}")
 
 

@@ -32,9 +32,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minilora.models.loader import load_model
-
     from bench.load import write_checkpoint
+    from minilora.models.loader import load_model
 
     if not os.path.isfile(os.path.join(args.ckpt, "model.safetensors")):
         write_checkpoint(args.ckpt)
@@ -43,7 +42,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     ours, _ = load_model(args.ckpt, quantize=None, dtype=dtype)
     hf = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=dtype, attn_implementation="sdpa").eval()
-    ids = torch.randint(0, ours.config.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, ours.config.vocab_size, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)
+    )
     n = args.batch * args.tokens
     with torch.inference_mode():
         a, b = ours(ids).float(), hf(ids).logits.float()
@@ -55,16 +56,31 @@ def main() -> None:
             times["transformers"].append(median_time(lambda: hf(ids).logits, repeat=1, warmup=0))
         t_ours, t_hf = statistics.median(times["minilora"]), statistics.median(times["transformers"])
     rows = {"minilora": n / t_ours, "transformers": n / t_hf}
-    print(f"\nforward, Gemma 3 1B geometry, {args.dtype}, batch {args.batch} x {args.tokens} tokens, "
-          f"{torch.get_num_threads()} CPU threads, median of {args.repeat}")
+    print(
+        f"\nforward, Gemma 3 1B geometry, {args.dtype}, batch {args.batch} x {args.tokens} tokens, "
+        f"{torch.get_num_threads()} CPU threads, median of {args.repeat}"
+    )
     print(f"{'':14}{'tokens/s':>10}{'ms/forward':>12}{'best ms':>10}")
     for name, tps in rows.items():
         print(f"{name:14}{tps:10.1f}{1000 * n / tps:12.0f}{1000 * min(times[name]):10.0f}")
-    print(f"ratio minilora/transformers: {rows['minilora'] / rows['transformers']:.2f}x (> 1: minilora faster); "
-          f"logits relative difference {rel:.2e}")
-    path = write_json("forward_cpu", {"geometry": "gemma-3-1b", "dtype": args.dtype, "batch": args.batch,
-                                      "tokens": args.tokens, "repeat": args.repeat, "tokens_per_s": rows, "seconds": times,
-                                      "logits_rel_diff": rel, "environment": environment()})  # fmt: skip
+    print(
+        f"ratio minilora/transformers: {rows['minilora'] / rows['transformers']:.2f}x (> 1: minilora faster); "
+        f"logits relative difference {rel:.2e}"
+    )
+    path = write_json(
+        "forward_cpu",
+        {
+            "geometry": "gemma-3-1b",
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "tokens": args.tokens,
+            "repeat": args.repeat,
+            "tokens_per_s": rows,
+            "seconds": times,
+            "logits_rel_diff": rel,
+            "environment": environment(),
+        },
+    )
     print(f"wrote {path}")
 
 

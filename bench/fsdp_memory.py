@@ -8,13 +8,13 @@ save_pretrained), the same global batch of B rows x T random tokens, LoRA all-li
 and train.py's loss (chunked_lm_loss / label tokens, clip, step) in:
 
   1 process   load_model(dir, "nf4") + apply_lora: the whole NF4 base, B rows per step.
-  2 ranks     torchrun --nproc_per_node 2, minilora.distributed.load_sharded: each rank reads and
+  2 ranks     torchrun --nproc_per_node 2, minilora.parallel.distributed.load_sharded: each rank reads and
               quantizes block by block and keeps its FSDP shard, and reads only its V/2 rows of the
               embedding/head; B/2 rows per rank per step.
 
 Measured in each process: peak RSS over its whole life (VmHWM: imports, load, training), the peak
 while loading, the NF4 bytes it holds (its shards), the embedding and head bytes it holds (its
-vocabulary rows under FSDP, minilora/vocab_parallel.py), and the median step time after --warmup steps.
+vocabulary rows under FSDP, minilora/parallel/vocab_parallel.py), and the median step time after --warmup steps.
 Printed: per-rank peak / one process's peak (target: at most 0.6x) and the step-time ratio
 (FSDP's overhead: all-gathers and reduce-scatters each step; on a 2-core CPU the two ranks also
 share the cores). CPU float32; on CUDA bf16 and torch.cuda.max_memory_allocated as the peak.
@@ -43,13 +43,13 @@ def worker(a) -> None:
 
     from bench.common import status_kib
     from bench.train_step import GEOMETRIES
-    from minilora import distributed as D
-    from minilora.lora import apply_lora, lora_parameters
+    from minilora.data.packing import Batch
+    from minilora.lora.layers import apply_lora, lora_parameters
     from minilora.models.loader import load_model
-    from minilora.packing import Batch
-    from minilora.paged_adamw import PagedAdamW
-    from minilora.loss import chunked_lm_loss
-    from minilora.vocab_parallel import resident_bytes
+    from minilora.optim.paged_adamw import PagedAdamW
+    from minilora.parallel import distributed as D
+    from minilora.parallel.vocab_parallel import resident_bytes
+    from minilora.train.loss import chunked_lm_loss
 
     torch.set_num_threads(a.threads)
     rank, world, dev = D.init_distributed()
@@ -91,18 +91,28 @@ def worker(a) -> None:
         if i >= a.warmup:
             times.append(time.perf_counter() - t1)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_kib("VmHWM") * 1024
-    out = {"rank": rank, "world": world, "peak_mb": peak / 2**20, "load_peak_mb": load_peak / 2**20,
-           "load_s": load_s, "nf4_mb": D.nf4_resident_bytes(model) / 2**20,
-           "embed_mb": resident_bytes(model) / 2**20, "median_s": statistics.median(times),
-           "losses": losses}  # fmt: skip
+    out = {
+        "rank": rank,
+        "world": world,
+        "peak_mb": peak / 2**20,
+        "load_peak_mb": load_peak / 2**20,
+        "load_s": load_s,
+        "nf4_mb": D.nf4_resident_bytes(model) / 2**20,
+        "embed_mb": resident_bytes(model) / 2**20,
+        "median_s": statistics.median(times),
+        "losses": losses,
+    }
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
 
 
 def launch(a, argv: list[str], nproc: int, out: str) -> list[dict]:
     os.makedirs(out, exist_ok=True)
-    run = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                               "--nproc_per_node", str(nproc)]  # fmt: skip
+    run = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    )
     cmd = [*run, "-m", "bench.fsdp_memory", *argv, "--worker", "--ckpt", a.ckpt, "--out-dir", out]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=str(a.threads))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
@@ -143,22 +153,30 @@ def main(argv=None) -> None:
         two = launch(a, argv_w, 2, os.path.join(tmp, "two"))
     device = "cuda" if "cuda" in environment()["device"].lower() or _has_cuda() else "cpu"
     print(f"geometry {a.geometry}, global batch {a.batch} x {a.seq}, r={a.rank}, {device}")
-    print(f"{'':12}{'peak MB':>10}{'load peak MB':>14}{'NF4 MB':>10}{'emb+head MB':>13}{'step s':>9}{'peak ratio':>12}"
-          f"{'step ratio':>12}")
+    print(
+        f"{'':12}{'peak MB':>10}{'load peak MB':>14}{'NF4 MB':>10}{'emb+head MB':>13}{'step s':>9}{'peak ratio':>12}"
+        f"{'step ratio':>12}"
+    )
 
     def row(name, r):
-        return (f"{name:12}{r['peak_mb']:10.0f}{r['load_peak_mb']:14.0f}{r['nf4_mb']:10.1f}{r['embed_mb']:13.1f}"
-                f"{r['median_s']:9.3f}")
+        return (
+            f"{name:12}{r['peak_mb']:10.0f}{r['load_peak_mb']:14.0f}{r['nf4_mb']:10.1f}{r['embed_mb']:13.1f}"
+            f"{r['median_s']:9.3f}"
+        )
 
     print(row("1 process", one))
     for r in two:
         ratios = f"{r['peak_mb'] / one['peak_mb']:12.2f}{r['median_s'] / one['median_s']:12.2f}"
         print(row(f"rank {r['rank']} of 2", r) + ratios)
     worst = max(r["peak_mb"] for r in two) / one["peak_mb"]
-    print(f"per-rank peak / one process: {worst:.2f}x (target <= 0.6x); losses 1 process {one['losses']}, "
-          f"2 ranks {two[0]['losses']}")
-    path = write_json(f"fsdp_memory_{a.geometry}_{device}", {"env": environment(), "args": vars(a), "one": one,
-                                                               "two": two, "peak_ratio": worst})  # fmt: skip
+    print(
+        f"per-rank peak / one process: {worst:.2f}x (target <= 0.6x); losses 1 process {one['losses']}, "
+        f"2 ranks {two[0]['losses']}"
+    )
+    path = write_json(
+        f"fsdp_memory_{a.geometry}_{device}",
+        {"env": environment(), "args": vars(a), "one": one, "two": two, "peak_ratio": worst},
+    )
     print(f"wrote {path}")
 
 

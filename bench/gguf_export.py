@@ -32,18 +32,31 @@ TOK_DIR = os.path.join(os.path.dirname(HERE), "examples", "tokenizer")
 def build_run(tmp: str, family: str, hidden: int, layers: int, seed: int = 0) -> str:
     import transformers
 
-    from minilora.adapter import save_adapter
-    from minilora.lora import apply_lora, lora_modules
+    from minilora.lora.adapter import save_adapter
+    from minilora.lora.layers import apply_lora, lora_modules
     from minilora.models.loader import load_model
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                  num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
-                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    common = dict(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if family == "gemma3":
-        cfg = transformers.Gemma3TextConfig(head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
-                                            layer_types=[("full" if (i + 1) % 6 == 0 else "sliding") + "_attention"
-                                                         for i in range(layers)], **common)  # fmt: skip
+        cfg = transformers.Gemma3TextConfig(
+            head_dim=64,
+            query_pre_attn_scalar=64,
+            sliding_window=64,
+            layer_types=[("full" if (i + 1) % 6 == 0 else "sliding") + "_attention" for i in range(layers)],
+            **common,
+        )
         hf = transformers.Gemma3ForCausalLM(cfg)
     else:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=False, **common))
@@ -84,8 +97,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from bench.common import environment, write_json
-    from minilora import validate as V
-    from minilora.export import export_adapter
+    from minilora.export import readback as V
+    from minilora.export.merge import export_adapter
 
     quiet = lambda m: None  # noqa: E731
     rng = random.Random(0)
@@ -97,20 +110,32 @@ def main(argv=None) -> int:
         export_adapter(run, ref_dir, dtype="float32", validate=False, log=quiet)
         hf_cfg, f32 = json.load(open(os.path.join(ref_dir, "config.json"))), size_of(ref_dir)
         ref = V.outputs(V.reload("hf", ref_dir, hf_cfg), prompts)
-        variants = [("hf bf16", "hf", dict(dtype="bfloat16")), ("hf nf4", "nf4", dict(dtype="bfloat16", quantize_4bit=True))]
+        variants = [
+            ("hf bf16", "hf", dict(dtype="bfloat16")),
+            ("hf nf4", "nf4", dict(dtype="bfloat16", quantize_4bit=True)),
+        ]
         variants += [(f"gguf {t}", "gguf", dict(fmt="gguf", gguf_type=t)) for t in ("f16", "bf16", "q8_0", "q4_0")]
         for label, kind, kw in variants:
             path = os.path.join(tmp, label.replace(" ", "_") + (".gguf" if kind == "gguf" else ""))
             export_adapter(run, path, validate=False, log=quiet, **kw)
             got = V.outputs(V.reload(kind, path, hf_cfg), prompts)
             stats = V.compare(ref, got)
-            rows.append({"export": label, "bytes": size_of(path), "rel_logit_err": stats["rel_logit_err"],
-                         "top1_agree": teacher_forced_top1(ref, got), "greedy_agree": stats["greedy_agree"]})  # fmt: skip
+            rows.append(
+                {
+                    "export": label,
+                    "bytes": size_of(path),
+                    "rel_logit_err": stats["rel_logit_err"],
+                    "top1_agree": teacher_forced_top1(ref, got),
+                    "greedy_agree": stats["greedy_agree"],
+                }
+            )
     print(f"{args.family}, hidden {args.hidden}, {args.layers} layers, vocab 1024, {args.prompts} prompts x 32 tokens")
     print(f"{'export':10}{'MiB':>9}{'vs f32':>8}{'logit rel err':>15}{'top-1':>8}{'greedy':>8}")
     for r in rows:
-        print(f"{r['export']:10}{r['bytes'] / 2**20:9.2f}{r['bytes'] / f32:8.2f}{r['rel_logit_err']:15.2e}"
-              f"{r['top1_agree']:8.1%}{r['greedy_agree']:8.1%}")  # fmt: skip
+        print(
+            f"{r['export']:10}{r['bytes'] / 2**20:9.2f}{r['bytes'] / f32:8.2f}{r['rel_logit_err']:15.2e}"
+            f"{r['top1_agree']:8.1%}{r['greedy_agree']:8.1%}"
+        )
     payload = {"args": vars(args), "env": environment(), "float32_bytes": f32, "rows": rows}
     path = write_json("gguf_export", payload, args.out)
     print(f"wrote {path}")

@@ -48,23 +48,26 @@ from minilora.kernels import nf4_dequant, nf4_matmul  # noqa: E402
 _TY = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def compile_kernel(fn, types: dict, constexprs: dict, arch: int, num_warps: int, aligned_ints: bool,
-                   **options):
+def compile_kernel(fn, types: dict, constexprs: dict, arch: int, num_warps: int, aligned_ints: bool, **options):
     """Compile `fn` for sm_`arch`; returns Triton's CompiledKernel (asm: ttgir, ptx, cubin).
 
     types: argument name -> Triton type ('*u8', 'i32', ...); constexprs: name -> value.
     """
     sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name].startswith("*") or (aligned_ints and sig[name] == "i32")}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if sig[name].startswith("*") or (aligned_ints and sig[name] == "i32")
+    }
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, **options})
 
 
 def sass_counts(cubin_path: str, tools: str) -> tuple[int, int]:
     """(instructions in the kernel, instructions in its longest loop: 0 if none), from cuobjdump -sass."""
-    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin_path],
-                          capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run(
+        [os.path.join(tools, "cuobjdump"), "-sass", cubin_path], capture_output=True, text=True, check=True
+    ).stdout
     addrs = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]{4,})\*/ ", sass)]
     loop = 0
     for at, target in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA (0x[0-9a-f]+)", sass):
@@ -81,8 +84,12 @@ def resources(k, arch: int, per_thread: int) -> dict:
         with open(ptx, "w") as f:
             f.write(k.asm["ptx"])
         suffix = "a" if arch >= 90 else ""
-        log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o", ptx + ".o"],
-                             capture_output=True, text=True, check=True).stderr
+        log = subprocess.run(
+            [get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o", ptx + ".o"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
         total, loop = sass_counts(ptx + ".o", os.path.dirname(get_ptxas(arch).path))
     spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     ptx_text = k.asm["ptx"]
@@ -105,11 +112,23 @@ def dequant_cases():
     for dq in (True, False):
         for out in ("bf16", "fp16", "fp32"):
             for bs in (64, 32, 4096):
-                types = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "absmax2_ptr": "*fp32",
-                         "offset_ptr": "*fp32", "nf4_ptr": "*fp32", "dyn_ptr": "*fp32", "out_ptr": _TY[out],
-                         "n_elements": "i32", "n_bytes": "i32"}
-                const = {"BLOCKSIZE": bs, "DOUBLE_QUANT": dq, "BLOCK_SIZE": nf4_dequant.DEFAULT_BLOCK_SIZE,
-                         "VEC": 2 if out == "fp32" else 4}
+                types = {
+                    "packed_ptr": "*u8",
+                    "absmax_ptr": "*u8" if dq else "*fp32",
+                    "absmax2_ptr": "*fp32",
+                    "offset_ptr": "*fp32",
+                    "nf4_ptr": "*fp32",
+                    "dyn_ptr": "*fp32",
+                    "out_ptr": _TY[out],
+                    "n_elements": "i32",
+                    "n_bytes": "i32",
+                }
+                const = {
+                    "BLOCKSIZE": bs,
+                    "DOUBLE_QUANT": dq,
+                    "BLOCK_SIZE": nf4_dequant.DEFAULT_BLOCK_SIZE,
+                    "VEC": 2 if out == "fp32" else 4,
+                }
                 name = f"dequant dq={int(dq)} out={out} bs={bs}"
                 warps = nf4_dequant.DEFAULT_NUM_WARPS
                 outputs = 2 * nf4_dequant.DEFAULT_BLOCK_SIZE // (32 * warps)
@@ -124,25 +143,52 @@ def matmul_cases():
     for n, m, k in [(1, 6912, 1152), (16, 1152, 6912), (1, 4096, 4096), (16, 14336, 4096), (64, 4096, 4096)]:
         for transposed in (False, True):
             o, r = (k, m) if transposed else (m, k)
-            for act, dq, aligned in [(a, d, True) for a in ("bf16", "fp16", "fp32") for d in (True, False)] + \
-                                    [("bf16", True, False)]:
+            for act, dq, aligned in [(a, d, True) for a in ("bf16", "fp16", "fp32") for d in (True, False)] + [
+                ("bf16", True, False)
+            ]:
                 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[act]
-                bn, bo, br, split, warps, stages = nf4_matmul._pick_config(n, o, r, transposed, 64, dtype,
-                                                                           interpret=False)
+                bn, bo, br, split, warps, stages = nf4_matmul._pick_config(
+                    n, o, r, transposed, 64, dtype, interpret=False
+                )
                 key = (bn, bo, br, split > 1, warps, stages, transposed, act, dq, aligned)
                 if key in seen:
                     continue
                 seen.add(key)
-                types = {"a_ptr": _TY[act], "packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32",
-                         "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "nf4_ptr": "*fp32", "dyn_ptr": "*fp32",
-                         "out_ptr": "*fp32" if split > 1 else _TY[act], "N": "i32", "M": "i32", "K": "i32",
-                         "K_HALF": "i32", "stride_an": "i32", "stride_os": "i32", "stride_on": "i32"}
-                const = {"BLOCKSIZE": 64, "DOUBLE_QUANT": dq, "TRANSPOSED": transposed, "BLOCK_N": bn,
-                         "BLOCK_O": bo, "BLOCK_R": br, "SPLIT_K": split, "ALIGNED": aligned,
-                         "DOT_PRECISION": "ieee" if act == "fp32" else "tf32", "DOT_IN_F32": False,
-                         "stride_ar": 1, "stride_oo": 1}  # Triton specializes strides of 1
-                name = (f"matmul {'dx=gW' if transposed else 'y=xWt'} {act} dq={int(dq)} "
-                        f"{bn}x{bo}x{br} split={split}{'' if aligned else ' any-K'}")
+                types = {
+                    "a_ptr": _TY[act],
+                    "packed_ptr": "*u8",
+                    "absmax_ptr": "*u8" if dq else "*fp32",
+                    "absmax2_ptr": "*fp32",
+                    "offset_ptr": "*fp32",
+                    "nf4_ptr": "*fp32",
+                    "dyn_ptr": "*fp32",
+                    "out_ptr": "*fp32" if split > 1 else _TY[act],
+                    "N": "i32",
+                    "M": "i32",
+                    "K": "i32",
+                    "K_HALF": "i32",
+                    "stride_an": "i32",
+                    "stride_os": "i32",
+                    "stride_on": "i32",
+                }
+                const = {
+                    "BLOCKSIZE": 64,
+                    "DOUBLE_QUANT": dq,
+                    "TRANSPOSED": transposed,
+                    "BLOCK_N": bn,
+                    "BLOCK_O": bo,
+                    "BLOCK_R": br,
+                    "SPLIT_K": split,
+                    "ALIGNED": aligned,
+                    "DOT_PRECISION": "ieee" if act == "fp32" else "tf32",
+                    "DOT_IN_F32": False,
+                    "stride_ar": 1,
+                    "stride_oo": 1,
+                }  # Triton specializes strides of 1
+                name = (
+                    f"matmul {'dx=gW' if transposed else 'y=xWt'} {act} dq={int(dq)} "
+                    f"{bn}x{bo}x{br} split={split}{'' if aligned else ' any-K'}"
+                )
                 yield name, fn, types, const, warps, bo * br // (32 * warps), {"num_stages": stages}
 
 
@@ -156,7 +202,7 @@ def main() -> int:
     for name, fn, types, const, warps, per_thread, opts in [*dequant_cases(), *matmul_cases()]:
         if args.only not in name:
             continue
-        for aligned in ((True, False) if args.check else (True,)):
+        for aligned in (True, False) if args.check else (True,):
             try:
                 k = compile_kernel(fn, types, const, args.arch, warps, aligned, **opts)
                 if not args.check:
@@ -167,13 +213,17 @@ def main() -> int:
                 print(f"FAILED sm_{args.arch} {name} aligned_ints={aligned}: {msg[-1] if msg else type(e).__name__}")
     if not args.check:
         print(f"sm_{args.arch}a, Triton {triton.__version__}")
-        print(f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill':>6}{'smem':>7}{'cvt':>5}{'sass':>6}{'per elt':>8}"
-              "  ld / st")
+        print(
+            f"{'kernel':<50}{'warps':>6}{'regs':>6}{'spill':>6}{'smem':>7}{'cvt':>5}{'sass':>6}{'per elt':>8}  ld / st"
+        )
         for r in rows:
             fmt = lambda d: " ".join(f"{w} x{c}" for w, c in sorted(d.items()))
-            print(f"{r['kernel']:<50}{r['num_warps']:>6}{r['regs']:>6}{r['spill']:>6}{r['smem']:>7}{r['cvt']:>5}"
-                  f"{r['sass']:>6}{r['per_elt']:>8}  {fmt(r['ld'])} / {fmt(r['st'])}")
+            print(
+                f"{r['kernel']:<50}{r['num_warps']:>6}{r['regs']:>6}{r['spill']:>6}{r['smem']:>7}{r['cvt']:>5}"
+                f"{r['sass']:>6}{r['per_elt']:>8}  {fmt(r['ld'])} / {fmt(r['st'])}"
+            )
         from bench.common import environment, write_json
+
         print(f"wrote {write_json('kernel_resources', {'env': environment(), 'arch': args.arch, 'rows': rows})}")
     return 1 if failures else 0
 

@@ -42,8 +42,8 @@ IMPLS = ["minilora", "peft+bnb"]
 def build(impl: str, k: int, m: int, r: int, device: str):
     import torch
 
-    from minilora.lora import LoRALinear
-    from minilora.quant_linear import NF4Linear
+    from minilora.lora.layers import LoRALinear
+    from minilora.quant.linear import NF4Linear
 
     torch.manual_seed(0)
     w = torch.randn(m, k, dtype=torch.bfloat16, device=device) / k**0.5
@@ -118,8 +118,21 @@ def run_case(impl, k, m, r, n, repeats, device, measure_memory: bool) -> dict:
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if measure_memory and device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # RSS follows live memory (see the module docstring)
-    cmd = [sys.executable, "-m", "bench.lora_layer", "--worker", impl, str(k), str(m), str(r), str(n),
-           "--repeats", str(1 if measure_memory else repeats), "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.lora_layer",
+        "--worker",
+        impl,
+        str(k),
+        str(m),
+        str(r),
+        str(n),
+        "--repeats",
+        str(1 if measure_memory else repeats),
+        "--device",
+        device,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE), check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
@@ -160,27 +173,45 @@ def main():
             sys.exit("--device cuda: no CUDA device is available; run without --device for the CPU benchmark.")
     shapes, ranks, tokens = (SHAPES[:1], RANKS[:1], TOKENS[:1]) if a.quick else (SHAPES, RANKS, TOKENS)
     rows = []
-    hdr = f"{'base KxM':>11} {'r':>3} {'tokens':>6} | {'minilora ms':>11} {'peft+bnb ms':>11} {'speedup':>7} | " \
-          f"{'minilora MiB':>12} {'peft+bnb MiB':>12} {'mem ratio':>9}"
+    hdr = (
+        f"{'base KxM':>11} {'r':>3} {'tokens':>6} | {'minilora ms':>11} {'peft+bnb ms':>11} {'speedup':>7} | "
+        f"{'minilora MiB':>12} {'peft+bnb MiB':>12} {'mem ratio':>9}"
+    )
     print(f"device={a.device} dtype=bf16 repeats={a.repeats} rounds={a.rounds}\n{hdr}\n{'-' * len(hdr)}", flush=True)
     for k, m in shapes:
         for r in ranks:
             for n in tokens:
                 res = measure(k, m, r, n, a)
                 ours, theirs = res["minilora"], res["peft+bnb"]
-                row = {"in": k, "out": m, "r": r, "tokens": n, "device": a.device, "results": res,
-                       "speedup": theirs["median_s"] / ours["median_s"],
-                       "mem_ratio": theirs["peak_delta_bytes"] / max(1, ours["peak_delta_bytes"])}
+                row = {
+                    "in": k,
+                    "out": m,
+                    "r": r,
+                    "tokens": n,
+                    "device": a.device,
+                    "results": res,
+                    "speedup": theirs["median_s"] / ours["median_s"],
+                    "mem_ratio": theirs["peak_delta_bytes"] / max(1, ours["peak_delta_bytes"]),
+                }
                 rows.append(row)
-                print(f"{k:>5}x{m:<5} {r:>3} {n:>6} | {ours['median_s'] * 1e3:>11.1f} {theirs['median_s'] * 1e3:>11.1f} "
-                      f"{row['speedup']:>6.2f}x | {ours['peak_delta_bytes'] / 2**20:>12.1f} "
-                      f"{theirs['peak_delta_bytes'] / 2**20:>12.1f} {row['mem_ratio']:>8.2f}x", flush=True)
+                print(
+                    f"{k:>5}x{m:<5} {r:>3} {n:>6} | {ours['median_s'] * 1e3:>11.1f} {theirs['median_s'] * 1e3:>11.1f} "
+                    f"{row['speedup']:>6.2f}x | {ours['peak_delta_bytes'] / 2**20:>12.1f} "
+                    f"{theirs['peak_delta_bytes'] / 2**20:>12.1f} {row['mem_ratio']:>8.2f}x",
+                    flush=True,
+                )
     from bench.common import environment, write_json
 
-    payload = {"benchmark": "lora_layer", "environment": environment(), "repeats": a.repeats, "rounds": a.rounds,
-               "time": "median of per-round medians (default allocator)",
-               "memory": "peak RSS delta of the step with MALLOC_MMAP_THRESHOLD_=65536 (CPU) / "
-                         "max_memory_allocated delta (CUDA)", "rows": rows}
+    payload = {
+        "benchmark": "lora_layer",
+        "environment": environment(),
+        "repeats": a.repeats,
+        "rounds": a.rounds,
+        "time": "median of per-round medians (default allocator)",
+        "memory": "peak RSS delta of the step with MALLOC_MMAP_THRESHOLD_=65536 (CPU) / "
+        "max_memory_allocated delta (CUDA)",
+        "rows": rows,
+    }
     print(f"wrote {write_json('lora_layer' + ('_cuda' if a.device == 'cuda' else ''), payload, a.out)}")
 
 

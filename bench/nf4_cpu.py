@@ -13,7 +13,7 @@ import argparse
 import torch  # noqa: E402
 
 from bench.common import environment, interleaved_medians, write_json  # noqa: E402
-from minilora.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
+from minilora.quant.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 
 SHAPES = [(1152, 6912), (4096, 4096)]
 
@@ -31,15 +31,24 @@ def main() -> None:
         packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         assert torch.equal(q.packed, packed.view(-1)), "outputs differ: the comparison would be meaningless"
         cases = {
-            "quantize": (lambda: quantize_nf4(w, 64, True),
-                         lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)),
+            "quantize": (
+                lambda: quantize_nf4(w, 64, True),
+                lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
+            ),
             "dequantize": (lambda: dequantize_nf4(q, torch.bfloat16), lambda: bnbF.dequantize_4bit(packed, state)),
         }
         for op, (ours, theirs) in cases.items():
             med = interleaved_medians({"ours": ours, "bnb": theirs}, args.repeat)
             t_ours, t_bnb = med["ours"], med["bnb"]
-            rows.append({"op": op, "shape": list(shape), "minilora_ms": t_ours * 1e3, "bnb_ms": t_bnb * 1e3,
-                         "speedup_vs_bnb": t_bnb / t_ours})
+            rows.append(
+                {
+                    "op": op,
+                    "shape": list(shape),
+                    "minilora_ms": t_ours * 1e3,
+                    "bnb_ms": t_bnb * 1e3,
+                    "speedup_vs_bnb": t_bnb / t_ours,
+                }
+            )
     print(f"{'op':<11}{'shape':>12}{'minilora ms':>13}{'bnb ms':>10}{'bnb/minilora':>14}")
     for r in rows:
         shape = "x".join(map(str, r["shape"]))

@@ -40,20 +40,360 @@ import time
 from bench.train_step import GEOMETRIES, ROOT
 
 # Stanford Alpaca seed tasks (175): words of instruction + input, and of the output.
-PROMPT_WORDS = [21, 15, 19, 15, 44, 22, 8, 15, 8, 14, 12, 8, 5, 34, 32, 17, 22, 5, 122, 29, 12, 7, 20, 10, 27, 6, 67,
-                6, 36, 44, 10, 28, 12, 10, 18, 17, 12, 39, 9, 174, 16, 19, 37, 30, 23, 39, 15, 20, 12, 17, 39, 49, 10,
-                41, 9, 12, 8, 9, 9, 14, 9, 63, 1000, 7, 121, 9, 44, 14, 29, 21, 18, 21, 12, 14, 31, 204, 8, 13, 43,
-                16, 9, 12, 8, 200, 12, 129, 29, 33, 9, 51, 14, 13, 26, 15, 35, 9, 55, 16, 86, 11, 23, 20, 6, 39, 35,
-                16, 7, 11, 46, 30, 5, 10, 11, 11, 29, 9, 13, 27, 8, 52, 9, 17, 66, 17, 15, 21, 21, 9, 32, 40, 90, 10,
-                12, 12, 21, 73, 63, 46, 18, 13, 12, 65, 21, 12, 20, 12, 8, 12, 23, 29, 42, 17, 24, 48, 24, 22, 148,
-                24, 68, 80, 21, 31, 231, 13, 21, 56, 58, 89, 94, 120, 101, 56, 71, 66, 31]  # fmt: skip
-COMPLETION_WORDS = [52, 11, 74, 158, 11, 53, 92, 66, 11, 63, 29, 46, 41, 42, 15, 7, 19, 38, 20, 65, 105, 17, 3, 59,
-                    88, 5, 13, 13, 93, 122, 14, 30, 90, 55, 71, 6, 21, 29, 5, 12, 85, 1, 27, 3, 9, 25, 114, 41, 3,
-                    16, 23, 5, 306, 1, 15, 70, 70, 14, 5, 50, 22, 43, 45, 12, 19, 89, 24, 2, 10, 19, 33, 86, 5, 79,
-                    252, 11, 5, 5, 30, 89, 66, 52, 74, 24, 13, 13, 115, 168, 5, 92, 5, 38, 30, 17, 55, 49, 17, 10,
-                    63, 109, 88, 8, 24, 179, 17, 16, 6, 28, 35, 39, 9, 213, 45, 4, 6, 20, 312, 1, 77, 571, 22, 21,
-                    52, 10, 26, 19, 5, 52, 54, 135, 123, 48, 6, 78, 1, 16, 118, 15, 38, 16, 10, 64, 67, 123, 6, 42,
-                    29, 6, 2, 25, 1, 1, 1, 2, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 5, 1, 1, 6, 1, 1]  # fmt: skip
+PROMPT_WORDS = [
+    21,
+    15,
+    19,
+    15,
+    44,
+    22,
+    8,
+    15,
+    8,
+    14,
+    12,
+    8,
+    5,
+    34,
+    32,
+    17,
+    22,
+    5,
+    122,
+    29,
+    12,
+    7,
+    20,
+    10,
+    27,
+    6,
+    67,
+    6,
+    36,
+    44,
+    10,
+    28,
+    12,
+    10,
+    18,
+    17,
+    12,
+    39,
+    9,
+    174,
+    16,
+    19,
+    37,
+    30,
+    23,
+    39,
+    15,
+    20,
+    12,
+    17,
+    39,
+    49,
+    10,
+    41,
+    9,
+    12,
+    8,
+    9,
+    9,
+    14,
+    9,
+    63,
+    1000,
+    7,
+    121,
+    9,
+    44,
+    14,
+    29,
+    21,
+    18,
+    21,
+    12,
+    14,
+    31,
+    204,
+    8,
+    13,
+    43,
+    16,
+    9,
+    12,
+    8,
+    200,
+    12,
+    129,
+    29,
+    33,
+    9,
+    51,
+    14,
+    13,
+    26,
+    15,
+    35,
+    9,
+    55,
+    16,
+    86,
+    11,
+    23,
+    20,
+    6,
+    39,
+    35,
+    16,
+    7,
+    11,
+    46,
+    30,
+    5,
+    10,
+    11,
+    11,
+    29,
+    9,
+    13,
+    27,
+    8,
+    52,
+    9,
+    17,
+    66,
+    17,
+    15,
+    21,
+    21,
+    9,
+    32,
+    40,
+    90,
+    10,
+    12,
+    12,
+    21,
+    73,
+    63,
+    46,
+    18,
+    13,
+    12,
+    65,
+    21,
+    12,
+    20,
+    12,
+    8,
+    12,
+    23,
+    29,
+    42,
+    17,
+    24,
+    48,
+    24,
+    22,
+    148,
+    24,
+    68,
+    80,
+    21,
+    31,
+    231,
+    13,
+    21,
+    56,
+    58,
+    89,
+    94,
+    120,
+    101,
+    56,
+    71,
+    66,
+    31,
+]
+COMPLETION_WORDS = [
+    52,
+    11,
+    74,
+    158,
+    11,
+    53,
+    92,
+    66,
+    11,
+    63,
+    29,
+    46,
+    41,
+    42,
+    15,
+    7,
+    19,
+    38,
+    20,
+    65,
+    105,
+    17,
+    3,
+    59,
+    88,
+    5,
+    13,
+    13,
+    93,
+    122,
+    14,
+    30,
+    90,
+    55,
+    71,
+    6,
+    21,
+    29,
+    5,
+    12,
+    85,
+    1,
+    27,
+    3,
+    9,
+    25,
+    114,
+    41,
+    3,
+    16,
+    23,
+    5,
+    306,
+    1,
+    15,
+    70,
+    70,
+    14,
+    5,
+    50,
+    22,
+    43,
+    45,
+    12,
+    19,
+    89,
+    24,
+    2,
+    10,
+    19,
+    33,
+    86,
+    5,
+    79,
+    252,
+    11,
+    5,
+    5,
+    30,
+    89,
+    66,
+    52,
+    74,
+    24,
+    13,
+    13,
+    115,
+    168,
+    5,
+    92,
+    5,
+    38,
+    30,
+    17,
+    55,
+    49,
+    17,
+    10,
+    63,
+    109,
+    88,
+    8,
+    24,
+    179,
+    17,
+    16,
+    6,
+    28,
+    35,
+    39,
+    9,
+    213,
+    45,
+    4,
+    6,
+    20,
+    312,
+    1,
+    77,
+    571,
+    22,
+    21,
+    52,
+    10,
+    26,
+    19,
+    5,
+    52,
+    54,
+    135,
+    123,
+    48,
+    6,
+    78,
+    1,
+    16,
+    118,
+    15,
+    38,
+    16,
+    10,
+    64,
+    67,
+    123,
+    6,
+    42,
+    29,
+    6,
+    2,
+    25,
+    1,
+    1,
+    1,
+    2,
+    1,
+    3,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    5,
+    1,
+    1,
+    6,
+    1,
+    1,
+]
 TOKENS_PER_WORD, TEMPLATE_TOKENS = 4 / 3, 8
 MODES = ("padded", "packed", "packed, tokens")
 
@@ -71,8 +411,8 @@ def example_lengths(max_seq_len: int, repeat: int) -> list[tuple[int, int]]:
 def encoded_examples(a, vocab: int) -> list:
     import torch
 
-    from minilora.data import EncodedExample
-    from minilora.loss import IGNORE
+    from minilora.data.encode import EncodedExample
+    from minilora.data.packing import IGNORE
 
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -87,12 +427,12 @@ def worker(mode: str, ckpt: str, a) -> dict:
     import torch
 
     from bench.common import status_kib
-    from minilora.lora import apply_lora, lora_parameters
-    from minilora.loss import chunked_lm_loss
+    from minilora.data.packing import batches, plan_batches
+    from minilora.dtypes import auto_dtype, dtype_name
+    from minilora.lora.layers import apply_lora, lora_parameters
     from minilora.models.loader import load_model
-    from minilora.packing import batches, plan_batches
-    from minilora.paged_adamw import PagedAdamW
-    from minilora.planner import auto_dtype
+    from minilora.optim.paged_adamw import PagedAdamW
+    from minilora.train.loss import chunked_lm_loss
 
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -124,15 +464,22 @@ def worker(mode: str, ckpt: str, a) -> dict:
             times.append(dt)
             tokens.append(int(b.attention_mask.sum()))
             slots.append(b.attention_mask.numel())
-    return {"mode": mode, "rows_per_batch": rows, "steps_timed": len(times), "dtype": str(dtype).removeprefix("torch."),
-            "tokens_per_s": sum(tokens) / sum(times), "tokens_per_step": statistics.mean(tokens),
-            "fill": sum(tokens) / sum(slots), "median_step_s": statistics.median(times),
-            "peak_mb": status_kib("VmHWM") / 1024}  # fmt: skip
+    return {
+        "mode": mode,
+        "rows_per_batch": rows,
+        "steps_timed": len(times),
+        "dtype": dtype_name(dtype),
+        "tokens_per_s": sum(tokens) / sum(times),
+        "tokens_per_step": statistics.mean(tokens),
+        "fill": sum(tokens) / sum(slots),
+        "median_step_s": statistics.median(times),
+        "peak_mb": status_kib("VmHWM") / 1024,
+    }
 
 
 def main() -> None:
     from bench.common import environment, write_json
-    from minilora.planner import cpu_bf16_units
+    from minilora.dtypes import cpu_bf16_units
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=8, help="train.py's default")
@@ -150,8 +497,17 @@ def main() -> None:
         print(json.dumps(worker(a.worker, a.ckpt, a)))
         return
 
-    argv = [f"--{k}={v}" for k, v in (("batch-size", a.batch_size), ("max-seq-len", a.max_seq_len),
-            ("repeat", a.repeat), ("warmup", a.warmup), ("dtype", a.dtype), ("threads", a.threads))]  # fmt: skip
+    argv = [
+        f"--{k}={v}"
+        for k, v in (
+            ("batch-size", a.batch_size),
+            ("max-seq-len", a.max_seq_len),
+            ("repeat", a.repeat),
+            ("warmup", a.warmup),
+            ("dtype", a.dtype),
+            ("threads", a.threads),
+        )
+    ]
     with tempfile.TemporaryDirectory(prefix="minilora_packing_") as tmp:
         ckpt = os.path.join(tmp, "llama-135m")
         write = [sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", "llama-135m", "--ckpt", ckpt]
@@ -160,20 +516,36 @@ def main() -> None:
         subprocess.run(write, check=True, cwd=ROOT)
         rows = {}
         for mode in MODES:
-            p = subprocess.run([sys.executable, "-m", "bench.packing", "--worker", mode, "--ckpt", ckpt, *argv],
-                               capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+            p = subprocess.run(
+                [sys.executable, "-m", "bench.packing", "--worker", mode, "--ckpt", ckpt, *argv],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             if p.returncode != 0:
                 sys.exit(f"{mode} failed:\n{p.stderr[-3000:]}")
             rows[mode] = json.loads(p.stdout.strip().splitlines()[-1])
     base = rows["padded"]
-    print(f"135M-class Llama{f' ({a.layers} layers)' if a.layers else ''}, {len(PROMPT_WORDS) * a.repeat} examples "
-          f"(Alpaca seed-task lengths), {base['dtype']}, CPU bf16 units {cpu_bf16_units()}")  # fmt: skip
+    print(
+        f"135M-class Llama{f' ({a.layers} layers)' if a.layers else ''}, {len(PROMPT_WORDS) * a.repeat} examples "
+        f"(Alpaca seed-task lengths), {base['dtype']}, CPU bf16 units {cpu_bf16_units()}"
+    )
     print(f"{'mode':<16}{'rows':>6}{'tok/step':>10}{'fill':>8}{'tok/s':>9}{'vs padded':>11}{'peak MB':>10}")
     for mode, r in rows.items():
-        print(f"{mode:<16}{r['rows_per_batch']:>6}{r['tokens_per_step']:>10,.0f}{r['fill']:>8.1%}"
-              f"{r['tokens_per_s']:>9,.0f}{r['tokens_per_s'] / base['tokens_per_s']:>10.2f}x{r['peak_mb']:>10,.0f}")  # fmt: skip
-    write_json(a.out, {"benchmark": "packing", "env": environment(), "args": vars(a), "cpu_bf16_units": cpu_bf16_units(),
-                       "rows": rows})  # fmt: skip
+        print(
+            f"{mode:<16}{r['rows_per_batch']:>6}{r['tokens_per_step']:>10,.0f}{r['fill']:>8.1%}"
+            f"{r['tokens_per_s']:>9,.0f}{r['tokens_per_s'] / base['tokens_per_s']:>10.2f}x{r['peak_mb']:>10,.0f}"
+        )
+    write_json(
+        a.out,
+        {
+            "benchmark": "packing",
+            "env": environment(),
+            "args": vars(a),
+            "cpu_bf16_units": cpu_bf16_units(),
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -37,15 +37,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="minilora_plan_check_") as tmp:
         ckpt = a.ckpt or os.path.join(tmp, a.geometry)
         if not os.path.isfile(os.path.join(ckpt, "config.json")):
-            subprocess.run([sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", a.geometry,
-                            "--ckpt", ckpt], check=True, cwd=ROOT)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", a.geometry, "--ckpt", ckpt],
+                check=True,
+                cwd=ROOT,
+            )
         for name in ("tokenizer.json", "tokenizer_config.json"):  # ids fit any of the geometries' vocabularies
             shutil.copy(os.path.join(ROOT, "examples", "tokenizer", name), ckpt)
         out = os.path.join(tmp, "run")
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", ckpt, "--out", out,
-               "--device", a.device, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
-               "--max-seq-len", str(a.max_seq_len), "--log-every", "1", "--eval-every", "0",
-               "--eval-generate", "0", "--save-every", "0"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--model",
+            ckpt,
+            "--out",
+            out,
+            "--device",
+            a.device,
+            "--max-steps",
+            str(a.steps),
+            "--batch-size",
+            str(a.batch_size),
+            "--max-seq-len",
+            str(a.max_seq_len),
+            "--log-every",
+            "1",
+            "--eval-every",
+            "0",
+            "--eval-generate",
+            "0",
+            "--save-every",
+            "0",
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if p.returncode != 0:
             sys.exit(f"train.py failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
@@ -55,13 +78,26 @@ def main() -> None:
             peaks = [r["peak_mem_mb"] for r in map(json.loads, f) if "peak_mem_mb" in r]
     predicted, measured = resolved["predicted_peak_bytes"] / 2**20, max(peaks)
     ratio = predicted / measured
-    print(f"{a.geometry} on {a.device}: dtype {resolved['dtype']}, recompute {resolved['gradient_checkpointing']}; "
-          f"predicted peak {predicted:,.0f} MiB, measured {measured:,.0f} MiB: {ratio:.2f}x "
-          f"({'within' if abs(ratio - 1) <= 0.10 else 'NOT within'} 10%)")  # fmt: skip
-    write_json(f"plan_check_{a.geometry}_{a.device}",
-               {"geometry": a.geometry, "device": a.device, "steps": a.steps, "batch_size": a.batch_size,
-                "max_seq_len": a.max_seq_len, "resolved": resolved, "predicted_mib": predicted,
-                "measured_peak_mib": measured, "ratio": ratio, "environment": environment()})  # fmt: skip
+    print(
+        f"{a.geometry} on {a.device}: dtype {resolved['dtype']}, recompute {resolved['gradient_checkpointing']}; "
+        f"predicted peak {predicted:,.0f} MiB, measured {measured:,.0f} MiB: {ratio:.2f}x "
+        f"({'within' if abs(ratio - 1) <= 0.10 else 'NOT within'} 10%)"
+    )
+    write_json(
+        f"plan_check_{a.geometry}_{a.device}",
+        {
+            "geometry": a.geometry,
+            "device": a.device,
+            "steps": a.steps,
+            "batch_size": a.batch_size,
+            "max_seq_len": a.max_seq_len,
+            "resolved": resolved,
+            "predicted_mib": predicted,
+            "measured_peak_mib": measured,
+            "ratio": ratio,
+            "environment": environment(),
+        },
+    )
 
 
 if __name__ == "__main__":

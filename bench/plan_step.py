@@ -35,22 +35,35 @@ def minilora_defaults(a) -> tuple[str, tuple[int, int] | None, int]:
     here for this geometry and batch (None: nothing fits; train.py would refuse): planner.plan_run on
     train.py's defaults with this benchmark's LoRA (r 16, no dropout)."""
     import torch
-    from minilora.models.config import ModelConfig
 
-    from minilora.planner import auto_dtype, plan_run
-    from minilora.train_config import TrainConfig
+    from minilora.dtypes import auto_dtype, dtype_name
+    from minilora.models.config import ModelConfig
+    from minilora.train.config import TrainConfig
+    from minilora.train.planner import plan_run
 
     g = dict(GEOMETRIES["llama-135m"], num_hidden_layers=a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"])
     g.pop("family")
     L = g["num_hidden_layers"]
-    cfg = ModelConfig(family="llama", name="llama-135m", rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=2048,
-                      tie_word_embeddings=True, rope_theta=10000.0, rope_local_theta=10000.0,
-                      layer_types=["full_attention"] * L, sliding_window=None, **g)  # fmt: skip
+    cfg = ModelConfig(
+        family="llama",
+        name="llama-135m",
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        rope_local_theta=10000.0,
+        layer_types=["full_attention"] * L,
+        sliding_window=None,
+        **g,
+    )
     cpu = torch.device("cpu")
     dtype = auto_dtype(cpu)
-    plan, error = plan_run(TrainConfig(lora_r=16, lora_dropout=0.0), cfg, cpu, dtype, (a.batch, int(a.lengths.split(":")[1])))
+    plan, error = plan_run(
+        TrainConfig(lora_r=16, lora_dropout=0.0), cfg, cpu, dtype, (a.batch, int(a.lengths.split(":")[1]))
+    )
     chosen = None if error else (plan.recompute_blocks, plan.selective_blocks)
-    return str(dtype).removeprefix("torch."), chosen, plan.loss_chunk
+    return dtype_name(dtype), chosen, plan.loss_chunk
 
 
 def main() -> None:
@@ -69,43 +82,111 @@ def main() -> None:
     import torch
 
     from bench.common import environment, write_json
-    from minilora.planner import cpu_bf16_units
+    from minilora.dtypes import cpu_bf16_units
 
     hi = a.lengths.split(":")[1]
-    base = ["--geometry", "llama-135m", "--device", "cpu", "--batch", str(a.batch), "--seq", hi, "--lengths", a.lengths,
-            "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads), "--layers", str(a.layers),
-            "--loss-chunk", "256", "--no-tf32"]  # fmt: skip
+    base = [
+        "--geometry",
+        "llama-135m",
+        "--device",
+        "cpu",
+        "--batch",
+        str(a.batch),
+        "--seq",
+        hi,
+        "--lengths",
+        a.lengths,
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--threads",
+        str(a.threads),
+        "--layers",
+        str(a.layers),
+        "--loss-chunk",
+        "256",
+        "--no-tf32",
+    ]
     ckpt_flag = lambda on: "--gradient-checkpointing" if on else "--no-gradient-checkpointing"
     dtype, chosen, chunk = minilora_defaults(a)
     full, sel = chosen or (a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"], 0)  # refused: full, as plan_run
-    recompute = ["--no-gradient-checkpointing"] if full + sel == 0 else ["--gradient-checkpointing", "--recompute", f"{full}:{sel}"]
-    cases = [(f"{dt}, recompute {'on' if rc else 'off'}", {impl: [*base, "--dtype", dt, ckpt_flag(rc)] for impl in IMPLS})
-             for dt in ("float32", "bfloat16") for rc in (True, False)]  # fmt: skip
-    cases.append((f"defaults: minilora {dtype} recompute {full} full + {sel} selective, loss chunk {chunk} vs QLoRA recipe",
-                  {"minilora": [*base, "--dtype", dtype, *recompute, "--loss-chunk", str(chunk)],
-                   "peft+bnb": [*base, "--dtype", "float32", ckpt_flag(True), "--prepare-kbit"]}))  # fmt: skip
+    recompute = (
+        ["--no-gradient-checkpointing"]
+        if full + sel == 0
+        else ["--gradient-checkpointing", "--recompute", f"{full}:{sel}"]
+    )
+    cases = [
+        (f"{dt}, recompute {'on' if rc else 'off'}", {impl: [*base, "--dtype", dt, ckpt_flag(rc)] for impl in IMPLS})
+        for dt in ("float32", "bfloat16")
+        for rc in (True, False)
+    ]
+    cases.append(
+        (
+            f"defaults: minilora {dtype} recompute {full} full + {sel} selective, loss chunk {chunk} vs QLoRA recipe",
+            {
+                "minilora": [*base, "--dtype", dtype, *recompute, "--loss-chunk", str(chunk)],
+                "peft+bnb": [*base, "--dtype", "float32", ckpt_flag(True), "--prepare-kbit"],
+            },
+        )
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="minilora_plan_step_") as tmp:
         ckpt = a.ckpt or os.path.join(tmp, "llama-135m")
         if not os.path.isfile(os.path.join(ckpt, "config.json")):
-            subprocess.run([sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry",
-                            "llama-135m", "--layers", str(a.layers), "--ckpt", ckpt], check=True, cwd=ROOT)  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.train_step",
+                    "--write-ckpt",
+                    "--geometry",
+                    "llama-135m",
+                    "--layers",
+                    str(a.layers),
+                    "--ckpt",
+                    ckpt,
+                ],
+                check=True,
+                cwd=ROOT,
+            )
         for name, argv in cases:
             rows = {impl: run_worker(impl, ckpt, argv[impl]) for impl in IMPLS}
             ours, theirs = rows["minilora"], rows["peft+bnb"]
-            r = {"case": name, "speedup": theirs["median_s"] / ours["median_s"],
-                 "memory_ratio": ours["peak_mb"] / theirs["peak_mb"], "results": rows}  # fmt: skip
+            r = {
+                "case": name,
+                "speedup": theirs["median_s"] / ours["median_s"],
+                "memory_ratio": ours["peak_mb"] / theirs["peak_mb"],
+                "results": rows,
+            }
             results.append(r)
-            print(f"{name:58} minilora {ours['tokens_per_s']:7.0f} tok/s {ours['peak_mb']:6.0f} MB | peft+bnb "
-                  f"{theirs['tokens_per_s']:7.0f} tok/s {theirs['peak_mb']:6.0f} MB | {r['speedup']:.2f}x tok/s, "
-                  f"{r['memory_ratio']:.2f}x peak RSS", flush=True)  # fmt: skip
+            print(
+                f"{name:58} minilora {ours['tokens_per_s']:7.0f} tok/s {ours['peak_mb']:6.0f} MB | peft+bnb "
+                f"{theirs['tokens_per_s']:7.0f} tok/s {theirs['peak_mb']:6.0f} MB | {r['speedup']:.2f}x tok/s, "
+                f"{r['memory_ratio']:.2f}x peak RSS",
+                flush=True,
+            )
     units = cpu_bf16_units()
-    print(f"CPU bf16 units (torch): {', '.join(f'{k} {v}' for k, v in units.items())}; "
-          f"torch.get_cpu_capability() {torch.backends.cpu.get_cpu_capability()}")
-    path = write_json(a.out, {"benchmark": "plan_step", "geometry": "llama-135m", "layers": a.layers or 30,
-                              "batch": a.batch, "lengths": a.lengths, "steps": a.steps, "warmup": a.warmup,
-                              "threads": a.threads, "cpu_bf16_units": units, "cases": results,
-                              "environment": environment()})  # fmt: skip
+    print(
+        f"CPU bf16 units (torch): {', '.join(f'{k} {v}' for k, v in units.items())}; "
+        f"torch.get_cpu_capability() {torch.backends.cpu.get_cpu_capability()}"
+    )
+    path = write_json(
+        a.out,
+        {
+            "benchmark": "plan_step",
+            "geometry": "llama-135m",
+            "layers": a.layers or 30,
+            "batch": a.batch,
+            "lengths": a.lengths,
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "threads": a.threads,
+            "cpu_bf16_units": units,
+            "cases": results,
+            "environment": environment(),
+        },
+    )
     print(f"wrote {path}")
 
 

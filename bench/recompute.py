@@ -42,56 +42,126 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (see train_step.py)")
-    ap.add_argument("--mmap-threshold", type=int, default=65536, help="MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's)")
+    ap.add_argument(
+        "--mmap-threshold", type=int, default=65536, help="MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's)"
+    )
     ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
     a = ap.parse_args()
     import torch
 
     from bench.common import environment, write_json
     from minilora.models.loader import read_config
-    from minilora.planner import plan_memory
+    from minilora.train.planner import plan_memory
 
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if a.device == "cuda" else "float32")
-    base = ["--geometry", a.geometry, "--device", a.device, "--batch", str(a.batch), "--seq", str(a.seq),
-            "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads), "--layers", str(a.layers),
-            "--dtype", dtype, "--no-tf32"]  # fmt: skip
-    argv = {"off": [*base, "--no-gradient-checkpointing"],
-            "selective": [*base, "--gradient-checkpointing", "--recompute", "selective"],
-            "full": [*base, "--gradient-checkpointing", "--recompute", "full"]}  # fmt: skip
+    base = [
+        "--geometry",
+        a.geometry,
+        "--device",
+        a.device,
+        "--batch",
+        str(a.batch),
+        "--seq",
+        str(a.seq),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--threads",
+        str(a.threads),
+        "--layers",
+        str(a.layers),
+        "--dtype",
+        dtype,
+        "--no-tf32",
+    ]
+    argv = {
+        "off": [*base, "--no-gradient-checkpointing"],
+        "selective": [*base, "--gradient-checkpointing", "--recompute", "selective"],
+        "full": [*base, "--gradient-checkpointing", "--recompute", "full"],
+    }
     runs = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="minilora_recompute_") as tmp:
         ckpt = a.ckpt or os.path.join(tmp, a.geometry)
         if not os.path.isfile(os.path.join(ckpt, "config.json")):
-            subprocess.run([sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", a.geometry,
-                            "--layers", str(a.layers), "--ckpt", ckpt], check=True, cwd=ROOT)  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.train_step",
+                    "--write-ckpt",
+                    "--geometry",
+                    a.geometry,
+                    "--layers",
+                    str(a.layers),
+                    "--ckpt",
+                    ckpt,
+                ],
+                check=True,
+                cwd=ROOT,
+            )
         cfg = read_config(ckpt, a.geometry)
         for _ in range(a.rounds):
             for mode in MODES:
-                runs[mode].append(run_worker("minilora", ckpt, argv[mode], a.mmap_threshold if a.device == "cpu" else 0))
+                runs[mode].append(
+                    run_worker("minilora", ckpt, argv[mode], a.mmap_threshold if a.device == "cpu" else 0)
+                )
     L = cfg.num_hidden_layers
     rows = {}
     for mode, (full, sel) in MODES.items():
-        plan = plan_memory(cfg, batch_size=a.batch, seq_len=a.seq, dtype=getattr(torch, dtype), lora_r=16,
-                           lora_dropout=0.0, recompute_blocks=full * L, selective_blocks=sel * L,
-                           device_type=a.device)  # fmt: skip
+        plan = plan_memory(
+            cfg,
+            batch_size=a.batch,
+            seq_len=a.seq,
+            dtype=getattr(torch, dtype),
+            lora_r=16,
+            lora_dropout=0.0,
+            recompute_blocks=full * L,
+            selective_blocks=sel * L,
+            device_type=a.device,
+        )
         kept = next(b for name, b, _ in plan.components if name.startswith("activations"))
-        rows[mode] = {"median_s": statistics.median(r["median_s"] for r in runs[mode]),
-                      "step_peak_mb": statistics.median(r["step_peak_mb"] for r in runs[mode]),
-                      "predicted_activations_mb": kept / 2**20, "flops_per_token": plan.flops_per_token,
-                      "runs": runs[mode]}  # fmt: skip
+        rows[mode] = {
+            "median_s": statistics.median(r["median_s"] for r in runs[mode]),
+            "step_peak_mb": statistics.median(r["step_peak_mb"] for r in runs[mode]),
+            "predicted_activations_mb": kept / 2**20,
+            "flops_per_token": plan.flops_per_token,
+            "runs": runs[mode],
+        }
     off = rows["off"]
-    print(f"{a.geometry} (L {L}), B {a.batch} x T {a.seq}, {dtype} on {a.device}, median of {a.steps} steps, "
-          f"{a.rounds} round(s)")
-    hdr = f"{'recompute':<11}{'step s':>8}{'x off':>7}{'step peak MB':>14}{'x off':>7}{'plan: kept MB':>15}{'GFLOP/tok':>11}"
+    print(
+        f"{a.geometry} (L {L}), B {a.batch} x T {a.seq}, {dtype} on {a.device}, median of {a.steps} steps, "
+        f"{a.rounds} round(s)"
+    )
+    hdr = (
+        f"{'recompute':<11}{'step s':>8}{'x off':>7}{'step peak MB':>14}{'x off':>7}"
+        f"{'plan: kept MB':>15}{'GFLOP/tok':>11}"
+    )
     print(hdr + "\n" + "-" * len(hdr))
     for mode, r in rows.items():
-        print(f"{mode:<11}{r['median_s']:8.3f}{r['median_s'] / off['median_s']:7.2f}{r['step_peak_mb']:14.0f}"
-              f"{r['step_peak_mb'] / off['step_peak_mb']:7.2f}{r['predicted_activations_mb']:15.1f}"
-              f"{r['flops_per_token'] / 1e9:11.3f}")  # fmt: skip
+        print(
+            f"{mode:<11}{r['median_s']:8.3f}{r['median_s'] / off['median_s']:7.2f}{r['step_peak_mb']:14.0f}"
+            f"{r['step_peak_mb'] / off['step_peak_mb']:7.2f}{r['predicted_activations_mb']:15.1f}"
+            f"{r['flops_per_token'] / 1e9:11.3f}"
+        )
     name = f"recompute_{a.geometry}_{a.device}"
-    path = write_json(name, {"benchmark": "recompute", "geometry": a.geometry, "layers": L, "batch": a.batch,
-                             "seq": a.seq, "dtype": dtype, "device": a.device, "steps": a.steps, "rounds": a.rounds,
-                             "mmap_threshold": a.mmap_threshold, "results": rows, "environment": environment()})  # fmt: skip
+    path = write_json(
+        name,
+        {
+            "benchmark": "recompute",
+            "geometry": a.geometry,
+            "layers": L,
+            "batch": a.batch,
+            "seq": a.seq,
+            "dtype": dtype,
+            "device": a.device,
+            "steps": a.steps,
+            "rounds": a.rounds,
+            "mmap_threshold": a.mmap_threshold,
+            "results": rows,
+            "environment": environment(),
+        },
+    )
     print(f"wrote {path}")
 
 

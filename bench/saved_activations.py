@@ -1,6 +1,6 @@
 """What autograd keeps per token in one transformer block, by module, beside the planner's formula.
 
-    python -m bench.saved_activations                      # smollm2-135m (the plan_step geometry), gemma-3-1b, qwen3-0.6b
+    python -m bench.saved_activations      # smollm2-135m (the plan_step geometry), gemma-3-1b, qwen3-0.6b
     python -m bench.saved_activations --models smollm2-135m --batch 4 --seq 170
 
 One block of each preset's geometry (random weights, NF4 base, LoRA r 16 on every linear, dropout
@@ -25,7 +25,7 @@ from bench.common import environment, write_json
 
 def saved_by_module(preset: str, dtype: torch.dtype, batch: int, seq: int) -> dict[str, int]:
     """{module path inside the block: bytes saved for backward} for one LoRA block of `preset`."""
-    from minilora.lora import apply_lora
+    from minilora.lora.layers import apply_lora
     from minilora.models.config import FULL, ModelConfig
     from minilora.models.loader import quantize_linears
     from minilora.models.transformer import Transformer, rope_cos_sin
@@ -61,7 +61,7 @@ def saved_by_module(preset: str, dtype: torch.dtype, batch: int, seq: int) -> di
 def planned_per_block(preset: str, dtype: torch.dtype, batch: int, seq: int) -> int:
     """The planner's activation bytes for one block (2 blocks minus 1 block)."""
     from minilora.models.config import FULL, ModelConfig
-    from minilora.planner import plan_memory
+    from minilora.train.planner import plan_memory
 
     base = ModelConfig.from_name(preset)
 
@@ -74,6 +74,8 @@ def planned_per_block(preset: str, dtype: torch.dtype, batch: int, seq: int) -> 
 
 
 def main() -> None:
+    from minilora.dtypes import dtype_name
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,gemma-3-1b,qwen3-0.6b", help="comma-separated presets")
     ap.add_argument("--batch", type=int, default=4)
@@ -86,10 +88,19 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             by = saved_by_module(preset, dtype, a.batch, a.seq)
             total, planned = sum(by.values()), planned_per_block(preset, dtype, a.batch, a.seq)
-            rows.append({"model": preset, "dtype": str(dtype).removeprefix("torch."), "bytes_per_token": total / N,
-                         "planned_bytes_per_token": planned / N, "by_module": {k: v / N for k, v in by.items()}})  # fmt: skip
-            print(f"\n{preset} {rows[-1]['dtype']}: {total / N:,.0f} bytes per token per block saved "
-                  f"(planner: {planned / N:,.0f})")  # fmt: skip
+            rows.append(
+                {
+                    "model": preset,
+                    "dtype": dtype_name(dtype),
+                    "bytes_per_token": total / N,
+                    "planned_bytes_per_token": planned / N,
+                    "by_module": {k: v / N for k, v in by.items()},
+                }
+            )
+            print(
+                f"\n{preset} {rows[-1]['dtype']}: {total / N:,.0f} bytes per token per block saved "
+                f"(planner: {planned / N:,.0f})"
+            )
             for name, b in sorted(by.items(), key=lambda kv: -kv[1]):
                 print(f"  {name:<32}{b / N:>10,.0f}")
     write_json(a.out, {"environment": environment(), "batch": a.batch, "seq": a.seq, "rows": rows})

@@ -71,16 +71,40 @@ IMPLS = ("minilora", "peft+bnb")
 # Gemma3TextConfig keyword arguments. "small" is Gemma 3's shape scaled down for a 2-core CPU;
 # "gemma-3-1b" is google/gemma-3-1b-pt's geometry (5 sliding-window layers : 1 global, window 512).
 GEOMETRIES = {
-    "small": {"vocab_size": 16384, "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
-              "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128, "sliding_window": 128,
-              "query_pre_attn_scalar": 128},
-    "gemma-3-1b": {"vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
-                   "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 512,
-                   "query_pre_attn_scalar": 256},
+    "small": {
+        "vocab_size": 16384,
+        "hidden_size": 384,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 128,
+        "sliding_window": 128,
+        "query_pre_attn_scalar": 128,
+    },
+    "gemma-3-1b": {
+        "vocab_size": 262144,
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "sliding_window": 512,
+        "query_pre_attn_scalar": 256,
+    },
     # a 135M-class Llama (SmolLM-135M's shape): LlamaConfig keyword arguments
-    "llama-135m": {"family": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-                   "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64},
-}  # fmt: skip
+    "llama-135m": {
+        "family": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+    },
+}
 
 
 def write_checkpoint(folder: str, geometry: str) -> None:
@@ -90,8 +114,9 @@ def write_checkpoint(folder: str, geometry: str) -> None:
 
     g = dict(GEOMETRIES[geometry])
     if g.pop("family", "gemma3") == "llama":
-        cfg = LlamaConfig(**g, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                          pad_token_id=0)  # fmt: skip
+        cfg = LlamaConfig(
+            **g, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0
+        )
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
         tmp = tempfile.mkdtemp(prefix=".ckpt.", dir=os.path.dirname(os.path.abspath(folder)))
@@ -100,9 +125,17 @@ def write_checkpoint(folder: str, geometry: str) -> None:
         return
     n = GEOMETRIES[geometry]["num_hidden_layers"]
     layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
-    cfg = Gemma3TextConfig(**GEOMETRIES[geometry], layer_types=layer_types, max_position_embeddings=32768,
-                           final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
-                           bos_token_id=2, eos_token_id=1, pad_token_id=0)  # fmt: skip
+    cfg = Gemma3TextConfig(
+        **GEOMETRIES[geometry],
+        layer_types=layer_types,
+        max_position_embeddings=32768,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(cfg).to(torch.bfloat16)
     tmp = tempfile.mkdtemp(prefix=".ckpt.", dir=os.path.dirname(os.path.abspath(folder)))
@@ -141,8 +174,8 @@ def resident_bytes(model) -> tuple[int, int]:
 def worker(impl: str, ckpt: str, a) -> dict:
     """Runs in a fresh process: build one implementation, time its steps, report JSON."""
     import torch  # torch._dynamo (~150 MB RSS) loads when something needs it: torch.optim's AdamW when
-    # built, non-reentrant checkpointing when first used; minilora without recompute never loads it
 
+    # built, non-reentrant checkpointing when first used; minilora without recompute never loads it
     from bench.common import status_kib
 
     if a.threads > 0:
@@ -166,21 +199,21 @@ def worker(impl: str, ckpt: str, a) -> dict:
     hf_labels = torch.where(completion, ids, -100)  # transformers shifts inside its loss
 
     if impl == "minilora":
+        from minilora.data.packing import Batch
+        from minilora.lora.layers import apply_lora, lora_parameters
         from minilora.models.loader import load_model
-
-        from minilora.lora import apply_lora, lora_parameters
-        from minilora.packing import Batch
-        from minilora.paged_adamw import PagedAdamW
-        from minilora.loss import chunked_lm_loss
+        from minilora.optim.paged_adamw import PagedAdamW
+        from minilora.train.loss import chunked_lm_loss
 
         base_rss = status_kib("VmRSS")
         t0 = time.perf_counter()
         model, _ = load_model(ckpt, quantize="nf4", dtype=dtype, device=a.device)
-        report = apply_lora(model, targets="all-linear", r=a.rank, alpha=2 * a.rank, dropout=0.0, seed=0,
-                            verbose=False)  # fmt: skip
+        report = apply_lora(model, targets="all-linear", r=a.rank, alpha=2 * a.rank, dropout=0.0, seed=0, verbose=False)
         if not a.gradient_checkpointing or a.recompute in ("full", "selective"):
-            model.set_gradient_checkpointing(a.gradient_checkpointing and a.recompute == "full",
-                                             selective=a.gradient_checkpointing and a.recompute == "selective")
+            model.set_gradient_checkpointing(
+                a.gradient_checkpointing and a.recompute == "full",
+                selective=a.gradient_checkpointing and a.recompute == "selective",
+            )
         else:  # FULL:SELECTIVE block counts (what train.py's planner may choose)
             full, sel = map(int, a.recompute.split(":"))
             model.set_gradient_checkpointing(full, selective=sel)
@@ -205,18 +238,25 @@ def worker(impl: str, ckpt: str, a) -> dict:
 
         base_rss = status_kib("VmRSS")
         t0 = time.perf_counter()
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=dtype)  # fmt: skip
-        model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=dtype,
-                                                     device_map=a.device)  # fmt: skip
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=dtype, device_map=a.device)
         model.config.use_cache = False
         if a.prepare_kbit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=a.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         elif a.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules="all-linear",
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))  # fmt: skip
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=a.rank, lora_alpha=2 * a.rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
+            ),
+        )
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
@@ -265,11 +305,21 @@ def worker(impl: str, ckpt: str, a) -> dict:
         train_peak = status_kib("VmHWM") * 1024
         peak = max(train_peak, life_peak_load)
     med = statistics.median(times)
-    return {"median_s": med, "times_s": times, "tokens_per_s": sum(lens) / med, "losses": losses,
-            "load_s": load_s, "import_rss_mb": base_rss / 1024, "loaded_rss_mb": loaded_rss / 1024,
-            "end_rss_mb": status_kib("VmRSS") / 1024, "peak_mb": peak / 2**20,
-            "step_peak_mb": (train_peak - before) / 2**20, "resident_mb": model_bytes / 2**20,
-            "lora_mb": lora_bytes / 2**20, "trainable_params": trainable}  # fmt: skip
+    return {
+        "median_s": med,
+        "times_s": times,
+        "tokens_per_s": sum(lens) / med,
+        "losses": losses,
+        "load_s": load_s,
+        "import_rss_mb": base_rss / 1024,
+        "loaded_rss_mb": loaded_rss / 1024,
+        "end_rss_mb": status_kib("VmRSS") / 1024,
+        "peak_mb": peak / 2**20,
+        "step_peak_mb": (train_peak - before) / 2**20,
+        "resident_mb": model_bytes / 2**20,
+        "lora_mb": lora_bytes / 2**20,
+        "trainable_params": trainable,
+    }
 
 
 def run_worker(impl: str, ckpt: str, argv: list[str], mmap_threshold: int = 0) -> dict:
@@ -294,30 +344,66 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha = 2r)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help="recompute block activations in backward, on both sides (train.py's default: on)")
-    ap.add_argument("--recompute", default="full",
-                    help="what --gradient-checkpointing means on minilora's side: full recompute, selective "
-                         "(keep the matmul outputs, recompute the elementwise ops; bench/recompute.py compares), "
-                         "or FULL:SELECTIVE block counts")
-    ap.add_argument("--prepare-kbit", action="store_true",
-                    help="apply peft.prepare_model_for_kbit_training on the competitor side")
-    ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                    help="CUDA: float32 matmuls on TF32 tensor cores, on both sides (train.py's default: on)")
-    ap.add_argument("--loss-chunk", type=int, default=256,
-                    help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 256)")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute block activations in backward, on both sides (train.py's default: on)",
+    )
+    ap.add_argument(
+        "--recompute",
+        default="full",
+        help="what --gradient-checkpointing means on minilora's side: full recompute, selective "
+        "(keep the matmul outputs, recompute the elementwise ops; bench/recompute.py compares), "
+        "or FULL:SELECTIVE block counts",
+    )
+    ap.add_argument(
+        "--prepare-kbit", action="store_true", help="apply peft.prepare_model_for_kbit_training on the competitor side"
+    )
+    ap.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: float32 matmuls on TF32 tensor cores, on both sides (train.py's default: on)",
+    )
+    ap.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=256,
+        help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 256)",
+    )
     ap.add_argument("--layers", type=int, default=0, help="override the geometry's layer count (0 = keep)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="compute dtype on both sides (auto: float32 on the CPU, bfloat16 on CUDA)")
-    ap.add_argument("--lengths", default=None, metavar="LO:HI",
-                    help="rows of random length in [LO, HI] tokens (T = HI), right-padded, completion = second half")
-    ap.add_argument("--mmap-threshold", type=int, default=0,
-                    help="set MALLOC_MMAP_THRESHOLD_ (bytes) in both workers, so that CPU RSS follows live memory "
-                         "instead of glibc's retained heap (0 = glibc's default, as users run)")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run the two workers this many times, alternating; per-figure medians reported")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads in each worker (0 = torch's default); see the module docstring")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="compute dtype on both sides (auto: float32 on the CPU, bfloat16 on CUDA)",
+    )
+    ap.add_argument(
+        "--lengths",
+        default=None,
+        metavar="LO:HI",
+        help="rows of random length in [LO, HI] tokens (T = HI), right-padded, completion = second half",
+    )
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="set MALLOC_MMAP_THRESHOLD_ (bytes) in both workers, so that CPU RSS follows live memory "
+        "instead of glibc's retained heap (0 = glibc's default, as users run)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the two workers this many times, alternating; per-figure medians reported",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads in each worker (0 = torch's default); see the module docstring",
+    )
     ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
     ap.add_argument("--out", default=None, help="results name under bench/results/ (default: by geometry/device)")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -343,11 +429,35 @@ def main() -> None:
         sys.exit("--steps, --batch, --rank, --rounds and --loss-chunk must be >= 1, --seq >= 2 and --warmup >= 0.")
 
     # the same options go to both workers (everything but --ckpt/--out)
-    argv = ["--geometry", a.geometry, "--device", a.device, "--batch", str(a.batch), "--seq", str(a.seq),
-            "--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
-            "--loss-chunk", str(a.loss_chunk), "--layers", str(a.layers), "--dtype", a.dtype, *(["--lengths", a.lengths] if a.lengths else []),
-            "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
-            "--recompute", a.recompute, "--tf32" if a.tf32 else "--no-tf32"]  # fmt: skip
+    argv = [
+        "--geometry",
+        a.geometry,
+        "--device",
+        a.device,
+        "--batch",
+        str(a.batch),
+        "--seq",
+        str(a.seq),
+        "--rank",
+        str(a.rank),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--threads",
+        str(a.threads),
+        "--loss-chunk",
+        str(a.loss_chunk),
+        "--layers",
+        str(a.layers),
+        "--dtype",
+        a.dtype,
+        *(["--lengths", a.lengths] if a.lengths else []),
+        "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
+        "--recompute",
+        a.recompute,
+        "--tf32" if a.tf32 else "--no-tf32",
+    ]
     if a.prepare_kbit:
         argv.append("--prepare-kbit")
     with tempfile.TemporaryDirectory(prefix="minilora_train_step_") as tmp:
@@ -355,20 +465,27 @@ def main() -> None:
         if not os.path.isfile(os.path.join(ckpt, "config.json")):
             t0 = time.perf_counter()
             # in a subprocess, so this process (the workers' parent) stays small
-            subprocess.run([sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", a.geometry,
-                            "--ckpt", ckpt], check=True, cwd=ROOT)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", a.geometry, "--ckpt", ckpt],
+                check=True,
+                cwd=ROOT,
+            )
             print(f"wrote a random {a.geometry} checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
         runs = {impl: [] for impl in IMPLS}
         for k in range(a.rounds):
             for impl in IMPLS:  # alternating, so a burst of load from elsewhere hits both sides
                 r = run_worker(impl, ckpt, argv, a.mmap_threshold)
                 runs[impl].append(r)
-                print(f"  round {k + 1} {impl}: {r['median_s']:.3f} s/step, peak {r['peak_mb']:.0f} MB, "
-                      f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
+                print(
+                    f"  round {k + 1} {impl}: {r['median_s']:.3f} s/step, peak {r['peak_mb']:.0f} MB, "
+                    f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}",
+                    flush=True,
+                )
     rows = {}
     for impl, rs in runs.items():
-        rows[impl] = {key: statistics.median(r[key] for r in rs) for key, v in rs[0].items()
-                      if isinstance(v, (int, float))}  # fmt: skip
+        rows[impl] = {
+            key: statistics.median(r[key] for r in rs) for key, v in rs[0].items() if isinstance(v, (int, float))
+        }
         rows[impl]["trainable_params"] = rs[0]["trainable_params"]
         rows[impl]["runs"] = rs
     report(a, rows)
@@ -380,30 +497,44 @@ def report(a, rows: dict) -> None:
     mem = ours["peak_mb"] / theirs["peak_mb"]
     step_mem = ours["step_peak_mb"] / max(1e-9, theirs["step_peak_mb"])
     # CPU only: the peak above the RSS right after imports (torch alone is ~200 MB of it)
-    above = None if a.device == "cuda" else ((ours["peak_mb"] - ours["import_rss_mb"]) /
-                                             (theirs["peak_mb"] - theirs["import_rss_mb"]))  # fmt: skip
+    above = (
+        None
+        if a.device == "cuda"
+        else ((ours["peak_mb"] - ours["import_rss_mb"]) / (theirs["peak_mb"] - theirs["import_rss_mb"]))
+    )
     g = GEOMETRIES[a.geometry]
     cuda = a.device == "cuda"
     mem_name = "max allocated" if cuda else "peak RSS"
     family = "Llama" if a.geometry.startswith("llama") else "Gemma 3"
     compute = a.dtype if a.dtype != "auto" else ("bfloat16" if cuda else "float32")
-    print(f"\n{a.geometry} {family} geometry (D {g['hidden_size']}, F {g['intermediate_size']}, "
-          f"L {g['num_hidden_layers']}, H {g['num_attention_heads']}/Hkv {g['num_key_value_heads']}, "
-          f"hd {g['head_dim']}, V {g['vocab_size']}), random weights, NF4 + double quant, "
-          f"{compute} compute on {a.device}")
-    print(f"B {a.batch} x T {a.seq}, LoRA all-linear r {a.rank} alpha {2 * a.rank}, gradient checkpointing "
-          f"{'on' if a.gradient_checkpointing else 'off'}, prepare_model_for_kbit_training "
-          f"{'on' if a.prepare_kbit else 'off'}{', TF32 ' + ('on' if a.tf32 else 'off') if cuda else ''}; "
-          f"median of {a.steps} steps after {a.warmup} warm-up, "
-          f"{a.rounds} round(s)")
-    hdr = (f"{'':10}{'step s':>8}{'tok/s':>8}{mem_name + ' MB':>18}{'import RSS MB':>15}{'step peak MB':>14}"
-           f"{'resident MB':>13}{'LoRA MB':>9}{'trainable':>11}")
+    print(
+        f"\n{a.geometry} {family} geometry (D {g['hidden_size']}, F {g['intermediate_size']}, "
+        f"L {g['num_hidden_layers']}, H {g['num_attention_heads']}/Hkv {g['num_key_value_heads']}, "
+        f"hd {g['head_dim']}, V {g['vocab_size']}), random weights, NF4 + double quant, "
+        f"{compute} compute on {a.device}"
+    )
+    print(
+        f"B {a.batch} x T {a.seq}, LoRA all-linear r {a.rank} alpha {2 * a.rank}, gradient checkpointing "
+        f"{'on' if a.gradient_checkpointing else 'off'}, prepare_model_for_kbit_training "
+        f"{'on' if a.prepare_kbit else 'off'}{', TF32 ' + ('on' if a.tf32 else 'off') if cuda else ''}; "
+        f"median of {a.steps} steps after {a.warmup} warm-up, "
+        f"{a.rounds} round(s)"
+    )
+    hdr = (
+        f"{'':10}{'step s':>8}{'tok/s':>8}{mem_name + ' MB':>18}{'import RSS MB':>15}{'step peak MB':>14}"
+        f"{'resident MB':>13}{'LoRA MB':>9}{'trainable':>11}"
+    )
     print(hdr + "\n" + "-" * len(hdr))
     for name, r in rows.items():
-        print(f"{name:10}{r['median_s']:8.2f}{r['tokens_per_s']:8.0f}{r['peak_mb']:18.0f}{r['import_rss_mb']:15.0f}"
-              f"{r['step_peak_mb']:14.0f}{r['resident_mb']:13.1f}{r['lora_mb']:9.1f}{r['trainable_params']:11,d}")
-    print(f"minilora vs peft+bnb: {speedup:.3f}x tokens/s, {mem:.3f}x {mem_name}"
-          + ("" if above is None else f" ({above:.2f}x above the import RSS)") + f", {step_mem:.2f}x step peak")
+        print(
+            f"{name:10}{r['median_s']:8.2f}{r['tokens_per_s']:8.0f}{r['peak_mb']:18.0f}{r['import_rss_mb']:15.0f}"
+            f"{r['step_peak_mb']:14.0f}{r['resident_mb']:13.1f}{r['lora_mb']:9.1f}{r['trainable_params']:11,d}"
+        )
+    print(
+        f"minilora vs peft+bnb: {speedup:.3f}x tokens/s, {mem:.3f}x {mem_name}"
+        + ("" if above is None else f" ({above:.2f}x above the import RSS)")
+        + f", {step_mem:.2f}x step peak"
+    )
     if cuda:
         targets = {"speedup >= 1.5": speedup >= 1.5, "peak memory <= 0.6x": mem <= 0.6}
     else:
@@ -411,21 +542,45 @@ def report(a, rows: dict) -> None:
     print("targets: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in targets.items()))
     from bench.common import environment, write_json
 
-    name = a.out or ("train_step" if (a.geometry, a.device) == ("small", "cpu") else
-                     f"train_step_{a.geometry}_{a.device}")  # fmt: skip
+    name = a.out or (
+        "train_step" if (a.geometry, a.device) == ("small", "cpu") else f"train_step_{a.geometry}_{a.device}"
+    )
     g_out = dict(g, layer_types="5 sliding : 1 full")
-    path = write_json(name, {
-        "benchmark": "train_step", "geometry": a.geometry, "config": g_out, "device": a.device,
-        "dtype": "bfloat16" if cuda else "float32", "batch": a.batch, "seq": a.seq, "rank": a.rank,
-        "alpha": 2 * a.rank, "steps": a.steps, "warmup": a.warmup,
-        "gradient_checkpointing": a.gradient_checkpointing, "prepare_model_for_kbit_training": a.prepare_kbit,
-        "tf32": a.tf32 if cuda else None,
-        "memory": ("torch.cuda.max_memory_allocated over the worker's life" if cuda else
-                   "VmHWM (peak RSS) of the worker process over its life"),
-        "loss_chunk": a.loss_chunk, "rounds": a.rounds, "threads": a.threads,
-        "malloc_mmap_threshold": a.mmap_threshold or None, "results": rows, "speedup": speedup, "memory_ratio": mem,
-        "memory_ratio_above_import": above, "step_memory_ratio": step_mem,
-        "targets": targets, "environment": environment()})  # fmt: skip
+    path = write_json(
+        name,
+        {
+            "benchmark": "train_step",
+            "geometry": a.geometry,
+            "config": g_out,
+            "device": a.device,
+            "dtype": "bfloat16" if cuda else "float32",
+            "batch": a.batch,
+            "seq": a.seq,
+            "rank": a.rank,
+            "alpha": 2 * a.rank,
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "gradient_checkpointing": a.gradient_checkpointing,
+            "prepare_model_for_kbit_training": a.prepare_kbit,
+            "tf32": a.tf32 if cuda else None,
+            "memory": (
+                "torch.cuda.max_memory_allocated over the worker's life"
+                if cuda
+                else "VmHWM (peak RSS) of the worker process over its life"
+            ),
+            "loss_chunk": a.loss_chunk,
+            "rounds": a.rounds,
+            "threads": a.threads,
+            "malloc_mmap_threshold": a.mmap_threshold or None,
+            "results": rows,
+            "speedup": speedup,
+            "memory_ratio": mem,
+            "memory_ratio_above_import": above,
+            "step_memory_ratio": step_mem,
+            "targets": targets,
+            "environment": environment(),
+        },
+    )
     print(f"wrote {path}")
 
 

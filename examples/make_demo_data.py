@@ -11,7 +11,7 @@ filler sentences (greetings, order numbers, dates) that carry no label. Rows are
                   {"role": "user", "content": ticket},
                   {"role": "assistant", "content": "{\"topic\": \"billing\", \"sentiment\": \"negative\"}"}]}
 
-Seeded and deterministic. Train and test are free of exact and near duplicates (minilora.dedup
+Seeded and deterministic. Train and test are free of exact and near duplicates (minilora.data.dedup
 over both at Jaccard 0.9) and of prompt overlap (minilora's contamination check), and the test
 set is balanced over the 15 (topic, sentiment) pairs.
 """
@@ -20,7 +20,9 @@ import json
 import os
 import random
 
-from minilora.data import Example, assert_no_contamination, dedup
+from minilora.data.dedup import dedup
+from minilora.data.holdout import assert_no_contamination
+from minilora.data.records import Example
 
 SEED = 1234
 N_TRAIN, N_TEST = 450, 90
@@ -86,22 +88,41 @@ TOPICS = {
 
 SENTIMENTS = {
     "negative": [
-        "This is unacceptable.", "I am really frustrated.", "Very disappointed with your service.",
-        "This is the third time, I am angry.", "Terrible experience so far.", "I am annoyed and upset.",
+        "This is unacceptable.",
+        "I am really frustrated.",
+        "Very disappointed with your service.",
+        "This is the third time, I am angry.",
+        "Terrible experience so far.",
+        "I am annoyed and upset.",
     ],
     "positive": [
-        "Thanks so much for your help!", "You have been great so far.", "I love your service, thank you.",
-        "Really happy with the quick support.", "Great team, appreciate it!", "Thank you, you are wonderful.",
+        "Thanks so much for your help!",
+        "You have been great so far.",
+        "I love your service, thank you.",
+        "Really happy with the quick support.",
+        "Great team, appreciate it!",
+        "Thank you, you are wonderful.",
     ],
     "neutral": [
-        "Please advise.", "Could you let me know?", "Just asking for my records.",
-        "Let me know the next steps.", "I would like some information.", "Please check when you can.",
+        "Please advise.",
+        "Could you let me know?",
+        "Just asking for my records.",
+        "Let me know the next steps.",
+        "I would like some information.",
+        "Please check when you can.",
     ],
 }
 
 OPENERS = ["Hi team,", "Hello,", "Good morning.", "Hi there.", "", "", ""]
-FACTS = ["My order number is {n}.", "I ordered it on {d}.", "My customer id is {n}.", "I am writing from {city}.",
-         "", "", ""]
+FACTS = [
+    "My order number is {n}.",
+    "I ordered it on {d}.",
+    "My customer id is {n}.",
+    "I am writing from {city}.",
+    "",
+    "",
+    "",
+]
 CITIES = ["Lisbon", "Oslo", "Denver", "Osaka", "Nairobi", "Lyon", "Perth", "Quito"]
 DAYS = ["Monday", "Tuesday", "March 3", "June 12", "last week", "yesterday", "May 21"]
 
@@ -119,11 +140,13 @@ def ticket(rng: random.Random, topic: str, sentiment: str) -> str:
 
 def record(text: str, topic: str, sentiment: str) -> dict:
     answer = json.dumps({"topic": topic, "sentiment": sentiment})
-    return {"messages": [
-        {"role": "system", "content": INSTRUCTION},
-        {"role": "user", "content": text},
-        {"role": "assistant", "content": answer},
-    ]}  # fmt: skip
+    return {
+        "messages": [
+            {"role": "system", "content": INSTRUCTION},
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def as_example(row: dict, source: str = "") -> Example:

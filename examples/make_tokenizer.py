@@ -53,7 +53,10 @@ GENERAL = [
     "Answer the question with a short JSON object.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
     "user model system assistant",
-    "model\n", "user\n", "model\n{\"", "\n\n",
+    "model\n",
+    "user\n",
+    'model\n{"',
+    "\n\n",
 ]
 
 
@@ -72,9 +75,11 @@ def main(out_dir: str, demo_dir: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
-    )  # fmt: skip
+    )
     tok.train_from_iterator(corpus(demo_dir), trainer)
     bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(

@@ -1,6 +1,6 @@
 """What the NF4 kernels share: the in-kernel decoding of codes and absmax, and the launcher checks.
 
-Used by kernels/nf4_dequant.py and kernels/nf4_matmul.py. The math is minilora/nf4.py's:
+Used by kernels/nf4_dequant.py and kernels/nf4_matmul.py. The math is minilora/quant/nf4.py's:
 
     absmax_b = DYN[acode_b] * absmax2[b // 256] + offset      (double quant; else stored float32)
     w_i      = NF4[code_i] * absmax_{i // BLOCKSIZE}            (float32)
@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.nf4 import BLOCKSIZE2, BLOCKSIZES, NF4Tensor
-from minilora.quant_maps import dynamic_map, nf4_code
+from minilora.quant.maps import dynamic_map, nf4_code
+from minilora.quant.nf4 import BLOCKSIZE2, BLOCKSIZES, NF4Tensor
 
 
 @triton.jit
@@ -38,12 +38,12 @@ def nf4_lookup(table, nib):
 
 @triton.jit
 def absmax_f32(
-    blk,                        # int32 tensor: absmax block index of each element
-    mask,                       # bool tensor (same shape): which lanes are real elements
-    absmax_ptr,                 # *uint8 (nb,) codes if DOUBLE_QUANT else *float32 (nb,) absmax
-    absmax2_ptr,                # *float32 (nb2,) second-level absmax (read only if DOUBLE_QUANT)
-    offset_ptr,                 # *float32 () mean of the first-level absmax (only if DOUBLE_QUANT)
-    dyn_ptr,                    # *float32 (256,) signed dynamic map (only if DOUBLE_QUANT)
+    blk,  # int32 tensor: absmax block index of each element
+    mask,  # bool tensor (same shape): which lanes are real elements
+    absmax_ptr,  # *uint8 (nb,) codes if DOUBLE_QUANT else *float32 (nb,) absmax
+    absmax2_ptr,  # *float32 (nb2,) second-level absmax (read only if DOUBLE_QUANT)
+    offset_ptr,  # *float32 () mean of the first-level absmax (only if DOUBLE_QUANT)
+    dyn_ptr,  # *float32 (256,) signed dynamic map (only if DOUBLE_QUANT)
     DOUBLE_QUANT: tl.constexpr,  # whether absmax holds 8-bit codes
 ):
     """First-level absmax (float32) of each element's block, decoded in registers."""
@@ -81,8 +81,10 @@ def check_nf4(q: NF4Tensor, who: str) -> torch.device:
         raise TypeError(f"{who}: expected an NF4Tensor, got {type(q).__name__}.")
     dev = q.packed.device
     if dev.type != "cuda" and not interpreting():
-        raise ValueError(f"{who}: the NF4 tensor is on {dev}; the Triton kernel needs CUDA tensors "
-                         "(move it with q.to('cuda') or use dequantize_nf4, which falls back to PyTorch).")
+        raise ValueError(
+            f"{who}: the NF4 tensor is on {dev}; the Triton kernel needs CUDA tensors "
+            "(move it with q.to('cuda') or use dequantize_nf4, which falls back to PyTorch)."
+        )
     if q.blocksize not in BLOCKSIZES:
         raise ValueError(f"{who}: blocksize {q.blocksize} is not supported; use a power of two from 32 to 4096.")
     n, nb = q.numel, -(-q.numel // q.blocksize)
@@ -92,19 +94,25 @@ def check_nf4(q: NF4Tensor, who: str) -> torch.device:
         raise ValueError(f"{who}: {n} elements exceed the kernel's int32 indexing; split the tensor.")
     parts = [("packed", q.packed, torch.uint8, (n + 1) // 2)]
     if q.double_quant:
-        parts += [("absmax", q.absmax, torch.uint8, nb),
-                  ("absmax2", q.absmax2, torch.float32, -(-nb // BLOCKSIZE2)),
-                  ("offset", q.offset, torch.float32, 1)]
+        parts += [
+            ("absmax", q.absmax, torch.uint8, nb),
+            ("absmax2", q.absmax2, torch.float32, -(-nb // BLOCKSIZE2)),
+            ("offset", q.offset, torch.float32, 1),
+        ]
     else:
         parts += [("absmax", q.absmax, torch.float32, nb)]
     for name, t, dtype, size in parts:
         if t.device != dev:
-            raise ValueError(f"{who}: {name} is on {t.device} but packed is on {dev}; keep the NF4 state on one device.")
+            raise ValueError(
+                f"{who}: {name} is on {t.device} but packed is on {dev}; keep the NF4 state on one device."
+            )
         if t.dtype != dtype:
             raise ValueError(f"{who}: {name} has dtype {t.dtype}, expected {dtype}.")
         if t.numel() != size:
-            raise ValueError(f"{who}: {name} has {t.numel()} elements, expected {size} for shape "
-                             f"{tuple(q.shape)} at blocksize {q.blocksize}.")
+            raise ValueError(
+                f"{who}: {name} has {t.numel()} elements, expected {size} for shape "
+                f"{tuple(q.shape)} at blocksize {q.blocksize}."
+            )
         if not t.is_contiguous():
             raise ValueError(f"{who}: {name} is not contiguous; call .contiguous() on it first.")
     return dev

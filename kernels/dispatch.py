@@ -2,7 +2,7 @@
 
 Three kernels, each with a PyTorch reference that always works:
 
-    nf4_dequant    dequantize_nf4 (kernels/nf4_dequant.py)          reference: minilora.nf4
+    nf4_dequant    dequantize_nf4 (kernels/nf4_dequant.py)          reference: minilora.quant.nf4
     nf4_matmul     y  = x W^T, the fused forward (kernels/nf4_matmul.py)   reference: dequantize, F.linear
     nf4_matmul_t   dx = g W, its input gradient (same file)                reference: dequantize, g @ W
 
@@ -123,13 +123,18 @@ def _passed(name: str, device: torch.device) -> bool:
                 why = self_check(name, device)
                 _VERDICTS[name] = why
                 if why is not None and kernel_mode() != "strict":
-                    warnings.warn(f"minilora: {_failure(name, device, why)}; using the PyTorch path for it "
-                                  f"from now on (set {ENV}=off to skip the kernels).", KernelFallbackWarning,
-                                  stacklevel=4)
+                    warnings.warn(
+                        f"minilora: {_failure(name, device, why)}; using the PyTorch path for it "
+                        f"from now on (set {ENV}=off to skip the kernels).",
+                        KernelFallbackWarning,
+                        stacklevel=4,
+                    )
     why = _VERDICTS[name]
     if why is not None and kernel_mode() == "strict":
-        raise KernelCheckError(f"{ENV}=strict: {_failure(name, device, why)}; unset {ENV} to fall back "
-                               "to PyTorch, or report it with these versions.")
+        raise KernelCheckError(
+            f"{ENV}=strict: {_failure(name, device, why)}; unset {ENV} to fall back "
+            "to PyTorch, or report it with these versions."
+        )
     return why is None
 
 
@@ -138,6 +143,7 @@ def _failure(name: str, device: torch.device, why: str) -> str:
 
 
 # --- the self-check ----------------------------------------------------------------------------
+
 
 def self_check(name: str, device) -> str | None:
     """Run kernel `name` once on the probe on `device`, beside its PyTorch reference.
@@ -159,7 +165,7 @@ def self_check(name: str, device) -> str | None:
 def _probe(device: torch.device):
     """The probe weight as an NF4Tensor on `device`, and a generator for the activations (CPU,
     seeded: the check leaves the global RNG alone)."""
-    from minilora.nf4 import quantize_nf4
+    from minilora.quant.nf4 import quantize_nf4
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(PROBE_SHAPE, generator=gen) * 0.02  # (M, K)
@@ -170,8 +176,11 @@ def _probe(device: torch.device):
 
 def _ulps(got: torch.Tensor, want: torch.Tensor) -> int:
     """Largest distance between got and want in representable values of their dtype (+0 == -0)."""
-    bits = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.bfloat16: (torch.int16, 0x7FFF),
-            torch.float16: (torch.int16, 0x7FFF)}
+    bits = {
+        torch.float32: (torch.int32, 0x7FFFFFFF),
+        torch.bfloat16: (torch.int16, 0x7FFF),
+        torch.float16: (torch.int16, 0x7FFF),
+    }
     idt, mag = bits[want.dtype]
 
     def ordered(t):  # the float's rank among the representable values: adjacent floats differ by 1
@@ -183,7 +192,7 @@ def _ulps(got: torch.Tensor, want: torch.Tensor) -> int:
 
 
 def _check_dequant(device: torch.device) -> str | None:
-    from minilora.nf4 import dequantize_nf4_reference
+    from minilora.quant.nf4 import dequantize_nf4_reference
 
     q, _ = _probe(device)
     launch = _module("nf4_dequant").dequantize_nf4_triton
@@ -200,7 +209,7 @@ def _check_dequant(device: torch.device) -> str | None:
 def _check_matmul(device: torch.device, transposed: bool) -> str | None:
     import torch.nn.functional as F
 
-    from minilora.nf4 import dequantize_nf4_reference
+    from minilora.quant.nf4 import dequantize_nf4_reference
 
     q, gen = _probe(device)
     mod = _module("nf4_matmul")
@@ -223,6 +232,7 @@ def _check_matmul(device: torch.device, transposed: bool) -> str | None:
 
 # --- what a failure report names -----------------------------------------------------------------
 
+
 def describe(device: torch.device) -> str:
     """The device in words: the GPU's name and compute capability, or the CPU under the interpreter."""
     if device.type == "cuda":
@@ -240,8 +250,10 @@ def versions() -> str:
         triton_version = importlib.import_module("triton").__version__
     except ImportError:
         triton_version = "not installed"
-    return (f"Triton {triton_version}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
-            f"NVIDIA driver {_driver_version()}")
+    return (
+        f"Triton {triton_version}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
+        f"NVIDIA driver {_driver_version()}"
+    )
 
 
 def _driver_version() -> str:

@@ -1,7 +1,7 @@
 """Triton kernel: NF4 (optionally double quantized) -> bf16 / fp16 / fp32 in one pass.
 
 Letters: n weight elements, nb = ceil(n / BLOCKSIZE) absmax blocks, nb2 = ceil(nb / 256)
-second-level blocks. The math is minilora/nf4.py's (the PyTorch reference
+second-level blocks. The math is minilora/quant/nf4.py's (the PyTorch reference
 `dequantize_nf4_reference`, bit-exact with bitsandbytes):
 
     absmax_b = DYN[acode_b] * absmax2[b // 256] + offset      (double quant; else stored float32)
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.nf4 import SUPPORTED_DTYPES, NF4Tensor
+from minilora.quant.nf4 import SUPPORTED_DTYPES, NF4Tensor
 
 from .common import absmax_f32, check_nf4, nf4_lookup, nf4_table, tables
 
@@ -43,19 +43,19 @@ DEFAULT_NUM_WARPS = 4
 
 @triton.jit
 def _nf4_dequant_kernel(
-    packed_ptr,                 # *uint8 (ceil(n/2),): two codes per byte, first in the high nibble
-    absmax_ptr,                 # *uint8 (nb,) absmax codes if DOUBLE_QUANT, else *float32 (nb,)
-    absmax2_ptr,                # *float32 (nb2,) second-level absmax (unused if not DOUBLE_QUANT)
-    offset_ptr,                 # *float32 () offset added back to the absmax (same)
-    nf4_ptr,                    # *float32 (16,) NF4 table
-    dyn_ptr,                    # *float32 (256,) signed dynamic map (unused if not DOUBLE_QUANT)
-    out_ptr,                    # *bf16 | *fp16 | *fp32 (n,) output, contiguous
-    n_elements,                 # n: number of weights (odd n: the last low nibble is padding)
-    n_bytes,                    # ceil(n / 2): number of packed bytes
-    BLOCKSIZE: tl.constexpr,    # elements per absmax block (power of two, 32..4096)
+    packed_ptr,  # *uint8 (ceil(n/2),): two codes per byte, first in the high nibble
+    absmax_ptr,  # *uint8 (nb,) absmax codes if DOUBLE_QUANT, else *float32 (nb,)
+    absmax2_ptr,  # *float32 (nb2,) second-level absmax (unused if not DOUBLE_QUANT)
+    offset_ptr,  # *float32 () offset added back to the absmax (same)
+    nf4_ptr,  # *float32 (16,) NF4 table
+    dyn_ptr,  # *float32 (256,) signed dynamic map (unused if not DOUBLE_QUANT)
+    out_ptr,  # *bf16 | *fp16 | *fp32 (n,) output, contiguous
+    n_elements,  # n: number of weights (odd n: the last low nibble is padding)
+    n_bytes,  # ceil(n / 2): number of packed bytes
+    BLOCKSIZE: tl.constexpr,  # elements per absmax block (power of two, 32..4096)
     DOUBLE_QUANT: tl.constexpr,  # absmax is 8-bit codes + absmax2 + offset
-    BLOCK_SIZE: tl.constexpr,   # packed bytes per program (power of two)
-    VEC: tl.constexpr,          # packed bytes per row: 8 // output element size (16-byte stores)
+    BLOCK_SIZE: tl.constexpr,  # packed bytes per program (power of two)
+    VEC: tl.constexpr,  # packed bytes per row: 8 // output element size (16-byte stores)
 ):
     pid = tl.program_id(axis=0).to(tl.int64)  # int64: 2 * BLOCK_SIZE * pid may pass 2^31
     ROWS: tl.constexpr = BLOCK_SIZE // VEC
@@ -80,18 +80,22 @@ def _nf4_dequant_kernel(
 # Launcher
 # ---------------------------------------------------------------------------------------------
 
+
 def vec_bytes(dtype: torch.dtype) -> int:
     """Packed bytes per thread row: each byte gives two outputs, so 8 // size bytes fill a 16-byte store."""
     return 8 // dtype.itemsize
 
 
-def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *,
-                          block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+def dequantize_nf4_triton(
+    q: NF4Tensor, dtype: torch.dtype | None = None, *, block_size: int = DEFAULT_BLOCK_SIZE
+) -> torch.Tensor:
     """Dequantize `q` to `dtype` (default: q.dtype) with one Triton launch; returns shape q.shape."""
     dtype = q.dtype if dtype is None else dtype
     dev = check_nf4(q, "dequantize_nf4_triton")
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dequantize_nf4_triton: output dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+        raise ValueError(
+            f"dequantize_nf4_triton: output dtype {dtype} is not supported; use float32, bfloat16 or float16."
+        )
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"dequantize_nf4_triton: block_size {block_size} must be a power of two >= 16.")
     n = q.numel
@@ -101,11 +105,19 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *,
     n_bytes = (n + 1) // 2
     grid = (triton.cdiv(n_bytes, block_size),)
     _nf4_dequant_kernel[grid](
-        q.packed, q.absmax,
-        q.absmax2 if dq else q.absmax,   # placeholders are never read when not DOUBLE_QUANT
+        q.packed,
+        q.absmax,
+        q.absmax2 if dq else q.absmax,  # placeholders are never read when not DOUBLE_QUANT
         q.offset if dq else q.absmax,
-        nf4, dyn, out, n, n_bytes,
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=dq, BLOCK_SIZE=block_size, VEC=vec_bytes(dtype),
+        nf4,
+        dyn,
+        out,
+        n,
+        n_bytes,
+        BLOCKSIZE=q.blocksize,
+        DOUBLE_QUANT=dq,
+        BLOCK_SIZE=block_size,
+        VEC=vec_bytes(dtype),
         enable_fp_fusion=False,  # round DYN * absmax2 and + offset separately, as the reference
         num_warps=DEFAULT_NUM_WARPS,
     )

@@ -1,7 +1,7 @@
 """Triton kernel: fused NF4 matmul, y = x W^T (forward) and dx = g W (input gradient).
 
 Letters: N tokens (leading dims of x flattened), K in_features, M out_features; W is (M, K),
-row-major, stored as NF4 (minilora/nf4.py): element W[m, k] is number e = m K + k of the
+row-major, stored as NF4 (minilora/quant/nf4.py): element W[m, k] is number e = m K + k of the
 flattened weight, its code is the (high if e is even, else low) nibble of packed[e // 2], and its
 scale is absmax[e // BLOCKSIZE] (decoded from the 8-bit code when double quantized).
 
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.nf4 import NF4Tensor
+from minilora.quant.nf4 import NF4Tensor
 
 from .common import absmax_f32, check_nf4, interpreting, nf4_lookup, nf4_table, tables
 
@@ -43,13 +43,17 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def _nf4_tile(
-    offs_row,                   # (R,) int32 row indices of W (0..M)
-    offs_col,                   # (C,) int32 column indices of W (0..K)
-    mask,                       # (R, C) bool: in-bounds elements
-    K,                          # columns of W (row stride in elements)
-    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr,  # the NF4 state, see kernels/common.py
-    nf4,                        # (16,) float32 NF4 table (common.nf4_table)
-    BLOCKSIZE: tl.constexpr,    # elements per absmax block
+    offs_row,  # (R,) int32 row indices of W (0..M)
+    offs_col,  # (C,) int32 column indices of W (0..K)
+    mask,  # (R, C) bool: in-bounds elements
+    K,  # columns of W (row stride in elements)
+    packed_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    offset_ptr,
+    dyn_ptr,  # the NF4 state, see kernels/common.py
+    nf4,  # (16,) float32 NF4 table (common.nf4_table)
+    BLOCKSIZE: tl.constexpr,  # elements per absmax block
     DOUBLE_QUANT: tl.constexpr,  # absmax holds 8-bit codes
 ):
     """W[offs_row, offs_col] dequantized to float32, shape (R, C); 0 where masked."""
@@ -62,15 +66,19 @@ def _nf4_tile(
 
 @triton.jit
 def _nf4_row_tile(
-    rows,                       # (R,) int32 row indices of W
-    row_mask,                   # (R,) bool: rows that exist (and belong to this split)
-    col0,                       # first column of the tile: a multiple of WIDTH
-    K_HALF,                     # K // 2: bytes per row of W (K is a multiple of BLOCKSIZE, so even)
-    packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr,  # the NF4 state, see kernels/common.py
-    nf4,                        # (16,) float32 NF4 table (common.nf4_table)
-    BLOCKSIZE: tl.constexpr,    # elements per absmax block, a multiple of WIDTH
+    rows,  # (R,) int32 row indices of W
+    row_mask,  # (R,) bool: rows that exist (and belong to this split)
+    col0,  # first column of the tile: a multiple of WIDTH
+    K_HALF,  # K // 2: bytes per row of W (K is a multiple of BLOCKSIZE, so even)
+    packed_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    offset_ptr,
+    dyn_ptr,  # the NF4 state, see kernels/common.py
+    nf4,  # (16,) float32 NF4 table (common.nf4_table)
+    BLOCKSIZE: tl.constexpr,  # elements per absmax block, a multiple of WIDTH
     DOUBLE_QUANT: tl.constexpr,  # absmax holds 8-bit codes
-    WIDTH: tl.constexpr,        # columns in the tile
+    WIDTH: tl.constexpr,  # columns in the tile
 ):
     """W[rows, col0 : col0 + WIDTH] dequantized to float32, shape (R, WIDTH); 0 in masked rows.
 
@@ -81,8 +89,9 @@ def _nf4_row_tile(
     first_byte = rows * K_HALF + col0 // 2  # (R,) byte of each row's first element
     offs = first_byte[:, None] + tl.arange(0, WIDTH // 2)[None, :]  # (R, WIDTH / 2)
     byte = tl.load(packed_ptr + offs, mask=row_mask[:, None], other=0).to(tl.int32)  # (R, WIDTH / 2)
-    absmax = absmax_f32(first_byte // (BLOCKSIZE // 2), row_mask, absmax_ptr, absmax2_ptr, offset_ptr,
-                         dyn_ptr, DOUBLE_QUANT)  # (R,)
+    absmax = absmax_f32(
+        first_byte // (BLOCKSIZE // 2), row_mask, absmax_ptr, absmax2_ptr, offset_ptr, dyn_ptr, DOUBLE_QUANT
+    )  # (R,)
     absmax = tl.where(row_mask, absmax, 0.0)  # masked rows: every value NF4 * 0 = 0 (one select per row)
     hi = nf4_lookup(nf4, byte >> 4) * absmax[:, None]  # (R, WIDTH / 2) even columns
     lo = nf4_lookup(nf4, byte & 15) * absmax[:, None]  # odd columns
@@ -91,27 +100,33 @@ def _nf4_row_tile(
 
 @triton.jit
 def _nf4_matmul_kernel(
-    a_ptr,                      # activations: x (N, K) forward, g (N, M) transposed
-    packed_ptr,                 # *uint8 (ceil(M K / 2),) NF4 codes of W (M, K)
-    absmax_ptr,                 # *uint8 (nb,) codes if DOUBLE_QUANT else *float32 (nb,)
-    absmax2_ptr,                # *float32 (nb2,) second-level absmax (only if DOUBLE_QUANT)
-    offset_ptr,                 # *float32 () offset (only if DOUBLE_QUANT)
-    nf4_ptr,                    # *float32 (16,) NF4 table
-    dyn_ptr,                    # *float32 (256,) signed dynamic map
-    out_ptr,                    # (N, O) output in a's dtype, or (SPLIT_K, N, O) float32 partials
-    N, M, K, K_HALF,            # tokens, W rows, W columns, K // 2
-    stride_an, stride_ar,       # strides of a over (token, reduction index)
-    stride_os, stride_on, stride_oo,  # strides of out over (split, token, output index)
-    BLOCKSIZE: tl.constexpr,    # elements per absmax block
+    a_ptr,  # activations: x (N, K) forward, g (N, M) transposed
+    packed_ptr,  # *uint8 (ceil(M K / 2),) NF4 codes of W (M, K)
+    absmax_ptr,  # *uint8 (nb,) codes if DOUBLE_QUANT else *float32 (nb,)
+    absmax2_ptr,  # *float32 (nb2,) second-level absmax (only if DOUBLE_QUANT)
+    offset_ptr,  # *float32 () offset (only if DOUBLE_QUANT)
+    nf4_ptr,  # *float32 (16,) NF4 table
+    dyn_ptr,  # *float32 (256,) signed dynamic map
+    out_ptr,  # (N, O) output in a's dtype, or (SPLIT_K, N, O) float32 partials
+    N,
+    M,
+    K,
+    K_HALF,  # tokens, W rows, W columns, K // 2
+    stride_an,
+    stride_ar,  # strides of a over (token, reduction index)
+    stride_os,
+    stride_on,
+    stride_oo,  # strides of out over (split, token, output index)
+    BLOCKSIZE: tl.constexpr,  # elements per absmax block
     DOUBLE_QUANT: tl.constexpr,  # absmax holds 8-bit codes
-    TRANSPOSED: tl.constexpr,   # False: out = a W^T (O = M, R = K); True: out = a W (O = K, R = M)
-    BLOCK_N: tl.constexpr,      # tokens per tile (>= 16 for tl.dot)
-    BLOCK_O: tl.constexpr,      # outputs per tile
-    BLOCK_R: tl.constexpr,      # reduction step
-    SPLIT_K: tl.constexpr,      # programs sharing one output tile's reduction
-    ALIGNED: tl.constexpr,      # K % BLOCKSIZE == 0 and the tile's K-direction width divides BLOCKSIZE
+    TRANSPOSED: tl.constexpr,  # False: out = a W^T (O = M, R = K); True: out = a W (O = K, R = M)
+    BLOCK_N: tl.constexpr,  # tokens per tile (>= 16 for tl.dot)
+    BLOCK_O: tl.constexpr,  # outputs per tile
+    BLOCK_R: tl.constexpr,  # reduction step
+    SPLIT_K: tl.constexpr,  # programs sharing one output tile's reduction
+    ALIGNED: tl.constexpr,  # K % BLOCKSIZE == 0 and the tile's K-direction width divides BLOCKSIZE
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32), else "tf32" (unused by bf16/fp16)
-    DOT_IN_F32: tl.constexpr,   # upcast both operands to float32 first (interpreter only, see below)
+    DOT_IN_F32: tl.constexpr,  # upcast both operands to float32 first (interpreter only, see below)
 ):
     pid_n = tl.program_id(axis=0)
     pid_o = tl.program_id(axis=1)
@@ -133,24 +148,74 @@ def _nf4_matmul_kernel(
     for r0 in range(r_start, r_end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
         a_mask = (offs_n[:, None] < N) & (offs_r[None, :] < r_end)
-        a = tl.load(a_ptr + offs_n[:, None] * stride_an + offs_r[None, :] * stride_ar,
-                    mask=a_mask, other=0.0)  # (BLOCK_N, BLOCK_R)
+        a = tl.load(
+            a_ptr + offs_n[:, None] * stride_an + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0
+        )  # (BLOCK_N, BLOCK_R)
         if ALIGNED and TRANSPOSED:  # tile rows r of W, columns o: contiguous bytes, one absmax per row
-            w = _nf4_row_tile(offs_r, offs_r < r_end, pid_o * BLOCK_O, K_HALF, packed_ptr, absmax_ptr,
-                              absmax2_ptr, offset_ptr, dyn_ptr, nf4, BLOCKSIZE, DOUBLE_QUANT,
-                              BLOCK_O)  # (BLOCK_R, BLOCK_O) = W[r, o]
+            w = _nf4_row_tile(
+                offs_r,
+                offs_r < r_end,
+                pid_o * BLOCK_O,
+                K_HALF,
+                packed_ptr,
+                absmax_ptr,
+                absmax2_ptr,
+                offset_ptr,
+                dyn_ptr,
+                nf4,
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+                BLOCK_O,
+            )  # (BLOCK_R, BLOCK_O) = W[r, o]
         elif ALIGNED:  # tile rows o of W, columns r
-            w = _nf4_row_tile(offs_o, offs_o < O, r0, K_HALF, packed_ptr, absmax_ptr, absmax2_ptr,
-                              offset_ptr, dyn_ptr, nf4, BLOCKSIZE, DOUBLE_QUANT, BLOCK_R)  # W[o, r]
+            w = _nf4_row_tile(
+                offs_o,
+                offs_o < O,
+                r0,
+                K_HALF,
+                packed_ptr,
+                absmax_ptr,
+                absmax2_ptr,
+                offset_ptr,
+                dyn_ptr,
+                nf4,
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+                BLOCK_R,
+            )  # W[o, r]
             w = tl.trans(w)  # (BLOCK_R, BLOCK_O)
         elif TRANSPOSED:  # any shape: element-wise index arithmetic
             w_mask = (offs_r[:, None] < r_end) & (offs_o[None, :] < O)
-            w = _nf4_tile(offs_r, offs_o, w_mask, K, packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr,
-                          dyn_ptr, nf4, BLOCKSIZE, DOUBLE_QUANT)  # (BLOCK_R, BLOCK_O) = W[r, o]
+            w = _nf4_tile(
+                offs_r,
+                offs_o,
+                w_mask,
+                K,
+                packed_ptr,
+                absmax_ptr,
+                absmax2_ptr,
+                offset_ptr,
+                dyn_ptr,
+                nf4,
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+            )  # (BLOCK_R, BLOCK_O) = W[r, o]
         else:
             w_mask = (offs_o[:, None] < O) & (offs_r[None, :] < r_end)
-            w = _nf4_tile(offs_o, offs_r, w_mask, K, packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr,
-                          dyn_ptr, nf4, BLOCKSIZE, DOUBLE_QUANT)  # (BLOCK_O, BLOCK_R) = W[o, r]
+            w = _nf4_tile(
+                offs_o,
+                offs_r,
+                w_mask,
+                K,
+                packed_ptr,
+                absmax_ptr,
+                absmax2_ptr,
+                offset_ptr,
+                dyn_ptr,
+                nf4,
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+            )  # (BLOCK_O, BLOCK_R) = W[o, r]
             w = tl.trans(w)  # (BLOCK_R, BLOCK_O)
         # Round W to the activation dtype first: the same numbers dequantize-then-matmul uses.
         w = w.to(a_ptr.dtype.element_ty)
@@ -170,8 +235,16 @@ def _nf4_matmul_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _pick_config(n: int, o: int, r: int, transposed: bool, blocksize: int, dtype: torch.dtype = torch.bfloat16,
-                 interpret: bool | None = None) -> tuple[int, int, int, int, int, int]:
+
+def _pick_config(
+    n: int,
+    o: int,
+    r: int,
+    transposed: bool,
+    blocksize: int,
+    dtype: torch.dtype = torch.bfloat16,
+    interpret: bool | None = None,
+) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_N, BLOCK_O, BLOCK_R, SPLIT_K, num_warps, num_stages) by shape.
 
     The tile's width along K (BLOCK_R forward, BLOCK_O transposed) is 64, or the blocksize when
@@ -218,28 +291,52 @@ def _launch(a: torch.Tensor, q: NF4Tensor, transposed: bool, who: str, config=No
         raise ValueError(f"{who}: input dtype {a.dtype} is not supported; use bfloat16, float16 or float32.")
     if a.dim() == 0 or a.shape[-1] != r_dim:
         name = "g (..., out_features)" if transposed else "x (..., in_features)"
-        raise ValueError(f"{who}: {name} has shape {tuple(a.shape)}, but the weight is {m}x{k}; "
-                         f"its last dim must be {r_dim}.")
+        raise ValueError(
+            f"{who}: {name} has shape {tuple(a.shape)}, but the weight is {m}x{k}; its last dim must be {r_dim}."
+        )
     lead = a.shape[:-1]
     a2 = a.reshape(-1, r_dim)  # (N, R): a view when possible; strides are passed, no copy needed
     n = a2.shape[0]
     out = torch.empty((n, o_dim), dtype=a.dtype, device=dev)  # (N, O)
     if n == 0:
         return out.reshape(*lead, o_dim)
-    block_n, block_o, block_r, split, warps, stages = config or _pick_config(n, o_dim, r_dim, transposed, q.blocksize, a.dtype)
+    block_n, block_o, block_r, split, warps, stages = config or _pick_config(
+        n, o_dim, r_dim, transposed, q.blocksize, a.dtype
+    )
     target = out.unsqueeze(0) if split == 1 else torch.empty((split, n, o_dim), dtype=torch.float32, device=dev)
     nf4, dyn = tables(dev)
     dq = q.double_quant
     grid = (triton.cdiv(n, block_n), triton.cdiv(o_dim, block_o), split)
     _nf4_matmul_kernel[grid](
-        a2, q.packed, q.absmax, q.absmax2 if dq else q.absmax, q.offset if dq else q.absmax,
-        nf4, dyn, target, n, m, k, k // 2,
-        a2.stride(0), a2.stride(1), target.stride(0), target.stride(1), target.stride(2),
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=dq, TRANSPOSED=transposed,
-        BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_R=block_r, SPLIT_K=split,
+        a2,
+        q.packed,
+        q.absmax,
+        q.absmax2 if dq else q.absmax,
+        q.offset if dq else q.absmax,
+        nf4,
+        dyn,
+        target,
+        n,
+        m,
+        k,
+        k // 2,
+        a2.stride(0),
+        a2.stride(1),
+        target.stride(0),
+        target.stride(1),
+        target.stride(2),
+        BLOCKSIZE=q.blocksize,
+        DOUBLE_QUANT=dq,
+        TRANSPOSED=transposed,
+        BLOCK_N=block_n,
+        BLOCK_O=block_o,
+        BLOCK_R=block_r,
+        SPLIT_K=split,
         ALIGNED=aligned(q, block_o if transposed else block_r),
         DOT_PRECISION="ieee" if a.dtype == torch.float32 or interpreting() else "tf32",
-        DOT_IN_F32=interpreting(), num_warps=warps, num_stages=stages,
+        DOT_IN_F32=interpreting(),
+        num_warps=warps,
+        num_stages=stages,
     )
     if split > 1:
         out.copy_(target.sum(0))  # (SPLIT_K, N, O) float32 partials -> (N, O), rounded once

@@ -15,7 +15,7 @@ import argparse
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -52,8 +52,13 @@ def run_main(body: Callable[[], int], errors: tuple[type[BaseException], ...] = 
 def parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser that shows defaults and accepts no abbreviations: `--epoch 7` is an error,
     not a silent `--epochs 7` (or worse, a flag a preset then overrides)."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -72,19 +77,11 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
             why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
             raise UsageError(f"{flag} {name} needs a CUDA GPU but {why}; pass {flag} cpu (or auto).")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"{flag} {name}: only {torch.cuda.device_count()} GPU(s) are visible; "
-                             f"pass {flag} cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")  # fmt: skip
+            raise UsageError(
+                f"{flag} {name}: only {torch.cuda.device_count()} GPU(s) are visible; "
+                f"pass {flag} cuda:0 .. cuda:{torch.cuda.device_count() - 1}."
+            )
     return device
-
-
-def resolve_dtype(name: str, device_type: str) -> torch.dtype:
-    """auto -> bfloat16 where the device has bf16 matrix units (planner.auto_dtype), else float32;
-    otherwise the named torch dtype."""
-    if name == "auto":
-        from minilora.planner import auto_dtype
-
-        return auto_dtype(torch.device(device_type))
-    return getattr(torch, name)
 
 
 class Progress:

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 
 def _umask() -> int:

@@ -77,8 +77,17 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             eos_ids=(), pad_id: int = 0, use_cache: bool = True, seed: int | None = None) -> list[list[int]]:  # fmt: skip
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_ids=(),
+    pad_id: int = 0,
+    use_cache: bool = True,
+    seed: int | None = None,
+) -> list[list[int]]:
     """New tokens for each prompt (the prompt excluded), stopped after the first EOS (EOS included).
 
     use_cache=False recomputes the whole sequence each step (slow; a reference for the cache).

@@ -5,9 +5,9 @@ Streaming load, so that the whole bf16 model is never resident:
   2. for each tensor in the checkpoint (single model.safetensors, or shards listed in
      model.safetensors.index.json) map its name to ours (`our_name`, the ONE name map), read it
      memory-mapped, cast to `dtype`, move to `device` (`read_weights` + `place_tensor`, which
-     minilora.distributed's FSDP loader streams through too);
+     minilora.parallel.distributed's FSDP loader streams through too);
   3. with quantize="nf4" every linear weight of the blocks (not embeddings, norms or lm_head) is
-     quantized right away and its nn.Linear swapped for minilora.quant_linear.NF4Linear; the bf16
+     quantized right away and its nn.Linear swapped for minilora.quant.linear.NF4Linear; the bf16
      copy is dropped before the next tensor is read.
 Each tensor is read through its own short-lived `safe_open`: a mapping kept open for the whole
 file keeps every page it touched in the process's RSS, so peak RSS would grow to the file size.
@@ -28,18 +28,39 @@ from .config import PRESETS, ModelConfig
 from .hub import ModelLoadError, resolve_checkpoint
 from .transformer import Transformer
 
-__all__ = ["ModelLoadError", "load_model", "our_name", "checkpoint_name", "is_block_linear", "build_tiny",
-           "quantize_linears", "source_checkpoint",
-           # the pieces of load_weights, also used by minilora.distributed's block-by-block loader
-           "read_config", "read_weights", "place_tensor", "weight_files", "check_file_sizes", "read_tensor",
-           "no_random_init", "set_module",
-           "load_tokenizer", "load_config", "preset_name", "tiny_config", "tiny_tokenizer"]
+__all__ = [
+    "ModelLoadError",
+    "load_model",
+    "our_name",
+    "checkpoint_name",
+    "is_block_linear",
+    "build_tiny",
+    "quantize_linears",
+    "source_checkpoint",
+    # the pieces of load_weights, also used by minilora.parallel.distributed's block-by-block loader
+    "read_config",
+    "read_weights",
+    "place_tensor",
+    "weight_files",
+    "check_file_sizes",
+    "read_tensor",
+    "no_random_init",
+    "set_module",
+    "load_tokenizer",
+    "load_config",
+    "preset_name",
+    "tiny_config",
+    "tiny_tokenizer",
+]
 
 _EXAMPLES_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tokenizer")
 # Gemma 3 multimodal checkpoints keep the language model under a prefix (transformers 4.x wrote
 # `language_model.model.`, transformers 5 writes `model.language_model.`) next to vision tensors.
-_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-             ("language_model.lm_head.", "lm_head."))  # fmt: skip
+_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 _SKIPPED = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
 
 
@@ -80,13 +101,17 @@ def is_block_linear(name: str) -> bool:
 
 def quantize_linears(model: nn.Module, blocksize: int = 64, double_quant: bool = True, compute_dtype=None):
     """Swap every block linear of an already materialized model for NF4Linear (post-load quantization)."""
-    from minilora.quant_linear import NF4Linear
+    from minilora.quant.linear import NF4Linear
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and is_block_linear(name + ".weight"):
-            q = NF4Linear.from_weight(mod.weight.data, mod.bias.data if mod.bias is not None else None,
-                                      blocksize=blocksize, double_quant=double_quant,
-                                      compute_dtype=compute_dtype or mod.weight.dtype)  # fmt: skip
+            q = NF4Linear.from_weight(
+                mod.weight.data,
+                mod.bias.data if mod.bias is not None else None,
+                blocksize=blocksize,
+                double_quant=double_quant,
+                compute_dtype=compute_dtype or mod.weight.dtype,
+            )
             set_module(model, name, q)
     return model
 
@@ -191,8 +216,9 @@ def no_random_init():
             cls.reset_parameters = fn
 
 
-def read_weights(ckpt: str, cfg: ModelConfig, expected: dict[str, tuple[int, ...]],
-                 rows: dict[str, tuple[int, int]] | None = None):  # fmt: skip
+def read_weights(
+    ckpt: str, cfg: ModelConfig, expected: dict[str, tuple[int, ...]], rows: dict[str, tuple[int, int]] | None = None
+):
     """Yield (our name, tensor) for each checkpoint tensor in `expected` ({our name: whole shape}),
     in file order: the one streaming reader of load_weights and distributed.load_sharded.
 
@@ -243,8 +269,10 @@ def _read_checked(path: str, name: str, want: tuple[int, ...], rows: tuple[int, 
     except Exception as e:
         raise _corrupt(path, e) from None
     if t is None:
-        raise ModelLoadError(f"tensor {name} in {os.path.basename(path)} has shape {shape} but config.json "
-                             f"implies {want}; the weights do not belong to this config.json.")  # fmt: skip
+        raise ModelLoadError(
+            f"tensor {name} in {os.path.basename(path)} has shape {shape} but config.json "
+            f"implies {want}; the weights do not belong to this config.json."
+        )
     return t
 
 
@@ -257,7 +285,7 @@ def place_tensor(model: nn.Module, ours: str, t: torch.Tensor, dtype, device, nf
     holds the checkpoint's linear as `.base`. Other tensors are copied out of the file mapping: a
     model backed by the file would crash (SIGBUS) if that file were later rewritten in place.
     """
-    from minilora.quant_linear import NF4Linear
+    from minilora.quant.linear import NF4Linear
 
     mod_name, _, pname = ours.rpartition(".")
     owner = model.get_submodule(mod_name)
@@ -342,8 +370,14 @@ def build_tiny(tokenizer=None, seed: int = 0, dtype=torch.float32, device="cpu")
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_model(name_or_path: str, quantize: str | None = "nf4", dtype: torch.dtype = torch.bfloat16,
-               device="cpu", blocksize: int = 64, double_quant: bool = True):  # fmt: skip
+def load_model(
+    name_or_path: str,
+    quantize: str | None = "nf4",
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    blocksize: int = 64,
+    double_quant: bool = True,
+):
     """(model, tokenizer) for a preset, an 'org/name' Hugging Face repo id or a local folder.
 
     quantize="nf4" stores every block linear as NF4 (QLoRA base); None keeps `dtype`. The

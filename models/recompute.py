@@ -11,7 +11,7 @@ Kept: aten mm / addmm / bmm (the base linears: nf4_matmul is a dequantize then a
 is an mm) and the fused SDPA kernels (their output and log-sum-exp). The LoRA products call
 torch.mm with out= (aten mm.out), which is not kept: they are rank-r, cheap to recompute, and their
 (N, M) float32 result would be larger than the base's output. A Triton kernel (the fused NF4 matmul
-on CUDA for few tokens) is no aten op: it runs again in backward. minilora.planner counts the kept
+on CUDA for few tokens) is no aten op: it runs again in backward. minilora.train.planner counts the kept
 bytes (checked against saved_tensors_hooks in tests/test_recompute.py).
 """
 
@@ -25,11 +25,17 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 aten = torch.ops.aten
 SAVED_OPS = frozenset(
     getattr(aten, name).default
-    for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu",
-                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                 "_scaled_dot_product_cudnn_attention")
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
     if hasattr(aten, name)
-)  # fmt: skip
+)
 
 
 def keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:

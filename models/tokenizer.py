@@ -128,9 +128,7 @@ class Tokenizer:
         self.pad_id = pad if pad is not None else self.eos_id
         eos_ids = ([self.eos_id] if self.eos_id is not None else []) + [int(i) for i in extra_eos_ids]
         self.eos_ids = list(dict.fromkeys(eos_ids))
-        self._prepend_bos = (
-            add_bos_fallback and backend.post_processor is None and self.bos_id is not None
-        )
+        self._prepend_bos = add_bos_fallback and backend.post_processor is None and self.bos_id is not None
 
     def _id_of(self, token: str | None, fallback: int | None) -> int | None:
         if token is not None:
@@ -141,7 +139,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Load tokenizer.json, the special tokens and the chat template from a checkpoint folder."""
         path = os.fspath(path)
         tok_file = os.path.join(path, "tokenizer.json")

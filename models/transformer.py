@@ -139,8 +139,15 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
         if self.softcap is None:
             # enable_gqa: query head h reads kv head h // rep, and backward keeps k, v unrepeated
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                                 **({"enable_gqa": True} if gqa else {}))  # (B, H, T, hd)
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.scale,
+                **({"enable_gqa": True} if gqa else {}),
+            )  # (B, H, T, hd)
         else:
             # SDPA cannot soft-cap scores, so this path spells attention out.
             if mask is None:
@@ -312,8 +319,9 @@ class Transformer(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, cache=None,
-                return_hidden=False):  # fmt: skip
+    def forward(
+        self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, cache=None, return_hidden=False
+    ):
         """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, D).
 
         attention_mask (B, T): 1 real, 0 padding (with a cache: the mask of the new tokens; the
@@ -329,7 +337,9 @@ class Transformer(nn.Module):
             position_ids = default_positions(valid, segment_ids, None if cache is None else cache.next_positions)
         key_valid = valid if cache is None else cache.append_mask(valid, position_ids)  # (B, S)
         if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids (packed sequences) are for training; they cannot be combined with a KV cache.")
+            raise ValueError(
+                "segment_ids (packed sequences) are for training; they cannot be combined with a KV cache."
+            )
         q_slots = torch.arange(past, past + T, device=dev)  # (T,)
         causal = cache is None and causal_is_exact(valid, segment_ids)
 
@@ -341,11 +351,16 @@ class Transformer(nn.Module):
         # Additive masks, one per layer kind: SDPA would turn a boolean mask into this form in every
         # layer and keep every copy for backward; built once here, the layers of a kind share it.
         masks = {
-            kind: None if causal and (kind == FULL or T <= cfg.sliding_window) else additive_mask(
-                build_mask(q_slots, key_valid, segment_ids, segment_ids, cfg.sliding_window if kind == SLIDING else None),
-                x.dtype)
+            kind: None
+            if causal and (kind == FULL or T <= cfg.sliding_window)
+            else additive_mask(
+                build_mask(
+                    q_slots, key_valid, segment_ids, segment_ids, cfg.sliding_window if kind == SLIDING else None
+                ),
+                x.dtype,
+            )
             for kind in set(cfg.layer_types)
-        }  # fmt: skip
+        }
         rope = {
             FULL: rope_cos_sin(self.inv_freq_global, position_ids, x.dtype),
             SLIDING: rope_cos_sin(self.inv_freq_local, position_ids, x.dtype),

@@ -19,8 +19,7 @@ def status(key: str) -> int:
 
 def build(cfg, dtype):
     from minilora.models.transformer import Transformer
-
-    from minilora.quant_linear import NF4Linear
+    from minilora.quant.linear import NF4Linear
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -42,13 +41,12 @@ def build(cfg, dtype):
 
 def main(spec: dict) -> dict:
     torch.set_num_threads(1)
+    from minilora.data.packing import Batch
+    from minilora.lora.layers import apply_lora, lora_parameters
     from minilora.models.config import ModelConfig
-
-    from minilora.lora import apply_lora, lora_parameters
-    from minilora.loss import chunked_lm_loss
-    from minilora.packing import Batch
-    from minilora.paged_adamw import PagedAdamW
-    from minilora.planner import warm_runtime
+    from minilora.optim.paged_adamw import PagedAdamW
+    from minilora.train.loss import chunked_lm_loss
+    from minilora.train.planner import warm_runtime
 
     cfg = ModelConfig(**spec["config"])
     dtype = getattr(torch, spec["dtype"])
@@ -64,7 +62,7 @@ def main(spec: dict) -> dict:
     batch = Batch(ids, ids.clone(), ones, torch.arange(T).expand(B, T), ones.clone(), B * (T - 1))
     settings = [k if isinstance(k, list) else [k, 0] for k in spec["recompute_blocks"]]  # [full, selective]
     if spec.get("budgets"):  # the parent sends budgets computed from this process's runtime
-        from minilora.planner import MARGIN, choose_checkpointing, plan_memory
+        from minilora.train.planner import MARGIN, choose_checkpointing, plan_memory
 
         print(json.dumps({"runtime": runtime}), flush=True)
         budgets = json.loads(sys.stdin.readline())

@@ -11,15 +11,22 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import minilora.adapter as adapter_mod
-from minilora.adapter import PEFT_DEFAULTS, AdapterError, load_adapter, save_adapter
-from minilora.lora import apply_lora, lora_modules, lora_state_dict
+import minilora.lora.adapter as adapter_mod
+from minilora.lora.adapter import PEFT_DEFAULTS, AdapterError, load_adapter, save_adapter
+from minilora.lora.layers import apply_lora, lora_modules, lora_state_dict
 
 
 def tiny_llama(layers=2, hidden=32, seed=0):
-    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -40,8 +47,12 @@ def logits(model):
     return getattr(out, "logits", out)
 
 
-CASES = [dict(targets="all-linear"), dict(targets=["q_proj", "v_proj"], use_rslora=True),
-         dict(targets=["o_proj", "down_proj"], use_dora=True), dict(targets="all-linear", use_dora=True, init="gaussian")]
+CASES = [
+    dict(targets="all-linear"),
+    dict(targets=["q_proj", "v_proj"], use_rslora=True),
+    dict(targets=["o_proj", "down_proj"], use_dora=True),
+    dict(targets="all-linear", use_dora=True, init="gaussian"),
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -74,10 +85,19 @@ def test_config_has_every_field_peft_writes(tmp_path):
     assert {k: v for k, v in theirs.items() if k != "peft_version"} == mine  # the same file, field by field
 
 
-@pytest.mark.parametrize("kw", [dict(target_modules="all-linear"),
-                                dict(target_modules=["q_proj", "k_proj", "gate_proj"], use_dora=True),
-                                dict(target_modules=["q_proj", "up_proj"], use_rslora=True,
-                                     rank_pattern={"up_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(target_modules="all-linear"),
+        dict(target_modules=["q_proj", "k_proj", "gate_proj"], use_dora=True),
+        dict(
+            target_modules=["q_proj", "up_proj"],
+            use_rslora=True,
+            rank_pattern={"up_proj": 2},
+            alpha_pattern={"layers.1.self_attn.q_proj": 3},
+        ),
+    ],
+)
 def test_peft_adapter_loads_here(tmp_path, kw):
     hf = tiny_llama()
     pm = get_peft_model(copy.deepcopy(hf), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, **kw))
@@ -107,6 +127,7 @@ def test_load_into_model_that_already_has_lora(tmp_path):
 
 def _minilora_model(tmp_path, hf):
     from minilora.models import loader
+
     hf.save_pretrained(str(tmp_path / "base"))
     model, _ = loader.load_model(str(tmp_path / "base"), quantize=None, dtype=torch.float32)
     return model.eval()
@@ -125,8 +146,10 @@ def test_minilora_model_adapter_round_trip_with_peft(tmp_path, use_dora):
     pm = PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(logits(pm), logits(ours), rtol=1e-5, atol=1e-5)
 
-    pm2 = get_peft_model(copy.deepcopy(hf), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
-                                                       target_modules=["q_proj", "down_proj"], use_dora=use_dora))
+    pm2 = get_peft_model(
+        copy.deepcopy(hf),
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=use_dora),
+    )
     randomize_params([p for p in pm2.parameters() if p.requires_grad], 5)
     pm2.eval()
     pm2.save_pretrained(str(tmp_path / "theirs"))

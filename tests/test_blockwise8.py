@@ -4,11 +4,11 @@ reference. Shapes: n elements, blocks of 256."""
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from minilora.blockwise8 import BLOCK, dequantize_blockwise8, num_blocks, quantize_blockwise8
-from minilora.quant_maps import dynamic_map
-
+from minilora.quant.blockwise8 import BLOCK, dequantize_blockwise8, num_blocks, quantize_blockwise8
+from minilora.quant.maps import dynamic_map
 
 
 @st.composite

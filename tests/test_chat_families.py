@@ -10,22 +10,54 @@ import json
 import os
 
 import pytest
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import transformers
 
 # The checkpoints' own chat templates, verbatim: Qwen2.5-Instruct's (tools), Qwen3's (tools, think
 # blocks, enable_thinking) and Mistral-7B-Instruct-v0.3's (tools, tool calls with 9-character ids).
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_templates")
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
-                 "<tool_response>", "</tool_response>"]  # fmt: skip
-MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                    "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]  # fmt: skip
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-         {"type": "function", "function": {"name": "add", "description": "a + b",
-          "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]  # fmt: skip
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]
+MISTRAL_SPECIALS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_CALLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "a + b",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+        },
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +76,16 @@ def chat_tokenizers(tmp_path_factory):
     ]:
         path = str(tmp_path_factory.mktemp(name))
         _train_bpe(specials, "<s>" if "<s>" in specials else None, post_processor="<s>" in specials).save(
-            os.path.join(path, "tokenizer.json"))
+            os.path.join(path, "tokenizer.json")
+        )
         with open(os.path.join(TEMPLATES, name + ".jinja"), encoding="utf-8") as f:
             template = f.read()
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **special_map,
-                  "model_max_length": 32768}  # fmt: skip
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": template,
+            **special_map,
+            "model_max_length": 32768,
+        }
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f)
         out[name] = (Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path))
@@ -68,10 +105,12 @@ def conversations(draw, name):
         if draw(st.integers(0, 3)) == 0:  # a tool call and its result before the answer
             call_id = draw(st.text(alphabet="abcdefgh123", min_size=9, max_size=9))
             call = {"type": "function", "id": call_id, "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
-            msgs.append({"role": "assistant", "content": "" if name == "mistral-v0.3" else draw(words),
-                         "tool_calls": [call]})  # fmt: skip
-            msgs.append({"role": "tool", "content": draw(st.sampled_from(["3", '{"sum": 3}'])),
-                         "tool_call_id": call_id})  # fmt: skip
+            msgs.append(
+                {"role": "assistant", "content": "" if name == "mistral-v0.3" else draw(words), "tool_calls": [call]}
+            )
+            msgs.append(
+                {"role": "tool", "content": draw(st.sampled_from(["3", '{"sum": 3}'])), "tool_call_id": call_id}
+            )
         answer = draw(words)
         if name == "qwen3" and draw(st.booleans()):
             if draw(st.booleans()):
@@ -86,8 +125,13 @@ def conversations(draw, name):
 
 
 @settings(deadline=None)
-@given(data=st.data(), name=st.sampled_from(["qwen2.5", "qwen3", "mistral-v0.3"]), gen=st.booleans(),
-       tools=st.booleans(), thinking=st.sampled_from([None, True, False]))  # fmt: skip
+@given(
+    data=st.data(),
+    name=st.sampled_from(["qwen2.5", "qwen3", "mistral-v0.3"]),
+    gen=st.booleans(),
+    tools=st.booleans(),
+    thinking=st.sampled_from([None, True, False]),
+)
 def test_chat_templates_render_as_transformers_renders_them(chat_tokenizers, data, name, gen, tools, thinking):
     import jinja2
 
@@ -107,25 +151,31 @@ def test_chat_templates_render_as_transformers_renders_them(chat_tokenizers, dat
 
 
 @settings(deadline=None)
-@given(name=st.sampled_from(["qwen2.5", "qwen3", "mistral-v0.3"]), system=words, user=words, answer=words,
-       with_system=st.booleans())  # fmt: skip
+@given(
+    name=st.sampled_from(["qwen2.5", "qwen3", "mistral-v0.3"]),
+    system=words,
+    user=words,
+    answer=words,
+    with_system=st.booleans(),
+)
 def test_completion_only_masking_with_each_template(chat_tokenizers, name, system, user, answer, with_system):
     """Labels cover exactly the tokens the template writes for the answer (Qwen3: with its empty think
     block, then <|im_end|>), plus EOS; the prompt tokens are transformers' rendering of the prompt."""
-    from minilora.data import IGNORE, encode_example
-    from minilora.records import Example
+    from minilora.data.encode import encode_example
+    from minilora.data.packing import IGNORE
+    from minilora.data.records import Example
 
     ours, hf = chat_tokenizers[name]
     # Mistral v0.3 writes the system prompt into the last user turn only when a user turn ends the
     # conversation, so with a system prompt the training text cannot contain its own prompt.
-    prompt = ([{"role": "system", "content": system}] if with_system and name != "mistral-v0.3" else [])
+    prompt = [{"role": "system", "content": system}] if with_system and name != "mistral-v0.3" else []
     prompt = prompt + [{"role": "user", "content": user}]
     enc = encode_example(Example(prompt, answer, "chat"), ours, max_seq_len=10**6)
     gen = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     full = hf.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
     assert full.startswith(gen)
     prompt_ids = hf(gen, add_special_tokens=False).input_ids
-    completion = hf(full[len(gen):], add_special_tokens=False).input_ids
+    completion = hf(full[len(gen) :], add_special_tokens=False).input_ids
     if completion[-1] != hf.eos_token_id:
         completion.append(hf.eos_token_id)
     assert enc.input_ids == prompt_ids + completion
@@ -135,13 +185,14 @@ def test_completion_only_masking_with_each_template(chat_tokenizers, name, syste
 def test_mistral_system_prompt_that_the_template_drops_is_one_clear_error(chat_tokenizers):
     """Mistral v0.3's template writes the system prompt only into a conversation's final user turn:
     a training conversation (ending with the answer) would silently lose it, so it is refused."""
-    from minilora.data import encode_example
-    from minilora.records import DataError, Example
+    from minilora.data.encode import encode_example
+    from minilora.data.records import DataError, Example
 
     ours, hf = chat_tokenizers["mistral-v0.3"]
     prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     gen = hf.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     assert "be brief" in gen and "be brief" not in hf.apply_chat_template(
-        prompt + [{"role": "assistant", "content": "yo"}], tokenize=False)  # the oracle drops it too
+        prompt + [{"role": "assistant", "content": "yo"}], tokenize=False
+    )  # the oracle drops it too
     with pytest.raises(DataError, match="x.jsonl:3: the chat template's prompt .* is not a prefix"):
         encode_example(Example(prompt, "yo", "chat", "x.jsonl:3"), ours)

@@ -25,12 +25,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import rundir
-from minilora.checkpoint import latest_checkpoint
 from minilora.cli import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
-from minilora.data import encode_example, max_line_bytes, prepare_data
-from minilora.records import Example
-from minilora.train_config import DEMO_OVERRIDES, TrainConfig, build_parser, given_flags, parse_args
+from minilora.data.encode import encode_example, max_line_bytes, prepare_data
+from minilora.data.records import Example
+from minilora.train import rundir
+from minilora.train.checkpoint import latest_checkpoint
+from minilora.train.config import DEMO_OVERRIDES, TrainConfig, build_parser, given_flags, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--eval-generate", "0", "--eval-every", "0", "--threads", "1"]
@@ -44,8 +44,9 @@ _spec.loader.exec_module(train_cli)
 def train(out, *args, timeout=300):
     """`python train.py --out OUT ...` as a user runs it (signals, exit code, messages)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), *FAST, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def train_here(capsys, out, *args) -> tuple[int, str, str]:
@@ -79,8 +80,9 @@ def tree(folder) -> dict[str, bytes]:
 
 
 def temps(folder) -> list[str]:
-    return [os.path.join(d, n) for d, dirs, files in os.walk(folder) for n in dirs + files
-            if ".tmp" in n or ".old-" in n]  # fmt: skip
+    return [
+        os.path.join(d, n) for d, dirs, files in os.walk(folder) for n in dirs + files if ".tmp" in n or ".old-" in n
+    ]
 
 
 # ------------------------------------------------------------------ 1. flags mean what they say
@@ -92,9 +94,17 @@ def _value_text(name, value):
 def test_demo_preset_yields_to_every_given_flag_and_abbreviations_are_errors(names, data):
     """A flag given in full wins over the tiny preset; an abbreviation of it is refused, never
     silently replaced by the preset (`--epoch 7` used to train 3 epochs)."""
-    values = {"eval_data": os.path.join(ROOT, "examples", "demo", "train.jsonl"), "lr": 0.5, "epochs": 7,
-              "warmup_steps": 3, "eval_every": 11, "lora_dropout": 0.2, "threads": 2, "log_every": 4,
-              "save_every": 7}  # fmt: skip
+    values = {
+        "eval_data": os.path.join(ROOT, "examples", "demo", "train.jsonl"),
+        "lr": 0.5,
+        "epochs": 7,
+        "warmup_steps": 3,
+        "eval_every": 11,
+        "lora_dropout": 0.2,
+        "threads": 2,
+        "log_every": 4,
+        "save_every": 7,
+    }
     argv = []
     for name in sorted(names):
         flag = "--" + name.replace("_", "-")
@@ -105,8 +115,11 @@ def test_demo_preset_yields_to_every_given_flag_and_abbreviations_are_errors(nam
     cfg = parse_args(argv)
     assert given_flags(argv) == names
     for name in DEMO_OVERRIDES:
-        want = (not DEMO_OVERRIDES[name]) if name in names and isinstance(DEMO_OVERRIDES[name], bool) else (
-            values.get(name) if name in names else DEMO_OVERRIDES[name])  # fmt: skip
+        want = (
+            (not DEMO_OVERRIDES[name])
+            if name in names and isinstance(DEMO_OVERRIDES[name], bool)
+            else (values.get(name) if name in names else DEMO_OVERRIDES[name])
+        )
         assert getattr(cfg, name) == want, name
     name = data.draw(st.sampled_from(sorted(set(DEMO_OVERRIDES) - {"gradient_checkpointing"})))
     flag = "--" + name.replace("_", "-")
@@ -205,8 +218,10 @@ def _changed_value(name, value):
     return (value or "x") + "_other"
 
 
-@given(st.sets(st.sampled_from([n for n in FIELDS if n not in rundir.NOT_INHERITED])),
-       st.sets(st.sampled_from([n for n in FIELDS if n not in rundir.NOT_INHERITED])))  # fmt: skip
+@given(
+    st.sets(st.sampled_from([n for n in FIELDS if n not in rundir.NOT_INHERITED])),
+    st.sets(st.sampled_from([n for n in FIELDS if n not in rundir.NOT_INHERITED])),
+)
 def test_resume_refuses_adapter_and_stream_changes_and_applies_the_rest(changed, repeated):
     """Over which flags are given (changed, or repeated with the run's value): a change to a field
     that defines the adapter or the data order is refused naming each such flag; other changes are
@@ -223,8 +238,9 @@ def test_resume_refuses_adapter_and_stream_changes_and_applies_the_rest(changed,
     if bad:
         with pytest.raises(UsageError) as e:
             rundir.merge_resume(cfg, changed | repeated, old, resolve, step=5)
-        assert re.findall(r"(--[a-z-]+) \S+ \(the run has", str(e.value)) == [rundir.flag(n) for n in
-                                                                            sorted(bad, key=FIELDS.index)]
+        assert re.findall(r"(--[a-z-]+) \S+ \(the run has", str(e.value)) == [
+            rundir.flag(n) for n in sorted(bad, key=FIELDS.index)
+        ]
         return
     applied = rundir.merge_resume(cfg, changed | repeated, old, resolve, step=5)
     assert set(applied) == changed
@@ -242,8 +258,8 @@ def test_resume_refuses_adapter_and_stream_changes_and_applies_the_rest(changed,
 def test_resume_applies_lr_and_weight_decay_to_the_restored_optimizer(step, lr, wd):
     """The checkpoint restores the lr and weight decay the run started with; the flags of the resume
     replace them, evaluated at the restored step; unchanged flags give the restored values exactly."""
-    from minilora.checkpoint import apply_hyperparameters
-    from minilora.trainer import cosine_with_warmup
+    from minilora.train.checkpoint import apply_hyperparameters
+    from minilora.train.schedule import cosine_with_warmup
 
     def fresh(base_lr):
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=base_lr, weight_decay=0.0)
@@ -280,8 +296,12 @@ def test_dtype_auto_resolving_to_the_recorded_dtype_is_unchanged():
                 rundir.merge_resume(cfg, {"dtype"}, old, resolve, step=1)
 
 
-@given(old_accum=st.integers(1, 4), old_world=st.integers(1, 4), world=st.integers(1, 4),
-       given_accum=st.none() | st.integers(1, 8))  # fmt: skip
+@given(
+    old_accum=st.integers(1, 4),
+    old_world=st.integers(1, 4),
+    world=st.integers(1, 4),
+    given_accum=st.none() | st.integers(1, 8),
+)
 def test_grad_accum_follows_the_number_of_processes(old_accum, old_world, world, given_accum):
     """A step takes grad_accum x processes micro-batches from the data stream (the checkpoint's
     position counts them): a resume on another number of processes keeps that product, taking the
@@ -312,8 +332,10 @@ def test_resume_end_to_end(tmp_path, capsys):
     progress = [line for line in p.stderr.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in progress] == ["2/8", "4/8"]  # not a terminal: every --log-every
     before = tree(out)
-    refusals = [(["--lora-alpha", "128"], "--lora-alpha 128.0 (the run has 32.0)"),
-                (["--lora-r", "8", "--seed", "3"], "--lora-r 8 (the run has 16), --seed 3 (the run has 0)")]
+    refusals = [
+        (["--lora-alpha", "128"], "--lora-alpha 128.0 (the run has 32.0)"),
+        (["--lora-r", "8", "--seed", "3"], "--lora-r 8 (the run has 16), --seed 3 (the run has 0)"),
+    ]
     for flags, named in refusals:
         code, _, err = train_here(capsys, out, "--resume", *flags)
         assert code == EXIT_USAGE and named in one_sentence(err)
@@ -325,7 +347,7 @@ def test_resume_end_to_end(tmp_path, capsys):
     assert cfg["resumes"] == [{"step": 4, "changed": {"lr": [3e-3, 0.5], "max_steps": [8, 10]}}]
     lrs = {r["step"]: r["lr"] for r in metrics(out) if "lr" in r}
     assert sorted(lrs) == [2, 4, 6, 8, 10]
-    from minilora.trainer import cosine_with_warmup
+    from minilora.train.schedule import cosine_with_warmup
 
     before, after = (cosine_with_warmup(cfg["warmup_steps"], n, cfg["min_lr_ratio"]) for n in (8, 10))
     assert lrs[2] == pytest.approx(3e-3 * before(2))  # before the resume: the run's schedule
@@ -361,13 +383,19 @@ def test_kill_9_at_a_random_moment_then_resume_logs_each_step_once(tmp_path, cap
 
 
 # ------------------------------------------------------------------ 5, 7. one sentence, exit 2
-@pytest.mark.parametrize("args, message", [
-    (["--device", "gpu"], "--device gpu is not a device; pass auto, cpu, cuda or cuda:N."),
-    pytest.param(["--device", "cuda"], "--device cuda needs a CUDA GPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only torch")),
-    (["--out", os.path.join(ROOT, "pyproject.toml")], "is a file, not a folder"),
-    (["--data", os.path.join(ROOT, "examples")], "--data " + os.path.join(ROOT, "examples") + " is a folder"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "gpu"], "--device gpu is not a device; pass auto, cpu, cuda or cuda:N."),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only torch"),
+        ),
+        (["--out", os.path.join(ROOT, "pyproject.toml")], "is a file, not a folder"),
+        (["--data", os.path.join(ROOT, "examples")], "--data " + os.path.join(ROOT, "examples") + " is a folder"),
+    ],
+)
 def test_user_errors_are_one_sentence(tmp_path, capsys, args, message):
     before = os.listdir(tmp_path)
     argv = ["--out", str(tmp_path / "x"), *args] if "--out" not in args else args
@@ -403,8 +431,7 @@ def test_a_huge_line_is_dropped_before_tokenizing(tmp_path, tok):
     encode = tok.encode
     tok.encode = lambda text, **kw: seen.append(len(text)) or encode(text, **kw)
     try:
-        data = prepare_data(path, tok, template="raw", max_seq_len=64, val_fraction=0, dedup=False,
-                            skip_bad_lines=True)  # fmt: skip
+        data = prepare_data(path, tok, template="raw", max_seq_len=64, val_fraction=0, dedup=False, skip_bad_lines=True)
     finally:
         del tok.encode
     assert max(seen) < 1000  # the long line was never tokenized
@@ -432,5 +459,6 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(monkeypatch, 
     if tty:  # tqdm redraws one line with \r: the counter and the postfix
         assert "\r" in text and "20/20" in text and "loss 2.0000 | lr 1.00e-03 | 9 tok/s | peak 3 MB" in text
     else:  # one line per update, nothing in between
-        assert text.splitlines() == [f"step {s}/20 loss {s / 10:.4f} | lr 1.00e-03 | 9 tok/s | peak 3 MB"
-                                     for s in (5, 10, 20)]  # fmt: skip
+        assert text.splitlines() == [
+            f"step {s}/20 loss {s / 10:.4f} | lr 1.00e-03 | 9 tok/s | peak 3 MB" for s in (5, 10, 20)
+        ]

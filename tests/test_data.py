@@ -1,4 +1,4 @@
-"""minilora.data: loading (every bad input has a checked message), rendering and loss masks.
+"""minilora.data.encode: loading (every bad input has a checked message), rendering and loss masks.
 
 Oracles: the labelled span of an encoded example must decode to the completion + EOS (raw), or
 to exactly the text transformers' apply_chat_template adds for the assistant turn + EOS (chat);
@@ -12,15 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.data import (
-    ContaminationError,
-    DataError,
-    Example,
-    encode_example,
-    load_records,
-    prepare_data,
-    prompt_ids,
-)
+from minilora.data.encode import encode_example, prepare_data, prompt_ids
+from minilora.data.holdout import ContaminationError
+from minilora.data.records import DataError, Example, load_records
 from minilora.models.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +30,7 @@ def tok():
 @pytest.fixture(scope="module")
 def ref():
     import transformers
+
     return transformers.AutoTokenizer.from_pretrained(TOK_DIR)
 
 
@@ -51,9 +46,22 @@ def write(tmp_path, name, lines, mode="w"):
 # ------------------------------------------------------------------------------------ formats
 def test_formats_detected_per_file(tmp_path):
     pc = write(tmp_path, "pc.jsonl", [{"prompt": "p", "completion": "c", "id": 3}])
-    al = write(tmp_path, "al.jsonl", [{"instruction": "i", "input": "x", "output": "o"}, {"instruction": "j", "output": "k"}])
-    ch = write(tmp_path, "ch.jsonl", [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                                                    {"role": "assistant", "content": "a"}]}])  # fmt: skip
+    al = write(
+        tmp_path, "al.jsonl", [{"instruction": "i", "input": "x", "output": "o"}, {"instruction": "j", "output": "k"}]
+    )
+    ch = write(
+        tmp_path,
+        "ch.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ],
+    )
     tx = write(tmp_path, "tx.jsonl", [{"text": "hello"}, "", "   "])
     (r,), rep = load_records(pc)
     assert (r.prompt, r.completion, r.fmt, rep.fmt) == ("p", "c", "prompt_completion", "prompt_completion")
@@ -70,19 +78,35 @@ def test_formats_detected_per_file(tmp_path):
 BAD = [
     ("malformed", ['{"prompt": "a", "completion": "b"}', '{"prompt": "a" "completion": "b"}'], 2, r"malformed JSON"),
     ("missing", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}], 2, r"missing field 'completion'"),
-    ("nonstring", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}], 2,
-     r"field 'completion' must be a string, got int"),
-    ("role", [{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}], 1,
-     r"message 1 has unknown role 'bot' \(expected one of system, user, assistant\)"),
-    ("msgtype", [{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}], 1,
-     r"message 0 field 'content' must be a string, got list"),
+    (
+        "nonstring",
+        [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}],
+        2,
+        r"field 'completion' must be a string, got int",
+    ),
+    (
+        "role",
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}],
+        1,
+        r"message 1 has unknown role 'bot' \(expected one of system, user, assistant\)",
+    ),
+    (
+        "msgtype",
+        [{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}],
+        1,
+        r"message 0 field 'content' must be a string, got list",
+    ),
     ("last", [{"messages": [{"role": "user", "content": "a"}]}], 1, r"the last message must be from the assistant"),
-    ("mixed", [{"prompt": "a", "completion": "b"}, {"text": "t"}], 2,
-     r"this line is text but the file is prompt_completion \(detected from line 1\).*must not mix"),
+    (
+        "mixed",
+        [{"prompt": "a", "completion": "b"}, {"text": "t"}],
+        2,
+        r"this line is text but the file is prompt_completion \(detected from line 1\).*must not mix",
+    ),
     ("notobj", [{"text": "a"}, "[1, 2]"], 2, r"expected a JSON object, got list"),
     ("unknown", [{"foo": "a"}], 1, r"none of the known fields"),
     ("alpaca", [{"instruction": "a", "input": 5, "output": "b"}], 1, r"field 'input' must be a string"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name,lines,bad_line,pattern", BAD, ids=[b[0] for b in BAD])
@@ -140,8 +164,9 @@ def test_raw_labels_cover_exactly_completion_and_eos(tok, prompt, completion):
     assert tok.decode(labelled(enc), skip_special_tokens=False) == completion + "<eos>"
     assert tok.decode(enc.input_ids[:k], skip_special_tokens=False) == "<bos>" + prompt
     assert prompt_ids(Example(prompt, completion, "prompt_completion"), tok, "raw") == enc.input_ids[:k]
-    full = encode_example(Example(prompt, completion, "prompt_completion"), tok, "raw", train_on_all=True,
-                          max_seq_len=10**6)  # fmt: skip
+    full = encode_example(
+        Example(prompt, completion, "prompt_completion"), tok, "raw", train_on_all=True, max_seq_len=10**6
+    )
     assert full.labels == full.input_ids == enc.input_ids
 
 
@@ -178,7 +203,7 @@ def test_chat_labels_are_the_assistant_turns_as_transformers_renders_them(tok, r
             gen = ref.apply_chat_template(msgs[:k], add_generation_prompt=True, tokenize=False)
             turn = ref.apply_chat_template(msgs[: k + 1], tokenize=False)
             assert turn.startswith(gen)
-            expected.append(turn[len(gen):])
+            expected.append(turn[len(gen) :])
             assert expected[-1] == m["content"].strip() + "<end_of_turn>\n"
     expected[-1] += "<eos>"
     assert [tok.decode(r, skip_special_tokens=False) for r in runs] == expected
@@ -191,8 +216,11 @@ def test_chat_labels_are_the_assistant_turns_as_transformers_renders_them(tok, r
 def test_text_format_and_template_errors(tok):
     enc = encode_example(Example("", "plain text", "text"), tok, template="chat")
     assert enc.labels == enc.input_ids and tok.decode(enc.input_ids, False) == "<bos>plain text<eos>"
-    with pytest.raises(DataError, match=r"^f.jsonl:3: the chat template rejected this conversation \(Conversation "
-                                        r"roles must alternate"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"^f.jsonl:3: the chat template rejected this conversation \(Conversation "
+        r"roles must alternate",
+    ):
         encode_example(Example([{"role": "assistant", "content": "a"}], "b", "chat", "f.jsonl:3"), tok)
     with pytest.raises(ValueError, match="Unknown template 'jinja'"):
         encode_example(Example("a", "b", "prompt_completion"), tok, template="jinja")
@@ -217,14 +245,20 @@ def test_truncation_drops_or_cuts_the_prompt_from_the_left(tok, prompt, completi
         return
     assert left.truncated and len(left) == max_len
     assert left.input_ids[0] == tok.bos_id  # BOS kept
-    assert left.input_ids[1:] == whole.input_ids[len(whole) - max_len + 1:]  # the rest is the tail
+    assert left.input_ids[1:] == whole.input_ids[len(whole) - max_len + 1 :]  # the rest is the tail
     assert labelled(left) == labelled(whole)
 
 
 # ------------------------------------------------------------------------------------ bundle
 def test_prepare_data_on_the_demo_set(tok, tmp_path):
-    bundle = prepare_data(os.path.join(DEMO, "train.jsonl"), tok, eval_path=os.path.join(DEMO, "test.jsonl"),
-                          max_seq_len=256, val_fraction=0.1, seed=0)  # fmt: skip
+    bundle = prepare_data(
+        os.path.join(DEMO, "train.jsonl"),
+        tok,
+        eval_path=os.path.join(DEMO, "test.jsonl"),
+        max_seq_len=256,
+        val_fraction=0.1,
+        seed=0,
+    )
     s = bundle.summary
     assert s["format"] == "chat" and s["records"] == 450 and s["exact_duplicates_removed"] == 0
     assert s["train_examples"] + s["val_examples"] == 450 - s["near_duplicates_removed"] - s["dropped_too_long"]
@@ -238,11 +272,21 @@ def test_prepare_data_on_the_demo_set(tok, tmp_path):
         leaked = json.loads(f.readline())
     long_row = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "x"}]}
     path = write(tmp_path, "train.jsonl", rows + [rows[3], long_row, leaked, "not json"])
-    with pytest.raises(ContaminationError, match=r"^1 of 90 prompts in .*test.jsonl also appear in the training "
-                                                 r"data .*--allow-contamination"):  # fmt: skip
+    with pytest.raises(
+        ContaminationError,
+        match=r"^1 of 90 prompts in .*test.jsonl also appear in the training "
+        r"data .*--allow-contamination",
+    ):
         prepare_data(path, tok, eval_path=os.path.join(DEMO, "test.jsonl"), max_seq_len=256, skip_bad_lines=True)
-    b = prepare_data(path, tok, eval_path=os.path.join(DEMO, "test.jsonl"), max_seq_len=256, skip_bad_lines=True,
-                     allow_contamination=True, val_fraction=0.0)  # fmt: skip
+    b = prepare_data(
+        path,
+        tok,
+        eval_path=os.path.join(DEMO, "test.jsonl"),
+        max_seq_len=256,
+        skip_bad_lines=True,
+        allow_contamination=True,
+        val_fraction=0.0,
+    )
     s = b.summary
     assert (s["exact_duplicates_removed"], s["dropped_too_long"], s["bad_lines_skipped"]) == (1, 1, 1)
     assert s["contaminated_prompts"] == 1 and s["train_examples"] == 41 and s["val_examples"] == 0
@@ -274,23 +318,32 @@ def test_templates_that_rewrite_history_or_disagree_with_their_prompt(tok):
         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"
     )
     t = Tokenizer(tok.backend, special_tokens=tok.special_tokens, chat_template=hides)
-    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "q2"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
     enc = encode_example(Example(msgs, "a2", "chat"), t)
     assert t.decode(labelled(enc), skip_special_tokens=False) == "a2<end_of_turn>\n<eos>"
     assert "[hidden]" in t.decode(enc.input_ids, skip_special_tokens=False)
     disagree = hides.replace("<start_of_turn>assistant\n{% endif %}", "<start_of_turn>model\n{% endif %}")
     t = Tokenizer(tok.backend, special_tokens=tok.special_tokens, chat_template=disagree)
-    with pytest.raises(DataError, match=r"^d.jsonl:7: the chat template's prompt .* is not a prefix of the full "
-                                        r"conversation.*--template raw"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"^d.jsonl:7: the chat template's prompt .* is not a prefix of the full "
+        r"conversation.*--template raw",
+    ):
         encode_example(Example(msgs, "a2", "chat", "d.jsonl:7"), t)
 
 
 def test_prepare_data_needs_a_template_and_skips_rejected_conversations(tok, tmp_path):
     no_template = Tokenizer(tok.backend, special_tokens=tok.special_tokens, chat_template=None)
     path = write(tmp_path, "t.jsonl", [{"prompt": "a", "completion": "b"}] * 2)
-    with pytest.raises(ValueError, match=r"no chat template, so --template chat cannot render prompts; pass "
-                                         r"--template raw"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"no chat template, so --template chat cannot render prompts; pass "
+        r"--template raw",
+    ):
         prepare_data(path, no_template)
     assert prepare_data(path, no_template, template="raw", val_fraction=0).summary["train_examples"] == 1
     ok = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}

@@ -1,4 +1,4 @@
-"""minilora.packing: padded / packed batches, label bookkeeping, resumability, and isolation.
+"""minilora.data.packing: padded / packed batches, label bookkeeping, resumability, and isolation.
 
 References: each example run alone. A position-and-token "model" (logits depend only on a token
 and its position) checks the label/position bookkeeping over hypothesis-drawn batches; the
@@ -14,8 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.data import IGNORE, EncodedExample, batches, encode_example, load_records, num_batches
-from minilora.packing import plan_batches
+from minilora.data.encode import EncodedExample, encode_example
+from minilora.data.packing import IGNORE, batches, num_batches, plan_batches
+from minilora.data.records import load_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def token_loss_sum(logits, labels):
     """Reference: sum_t CE(logits[:, t], labels[:, t+1]) from full (B, T, V) logits, in float64."""
     V = logits.shape[-1]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].double().reshape(-1, V), labels[:, 1:].reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")  # fmt: skip
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].double().reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
 V = 50
 
 
@@ -106,10 +110,11 @@ def test_padding_and_packing_never_change_a_sequence_loss(data, pack, seed):
         return E[ids] + P[pos]  # (B, T, V)
 
     alone = sum(
-        token_loss_sum(model(torch.tensor([e.input_ids]), torch.arange(len(e.input_ids))[None]),
-                       torch.tensor([e.labels])).item()
+        token_loss_sum(
+            model(torch.tensor([e.input_ids]), torch.arange(len(e.input_ids))[None]), torch.tensor([e.labels])
+        ).item()
         for e in data
-    )  # fmt: skip
+    )
     total = sum(
         token_loss_sum(model(b.input_ids, b.position_ids), b.labels).item()
         for b in batches(data, 4, pack=pack, max_seq_len=32, seed=seed, pad_id=int(seed % 3))
@@ -163,8 +168,9 @@ def test_tiny_transformer_padded_or_packed_equals_each_example_alone(tiny_and_da
         alone_loss = sum(token_loss_sum(a[None], torch.tensor([e.labels])) for a, e in zip(alone, data))
         total, rows_seen = 0.0, 0
         for b in batches(data, 3, pack=pack, max_seq_len=256, seed=1, pad_id=0):
-            logits = model(b.input_ids, position_ids=b.position_ids, attention_mask=b.attention_mask,
-                           segment_ids=b.segment_ids)  # (B, T, V)  # fmt: skip
+            logits = model(
+                b.input_ids, position_ids=b.position_ids, attention_mask=b.attention_mask, segment_ids=b.segment_ids
+            )  # (B, T, V)
             total += token_loss_sum(logits, b.labels)
             for r in range(b.input_ids.shape[0]):
                 segs = b.segment_ids[r]
@@ -195,7 +201,7 @@ def _best_fit_decreasing(lengths, capacity):
 
 @given(lengths=st.lists(st.integers(1, 32), min_size=1, max_size=40), capacity=st.integers(32, 64))
 def test_packing_rows_are_best_fit_decreasing(lengths, capacity):
-    from minilora.packing import _fill_rows
+    from minilora.data.packing import _fill_rows
 
     rows = _fill_rows(list(range(len(lengths))), lengths, capacity)
     assert rows == _best_fit_decreasing(lengths, capacity)

@@ -1,4 +1,4 @@
-"""minilora.dedup: dedup, split and contamination check, against brute-force references.
+"""minilora.data.dedup: dedup, split and contamination check, against brute-force references.
 
 The reference Jaccard here is computed from Python sets of 5-character substrings, independent
 of the module's hashing and MinHash.
@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.data import ContaminationError, Example, assert_no_contamination, contamination_check, dedup, split
-from minilora.dedup import example_text, normalize_text
+from minilora.data.dedup import dedup, example_text, normalize_text
+from minilora.data.holdout import ContaminationError, assert_no_contamination, contamination_check, split
+from minilora.data.records import Example
 
 
 def ref_jaccard(a: str, b: str, k: int = 5) -> float:
@@ -66,8 +67,12 @@ def test_dedup_only_removes_true_duplicates_and_is_idempotent(items, threshold):
 
 
 def test_dedup_normalizes_and_reports():
-    items = [ex("Hello   World", "Yes", 1), ex("hello world", "yes", 2), ex("ｈｅｌｌｏ world", "YES", 3),
-             ex("a completely different prompt here", "no", 4)]  # fmt: skip
+    items = [
+        ex("Hello   World", "Yes", 1),
+        ex("hello world", "yes", 2),
+        ex("ｈｅｌｌｏ world", "YES", 3),
+        ex("a completely different prompt here", "no", 4),
+    ]
     kept, rep = dedup(items)
     assert [k.source for k in kept] == ["f:1", "f:4"] and rep.exact_removed == 2
     assert rep.pairs[0] == ("f:2", "f:1", 1.0)
@@ -79,7 +84,9 @@ def test_dedup_normalizes_and_reports():
 
 @settings(max_examples=25)
 @given(
-    labels=st.lists(st.sampled_from(["pos", "neg", "neutral", "a long free-form answer " * 6]), min_size=2, max_size=80),
+    labels=st.lists(
+        st.sampled_from(["pos", "neg", "neutral", "a long free-form answer " * 6]), min_size=2, max_size=80
+    ),
     frac=st.sampled_from([0.0, 0.1, 0.25, 0.5]),
     seed=st.integers(0, 3),
     stratify=st.sampled_from(["auto", True, False]),
@@ -111,8 +118,10 @@ def test_split_seed_changes_the_split_and_rejects_bad_fraction():
 
 
 @settings(max_examples=25)
-@given(prompts=st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=20, unique_by=normalize_text),
-       data=st.data())  # fmt: skip
+@given(
+    prompts=st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=20, unique_by=normalize_text),
+    data=st.data(),
+)
 def test_contamination_catches_a_planted_overlap(prompts, data):
     prompts = [p for p in prompts if normalize_text(p)]
     if len(prompts) < 2:
@@ -128,8 +137,11 @@ def test_contamination_catches_a_planted_overlap(prompts, data):
     assert (hit.eval_index, hit.train_index) == (1, j) or normalize_text(prompts[hit.train_index]) == normalize_text(
         prompts[j]
     )
-    with pytest.raises(ContaminationError, match=r"^1 of 2 prompts in test.jsonl also appear in the training data "
-                                                 r"\(first: f:1 = f:\d+\); .*--allow-contamination"):  # fmt: skip
+    with pytest.raises(
+        ContaminationError,
+        match=r"^1 of 2 prompts in test.jsonl also appear in the training data "
+        r"\(first: f:1 = f:\d+\); .*--allow-contamination",
+    ):
         assert_no_contamination(train, held, name="test.jsonl")
     assert len(assert_no_contamination(train, held, allow=True)) == 1
 
@@ -137,7 +149,10 @@ def test_contamination_catches_a_planted_overlap(prompts, data):
 def test_contamination_compares_chat_prompts_and_texts():
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     train = [Example(msgs, "4", "chat"), Example("", "some document", "text")]
-    held = [Example([dict(m) for m in msgs], "four", "chat"), Example("", "Some  Document", "text"),
-            Example([msgs[1]], "4", "chat")]  # fmt: skip
+    held = [
+        Example([dict(m) for m in msgs], "four", "chat"),
+        Example("", "Some  Document", "text"),
+        Example([msgs[1]], "4", "chat"),
+    ]
     hits = contamination_check(train, held)
     assert [(h.eval_index, h.train_index) for h in hits] == [(0, 0), (1, 1)]

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from minilora.adapter import load_adapter, save_adapter
-from minilora.data import load_records
-from minilora.evaluate import encode_for_eval, generate_completions, perplexity, score
-from minilora.lora import apply_lora, lora_modules
+from minilora.data.records import load_records
+from minilora.eval.evaluate import encode_for_eval, generate_completions, perplexity, score
+from minilora.lora.adapter import load_adapter, save_adapter
+from minilora.lora.layers import apply_lora, lora_modules
 from minilora.models.loader import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +43,16 @@ def run(tmp_path_factory):
         for m in lora_modules(model).values():
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.5)
     save_adapter(model, str(d / "adapter"), "tiny")
-    cfg = {"model": "tiny", "quantize": "none", "dtype": "float32", "template": "chat", "format": "auto",
-           "data": os.path.join(DEMO, "train.jsonl"), "eval_data": str(d / "test.jsonl"), "max_seq_len": 512}
+    cfg = {
+        "model": "tiny",
+        "quantize": "none",
+        "dtype": "float32",
+        "template": "chat",
+        "format": "auto",
+        "data": os.path.join(DEMO, "train.jsonl"),
+        "eval_data": str(d / "test.jsonl"),
+        "max_seq_len": 512,
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     return d
 
@@ -119,9 +127,16 @@ def test_no_arguments_without_a_demo_run_says_to_train_first(capsys, tmp_path, m
 def other_base(tmp_path_factory):
     """A Llama checkpoint with the bundled tokenizer but another geometry than `tiny`."""
     import transformers
+
     d = tmp_path_factory.mktemp("llama")
-    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(TOK_DIR, f), d / f)
@@ -136,12 +151,15 @@ def test_adapter_for_another_base(run, other_base, capsys, tmp_path):
     assert code == 2 and "does not fit" in last_error(err) and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("", "is empty (no JSON lines)"),
-    ("\n\n", "is empty (no JSON lines)"),
-    (json.dumps({"text": "just text"}) + "\n", "holds text records with no prompts"),
-    ('{"prompt": "a", "completion": \n', "line 1: malformed JSON"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("", "is empty (no JSON lines)"),
+        ("\n\n", "is empty (no JSON lines)"),
+        (json.dumps({"text": "just text"}) + "\n", "holds text records with no prompts"),
+        ('{"prompt": "a", "completion": \n', "line 1: malformed JSON"),
+    ],
+)
 def test_bad_test_files(run, capsys, tmp_path, content, expected):
     (tmp_path / "t.jsonl").write_text(content)
     code, _, err = call(["--adapter", str(run), "--data", str(tmp_path / "t.jsonl")], capsys)
@@ -158,8 +176,23 @@ def test_bad_flags_and_unmeasurable_gate(run, capsys, tmp_path):
     code, _, err = call(["--adapter", str(run), "--train-data", str(tmp_path / "nt.jsonl")], capsys)
     assert code == 2 and "--train-data" in last_error(err)
     plain = jsonl(tmp_path / "plain.jsonl", [{"prompt": "2+2=", "completion": "four"}])
-    code, _, err = call(["--adapter", str(run), "--data", plain, "--shots", "0", "--max-new-tokens", "1",
-                         "--out", str(tmp_path), "--min-structured-match", "0.5"], capsys)  # fmt: skip
+    code, _, err = call(
+        [
+            "--adapter",
+            str(run),
+            "--data",
+            plain,
+            "--shots",
+            "0",
+            "--max-new-tokens",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--min-structured-match",
+            "0.5",
+        ],
+        capsys,
+    )
     assert code == 2 and "is JSON, so structured match cannot be measured" in last_error(err)
 
 

@@ -1,4 +1,4 @@
-"""minilora.evaluate: perplexity against transformers' own loss, exact/structured match on hand-made
+"""minilora.eval.evaluate: perplexity against transformers' own loss, exact/structured match on hand-made
 cases (malformed JSON included), few-shot prompts, final-completion label masks, shot selection."""
 
 import math
@@ -6,11 +6,14 @@ import os
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.data import IGNORE, EncodedExample, Example, encode_example
-from minilora.evaluate import (
+from minilora.data.encode import EncodedExample, encode_example
+from minilora.data.packing import IGNORE
+from minilora.data.records import Example
+from minilora.eval.evaluate import (
     encode_for_eval,
     exact_match,
     few_shot_example,
@@ -23,8 +26,6 @@ from minilora.evaluate import (
 )
 from minilora.models.loader import load_model
 from minilora.models.tokenizer import Tokenizer
-
-import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK_DIR = os.path.join(ROOT, "examples", "tokenizer")
@@ -40,13 +41,32 @@ def _hf_model(family: str, seed: int):
     torch.manual_seed(seed)
     if family == "gemma3":
         cfg = transformers.Gemma3TextConfig(
-            vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=8, final_logit_softcapping=5.0, initializer_range=0.2, attn_implementation="eager")
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=8,
+            final_logit_softcapping=5.0,
+            initializer_range=0.2,
+            attn_implementation="eager",
+        )
         return transformers.Gemma3ForCausalLM(cfg).eval()
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                                   tie_word_embeddings=False, attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -106,27 +126,30 @@ def test_perplexity_with_nothing_labelled_says_so(model_pairs):
 
 
 # ------------------------------------------------------------------------------- matching
-@pytest.mark.parametrize("pred, ref, exact, structured, parsed", [
-    ('{"a": 1}', '{"a": 1}', True, True, True),
-    ('  {"a": 1}\n', '{"a": 1}', True, True, True),               # whitespace around: still exact
-    ('{ "a" : 1 }', '{"a": 1}', False, True, True),               # formatting differs, value equal
-    ('{"b": [1, 2], "a": "x"}', '{"a": "x", "b": [1, 2]}', False, True, True),  # key order
-    ('{"a": 1.0}', '{"a": 1}', False, True, True),                # the same JSON number
-    ('{"a": true}', '{"a": 1}', False, False, True),              # a boolean is not a number
-    ('{"b": [2, 1]}', '{"b": [1, 2]}', False, False, True),        # list order matters
-    ('{"a": 1, "b": 2}', '{"a": 1}', False, False, True),         # extra key
-    ('```json\n{"a": 1}\n```', '{"a": 1}', False, True, True),    # one Markdown fence is unwrapped
-    ('```\n{"a": 1}```', '{"a": 1}', False, True, True),
-    ('{"a": 1', '{"a": 1}', False, False, False),                 # malformed: unclosed
-    ("{'a': 1}", '{"a": 1}', False, False, False),                # malformed: single quotes
-    ('{"a": 1} and more', '{"a": 1}', False, False, False),       # trailing text
-    ('{"a": 1}{"a": 1}', '{"a": 1}', False, False, False),
-    ("", '{"a": 1}', False, False, False),                        # empty output
-    ("```json\n{\"a\": 1}", '{"a": 1}', False, False, False),      # unterminated fence
-    ("[" * 5000, "[]", False, False, False),                      # deep nesting must not crash
-    ("positive", "positive", True, False, False),                 # plain text: exact only
-    ('"positive"', "positive", False, False, True),               # reference not JSON: never structured
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "pred, ref, exact, structured, parsed",
+    [
+        ('{"a": 1}', '{"a": 1}', True, True, True),
+        ('  {"a": 1}\n', '{"a": 1}', True, True, True),  # whitespace around: still exact
+        ('{ "a" : 1 }', '{"a": 1}', False, True, True),  # formatting differs, value equal
+        ('{"b": [1, 2], "a": "x"}', '{"a": "x", "b": [1, 2]}', False, True, True),  # key order
+        ('{"a": 1.0}', '{"a": 1}', False, True, True),  # the same JSON number
+        ('{"a": true}', '{"a": 1}', False, False, True),  # a boolean is not a number
+        ('{"b": [2, 1]}', '{"b": [1, 2]}', False, False, True),  # list order matters
+        ('{"a": 1, "b": 2}', '{"a": 1}', False, False, True),  # extra key
+        ('```json\n{"a": 1}\n```', '{"a": 1}', False, True, True),  # one Markdown fence is unwrapped
+        ('```\n{"a": 1}```', '{"a": 1}', False, True, True),
+        ('{"a": 1', '{"a": 1}', False, False, False),  # malformed: unclosed
+        ("{'a': 1}", '{"a": 1}', False, False, False),  # malformed: single quotes
+        ('{"a": 1} and more', '{"a": 1}', False, False, False),  # trailing text
+        ('{"a": 1}{"a": 1}', '{"a": 1}', False, False, False),
+        ("", '{"a": 1}', False, False, False),  # empty output
+        ('```json\n{"a": 1}', '{"a": 1}', False, False, False),  # unterminated fence
+        ("[" * 5000, "[]", False, False, False),  # deep nesting must not crash
+        ("positive", "positive", True, False, False),  # plain text: exact only
+        ('"positive"', "positive", False, False, True),  # reference not JSON: never structured
+    ],
+)
 def test_exact_and_structured_match_hand_made(pred, ref, exact, structured, parsed):
     assert exact_match(pred, ref) is exact
     assert structured_match(pred, ref) == (structured, parsed)
@@ -137,8 +160,13 @@ def test_score_counts_parse_failures_and_json_references():
     preds = ['{"t": "a"}', '{"t": "b"', "nope", '{"t":"d"}', "x"]
     refs = ['{"t": "a"}', '{"t": "b"}', '{"t": "c"}', '{"t": "d"}', "x"]
     s = score(preds, refs)
-    assert s == {"n": 5, "exact_match": 2 / 5, "structured_match": 2 / 5, "json_parse_failures": 3,
-                 "json_references": 4}  # fmt: skip
+    assert s == {
+        "n": 5,
+        "exact_match": 2 / 5,
+        "structured_match": 2 / 5,
+        "json_parse_failures": 3,
+        "json_references": 4,
+    }
     with pytest.raises(ValueError, match="empty"):
         score([], [])
     with pytest.raises(ValueError, match="pair up"):
@@ -147,16 +175,20 @@ def test_score_counts_parse_failures_and_json_references():
 
 # ------------------------------------------------------------------------------- few-shot prompts
 SYS = {"role": "system", "content": "Classify."}
-SHOTS = [Example([SYS, {"role": "user", "content": "u1"}], "c1", "chat"),
-         Example("p2", "c2", "prompt_completion")]  # fmt: skip
+SHOTS = [Example([SYS, {"role": "user", "content": "u1"}], "c1", "chat"), Example("p2", "c2", "prompt_completion")]
 EX = Example([SYS, {"role": "user", "content": "q"}], "answer", "chat")
 
 
 def test_few_shot_chat_keeps_one_system_message_first_and_shots_as_turns():
     got = few_shot_example(EX, SHOTS, "chat")
-    assert got.prompt == [SYS, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "c1"},
-                          {"role": "user", "content": "p2"}, {"role": "assistant", "content": "c2"},
-                          {"role": "user", "content": "q"}]  # fmt: skip
+    assert got.prompt == [
+        SYS,
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "c1"},
+        {"role": "user", "content": "p2"},
+        {"role": "assistant", "content": "c2"},
+        {"role": "user", "content": "q"},
+    ]
     assert got.completion == "answer" and EX.prompt == [SYS, {"role": "user", "content": "q"}]  # not mutated
     no_sys = few_shot_example(Example("q", "a", "prompt_completion"), SHOTS, "chat")
     assert no_sys.prompt[0] == {"role": "user", "content": "u1"}

@@ -1,4 +1,4 @@
-"""minilora.export against transformers and bitsandbytes (the oracles), on tiny models built here.
+"""minilora.export.merge against transformers and bitsandbytes (the oracles), on tiny models built here.
 
 - merged checkpoint: transformers' from_pretrained loads it and its logits equal our model with the
   LoRA adapter unmerged (float32; dense or NF4 base, LoRA / rsLoRA / DoRA, Gemma 3 / Llama, sharded);
@@ -12,22 +12,22 @@ import json
 import os
 import shutil
 
+import bitsandbytes as bnb
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM  # noqa: E402
 
-from minilora import bnb_export, hf_checkpoint
-from minilora import export as E
-from minilora.adapter import save_adapter
-from minilora.lora import apply_lora, lora_modules
+from minilora.export import bnb as bnb_export
+from minilora.export import hf_checkpoint
+from minilora.export import merge as E
+from minilora.lora.adapter import save_adapter
+from minilora.lora.layers import apply_lora, lora_modules
 from minilora.models.config import PRESETS, ModelConfig
 from minilora.models.loader import load_model
-from minilora.nf4 import quantize_nf4
-
-import transformers
-import bitsandbytes as bnb
-from transformers import AutoModelForCausalLM  # noqa: E402
+from minilora.quant.nf4 import quantize_nf4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK_DIR = os.path.join(ROOT, "examples", "tokenizer")
@@ -55,19 +55,43 @@ def hf_base(family: str, vocab: int = 97, D: int = 32, F: int = 48, seed: int = 
     torch.manual_seed(seed)
     if family == "gemma3":
         cfg = transformers.Gemma3TextConfig(
-            vocab_size=vocab, hidden_size=D, intermediate_size=F, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=D // 4, sliding_window=3, query_pre_attn_scalar=D // 4,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=4.0,
-            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
-            initializer_range=0.1)  # non-default RoPE bases: a config key lost in export would show
+            vocab_size=vocab,
+            hidden_size=D,
+            intermediate_size=F,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=D // 4,
+            sliding_window=3,
+            query_pre_attn_scalar=D // 4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=4.0,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+            },
+            initializer_range=0.1,
+        )  # non-default RoPE bases: a config key lost in export would show
         hf = transformers.Gemma3ForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=tie, initializer_range=0.1, rope_theta=5e5,
-            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                              original_max_position_embeddings=8))  # fmt: skip
+            vocab_size=vocab,
+            hidden_size=D,
+            intermediate_size=F,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tie,
+            initializer_range=0.1,
+            rope_theta=5e5,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8,
+            ),
+        )
         hf = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
         for n, p in hf.named_parameters():
@@ -78,8 +102,17 @@ def hf_base(family: str, vocab: int = 97, D: int = 32, F: int = 48, seed: int = 
 
 def add_lora(model, r=4, use_rslora=False, use_dora=False, seed=0):
     """LoRA on every block linear with a random (non-zero) B, so the adapter changes the output."""
-    apply_lora(model, "all-linear", r=r, alpha=2 * r, dropout=0.0, use_rslora=use_rslora, use_dora=use_dora,
-               seed=seed, verbose=False)  # fmt: skip
+    apply_lora(
+        model,
+        "all-linear",
+        r=r,
+        alpha=2 * r,
+        dropout=0.0,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        seed=seed,
+        verbose=False,
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
@@ -91,11 +124,18 @@ def add_lora(model, r=4, use_rslora=False, use_dora=False, seed=0):
 
 # ------------------------------------------------------------------------------- merged export
 @settings(max_examples=12)  # each example merges, writes a checkpoint and loads it in transformers
-@given(family=st.sampled_from(["gemma3", "llama"]), quantize=st.sampled_from([None, "nf4"]),
-       kind=st.sampled_from(["lora", "rslora", "dora"]), tie=st.booleans(), sharded=st.booleans(),
-       r=st.integers(1, 8), seed=st.integers(0, 1000))  # fmt: skip
-def test_merged_export_loads_in_transformers_with_the_adapted_logits(tmp_path_factory, family, quantize, kind, tie,
-                                                                     sharded, r, seed):  # fmt: skip
+@given(
+    family=st.sampled_from(["gemma3", "llama"]),
+    quantize=st.sampled_from([None, "nf4"]),
+    kind=st.sampled_from(["lora", "rslora", "dora"]),
+    tie=st.booleans(),
+    sharded=st.booleans(),
+    r=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+)
+def test_merged_export_loads_in_transformers_with_the_adapted_logits(
+    tmp_path_factory, family, quantize, kind, tie, sharded, r, seed
+):
     base = tmp_path_factory.mktemp("base")
     hf_base(family, tie=tie, seed=seed).save_pretrained(base)
     ours, _ = load_model(str(base), quantize=quantize, dtype=torch.float32)
@@ -105,8 +145,12 @@ def test_merged_export_loads_in_transformers_with_the_adapted_logits(tmp_path_fa
         want = ours(ids)
     E.merge_to_dense(ours, torch.float32)
     out = str(tmp_path_factory.mktemp("out") / "merged")
-    hf_checkpoint.write_checkpoint(out, E.dense_tensors(ours, torch.float32), E.to_hf_config(ours.config, None, torch.float32),
-                       max_shard_bytes=20_000 if sharded else 2**30)  # fmt: skip
+    hf_checkpoint.write_checkpoint(
+        out,
+        E.dense_tensors(ours, torch.float32),
+        E.to_hf_config(ours.config, None, torch.float32),
+        max_shard_bytes=20_000 if sharded else 2**30,
+    )
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json")) == sharded
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -125,8 +169,9 @@ def _make_run(tmp_path, quantize: str, vocab: int):
     add_lora(model, r=4, seed=1)
     run = tmp_path / "run"
     save_adapter(model, str(run / "adapter"), str(base))
-    (run / "config.json").write_text(json.dumps({"model": str(base), "quantize": quantize or "none",
-                                                 "dtype": "float32"}))  # fmt: skip
+    (run / "config.json").write_text(
+        json.dumps({"model": str(base), "quantize": quantize or "none", "dtype": "float32"})
+    )
     return str(base), str(run), model
 
 
@@ -174,7 +219,11 @@ def test_4bit_export_loads_prequantized_in_bitsandbytes(tmp_path):
     assert eval_cli.main(["export", "--adapter", run, "--out", dense, "--dtype", "float32"]) == 0
     assert eval_cli.main(["export", "--adapter", run, "--out", q4, "--dtype", "float32", "--quantize-4bit"]) == 0
     qc = json.load(open(os.path.join(q4, "config.json")))["quantization_config"]
-    assert (qc["quant_method"], qc["bnb_4bit_quant_type"], qc["bnb_4bit_use_double_quant"]) == ("bitsandbytes", "nf4", True)
+    assert (qc["quant_method"], qc["bnb_4bit_quant_type"], qc["bnb_4bit_use_double_quant"]) == (
+        "bitsandbytes",
+        "nf4",
+        True,
+    )
     hf = AutoModelForCausalLM.from_pretrained(q4, device_map="cpu")
     ours, _ = load_model(dense, quantize="nf4", dtype=torch.float32)
     n_linear = 0
@@ -194,9 +243,13 @@ def test_4bit_export_loads_prequantized_in_bitsandbytes(tmp_path):
 
 
 @settings(max_examples=20)  # each example merges, writes a checkpoint and loads it in transformers
-@given(shape=st.sampled_from([(7,), (33, 5), (64, 64), (3, 130), (300, 257)]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       blocksize=st.sampled_from([32, 64, 256]), double_quant=st.booleans(), seed=st.integers(0, 99))  # fmt: skip
+@given(
+    shape=st.sampled_from([(7,), (33, 5), (64, 64), (3, 130), (300, 257)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    blocksize=st.sampled_from([32, 64, 256]),
+    double_quant=st.booleans(),
+    seed=st.integers(0, 99),
+)
 def test_quant_state_tensors_equal_bitsandbytes_serialization(shape, dtype, blocksize, double_quant, seed):
     w = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
@@ -217,8 +270,11 @@ def test_hf_config_round_trips_every_preset(name):
     for field in cfg.__dataclass_fields__:
         if field not in skip:
             assert getattr(back, field) == getattr(cfg, field), field
-    assert (back.bos_token_id, back.pad_token_id, back.eos_token_ids) == (cfg.bos_token_id, cfg.pad_token_id,
-                                                                          cfg.eos_token_ids)  # fmt: skip
+    assert (back.bos_token_id, back.pad_token_id, back.eos_token_ids) == (
+        cfg.bos_token_id,
+        cfg.pad_token_id,
+        cfg.eos_token_ids,
+    )
 
 
 # ------------------------------------------------------------------------------- atomic writes

@@ -15,26 +15,29 @@ import os
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import transformers
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-
-import minilora.export as E  # noqa: E402
-from minilora.adapter import load_adapter, save_adapter  # noqa: E402
-from minilora.hf_checkpoint import write_checkpoint  # noqa: E402
-from minilora.lora import apply_lora, lora_modules  # noqa: E402
+import minilora.export.merge as E  # noqa: E402
+from minilora.export.hf_checkpoint import write_checkpoint  # noqa: E402
+from minilora.lora.adapter import load_adapter, save_adapter  # noqa: E402
+from minilora.lora.layers import apply_lora, lora_modules  # noqa: E402
 from minilora.models.config import FULL, SLIDING  # noqa: E402
 from minilora.models.generate import generate  # noqa: E402
 from minilora.models.loader import load_model  # noqa: E402
-from minilora.quant_linear import NF4Linear  # noqa: E402
+from minilora.quant.linear import NF4Linear  # noqa: E402
 
 V = 97
-CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-           "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}  # fmt: skip
+CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
 
 
 def rel_err(a, b):
@@ -47,20 +50,37 @@ def family_configs(draw, family=None):
     family = family or draw(st.sampled_from(sorted(CLASSES)))
     hkv = draw(st.sampled_from([1, 2]))
     n_layers = draw(st.integers(1, 3))
-    kw = dict(vocab_size=V, hidden_size=32, intermediate_size=draw(st.sampled_from([40, 64])),
-              num_hidden_layers=n_layers, num_attention_heads=hkv * draw(st.sampled_from([1, 2])),
-              num_key_value_heads=hkv, tie_word_embeddings=draw(st.booleans()), initializer_range=0.15,
-              rope_theta=draw(st.sampled_from([100.0, 1e4, 1e6])), rms_norm_eps=1e-6, eos_token_id=None,
-              bos_token_id=None, pad_token_id=0, attn_implementation="eager")  # fmt: skip
+    kw = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=draw(st.sampled_from([40, 64])),
+        num_hidden_layers=n_layers,
+        num_attention_heads=hkv * draw(st.sampled_from([1, 2])),
+        num_key_value_heads=hkv,
+        tie_word_embeddings=draw(st.booleans()),
+        initializer_range=0.15,
+        rope_theta=draw(st.sampled_from([100.0, 1e4, 1e6])),
+        rms_norm_eps=1e-6,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     window = draw(st.one_of(st.none(), st.integers(2, 6)))
     if family == "llama":  # the reference block, with its optional biases
-        kw.update(attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()),
-                  head_dim=draw(st.sampled_from([None, 8, 24])))  # fmt: skip
+        kw.update(
+            attention_bias=draw(st.booleans()),
+            mlp_bias=draw(st.booleans()),
+            head_dim=draw(st.sampled_from([None, 8, 24])),
+        )
     elif family == "mistral":
         kw.update(sliding_window=window, head_dim=draw(st.sampled_from([None, 8, 24])))
     else:  # Qwen: the window covers layers max_window_layers.. (transformers 4.x keys)
-        kw.update(use_sliding_window=window is not None, sliding_window=window,
-                  max_window_layers=draw(st.integers(0, n_layers)))  # fmt: skip
+        kw.update(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=draw(st.integers(0, n_layers)),
+        )
     if family == "qwen3":  # head_dim independent of D / H; attention_bias on all four projections
         kw.update(head_dim=draw(st.sampled_from([8, 16, 24])), attention_bias=draw(st.booleans()))
     return family, kw
@@ -119,28 +139,67 @@ def test_greedy_generation_with_and_without_cache_equals_transformers(tmp_path_f
     prompt = torch.randint(1, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     cached = generate(ours, [prompt], 30, use_cache=True)
     assert generate(ours, [prompt], 30, use_cache=False) == cached
-    ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, n, dtype=torch.long), max_new_tokens=30,
-                      do_sample=False)[0, n:].tolist()  # fmt: skip
+    ref = hf.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, n, dtype=torch.long), max_new_tokens=30, do_sample=False
+    )[0, n:].tolist()
     assert cached == [ref]
 
 
 # ------------------------------------------------------------------------------- presets
 HUB_CONFIGS = {  # the hub's config.json (transformers 4.x dialect) of the repos two presets mirror
-    "qwen3-0.6b": {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-                   "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
-                   "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
-                   "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
-                   "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
-                   "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
-                   "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936},
-    "qwen2.5-0.5b": {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-                     "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
-                     "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
-                     "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
-                     "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
-                     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "use_mrope": False,
-                     "use_sliding_window": False, "vocab_size": 151936},
-}  # fmt: skip
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 1024,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 40960,
+        "max_window_layers": 28,
+        "model_type": "qwen3",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "hidden_act": "silu",
+        "hidden_size": 896,
+        "initializer_range": 0.02,
+        "intermediate_size": 4864,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 24,
+        "model_type": "qwen2",
+        "num_attention_heads": 14,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_mrope": False,
+        "use_sliding_window": False,
+        "vocab_size": 151936,
+    },
+}
 
 
 @pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
@@ -159,8 +218,17 @@ def test_presets_equal_the_hub_config_they_mirror(name):
 @pytest.mark.parametrize("family", sorted(CLASSES))
 def test_nf4_quantize_on_load_bytes_equal_bitsandbytes(tmp_path, family):
     import bitsandbytes.functional as bnbf
-    kw = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=24, initializer_range=0.15)  # 96 * 64: blocks span rows
+
+    kw = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        initializer_range=0.15,
+    )  # 96 * 64: blocks span rows
     hf = make_hf(family, kw, seed=3)
     hf.save_pretrained(tmp_path)
     ours, _ = load_model(str(tmp_path), quantize="nf4", dtype=torch.float32)
@@ -169,8 +237,9 @@ def test_nf4_quantize_on_load_bytes_equal_bitsandbytes(tmp_path, family):
     assert len(quantized) == 7 * hf.config.num_hidden_layers
     for name, mod in quantized.items():
         packed, state = mod.weight_nf4.to_bnb()
-        ref, ref_state = bnbf.quantize_4bit(dense[name + ".weight"].detach(), blocksize=64, compress_statistics=True,
-                                            quant_type="nf4")  # fmt: skip
+        ref, ref_state = bnbf.quantize_4bit(
+            dense[name + ".weight"].detach(), blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
         assert torch.equal(packed, ref), name
         assert torch.equal(state.absmax, ref_state.absmax) and state.offset.item() == ref_state.offset.item()
         assert torch.equal(state.state2.absmax, ref_state.state2.absmax)
@@ -202,8 +271,9 @@ def test_adapters_both_ways_and_merged_export(tmp_path_factory, fk, r, seed):
     peft = PeftModel.from_pretrained(make_hf(family, kw, seed), str(tmp / "ours")).eval()
     assert rel_err(want, hf_logits(peft, ids)) < 1e-5
     # PEFT -> ours
-    pm = get_peft_model(make_hf(family, kw, seed), LoraConfig(r=r, lora_alpha=3, target_modules="all-linear",
-                                                              init_lora_weights=False)).eval()  # fmt: skip
+    pm = get_peft_model(
+        make_hf(family, kw, seed), LoraConfig(r=r, lora_alpha=3, target_modules="all-linear", init_lora_weights=False)
+    ).eval()
     pm.save_pretrained(str(tmp / "peft"))
     fresh = load_model(str(tmp / "base"), quantize=None, dtype=torch.float32)[0]
     load_adapter(fresh, str(tmp / "peft"))
@@ -218,13 +288,27 @@ def test_adapters_both_ways_and_merged_export(tmp_path_factory, fk, r, seed):
 
 
 # ------------------------------------------------------------------------------- Gemma 3 multimodal
-TEXT = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=[SLIDING, FULL],
-            initializer_range=0.1)  # fmt: skip
-VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-              patch_size=14)  # fmt: skip
-V5 = {"language_model.model.": "model.language_model.", "vision_tower.": "model.vision_tower.",
-      "multi_modal_projector.": "model.multi_modal_projector.", "language_model.lm_head.": "lm_head."}  # fmt: skip
+TEXT = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    sliding_window=4,
+    layer_types=[SLIDING, FULL],
+    initializer_range=0.1,
+)
+VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+)
+V5 = {
+    "language_model.model.": "model.language_model.",
+    "vision_tower.": "model.vision_tower.",
+    "multi_modal_projector.": "model.multi_modal_projector.",
+    "language_model.lm_head.": "lm_head.",
+}
 
 
 def _read_all(path):
@@ -235,8 +319,14 @@ def _read_all(path):
 def multimodal_checkpoint(path, layout):
     """A tiny Gemma3ForConditionalGeneration saved in the transformers-4 or the transformers-5 key layout."""
     torch.manual_seed(0)
-    cfg = transformers.Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4,
-                                    boi_token_index=290, eoi_token_index=291, image_token_index=292)  # fmt: skip
+    cfg = transformers.Gemma3Config(
+        text_config=TEXT,
+        vision_config=VISION,
+        mm_tokens_per_image=4,
+        boi_token_index=290,
+        eoi_token_index=291,
+        image_token_index=292,
+    )
     transformers.Gemma3ForConditionalGeneration(cfg).save_pretrained(path)
     tensors = _read_all(os.path.join(path, "model.safetensors"))
     assert any(k.startswith("language_model.model.") for k in tensors)  # what save_pretrained writes
@@ -278,8 +368,12 @@ def test_gemma3_multimodal_adapter_applies_in_peft_and_export_stays_multimodal(t
     load_adapter(fresh, adapter)
     assert rel_err(want, hf_logits(fresh, ids)) < 1e-5
     mm = transformers.Gemma3ForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
-    pm = get_peft_model(mm, LoraConfig(r=2, lora_alpha=3, target_modules=r".*language_model.*\.(q_proj|down_proj)",
-                                       init_lora_weights=False)).eval()  # fmt: skip
+    pm = get_peft_model(
+        mm,
+        LoraConfig(
+            r=2, lora_alpha=3, target_modules=r".*language_model.*\.(q_proj|down_proj)", init_lora_weights=False
+        ),
+    ).eval()
     pm.save_pretrained(str(tmp_path / "peft"))
     fresh = load_model(base, quantize=None, dtype=torch.float32)[0]
     load_adapter(fresh, str(tmp_path / "peft"))

@@ -18,23 +18,43 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-
-from minilora import distributed as D
 from test_train import losses, val_losses
 
+from minilora.parallel import distributed as D
+from minilora.train.planner import per_rank_components
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--eval-generate", "0", "--eval-every", "0", "--threads", "1", "--log-every", "1",
-        "--dtype", "float32"]  # the comparisons below are float32 (--dtype auto picks bf16 on some CPUs)
+FAST = [
+    "--eval-generate",
+    "0",
+    "--eval-every",
+    "0",
+    "--threads",
+    "1",
+    "--log-every",
+    "1",
+    "--dtype",
+    "float32",
+]  # the comparisons below are float32 (--dtype auto picks bf16 on some CPUs)
 COMMON = ["--max-steps", "4", "--batch-size", "4", "--save-every", "0"]
 
 
 def train(out, *args, nproc=0, check=True):
     """python train.py (nproc=0), or torchrun --nproc_per_node nproc train.py."""
-    launch = [sys.executable] if nproc == 0 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc_per_node", str(nproc)]  # fmt: skip
+    launch = (
+        [sys.executable]
+        if nproc == 0
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    )
     cmd = [*launch, os.path.join(ROOT, "train.py"), "--out", str(out), *FAST, *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
     if check:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p
@@ -59,15 +79,16 @@ def assert_same_adapter(a_dir, b_dir):
 def write_tiny_checkpoint(out, softcap: float | None = 30.0) -> str:
     """The `tiny` preset's weights (Gemma 3, tied head) as a Hugging Face checkpoint folder (what
     load_sharded streams), with Gemma's final logit soft-capping on."""
-    from minilora.export import dense_tensors, to_hf_config
-    from minilora.hf_checkpoint import write_checkpoint
+    from minilora.export.hf_checkpoint import write_checkpoint
+    from minilora.export.merge import dense_tensors, to_hf_config
     from minilora.models.loader import load_model
 
     model, tok = load_model("tiny", quantize=None, dtype=torch.float32)
     model.config.final_logit_softcapping = softcap
     config = to_hf_config(model.config, tok, torch.float32)
-    return write_checkpoint(str(out), dense_tensors(model, torch.float32), config,
-                            tokenizer_dir=os.path.join(ROOT, "examples", "tokenizer"))
+    return write_checkpoint(
+        str(out), dense_tensors(model, torch.float32), config, tokenizer_dir=os.path.join(ROOT, "examples", "tokenizer")
+    )
 
 
 def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
@@ -97,8 +118,10 @@ def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
             assert got[s] == pytest.approx(one[s], rel=1e-5), (run, s, one[s], got[s])
         assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / run / "adapter")
     # the checkpoint's adapter is the gathered one, in PEFT format, as one process writes it
-    assert load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).keys() == \
-        load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors")).keys()
+    assert (
+        load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).keys()
+        == load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors")).keys()
+    )
 
 
 def test_fsdp_untied_odd_vocabulary_losses_validation_and_adapter_equal_one_process(tmp_path):
@@ -109,13 +132,34 @@ def test_fsdp_untied_odd_vocabulary_losses_validation_and_adapter_equal_one_proc
 
     model = str(tmp_path / "llama")
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=1031, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.2)).save_pretrained(model)  # fmt: skip
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=1031,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            initializer_range=0.2,
+        )
+    ).save_pretrained(model)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(ROOT, "examples", "tokenizer", name), model)
-    common = ["--max-steps", "3", "--batch-size", "4", "--save-every", "0", "--model", model, "--lr", "3e-3",
-              "--lora-dropout", "0"]  # fmt: skip
+    common = [
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "0",
+        "--model",
+        model,
+        "--lr",
+        "3e-3",
+        "--lora-dropout",
+        "0",
+    ]
     train(tmp_path / "one", *common, "--grad-accum", "2")
     train(tmp_path / "two", *common, "--parallel", "fsdp", nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -135,9 +179,9 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from minilora.lora import apply_lora, lora_parameters
+    from minilora.lora.layers import apply_lora, lora_parameters
     from minilora.models.loader import load_model
-    from minilora.paged_adamw import PagedAdamW
+    from minilora.optim.paged_adamw import PagedAdamW
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -161,9 +205,16 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
     opt.step()
     state = opt.state_dict()["state"]
     with open(f"{out}.{rank}.json", "w") as f:
-        json.dump({"whole": whole, "mine": D.nf4_resident_bytes(model),
-                   "opt": sum(t.numel() for s in state.values() for k, t in s.items() if k != "step"),
-                   "lora": sum(p.numel() for p in lora_parameters(model)), "gathered": gathered}, f)
+        json.dump(
+            {
+                "whole": whole,
+                "mine": D.nf4_resident_bytes(model),
+                "opt": sum(t.numel() for s in state.values() for k, t in s.items() if k != "step"),
+                "lora": sum(p.numel() for p in lora_parameters(model)),
+                "gathered": gathered,
+            },
+            f,
+        )
     dist.destroy_process_group()
 
 
@@ -191,23 +242,47 @@ def test_fsdp_without_torchrun_is_one_sentence(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("flags, message", [(["--optimizer-bits", "8"], "--optimizer-bits 8"),
-                                             (["--use-dora"], "--use-dora")])
+@pytest.mark.parametrize(
+    "flags, message", [(["--optimizer-bits", "8"], "--optimizer-bits 8"), (["--use-dora"], "--use-dora")]
+)
 def test_fsdp_incompatible_flags_are_refused(tmp_path, flags, message):
     # launched_by_torchrun() reads torchrun's environment; one process with it needs no process group
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "r"), *FAST, "--parallel", "fsdp",
-           *flags]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                       env={**os.environ, "WORLD_SIZE": "1", "LOCAL_RANK": "0", "RANK": "0"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--out",
+        str(tmp_path / "r"),
+        *FAST,
+        "--parallel",
+        "fsdp",
+        *flags,
+    ]
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "WORLD_SIZE": "1", "LOCAL_RANK": "0", "RANK": "0"},
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert message in p.stderr and "--parallel fsdp" in p.stderr
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("requested, world, fits, want", [
-    ("auto", 1, None, "none"), ("auto", 2, None, "ddp"), ("auto", 2, True, "ddp"), ("auto", 2, False, "fsdp"),
-    ("ddp", 2, False, "ddp"), ("fsdp", 1, None, "fsdp"), ("fsdp", 2, True, "fsdp"), ("ddp", 1, None, "none"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "requested, world, fits, want",
+    [
+        ("auto", 1, None, "none"),
+        ("auto", 2, None, "ddp"),
+        ("auto", 2, True, "ddp"),
+        ("auto", 2, False, "fsdp"),
+        ("ddp", 2, False, "ddp"),
+        ("fsdp", 1, None, "fsdp"),
+        ("fsdp", 2, True, "fsdp"),
+        ("ddp", 1, None, "none"),
+    ],
+)
 def test_choose_parallel(requested, world, fits, want):
     assert D.choose_parallel(requested, world, fits) == want
 
@@ -217,21 +292,34 @@ def test_choose_parallel_rejects_unknown():
         D.choose_parallel("zero3", 2)
 
 
-@given(world=st.integers(1, 16), layers=st.integers(1, 128),
-       sizes=st.lists(st.integers(0, 1 << 40), min_size=7, max_size=7))  # fmt: skip
+@given(
+    world=st.integers(1, 16),
+    layers=st.integers(1, 128),
+    sizes=st.lists(st.integers(0, 1 << 40), min_size=7, max_size=7),
+)
 def test_per_rank_components(world, layers, sizes):
     """Sharded rows (embeddings and head too: vocabulary-parallel) are the ceil share of W ranks
     (so W shares cover the whole); whole rows are unchanged; the in-flight row is two blocks'
     gathered base less the rank's own shard."""
-    names = ["runtime (Python, torch, allocator)", "base weights (NF4 codes + quant state)",
-             "embeddings, head, norms", "LoRA weights + gradients", "optimizer states (32-bit)",
-             "activations kept (off recompute)", "transient (loss chunk / block backward)"]  # fmt: skip
+    names = [
+        "runtime (Python, torch, allocator)",
+        "base weights (NF4 codes + quant state)",
+        "embeddings, head, norms",
+        "LoRA weights + gradients",
+        "optimizer states (32-bit)",
+        "activations kept (off recompute)",
+        "transient (loss chunk / block backward)",
+    ]
     plan = [(n, b, "") for n, b in zip(names, sizes)]
-    rows = D.per_rank_components(plan, world, layers)
+    rows = per_rank_components(plan, world, layers)
     assert len(rows) == len(plan) + (world > 1)
     for (name, b, _), (_, got, _) in zip(plan, rows):
-        if name.split(" (")[0] in ("base weights", "LoRA weights + gradients", "optimizer states",
-                                   "embeddings, head, norms"):  # fmt: skip
+        if name.split(" (")[0] in (
+            "base weights",
+            "LoRA weights + gradients",
+            "optimizer states",
+            "embeddings, head, norms",
+        ):
             assert got * world >= b > (got - 1) * world
         else:
             assert got == b
@@ -242,7 +330,7 @@ def test_per_rank_components(world, layers, sizes):
 
 def test_trainable_parameters_outside_the_blocks_are_refused():
     """A trainable parameter FSDP does not shard would get no gradient averaging: one sentence."""
-    from minilora.lora import apply_lora
+    from minilora.lora.layers import apply_lora
     from minilora.models.loader import load_model
 
     model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
@@ -266,8 +354,14 @@ def test_plan_under_torchrun_is_per_rank_and_auto_shards_what_one_device_cannot_
     import transformers
 
     model = str(tmp_path / "llama-1b-geometry")  # --plan reads config.json and the tokenizer, no weights
-    transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8).save_pretrained(model)  # fmt: skip
+    transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ).save_pretrained(model)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(ROOT, "examples", "tokenizer", name), model)
     common = [*COMMON, "--model", model, "--plan", "--gradient-checkpointing", "on"]  # recompute cannot rescue it
@@ -287,7 +381,7 @@ def test_plan_under_torchrun_is_per_rank_and_auto_shards_what_one_device_cannot_
 
 _HEAP_PROBE = """
 import sys, torch
-from minilora.distributed import return_freed_blocks_to_the_os
+from minilora.parallel.distributed import return_freed_blocks_to_the_os
 
 def rss():
     for line in open("/proc/self/status"):
@@ -311,6 +405,7 @@ def test_freed_blocks_go_back_to_the_os_under_fsdp_on_the_cpu():
     Without it glibc keeps freed blocks in its heap (this probe retained about 31 MiB in five of
     six runs here, not asserted because the sixth retained none), which is how FSDP's per-step
     all-gathers grew a rank's RSS by about 2 GB a step."""
+
     def retained(mode):
         p = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True)
         return int(p.stdout.split()[-1])

@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper  # noqa: E402
 
@@ -17,13 +16,26 @@ from minilora.models.loader import load_model  # noqa: E402
 
 def _hf_model(family, seed, n_layers, hkv, rep, window):
     torch.manual_seed(seed)
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                  num_attention_heads=hkv * rep, num_key_value_heads=hkv, initializer_range=0.15,
-                  attn_implementation="eager", eos_token_id=None, bos_token_id=None, pad_token_id=0)  # fmt: skip
+    common = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=hkv * rep,
+        num_key_value_heads=hkv,
+        initializer_range=0.15,
+        attn_implementation="eager",
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+    )
     if family == "gemma3":
         types = [SLIDING if i % 2 == 0 else FULL for i in range(n_layers)]
-        hf = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=window, layer_types=types,
-                                                final_logit_softcapping=20.0))  # fmt: skip
+        hf = Gemma3ForCausalLM(
+            Gemma3TextConfig(
+                **common, head_dim=8, sliding_window=window, layer_types=types, final_logit_softcapping=20.0
+            )
+        )
     else:
         hf = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
     with torch.no_grad():
@@ -39,11 +51,18 @@ def _ours(hf, tmp_path):
 
 
 @settings(max_examples=4)  # each example generates three ways: with and without the KV cache, and in transformers
-@given(family=st.sampled_from(["gemma3", "llama"]), seed=st.integers(0, 1000), n_layers=st.integers(1, 2),
-       hkv=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2]), window=st.integers(2, 8),
-       lens=st.lists(st.integers(1, 9), min_size=1, max_size=2))  # fmt: skip
-def test_greedy_matches_transformers_with_and_without_cache(tmp_path_factory, family, seed, n_layers, hkv, rep,
-                                                             window, lens):  # fmt: skip
+@given(
+    family=st.sampled_from(["gemma3", "llama"]),
+    seed=st.integers(0, 1000),
+    n_layers=st.integers(1, 2),
+    hkv=st.sampled_from([1, 2]),
+    rep=st.sampled_from([1, 2]),
+    window=st.integers(2, 8),
+    lens=st.lists(st.integers(1, 9), min_size=1, max_size=2),
+)
+def test_greedy_matches_transformers_with_and_without_cache(
+    tmp_path_factory, family, seed, n_layers, hkv, rep, window, lens
+):
     """30 greedy tokens: cached == uncached == transformers.generate (each prompt alone), and the
     left-padded batch equals each prompt alone. Generations run past the sliding window."""
     hf = _hf_model(family, seed, n_layers, hkv, rep, window)
@@ -53,8 +72,12 @@ def test_greedy_matches_transformers_with_and_without_cache(tmp_path_factory, fa
     batched = generate(ours, prompts, 30, use_cache=True)
     assert generate(ours, prompts, 30, use_cache=False) == batched
     for p, got in zip(prompts, batched):
-        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                          max_new_tokens=30, do_sample=False)[0, len(p):].tolist()  # fmt: skip
+        ref = hf.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=30,
+            do_sample=False,
+        )[0, len(p) :].tolist()
         assert got == ref
         assert generate(ours, [p], 30) == [got]
 

@@ -16,22 +16,21 @@ import math
 import os
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gguf
-import transformers
-
-from minilora import export as E  # noqa: E402
-from minilora import gguf_export as G  # noqa: E402
-from minilora.adapter import save_adapter  # noqa: E402
-from minilora.lora import apply_lora, lora_modules  # noqa: E402
+from minilora.export import gguf as G  # noqa: E402
+from minilora.export import merge as E  # noqa: E402
+from minilora.export.readback import ValidationError  # noqa: E402
+from minilora.lora.adapter import save_adapter  # noqa: E402
+from minilora.lora.layers import apply_lora, lora_modules  # noqa: E402
 from minilora.models.config import ModelConfig  # noqa: E402
 from minilora.models.loader import load_model  # noqa: E402
-from minilora.validate import ValidationError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK_DIR = os.path.join(ROOT, "examples", "tokenizer")
@@ -43,11 +42,27 @@ def _llama(seed):
     """Rows a multiple of 64: bitsandbytes 0.50's CPU dequantize_4bit misplaces blocks that straddle
     rows (its own quantize/dequantize round trip of a (64, 96) weight errs 4x the NF4 bound)."""
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.1, max_position_embeddings=256,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8}, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0)  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+        max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -56,37 +71,90 @@ def _gemma3(seed):
     width 80 is not a multiple of 32, so down_proj takes the F16 fallback in q8_0 / q4_0 files."""
     types = ["sliding_attention"] * 5 + ["full_attention"]
     cfg = transformers.Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16, layer_types=types,
-        final_logit_softcapping=30.0, max_position_embeddings=256, initializer_range=0.1,
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        query_pre_attn_scalar=16,
+        layer_types=types,
+        final_logit_softcapping=30.0,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return transformers.Gemma3ForCausalLM(cfg)
 
 
 def _qwen2(seed):  # q/k/v carry biases (llama.cpp: blk.N.attn_q.bias, not permuted)
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.1, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0))  # fmt: skip
+    return transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            initializer_range=0.1,
+            max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
 
 
 def _qwen3(seed):  # q_norm / k_norm per head (llama.cpp: attn_q_norm / attn_k_norm)
-    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, initializer_range=0.1,
-        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0))  # fmt: skip
+    return transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            initializer_range=0.1,
+            max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
 
 
 def _mistral(seed):  # llama.cpp runs Mistral as llama (q/k rows permuted)
-    return transformers.MistralForCausalLM(transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.1, max_position_embeddings=256,
-        sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0))  # fmt: skip
+    return transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            initializer_range=0.1,
+            max_position_embeddings=256,
+            sliding_window=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
 
 
 def _to_transformers4(cfg: dict) -> dict:
@@ -122,9 +190,13 @@ def _model_family_exists(family: str) -> bool:
 
 
 # Families minilora's models/ adds: tested here as soon as ModelConfig knows them.
-FAMILIES.update({f"{name}-t5": (build, False) for name, build in (("qwen2", _qwen2), ("qwen3", _qwen3),
-                                                                  ("mistral", _mistral))
-                 if _model_family_exists(name)})  # fmt: skip
+FAMILIES.update(
+    {
+        f"{name}-t5": (build, False)
+        for name, build in (("qwen2", _qwen2), ("qwen3", _qwen3), ("mistral", _mistral))
+        if _model_family_exists(name)
+    }
+)
 
 
 def make_spm_tokenizer(out_dir, vocab_size=400):
@@ -134,8 +206,13 @@ def make_spm_tokenizer(out_dir, vocab_size=400):
 
     """A Gemma-style SentencePiece BPE tokenizer.json trained here: <pad> <eos> <bos> <unk> <mask>, turn
     markers, 256 byte-fallback tokens, then merged pieces in merge order."""
-    corpus = ["The quick brown fox jumps over the lazy dog.", "naïve café 12345 67890", "Hello  world\\t tabs",
-              "日本語のテキスト", "def f(x):\\n    return x * 2"] * 20
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "naïve café 12345 67890",
+        "Hello  world\\t tabs",
+        "日本語のテキスト",
+        "def f(x):\\n    return x * 2",
+    ] * 20
     t = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     t.normalizer = normalizers.Replace(" ", "▁")
     t.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
@@ -154,8 +231,10 @@ def make_spm_tokenizer(out_dir, vocab_size=400):
     tok.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-               "add_bos_token": True}, open(os.path.join(out_dir, "tokenizer_config.json"), "w"))
+    json.dump(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True},
+        open(os.path.join(out_dir, "tokenizer_config.json"), "w"),
+    )
     return len(pieces)
 
 
@@ -237,9 +316,11 @@ def test_gguf_logits_equal_merged_checkpoint(tmp_path, family, gguf_type):
     reader = G.gguf_arch(cfg).reader_model_type  # transformers reads a Mistral GGUF as llama, as llama.cpp does
     hf_config["model_type"] = reader or hf_config["model_type"]
     config = transformers.CONFIG_MAPPING[hf_config["model_type"]](
-        **{k: v for k, v in hf_config.items() if k != "model_type"})  # fmt: skip
+        **{k: v for k, v in hf_config.items() if k != "model_type"}
+    )
     got_model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file=os.path.basename(out), config=config, dtype=torch.float32).eval()  # fmt: skip
+        str(tmp_path), gguf_file=os.path.basename(out), config=config, dtype=torch.float32
+    ).eval()
     got = hf_logits(got_model, ids)
     assert rel_err(want, got) <= 1e-4
     if gguf_type == "q4_0":
@@ -282,18 +363,26 @@ def test_gguf_metadata_is_what_llama_cpp_writes(tmp_path, family):
     hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     arch = G.ARCHS[family.split("-")[0]].arch
     want = {
-        "general.architecture": arch, "general.type": "model", "general.file_type": 7,
+        "general.architecture": arch,
+        "general.type": "model",
+        "general.file_type": 7,
         "general.quantization_version": 2,
-        f"{arch}.context_length": c["max_position_embeddings"], f"{arch}.embedding_length": c["hidden_size"],
-        f"{arch}.feed_forward_length": c["intermediate_size"], f"{arch}.block_count": c["num_hidden_layers"],
+        f"{arch}.context_length": c["max_position_embeddings"],
+        f"{arch}.embedding_length": c["hidden_size"],
+        f"{arch}.feed_forward_length": c["intermediate_size"],
+        f"{arch}.block_count": c["num_hidden_layers"],
         f"{arch}.attention.head_count": c["num_attention_heads"],
         f"{arch}.attention.head_count_kv": c["num_key_value_heads"],
-        f"{arch}.attention.key_length": hd, f"{arch}.attention.value_length": hd,
+        f"{arch}.attention.key_length": hd,
+        f"{arch}.attention.value_length": hd,
         f"{arch}.attention.layer_norm_rms_epsilon": c["rms_norm_eps"],
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 0,
         "tokenizer.ggml.add_bos_token": True,
-    }  # fmt: skip
+    }
     if arch != "gemma3":
         theta = c.get("rope_theta", rope.get("rope_theta"))
         want[f"{arch}.rope.freq_base"] = theta
@@ -302,27 +391,36 @@ def test_gguf_metadata_is_what_llama_cpp_writes(tmp_path, family):
     if arch == "gemma3":
         theta = c.get("rope_theta", rope.get("full_attention", {}).get("rope_theta"))
         scaling = c.get("rope_scaling") or {k: v for k, v in rope["full_attention"].items() if k != "rope_theta"}
-        want.update({f"{arch}.rope.freq_base": theta, f"{arch}.rope.scaling.type": "linear",
-                     f"{arch}.rope.scaling.factor": scaling["factor"], f"{arch}.attention.sliding_window": c["sliding_window"],
-                     f"{arch}.final_logit_softcapping": c["final_logit_softcapping"]})  # fmt: skip
+        want.update(
+            {
+                f"{arch}.rope.freq_base": theta,
+                f"{arch}.rope.scaling.type": "linear",
+                f"{arch}.rope.scaling.factor": scaling["factor"],
+                f"{arch}.attention.sliding_window": c["sliding_window"],
+                f"{arch}.final_logit_softcapping": c["final_logit_softcapping"],
+            }
+        )
     reader = gguf.GGUFReader(out)
     for key, value in want.items():
         got = _field(reader, key)
-        assert (math.isclose(got, value, rel_tol=1e-6) if isinstance(value, float) else got == value), key
+        assert math.isclose(got, value, rel_tol=1e-6) if isinstance(value, float) else got == value, key
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = json.load(open(os.path.join(base, "tokenizer.json")))["model"]["vocab"]
     assert len(tokens) == c["vocab_size"] and all(tokens[i] == t for t, i in vocab.items())
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) == (not c.get("tie_word_embeddings", arch == "gemma3"))
-    if (c.get("rope_scaling") or rope).get("rope_type") == "llama3":  # llama3 rope scaling travels as llama.cpp's rope_freqs tensor: f_default / f_llama3
+    if (c.get("rope_scaling") or rope).get(
+        "rope_type"
+    ) == "llama3":  # llama3 rope scaling travels as llama.cpp's rope_freqs tensor: f_default / f_llama3
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         hf_cfg = transformers.AutoConfig.from_pretrained(base)
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
         plain = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         f = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        torch.testing.assert_close(torch.from_numpy(np.array(f.data)).double(), plain / scaled.double(),
-                                   rtol=1e-5, atol=0)  # fmt: skip
+        torch.testing.assert_close(
+            torch.from_numpy(np.array(f.data)).double(), plain / scaled.double(), rtol=1e-5, atol=0
+        )
 
 
 _TOKENIZERS = {}
@@ -340,29 +438,67 @@ def _tokenizer_pair(tmp_path_factory, kind: str):
             tok_dir = str(tmp / "spm")
             make_spm_tokenizer(tok_dir)
         elif kind in ("llama-bpe", "qwen2"):  # the bundled vocabulary behind Llama 3's / Qwen 2's split regex
-            from minilora.gguf_vocab import PRE_TOKENIZERS
+            from minilora.export.gguf_vocab import PRE_TOKENIZERS
 
             tok_dir = str(tmp / kind)
             shutil.copytree(TOK_DIR, tok_dir)
             regex = next(r for r, name in PRE_TOKENIZERS.items() if name == kind)
             tj = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
-            tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+            tj["pre_tokenizer"] = {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+                ],
+            }
             json.dump(tj, open(os.path.join(tok_dir, "tokenizer.json"), "w"))
         base, run = make_run(tmp, "gemma3-t5", tok_dir=tok_dir)
         E.export_adapter(run, str(tmp / "m.gguf"), fmt="gguf", gguf_type="q4_0", validate=False, log=lambda m: None)
-        _TOKENIZERS[kind] = (transformers.AutoTokenizer.from_pretrained(str(tmp), gguf_file="m.gguf"),
-                             Tokenizer.from_file(os.path.join(base, "tokenizer.json")))  # fmt: skip
+        _TOKENIZERS[kind] = (
+            transformers.AutoTokenizer.from_pretrained(str(tmp), gguf_file="m.gguf"),
+            Tokenizer.from_file(os.path.join(base, "tokenizer.json")),
+        )
     return _TOKENIZERS[kind]
 
 
 @settings(max_examples=25)
-@given(kind=st.sampled_from(["byte-level", "llama-bpe", "qwen2", "sentencepiece"]),
-       text=st.lists(st.sampled_from(["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<pad>", " ", "  ",
-                                      "\t", "\n", "\n\n", "0", "42", "31415926", "ab", "Hello", "naïve", "日本",
-                                      "🤗", "ß", "'s", "'LL", "x.y", "-", "  \n ", "quick", "fox", "\r\n"]),
-                     max_size=20).map("".join))  # fmt: skip
+@given(
+    kind=st.sampled_from(["byte-level", "llama-bpe", "qwen2", "sentencepiece"]),
+    text=st.lists(
+        st.sampled_from(
+            [
+                "<bos>",
+                "<eos>",
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "<pad>",
+                " ",
+                "  ",
+                "\t",
+                "\n",
+                "\n\n",
+                "0",
+                "42",
+                "31415926",
+                "ab",
+                "Hello",
+                "naïve",
+                "日本",
+                "🤗",
+                "ß",
+                "'s",
+                "'LL",
+                "x.y",
+                "-",
+                "  \n ",
+                "quick",
+                "fox",
+                "\r\n",
+            ]
+        ),
+        max_size=20,
+    ).map("".join),
+)
 def test_gguf_tokenizer_matches_on_drawn_text(tmp_path_factory, kind, text):
     ours, ref = _tokenizer_pair(tmp_path_factory, kind)
     assert ours(text)["input_ids"] == ref.encode(text, add_special_tokens=True).ids
@@ -375,7 +511,9 @@ def test_sentencepiece_vocab_fields(tmp_path_factory):
     reader = gguf.GGUFReader(str(path))
     tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
     scores = _field(reader, "tokenizer.ggml.scores")
-    assert _field(reader, "tokenizer.ggml.model") == "llama" and _field(reader, "tokenizer.ggml.add_space_prefix") is False
+    assert (
+        _field(reader, "tokenizer.ggml.model") == "llama" and _field(reader, "tokenizer.ggml.add_space_prefix") is False
+    )
     assert [types[tokens.index(f"<0x{b:02X}>")] for b in range(256)] == [6] * 256
     assert types[tokens.index("<unk>")] == 2 and types[tokens.index("<bos>")] == 3
     merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(ref.to_str())["model"]["merges"]]
@@ -386,8 +524,14 @@ def test_sentencepiece_vocab_fields(tmp_path_factory):
 
 
 @settings(max_examples=25)
-@given(h_kv=st.integers(1, 4), group=st.integers(1, 3), half=st.integers(1, 8), k=st.integers(1, 9),
-       bias=st.booleans(), seed=st.integers(0, 99))  # fmt: skip
+@given(
+    h_kv=st.integers(1, 4),
+    group=st.integers(1, 3),
+    half=st.integers(1, 8),
+    k=st.integers(1, 9),
+    bias=st.booleans(),
+    seed=st.integers(0, 99),
+)
 def test_qk_row_order_is_what_transformers_undoes(h_kv, group, half, k, bias, seed):
     """transformers' GGUF loader un-permutes llama q/k rows; our permutation must be its inverse."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
@@ -406,7 +550,7 @@ def _merged(tmp_path, family, dtype=torch.float32):
     """The merged model as export_adapter holds it (loaded and merged in `dtype`)."""
     base, run = make_run(tmp_path, family)
     model, tok = load_model(base, quantize=None, dtype=dtype)
-    from minilora.adapter import load_adapter
+    from minilora.lora.adapter import load_adapter
 
     load_adapter(model, os.path.join(run, "adapter"))
     E.merge_to_dense(model, dtype)
@@ -488,16 +632,21 @@ def test_gguf_lora_tensors_equal_the_adapters(tmp_path_factory, family, use_rslo
     reader = gguf.GGUFReader(out)
     assert _field(reader, "general.type") == "adapter" and _field(reader, "adapter.type") == "lora"
     assert _field(reader, "adapter.lora.alpha") == 8.0
-    got = {t.name: torch.from_numpy(np.array(t.data)).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
-    undo = LlamaTensorProcessor(config={"num_attention_heads": c["num_attention_heads"],
-                                        "num_key_value_heads": c["num_key_value_heads"]})  # fmt: skip
+    got = {
+        t.name: torch.from_numpy(np.array(t.data)).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors
+    }
+    undo = LlamaTensorProcessor(
+        config={"num_attention_heads": c["num_attention_heads"], "num_key_value_heads": c["num_key_value_heads"]}
+    )
     arch = G.ARCHS[family.split("-")[0]].arch
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c["num_hidden_layers"])
     adapter = load_file(os.path.join(run, "adapter", "adapter_model.safetensors"))
     n = 0
     for key, want in adapter.items():
         path, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
-        gname = names.get_name(path + ".weight", try_suffixes=(".weight",)) + (".lora_a" if part == "A.weight" else ".lora_b")
+        gname = names.get_name(path + ".weight", try_suffixes=(".weight",)) + (
+            ".lora_a" if part == "A.weight" else ".lora_b"
+        )
         t = got[gname]
         if part == "B.weight":
             if G.ARCHS[family.split("-")[0]].permute_qk and (".attn_q." in gname or ".attn_k." in gname):
@@ -574,15 +723,16 @@ def test_unmappable_model_is_refused_in_one_sentence(tmp_path, capsys, monkeypat
 
 def test_validation_prompts_come_from_the_runs_eval_data(tmp_path):
     """The held-out prompts, rendered as evaluation renders them; no data at all: seeded random ids."""
-    from minilora.evaluate import prompt_ids
+    from minilora.data.records import load_records
+    from minilora.eval.evaluate import prompt_ids
+    from minilora.export.readback import validation_prompts
     from minilora.models.tokenizer import Tokenizer
-    from minilora.data import load_records
-    from minilora.validate import validation_prompts
 
     tok = Tokenizer.from_dir(TOK_DIR)
     data = tmp_path / "eval.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "completion": str(2 * i)}) + "\n"
-                            for i in range(6)))  # fmt: skip
+    data.write_text(
+        "".join(json.dumps({"prompt": f"What is {i} + {i}?", "completion": str(2 * i)}) + "\n" for i in range(6))
+    )
     run_cfg = {"eval_data": str(data), "data": "/nonexistent.jsonl", "template": "chat"}
     ids, source = validation_prompts(run_cfg, tok, VOCAB)
     want = [prompt_ids(e, tok, "chat") for e in load_records(str(data), "auto")[0][:4]]

@@ -1,6 +1,6 @@
 """Triton NF4 kernels (kernels/nf4_dequant.py, kernels/nf4_matmul.py) against their references.
 
-Chain of oracles: kernel == PyTorch reference (minilora.nf4.dequantize_nf4_reference) and
+Chain of oracles: kernel == PyTorch reference (minilora.quant.nf4.dequantize_nf4_reference) and
 reference == bitsandbytes.functional.dequantize_4bit; fused matmul == dequantize-then-matmul.
 On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py), whose float32 -> bf16
 cast truncates where a GPU rounds to nearest even, so bf16/fp16 outputs are compared within one
@@ -11,18 +11,17 @@ Letters: N tokens, K in_features, M out_features (W is (M, K)).
 
 import math
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import bitsandbytes.functional as bnbF
-
 from minilora.kernels import common, nf4_matmul  # noqa: E402
 from minilora.kernels.nf4_dequant import dequantize_nf4_triton  # noqa: E402
 from minilora.kernels.nf4_matmul import nf4_matmul_t_triton, nf4_matmul_triton, use_fused  # noqa: E402
-from minilora.nf4 import NF4Tensor, dequantize_nf4_reference, quantize_nf4  # noqa: E402
+from minilora.quant.nf4 import NF4Tensor, dequantize_nf4_reference, quantize_nf4  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -37,7 +36,7 @@ def assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor) -> None:
         return
     a = got.view(_INT_VIEW[got.dtype]).int()
     b = want.view(_INT_VIEW[want.dtype]).int()
-    same_sign = (got.float() * want.float() >= 0)
+    same_sign = got.float() * want.float() >= 0
     bad = ((a - b).abs() > 1) | ~same_sign
     assert not bad.any(), f"{int(bad.sum())} values off by more than one ulp, e.g. {got[bad][:4]} vs {want[bad][:4]}"
 
@@ -47,7 +46,7 @@ def random_weight(seed: int, shape, scale_exp: int, case: str, blocksize: int, d
     w = torch.randn(shape, generator=g) * 10.0**scale_exp
     flat = w.view(-1)
     if case == "zero_block":
-        flat[: blocksize] = 0  # an all-zero block: absmax 0, every value must come back 0
+        flat[:blocksize] = 0  # an all-zero block: absmax 0, every value must come back 0
     elif case == "outlier":
         flat[int(torch.randint(0, flat.numel(), (1,), generator=g))] *= 1e4
     big = torch.finfo(dtype).max  # an fp16 outlier stays finite
@@ -82,6 +81,7 @@ def nf4_tensors(draw, max_numel=3000):
 
 # --- dequantization ------------------------------------------------------------------------------
 
+
 @given(nf4_tensors(), st.sampled_from(DTYPES), st.sampled_from([16, 64, 1024]))
 def test_dequant_kernel_matches_reference(q, dtype, block_size):
     """Any shape/blocksize/scale/double-quant, any output dtype, several program sizes."""
@@ -99,13 +99,16 @@ def test_reference_and_kernel_match_bitsandbytes(q):
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("shape,blocksize,block_size", [
-    ((3, 37), 32, 16),      # numel 111: ragged last block, odd numel (padding nibble), ragged program
-    ((64,), 64, 1024),      # exactly one block
-    ((1,), 4096, 16),       # one element, a block far larger than the tensor
-    ((1, 200), 128, 16),    # a one-row matrix
-    ((257, 33), 32, 16),    # more than 256 blocks: several second-level blocks (absmax2)
-])
+@pytest.mark.parametrize(
+    "shape,blocksize,block_size",
+    [
+        ((3, 37), 32, 16),  # numel 111: ragged last block, odd numel (padding nibble), ragged program
+        ((64,), 64, 1024),  # exactly one block
+        ((1,), 4096, 16),  # one element, a block far larger than the tensor
+        ((1, 200), 128, 16),  # a one-row matrix
+        ((257, 33), 32, 16),  # more than 256 blocks: several second-level blocks (absmax2)
+    ],
+)
 def test_dequant_odd_sizes(shape, blocksize, block_size, double_quant):
     w = random_weight(0, shape, 0, "plain", blocksize)
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
@@ -117,6 +120,7 @@ def test_dequant_odd_sizes(shape, blocksize, block_size, double_quant):
 
 
 # --- fused matmul ----------------------------------------------------------------------------------
+
 
 def assert_matmul_close(got: torch.Tensor, a: torch.Tensor, w: torch.Tensor, transposed: bool) -> None:
     """got ~ a @ w^T (or a @ w) computed in a.dtype by PyTorch, w the dequantized weight (M, K).
@@ -206,6 +210,7 @@ def test_fused_matmul_noncontiguous_input():
 
 # --- launcher validation and dispatch ---------------------------------------------------------------
 
+
 def test_launchers_reject_bad_inputs(monkeypatch):
     q = quantize_nf4(torch.randn(8, 64), blocksize=32)
     with pytest.raises(ValueError, match="output dtype"):
@@ -216,8 +221,9 @@ def test_launchers_reject_bad_inputs(monkeypatch):
     short = NF4Tensor(q.packed[:-1], q.absmax, q.shape, q.dtype, q.blocksize, q.absmax2, q.offset)
     with pytest.raises(ValueError, match="packed has 255 elements, expected 256"):
         dequantize_nf4_triton(short)
-    strided = NF4Tensor(torch.stack([q.packed, q.packed], 1)[:, 0], q.absmax, q.shape, q.dtype,
-                        q.blocksize, q.absmax2, q.offset)
+    strided = NF4Tensor(
+        torch.stack([q.packed, q.packed], 1)[:, 0], q.absmax, q.shape, q.dtype, q.blocksize, q.absmax2, q.offset
+    )
     with pytest.raises(ValueError, match="not contiguous"):
         dequantize_nf4_triton(strided)
     with pytest.raises(ValueError, match="last dim must be 64"):
@@ -251,6 +257,7 @@ def test_use_fused_by_shape_and_dtype():
 
 # --- the real compiler, without a GPU ---------------------------------------------------------------
 
+
 def test_every_kernel_configuration_compiles_for_sm90():
     """The interpreter runs the Python, not Triton's compiler: layouts, tl.dot shape rules and
     dtype lowering are only checked by compiling. bench/kernel_resources.py --check compiles every
@@ -265,12 +272,19 @@ def test_every_kernel_configuration_compiles_for_sm90():
         pytest.skip("this Triton build has no CUDA backend to compile with")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "bench.kernel_resources", "--check"],
-                       capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.kernel_resources", "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 # --- GPU: the same comparisons at real sizes, exactly (a GPU rounds casts to nearest even) -----------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1152, 1024), (6912, 1152), (4096, 4096), (4095, 333)])
@@ -292,7 +306,8 @@ def test_gpu_real_sizes(shape, double_quant):
         assert_matmul_close(nf4_matmul_t_triton(g, q), g, wd, transposed=True)
         assert use_fused(x, q) == (n <= nf4_matmul.FUSED_MAX_TOKENS and k % 64 == 0)
     # the dispatcher end to end: NF4Linear forward and input gradient on CUDA
-    from minilora.quant_linear import NF4Linear
+    from minilora.quant.linear import NF4Linear
+
     lin = NF4Linear(q)
     x = torch.randn(2, 3, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = lin(x)

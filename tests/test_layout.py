@@ -4,6 +4,8 @@ minilora.kernels and minilora.models, never as top-level packages of their own."
 import importlib
 import importlib.util
 import os
+import subprocess
+import sys
 
 import minilora
 
@@ -13,9 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_subpackages_resolve_to_top_level_folders():
     for name in ("kernels", "models"):
         mod = importlib.import_module(f"minilora.{name}")
-        assert os.path.realpath(os.path.dirname(mod.__file__)) == os.path.realpath(
-            os.path.join(ROOT, name)
-        ), mod.__file__
+        assert os.path.realpath(os.path.dirname(mod.__file__)) == os.path.realpath(os.path.join(ROOT, name)), (
+            mod.__file__
+        )
 
 
 def test_kernels_and_models_not_installed_top_level():
@@ -29,3 +31,35 @@ def test_kernels_and_models_not_installed_top_level():
 
 def test_version():
     assert minilora.__version__.count(".") == 2
+
+
+def _run_from_root(code: str, extra_path: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = extra_path
+    # -c puts the working directory, the repository root, first on sys.path, as running a script there does
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_top_level_kernels_import_resolves_to_the_installed_pypi_package(tmp_path):
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("WHO = 'pypi'\n\ndef get_kernel(name):\n    return name\n")
+    out = _run_from_root(
+        "import kernels, minilora.kernels.dispatch as d\n"
+        "print(kernels.WHO, kernels.get_kernel('x'), d.__name__, d.__file__)",
+        extra_path=str(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr
+    who, got, name, path = out.stdout.split()
+    assert (who, got, name) == ("pypi", "x", "minilora.kernels.dispatch")
+    assert os.path.realpath(path) == os.path.realpath(os.path.join(ROOT, "kernels", "dispatch.py"))
+
+
+def test_top_level_kernels_import_without_the_pypi_package_is_absent():
+    out = _run_from_root(
+        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('absent', e.name)\n"
+        "else:\n    print('found', kernels.__file__)\n"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["absent", "kernels"]

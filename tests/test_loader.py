@@ -4,24 +4,38 @@ the `tiny` preset, hub download arguments, and one clear sentence for every user
 import json
 import os
 
+import huggingface_hub  # noqa: E402
 import pytest
 import torch
+from huggingface_hub import errors as hub_errors  # noqa: E402
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import huggingface_hub  # noqa: E402
-from huggingface_hub import errors as hub_errors  # noqa: E402
-from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402  # noqa: E402
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from minilora.models.config import FULL, PRESETS, SLIDING  # noqa: E402
 from minilora.models.loader import ModelLoadError, load_model, quantize_linears  # noqa: E402
 
-TEXT = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=[SLIDING, FULL],
-            initializer_range=0.1)  # fmt: skip
+TEXT = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    sliding_window=4,
+    layer_types=[SLIDING, FULL],
+    initializer_range=0.1,
+)
 
 
 def _read_all(path):
@@ -32,8 +46,17 @@ def _read_all(path):
 @pytest.fixture
 def llama_dir(tmp_path):
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))  # fmt: skip
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     hf.save_pretrained(tmp_path)
     return tmp_path
 
@@ -41,23 +64,33 @@ def llama_dir(tmp_path):
 @pytest.mark.parametrize("layout", ["transformers-4 (language_model.model.)", "transformers-5 (model.language_model.)"])
 def test_gemma3_multimodal_checkpoint_loads_text_part(tmp_path, layout):
     torch.manual_seed(0)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)  # fmt: skip
-    cfg = Gemma3Config(text_config=TEXT, vision_config=vision, mm_tokens_per_image=4, boi_token_index=290,
-                       eoi_token_index=291, image_token_index=292)  # fmt: skip
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    cfg = Gemma3Config(
+        text_config=TEXT,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=290,
+        eoi_token_index=291,
+        image_token_index=292,
+    )
     hf = Gemma3ForConditionalGeneration(cfg).eval()
     hf.save_pretrained(tmp_path)
     path = str(tmp_path / "model.safetensors")
     tensors = _read_all(path)
     assert any(k.startswith("vision_tower.") for k in tensors)  # vision tensors must be skipped
     if layout.startswith("transformers-5"):
-        ren = {"language_model.model.": "model.language_model.", "vision_tower.": "model.vision_tower.",
-               "multi_modal_projector.": "model.multi_modal_projector."}  # fmt: skip
+        ren = {
+            "language_model.model.": "model.language_model.",
+            "vision_tower.": "model.vision_tower.",
+            "multi_modal_projector.": "model.multi_modal_projector.",
+        }
         out = {}
         for k, v in tensors.items():
             for old, new in ren.items():
                 if k.startswith(old):
-                    k = new + k[len(old):]
+                    k = new + k[len(old) :]
                     break
             out[k] = v
         save_file(out, path)
@@ -75,8 +108,9 @@ def test_quantize_on_load_equals_quantize_after_full_load(tmp_path_factory, bloc
     torch.manual_seed(1)
     hf = Gemma3ForCausalLM(Gemma3TextConfig(**TEXT)).to(torch.bfloat16)
     hf.save_pretrained(tmp, max_shard_size="20KB" if sharded else "5GB")
-    streamed, _ = load_model(str(tmp), quantize="nf4", dtype=torch.bfloat16, blocksize=blocksize,
-                             double_quant=double_quant)  # fmt: skip
+    streamed, _ = load_model(
+        str(tmp), quantize="nf4", dtype=torch.bfloat16, blocksize=blocksize, double_quant=double_quant
+    )
     dense, _ = load_model(str(tmp), quantize=None, dtype=torch.bfloat16)
     after = quantize_linears(dense, blocksize, double_quant)
     a, b = streamed.state_dict(), after.state_dict()
@@ -131,15 +165,22 @@ def _hub_error(cls, msg):
         return e
 
 
-@pytest.mark.parametrize("exc,pattern", [
-    (lambda: _hub_error(hub_errors.GatedRepoError, "403 gated"),
-     r"'google/gemma-3-1b-pt' is a gated model: accept its license on https://huggingface.co/google/gemma-3-1b-pt "
-     r"and set HF_TOKEN"),
-    (lambda: _hub_error(hub_errors.RepositoryNotFoundError, "404"), r"was not found on the Hugging Face hub"),
-    (lambda: hub_errors.LocalEntryNotFoundError("offline"),
-     r"is not in the local cache .* could not be downloaded \(no network, or HF_HUB_OFFLINE=1\)"),
-    (lambda: ConnectionError("unreachable"), r"downloading 'google/gemma-3-1b-pt' .* check the network connection"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "exc,pattern",
+    [
+        (
+            lambda: _hub_error(hub_errors.GatedRepoError, "403 gated"),
+            r"'google/gemma-3-1b-pt' is a gated model: accept its license on "
+            r"https://huggingface.co/google/gemma-3-1b-pt and set HF_TOKEN",
+        ),
+        (lambda: _hub_error(hub_errors.RepositoryNotFoundError, "404"), r"was not found on the Hugging Face hub"),
+        (
+            lambda: hub_errors.LocalEntryNotFoundError("offline"),
+            r"is not in the local cache .* could not be downloaded \(no network, or HF_HUB_OFFLINE=1\)",
+        ),
+        (lambda: ConnectionError("unreachable"), r"downloading 'google/gemma-3-1b-pt' .* check the network connection"),
+    ],
+)
 def test_hub_errors_become_one_sentence(monkeypatch, exc, pattern):
     def fake(repo_id, **kw):
         raise exc()
@@ -186,8 +227,11 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(llama_dir):
     save_file(original, path)
     cfg = json.loads((llama_dir / "config.json").read_text())
     (llama_dir / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 40}))
-    with pytest.raises(ModelLoadError, match=r"tensor model.layers.0.mlp.down_proj.weight in model.safetensors has "
-                                             r"shape \(32, 48\) but config.json implies \(32, 40\)"):  # fmt: skip
+    with pytest.raises(
+        ModelLoadError,
+        match=r"tensor model.layers.0.mlp.down_proj.weight in model.safetensors has "
+        r"shape \(32, 48\) but config.json implies \(32, 40\)",
+    ):
         load_model(str(llama_dir), quantize=None)
     (llama_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral"}))
     with pytest.raises(ModelLoadError, match=r"config.json: model_type 'mixtral' .* is not supported"):
@@ -198,8 +242,9 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(llama_dir):
 def test_truncated_or_corrupt_safetensors(llama_dir, damage):
     path = llama_dir / "model.safetensors"
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) - 100], "garbage header": b"\xff" * 16 + data[16:],
-                      "empty": b""}[damage])  # fmt: skip
+    path.write_bytes(
+        {"truncate": data[: len(data) - 100], "garbage header": b"\xff" * 16 + data[16:], "empty": b""}[damage]
+    )
     with pytest.raises(ModelLoadError, match=r"model.safetensors is truncated or corrupt .*; delete it and download"):
         load_model(str(llama_dir), quantize=None)
 
@@ -212,8 +257,9 @@ def test_missing_files(llama_dir, tmp_path_factory):
     with pytest.raises(ModelLoadError, match=r"has no config.json"):
         load_model(str(llama_dir))
     sharded = tmp_path_factory.mktemp("s")
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4)).save_pretrained(sharded, max_shard_size="20KB")  # fmt: skip
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    ).save_pretrained(sharded, max_shard_size="20KB")
     shard = sorted(p for p in os.listdir(sharded) if p.endswith(".safetensors"))[1]
     os.remove(sharded / shard)
     with pytest.raises(ModelLoadError, match=f"shard .*{shard} listed in .*index.json is missing"):

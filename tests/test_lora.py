@@ -23,10 +23,9 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import minilora.lora as lora_mod
-from minilora.lora import (AdapterError, LoRALinear, apply_lora, lora_parameters,
-                           lora_state_dict)
-from minilora.quant_linear import NF4Linear
+import minilora.lora.layers as lora_mod
+from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_parameters, lora_state_dict
+from minilora.quant.linear import NF4Linear
 
 
 def one(lin: nn.Module) -> nn.Module:
@@ -43,8 +42,14 @@ def bnb_linear4bit(nl: NF4Linear) -> nn.Module:
 
 def peft_twin(ours: LoRALinear, base: nn.Module):
     """PEFT's LoRA layer over `base` holding the same adapter weights as `ours`."""
-    cfg = LoraConfig(r=ours.r, lora_alpha=ours.alpha, target_modules=["lin"], lora_dropout=ours.dropout_p,
-                     use_rslora=ours.use_rslora, use_dora=ours.use_dora)
+    cfg = LoraConfig(
+        r=ours.r,
+        lora_alpha=ours.alpha,
+        target_modules=["lin"],
+        lora_dropout=ours.dropout_p,
+        use_rslora=ours.use_rslora,
+        use_dora=ours.use_dora,
+    )
     model = one(base)
     # PEFT picks its bitsandbytes LoRA layer (cast the LoRA term to the base dtype, then add) only for a
     # model marked as loaded in 4 bit, as transformers marks a BitsAndBytesConfig model; unmarked, it
@@ -101,10 +106,17 @@ def assert_same(got, want, dtype, bf16_ulps=0):
             torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol)
 
 
-hyper = dict(r=st.integers(1, 12), alpha=st.sampled_from([1, 8, 16.0, 32, 0.5]), rslora=st.booleans(),
-             dora=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-             batch=st.lists(st.integers(1, 4), min_size=0, max_size=2), bias=st.booleans(),
-             drop=st.sampled_from([(0.0, True), (0.25, True), (0.25, False)]), seed=st.integers(0, 2**16))
+hyper = dict(
+    r=st.integers(1, 12),
+    alpha=st.sampled_from([1, 8, 16.0, 32, 0.5]),
+    rslora=st.booleans(),
+    dora=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    batch=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    bias=st.booleans(),
+    drop=st.sampled_from([(0.0, True), (0.25, True), (0.25, False)]),
+    seed=st.integers(0, 2**16),
+)
 
 
 @settings(max_examples=12)  # each example builds PEFT's twin layer and compares forward and backward
@@ -120,13 +132,39 @@ def test_matches_peft_dense(k, m, r, alpha, rslora, dora, dtype, batch, bias, dr
     assert_same(fwd_bwd(ours, ours_params(ours), x, seed), fwd_bwd(pm, theirs, x, seed), dtype)
 
 
-@settings(max_examples=10)  # each example quantizes with both libraries and runs PEFT's QLoRA layer forward and backward
+@settings(
+    max_examples=10
+)  # each example quantizes with both libraries and runs PEFT's QLoRA layer forward and backward
 @given(k=st.sampled_from([100, 128, 256]), m=st.integers(1, 48), blocksize=st.sampled_from([32, 64, 128]), **hyper)
 # QLoRA's usual case on purpose (bf16, no DoRA: the fused function), with and without dropout.
-@example(k=128, m=24, blocksize=64, r=8, alpha=16, rslora=False, dora=False, dtype=torch.bfloat16, batch=[2, 5],
-         bias=False, drop=(0.0, True), seed=1)
-@example(k=256, m=7, blocksize=64, r=4, alpha=8, rslora=True, dora=False, dtype=torch.bfloat16, batch=[9],
-         bias=False, drop=(0.25, True), seed=2)
+@example(
+    k=128,
+    m=24,
+    blocksize=64,
+    r=8,
+    alpha=16,
+    rslora=False,
+    dora=False,
+    dtype=torch.bfloat16,
+    batch=[2, 5],
+    bias=False,
+    drop=(0.0, True),
+    seed=1,
+)
+@example(
+    k=256,
+    m=7,
+    blocksize=64,
+    r=4,
+    alpha=8,
+    rslora=True,
+    dora=False,
+    dtype=torch.bfloat16,
+    batch=[9],
+    bias=False,
+    drop=(0.25, True),
+    seed=2,
+)
 def test_matches_peft_on_bitsandbytes_nf4(k, m, blocksize, r, alpha, rslora, dora, dtype, batch, bias, drop, seed):
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, m, bias=bias).to(dtype)
@@ -141,10 +179,19 @@ def test_matches_peft_on_bitsandbytes_nf4(k, m, blocksize, r, alpha, rslora, dor
     assert_same(fwd_bwd(ours, ours_params(ours), x, seed), fwd_bwd(pm, theirs, x, seed), dtype, ulps)
 
 
-@settings(max_examples=10)  # each example quantizes with both libraries and runs PEFT's QLoRA layer forward and backward
-@given(k=st.sampled_from([64, 128]), m=st.integers(1, 48), rows=st.integers(1, 5), n=st.integers(1, 24),
-       r=st.integers(1, 8), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       drop=st.sampled_from([(0.0, True), (0.25, True)]), seed=st.integers(0, 2**16))
+@settings(
+    max_examples=10
+)  # each example quantizes with both libraries and runs PEFT's QLoRA layer forward and backward
+@given(
+    k=st.sampled_from([64, 128]),
+    m=st.integers(1, 48),
+    rows=st.integers(1, 5),
+    n=st.integers(1, 24),
+    r=st.integers(1, 8),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    drop=st.sampled_from([(0.0, True), (0.25, True)]),
+    seed=st.integers(0, 2**16),
+)
 def test_row_slices_match_peft_on_bitsandbytes_nf4(k, m, rows, n, r, dtype, drop, seed):
     """The fused NF4 function's float32 LoRA terms run over row slices (lora.LORA_SLICE_BYTES); with
     slices of 1-5 rows, so that most batches take several, outputs and gradients still equal PEFT's:
@@ -263,8 +310,15 @@ def test_merged_weight_equals_peft_merge(dora):
 
 
 def tiny_llama(tie=False):
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg)
 
@@ -284,8 +338,11 @@ def test_apply_lora_selects_and_reports_like_peft(targets, tie):
     report = apply_lora(ours, targets, r=4, alpha=8, verbose=False)
     pm, msg = peft_message(theirs, r=4, lora_alpha=8, target_modules=targets)
     assert report["message"] == msg
-    peft_names = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
-                  and isinstance(getattr(m, "lora_A"), nn.ModuleDict)}
+    peft_names = {
+        n.removeprefix("base_model.model.")
+        for n, m in pm.named_modules()
+        if hasattr(m, "lora_A") and isinstance(getattr(m, "lora_A"), nn.ModuleDict)
+    }
     assert set(report["modules"]) == peft_names
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable == set(lora_state_dict(ours)) and len(lora_parameters(ours)) == len(trainable)
@@ -294,8 +351,10 @@ def test_apply_lora_selects_and_reports_like_peft(targets, tie):
 def test_report_counts_nf4_like_peft_on_bitsandbytes():
     """An all-NF4 model reports the same numbers as PEFT over bitsandbytes Linear4bit (logical numel)."""
     ours, theirs = tiny_llama(), tiny_llama()
-    for model, wrap in ((ours, lambda lin: NF4Linear.from_linear(lin)),
-                        (theirs, lambda lin: bnb_linear4bit(NF4Linear.from_linear(lin)))):
+    for model, wrap in (
+        (ours, lambda lin: NF4Linear.from_linear(lin)),
+        (theirs, lambda lin: bnb_linear4bit(NF4Linear.from_linear(lin))),
+    ):
         for name, mod in list(model.named_modules()):
             if isinstance(mod, nn.Linear) and name != "lm_head":
                 parent, _, leaf = name.rpartition(".")
@@ -340,8 +399,10 @@ def test_init_matches_peft(init):
     torch.manual_seed(11)
     ours = LoRALinear(copy.deepcopy(lin), 8, 16, init=init)
     torch.manual_seed(11)
-    pm = get_peft_model(one(copy.deepcopy(lin)), LoraConfig(r=8, lora_alpha=16, target_modules=["lin"],
-                                                            init_lora_weights=True if init == "default" else init))
+    pm = get_peft_model(
+        one(copy.deepcopy(lin)),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["lin"], init_lora_weights=True if init == "default" else init),
+    )
     layer = pm.base_model.model.lin
     assert torch.equal(ours.lora_A.weight, layer.lora_A["default"].weight)
     assert not ours.lora_B.weight.any()

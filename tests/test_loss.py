@@ -1,4 +1,4 @@
-"""minilora.loss, the one chunked loss: training, validation and perplexity vs full logits.
+"""minilora.train.loss, the one chunked loss: training, validation and perplexity vs full logits.
 
 HeadCrossEntropyFn computes dL/dh inside its forward pass; torch autograd on full logits is the
 reference, for drawn sizes, chunk sizes, soft-capping and dtypes. chunked_lm_loss on the tiny model
@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.loss import IGNORE, HeadCrossEntropyFn, chunked_lm_loss
+from minilora.train.loss import IGNORE, HeadCrossEntropyFn, chunked_lm_loss
 
 
 def full_logits_loss(logits, labels):
     """Unchunked reference: sum_t CE(logits[:, t], labels[:, t+1]) from (B, T, V) logits, float64."""
     V = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].double().reshape(-1, V), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")  # fmt: skip
+    return F.cross_entropy(
+        logits[:, :-1].double().reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def reference(h, w, y, cap):
@@ -35,8 +36,15 @@ def reference(h, w, y, cap):
     return F.cross_entropy(z, y, reduction="sum")
 
 
-@given(n=st.integers(0, 40), d=st.integers(1, 24), v=st.integers(2, 300), chunk=st.sampled_from([1, 7, 16, 1024]),
-       cap=st.sampled_from([None, 5.0, 30.0]), scale=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 10**6))
+@given(
+    n=st.integers(0, 40),
+    d=st.integers(1, 24),
+    v=st.integers(2, 300),
+    chunk=st.sampled_from([1, 7, 16, 1024]),
+    cap=st.sampled_from([None, 5.0, 30.0]),
+    scale=st.sampled_from([0.1, 1.0, 10.0]),
+    seed=st.integers(0, 10**6),
+)
 def test_head_cross_entropy_equals_autograd(n, d, v, chunk, cap, scale, seed):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(n, d, generator=g) * scale).requires_grad_()
@@ -69,10 +77,9 @@ def test_head_cross_entropy_bf16_close_to_autograd():
 @settings(max_examples=5)  # each example builds a model and a full-vocabulary reference
 @given(seed=st.integers(0, 1000), chunk=st.sampled_from([5, 64, 1024]))
 def test_chunked_lm_loss_equals_full_logits_loss(seed, chunk):
+    from minilora.data.packing import Batch
+    from minilora.lora.layers import apply_lora, lora_parameters
     from minilora.models.loader import load_model
-
-    from minilora.lora import apply_lora, lora_parameters
-    from minilora.packing import Batch
 
     model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
     apply_lora(model, r=4, alpha=8, dropout=0.0, init="gaussian", verbose=False, seed=seed)
@@ -105,11 +112,17 @@ def _model(family: str, vocab: int, dtype, seed: int, hidden: int = 64, layers: 
     from minilora.models.transformer import Transformer
 
     cfg = ModelConfig.from_name("tiny")
-    cfg = dataclasses.replace(cfg, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                              layer_types=[SLIDING, FULL][:layers] if layers <= 2 else cfg.layer_types)  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        layer_types=[SLIDING, FULL][:layers] if layers <= 2 else cfg.layer_types,
+    )
     if family == "llama":
-        cfg = dataclasses.replace(cfg, family="llama", hidden_act="silu", query_pre_attn_scalar=None,
-                                  final_logit_softcapping=None)  # fmt: skip
+        cfg = dataclasses.replace(
+            cfg, family="llama", hidden_act="silu", query_pre_attn_scalar=None, final_logit_softcapping=None
+        )
     else:
         cfg = dataclasses.replace(cfg, final_logit_softcapping=30.0)
     torch.manual_seed(seed)
@@ -120,12 +133,17 @@ def _model(family: str, vocab: int, dtype, seed: int, hidden: int = 64, layers: 
     return model
 
 
-@given(family=st.sampled_from(["gemma3", "llama"]), seed=st.integers(0, 10**6),
-       lengths=st.lists(st.integers(2, 40), min_size=1, max_size=6), batch_size=st.integers(1, 4),
-       chunk=st.sampled_from([1, 3, 16, 256]), data=st.data())  # fmt: skip
+@given(
+    family=st.sampled_from(["gemma3", "llama"]),
+    seed=st.integers(0, 10**6),
+    lengths=st.lists(st.integers(2, 40), min_size=1, max_size=6),
+    batch_size=st.integers(1, 4),
+    chunk=st.sampled_from([1, 3, 16, 256]),
+    data=st.data(),
+)
 def test_completion_loss_equals_unchunked_float64_reference(family, seed, lengths, batch_size, chunk, data):
-    from minilora.data import EncodedExample
-    from minilora.evaluate import completion_loss
+    from minilora.data.encode import EncodedExample
+    from minilora.eval.evaluate import completion_loss
 
     model = _model(family, 97, torch.float64, seed)
     g = torch.Generator().manual_seed(seed)
@@ -135,8 +153,9 @@ def test_completion_loss_equals_unchunked_float64_reference(family, seed, length
         labelled = data.draw(st.lists(st.booleans(), min_size=L, max_size=L))
         encoded.append(EncodedExample(ids, [t if keep else IGNORE for t, keep in zip(ids, labelled)]))
     with torch.no_grad():
-        ref = sum(float(full_logits_loss(model(torch.tensor([e.input_ids])), torch.tensor([e.labels])))
-                  for e in encoded)  # fmt: skip
+        ref = sum(
+            float(full_logits_loss(model(torch.tensor([e.input_ids])), torch.tensor([e.labels]))) for e in encoded
+        )
     total, count = completion_loss(model, encoded, batch_size, pad_id=0, chunk=chunk)
     assert count == sum(sum(t != IGNORE for t in e.labels[1:]) for e in encoded)
     assert total == pytest.approx(ref, rel=1e-6, abs=1e-9)
@@ -150,8 +169,8 @@ _PEAK_SCRIPT = """
 import torch
 torch.set_num_threads(1)
 from test_loss import _model  # the subprocess runs in tests/
-from minilora.data import EncodedExample
-from minilora.evaluate import completion_loss
+from minilora.data.encode import EncodedExample
+from minilora.eval.evaluate import completion_loss
 
 def kib(key):
     for line in open("/proc/self/status"):
@@ -173,10 +192,18 @@ def test_validation_peak_stays_far_below_full_logits_on_a_262k_vocabulary():
     V, B, T, chunk = 262144, 4, 128, 32
     logits_bytes = B * T * V * 4  # the float32 (B, T, V) logits the old path materialized: 512 MiB
     script = _PEAK_SCRIPT.format(V=V, B=B, T=T, chunk=chunk)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=False,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     peak = int(out.stdout.split()[-1])
     # chunked: about three (chunk, V) float32 buffers of 32 MiB (logits, log-softmax, a temporary) and
     # the activations; a third of the full logits leaves room for the allocator's variance
-    assert peak < logits_bytes / 3, f"validation added {peak / 2**20:.0f} MiB; full logits are {logits_bytes / 2**20:.0f} MiB"
+    assert peak < logits_bytes / 3, (
+        f"validation added {peak / 2**20:.0f} MiB; full logits are {logits_bytes / 2**20:.0f} MiB"
+    )

@@ -12,7 +12,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from minilora.models.config import FULL, SLIDING, ModelConfig  # noqa: E402
@@ -31,7 +30,9 @@ def _randomize_norms(hf):
     with torch.no_grad():
         for n, p in hf.named_parameters():
             if "norm" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.0 if "gemma" in type(hf).__name__.lower() else 1.0))
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * 0.3 + (0.0 if "gemma" in type(hf).__name__.lower() else 1.0)
+                )
     return hf
 
 
@@ -65,8 +66,20 @@ def gemma_configs(draw):
 def llama_configs(draw):
     hkv = draw(st.sampled_from([1, 2]))
     h = hkv * draw(st.sampled_from([1, 2, 4]))
-    scaling = draw(st.sampled_from([None, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                high_freq_factor=4.0, original_max_position_embeddings=16)]))  # fmt: skip
+    scaling = draw(
+        st.sampled_from(
+            [
+                None,
+                dict(
+                    rope_type="llama3",
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=16,
+                ),
+            ]
+        )
+    )
     return dict(
         vocab_size=draw(st.sampled_from([61, 128])),
         hidden_size=h * draw(st.sampled_from([8, 16])),
@@ -131,9 +144,20 @@ def test_attention_softcapping_matches_reference_formula(tmp_path, monkeypatch):
     hand the config value to that function and compare."""
     import transformers.models.gemma3.modeling_gemma3 as mg
 
-    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, sliding_window=3, layer_types=[SLIDING, FULL],
-              attn_logit_softcapping=0.5, query_pre_attn_scalar=8, initializer_range=0.3)  # fmt: skip
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=3,
+        layer_types=[SLIDING, FULL],
+        attn_logit_softcapping=0.5,
+        query_pre_attn_scalar=8,
+        initializer_range=0.3,
+    )
     monkeypatch.setattr(mg, "eager_attention_forward", functools.partial(mg.eager_attention_forward, softcap=0.5))
     hf = make_gemma(kw)
     ours = save_and_load(hf, tmp_path, False)
@@ -161,10 +185,10 @@ def test_padded_batch_and_packed_rows_equal_single_sequences(tmp_path_factory, k
     ids = torch.zeros(len(seqs), P, dtype=torch.long)
     mask = torch.zeros(len(seqs), P, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, P - len(s):], mask[i, P - len(s):] = s, 1
+        ids[i, P - len(s) :], mask[i, P - len(s) :] = s, 1
     right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)  # right padding, as training batches
     for i, s in enumerate(seqs):
-        right_ids[i, :len(s)], right_mask[i, :len(s)] = s, 1
+        right_ids[i, : len(s)], right_mask[i, : len(s)] = s, 1
     packed = torch.cat(seqs)[None]  # (1, sum(lens))
     segs = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None]
     # which batches may use plain causal attention (SDPA is_causal) instead of an explicit mask
@@ -178,16 +202,26 @@ def test_padded_batch_and_packed_rows_equal_single_sequences(tmp_path_factory, k
         start = 0
         for i, s in enumerate(seqs):
             alone = hf(s[None]).logits[0]  # (n, V)
-            assert rel_err(alone, batched[i, P - len(s):]) < 1e-5
-            assert rel_err(alone, right[i, :len(s)]) < 1e-5
-            assert rel_err(alone, packed_logits[start:start + len(s)]) < 1e-5
+            assert rel_err(alone, batched[i, P - len(s) :]) < 1e-5
+            assert rel_err(alone, right[i, : len(s)]) < 1e-5
+            assert rel_err(alone, packed_logits[start : start + len(s)]) < 1e-5
             start += len(s)
 
 
 def test_return_hidden_and_gradient_checkpointing(tmp_path):
-    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, sliding_window=3, final_logit_softcapping=2.0,
-              layer_types=[SLIDING, FULL, SLIDING], initializer_range=0.1)  # fmt: skip
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=3,
+        final_logit_softcapping=2.0,
+        layer_types=[SLIDING, FULL, SLIDING],
+        initializer_range=0.1,
+    )
     ours = save_and_load(make_gemma(kw), tmp_path, False).train()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     h = ours(ids, return_hidden=True)
@@ -206,22 +240,56 @@ def test_return_hidden_and_gradient_checkpointing(tmp_path):
 # --- config.json dialects -----------------------------------------------------------------------
 
 GEMMA_V4 = {  # shaped like google/gemma-3-1b-pt's config.json (transformers 4.50)
-    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
-    "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
-    "num_key_value_heads": 1, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000, "rope_local_base_freq": 10000,
-    "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window": 512, "sliding_window_pattern": 6,
-    "query_pre_attn_scalar": 256, "attn_logit_softcapping": None, "final_logit_softcapping": None,
-    "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0, "torch_dtype": "bfloat16",
-}  # fmt: skip
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "vocab_size": 262144,
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "query_pre_attn_scalar": 256,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": [1, 106],
+    "pad_token_id": 0,
+    "torch_dtype": "bfloat16",
+}
 LLAMA_V4 = {  # shaped like meta-llama/Llama-3.2-1B's config.json
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
-    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0, "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128001,
-    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-}  # fmt: skip
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
 
 
 def _strip(cfg: ModelConfig):

@@ -11,22 +11,21 @@ the oracle dequantizes the same bytes as a flat (n,) tensor (_bnb_dequantize), w
 import math
 import os
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-import bitsandbytes.functional as bnbF
-
-import minilora.nf4 as nf4_mod  # noqa: E402
-from minilora.nf4 import (  # noqa: E402
+import minilora.quant.nf4 as nf4_mod  # noqa: E402
+from minilora.quant.maps import dynamic_map, nf4_code  # noqa: E402
+from minilora.quant.nf4 import (  # noqa: E402
     NF4Tensor,
     dequantize_nf4,
     dequantize_nf4_cpu,
     dequantize_nf4_reference,
     quantize_nf4,
 )
-from minilora.quant_maps import dynamic_map, nf4_code  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]

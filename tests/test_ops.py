@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+
 from minilora.models import transformer
 from minilora.models.config import ModelConfig
 from minilora.models.ops import gated_act, gated_act_plain, rms_norm, rms_norm_plain
@@ -50,7 +51,13 @@ def norm_case(draw):
         x.view(-1, D)[0] = 0
     if draw(st.booleans()) and len(lead) >= 2:  # a transposed view, as q_norm / k_norm get (B, H, T, hd)
         x = x.transpose(0, 1).contiguous().transpose(0, 1)
-    return dtype, x, torch.randn(D, dtype=torch.float64).to(dtype), draw(st.sampled_from([1e-6, 1e-5])), draw(st.booleans())
+    return (
+        dtype,
+        x,
+        torch.randn(D, dtype=torch.float64).to(dtype),
+        draw(st.sampled_from([1e-6, 1e-5])),
+        draw(st.booleans()),
+    )
 
 
 @given(case=norm_case(), seed=st.integers(0, 2**16))
@@ -96,9 +103,15 @@ def test_rms_norm_with_a_trainable_weight_gets_its_gradient():
         assert got is not None and torch.equal(got, w.grad)
 
 
-@given(dtype=st.sampled_from(DTYPES), shape=st.lists(st.integers(1, 7), min_size=1, max_size=3),
-       F_=st.integers(1, 80), gelu=st.booleans(), scale=st.sampled_from([0.1, 1.0, 8.0, 30.0]),
-       needs=st.sampled_from([(True, True), (True, False), (False, True)]), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    F_=st.integers(1, 80),
+    gelu=st.booleans(),
+    scale=st.sampled_from([0.1, 1.0, 8.0, 30.0]),
+    needs=st.sampled_from([(True, True), (True, False), (False, True)]),
+    seed=st.integers(0, 2**16),
+)
 def test_gated_act_equals_plain_path_bit_for_bit_keeping_gate_and_up(dtype, shape, F_, gelu, scale, needs, seed):
     """act(g) * u (SiLU, GELU-tanh; saturated gates at 30): forward, dL/dg and dL/du bit for bit
     autograd's through the plain ops, and only g and u saved (2 e F per row, not 3 e F)."""
@@ -140,8 +153,16 @@ def random_mask(B, T):
     return transformer.build_mask(torch.arange(T), valid, seg, seg, None)
 
 
-@given(dtype=st.sampled_from(DTYPES), B=st.integers(1, 2), T=st.integers(1, 40), Hkv=st.integers(1, 3),
-       rep=st.integers(2, 4), hd=st.sampled_from([8, 16, 64]), masked=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    dtype=st.sampled_from(DTYPES),
+    B=st.integers(1, 2),
+    T=st.integers(1, 40),
+    Hkv=st.integers(1, 3),
+    rep=st.integers(2, 4),
+    hd=st.sampled_from([8, 16, 64]),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_sdpa_gqa_gradients_equal_the_repeated_path_within_a_derived_bound(dtype, B, T, Hkv, rep, hd, masked, seed):
     """SDPA with enable_gqa against SDPA on repeat_interleave'd k, v (the old path): the same output
     and dL/dq bits; dL/dk and dL/dv sum each kv head's rep query heads in another order (inside the
@@ -189,15 +210,29 @@ def with_and_without_gqa(attn, x, cos, sin, mask):
     return out, size
 
 
-@given(dtype=st.sampled_from(DTYPES), T=st.integers(1, 24), rep=st.integers(1, 3), masked=st.booleans(),
-       seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    dtype=st.sampled_from(DTYPES),
+    T=st.integers(1, 24),
+    rep=st.integers(1, 3),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_attention_module_keeps_kv_at_hkv_heads_with_the_same_output(dtype, T, rep, masked, seed):
     """The Attention module with and without SDPA's GQA (sdpa_takes_gqa forced off: the old repeat):
     the same output bits, and 2 e (H - Hkv) hd bytes per token fewer saved (k and v unrepeated)."""
     torch.manual_seed(seed)
     B, Hkv, hd, D = 2, 2, 16, 48
-    cfg = ModelConfig(family="llama", name="t", vocab_size=8, hidden_size=D, intermediate_size=8, num_hidden_layers=1,
-                      num_attention_heads=Hkv * rep, num_key_value_heads=Hkv, head_dim=hd)  # fmt: skip
+    cfg = ModelConfig(
+        family="llama",
+        name="t",
+        vocab_size=8,
+        hidden_size=D,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=Hkv * rep,
+        num_key_value_heads=Hkv,
+        head_dim=hd,
+    )
     attn = transformer.Attention(cfg, 0).to(dtype).requires_grad_(False)
     x = torch.randn(B, T, D).to(dtype).requires_grad_()
     cos, sin = transformer.rope_cos_sin(transformer.rope_inv_freq(hd, 1e4, None), torch.arange(T).expand(B, T), dtype)
@@ -227,8 +262,17 @@ def test_attention_gqa_on_cuda_saves_kv_unrepeated_where_a_fused_kernel_takes_it
     the output agrees with the repeated path; when it says no, the module repeats as before."""
     torch.manual_seed(0)
     dev, dtype, B, T, Hkv, rep, hd, D = "cuda", torch.bfloat16, 2, 64, 2, 4, 64, 128
-    cfg = ModelConfig(family="llama", name="t", vocab_size=8, hidden_size=D, intermediate_size=8, num_hidden_layers=1,
-                      num_attention_heads=Hkv * rep, num_key_value_heads=Hkv, head_dim=hd)  # fmt: skip
+    cfg = ModelConfig(
+        family="llama",
+        name="t",
+        vocab_size=8,
+        hidden_size=D,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=Hkv * rep,
+        num_key_value_heads=Hkv,
+        head_dim=hd,
+    )
     attn = transformer.Attention(cfg, 0).to(dev, dtype).requires_grad_(False)
     x = torch.randn(B, T, D, device=dev, dtype=dtype, requires_grad=True)
     pos = torch.arange(T, device=dev).expand(B, T)
@@ -242,8 +286,13 @@ def test_attention_gqa_on_cuda_saves_kv_unrepeated_where_a_fused_kernel_takes_it
     assert size[False] - size[True] == (2 * B * T * (Hkv * rep - Hkv) * hd * 2 if takes else 0)
 
 
-@given(dtype=st.sampled_from(DTYPES), family=st.sampled_from(["llama", "gemma3"]), T=st.integers(2, 40),
-       pieces=st.integers(2, 4), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    dtype=st.sampled_from(DTYPES),
+    family=st.sampled_from(["llama", "gemma3"]),
+    T=st.integers(2, 40),
+    pieces=st.integers(2, 4),
+    seed=st.integers(0, 2**16),
+)
 def test_packed_rows_share_one_additive_mask_per_layer_kind_with_the_same_bits(dtype, family, T, pieces, seed):
     """Packed rows need a mask. Handed to SDPA as a boolean, each layer converted it to an additive
     mask and kept its own copy for backward; Transformer.forward converts it once (additive_mask), so
@@ -255,8 +304,15 @@ def test_packed_rows_share_one_additive_mask_per_layer_kind_with_the_same_bits(d
     base = ModelConfig.from_name("tiny")  # Gemma 3: sliding and full layers
     if family == "llama":
         base = ModelConfig.from_name("smollm2-135m")
-        base = dataclasses.replace(base, vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=8)  # fmt: skip
+        base = dataclasses.replace(
+            base,
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
     L = 3
     cfg = dataclasses.replace(base, num_hidden_layers=L, layer_types=(list(base.layer_types) * L)[:L], sliding_window=8)
     model = transformer.Transformer(cfg).to(dtype)

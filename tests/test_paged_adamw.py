@@ -5,20 +5,21 @@ checkpoints through safetensors + JSON."""
 import bitsandbytes as bnb
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-from safetensors.torch import load as st_load, save as st_save
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-from minilora.paged_adamw import (
+from minilora.optim.paged_adamw import (
     PagedAdamW,
     load_optimizer_state,
     optimizer_state_from_safetensors,
     optimizer_state_to_safetensors,
     save_optimizer_state,
 )
-from minilora.paging import Page, PageLayout, PagePool
+from minilora.optim.paging import Page, PageLayout, PagePool
 
 PAGE = 4096  # bytes: 512 float32-state elements per page, so small tensors span several pages
-
 
 
 def _params(shapes, seed, dtype=torch.float32):
@@ -49,20 +50,29 @@ budgets = st.sampled_from([None, 0, 100, PAGE - 1, PAGE, 2 * PAGE + 17, 5 * PAGE
 shape_lists = st.lists(
     st.sampled_from([(1,), (3,), (255,), (256,), (257,), (7, 300), (64, 33), (1200,)]), min_size=1, max_size=4
 )
-hparams = st.fixed_dictionaries({
-    "lr": st.floats(0.0, 0.1),
-    "betas": st.tuples(st.floats(0.0, 0.999), st.floats(0.0, 0.9999)),
-    "eps": st.floats(1e-10, 1e-3),
-    "weight_decay": st.floats(0.0, 0.2),
-})
+hparams = st.fixed_dictionaries(
+    {
+        "lr": st.floats(0.0, 0.1),
+        "betas": st.tuples(st.floats(0.0, 0.999), st.floats(0.0, 0.9999)),
+        "eps": st.floats(1e-10, 1e-3),
+        "weight_decay": st.floats(0.0, 0.2),
+    }
+)
 
 
 def _max_rel_err(ps, qs):
     return max(((p - q).abs().max() / q.abs().max().clamp_min(1e-30)).item() for p, q in zip(ps, qs))
 
 
-@given(shapes=shape_lists, hp=hparams, steps=st.integers(1, 6), budget=budgets, split=st.booleans(),
-       seed=st.integers(0, 1000), skip=st.one_of(st.none(), st.integers(0, 3)))
+@given(
+    shapes=shape_lists,
+    hp=hparams,
+    steps=st.integers(1, 6),
+    budget=budgets,
+    split=st.booleans(),
+    seed=st.integers(0, 1000),
+    skip=st.one_of(st.none(), st.integers(0, 3)),
+)
 def test_trajectory_equals_torch_adamw_and_budget_holds(shapes, hp, steps, budget, split, seed, skip):
     ref_p = _params(shapes, seed)
     our_p = _clone(ref_p)
@@ -211,8 +221,14 @@ def _roundtrip_through_safetensors(state_dict):
 
 
 @settings(max_examples=15)  # each example runs two optimizers for several steps around a save and a load
-@given(bits=st.sampled_from([32, 8]), budget=budgets, cut=st.integers(1, 4), more=st.integers(1, 4),
-       seed=st.integers(0, 1000), split=st.booleans())
+@given(
+    bits=st.sampled_from([32, 8]),
+    budget=budgets,
+    cut=st.integers(1, 4),
+    more=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+    split=st.booleans(),
+)
 def test_checkpoint_resume_is_bitwise_identical(bits, budget, cut, more, seed, split):
     hp = dict(lr=0.02, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05)
     shapes = [(7, 300), (257,), (3,)]
@@ -225,8 +241,9 @@ def test_checkpoint_resume_is_bitwise_identical(bits, budget, cut, more, seed, s
         full.step(), part.step()
     saved = _roundtrip_through_safetensors(part.state_dict())
     resumed_p = _clone(part_p)  # the model checkpoint
-    resumed = PagedAdamW(_groups(resumed_p, {**hp, "lr": 1.0}, split), state_bits=bits, page_bytes=PAGE,
-                         device_budget=budget, lr=1.0)  # hyperparameters come from the checkpoint
+    resumed = PagedAdamW(
+        _groups(resumed_p, {**hp, "lr": 1.0}, split), state_bits=bits, page_bytes=PAGE, device_budget=budget, lr=1.0
+    )  # hyperparameters come from the checkpoint
     resumed.load_state_dict(saved)
     for t in range(cut, cut + more):
         _set_grads([full_p, resumed_p], t, seed)
@@ -286,8 +303,7 @@ def test_8bit_states_track_bitsandbytes_and_torch(budget, seed):
     Stated tolerance against torch AdamW with float32 states: at every step
     ||w8 - w32|| <= 6% of ||w32|| (measured: <= 4.2%), and the converged loss within 10% (<= 8%)."""
     hp = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    ours, loss8 = _regression(
-        lambda p: PagedAdamW(p, state_bits=8, page_bytes=4096, device_budget=budget, **hp), seed)
+    ours, loss8 = _regression(lambda p: PagedAdamW(p, state_bits=8, page_bytes=4096, device_budget=budget, **hp), seed)
     theirs, loss_bnb = _regression(lambda p: bnb.optim.AdamW8bit(p, min_8bit_size=0, **hp), seed)
     exact, loss32 = _regression(lambda p: torch.optim.AdamW(p, foreach=False, **hp), seed)
     assert torch.equal(ours, theirs) and loss8 == loss_bnb
@@ -301,13 +317,24 @@ def test_8bit_state_is_about_a_quarter_of_the_memory():
     assert PageLayout(1 << 20, 8).bytes_per_block / PageLayout(1 << 20, 32).bytes_per_block < 0.26
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=-1e-3), "lr"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(betas=(1.0, 0.999)), "betas"), (dict(betas=(0.9, -0.1)), "betas"), (dict(betas=(0.9,)), "betas"),
-    (dict(lr=float("nan")), "lr"), (dict(state_bits=16), "state_bits"), (dict(page_bytes=100), "page_bytes"),
-    (dict(device_budget=-1), "device_budget"), (dict(device_budget="lots"), "device_budget"),
-    (dict(amsgrad=True), "amsgrad"), (dict(maximize=True), "maximize"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1e-3), "lr"),
+        (dict(eps=-1.0), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(betas=(1.0, 0.999)), "betas"),
+        (dict(betas=(0.9, -0.1)), "betas"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(state_bits=16), "state_bits"),
+        (dict(page_bytes=100), "page_bytes"),
+        (dict(device_budget=-1), "device_budget"),
+        (dict(device_budget="lots"), "device_budget"),
+        (dict(amsgrad=True), "amsgrad"),
+        (dict(maximize=True), "maximize"),
+    ],
+)
 def test_bad_arguments_raise_a_clear_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PagedAdamW([torch.zeros(3, requires_grad=True)], **kwargs)

@@ -1,4 +1,4 @@
-"""minilora.planner: predicted vs measured peak memory, the activation formula vs what autograd saves,
+"""minilora.train.planner: predicted vs measured peak memory, the activation formula vs what autograd saves,
 the recompute choice, dtype auto.
 
 Peak RSS is measured in a fresh subprocess per configuration (tests/planner_probe.py): RSS is per
@@ -20,10 +20,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minilora.models.config import FULL, SLIDING, ModelConfig
 
-from minilora.planner import (
-    auto_dtype,
+from minilora.dtypes import auto_dtype
+from minilora.models.config import FULL, SLIDING, ModelConfig
+from minilora.train.planner import (
     choose_checkpointing,
     choose_recompute,
     flops_per_token,
@@ -34,18 +34,33 @@ from minilora.planner import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-
 def llama_135m(layers: int = 30) -> ModelConfig:
     """SmolLM-135M's geometry (a 135M-class Llama): vocab 49152, D 576, 9/3 heads, FFN 1536."""
-    return ModelConfig(family="llama", name="llama-135m", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                       num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                       rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=2048, tie_word_embeddings=True,
-                       rope_theta=10000.0, rope_local_theta=10000.0, layer_types=[FULL] * layers, sliding_window=None)  # fmt: skip
+    return ModelConfig(
+        family="llama",
+        name="llama-135m",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        rope_local_theta=10000.0,
+        layer_types=[FULL] * layers,
+        sliding_window=None,
+    )
 
 
 def gemma3(layers: int = 18) -> ModelConfig:
-    return dataclasses.replace(ModelConfig.from_name("gemma-3-270m"), num_hidden_layers=layers,
-                               layer_types=[SLIDING] * (layers - 1) + [FULL])  # fmt: skip
+    return dataclasses.replace(
+        ModelConfig.from_name("gemma-3-270m"), num_hidden_layers=layers, layer_types=[SLIDING] * (layers - 1) + [FULL]
+    )
 
 
 def settings_measured(L: int) -> list[list[int]]:
@@ -56,17 +71,33 @@ def settings_measured(L: int) -> list[list[int]]:
 def probe(cfg: ModelConfig, **spec) -> subprocess.Popen:
     """Start tests/planner_probe.py for cfg: one process per geometry, every recompute setting."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
-    spec = {"config": json.loads(json.dumps(fields, default=list)), "dtype": "float32", "r": 16, "optimizer_bits": 32,
-            "steps": 2, "loss_chunk": 256, "recompute_blocks": settings_measured(cfg.num_hidden_layers), **spec}  # fmt: skip
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "planner_probe.py"), json.dumps(spec)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    spec = {
+        "config": json.loads(json.dumps(fields, default=list)),
+        "dtype": "float32",
+        "r": 16,
+        "optimizer_bits": 32,
+        "steps": 2,
+        "loss_chunk": 256,
+        "recompute_blocks": settings_measured(cfg.num_hidden_layers),
+        **spec,
+    }
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "planner_probe.py"), json.dumps(spec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_predicted_peak_within_15_percent_of_measured_rss():
     """tiny, a 135M-class Llama and a Gemma 3 geometry with its 262k vocabulary; recompute full,
     selective and off."""
-    cases = {"tiny": (ModelConfig.from_name("tiny"), 4, 64), "llama-135m": (llama_135m(2), 4, 160),
-             "gemma3-262k": (gemma3(2), 1, 32)}  # fmt: skip
+    cases = {
+        "tiny": (ModelConfig.from_name("tiny"), 4, 64),
+        "llama-135m": (llama_135m(2), 4, 160),
+        "gemma3-262k": (gemma3(2), 1, 32),
+    }
     procs = {name: probe(cfg, batch=b, seq=t) for name, (cfg, b, t) in cases.items()}  # run side by side
     for name, p in procs.items():
         out, err = p.communicate(timeout=300)
@@ -74,8 +105,9 @@ def test_predicted_peak_within_15_percent_of_measured_rss():
         m = json.loads(out.splitlines()[-1])
         cfg, b, t = cases[name]
         for (k, s), peak in zip(settings_measured(cfg.num_hidden_layers), m["peaks"]):
-            plan = plan_memory(cfg, batch_size=b, seq_len=t, recompute_blocks=k, selective_blocks=s,
-                               runtime=m["runtime"])  # fmt: skip
+            plan = plan_memory(
+                cfg, batch_size=b, seq_len=t, recompute_blocks=k, selective_blocks=s, runtime=m["runtime"]
+            )
             assert plan.peak == pytest.approx(peak, rel=0.15), f"{name}, recompute {plan.recompute}:\n{plan.table()}"
 
 
@@ -83,15 +115,16 @@ def test_gradient_checkpointing_auto_goes_off_then_selective_then_full_as_the_bu
     """Budgets from roomy to tight select: off; selective recompute on some blocks, then on all; full
     recompute on some blocks (the rest selective), then on all. The process that trains chooses from
     its own runtime (choose_checkpointing, as plan_run), and its measured peak stays under each budget."""
-    from minilora.planner import MARGIN
+    from minilora.train.planner import MARGIN
 
     cfg, B, T = llama_135m(4), 2, 128
     p = probe(cfg, batch=B, seq=T, budgets=True)
     runtime = json.loads(p.stdout.readline())["runtime"]
 
     def peak(full, selective):
-        return plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=full, selective_blocks=selective,
-                           runtime=runtime).peak  # fmt: skip
+        return plan_memory(
+            cfg, batch_size=B, seq_len=T, recompute_blocks=full, selective_blocks=selective, runtime=runtime
+        ).peak
 
     want = [[4, 0], [2, 2], [0, 4], [0, 2], [0, 0]]  # smallest plan first (see planner_probe)
     budgets = [int(peak(*ks) / MARGIN) + 1 for ks in want]
@@ -123,20 +156,26 @@ def test_plan_refuses_a_run_that_does_not_fit_naming_the_part_and_flag(capsys):
 
 
 @settings(max_examples=8)  # each example builds a quantized block: a few are enough to vary every term
-@given(family=st.sampled_from(["llama", "gemma3", "qwen3"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       dropout=st.sampled_from([0.0, 0.1]), batch=st.integers(1, 3), seq=st.integers(8, 40))  # fmt: skip
+@given(
+    family=st.sampled_from(["llama", "gemma3", "qwen3"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dropout=st.sampled_from([0.0, 0.1]),
+    batch=st.integers(1, 3),
+    seq=st.integers(8, 40),
+)
 def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, batch, seq):
     """The per-block activation term vs the bytes of every distinct storage autograd saves in one
     block, exactly (norms keep their input in its own dtype plus rstd, SDPA keeps k and v unrepeated,
     the MLP keeps gate, up and their product; Qwen3's q/k norms counted)."""
+    from minilora.lora.layers import apply_lora
     from minilora.models.loader import quantize_linears
     from minilora.models.transformer import Transformer, rope_cos_sin
 
-    from minilora.lora import apply_lora
-
     qwen3 = dataclasses.replace(ModelConfig.from_name("qwen3-0.6b"), num_hidden_layers=1, layer_types=[FULL])
     base = {"llama": llama_135m(1), "gemma3": gemma3(1), "qwen3": qwen3}[family]
-    cfg = dataclasses.replace(base, vocab_size=64, hidden_size=base.hidden_size // 4, intermediate_size=base.intermediate_size // 4)
+    cfg = dataclasses.replace(
+        base, vocab_size=64, hidden_size=base.hidden_size // 4, intermediate_size=base.intermediate_size // 4
+    )
     model = Transformer(cfg).to(dtype)
     quantize_linears(model, compute_dtype=dtype)
     apply_lora(model, r=4, alpha=8, dropout=dropout, verbose=False)
@@ -144,7 +183,8 @@ def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, b
     x = torch.randn(batch, seq, cfg.hidden_size).to(dtype).requires_grad_()
     cos, sin = rope_cos_sin(model.inv_freq_global, torch.arange(seq).expand(batch, seq), dtype)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
-        t.untyped_storage().data_ptr() for t in (cos, sin)}  # not activations
+        t.untyped_storage().data_ptr() for t in (cos, sin)
+    }  # not activations
     saved = {}
 
     def pack(t):
@@ -156,7 +196,14 @@ def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, b
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.model.layers[0](x, cos, sin, None)
-    kwargs = {"batch_size": batch, "seq_len": seq, "dtype": dtype, "lora_r": 4, "lora_dropout": dropout, "loss_chunk": 1}
+    kwargs = {
+        "batch_size": batch,
+        "seq_len": seq,
+        "dtype": dtype,
+        "lora_r": 4,
+        "lora_dropout": dropout,
+        "loss_chunk": 1,
+    }
 
     def activations(layers: int) -> int:
         plan = plan_memory(dataclasses.replace(cfg, num_hidden_layers=layers, layer_types=[FULL] * layers), **kwargs)
@@ -176,6 +223,7 @@ def test_choose_recompute_finds_the_fewest_blocks():
 
 def test_choose_checkpointing_off_then_selective_then_full():
     """need(full, selective): a selective block saves 5, a full one 8 (of 10 kept per block)."""
+
     def need(k, s):
         return 100 - 8 * k - 5 * s
 
@@ -187,16 +235,26 @@ def test_choose_checkpointing_off_then_selective_then_full():
     assert choose_checkpointing(lambda k, s: need(k, s) <= 35, 8) is None
 
 
-@pytest.mark.parametrize("mode,text", [("off", "recompute off"), ("selective", "recompute selective"),
-                                       ("on", "recompute full")])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode,text", [("off", "recompute off"), ("selective", "recompute selective"), ("on", "recompute full")]
+)
 def test_plan_names_the_recompute_mode(capsys, mode, text):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_cli", os.path.join(os.path.dirname(HERE), "train.py"))
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    args = ["--plan", "--model", "tiny", "--out", os.devnull + "-unused", "--gradient-checkpointing", mode,
-            "--memory-budget", str(10**12)]  # fmt: skip
+    args = [
+        "--plan",
+        "--model",
+        "tiny",
+        "--out",
+        os.devnull + "-unused",
+        "--gradient-checkpointing",
+        mode,
+        "--memory-budget",
+        str(10**12),
+    ]
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert f", {text}, loss chunk " in out and f"activations kept ({text})" in out, out
@@ -215,8 +273,10 @@ def test_flops_count_a_full_recompute_forward_but_only_the_lora_products_for_sel
     assert extra(1, 2) == (2 * base + 2 * 2 * (T / 2) * H * hd + 2 * lora) + 2 * 2 * lora
 
 
-@pytest.mark.parametrize("avx512_bf16,amx,want", [(False, False, torch.float32), (True, False, torch.bfloat16),
-                                                   (False, True, torch.bfloat16)])  # fmt: skip
+@pytest.mark.parametrize(
+    "avx512_bf16,amx,want",
+    [(False, False, torch.float32), (True, False, torch.bfloat16), (False, True, torch.bfloat16)],
+)
 def test_dtype_auto_follows_the_cpu_bf16_units(monkeypatch, avx512_bf16, amx, want):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
@@ -245,12 +305,12 @@ def test_set_gradient_checkpointing_recomputes_the_first_k_blocks(monkeypatch, s
 
 _DYNAMO_PROBE = """
 import sys, torch
-from minilora.lora import apply_lora, lora_parameters
-from minilora.loss import chunked_lm_loss
+from minilora.lora.layers import apply_lora, lora_parameters
+from minilora.train.loss import chunked_lm_loss
 from minilora.models import load_model
-from minilora.packing import Batch
-from minilora.paged_adamw import PagedAdamW
-from minilora.planner import warm_runtime
+from minilora.data.packing import Batch
+from minilora.optim.paged_adamw import PagedAdamW
+from minilora.train.planner import warm_runtime
 
 recompute = sys.argv[1] == "1"
 warm_runtime(torch.device("cpu"), torch.float32, recompute=recompute)
@@ -274,8 +334,13 @@ def test_a_run_without_recompute_never_loads_torch_dynamo(recompute):
     """torch._dynamo costs about 150 MB of RSS. torch.optim.Optimizer's add_param_group and zero_grad
     load it on first call (PagedAdamW calls the plain methods underneath), and so does non-reentrant
     checkpointing (which recompute needs; warm_runtime(recompute=True) counts it)."""
-    out = subprocess.run([sys.executable, "-c", _DYNAMO_PROBE, str(int(recompute))], capture_output=True, text=True,
-                         timeout=300, cwd=HERE)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _DYNAMO_PROBE, str(int(recompute))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-1] == str(recompute)
 
@@ -283,8 +348,8 @@ def test_a_run_without_recompute_never_loads_torch_dynamo(recompute):
 @pytest.mark.parametrize("given,device,want", [(0, "cpu", 64), (0, "cuda", 256), (100, "cpu", 100)])
 def test_loss_chunk_zero_is_the_devices_default_and_is_recorded(monkeypatch, given, device, want):
     """--loss-chunk 0 resolves per device (loss.default_chunk); the plan counts and records that chunk."""
-    from minilora import planner
-    from minilora.train_config import TrainConfig
+    from minilora.train import planner
+    from minilora.train.config import TrainConfig
 
     monkeypatch.setattr(planner, "warm_runtime", lambda *a, **k: 0)  # no CUDA here: only the arithmetic
     monkeypatch.setattr(planner, "free_memory", lambda d: 1 << 40)
@@ -292,5 +357,7 @@ def test_loss_chunk_zero_is_the_devices_default_and_is_recorded(monkeypatch, giv
     plan, error = planner.plan_run(TrainConfig(loss_chunk=given), cfg, torch.device(device), torch.float32, (4, 160))
     assert error is None and plan.loss_chunk == want and plan.settings()["loss_chunk"] == want
     expect = plan_memory(cfg, batch_size=4, seq_len=160, loss_chunk=want, device_type=device)
-    assert dict((n, b) for n, b, _ in plan.components)["transient (loss chunk / block backward)"] == \
-        dict((n, b) for n, b, _ in expect.components)["transient (loss chunk / block backward)"]
+    assert (
+        dict((n, b) for n, b, _ in plan.components)["transient (loss chunk / block backward)"]
+        == dict((n, b) for n, b, _ in expect.components)["transient (loss chunk / block backward)"]
+    )

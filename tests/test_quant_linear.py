@@ -15,12 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_lora import bnb_linear4bit
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from minilora.nf4 import dequantize_nf4
-from minilora.quant_linear import NF4Linear
-from test_lora import bnb_linear4bit
+from minilora.quant.linear import NF4Linear
+from minilora.quant.nf4 import dequantize_nf4
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -33,9 +33,16 @@ def fwd_bwd(layer, x, g):
 
 
 @settings(max_examples=12)  # each example quantizes with both libraries and runs forward and backward
-@given(k=st.integers(1, 200), m=st.integers(1, 64), blocksize=st.sampled_from([32, 64, 128]), dq=st.booleans(),
-       bias=st.booleans(), dtype=st.sampled_from(DTYPES), batch=st.lists(st.integers(1, 3), max_size=2),
-       seed=st.integers(0, 2**16))
+@given(
+    k=st.integers(1, 200),
+    m=st.integers(1, 64),
+    blocksize=st.sampled_from([32, 64, 128]),
+    dq=st.booleans(),
+    bias=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    batch=st.lists(st.integers(1, 3), max_size=2),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_dequantize_then_linear(k, m, blocksize, dq, bias, dtype, batch, seed):
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, m, bias=bias).to(dtype)
@@ -53,9 +60,15 @@ def test_matches_dequantize_then_linear(k, m, blocksize, dq, bias, dtype, batch,
 
 
 @settings(max_examples=10)  # each example quantizes with both libraries and runs forward and backward
-@given(k=st.sampled_from([100, 128, 256]), m=st.integers(1, 64), blocksize=st.sampled_from([32, 64, 128]),
-       bias=st.booleans(), dtype=st.sampled_from(DTYPES), batch=st.lists(st.integers(1, 3), max_size=2),
-       seed=st.integers(0, 2**16))
+@given(
+    k=st.sampled_from([100, 128, 256]),
+    m=st.integers(1, 64),
+    blocksize=st.sampled_from([32, 64, 128]),
+    bias=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    batch=st.lists(st.integers(1, 3), max_size=2),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_bitsandbytes_linear4bit(k, m, blocksize, bias, dtype, batch, seed):
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, m, bias=bias).to(dtype)
@@ -126,7 +139,8 @@ def test_no_dequantized_weight_alive_between_forward_and_backward(dtype):
     assert x.grad is not None
     # The detector does see a weight kept alive: dequantize-then-F.linear saves W for dL/dx.
     naive_bytes, naive_big = kept_between_forward_and_backward(
-        lambda z: F.linear(z, nl.dequantized_weight(dtype)), x, m, k)
+        lambda z: F.linear(z, nl.dequantized_weight(dtype)), x, m, k
+    )
     assert naive_bytes >= m * k * x.element_size() and len(naive_big) >= 1
 
 

@@ -14,23 +14,24 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_planner import gemma3, llama_135m
+from test_train import train
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from minilora.lora.layers import apply_lora, lora_modules
 from minilora.models.config import FULL, SLIDING, ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.recompute import SAVED_OPS, keep_matmuls
 from minilora.models.transformer import Transformer, rope_cos_sin
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-
-from minilora.lora import apply_lora, lora_modules
-from minilora.planner import plan_memory
-from test_planner import gemma3, llama_135m
-from test_train import train
+from minilora.train.planner import plan_memory
 
 
 def small(family: str, layers: int, width: int, softcap: bool = False) -> ModelConfig:
     """A 135M-class Llama or a Gemma 3 geometry with its widths divided by `width`."""
     base = llama_135m(layers) if family == "llama" else gemma3(layers)
-    cfg = dataclasses.replace(base, vocab_size=64, hidden_size=base.hidden_size // width,
-                              intermediate_size=base.intermediate_size // width)  # fmt: skip
+    cfg = dataclasses.replace(
+        base, vocab_size=64, hidden_size=base.hidden_size // width, intermediate_size=base.intermediate_size // width
+    )
     if family == "gemma3":
         cfg = dataclasses.replace(cfg, layer_types=[SLIDING, FULL] * (layers // 2) + [FULL] * (layers % 2))
     return dataclasses.replace(cfg, attn_logit_softcapping=50.0) if softcap else cfg
@@ -49,9 +50,16 @@ def lora_model(cfg, dtype, r, dropout, quantize=True, seed=0):
 
 
 @settings(max_examples=8)  # each example builds and quantizes a 2-block model and runs 2 steps
-@given(family=st.sampled_from(["llama", "gemma3"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       r=st.integers(1, 16), dropout=st.sampled_from([0.0, 0.1]), batch=st.integers(1, 3), seq=st.integers(2, 24),
-       full=st.integers(0, 1), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    family=st.sampled_from(["llama", "gemma3"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    r=st.integers(1, 16),
+    dropout=st.sampled_from([0.0, 0.1]),
+    batch=st.integers(1, 3),
+    seq=st.integers(2, 24),
+    full=st.integers(0, 1),
+    seed=st.integers(0, 2**16),
+)
 def test_selective_gradients_equal_no_recompute_bit_for_bit(family, dtype, r, dropout, batch, seq, full, seed):
     """LoRA A/B gradients over an NF4 base (dropout on or off), selective on every block, or full
     on the first block and selective on the second, vs no recompute."""
@@ -73,9 +81,17 @@ def test_selective_gradients_equal_no_recompute_bit_for_bit(family, dtype, r, dr
 
 
 @settings(max_examples=10)  # one block per example; 10 vary every term of the formula
-@given(family=st.sampled_from(["llama", "gemma3"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       quantize=st.booleans(), softcap=st.booleans(), r=st.integers(1, 8), dropout=st.sampled_from([0.0, 0.1]),
-       batch=st.integers(1, 3), seq=st.integers(2, 40), masked=st.booleans())  # fmt: skip
+@given(
+    family=st.sampled_from(["llama", "gemma3"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    quantize=st.booleans(),
+    softcap=st.booleans(),
+    r=st.integers(1, 8),
+    dropout=st.sampled_from([0.0, 0.1]),
+    batch=st.integers(1, 3),
+    seq=st.integers(2, 40),
+    masked=st.booleans(),
+)
 def test_selective_keeps_what_the_planner_counts(family, dtype, quantize, softcap, r, dropout, batch, seq, masked):
     """The bytes the policy keeps in one block (every op output it marks MUST_SAVE, by distinct
     storage) plus the block input equal the planner's selective term; backward then runs (torch
@@ -97,11 +113,25 @@ def test_selective_keeps_what_the_planner_counts(family, dtype, quantize, softca
                     kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return policy
 
-    y = checkpoint(model.model.layers[0], x, cos, sin, mask, use_reentrant=False,
-                   context_fn=functools.partial(create_selective_checkpoint_contexts, recording))  # fmt: skip
+    y = checkpoint(
+        model.model.layers[0],
+        x,
+        cos,
+        sin,
+        mask,
+        use_reentrant=False,
+        context_fn=functools.partial(create_selective_checkpoint_contexts, recording),
+    )
     y.float().sum().backward()
-    kw = {"batch_size": batch, "seq_len": seq, "dtype": dtype, "lora_r": r, "lora_dropout": dropout, "loss_chunk": 1,
-          "quantize": "nf4" if quantize else "none"}  # fmt: skip
+    kw = {
+        "batch_size": batch,
+        "seq_len": seq,
+        "dtype": dtype,
+        "lora_r": r,
+        "lora_dropout": dropout,
+        "loss_chunk": 1,
+        "quantize": "nf4" if quantize else "none",
+    }
 
     def activations(full, selective):
         plan = plan_memory(cfg, recompute_blocks=full, selective_blocks=selective, **kw)
@@ -117,8 +147,10 @@ def test_policy_keeps_matrix_products_only():
     assert not any("mul" in n or "add." in n or "silu" in n for n in names)
 
 
-@pytest.mark.parametrize("enabled,selective,want", [(False, True, (0, 4)), (1, True, (1, 3)), (2, 1, (2, 1)),
-                                                    (True, True, (4, 0)), (0, 9, (0, 4)), (3, 0, (3, 0))])  # fmt: skip
+@pytest.mark.parametrize(
+    "enabled,selective,want",
+    [(False, True, (0, 4)), (1, True, (1, 3)), (2, 1, (2, 1)), (True, True, (4, 0)), (0, 9, (0, 4)), (3, 0, (3, 0))],
+)
 def test_set_gradient_checkpointing_selective_blocks(monkeypatch, enabled, selective, want):
     """The first `full` blocks recompute fully, the next `selective` ones with the selective policy."""
     from minilora.models import transformer
@@ -127,13 +159,16 @@ def test_set_gradient_checkpointing_selective_blocks(monkeypatch, enabled, selec
     model = transformer.Transformer(ModelConfig.from_name("tiny")).double()
     calls = []
     real = transformer.checkpoint
-    monkeypatch.setattr(transformer, "checkpoint", lambda layer, *a, **kw: calls.append(
-        (layer, kw.get("context_fn"))) or real(layer, *a, **kw))  # fmt: skip
+    monkeypatch.setattr(
+        transformer,
+        "checkpoint",
+        lambda layer, *a, **kw: calls.append((layer, kw.get("context_fn"))) or real(layer, *a, **kw),
+    )
     model.set_gradient_checkpointing(enabled, selective=selective)
     model(torch.randint(0, 512, (2, 8))).sum().backward()
     full, sel = want
     layers = list(model.model.layers)
-    assert calls == [(m, None) for m in layers[:full]] + [(m, selective_context) for m in layers[full:full + sel]]
+    assert calls == [(m, None) for m in layers[:full]] + [(m, selective_context) for m in layers[full : full + sel]]
 
 
 def test_train_py_selective_end_to_end(tmp_path):

@@ -16,15 +16,18 @@ import triton
 
 from minilora.kernels import dispatch, nf4_dequant, nf4_matmul
 from minilora.kernels.common import interpreting
-from minilora.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_reference, quantize_nf4
-from minilora.quant_linear import nf4_matmul as matmul_op
-from minilora.quant_linear import nf4_matmul_t as matmul_t_op
+from minilora.quant.linear import nf4_matmul as matmul_op
+from minilora.quant.linear import nf4_matmul_t as matmul_t_op
+from minilora.quant.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 
-needs_interpreter = pytest.mark.skipif(not interpreting(),
-                                       reason="the CPU tests run the kernels under TRITON_INTERPRET=1")
-LAUNCHERS = {"nf4_dequant": (nf4_dequant, "dequantize_nf4_triton"),
-             "nf4_matmul": (nf4_matmul, "nf4_matmul_triton"),
-             "nf4_matmul_t": (nf4_matmul, "nf4_matmul_t_triton")}
+needs_interpreter = pytest.mark.skipif(
+    not interpreting(), reason="the CPU tests run the kernels under TRITON_INTERPRET=1"
+)
+LAUNCHERS = {
+    "nf4_dequant": (nf4_dequant, "dequantize_nf4_triton"),
+    "nf4_matmul": (nf4_matmul, "nf4_matmul_triton"),
+    "nf4_matmul_t": (nf4_matmul, "nf4_matmul_t_triton"),
+}
 
 
 @pytest.fixture
@@ -75,11 +78,13 @@ def raising(real, *args, **kwargs):
 
 def off_by_ulps(ulps):
     """A launcher that returns the real result with one element moved by `ulps` representable values."""
+
     def body(real, *args, **kwargs):
         out = real(*args, **kwargs)
         bits = out.view(torch.int32 if out.dtype == torch.float32 else torch.int16).view(-1)
         bits[69] += ulps  # past the probe's all-zero first block
         return out
+
     return body
 
 
@@ -99,6 +104,7 @@ def no_fallback_for(*names):
 
 # --- the default: the CPU never takes a kernel ------------------------------------------------------
 
+
 def test_cpu_tensors_take_pytorch_without_the_test_hook(monkeypatch):
     monkeypatch.delenv(dispatch.ENV, raising=False)
     q = weight()
@@ -109,6 +115,7 @@ def test_cpu_tensors_take_pytorch_without_the_test_hook(monkeypatch):
 
 # --- the self-check itself --------------------------------------------------------------------------
 
+
 @needs_interpreter
 @pytest.mark.parametrize("name", dispatch.KERNELS)
 def test_self_check_passes_for_the_real_kernels(name):
@@ -116,13 +123,16 @@ def test_self_check_passes_for_the_real_kernels(name):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name, body, expect", [
-    ("nf4_dequant", raising, "RuntimeError: PTX compile failed"),
-    ("nf4_dequant", off_by_ulps(1), "torch.float32 output differs from PyTorch by 1 ulps, tolerance 0"),
-    ("nf4_matmul", raising, "RuntimeError: PTX compile failed"),
-    ("nf4_matmul", swapped_nibbles, "torch.bfloat16 output differs from PyTorch by"),
-    ("nf4_matmul_t", swapped_nibbles, "torch.bfloat16 output differs from PyTorch by"),
-])
+@pytest.mark.parametrize(
+    "name, body, expect",
+    [
+        ("nf4_dequant", raising, "RuntimeError: PTX compile failed"),
+        ("nf4_dequant", off_by_ulps(1), "torch.float32 output differs from PyTorch by 1 ulps, tolerance 0"),
+        ("nf4_matmul", raising, "RuntimeError: PTX compile failed"),
+        ("nf4_matmul", swapped_nibbles, "torch.bfloat16 output differs from PyTorch by"),
+        ("nf4_matmul_t", swapped_nibbles, "torch.bfloat16 output differs from PyTorch by"),
+    ],
+)
 def test_self_check_reports_failures_in_one_line(monkeypatch, name, body, expect):
     spy(monkeypatch, name, body)
     why = dispatch.self_check(name, "cpu")
@@ -132,6 +142,7 @@ def test_self_check_reports_failures_in_one_line(monkeypatch, name, body, expect
 @needs_interpreter
 def test_dequant_tolerance_is_one_ulp_in_16_bits(monkeypatch):
     """float32 must be exact; bf16/fp16 may differ by the interpreter's truncating cast, no more."""
+
     def only_16_bit(ulps):
         def body(real, q, dtype, **kwargs):
             out = real(q, dtype, **kwargs)
@@ -140,6 +151,7 @@ def test_dequant_tolerance_is_one_ulp_in_16_bits(monkeypatch):
                 i = int(torch.nonzero((out.view(-1) == ref) & (ref != 0))[0])
                 out.view(-1).view(torch.int16)[i] += ulps
             return out
+
         return body
 
     spy(monkeypatch, "nf4_dequant", only_16_bit(1))
@@ -162,6 +174,7 @@ def test_ulps_counts_representable_values():
 
 
 # --- dispatch: one warning, then the PyTorch path ------------------------------------------------------
+
 
 @needs_interpreter
 @pytest.mark.parametrize("name", dispatch.KERNELS)
@@ -209,6 +222,7 @@ def test_large_batches_never_trigger_the_fused_check(monkeypatch, kernels_on_cpu
 
 
 # --- MINILORA_KERNELS ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", dispatch.KERNELS)
 def test_off_forces_pytorch(monkeypatch, kernels_on_cpu, name):
@@ -259,8 +273,11 @@ def test_main_prints_each_kernel_and_fails_if_one_does(monkeypatch, capsys):
     assert dispatch.main("cpu") == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("kernel self-check on cpu") and f"Triton {triton.__version__}" in lines[0]
-    assert [ln.split()[:2] for ln in lines[1:]] == [["nf4_dequant", "ok"], ["nf4_matmul", "ok"],
-                                                     ["nf4_matmul_t", "FAILED:"]]
+    assert [ln.split()[:2] for ln in lines[1:]] == [
+        ["nf4_dequant", "ok"],
+        ["nf4_matmul", "ok"],
+        ["nf4_matmul_t", "FAILED:"],
+    ]
 
 
 @pytest.mark.parametrize("value", ["fast", "1", "on", "none"])
@@ -281,6 +298,7 @@ def test_valid_values(monkeypatch, value):
 
 
 # --- on a GPU: the real check ---------------------------------------------------------------------
+
 
 @pytest.mark.gpu
 def test_gpu_kernels_pass_their_self_check():

@@ -10,14 +10,13 @@ import json
 import os
 
 import pytest
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from minilora.models.tokenizer import Tokenizer
-
-import transformers
 from tokenizers import Tokenizer as HFTok  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+
+from minilora.models.tokenizer import Tokenizer
 
 # Gemma 3's template (text part), verbatim apart from the image branch.
 GEMMA_TEMPLATE = """{{ bos_token }}

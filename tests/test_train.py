@@ -53,8 +53,13 @@ def test_loss_falls_and_heldout_metric_improves(tmp_path, device):
     assert vals[-1] < 0.2 * vals[0], vals
     assert s["heldout_after"]["exact_match"] > s["heldout_before"]["exact_match"]
     assert "held-out exact match" in p.stdout
-    for name in ("config.json", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (out / name).exists(), name
     assert json.loads((out / "config.json").read_text())["max_steps"] == 60
 
@@ -84,8 +89,14 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path):
 def test_sigint_checkpoints_and_exits_interrupted(tmp_path):
     out = tmp_path / "sig"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), *FAST, "--max-steps", "5000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
         time.sleep(0.2)
@@ -94,7 +105,7 @@ def test_sigint_checkpoints_and_exits_interrupted(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]  # `train.py && eval.py` stops here
     assert "Interrupted at step" in stdout and "--resume" in stdout
-    from minilora.checkpoint import latest_checkpoint
+    from minilora.train.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(str(out))
     assert ckpt is not None
@@ -103,9 +114,9 @@ def test_sigint_checkpoints_and_exits_interrupted(tmp_path):
 
 
 def _fresh_model_and_optimizer():
-    from minilora.lora import apply_lora, lora_parameters
+    from minilora.lora.layers import apply_lora, lora_parameters
     from minilora.models.loader import load_model
-    from minilora.paged_adamw import PagedAdamW
+    from minilora.optim.paged_adamw import PagedAdamW
 
     model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)
     apply_lora(model, targets="all-linear", r=16, alpha=32, dropout=0.0, verbose=False)
@@ -115,11 +126,22 @@ def _fresh_model_and_optimizer():
 
 
 def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
-    from minilora.checkpoint import latest_checkpoint, load_checkpoint
+    from minilora.train.checkpoint import latest_checkpoint, load_checkpoint
 
     out = tmp_path / "k9"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), *FAST, "--max-steps", "40",
-           "--save-every", "1", "--keep-checkpoints", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--out",
+        str(out),
+        *FAST,
+        "--max-steps",
+        "40",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 240
     while time.time() < deadline and latest_checkpoint(str(out)) is None:
@@ -144,7 +166,7 @@ def test_injected_nan_stops_cleanly_and_keeps_last_checkpoint(tmp_path):
     assert p.returncode == 1
     assert "loss became nan at step 8" in p.stderr and "step_0000006" in p.stderr
     assert "Traceback" not in p.stderr
-    from minilora.checkpoint import latest_checkpoint
+    from minilora.train.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(str(out)).endswith("step_0000006")
     assert not (out / "adapter").exists()  # no final adapter from a broken run
@@ -155,15 +177,20 @@ def test_adapter_loads_in_peft_with_same_logits(tmp_path):
     import peft
     import transformers
 
-    from minilora.adapter import load_adapter
-    from minilora.export import to_hf_config
+    from minilora.export.merge import to_hf_config
+    from minilora.lora.adapter import load_adapter
     from minilora.models.loader import load_model
 
     out = tmp_path / "peft"
     train(out, "--max-steps", "8", "--quantize", "none")
     model, tok = load_model("tiny", quantize=None, dtype=torch.float32)
-    cfg = transformers.Gemma3TextConfig(**{k: v for k, v in to_hf_config(model.config, tok, torch.float32).items()
-                                           if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
+    cfg = transformers.Gemma3TextConfig(
+        **{
+            k: v
+            for k, v in to_hf_config(model.config, tok, torch.float32).items()
+            if k not in ("architectures", "model_type", "torch_dtype", "dtype")
+        }
+    )
     hf = transformers.Gemma3ForCausalLM(cfg).eval()
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
@@ -182,10 +209,24 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) gives the losses of 1 process with the same global batch."""
     common = ["--max-steps", "6", "--batch-size", "4", "--save-every", "0"]
     train(tmp_path / "one", *common, "--grad-accum", "2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "two"), *FAST, *common, "--grad-accum", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "train.py"),
+        "--out",
+        str(tmp_path / "two"),
+        *FAST,
+        *common,
+        "--grad-accum",
+        "1",
+    ]
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))

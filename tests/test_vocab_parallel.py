@@ -1,4 +1,4 @@
-"""minilora.vocab_parallel on 2 gloo processes (CPU): the vocabulary-parallel cross-entropy (loss and
+"""minilora.parallel.vocab_parallel on 2 gloo processes (CPU): the vocabulary-parallel cross-entropy (loss and
 dL/dh, with and without grad) equals the single-process chunked loss (HeadCrossEntropyFn) and a
 float64 reference; the embedding lookup equals a whole-table lookup bit for bit; the head's whole
 logits and their gradient equal h W^T. Ranks bring different numbers of rows (zero included).
@@ -18,9 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from minilora import distributed as D
-from minilora import vocab_parallel as VP
-from minilora.loss import HeadCrossEntropyFn
+from minilora.parallel import distributed as D
+from minilora.parallel import vocab_parallel as VP
+from minilora.train.loss import HeadCrossEntropyFn
 
 WORLD = 2
 
@@ -97,8 +97,15 @@ def _on_rank(rank, seed, sizes, d, v, cap, chunk, scale, dtype):
     hl = h[mine].clone().requires_grad_()
     logits = head(hl)  # (n, V)
     (logits * G[mine]).sum().backward()
-    return {"loss": loss.detach(), "grad": hr.grad, "plain": plain, "logits": logits.detach(), "logit_grad": hl.grad,
-            "emb": emb(ids[rank]), "rows": hi - lo}  # fmt: skip
+    return {
+        "loss": loss.detach(),
+        "grad": hr.grad,
+        "plain": plain,
+        "logits": logits.detach(),
+        "logit_grad": hl.grad,
+        "emb": emb(ids[rank]),
+        "rows": hi - lo,
+    }
 
 
 def _reference(h, w, y, cap):
@@ -108,10 +115,16 @@ def _reference(h, w, y, cap):
     return F.cross_entropy(z, y, reduction="sum")
 
 
-@given(sizes=st.lists(st.integers(0, 20), min_size=WORLD, max_size=WORLD), d=st.integers(1, 16),
-       v=st.integers(WORLD, 200), chunk=st.sampled_from([1, 5, 16, 1024]), cap=st.sampled_from([None, 5.0, 30.0]),
-       scale=st.sampled_from([0.1, 1.0, 10.0]), dtype=st.sampled_from([torch.float32, torch.float64]),
-       seed=st.integers(0, 10**6))  # fmt: skip
+@given(
+    sizes=st.lists(st.integers(0, 20), min_size=WORLD, max_size=WORLD),
+    d=st.integers(1, 16),
+    v=st.integers(WORLD, 200),
+    chunk=st.sampled_from([1, 5, 16, 1024]),
+    cap=st.sampled_from([None, 5.0, 30.0]),
+    scale=st.sampled_from([0.1, 1.0, 10.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 10**6),
+)
 def test_vocab_parallel_loss_embedding_and_head_equal_one_process(ranks, sizes, d, v, chunk, cap, scale, dtype, seed):
     got = ranks(_on_rank, seed, sizes, d, v, cap, chunk, scale, dtype)
     h, w, y, G, ids = _tensors(seed, sizes, d, v, scale, dtype)
@@ -146,16 +159,21 @@ def test_vocab_parallel_loss_embedding_and_head_equal_one_process(ranks, sizes, 
 
 
 def _loaded(rank, ckpt, lora, out):
-    from minilora.adapter import save_adapter
+    from minilora.lora.adapter import save_adapter
 
     model, _, _ = D.load_sharded(ckpt, torch.float32, torch.device("cpu"), WORLD, lora)
     full = D.full_adapter_state(model)  # a collective
     if rank == 0:
         save_adapter(model, out, state=full, base_model_name_or_path=ckpt)
     emb, head = model.model.embed_tokens, model.lm_head
-    return {"resident": VP.resident_bytes(model), "emb": emb.weight.detach().clone(), "start": emb.start,
-            "head": head.weight.detach().clone(), "tied": head.weight is emb.weight,
-            "prefix": model.config.source_prefix}  # fmt: skip
+    return {
+        "resident": VP.resident_bytes(model),
+        "emb": emb.weight.detach().clone(),
+        "start": emb.start,
+        "head": head.weight.detach().clone(),
+        "tied": head.weight is emb.weight,
+        "prefix": model.config.source_prefix,
+    }
 
 
 def _file_tensor(ckpt, name):
@@ -170,8 +188,15 @@ def test_each_rank_loads_and_holds_about_half_of_an_untied_odd_vocabulary(ranks,
 
     ckpt = str(tmp_path_factory.mktemp("llama"))
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=301,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(ckpt)
     lora = dict(r=2, alpha=4, dropout=0.0, seed=0, verbose=False)
     got = ranks(_loaded, ckpt, lora, os.path.join(ckpt, "adapter"))

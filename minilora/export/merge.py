@@ -1,0 +1,387 @@
+"""Export: merge a LoRA adapter into its base and write it for serving, then check what was written.
+
+    W_merged = W0 + s * B @ A          B (M, r), A (r, K), s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+computed in float32 per weight and cast once to the export dtype. W0 is the weight the adapter was
+trained against: for a QLoRA run the dequantized NF4 weight, so the export is the very model that
+eval.py scored (`--merge-base original` merges into the checkpoint's own weights instead).
+
+Formats, each in its own module:
+  hf         a Hugging Face checkpoint folder (minilora.export.hf_checkpoint), config.json from
+             to_hf_config below; with quantize_4bit the block linears in bitsandbytes' NF4 layout
+             (minilora.export.bnb): transformers and vLLM load either as is
+  gguf       one GGUF file for llama.cpp / Ollama (minilora.export.gguf, minilora.export.gguf_vocab)
+  gguf-lora  the adapter alone as a GGUF LoRA for llama.cpp's --lora
+Then minilora.export.readback reloads the export through an independent reader and compares logits.
+Every file or folder is written beside its target and renamed into place: an interrupted export
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from minilora.dtypes import DTYPE_NAMES, DTYPES, run_dtype
+from minilora.export.errors import ExportError
+from minilora.models.config import FULL, SLIDING, ModelConfig
+from minilora.models.loader import is_block_linear, source_checkpoint
+
+
+# ------------------------------------------------------------------------------- config.json
+def _pattern(layer_types: list[str]) -> int | None:
+    """N when every N-th layer is full attention and the rest sliding (Gemma's 4.x config key)."""
+    for n in range(1, len(layer_types) + 1):
+        if layer_types == [SLIDING if (i + 1) % n else FULL for i in range(len(layer_types))]:
+            return n
+    return None
+
+
+def to_hf_config(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A transformers config.json dict for `cfg` (the inverse of ModelConfig.from_hf_config).
+
+    Token ids missing from the config (the `tiny` preset has none) come from the tokenizer.
+    """
+    eos = list(cfg.eos_token_ids) or (list(tokenizer.eos_ids) if tokenizer is not None else [])
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else getattr(tokenizer, "bos_id", None)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(tokenizer, "pad_id", None)
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "bos_token_id": bos,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": pad,
+        "torch_dtype": DTYPE_NAMES[dtype],
+        "use_cache": True,
+    }
+    if cfg.family == "llama":
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "mlp_bias": cfg.mlp_bias,
+            **common,
+        }
+    if cfg.family == "mistral":  # one window for all layers, or none
+        return {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "hidden_act": "silu",
+            **common,
+            "sliding_window": cfg.sliding_window,
+        }
+    if cfg.family in ("qwen2", "qwen3"):
+        sliding = [i for i, t in enumerate(cfg.layer_types) if t == SLIDING]
+        arch = "Qwen2ForCausalLM" if cfg.family == "qwen2" else "Qwen3ForCausalLM"
+        # transformers 4.x: the window covers layers max_window_layers.. when use_sliding_window.
+        return {
+            "architectures": [arch],
+            "model_type": cfg.family,
+            "hidden_act": "silu",
+            **common,
+            "use_sliding_window": bool(sliding),
+            "sliding_window": cfg.sliding_window,
+            "max_window_layers": sliding[0] if sliding else cfg.num_hidden_layers,
+            "layer_types": list(cfg.layer_types),
+        }
+    out = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_activation": cfg.hidden_act,
+        **common,
+        "rope_local_base_freq": cfg.rope_local_theta,
+        "layer_types": list(cfg.layer_types),
+        "sliding_window": cfg.sliding_window,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "attn_logit_softcapping": cfg.attn_logit_softcapping,
+        "final_logit_softcapping": cfg.final_logit_softcapping,
+    }
+    n = _pattern(out["layer_types"])
+    if n is not None:  # transformers < 4.53 derives the layer types from this key
+        out["sliding_window_pattern"] = n
+    return out
+
+
+# ------------------------------------------------------------------------------- tensors
+def dense_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{transformers name: tensor in `dtype`} of a dense (merged, unquantized) model."""
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if not torch.is_floating_point(t):
+            raise ExportError(f"{name} is not a dense weight ({t.dtype}); merge and dequantize the model first.")
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # tied to model.embed_tokens.weight; transformers re-ties it on load
+        tensors[name] = t.detach().to("cpu", dtype).contiguous()
+    return tensors
+
+
+# ------------------------------------------------------------------------------- merging
+def merge_to_dense(model, dtype: torch.dtype):
+    """Replace every LoRALinear by an nn.Linear holding W0 + s B A (DoRA: its merged weight), and every
+    NF4Linear by its dequantized weight; the sum is formed in float32 and cast once to `dtype`."""
+    import torch.nn as nn
+
+    from minilora.lora.dora import merged_dora_weight
+    from minilora.lora.layers import LoRALinear, base_weight
+    from minilora.quant.linear import NF4Linear
+
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, (LoRALinear, NF4Linear)) or not name:
+            continue
+        try:  # a module already replaced (the base inside a replaced LoRALinear) is skipped
+            if model.get_submodule(name) is not mod:
+                continue
+        except AttributeError:
+            continue
+        base = mod.base if isinstance(mod, LoRALinear) else mod
+        with torch.no_grad():
+            w = base_weight(base, torch.float32)  # (M, K) float32, dequantized for NF4
+            if isinstance(mod, LoRALinear) and not mod.merged:
+                delta = mod.delta_weight()  # (M, K) = s * (M, r) @ (r, K)
+                w = merged_dora_weight(w, delta, mod.lora_magnitude_vector) if mod.use_dora else w + delta
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=base.bias is not None, device=w.device, dtype=dtype)
+            lin.weight.copy_(w)
+            if base.bias is not None:
+                lin.bias.copy_(base.bias)
+        lin.requires_grad_(False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+    for p in model.parameters():  # embeddings and norms follow the export dtype too
+        p.data = p.data.to(dtype)
+    model.tie_weights()
+    return model
+
+
+def base_dir(model_name: str) -> str | None:
+    """The folder holding the base's tokenizer and generation config (the bundled tokenizer for `tiny`)."""
+    from minilora.models import loader
+    from minilora.models.hub import resolve_checkpoint
+
+    if model_name == "tiny":
+        return loader._EXAMPLES_TOKENIZER if os.path.isdir(loader._EXAMPLES_TOKENIZER) else None
+    return resolve_checkpoint(model_name)
+
+
+FORMATS = ("hf", "gguf", "gguf-lora")
+
+
+def _base_config(name: str) -> ModelConfig:
+    """The base model's ModelConfig without loading weights (for the adapter-only GGUF)."""
+    from minilora.models.config import PRESETS
+    from minilora.models.hub import resolve_checkpoint
+    from minilora.models.loader import read_config
+
+    if name in PRESETS:  # a preset mirrors its hub config.json, so no download is needed
+        return ModelConfig.from_name(name)
+    return read_config(resolve_checkpoint(name, allow_patterns=["*.json"]), name)
+
+
+def export_adapter(
+    adapter: str,
+    out: str,
+    dtype: str = "bfloat16",
+    quantize_4bit: bool = False,
+    overwrite: bool = False,
+    model_name: str | None = None,
+    merge_base: str = "auto",
+    max_shard_bytes: int = 5 * 2**30,
+    fmt: str = "hf",
+    gguf_type: str = "f16",
+    validate: bool = True,
+    log=print,
+) -> str:
+    """Merge the adapter of a run into its base and write `out`: a Hugging Face checkpoint folder
+    (fmt="hf", optionally bitsandbytes NF4), one GGUF file (fmt="gguf", `gguf_type` f16/bf16/q8_0/q4_0),
+    or the adapter alone as a GGUF LoRA (fmt="gguf-lora"); then, unless validate=False, read it back
+    (minilora.export.readback) and raise ValidationError when it does not reproduce the merged model.
+
+    merge_base: "dequantized" merges into the dequantized NF4 weights the QLoRA run trained against
+    (the model eval.py scored), "original" into the checkpoint's weights, "auto" picks by the run's
+    --quantize (no run config: original).
+    """
+    from minilora.export.gguf import GGUF_TYPES, check_out_file
+    from minilora.export.hf_checkpoint import check_out_dir
+    from minilora.lora.adapter import check_adapter_fits, find_run, load_adapter, read_adapter_config
+    from minilora.models.loader import load_model
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt} is not supported; use one of {', '.join(FORMATS)}.")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}.")
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"--gguf-type {gguf_type} is not supported; use one of {', '.join(GGUF_TYPES)}.")
+    if merge_base not in ("auto", "dequantized", "original"):
+        raise ExportError(f"--merge-base {merge_base} is not supported; use auto, dequantized or original.")
+    if quantize_4bit and fmt != "hf":
+        raise ExportError(
+            "--quantize-4bit writes bitsandbytes' layout, which only --format hf holds; for a "
+            "4-bit GGUF pass --gguf-type q4_0."
+        )
+    adapter_dir, _, run_config = find_run(adapter)
+    (check_out_dir if fmt == "hf" else check_out_file)(os.path.abspath(out), overwrite)
+    name = model_name or run_config.get("model") or read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not name:
+        raise ExportError(f"{adapter_dir} does not say which base model it was trained on; pass --model.")
+    if fmt == "gguf-lora":
+        return _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log)
+    if merge_base == "auto":
+        merge_base = "dequantized" if run_config.get("quantize", "none") == "nf4" else "original"
+    out_dtype = DTYPES[dtype] if fmt == "hf" else torch.float32  # GGUF: merge in float32, round once on writing
+    if merge_base == "dequantized":  # quantize exactly as training did: same source dtype, NF4 defaults
+        model, tok = load_model(name, quantize="nf4", dtype=run_dtype(run_config))
+    else:
+        model, tok = load_model(name, quantize=None, dtype=out_dtype)
+    if fmt == "gguf":
+        from minilora.export.gguf import gguf_arch
+
+        gguf_arch(model.config)  # refuse an unmappable model before the merge
+    check_adapter_fits(model, adapter_dir, name)
+    load_adapter(model, adapter_dir)
+    what = {"hf": dtype + (" + bitsandbytes NF4" if quantize_4bit else ""), "gguf": f"GGUF {gguf_type}"}[fmt]
+    log(f"merging {adapter_dir} into {name} ({merge_base} base weights), writing {what}")
+    merge_to_dense(model, out_dtype)
+    tensors = dense_tensors(model, out_dtype)
+    config = to_hf_config(model.config, tok, out_dtype if fmt == "hf" else torch.float32)
+    src = base_dir(name)
+    if fmt == "hf" and model.config.source_prefix != "model.":
+        # A multimodal source stays multimodal: its architecture and config.json, our merged text
+        # tower under its names, the vision tower and projector copied unchanged.
+        if quantize_4bit:
+            raise ExportError(f"--quantize-4bit is not supported for the multimodal {name}; export without it.")
+        tensors, config = source_checkpoint(model.config, tensors, src)
+        config["torch_dtype"] = DTYPE_NAMES[out_dtype]
+    if fmt == "hf":
+        from minilora.export.bnb import bnb_4bit_tensors, quantization_config
+        from minilora.export.hf_checkpoint import generation_config, write_checkpoint
+
+        hf_config = dict(config)
+        if quantize_4bit:
+            tensors = bnb_4bit_tensors(tensors)
+            config["quantization_config"] = quantization_config(out_dtype)
+        path = write_checkpoint(
+            out,
+            tensors,
+            config,
+            tokenizer_dir=src,
+            generation_config=generation_config(src, config),
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+        )
+        kind = "nf4" if quantize_4bit else "hf"
+    else:
+        path = _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log)
+        hf_config, kind = config, "gguf"
+    del tensors
+    if validate:
+        validate_export(path, kind, model, tok, hf_config, run_config, gguf_type, log)
+    return path
+
+
+def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log) -> str:
+    from minilora.export.gguf import file_type, gguf_arch, gguf_metadata, gguf_tensors, modelfile, write_gguf
+    from minilora.export.gguf_vocab import vocab_metadata
+    from minilora.fileio import write_text_atomic
+
+    cfg = model.config
+    ids = {
+        "bos": config.get("bos_token_id"),
+        "eos": (cfg.eos_token_ids or [config.get("eos_token_id")])[0],
+        "pad": config.get("pad_token_id"),
+    }
+    if tok is not None:  # as llama.cpp's SpecialVocab: the tokenizer's own special tokens first, config.json after
+        named = {"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token}
+        ids.update({k: tok.token_to_id(t) for k, t in named.items() if t and tok.token_to_id(t) is not None})
+    meta = {
+        "general.name": os.path.basename(os.path.normpath(name)),
+        **gguf_metadata(cfg),
+        "general.file_type": int(file_type(gguf_type)),
+    }
+    if gguf_type in ("q8_0", "q4_0"):
+        meta["general.quantization_version"] = _gguf_quant_version()
+    vocab = vocab_metadata(src, tok, cfg.vocab_size, ids)
+    path = write_gguf(
+        out, gguf_arch(cfg).arch, meta, gguf_tensors(tensors, cfg, gguf_type), vocab=vocab, overwrite=overwrite
+    )
+    mf_path = os.path.splitext(path)[0] + ".Modelfile"
+    text = modelfile(path, vocab.get("tokenizer.chat_template"))
+    if overwrite or not os.path.exists(mf_path):
+        write_text_atomic(mf_path, text)
+    log(f"Ollama: ollama create {os.path.splitext(os.path.basename(path))[0]} -f {mf_path}\n{text.rstrip()}")
+    return path
+
+
+def _gguf_quant_version() -> int:
+    import gguf
+
+    return int(gguf.GGML_QUANT_VERSION)
+
+
+def validate_export(
+    path: str, kind: str, model, tok, hf_config: dict, run_config: dict, gguf_type: str = "f16", log=print
+) -> None:
+    """Compare the merged in-memory `model` (A) and the weights as the file should hold them (B, set in
+    place: the model is spent afterwards) with transformers' reading of the file at `path`; kind is
+    hf, nf4 or gguf. Raises ValidationError past minilora.export.readback.TOLERANCE."""
+    from minilora.export import readback as V
+
+    prompts, source = V.validation_prompts(run_config, tok, model.config.vocab_size)
+    log(f"validating {path} on {source}")
+    V.reference_weights(model, lambda n, p: p)  # float32 compute, same weights
+    ref_a = V.outputs(model, prompts)
+    if kind == "nf4":
+        from minilora.export.bnb import nf4_round_trip
+
+        dt = DTYPES[hf_config["torch_dtype"]]
+        V.reference_weights(model, lambda n, p: nf4_round_trip(p.to(dt)) if is_block_linear(n) else p)
+    elif kind == "gguf":
+        from minilora.export.gguf import round_trip_fn
+
+        V.reference_weights(model, round_trip_fn(model.config, gguf_type))
+    ref_b = ref_a if kind == "hf" else V.outputs(model, prompts)
+    if kind == "gguf":
+        from minilora.export.gguf import gguf_arch
+
+        reader_type = gguf_arch(model.config).reader_model_type  # transformers reads a Mistral GGUF as llama
+        hf_config = {**hf_config, "model_type": reader_type} if reader_type else hf_config
+    got = V.outputs(V.reload_or_fail(kind, path, hf_config), prompts)
+    stats = V.compare(ref_b, got)
+    V.report(
+        kind if kind != "gguf" else f"gguf {gguf_type}", stats, None if kind == "hf" else V.compare(ref_a, got), log
+    )
+    V.check(path, stats)
+
+
+def _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log) -> str:
+    from minilora.export.gguf import gguf_arch, lora_metadata, lora_tensors, write_gguf
+    from minilora.lora.adapter import read_adapter_weights
+
+    cfg = _base_config(name)
+    acfg, weights = read_adapter_weights(adapter_dir)
+    arch = gguf_arch(cfg).arch
+    log(f"writing the adapter in {adapter_dir} as a GGUF LoRA for {arch} ({name})")
+    expected = list(lora_tensors(weights, acfg, cfg))
+    path = write_gguf(
+        out,
+        arch,
+        {"general.name": os.path.basename(os.path.normpath(adapter_dir)), **lora_metadata(acfg)},
+        expected,
+        general_type="adapter",
+        overwrite=overwrite,
+    )
+    if validate:
+        from minilora.export.readback import check_gguf_tensors
+
+        check_gguf_tensors(path, expected, log)
+    return path

@@ -1,0 +1,418 @@
+"""Save and load LoRA adapters in PEFT's on-disk layout, so PEFT (and vLLM) read ours and we read theirs.
+
+An adapter directory holds two files:
+  adapter_config.json        PEFT 0.21's LoraConfig fields (peft_type "LORA", task_type "CAUSAL_LM",
+                             r, lora_alpha, lora_dropout, target_modules, use_rslora, use_dora, ...)
+  adapter_model.safetensors  float32 tensors keyed as PEFT saves them (the in-memory adapter name
+                             ".default" dropped):
+                               base_model.model.<module path>.lora_A.weight          (r, K)
+                               base_model.model.<module path>.lora_B.weight          (M, r)
+                               base_model.model.<module path>.lora_magnitude_vector  (M,)  DoRA only
+Our parameter names are exactly `<module path>.lora_A.weight` etc. (see minilora/lora/layers.py), and the
+module path is written as the source checkpoint names it (models.loader.checkpoint_name): for a
+Gemma3ForConditionalGeneration checkpoint our `model.layers.0...` is saved as its
+`language_model.model.layers.0...` (transformers 4 layout) or `model.language_model.layers.0...`
+(transformers 5), so PEFT and vLLM apply the adapter to that checkpoint. Loading maps either
+layout back (models.loader.our_name) when the path is not a module of the model as it is.
+
+Writes are atomic: both files go to a temporary directory beside `out_dir`, which replaces
+`out_dir` only once complete; an existing adapter survives any failure before that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
+from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
+
+__all__ = [
+    "AdapterError",
+    "save_adapter",
+    "load_adapter",
+    "adapter_config",
+    "read_adapter_config",
+    "find_run",
+    "check_adapter_fits",
+]
+
+PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+
+# Every field PEFT 0.21.2's LoraConfig writes, with its default (a LoRA adapter needs no other).
+PEFT_DEFAULTS = {
+    "alora_invocation_tokens": None,
+    "alpha_pattern": {},
+    "arrow_config": None,
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "kasa_config": None,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_alpha": 8,
+    "lora_bias": False,
+    "lora_dropout": 0.0,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "monteclora_config": None,
+    "peft_type": "LORA",
+    "qalora_group_size": 16,
+    "r": 8,
+    "rank_pattern": {},
+    "revision": None,
+    "target_modules": None,
+    "target_parameters": None,
+    "task_type": "CAUSAL_LM",
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "use_rslora": False,
+    "velora_config": None,
+}
+# Fields that change what the adapter computes and that we do not implement: loading refuses them.
+UNSUPPORTED = {
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "modules_to_save": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+}
+
+
+def _source_prefix(model: nn.Module) -> str:
+    """Where the model's source checkpoint keeps our `model.` (ModelConfig.source_prefix; "model." else)."""
+    prefix = getattr(getattr(model, "config", None), "source_prefix", None)
+    return prefix if isinstance(prefix, str) else "model."
+
+
+def _source_path(model: nn.Module, path: str) -> str:
+    """Our module path -> the path the model's source checkpoint uses (identity for other models)."""
+    from minilora.models.loader import checkpoint_name
+
+    return checkpoint_name(path, _source_prefix(model))
+
+
+def module_path(model: nn.Module, path: str) -> str:
+    """A module path as an adapter stores it -> the model's own (undoes _source_path)."""
+    from minilora.models.loader import our_name
+
+    try:
+        model.get_submodule(path)
+        return path
+    except AttributeError:
+        return our_name(path) or path
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """PEFT target_modules for the LoRA modules `names`: their leaf names when those select exactly
+    these modules (e.g. ["q_proj", "v_proj"]), else the full module paths (as PEFT 0.21 writes)."""
+    leaves = sorted({n.split(".")[-1] for n in names})
+    linears = [
+        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) or type(m).__name__ == "NF4Linear"
+    ]
+    linears = [n for n in linears if not n.endswith(".base")]
+    if sorted(n for n in linears if n.split(".")[-1] in leaves) == sorted(names):
+        return leaves
+    return sorted(names)
+
+
+def _source_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
+    r"""target_modules for the source checkpoint. A multimodal source gets a regex (PEFT full-matches
+    a string) confined to its language model in either key layout, `(.*\.)?language_model\.(model\.)?(...)`,
+    so that PEFT does not also wrap the vision tower's q/k/v_proj."""
+    if _source_prefix(model) == "model.":
+        return targets
+    leaves = all("." not in t for t in targets)
+    alts = "|".join(rf"layers\.\d+\..*\.{t}" if leaves else re.escape(t[len("model.") :]) for t in targets)
+    return rf"(.*\.)?language_model\.(model\.)?({alts})"
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None, config: dict | None = None) -> dict:
+    """The adapter_config.json dict for the LoRA layers in `model`; `config` overrides fields."""
+    mods = lora_modules(model)
+    if not mods:
+        raise AdapterError("The model has no LoRA layers to save; call apply_lora(model, ...) first.")
+    kinds = {(m.use_rslora, m.use_dora, m.init, m.dropout_p) for m in mods.values()}
+    if len(kinds) > 1:
+        raise AdapterError(
+            "The model's LoRA layers mix rsLoRA/DoRA/init/dropout settings, which one "
+            "PEFT adapter_config.json cannot express; use one setting for all layers."
+        )
+    use_rslora, use_dora, init, dropout = kinds.pop()
+    r = _most_common([m.r for m in mods.values()])
+    alpha = _most_common([m.alpha for m in mods.values()])
+    cfg = dict(PEFT_DEFAULTS)
+    cfg.update(
+        base_model_name_or_path=base_model_name_or_path,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        init_lora_weights=True if init == "default" else init,
+        target_modules=_source_targets(model, _target_modules(model, list(mods))),
+        rank_pattern={_source_path(model, n): m.r for n, m in mods.items() if m.r != r},
+        alpha_pattern={_source_path(model, n): m.alpha for n, m in mods.items() if m.alpha != alpha},
+    )
+    cfg.update(config or {})
+    return cfg
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str,
+    base_model_name_or_path: str | None,
+    config: dict | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> str:
+    """Write `out_dir`/adapter_config.json + adapter_model.safetensors (PEFT layout), atomically.
+    `state`: the LoRA tensors to write instead of the model's (FSDP: gathered from the shards)."""
+    from safetensors.torch import save_file
+
+    cfg = adapter_config(model, base_model_name_or_path, config)
+    state = lora_state_dict(model) if state is None else state
+    tensors = {PREFIX + _source_path(model, k): v.detach().float().contiguous().cpu() for k, v in state.items()}
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise AdapterError(f"{out_dir} exists and is not a directory; pass a directory path for the adapter.")
+    tmp = temp_dir_for(out_dir)
+    try:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+        usual_permissions(tmp)
+        swap_into_place(tmp, out_dir)  # an existing adapter is replaced only now, and restored on failure
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _read(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(
+                f"{p} does not exist; pass a directory written by save_adapter or PEFT's save_pretrained."
+            )
+    return read_adapter_config(adapter_dir), load_file(w_path)
+
+
+def _check_config(cfg: dict, adapter_dir: str) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(
+            f"{adapter_dir} holds a {cfg.get('peft_type')!r} adapter; only LoRA (peft_type LORA) loads here."
+        )
+    for key, ok in UNSUPPORTED.items():
+        val = cfg.get(key, ok)
+        if val not in (ok, None, {}, []) and val != ok:
+            raise AdapterError(
+                f"{adapter_dir}: adapter_config.json sets {key}={val!r}, which minilora does "
+                f"not support; retrain the adapter with {key}={ok!r}."
+            )
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", name)."""
+    for p, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({p})$", name):
+            return v
+    return default
+
+
+def read_adapter_weights(adapter_dir: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(adapter_config.json, {module path as saved: {suffix: tensor}}) of a PEFT-layout LoRA adapter;
+    suffixes are SUFFIXES. Raises AdapterError for anything but a plain LoRA adapter."""
+    cfg, tensors = _read(adapter_dir)
+    _check_config(cfg, adapter_dir)
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
+        if suffix is None:
+            raise AdapterError(
+                f"{adapter_dir}: tensor {key!r} is not a LoRA weight (lora_A / lora_B / "
+                "lora_magnitude_vector); minilora loads plain LoRA adapters only."
+            )
+        weights.setdefault(name[: -len(suffix)], {})[suffix] = t
+    return cfg, weights
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dict:
+    """Load a PEFT-layout LoRA adapter into `model` (in place) and return its config.
+
+    A model without LoRA layers gets them first (apply_lora on exactly the modules the adapter has
+    weights for, with its r / lora_alpha / rank_pattern / alpha_pattern / use_rslora / use_dora /
+    lora_dropout). With strict=True every LoRA layer of the model must receive weights."""
+    cfg, saved = read_adapter_weights(adapter_dir)
+    weights = {module_path(model, name): w for name, w in saved.items()}
+    base = cfg.get("base_model_name_or_path")
+    mods = lora_modules(model)
+    if not mods:
+        have = dict(model.named_modules())
+        for path in weights:
+            m = have.get(path)
+            if m is None or not (isinstance(m, nn.Linear) or type(m).__name__ == "NF4Linear"):
+                raise AdapterError(
+                    f"{adapter_dir} has weights for {path!r}, which is not a linear layer of this "
+                    f"model; the adapter was trained on a different base ({base})."
+                )
+        names = sorted(weights)
+        ranks = {n: int(weights[n][".lora_A.weight"].shape[0]) for n in names if ".lora_A.weight" in weights[n]}
+        # A pattern may name a module by our path or by the source checkpoint's.
+        alphas = {
+            n: _pattern_value(
+                cfg.get("alpha_pattern"),
+                n,
+                _pattern_value(cfg.get("alpha_pattern"), _source_path(model, n), cfg["lora_alpha"]),
+            )
+            for n in names
+        }
+        init = cfg.get("init_lora_weights", True)
+        apply_lora(
+            model,
+            names,
+            r=int(cfg["r"]),
+            alpha=cfg["lora_alpha"],
+            dropout=float(cfg.get("lora_dropout", 0.0)),
+            init="gaussian" if init == "gaussian" else "default",
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            use_dora=bool(cfg.get("use_dora", False)),
+            verbose=False,
+            ranks=ranks,
+            alphas=alphas,
+        )
+        mods = lora_modules(model)
+    params = lora_state_dict(model)
+    missing = sorted(set(mods) - set(weights))
+    if strict and missing:
+        raise AdapterError(
+            f"{adapter_dir} has no weights for LoRA layer(s) {missing[:3]}{'...' if len(missing) > 3 else ''} "
+            "of this model; pass strict=False to load a partial adapter."
+        )
+    with torch.no_grad():
+        for path, parts in weights.items():
+            for suffix, t in parts.items():
+                key = path + suffix
+                if key not in params:
+                    raise AdapterError(
+                        f"{adapter_dir} has {key!r} but the model has no such LoRA weight; "
+                        f"the adapter was trained on a different base ({base}) or LoRA setup."
+                    )
+                if tuple(t.shape) != tuple(params[key].shape):
+                    raise AdapterError(
+                        f"{adapter_dir}: {key} has shape {tuple(t.shape)} but this model needs "
+                        f"{tuple(params[key].shape)}; the adapter was trained on a different base ({base})."
+                    )
+                params[key].copy_(t)
+    return cfg
+
+
+# ------------------------------------------------------------------------------- runs on disk
+def find_run(path: str) -> tuple[str, str, dict]:
+    """(adapter folder, run directory, the run's TrainConfig as a dict or {}) for a run directory
+    written by train.py (holding adapter/) or for an adapter folder itself."""
+    path = os.path.normpath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"Adapter folder {path} does not exist; pass the run directory train.py wrote "
+            "(e.g. runs/mytask) or its adapter/ folder."
+        )
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        adapter = path
+        parent = os.path.dirname(os.path.abspath(path))
+        run = parent if os.path.isfile(os.path.join(parent, "config.json")) else path
+    elif os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
+        adapter, run = os.path.join(path, "adapter"), path
+    else:
+        raise FileNotFoundError(
+            f"{path} holds no adapter (no adapter_config.json there or in {path}/adapter); "
+            "pass a run directory whose training finished, or a PEFT adapter folder."
+        )
+    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        raise FileNotFoundError(
+            f"{adapter} has adapter_config.json but no adapter_model.safetensors; the "
+            "adapter was not fully written, so train again or copy the weights file."
+        )
+    run_config = {}
+    cfg_path = os.path.join(run, "config.json")
+    if run != adapter and os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            run_config = json.load(f)
+    return adapter, run, run_config
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    """The adapter_config.json of an adapter folder, as a dict (adapter_config() builds one from a model)."""
+    path = os.path.join(adapter_dir, CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); save the adapter again.") from None
+
+
+def check_adapter_fits(model, adapter_dir: str, model_name: str) -> None:
+    """Raise one sentence when the adapter's LoRA shapes do not fit `model` (an adapter for another base).
+
+    lora_A (r, K) must match the module's in_features K and lora_B (M, r) its out_features M.
+    """
+    from safetensors import safe_open
+
+    trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path") or "another model"
+    prefix = "base_model.model."
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            for part, dim, attr in ((".lora_A.weight", 1, "in_features"), (".lora_B.weight", 0, "out_features")):
+                if not key.endswith(part):
+                    continue
+                path = key[len(prefix) :] if key.startswith(prefix) else key
+                path = module_path(model, path[: -len(part)])
+                want = f.get_slice(key).get_shape()[dim]
+                try:
+                    have = getattr(model.get_submodule(path), attr, None)
+                except AttributeError:
+                    have = None
+                if have != want:
+                    what = f"has no {path}" if have is None else f"has {attr} {have} in {path}"
+                    raise ValueError(
+                        f"The adapter in {adapter_dir} was trained on {trained_on!r} and does not fit {model_name!r} "
+                        f"(the adapter expects {attr} {want} in {path}, the model {what}); pass the --model it "
+                        "was trained on."
+                    )

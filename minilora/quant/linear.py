@@ -1,0 +1,164 @@
+"""NF4Linear: a frozen linear layer whose weight is stored as NF4 (see minilora/quant/nf4.py).
+
+Letters: N tokens (all leading dims of x flattened), K in_features, M out_features.
+
+    y = x W^T (+ b),   W = dequantize(NF4 codes) in the compute dtype
+
+Quantization is a module swap (gpt-fast's pattern): `NF4Linear.from_linear(linear)` replaces an
+nn.Linear; the packed codes and quantization state live in buffers, so `.to(device)` and
+`state_dict()` carry them. Nothing here is trainable; LoRA (minilora/lora/layers.py) adds the trainable
+part beside it.
+
+Memory: the autograd function keeps only the NF4 tensor (a reference to the module's buffers)
+between forward and backward, and dequantizes again in the backward. A dequantized bf16 weight
+(2 bytes/param, four times the NF4 codes) therefore never stays alive across the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilora.kernels import dispatch
+from minilora.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+
+def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """x (..., K) @ W^T -> (..., M), W (M, K) held as NF4, computed in x.dtype.
+
+    The fused Triton kernel (kernels/nf4_matmul.py) when kernels/dispatch.py picks it (CUDA, few
+    tokens, the kernel passed its self-check); otherwise dequantize, then matmul.
+    """
+    fused = dispatch.matmul_kernel(x, q)
+    if fused is not None:
+        return fused(x, q)
+    return F.linear(x, dequantize_nf4(q, x.dtype))  # (..., M)
+
+
+def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+    """g (..., M) @ W -> (..., K): the input gradient, in g.dtype (the same choice of path)."""
+    fused = dispatch.matmul_kernel(g, q, transposed=True)
+    if fused is not None:
+        return fused(g, q)
+    return g @ dequantize_nf4(q, g.dtype)  # (..., M) @ (M, K) -> (..., K)
+
+
+class NF4MatMulFn(torch.autograd.Function):
+    """y = x W^T with W frozen and stored as NF4.
+
+    Forward:  y = x W^T                       x (N, K), W (M, K), y (N, M)
+    Backward: dL/dx = dL/dy W                 (N, M) @ (M, K) -> (N, K)
+              dL/dW is not needed (W is frozen), so only the NF4 tensor is kept, not x.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
+        ctx.q = q  # codes + state only: no dequantized weight, no activation
+        return nf4_matmul(x, q)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = nf4_matmul_t(grad_y, ctx.q) if ctx.needs_input_grad[0] else None
+        return grad_x, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with an NF4 weight. See the module docstring."""
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(
+                f"NF4Linear needs a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}."
+            )
+        self.out_features, self.in_features = weight.shape
+        self.blocksize = weight.blocksize
+        self.weight_dtype = weight.dtype
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_packed", weight.packed)
+        self.register_buffer("weight_absmax", weight.absmax)
+        self.register_buffer("weight_absmax2", weight.absmax2)
+        self.register_buffer("weight_offset", weight.offset)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> NF4Linear:
+        return cls(quantize_nf4(weight, blocksize, double_quant), bias, compute_dtype)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None
+    ) -> NF4Linear:
+        return cls.from_weight(linear.weight.data, linear.bias, blocksize, double_quant, compute_dtype)
+
+    @property
+    def weight_nf4(self) -> NF4Tensor:
+        return NF4Tensor(
+            self.weight_packed,
+            self.weight_absmax,
+            torch.Size((self.out_features, self.in_features)),
+            self.weight_dtype,
+            self.blocksize,
+            self.weight_absmax2,
+            self.weight_offset,
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W as a dense (M, K) tensor (for merging and inspection; not used in forward)."""
+        return dequantize_nf4(self.weight_nf4, dtype or self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        y = NF4MatMulFn.apply(x, self.weight_nf4)  # (..., M)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(in_dtype)
+
+    def to_bnb(self, compute_dtype: torch.dtype | None = None) -> nn.Module:
+        """A bitsandbytes Linear4bit (nf4) holding exactly these bytes and bias (interop, and the
+        oracle of the tests and benchmarks); compute_dtype defaults to the weight's dtype."""
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:  # bitsandbytes is a test/interop dependency only
+            raise ImportError("NF4Linear.to_bnb needs bitsandbytes: pip install bitsandbytes.") from e
+        q = self.weight_nf4
+        packed, state = q.to_bnb()
+        lin = bnb.nn.Linear4bit(
+            q.shape[1],
+            q.shape[0],
+            bias=self.bias is not None,
+            quant_type="nf4",
+            compute_dtype=compute_dtype or q.dtype,
+            compress_statistics=q.double_quant,
+            device=packed.device,
+        )
+        lin.weight = bnb.nn.Params4bit(
+            packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=q.blocksize,
+            compress_statistics=q.double_quant,
+            quant_type="nf4",
+            bnb_quantized=True,
+            module=lin,
+        )
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.clone(), requires_grad=False)
+        return lin
+
+    def extra_repr(self) -> str:
+        dq = self.weight_absmax2 is not None
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nf4, "
+            f"blocksize={self.blocksize}, double_quant={dq}, bias={self.bias is not None}"
+        )

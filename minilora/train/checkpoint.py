@@ -1,0 +1,174 @@
+"""Checkpoints of a training run: RNG state, atomic save, newest-complete lookup, load; and the
+signal handler that turns SIGINT/SIGTERM into "finish this step, checkpoint, exit".
+
+A checkpoint is checkpoints/step_XXXXXXX/ in the run directory:
+  adapter/                  the LoRA weights (PEFT layout)
+  optimizer.safetensors     PagedAdamW state
+  rng.safetensors           torch / numpy / python (/ cuda) generator states, as uint8 tensors
+  state.json                step, data position, validation history, scheduler, and the length
+                            of metrics.jsonl when it was written (so a resume drops replayed lines)
+checkpoints/latest names the newest one. Everything is safetensors or JSON: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+
+import numpy as np
+import torch
+
+
+# ------------------------------------------------------------------------------------ RNG states
+def rng_state() -> dict[str, torch.Tensor]:
+    """Every RNG the run draws from, as tensors (saved with safetensors, no pickle)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8).copy()),
+        "python": torch.from_numpy(np.frombuffer(json.dumps(_py_state()).encode(), dtype=np.uint8).copy()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _np_state():
+    s = np.random.get_state()
+    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _py_state():
+    v, inner, g = random.getstate()
+    return [v, list(inner), g]
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    s = json.loads(bytes(state["numpy"].numpy()).decode())
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+    v, inner, g = json.loads(bytes(state["python"].numpy()).decode())
+    random.setstate((v, tuple(inner), g))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    train_state: dict,
+    adapter_meta: dict,
+    keep: int = 2,
+    write_state=None,
+) -> str:
+    """Write checkpoints/step_XXXXXXX atomically: build it in a temp dir, fsync, rename, then
+    point checkpoints/latest at it (also by rename). A kill at any moment leaves the previous
+    checkpoint complete and `latest` naming a complete one. `write_state(tmp)` writes the adapter
+    and optimizer state instead of this process (FSDP: minilora.parallel.sharded_checkpoint)."""
+    from safetensors.torch import save_file
+
+    from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json, write_text_atomic
+    from minilora.lora.adapter import save_adapter
+    from minilora.optim.paged_adamw import save_optimizer_state
+
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:07d}"
+    final = os.path.join(root, name)
+    tmp = temp_dir_for(final)
+    if write_state is not None:
+        write_state(tmp)
+    else:
+        save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
+        save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
+    save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
+    write_json(
+        os.path.join(tmp, "state.json"), {**train_state, "step": step, "scheduler": scheduler.state_dict()}, fsync=True
+    )
+    usual_permissions(tmp)
+    swap_into_place(tmp, final)
+    write_text_atomic(os.path.join(root, "latest"), name, fsync=True)
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = os.path.join(run_dir, "checkpoints")
+    ptr = os.path.join(root, "latest")
+    if os.path.isfile(ptr):
+        with open(ptr) as f:
+            path = os.path.join(root, f.read().strip())
+        if os.path.isfile(os.path.join(path, "state.json")):
+            return path
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+    for d in reversed(done):  # `latest` missing: fall back to the newest complete folder
+        if os.path.isfile(os.path.join(root, d, "state.json")):
+            return os.path.join(root, d)
+    return None
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG; return the saved train state.
+    `read_state(path)` restores the adapter and optimizer instead (minilora.parallel.sharded_checkpoint)."""
+    from safetensors.torch import load_file
+
+    from minilora.lora.adapter import load_adapter
+    from minilora.optim.paged_adamw import load_optimizer_state
+
+    if read_state is not None:
+        read_state(path)
+    else:
+        load_adapter(model, os.path.join(path, "adapter"))
+        load_optimizer_state(optimizer, os.path.join(path, "optimizer.safetensors"))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    set_rng_state(load_file(os.path.join(path, "rng.safetensors")))
+    return state
+
+
+def apply_hyperparameters(optimizer, scheduler, lr: float, weight_decay: float) -> None:
+    """Put this invocation's --lr and --weight-decay into a restored optimizer and LambdaLR (the
+    checkpoint restored the values the run started with). The multiplier is re-evaluated at the
+    restored step, so with unchanged flags this recomputes exactly the restored learning rate."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = lr, weight_decay
+        group["lr"] = lr * f(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+# --------------------------------------------------------------------------------------- signals
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits with
+    cli.EXIT_INTERRUPTED. A second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def __bool__(self):
+        return self.signum is not None

@@ -1,0 +1,235 @@
+"""TrainConfig: every knob of train.py, its default, and its --help text, in one place.
+
+The command line is generated from the dataclass: field `lora_r` is flag `--lora-r`, its
+`help` metadata is the flag's help. `python train.py` with no arguments is the offline demo
+(the `tiny` model on the bundled examples/demo data, with the DEMO_OVERRIDES preset that --help
+shows as [tiny: value]); every flag given overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from minilora.cli import UsageError
+from minilora.dtypes import resolve_dtype
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_TRAIN = os.path.join(ROOT, "examples", "demo", "train.jsonl")
+DEMO_TEST = os.path.join(ROOT, "examples", "demo", "test.jsonl")
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = _f("tiny", "preset name (e.g. gemma-3-1b), Hugging Face repo id, or local checkpoint folder")
+    data: str = _f(DEMO_TRAIN, "training JSONL (prompt/completion, alpaca, chat messages, or text)")
+    val_data: str | None = _f(None, "validation JSONL; default: --val-fraction of --data")
+    eval_data: str | None = _f(
+        None,
+        "held-out test JSONL: checked for contamination, and scored before/after training on --eval-generate examples",
+    )
+    out: str = _f(os.path.join("runs", "demo"), "run directory (config, metrics.jsonl, checkpoints, adapter)")
+    resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    # data
+    format: str = _f(
+        "auto",
+        "data format: auto, prompt_completion, alpaca, chat, text",
+        choices=["auto", "prompt_completion", "alpaca", "chat", "text"],
+    )
+    template: str = _f(
+        "chat", "render prompts with the model's chat template, or raw concatenation", choices=["chat", "raw"]
+    )
+    train_on_all: bool = _f(False, "put loss on every token, not only the completion")
+    max_seq_len: int = _f(512, "longest sequence in tokens")
+    truncation: str = _f(
+        "drop",
+        "examples longer than --max-seq-len: drop them, or cut the prompt from the left",
+        choices=["drop", "left"],
+    )
+    pack: bool = _f(False, "pack several examples per row (attention stays within each example)")
+    dedup: bool = _f(True, "remove exact and near-duplicate examples before splitting (--no-dedup to keep)")
+    near_threshold: float = _f(0.9, "MinHash Jaccard similarity at which two examples are near-duplicates")
+    val_fraction: float = _f(0.1, "held-out validation fraction when --val-data is not given")
+    allow_contamination: bool = _f(False, "train even if eval prompts also appear in the training set")
+    skip_bad_lines: bool = _f(False, "skip malformed data lines (counted) instead of stopping")
+    # model and LoRA
+    quantize: str = _f("nf4", "base weights: nf4 (QLoRA, double quantized) or none", choices=["nf4", "none"])
+    dtype: str = _f(
+        "auto",
+        "compute dtype: auto (bf16 on GPUs with bf16 and on CPUs with bf16 matrix units, "
+        "AVX512-BF16 or AMX; float32 elsewhere), bfloat16, float16, float32; LoRA weights, "
+        "gradients and optimizer states stay float32",
+        choices=["auto", "bfloat16", "float16", "float32"],
+    )
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    parallel: str = _f(
+        "auto",
+        "under torchrun: ddp (a whole model per rank), fsdp (the NF4 base, LoRA weights and "
+        "optimizer states sharded over the ranks), or auto",
+        choices=["auto", "ddp", "fsdp"],
+    )
+    lora_r: int = _f(16, "LoRA rank r")
+    lora_alpha: float = _f(32.0, "LoRA alpha (scale alpha/r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_targets: str = _f("all-linear", "all-linear, or comma-separated module names (q_proj,v_proj)")
+    use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
+    use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
+    gradient_checkpointing: str = _f(
+        "auto",
+        "recompute block activations in backward: auto (off when the plan "
+        "fits the memory budget; else selective recompute, which keeps the "
+        "matmul outputs and reruns the elementwise ops, on as few blocks as "
+        "fit; else full recompute on as few blocks as fit, the rest "
+        "selective), selective (every block), on (full, every block), off",
+        choices=["auto", "selective", "on", "off"],
+    )
+    memory_budget: str = _f(
+        "auto",
+        "bytes the run may use (auto: free RAM on the CPU, free GPU memory on CUDA); the plan must fit 85%% of it",
+    )
+    plan: bool = _f(False, "print the memory and time plan (config.json and data only, no weights) and exit")
+    tf32: bool = _f(
+        True,
+        "CUDA: run float32 matmuls (the LoRA terms and their gradients) on TF32 tensor "
+        "cores; the LoRA term is rounded to the 16-bit compute dtype before it is added, no "
+        "finer than TF32's inputs (--no-tf32: full float32)",
+    )
+    loss_chunk: int = _f(
+        0,
+        "labelled tokens per cross-entropy chunk: at most chunk x vocab float32 logits "
+        "exist at once (256 x 262k = 256 MiB for Gemma 3); 0: 64 on the CPU, 256 on CUDA",
+    )
+    # optimization
+    lr: float = _f(2e-4, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine schedule)")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    weight_decay: float = _f(0.0, "decoupled weight decay")
+    optimizer_bits: int = _f(32, "optimizer state precision: 32 or 8 (blockwise)", choices=[32, 8])
+    optimizer_budget: str = _f("none", "device memory for optimizer pages: none (all resident), auto, or bytes")
+    batch_size: int = _f(8, "examples per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (loss normalized by tokens)")
+    epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int = _f(0, "optimizer steps; 0 = --epochs worth")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    seed: int = _f(0, "seed for data order, splits, LoRA init and dropout")
+    # evaluation, checkpoints, logging
+    eval_every: int = _f(50, "validation loss every N steps (0 = only at the end)")
+    early_stopping: int = _f(0, "stop after N validations without improvement (0 = off)")
+    eval_generate: int = _f(40, "held-out examples scored by greedy generation before and after (0 = skip)")
+    save_every: int = _f(100, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk")
+    log_every: int = _f(1, "log line every N steps")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    debug_nan_at_step: int = _f(0, "testing aid: make the loss NaN at this step", hidden=True)
+    debug_interrupt_at_step: int = _f(0, "testing aid: send SIGINT to this process after this step", hidden=True)
+
+    def resolved_dtype(self, device_type: str):
+        return resolve_dtype(self.dtype, device_type)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+ConfigError = UsageError  # a flag value that cannot work; the message names the flag
+
+
+def validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.lora_r >= 1, "--lora-r must be at least 1"),
+        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+        (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
+        (cfg.max_seq_len >= 8, "--max-seq-len must be at least 8"),
+        (0 <= cfg.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (0 <= cfg.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+        (cfg.epochs >= 1 or cfg.max_steps > 0, "--epochs must be at least 1 (or set --max-steps)"),
+        (cfg.max_steps >= 0 and cfg.warmup_steps >= 0, "--max-steps and --warmup-steps cannot be negative"),
+        (cfg.loss_chunk >= 0, "--loss-chunk must be at least 1 (or 0 for the device's default)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{msg}; fix the flag and run again.")
+    for flag, path in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--eval-data", cfg.eval_data)):
+        if path is not None and os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a folder; pass the path of a JSONL file.")
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path} does not exist; pass the path of a JSONL file.")
+    if cfg.memory_budget != "auto" and not cfg.memory_budget.isdigit():
+        raise ConfigError(f"--memory-budget {cfg.memory_budget!r} must be auto or a number of bytes.")
+    if cfg.optimizer_budget not in ("none", "auto") and not cfg.optimizer_budget.isdigit():
+        raise ConfigError(f"--optimizer-budget {cfg.optimizer_budget!r} must be none, auto, or a number of bytes.")
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """train.py's parser, one flag per TrainConfig field; no abbreviations (`--epoch` is an error).
+    suppress_defaults: flags not on the command line stay out of the namespace (see given_flags)."""
+    from minilora.cli import EXIT_CODES_HELP, parser
+
+    p = parser(
+        "train.py",
+        "QLoRA fine-tuning: NF4 base, LoRA adapters, paged AdamW. With no arguments: the "
+        "offline demo (tiny model, bundled examples).",
+        epilog="--model tiny (the offline demo) uses the preset shown as [tiny: ...] in a flag's help "
+        "unless that flag is given. " + EXIT_CODES_HELP,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_ = argparse.SUPPRESS if meta.pop("hidden", False) else meta.pop("help")
+        meta.pop("help", None)
+        if f.name in DEMO_OVERRIDES and help_ is not argparse.SUPPRESS:
+            demo = DEMO_OVERRIDES[f.name]
+            help_ += f" [tiny: {os.path.relpath(demo, ROOT) if f.name == 'eval_data' else demo}]"
+        default = argparse.SUPPRESS if suppress_defaults else f.default
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            continue
+        typ = {"int": int, "float": float}.get(str(f.type), str)
+        p.add_argument(flag, type=typ, default=default, help=help_, **meta)
+    return p
+
+
+def given_flags(argv) -> set[str]:
+    """The TrainConfig fields named on the command line (however spelled: --no-dedup names dedup)."""
+    return set(vars(build_parser(suppress_defaults=True).parse_args(list(argv))))
+
+
+# The offline demo trains a tiny random model, which wants a far higher learning rate and more
+# passes than a pretrained 1B model; these apply to `--model tiny` unless the flag is given, and
+# --help shows them as [tiny: value].
+DEMO_OVERRIDES = {
+    "eval_data": DEMO_TEST,
+    "lr": 3e-3,
+    "epochs": 3,
+    "warmup_steps": 10,
+    "eval_every": 25,
+    "lora_dropout": 0.0,
+    "threads": 1,
+    "log_every": 10,
+    "save_every": 50,
+}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(ns))
+    if cfg.model == "tiny":
+        given = given_flags(argv)
+        for name, value in DEMO_OVERRIDES.items():
+            if name not in given:
+                setattr(cfg, name, value)
+    for name in ("val_data", "eval_data"):
+        if getattr(cfg, name) in ("", "none", "None"):
+            setattr(cfg, name, None)
+    return cfg

@@ -1,0 +1,525 @@
+"""Plan a run before it starts: predicted peak memory by component, FLOPs and time per step, and the
+settings chosen from them (compute dtype, how many blocks recompute their activations, and how).
+
+Shape letters: B rows per batch, T the longest batch's length, N = B T tokens, n labelled tokens,
+L blocks, D hidden, H / Hkv query / kv heads, hd head dim, F MLP width, V vocabulary, r LoRA rank,
+e bytes per compute-dtype element (4 float32, 2 bf16), c loss chunk rows.
+
+Memory (bytes). Static, for the whole run:
+    NF4 base        every block linear (M, K): M K / 2 codes + M K / 64 absmax codes (uint8)
+                    + M K / (64 * 256) * 4 second-level scales (double quantization); unquantized: M K e
+    dense           embeddings V D e, the untied head V D e, norms
+    LoRA            p = sum over adapted linears of r (K + M) float32 weights: 4 p; gradients 4 p;
+                    AdamW states m, v: 8 p (32-bit) or 2 p + 2 p / 256 * 4 (8-bit blockwise);
+                    with --optimizer-budget only that many state bytes stay on the device
+Activations that autograd keeps per token per block (what each op saves for its backward; checked
+against torch.autograd.graph.saved_tensors_hooks in tests/test_planner.py):
+    norms           each RMSNorm keeps its input in its own dtype and a float32 rstd per row:
+                    e D + 4  (Llama 2 norms, Gemma 4; Gemma's and Qwen3's q_norm / k_norm per head:
+                    (H + Hkv) (e hd + 4))
+    LoRA inputs     the normed attention and MLP inputs, e D each (shared by q, k, v / gate, up)
+                    and r float32 per adapted linear (u = x A^T), 1 byte per input element with dropout
+    attention       SDPA keeps q and its output (2 e H hd), k and v unrepeated (enable_gqa: 2 e Hkv hd)
+                    and the float32 log-sum-exp (4 H); its output is o_proj's saved input
+    MLP             gate and up (act(gate) is recomputed in backward) and their product: 3 e F
+Full recompute keeps only each block's input (e D) and rebuilds one block's activations during
+backward. Selective recompute (models/recompute.py) keeps the block's input and the outputs of its
+matrix products and reruns only the elementwise ops between them, per token per block (checked
+against the outputs its policy keeps in tests/test_recompute.py):
+    input           e D
+    base linears    q, k, v, o, gate, up, down outputs: e (H hd + 2 Hkv hd + 2 D + 2 F)
+    attention       SDPA's output e H hd and its float32 log-sum-exp 4 H; with attention soft-capping
+                    (no SDPA) the two batched products: the scores e H T and the output e H hd
+    dense base      (--quantize none) each adapted linear's LoRA products, float32: 4 r + 4 M
+(the NF4 + LoRA function computes its rank-r products with out=, which the policy recomputes; the
+dropout mask is redrawn from the saved RNG state). `recompute_blocks` = k recomputes the first k
+blocks fully, `selective_blocks` = s the next s selectively, and the rest keep everything.
+Transient peaks on top: the loss chunk (c, V) in float32, a few times (logits, softmax, the bf16
+copy for dL/dh, soft-capping's tanh), one dequantized base weight (M K e, plus its float32
+intermediate), the backward's gradients of one block (about one block's activations).
+Runtime: the process's own memory before the model exists (Python, torch, libraries, allocator
+pools), measured in this process (CPU RSS); 0 on CUDA, where max_memory_allocated excludes it.
+
+FLOPs per token (a multiply-add is 2 FLOPs). Forward: 2 P_base (every block weight once)
++ 2 * 2 T_avg H hd (q k^T and p v over on average T/2 causal keys) + 2 P_lora; the head 2 D V per
+labelled token. Backward with a frozen base: dL/dx through every base weight (2 P_base), the
+attention twice (4 * ...), LoRA 4 P_lora (dL/dA, dL/dB, dL/dx); the head's dL/dh 2 D V. Fully
+recomputed blocks run their forward again; selectively recomputed ones only their LoRA products
+(2 P_lora) and elementwise ops, which count as 0 FLOPs (memory-bound, not GEMM time: an estimate
+that is low by their time). Time per step = FLOPs per step / the GEMM FLOP/s that a probe of a
+second measures on this device in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from minilora.dtypes import dtype_name
+
+MiB = 2**20
+NF4_BLOCK, ABSMAX_BLOCK, STATE_BLOCK = 64, 256, 256
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALLOCATOR_SLACK = {"recompute": 0.45, "loss": 0.55}  # CPU heap retention, fitted (see plan_memory)
+MARGIN = 0.85  # plan against 85% of the budget: the prediction is within 15% of the measured peak
+
+
+def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(M, K) = (out, in) of each linear in one block."""
+    D, F, Hhd, Kvhd = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    )
+    return {
+        "q_proj": (Hhd, D),
+        "k_proj": (Kvhd, D),
+        "v_proj": (Kvhd, D),
+        "o_proj": (D, Hhd),
+        "gate_proj": (F, D),
+        "up_proj": (F, D),
+        "down_proj": (D, F),
+    }
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (Linux) in bytes; None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (0 where unavailable)."""
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """What the plan's predicted peak is compared with: torch.cuda.max_memory_allocated on CUDA; on
+    the CPU this process's own peak RSS (VmHWM; ru_maxrss would carry a parent's peak over fork + exec)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = _proc_status_bytes("VmHWM")
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak
+
+
+def warm_runtime(device: torch.device, dtype: torch.dtype, recompute: bool = True) -> int:
+    """The runtime constant: memory a training process holds before its model (Python, torch, the
+    math libraries and the code paths a step touches). One LoRA step of a tiny NF4 model loads them
+    all; then this process's RSS is measured (CPU). 0 on CUDA (max_memory_allocated excludes it).
+    recompute: the step recomputes a block, as the run will; torch's non-reentrant checkpoint loads
+    torch._dynamo on first use (about 150 MB), which a run without recompute never loads."""
+    if device.type != "cpu":
+        return 0
+    from minilora.data.packing import Batch
+    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.models.config import ModelConfig
+    from minilora.models.loader import no_random_init, quantize_linears
+    from minilora.models.transformer import Transformer
+    from minilora.optim.paged_adamw import PagedAdamW
+    from minilora.train.loss import chunked_lm_loss
+
+    cfg = ModelConfig.from_name("tiny")
+    with torch.random.fork_rng(devices=[]):
+        with torch.device("meta"), no_random_init():  # as the loader builds it (init on meta loads more code)
+            model = Transformer(cfg)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        model.tie_weights()
+        model.to(dtype)
+        quantize_linears(model, compute_dtype=dtype)
+        apply_lora(model, r=4, alpha=8, dropout=0.0, verbose=False)
+        model.set_gradient_checkpointing(1 if recompute else 0)
+        opt = PagedAdamW(lora_parameters(model), lr=1e-4)
+        ids = torch.randint(0, cfg.vocab_size, (2, 16), device=device)
+        ones = torch.ones_like(ids)
+        batch = Batch(ids, ids, ones, torch.arange(16, device=device).expand(2, 16), ones, 30)
+        loss, n = chunked_lm_loss(model, batch, 8)
+        (loss / n).backward()
+        opt.step()
+    del model, opt, loss
+    return rss_bytes()
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the run may still use: free RAM (MemAvailable) on the CPU, mem_get_info on CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+@dataclass
+class Plan:
+    """Predicted bytes per component, the peak, and time; of num_layers blocks, `recompute_blocks`
+    recompute fully and `selective_blocks` selectively."""
+
+    components: list[tuple[str, int, str]] = field(default_factory=list)  # (name, bytes, flag that shrinks it)
+    peak: int = 0
+    recompute_blocks: int = 0
+    selective_blocks: int = 0
+    num_layers: int = 0
+    flops_per_token: float = 0.0
+    tokens_per_step: int = 0
+    step_seconds: float | None = None
+    steps: int | None = None
+    dtype: str = "float32"
+    budget: int | None = None
+    loss_chunk: int = 256
+
+    @property
+    def recompute(self) -> str:
+        """off, full, selective, or the mix: "full on 3 of 30 blocks + selective on 27 of 30 blocks"."""
+        k, s, L = self.recompute_blocks, self.selective_blocks, self.num_layers
+        parts = [name if n == L else f"{name} on {n} of {L} blocks" for name, n in (("full", k), ("selective", s)) if n]
+        return " + ".join(parts) or "off"
+
+    def settings(self) -> dict:
+        """What the run resolved (saved in config.json under "resolved")."""
+        return {
+            "dtype": self.dtype,
+            "gradient_checkpointing": self.recompute,
+            "recompute_blocks": self.recompute_blocks,
+            "selective_blocks": self.selective_blocks,
+            "loss_chunk": self.loss_chunk,
+            "predicted_peak_bytes": self.peak,
+            "memory_budget_bytes": self.budget,
+        }
+
+    def largest(self) -> tuple[str, int, str]:
+        """The biggest component a flag can shrink (the runtime cannot be)."""
+        return max((c for c in self.components if c[2]), key=lambda c: c[1])
+
+    def table(self) -> str:
+        rows = [f"{'component':<40}{'MiB':>12}"]
+        rows += [f"{name:<40}{b / MiB:>12,.1f}" for name, b, _ in self.components]
+        rows.append(f"{'predicted peak':<40}{self.peak / MiB:>12,.1f}")
+        if self.budget is not None:
+            rows.append(f"{'budget (x 0.85 margin)':<40}{self.budget * MARGIN / MiB:>12,.1f}")
+        rows.append(f"compute dtype {self.dtype}, recompute {self.recompute}, loss chunk {self.loss_chunk} rows")
+        rows.append(
+            f"FLOPs per token {self.flops_per_token / 1e9:,.3f} G, tokens per micro-batch {self.tokens_per_step:,}"
+            " (the longest batch)"
+        )
+        if self.step_seconds is not None:
+            rows.append(
+                f"predicted micro-batch {self.step_seconds:,.2f} s ({self.tokens_per_step / self.step_seconds:,.0f} "
+                f"tok/s at the probe's GEMM rate)"
+                + (
+                    f", run of {self.steps} micro-batches at most {self.steps * self.step_seconds / 60:,.1f} min"
+                    if self.steps
+                    else ""
+                )
+            )
+        return "\n".join(rows)
+
+
+def plan_memory(
+    cfg,
+    *,
+    batch_size: int,
+    seq_len: int,
+    label_tokens: int | None = None,
+    dtype=torch.float32,
+    quantize: str = "nf4",
+    lora_r: int = 16,
+    lora_targets=LINEARS,
+    lora_dropout: float = 0.0,
+    optimizer_bits: int = 32,
+    optimizer_budget: int | None = None,
+    loss_chunk: int = 256,
+    recompute_blocks: int = 0,
+    selective_blocks: int = 0,
+    runtime: int = 0,
+    device_type: str = "cpu",
+) -> Plan:
+    """The memory plan for one training step on a batch of batch_size x seq_len tokens."""
+    e = torch.empty((), dtype=dtype).element_size()
+    L, D, F, V, r = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, lora_r
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    gemma = cfg.family == "gemma3"
+    N = batch_size * seq_len
+    n = N if label_tokens is None else min(N, label_tokens)
+    shapes = linear_shapes(cfg)
+    adapted = [shapes[t] for t in LINEARS if t in lora_targets]
+    per_block = sum(M * K for M, K in shapes.values())
+    base = L * (
+        per_block * (0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * ABSMAX_BLOCK)) if quantize == "nf4" else per_block * e
+    )
+    norms = (L * ((4 if gemma else 2) * D + (2 * hd if gemma else 0)) + D) * e
+    dense = V * D * e * (1 if cfg.tie_word_embeddings else 2) + norms
+    p = L * sum(r * (M + K) for M, K in adapted)
+    states = 8 * p if optimizer_bits == 32 else 2 * p + 2 * math.ceil(p / STATE_BLOCK) * 4
+    if optimizer_budget is not None:
+        states = min(states, optimizer_budget)
+
+    n_norm, qk_rows = (4 if gemma else 2), (H + Hkv if cfg.qk_norm else 0)
+    act = (
+        (e * D + 4) * n_norm
+        + (e * hd + 4) * qk_rows
+        + 2 * e * D
+        + 2 * e * (H + Hkv) * hd
+        + 4 * H
+        + 3 * e * F
+        + 4 * r * len(adapted)
+    )
+    if lora_dropout > 0:
+        act += sum(K for _, K in adapted)  # one bool mask element per LoRA input element
+    k = max(0, min(L, recompute_blocks))
+    s = max(0, min(L - k, selective_blocks))
+    # selective recompute's kept bytes per token per block (see the module docstring)
+    if cfg.attn_logit_softcapping is None:
+        sel_attention = e * H * hd + 4 * H  # SDPA output + float32 log-sum-exp
+    else:
+        sel_attention = e * H * seq_len + e * H * hd  # scores (B, H, T, T) and p v, both from bmm
+    sel = e * (D + H * hd + 2 * Hkv * hd + 2 * D + 2 * F) + sel_attention
+    if quantize != "nf4":
+        sel += sum(4 * r + 4 * M for M, _ in adapted)  # the dense LoRA path's mm outputs, float32
+    rope = 2 * hd * e * (2 if gemma else 1)  # cos, sin per position (global + local on Gemma)
+    kept = N * ((L - k - s) * act + k * e * D + s * sel + rope + 4 * D) + 2 * n * D * e  # + final norm, h_sel, dL/dh
+    block = N * act  # one block's activations: rebuilt by recompute, and its gradients in backward
+    cap = cfg.final_logit_softcapping is not None
+    c = min(loss_chunk, n)
+    # per chunk, float32: z, z - lse and exp(z - lse); soft-capping adds z / cap and tanh; a 16-bit
+    # head adds the 16-bit logits and the 16-bit softmax
+    loss = c * V * (4 * 3 + (4 * 2 if cap else 0) + (2 * e if e != 4 else 0))
+    Mmax, Kmax = max(shapes.values(), key=lambda s: s[0] * s[1])
+    dequant = Mmax * Kmax * (e + 4)
+    transient = max(loss, block * (2 if k + s else 1) + dequant)
+
+    # CPU: glibc keeps freed blocks below its (growing) mmap threshold in the heap, so RSS runs above
+    # the live bytes. Fitted to measured steady-state RSS (Llama 135M geometry at 2, 6 and 30 layers
+    # in float32 and bf16, Gemma 3 at 2, recompute on and off): the backward's gradient buffers do not
+    # reuse the freed activations (RSS holds the kept activations twice), each recomputed block leaves
+    # about 45% of its saved activations behind (its backward's gradients outgrow what it saves, so
+    # the fraction covers them too), and the loss chunk about half of its buffers.
+    slack = 0
+    if device_type == "cpu":
+        slack = int(N * (L - k - s) * act + ALLOCATOR_SLACK["recompute"] * block * k + ALLOCATOR_SLACK["loss"] * loss)
+        slack += int(N * s * sel + ALLOCATOR_SLACK["recompute"] * block * s)  # selective: as both of those
+    plan = Plan(recompute_blocks=k, selective_blocks=s, num_layers=L, dtype=dtype_name(dtype), loss_chunk=loss_chunk)
+    plan.components = [
+        ("runtime (Python, torch, allocator)", runtime, ""),
+        (
+            "base weights (NF4 codes + quant state)" if quantize == "nf4" else "base weights",
+            int(base),
+            "--quantize nf4",
+        ),
+        ("embeddings, head, norms", int(dense), ""),
+        ("LoRA weights + gradients", 8 * p, "--lora-r"),
+        (f"optimizer states ({optimizer_bits}-bit)", int(states), "--optimizer-bits 8 or --optimizer-budget"),
+        (f"activations kept (recompute {plan.recompute})", int(kept), "--batch-size or --max-seq-len"),
+        (
+            "transient (loss chunk / block backward)",
+            int(transient),
+            "--loss-chunk" if loss >= block else "--batch-size",
+        ),
+        ("allocator slack", slack, "--batch-size"),
+    ]
+    plan.peak = sum(b for _, b, _ in plan.components)
+    plan.tokens_per_step = N
+    plan.flops_per_token = flops_per_token(
+        cfg, seq_len, lora_r, lora_targets, k, label_fraction=n / max(1, N), selective_blocks=s
+    )
+    return plan
+
+
+def flops_per_token(
+    cfg,
+    seq_len: int,
+    lora_r: int = 16,
+    lora_targets=LINEARS,
+    recompute_blocks: int = 0,
+    label_fraction: float = 1.0,
+    selective_blocks: int = 0,
+) -> float:
+    """Training FLOPs per token (forward + backward, see the module docstring)."""
+    L, H, hd, D, V = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size, cfg.vocab_size
+    shapes = linear_shapes(cfg)
+    base = sum(M * K for M, K in shapes.values())
+    lora = sum(lora_r * (M + K) for t, (M, K) in shapes.items() if t in lora_targets)
+    attn = 2 * 2 * (seq_len / 2) * H * hd
+    fwd_block = 2 * base + attn + 2 * lora
+    bwd_block = 2 * base + 2 * attn + 4 * lora
+    head = (2 + 2) * D * V * label_fraction
+    return L * (fwd_block + bwd_block) + recompute_blocks * fwd_block + selective_blocks * 2 * lora + head
+
+
+def probe_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0, m: int = 512, k: int = 1024) -> float:
+    """Measured GEMM FLOP/s of this device in `dtype`: repeat an (m, k) @ (k, k) matmul for `seconds`."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, k, device=device).to(dtype)
+    (a @ b).sum().item()  # warm-up (threads, kernels)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        c = a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    float(c[0, 0])
+    return 2.0 * m * k * k * n / (time.perf_counter() - t0)
+
+
+def choose_recompute(fits, num_layers: int) -> int | None:
+    """The fewest recomputed blocks k in 0..L with fits(k) (memory falls as k grows); None if none fits."""
+    if fits(0):
+        return 0
+    if not fits(num_layers):
+        return None
+    lo, hi = 0, num_layers  # fits(hi) and not fits(lo)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def choose_checkpointing(fits, num_layers: int) -> tuple[int, int] | None:
+    """--gradient-checkpointing auto: (full, selective) block counts with fits(full, selective). Off
+    if that fits; else selective recompute on the fewest blocks that fit; else full recompute on the
+    fewest blocks that fit, the other blocks selective; None if full recompute everywhere does not fit."""
+    L = num_layers
+    s = choose_recompute(lambda s: fits(0, s), L)
+    if s is not None:
+        return 0, s
+    k = choose_recompute(lambda k: fits(k, L - k), L)
+    return None if k is None else (k, L - k)
+
+
+# ------------------------------------------------------------------------------ train.py
+def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
+    """(rows, length) of the batch with the most padded tokens that these batching arguments produce."""
+    from minilora.data.packing import plan_batches
+
+    kw = {k: v for k, v in batch_kw.items() if k not in ("pad_id", "shuffle")}
+    lengths = [len(e.input_ids) for e in encoded]
+    best = (1, 1)
+    for rows in plan_batches(lengths, shuffle=False, **kw):
+        T = max(sum(lengths[i] for i in row) for row in rows)
+        if len(rows) * T > best[0] * best[1]:
+            best = (len(rows), T)
+    return best
+
+
+def plan_run(
+    tc,
+    model_cfg,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+    probe_seconds: float = 0.0,
+    fsdp_ranks: int = 1,
+) -> tuple[Plan, str | None]:
+    """The plan for a TrainConfig on `device`, with --gradient-checkpointing resolved (auto:
+    choose_checkpointing); and an error sentence when even full recompute does not fit the budget
+    (--memory-budget or the free memory).
+    fsdp_ranks > 1: per rank, with the base, LoRA weights and optimizer states sharded over that
+    many ranks (per_rank_components)."""
+    from minilora.train.loss import default_chunk
+
+    L = model_cfg.num_hidden_layers
+    budget = int(tc.memory_budget) if tc.memory_budget != "auto" else free_memory(device) + rss_bytes()
+    targets = LINEARS if tc.lora_targets == "all-linear" else tuple(tc.lora_targets.split(","))
+    opt_budget = int(tc.optimizer_budget) if tc.optimizer_budget.isdigit() else None
+    runtime = warm_runtime(device, dtype, recompute=False)
+    chunk = tc.loss_chunk or default_chunk(device)
+
+    def make(k: int, s: int = 0) -> Plan:
+        p = plan_memory(
+            model_cfg,
+            batch_size=shape[0],
+            seq_len=shape[1],
+            dtype=dtype,
+            quantize=tc.quantize,
+            lora_r=tc.lora_r,
+            lora_targets=targets,
+            lora_dropout=tc.lora_dropout,
+            optimizer_bits=tc.optimizer_bits,
+            optimizer_budget=opt_budget,
+            loss_chunk=chunk,
+            recompute_blocks=k,
+            selective_blocks=s,
+            runtime=runtime,
+            device_type=device.type,
+        )
+        if fsdp_ranks > 1:
+            p.components = per_rank_components(p.components, fsdp_ranks, L)
+            p.peak = sum(b for _, b, _ in p.components)
+        return p
+
+    fixed = {"off": (0, 0), "on": (L, 0), "selective": (0, L)}.get(tc.gradient_checkpointing)
+    if fixed is None and make(0, 0).peak <= budget * MARGIN:
+        chosen = (0, 0)
+    else:
+        if fixed != (0, 0):  # the run recomputes: measure with what recompute loads (a run without it never does)
+            runtime = warm_runtime(device, dtype, recompute=True)
+        chosen = (
+            fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
+        )
+    plan = make(*(chosen or (L, 0)))
+    plan.budget = budget
+    error = None
+    if plan.peak > budget * MARGIN:
+        name, size, flag = plan.largest()
+        error = (
+            f"the run needs about {plan.peak / MiB:,.0f} MiB (with recompute {plan.recompute}) but "
+            f"{budget * MARGIN / MiB:,.0f} MiB are available (85% of {budget / MiB:,.0f} MiB); the largest "
+            f"part is {name} ({size / MiB:,.0f} MiB): lower it with {flag}, "
+            f"or pass --plan to see every part."
+        )
+    if probe_seconds > 0:
+        plan.step_seconds = plan.flops_per_token * plan.tokens_per_step / probe_flops(device, dtype, probe_seconds)
+    return plan, error
+
+
+# ------------------------------------------------------------------------------ FSDP per rank
+# Plan components that FSDP divides over the ranks: the NF4 base,
+# the LoRA weights with their gradients, the optimizer states, and the embeddings and head (split by
+# vocabulary rows; the norms in that row are replicated but tiny). Everything else stays whole on
+# every rank: activations belong to the rank's own micro-batch and the loss chunk is per rank.
+SHARDED_COMPONENTS = ("base weights", "LoRA weights", "optimizer states", "embeddings, head")
+
+
+def per_rank_components(
+    components: list[tuple[str, int, str]], world: int, num_layers: int, sharded: tuple[str, ...] = SHARDED_COMPONENTS
+) -> list[tuple[str, int, str]]:
+    """A one-device plan's (name, bytes, flag) rows as FSDP over `world` ranks sees them, per rank.
+
+    A sharded row of b bytes becomes ceil(b / W) (fully_shard pads dim 0 to a multiple of W);
+    other rows stay whole. One more row: the gathered base of the blocks in flight, two of the L
+    blocks (the running one and the one prefetched), less the rank's own shard of them:
+        2 * base / L * (1 - 1 / W)
+    """
+    if world < 1 or num_layers < 1:
+        raise ValueError(f"world={world} and num_layers={num_layers} must be at least 1.")
+    rows, base = [], 0
+    for name, b, flag in components:
+        if name.startswith(sharded):
+            rows.append((f"{name} / {world} ranks" if world > 1 else name, -(-b // world), flag))
+            if name.startswith("base weights"):
+                base = b
+        else:
+            rows.append((name, b, flag))
+    if world > 1:
+        rows.append(("gathered blocks in flight (2)", int(2 * base / num_layers * (1 - 1 / world)), "--parallel"))
+    return rows

@@ -1,0 +1,242 @@
+"""The run directory (--out) as a contract, and metrics.jsonl.
+
+train.py writes only into a folder that does not exist yet, an empty folder, or a folder it wrote
+before (recognized by the config.json it writes there); anything else is refused before a byte
+is written. A folder holding checkpoints is continued only with --resume, and --resume compares
+the flags given on its command line with the run's config.json:
+
+  ADAPTER_FIELDS  define the adapter the checkpoints hold: a change is refused
+  STREAM_FIELDS   define the data order and the optimizer state (the checkpoint stores a position
+                  in that stream): a change is refused
+  every other field may change: the new value is applied for real and recorded, with the old one,
+                  in config.json's "resumes" history
+Flags not given take the run's recorded values, so `train.py --out RUN --resume` continues RUN
+exactly as it was started.
+
+metrics.jsonl is append-only during a run; each checkpoint stores its length at that moment, and a
+resume cuts the file back to it, so the steps logged after the checkpoint (which the resumed run
+logs again) appear once. Temp folders a kill left behind are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+from minilora.cli import UsageError
+
+ADAPTER_FIELDS = ("model", "quantize", "dtype", "lora_r", "lora_alpha", "lora_targets", "use_rslora", "use_dora")
+STREAM_FIELDS = (
+    "data",
+    "val_data",
+    "format",
+    "template",
+    "train_on_all",
+    "max_seq_len",
+    "truncation",
+    "pack",
+    "dedup",
+    "near_threshold",
+    "val_fraction",
+    "seed",
+    "batch_size",
+    "grad_accum",
+    "optimizer_bits",
+)
+CHANGEABLE_FIELDS = (
+    "eval_data",
+    "allow_contamination",
+    "skip_bad_lines",
+    "device",
+    "lora_dropout",
+    "gradient_checkpointing",
+    "tf32",
+    "loss_chunk",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "optimizer_budget",
+    "epochs",
+    "max_steps",
+    "max_grad_norm",
+    "eval_every",
+    "early_stopping",
+    "eval_generate",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+    "threads",
+    "parallel",
+    "memory_budget",
+)
+NOT_INHERITED = ("out", "resume", "plan", "debug_nan_at_step", "debug_interrupt_at_step")  # this invocation's own
+PATH_FIELDS = ("data", "val_data", "eval_data")
+# keys every config.json train.py writes has (a model folder's config.json has none of them)
+_RUN_KEYS = {"model", "data", "out", "lora_r", "lora_alpha", "save_every"}
+# what fileio's temp helpers name their files and folders: .NAME.tmp-XXXX, .NAME.old-XXXX, .NAME.XXXX.tmp
+_TEMP = re.compile(r"^\..+\.(tmp|old)-[^.]+$|^\..+\.tmp$")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def read_run_config(folder: str) -> dict | None:
+    """The config.json train.py wrote in `folder`, or None when there is none (or it is another's)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) and _RUN_KEYS <= set(cfg) else None
+
+
+def check_out(out: str, resume: bool) -> tuple[str | None, dict | None]:
+    """(newest checkpoint, the run's recorded config) of --out, after checking that train.py may
+    write there; raises UsageError (nothing written) when it may not."""
+    from minilora.train.checkpoint import latest_checkpoint
+
+    if not os.path.exists(out):
+        return None, None
+    if not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder; pass a new folder path (train.py creates it).")
+    if not os.listdir(out):
+        return None, None
+    old = read_run_config(out)
+    if old is None:
+        raise UsageError(
+            f"--out {out} already holds files that train.py did not write (no run config.json "
+            "there), so it was left untouched; choose a new or empty folder."
+        )
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not resume:
+        raise UsageError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out.")
+    return ckpt, old
+
+
+def _same(name: str, a, b) -> bool:
+    if name in PATH_FIELDS and a is not None and b is not None:
+        return os.path.abspath(a) == os.path.abspath(b)
+    return a == b
+
+
+def merge_resume(cfg, given: set[str], old: dict, resolve_dtype, step: int, world: int = 1) -> dict:
+    """Fill `cfg` for a resumed run: fields not in `given` take the run's recorded values; given
+    fields that differ from them are refused (ADAPTER_FIELDS, STREAM_FIELDS: UsageError naming each)
+    or applied. `resolve_dtype(name) -> str` resolves --dtype auto on this machine; the dtype
+    compared is the resolved one. --grad-accum may change with the number of ranks `world` as long
+    as grad_accum x world, the micro-batches a step takes from the data stream, stays the same (a
+    2-rank run resumes on 1 process with twice the accumulation). Returns {field: [old, new]} of
+    the applied changes, and appends it to cfg's resume history (written by `config_json`)."""
+    old_dtype = old.get("resolved_dtype") or resolve_dtype(old.get("dtype", "auto"))
+    refused, changed = [], {}
+    for name in (f.name for f in dataclasses.fields(cfg)):
+        if name in NOT_INHERITED or name not in old:
+            continue
+        if name == "grad_accum":
+            _merge_grad_accum(cfg, name in given, old, world, refused, changed)
+            continue
+        if name not in given:
+            setattr(cfg, name, old_dtype if name == "dtype" else old[name])
+            continue
+        new, was = getattr(cfg, name), old[name]
+        if name == "dtype":
+            new, was = resolve_dtype(new), old_dtype
+        if _same(name, new, was):
+            continue
+        if name in ADAPTER_FIELDS or name in STREAM_FIELDS:
+            refused.append(f"{flag(name)} {new} (the run has {was})")
+        else:
+            changed[name] = [was, new]
+    if refused:
+        raise UsageError(
+            f"--resume cannot change {', '.join(refused)}: these define the adapter or the data "
+            "order its checkpoints hold; drop them to continue the run, or start a new run in "
+            "another --out."
+        )
+    cfg.resumes = [*old.get("resumes", []), {"step": step, "changed": changed}]
+    return changed
+
+
+def _merge_grad_accum(cfg, given: bool, old: dict, world: int, refused: list, changed: dict) -> None:
+    old_world = old.get("world_size", 1)
+    micro = old["grad_accum"] * old_world  # micro-batches per step: what the checkpoint's data position counts
+    accum = cfg.grad_accum if given else micro // world
+    if accum * world != micro:
+        refused.append(
+            f"{flag('grad_accum')} {accum} (the run has {old['grad_accum']} on {old_world} process(es), "
+            f"this is {world}: grad-accum x processes must stay {micro})"
+        )
+    elif accum != old["grad_accum"]:
+        changed["grad_accum"] = [old["grad_accum"], accum]
+    cfg.grad_accum = accum
+
+
+def config_json(cfg, resolved_dtype: str, world: int = 1, resolved: dict | None = None) -> str:
+    """config.json of a run: every TrainConfig field, the dtype --dtype resolved to, the number of
+    processes, the settings the planner resolved, and the history of resumes ({step, changed:
+    {field: [old, new]}})."""
+    d = json.loads(cfg.to_json())
+    d["resolved_dtype"] = resolved_dtype
+    d["world_size"] = world
+    if resolved is not None:
+        d["resolved"] = resolved
+    d["resumes"] = getattr(cfg, "resumes", [])
+    return json.dumps(d, indent=2)
+
+
+def remove_stale_temps(run_dir: str) -> list[str]:
+    """Delete the temp files and folders a killed run left in run_dir and run_dir/checkpoints."""
+    import shutil
+
+    removed = []
+    for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if _TEMP.match(name):
+                path = os.path.join(folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def cut_metrics(path: str, state: dict) -> None:
+    """Cut metrics.jsonl back to what it held when the checkpoint `state` was written: its stored
+    length, or (a checkpoint written before lengths were stored) the records up to its step."""
+    if not os.path.isfile(path):
+        return
+    if "metrics_bytes" in state:
+        if os.path.getsize(path) > state["metrics_bytes"]:
+            os.truncate(path, state["metrics_bytes"])
+        return
+    from minilora.fileio import write_text_atomic
+
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= state["step"]:
+                    keep.append(line)
+            except (ValueError, KeyError):  # a line torn by the kill
+                pass
+    write_text_atomic(path, "".join(keep))
+
+
+class MetricsWriter:
+    """metrics.jsonl in the run directory: one JSON object per event, flushed as written."""
+
+    def __init__(self, path: str, append: bool):
+        self.f = open(path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, **record) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def tell(self) -> int:
+        """Bytes written so far (stored in each checkpoint, see cut_metrics)."""
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
