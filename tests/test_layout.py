@@ -56,10 +56,8 @@ def test_top_level_kernels_import_resolves_to_the_installed_pypi_package(tmp_pat
     assert os.path.realpath(path) == os.path.realpath(os.path.join(ROOT, "kernels", "dispatch.py"))
 
 
-def test_top_level_kernels_import_without_the_pypi_package_is_absent():
-    out = _run_from_root(
-        "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('absent', e.name)\n"
-        "else:\n    print('found', kernels.__file__)\n"
-    )
+def test_transformers_and_bitsandbytes_import_from_the_root_without_the_pypi_kernels():
+    # transformers imports whatever find_spec("kernels") finds to read its version: that import must succeed
+    out = _run_from_root("import transformers.integrations.hub_kernels, bitsandbytes, peft; print('ok')")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["absent", "kernels"]
+    assert out.stdout.split() == ["ok"]
