@@ -24,6 +24,8 @@ import os
 import torch
 import torch.nn as nn
 
+from minilora import EXAMPLES
+
 from .config import PRESETS, ModelConfig
 from .hub import ModelLoadError, resolve_checkpoint
 from .transformer import Transformer
@@ -53,7 +55,7 @@ __all__ = [
     "tiny_tokenizer",
 ]
 
-_EXAMPLES_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tokenizer")
+_EXAMPLES_TOKENIZER = os.path.join(EXAMPLES, "tokenizer")
 # Gemma 3 multimodal checkpoints keep the language model under a prefix (transformers 4.x wrote
 # `language_model.model.`, transformers 5 writes `model.language_model.`) next to vision tensors.
 _PREFIXES = (

@@ -14,12 +14,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from minilora import EXAMPLES, REPO_ROOT
 from minilora.cli import UsageError
 from minilora.dtypes import resolve_dtype
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_TRAIN = os.path.join(ROOT, "examples", "demo", "train.jsonl")
-DEMO_TEST = os.path.join(ROOT, "examples", "demo", "test.jsonl")
+DEMO_TRAIN = os.path.join(EXAMPLES, "demo", "train.jsonl")
+DEMO_TEST = os.path.join(EXAMPLES, "demo", "test.jsonl")
 
 
 def _f(default, help, **kw):
@@ -187,7 +187,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         meta.pop("help", None)
         if f.name in DEMO_OVERRIDES and help_ is not argparse.SUPPRESS:
             demo = DEMO_OVERRIDES[f.name]
-            help_ += f" [tiny: {os.path.relpath(demo, ROOT) if f.name == 'eval_data' else demo}]"
+            help_ += f" [tiny: {os.path.relpath(demo, REPO_ROOT) if f.name == 'eval_data' else demo}]"
         default = argparse.SUPPRESS if suppress_defaults else f.default
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
