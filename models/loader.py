@@ -118,7 +118,8 @@ def quantize_linears(model: nn.Module, blocksize: int = 64, double_quant: bool =
     return model
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module):
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule at dotted path `name` was ("model.layers.3.mlp.up_proj")."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 

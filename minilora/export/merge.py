@@ -133,8 +133,8 @@ def merge_to_dense(model, dtype: torch.dtype):
     NF4Linear by its dequantized weight; the sum is formed in float32 and cast once to `dtype`."""
     import torch.nn as nn
 
-    from minilora.lora.dora import merged_dora_weight
     from minilora.lora.layers import LoRALinear, base_weight
+    from minilora.models.loader import set_module
     from minilora.quant.linear import NF4Linear
 
     for name, mod in list(model.named_modules()):
@@ -149,15 +149,13 @@ def merge_to_dense(model, dtype: torch.dtype):
         with torch.no_grad():
             w = base_weight(base, torch.float32)  # (M, K) float32, dequantized for NF4
             if isinstance(mod, LoRALinear) and not mod.merged:
-                delta = mod.delta_weight()  # (M, K) = s * (M, r) @ (r, K)
-                w = merged_dora_weight(w, delta, mod.lora_magnitude_vector) if mod.use_dora else w + delta
+                w = mod.merged_weight(w)  # (M, K): W0 + s (M, r) @ (r, K), or DoRA's
             lin = nn.Linear(w.shape[1], w.shape[0], bias=base.bias is not None, device=w.device, dtype=dtype)
             lin.weight.copy_(w)
             if base.bias is not None:
                 lin.bias.copy_(base.bias)
         lin.requires_grad_(False)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+        set_module(model, name, lin)
     for p in model.parameters():  # embeddings and norms follow the export dtype too
         p.data = p.data.to(dtype)
     model.tie_weights()

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
 from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
+from minilora.quant.linear import NF4Linear
 
 __all__ = [
     "AdapterError",
@@ -141,9 +142,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """PEFT target_modules for the LoRA modules `names`: their leaf names when those select exactly
     these modules (e.g. ["q_proj", "v_proj"]), else the full module paths (as PEFT 0.21 writes)."""
     leaves = sorted({n.split(".")[-1] for n in names})
-    linears = [
-        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) or type(m).__name__ == "NF4Linear"
-    ]
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear, NF4Linear))]
     linears = [n for n in linears if not n.endswith(".base")]
     if sorted(n for n in linears if n.split(".")[-1] in leaves) == sorted(names):
         return leaves
@@ -288,7 +287,7 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
         have = dict(model.named_modules())
         for path in weights:
             m = have.get(path)
-            if m is None or not (isinstance(m, nn.Linear) or type(m).__name__ == "NF4Linear"):
+            if m is None or not isinstance(m, (nn.Linear, NF4Linear)):
                 raise AdapterError(
                     f"{adapter_dir} has weights for {path!r}, which is not a linear layer of this "
                     f"model; the adapter was trained on a different base ({base})."

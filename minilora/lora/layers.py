@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from minilora.lora.dora import dora_delta, merged_dora_weight, row_norm
-from minilora.quant.linear import NF4Linear, nf4_matmul, nf4_matmul_t
+from minilora.models.loader import set_module
+from minilora.quant.linear import NF4_BUFFERS, NF4Linear, nf4_matmul, nf4_matmul_t
 from minilora.quant.nf4 import quantize_nf4
 
 INITS = ("default", "gaussian")
@@ -150,6 +151,12 @@ class _LoRANF4Fn(torch.autograd.Function):
 
 
 # --- the layer -----------------------------------------------------------------------------------
+def check_rank(r) -> None:
+    """A LoRA rank is an integer >= 1 (a bool is not a rank)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterError(f"LoRA rank r={r!r} is invalid; pass an integer r >= 1 (typically 8 to 64).")
+
+
 class LoRALinear(nn.Module):
     """y = W0 x + b + s * B A dropout(x), s = alpha/r (alpha/sqrt(r) with rsLoRA); see the module docstring.
 
@@ -174,8 +181,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)) or isinstance(base, LoRALinear):
             raise AdapterError(f"LoRALinear wraps an nn.Linear or an NF4Linear, not {type(base).__name__}.")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise AdapterError(f"LoRA rank r={r!r} is invalid; pass an integer r >= 1 (typically 8 to 64).")
+        check_rank(r)
         if not 0.0 <= dropout < 1.0:
             raise AdapterError(f"LoRA dropout={dropout!r} is invalid; pass a probability in [0, 1).")
         if init not in INITS:
@@ -239,6 +245,12 @@ class LoRALinear(nn.Module):
         """s * B A (M, K) float32."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (M, r) @ (r, K)
 
+    def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """The weight with the adapter folded in, (M, K) float32: W0 + s B A, or with DoRA
+        m / ||W0 + s B A||_row * (W0 + s B A)."""
+        delta = self.delta_weight()
+        return merged_dora_weight(w0, delta, self.lora_magnitude_vector) if self.use_dora else w0.float() + delta
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight (idempotent). Dense: W0 += s B A (DoRA: its merged
@@ -246,14 +258,12 @@ class LoRALinear(nn.Module):
         warning: the requantization adds rounding error on top of the adapter."""
         if self.merged:
             return
-        base, delta = self.base, self.delta_weight()
+        base = self.base
         if isinstance(base, NF4Linear):
-            w0 = base.dequantized_weight(torch.float32)
-            new = merged_dora_weight(w0, delta, self.lora_magnitude_vector) if self.use_dora else w0 + delta
+            new = self.merged_weight(base.dequantized_weight(torch.float32))
             q = quantize_nf4(new.to(base.weight_dtype), base.blocksize, base.weight_absmax2 is not None)
-            names = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_offset")
-            self._unmerged = {k: getattr(base, k) for k in names}
-            for k, v in zip(names, (q.packed, q.absmax, q.absmax2, q.offset)):
+            self._unmerged = {k: getattr(base, k) for k in NF4_BUFFERS}
+            for k, v in zip(NF4_BUFFERS, (q.packed, q.absmax, q.absmax2, q.offset)):
                 setattr(base, k, v)
             warnings.warn(
                 "merge_lora on an NF4 base requantizes W0 + s B A to NF4, which adds rounding "
@@ -262,7 +272,7 @@ class LoRALinear(nn.Module):
             )
         else:
             w = base.weight
-            new = merged_dora_weight(w, delta, self.lora_magnitude_vector) if self.use_dora else w.float() + delta
+            new = self.merged_weight(w)
             self._unmerged = w.data
             w.data = new.to(w.dtype)
         self.merged = True
@@ -364,8 +374,7 @@ def apply_lora(
     """Replace the targeted linears by LoRALinear in place, freeze everything else, and return
     {"trainable", "total", "percent", "message", "modules"} (message printed as PEFT prints it).
     `ranks` / `alphas` override r / alpha per module name (used when loading PEFT's rank_pattern)."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterError(f"LoRA rank r={r!r} is invalid; pass an integer r >= 1 (typically 8 to 64).")
+    check_rank(r)
     names = select_targets(model, targets)
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -373,10 +382,8 @@ def apply_lora(
         if seed is not None:
             torch.manual_seed(seed)
         for name in names:
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             rr, aa = (ranks or {}).get(name, r), (alphas or {}).get(name, alpha)
-            setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rr, aa, dropout, init, use_rslora, use_dora))
+            set_module(model, name, LoRALinear(model.get_submodule(name), rr, aa, dropout, init, use_rslora, use_dora))
     report = trainable_report(model)
     report["modules"] = names
     if verbose:

@@ -37,6 +37,7 @@ import sys
 
 import torch
 
+from minilora.dtensor import local
 from minilora.optim.paging import PageLayout, PagePool, PageTable, slice_views
 from minilora.quant.blockwise8 import dequantize_blockwise8, num_blocks, quantize_blockwise8_
 
@@ -49,12 +50,6 @@ _STATE_KEYS = {
     32: ("exp_avg", "exp_avg_sq"),
     8: ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"),
 }
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP2 shards parameters and gradients; each rank updates its own
-    shard, element by element as on one device); any other tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _number(x) -> bool:
@@ -150,7 +145,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def _param_state(self, p: torch.Tensor, group: dict) -> dict:
         st = self.state[p]
         if "items" not in st:
-            shard = _local(p)  # pages cover this rank's elements only
+            shard = local(p)  # pages cover this rank's elements only (each rank updates its own shard)
             if not shard.is_contiguous():
                 raise ValueError(
                     f"PagedAdamW needs contiguous parameters; got one of shape {tuple(p.shape)} "
@@ -205,8 +200,8 @@ class PagedAdamW(torch.optim.Optimizer):
             for item, lo, hi, views in entries:
                 p = item.param
                 a, b = item.lo + lo, item.lo + hi  # parameter elements of this entry
-                pf = _local(p).view(-1)[a:b]  # (hi - lo,)
-                gf = _local(p.grad).reshape(-1)[a:b]
+                pf = local(p).view(-1)[a:b]  # (hi - lo,)
+                gf = local(p.grad).reshape(-1)[a:b]
                 if pf.dtype != torch.float32:  # bf16/fp16 parameters: update a float32 copy
                     writeback.append((pf, len(params)))
                     pf = pf.float()
@@ -270,8 +265,8 @@ class PagedAdamW(torch.optim.Optimizer):
             for key in _STATE_KEYS[self.state_bits]:
                 out[key] = torch.cat([v[key] for v in parts]).cpu() if parts else torch.empty(0)
             if self.state_bits == 32:  # under FSDP: the shape of this rank's shard
-                out["exp_avg"] = out["exp_avg"].view(_local(p).shape)
-                out["exp_avg_sq"] = out["exp_avg_sq"].view(_local(p).shape)
+                out["exp_avg"] = out["exp_avg"].view(local(p).shape)
+                out["exp_avg_sq"] = out["exp_avg_sq"].view(local(p).shape)
             state[index[id(p)]] = out
         return {"state": state, "param_groups": groups}
 
@@ -311,7 +306,7 @@ class PagedAdamW(torch.optim.Optimizer):
             st = self._param_state(p, group)
             st["step"] = float(src["step"])
             flat = {k: src[k].reshape(-1) for k in _STATE_KEYS[self.state_bits]}
-            n = _local(p).numel()
+            n = local(p).numel()
             for k, t in flat.items():
                 want = num_blocks(n) if k.endswith("absmax") else n
                 if t.numel() != want:

@@ -30,10 +30,12 @@ import os
 import torch
 import torch.nn as nn
 
+from minilora.dtensor import full, local
 from minilora.parallel.errors import ParallelError
+from minilora.quant.linear import NF4_BUFFERS
 
 PARALLEL_CHOICES = ("auto", "ddp", "fsdp")
-NF4_PARAM_NAMES = ("weight_packed", "weight_absmax", "weight_absmax2")  # weight_offset: a scalar, replicated
+NF4_PARAM_NAMES = NF4_BUFFERS[:3]  # weight_offset: a scalar, replicated
 
 
 # ----------------------------------------------------------------------------------- process group
@@ -219,11 +221,6 @@ def check_trainable_sharded(model: nn.Module) -> None:
         )
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard; any other tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def nf4_resident_bytes(model: nn.Module) -> int:
     """Bytes of NF4 codes and quantization state held by this rank (its shards under FSDP)."""
     from minilora.quant.linear import NF4Linear
@@ -231,7 +228,7 @@ def nf4_resident_bytes(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, NF4Linear):
-            for name in (*NF4_PARAM_NAMES, "weight_offset"):
+            for name in NF4_BUFFERS:
                 t = getattr(m, name, None)
                 if t is not None:
                     t = local(t)
@@ -246,7 +243,7 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in lora_state_dict(model).items():
         v = v.detach()
-        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+        out[k] = full(v).cpu()
     return out
 
 

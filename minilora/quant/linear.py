@@ -63,6 +63,11 @@ class NF4MatMulFn(torch.autograd.Function):
         return grad_x, None
 
 
+# The buffers an NF4Linear holds, in NF4Tensor's order: packed codes, absmax (8-bit codes when double
+# quantized), the second-level absmax and the offset (None without double quantization).
+NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_offset")
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer with an NF4 weight. See the module docstring."""
 
@@ -76,10 +81,8 @@ class NF4Linear(nn.Module):
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight_packed", weight.packed)
-        self.register_buffer("weight_absmax", weight.absmax)
-        self.register_buffer("weight_absmax2", weight.absmax2)
-        self.register_buffer("weight_offset", weight.offset)
+        for name, t in zip(NF4_BUFFERS, (weight.packed, weight.absmax, weight.absmax2, weight.offset)):
+            self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     @classmethod
