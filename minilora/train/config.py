@@ -45,7 +45,10 @@ class TrainConfig:
         choices=["auto", "prompt_completion", "alpaca", "chat", "text"],
     )
     template: str = _f(
-        "chat", "render prompts with the model's chat template, or raw concatenation", choices=["chat", "raw"]
+        "auto",
+        "render prompts with the model's chat template (chat), or raw concatenation (raw); auto: chat "
+        "when the tokenizer has a chat template, raw otherwise (the choice is printed and saved in config.json)",
+        choices=["auto", "chat", "raw"],
     )
     train_on_all: bool = _f(False, "put loss on every token, not only the completion")
     max_seq_len: int = _f(512, "longest sequence in tokens")
