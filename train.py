@@ -39,7 +39,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     from minilora.fileio import write_text_atomic
     from minilora.lora.adapter import save_adapter
     from minilora.lora.layers import apply_lora, lora_parameters
-    from minilora.models.loader import load_config, load_model
+    from minilora.models.loader import load_config, load_model, plan_config
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D
     from minilora.parallel import sharded_checkpoint as SC
@@ -88,11 +88,20 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     # --- tokenizer, data, plan (config.json only: no weights yet), model
     t_start = time.time()
-    model_cfg, tok = load_config(cfg.model)
+    model_cfg, tok = (plan_config if cfg.plan else load_config)(cfg.model)  # --plan downloads no tokenizer
+    estimated = tok is None and cfg.plan
+    if estimated:
+        from minilora.data.token_estimate import BYTES_PER_TOKEN, ByteCountTokenizer
+
+        tok = ByteCountTokenizer()
+        say(
+            f"note: no tokenizer for {cfg.model} on disk (--plan downloads none), so token counts are "
+            f"estimated as UTF-8 bytes / {BYTES_PER_TOKEN} with prompts rendered raw."
+        )
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
-    template = resolve_template(cfg.template, tok)  # auto: chat if the tokenizer has one
-    if cfg.template == "auto":
+    template = "raw" if estimated else resolve_template(cfg.template, tok)  # auto: chat if the tokenizer has one
+    if cfg.template == "auto" and not estimated:
         why = "has a chat template" if template == "chat" else "has no chat template"
         say(f"template: {template} (--template auto: the tokenizer {why})")
     data = prepare_data(
@@ -112,7 +121,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         allow_contamination=cfg.allow_contamination,
         skip_bad_lines=cfg.skip_bad_lines,
     )
-    say("data: " + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file"))
+    say(
+        ("data (estimated): " if estimated else "data: ")
+        + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file")
+    )
     batch_kw = dict(
         batch_size=cfg.batch_size,
         pack=cfg.pack,

@@ -98,7 +98,11 @@ class TrainConfig:
         "auto",
         "bytes the run may use (auto: free RAM on the CPU, free GPU memory on CUDA); the plan must fit 85%% of it",
     )
-    plan: bool = _f(False, "print the memory and time plan (config.json and data only, no weights) and exit")
+    plan: bool = _f(
+        False,
+        "print the memory and time plan and exit; reads config.json (a preset's is built in) and the data, "
+        "and downloads nothing else: without the tokenizer on disk, token counts are estimated",
+    )
     tf32: bool = _f(
         True,
         "CUDA: run float32 matmuls (the LoRA terms and their gradients) on TF32 tensor "
