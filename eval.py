@@ -203,9 +203,12 @@ def run_eval(args) -> int:
 
         def tick(n, variant=variant):
             done[0] += n
-            progress.update(done[0], variant.replace("_", "-"))
+            if progress.live:  # a bar redraws in place; a log gets one line per variant (below)
+                progress.update(done[0], variant.replace("_", "-"))
 
         results[variant] = evaluate_variant(model, tok, exs, progress=tick, **kw)
+        if not progress.live:
+            progress.update(done[0], f"{variant.replace('_', '-')} scored")
     progress.close()
 
     thresholds = {
