@@ -45,7 +45,12 @@ def eval_parser() -> argparse.ArgumentParser:
     a("--generations", type=int, default=5, help="examples shown side by side in report.md")
     a("--limit", type=int, default=0, help="evaluate only the first N test examples (0 = all)")
     a("--out", default=None, help="folder for report.md and eval.json (default: the run directory)")
-    a("--template", choices=["chat", "raw"], default=None, help="prompt rendering (default: the run's)")
+    a(
+        "--template",
+        choices=["auto", "chat", "raw"],
+        default=None,
+        help="prompt rendering (default: the one the run trained with; auto: chat when the tokenizer has a template)",
+    )
     a("--format", default=None, help="data format (default: the run's, else auto)")
     a("--quantize", choices=["nf4", "none"], default=None, help="base weights (default: as the run trained)")
     a(
@@ -115,6 +120,7 @@ def validate(args) -> None:
 
 
 def run_eval(args) -> int:
+    from minilora.data.encode import resolve_template, run_template
     from minilora.data.records import load_records
     from minilora.eval.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
     from minilora.eval.report import check_gates, gate_failure_message, write_report
@@ -132,7 +138,7 @@ def run_eval(args) -> int:
     name = args.model or run_cfg.get("model") or trained_on
     if not name:
         return fail(f"{adapter_dir} does not say which base model it was trained on; pass --model.")
-    template = args.template or run_cfg.get("template", "chat")
+    template = args.template or run_template(run_cfg)  # what --template auto resolved to in training
     fmt = args.format or run_cfg.get("format", "auto")
     data = args.data or run_cfg.get("eval_data")
     if not data:
@@ -167,6 +173,7 @@ def run_eval(args) -> int:
     model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
     if tok is None:
         return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
+    template = resolve_template(template, tok)
     if template == "chat" and tok.chat_template is None:
         return fail(
             f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw."
@@ -196,9 +203,12 @@ def run_eval(args) -> int:
 
         def tick(n, variant=variant):
             done[0] += n
-            progress.update(done[0], variant.replace("_", "-"))
+            if progress.live:  # a bar redraws in place; a log gets one line per variant (below)
+                progress.update(done[0], variant.replace("_", "-"))
 
         results[variant] = evaluate_variant(model, tok, exs, progress=tick, **kw)
+        if not progress.live:
+            progress.update(done[0], f"{variant.replace('_', '-')} scored")
     progress.close()
 
     thresholds = {

@@ -33,13 +33,13 @@ from minilora.train.config import given_flags, parse_args, validate
 
 def run(cfg, given: set[str] = frozenset()) -> int:
     """Train as `cfg` says; `given`: the fields named on the command line (compared on --resume)."""
-    from minilora.data.encode import prepare_data
+    from minilora.data.encode import prepare_data, resolve_template
     from minilora.data.records import load_records
     from minilora.eval.evaluate import completion_loss, generate_completions, score
     from minilora.fileio import write_text_atomic
     from minilora.lora.adapter import save_adapter
     from minilora.lora.layers import apply_lora, lora_parameters
-    from minilora.models.loader import load_config, load_model
+    from minilora.models.loader import load_config, load_model, plan_config
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D
     from minilora.parallel import sharded_checkpoint as SC
@@ -68,8 +68,11 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         def resolve(name: str) -> str:  # --dtype NAME on this device, e.g. auto -> "float32" on the CPU
             return dtype_name(resolve_dtype(name, device.type))
 
+        def resolve_tpl(name: str) -> str:  # --template NAME for this model, e.g. auto -> "chat"
+            return resolve_template(name, load_config(cfg.model)[1])
+
         with open(os.path.join(ckpt, "state.json")) as f:
-            changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world)
+            changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world, resolve_tpl)
         validate(cfg)
         if changed and main:
             print("resume: " + ", ".join(f"{rundir.flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
@@ -85,16 +88,29 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     # --- tokenizer, data, plan (config.json only: no weights yet), model
     t_start = time.time()
-    model_cfg, tok = load_config(cfg.model)
+    model_cfg, tok = (plan_config if cfg.plan else load_config)(cfg.model)  # --plan downloads no tokenizer
+    estimated = tok is None and cfg.plan
+    if estimated:
+        from minilora.data.token_estimate import BYTES_PER_TOKEN, ByteCountTokenizer
+
+        tok = ByteCountTokenizer()
+        say(
+            f"note: no tokenizer for {cfg.model} on disk (--plan downloads none), so token counts are "
+            f"estimated as UTF-8 bytes / {BYTES_PER_TOKEN} with prompts rendered raw."
+        )
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
+    template = "raw" if estimated else resolve_template(cfg.template, tok)  # auto: chat if the tokenizer has one
+    if cfg.template == "auto" and not estimated:
+        why = "has a chat template" if template == "chat" else "has no chat template"
+        say(f"template: {template} (--template auto: the tokenizer {why})")
     data = prepare_data(
         cfg.data,
         tok,
         val_path=cfg.val_data,
         eval_path=cfg.eval_data,
         fmt=cfg.format,
-        template=cfg.template,
+        template=template,
         train_on_all=cfg.train_on_all,
         max_seq_len=cfg.max_seq_len,
         truncation=cfg.truncation,
@@ -105,7 +121,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         allow_contamination=cfg.allow_contamination,
         skip_bad_lines=cfg.skip_bad_lines,
     )
-    say("data: " + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file"))
+    say(
+        ("data (estimated): " if estimated else "data: ")
+        + ", ".join(f"{k}={v}" for k, v in data.summary.items() if k != "train_file")
+    )
     batch_kw = dict(
         batch_size=cfg.batch_size,
         pack=cfg.pack,
@@ -139,7 +158,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         f"predicted peak {plan.peak / 2**20:,.0f} MiB"
     )
     if main:  # the first write: every check above has passed
-        config = rundir.config_json(cfg, dtype_name(dtype), world, plan.settings())
+        config = rundir.config_json(cfg, dtype_name(dtype), world, {**plan.settings(), "template": template})
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
@@ -211,7 +230,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         eval_examples, _ = load_records(cfg.eval_data, cfg.format, cfg.skip_bad_lines)
         eval_examples = eval_examples[: cfg.eval_generate]
     if (main or fsdp) and eval_examples and state["heldout_before"] is None:
-        preds = generate_completions(model, tok, eval_examples, cfg.template, batch_size=16)
+        preds = generate_completions(model, tok, eval_examples, template, batch_size=16)
         state["heldout_before"] = score(preds, [e.completion for e in eval_examples])
 
     def validate_loss() -> float | None:
@@ -329,7 +348,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         "adapter": os.path.join(cfg.out, "adapter"),
     }
     if eval_examples:
-        preds = generate_completions(model, tok, eval_examples, cfg.template, batch_size=16)
+        preds = generate_completions(model, tok, eval_examples, template, batch_size=16)
         summary["heldout_after"] = score(preds, [e.completion for e in eval_examples])
     if not main:
         return 0

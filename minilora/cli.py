@@ -95,6 +95,11 @@ class Progress:
         tty = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True) if tty else None
 
+    @property
+    def live(self) -> bool:
+        """Whether this is a bar redrawn in place (a terminal), so frequent updates cost no lines."""
+        return self.bar is not None
+
     def update(self, n: int, text: str = "") -> None:
         """Progress is now n of total; `text` is shown beside it (loss | lr | tok/s | peak mem)."""
         if not self.enabled:

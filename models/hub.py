@@ -39,6 +39,17 @@ def resolve_checkpoint(name_or_path: str, allow_patterns=ALLOW_PATTERNS) -> str:
     return download(repo, allow_patterns)
 
 
+def cached_folder(repo: str, filename: str) -> str | None:
+    """The snapshot folder of `repo` in the local Hugging Face cache (HF_HOME) that holds `filename`,
+    or None when the cache does not hold it; never touches the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface-hub is a runtime dependency
+        return None
+    path = try_to_load_from_cache(repo, filename)  # a path, None, or a "known missing" marker
+    return os.path.dirname(path) if isinstance(path, str) else None
+
+
 def download(repo: str, allow_patterns=ALLOW_PATTERNS) -> str:
     """snapshot_download with the hub's exceptions turned into one-sentence ModelLoadErrors."""
     try:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from minilora import EXAMPLES
 
 from .config import PRESETS, ModelConfig
-from .hub import ModelLoadError, resolve_checkpoint
+from .hub import ModelLoadError, cached_folder, resolve_checkpoint
 from .transformer import Transformer
 
 __all__ = [
@@ -413,6 +413,23 @@ def load_config(name_or_path: str):
         tok = tiny_tokenizer()
         return tiny_config(tok), tok
     ckpt = resolve_checkpoint(name_or_path, allow_patterns=["*.json", "tokenizer*", "*.jinja"])
+    return read_config(ckpt, preset_name(name_or_path, ckpt)), load_tokenizer(ckpt)
+
+
+def plan_config(name_or_path: str):
+    """(ModelConfig, tokenizer or None) for train.py --plan, which reads config.json and the data and
+    downloads nothing else. A preset: its config.json and tokenizer from the local Hugging Face cache
+    when it holds them (as a run would read them), else its table's copy of config.json (config.py)
+    and no tokenizer. A hub repo: its config.json alone (its tokenizer if cached beside it). A local
+    folder or `tiny`: as load_config reads them."""
+    if name_or_path == "tiny" or os.path.isdir(os.path.expanduser(str(name_or_path))):
+        return load_config(name_or_path)
+    if name_or_path in PRESETS:
+        repo = PRESETS[name_or_path].hf_repo
+        config, tokenizer = cached_folder(repo, "config.json"), cached_folder(repo, "tokenizer.json")
+        model_cfg = ModelConfig.from_name(name_or_path) if config is None else read_config(config, name_or_path)
+        return model_cfg, None if tokenizer is None else load_tokenizer(tokenizer)
+    ckpt = resolve_checkpoint(name_or_path, allow_patterns=["config.json"])
     return read_config(ckpt, preset_name(name_or_path, ckpt)), load_tokenizer(ckpt)
 
 

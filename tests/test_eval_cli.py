@@ -67,7 +67,7 @@ def test_report_numbers_equal_direct_metrics(run, capsys):
     argv = ["--adapter", str(run), "--shots", "2", "--max-new-tokens", "5", "--generations", "2"]
     code, out, err = call(argv, capsys)
     assert code == 0, err
-    assert "fine-tuned" in err and "5/30" in err  # progress: 5 examples x 3 variants x 2 passes
+    assert "example 30/30 fine-tuned scored" in err  # progress: 5 examples x 3 variants x 2 passes
     res = json.load(open(run / "eval.json"))
     assert set(res["metrics"]) == {"base", "few_shot", "fine_tuned"} and res["n"] == 5 and res["shots_used"] == 2
     examples, _ = load_records(run / "test.jsonl")
@@ -86,6 +86,16 @@ def test_report_numbers_equal_direct_metrics(run, capsys):
     md = (run / "report.md").read_text()
     assert "| metric | base | base, 2-shot | fine-tuned |" in md and "## Generations (first 2)" in md
     assert "report:" in out and not any(p.startswith(".") for p in os.listdir(run))  # no temp files left
+
+
+def test_progress_in_a_log_is_one_line_per_scored_variant(run, capsys):
+    """stderr captured (not a terminal, as in a log file): one progress line per variant, not one per
+    batch (the demo's 90 test examples printed 34 lines of `example N/540`)."""
+    argv = ["--adapter", str(run), "--shots", "1", "--max-new-tokens", "2", "--batch-size", "1", "--generations", "0"]
+    code, _, err = call(argv, capsys)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("example ")]
+    assert lines == [f"example {10 * k}/30 {v} scored" for k, v in ((1, "base"), (2, "few-shot"), (3, "fine-tuned"))]
 
 
 def test_gates_exit_1_with_one_sentence(run, capsys, tmp_path):

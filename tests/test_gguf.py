@@ -737,6 +737,9 @@ def test_validation_prompts_come_from_the_runs_eval_data(tmp_path):
     ids, source = validation_prompts(run_cfg, tok, VOCAB)
     want = [prompt_ids(e, tok, "chat") for e in load_records(str(data), "auto")[0][:4]]
     assert ids == want and str(data) in source
+    resolved = {**run_cfg, "template": "auto", "resolved": {"template": "raw"}}  # what --template auto chose
+    want_raw = [prompt_ids(e, tok, "raw") for e in load_records(str(data), "auto")[0][:4]]
+    assert validation_prompts(resolved, tok, VOCAB)[0] == want_raw != want
     ids2, source2 = validation_prompts({}, tok, VOCAB)
     assert len(ids2) == 4 and all(0 <= i < VOCAB for p in ids2 for i in p) and "random" in source2
     assert validation_prompts({}, tok, VOCAB)[0] == ids2  # seeded

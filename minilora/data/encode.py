@@ -40,6 +40,20 @@ class EncodedExample:
 
 
 # ---------------------------------------------------------------------------------------- encoding
+def resolve_template(template: str, tokenizer) -> str:
+    """--template auto: "chat" when the tokenizer has a chat template (an instruct checkpoint), "raw"
+    otherwise (a pretrained one, e.g. Gemma 3 270M); "chat" and "raw" stay as they are."""
+    if template != "auto":
+        return template
+    return "chat" if getattr(tokenizer, "chat_template", None) is not None else "raw"
+
+
+def run_template(run_config: dict) -> str:
+    """The template a run rendered prompts with: config.json's resolved one (train.py records what
+    --template auto chose under "resolved"), else its --template (runs recorded before auto existed)."""
+    return (run_config.get("resolved") or {}).get("template") or run_config.get("template", "chat")
+
+
 def prompt_messages(ex: Example) -> list[dict]:
     """The messages before the completion (a string prompt becomes one user message)."""
     if isinstance(ex.prompt, str):

@@ -43,7 +43,7 @@ N_PROMPTS, MAX_PROMPT_TOKENS, NEW_TOKENS = 4, 64, 8
 def validation_prompts(run_config: dict, tokenizer, vocab_size: int, n: int = N_PROMPTS, seed: int = 0):
     """([token ids] per prompt, where they came from): the run's eval data, else its training data,
     else random token ids (a run without data files still gets its weights checked)."""
-    from minilora.data.encode import prompt_ids
+    from minilora.data.encode import prompt_ids, resolve_template, run_template
     from minilora.data.records import load_records
 
     for key in ("eval_data", "data"):
@@ -52,7 +52,8 @@ def validation_prompts(run_config: dict, tokenizer, vocab_size: int, n: int = N_
             continue
         try:
             examples = load_records(path, run_config.get("format", "auto"))[0][:n]
-            ids = [prompt_ids(e, tokenizer, run_config.get("template", "chat"))[-MAX_PROMPT_TOKENS:] for e in examples]
+            template = resolve_template(run_template(run_config), tokenizer)
+            ids = [prompt_ids(e, tokenizer, template)[-MAX_PROMPT_TOKENS:] for e in examples]
         except (ValueError, TypeError, AttributeError):
             continue  # text records have no prompts: try the next source
         if ids and all(ids):

@@ -45,7 +45,10 @@ class TrainConfig:
         choices=["auto", "prompt_completion", "alpaca", "chat", "text"],
     )
     template: str = _f(
-        "chat", "render prompts with the model's chat template, or raw concatenation", choices=["chat", "raw"]
+        "auto",
+        "render prompts with the model's chat template (chat), or raw concatenation (raw); auto: chat "
+        "when the tokenizer has a chat template, raw otherwise (the choice is printed and saved in config.json)",
+        choices=["auto", "chat", "raw"],
     )
     train_on_all: bool = _f(False, "put loss on every token, not only the completion")
     max_seq_len: int = _f(512, "longest sequence in tokens")
@@ -95,7 +98,11 @@ class TrainConfig:
         "auto",
         "bytes the run may use (auto: free RAM on the CPU, free GPU memory on CUDA); the plan must fit 85%% of it",
     )
-    plan: bool = _f(False, "print the memory and time plan (config.json and data only, no weights) and exit")
+    plan: bool = _f(
+        False,
+        "print the memory and time plan and exit; reads config.json (a preset's is built in) and the data, "
+        "and downloads nothing else: without the tokenizer on disk, token counts are estimated",
+    )
     tf32: bool = _f(
         True,
         "CUDA: run float32 matmuls (the LoRA terms and their gradients) on TF32 tensor "

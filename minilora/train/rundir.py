@@ -123,15 +123,22 @@ def _same(name: str, a, b) -> bool:
     return a == b
 
 
-def merge_resume(cfg, given: set[str], old: dict, resolve_dtype, step: int, world: int = 1) -> dict:
+def merge_resume(
+    cfg, given: set[str], old: dict, resolve_dtype, step: int, world: int = 1, resolve_template=None
+) -> dict:
     """Fill `cfg` for a resumed run: fields not in `given` take the run's recorded values; given
     fields that differ from them are refused (ADAPTER_FIELDS, STREAM_FIELDS: UsageError naming each)
     or applied. `resolve_dtype(name) -> str` resolves --dtype auto on this machine; the dtype
-    compared is the resolved one. --grad-accum may change with the number of ranks `world` as long
-    as grad_accum x world, the micro-batches a step takes from the data stream, stays the same (a
-    2-rank run resumes on 1 process with twice the accumulation). Returns {field: [old, new]} of
-    the applied changes, and appends it to cfg's resume history (written by `config_json`)."""
+    compared is the resolved one. So is the template: `resolve_template(name) -> str` resolves
+    --template auto for the run's tokenizer (without it, the names are compared). --grad-accum may
+    change with the number of ranks `world` as long as grad_accum x world, the micro-batches a step
+    takes from the data stream, stays the same (a 2-rank run resumes on 1 process with twice the
+    accumulation). Returns {field: [old, new]} of the applied changes, and appends it to cfg's
+    resume history (written by `config_json`)."""
+    from minilora.data.encode import run_template
+
     old_dtype = old.get("resolved_dtype") or resolve_dtype(old.get("dtype", "auto"))
+    recorded = {"dtype": old_dtype, "template": run_template(old)}
     refused, changed = [], {}
     for name in (f.name for f in dataclasses.fields(cfg)):
         if name in NOT_INHERITED or name not in old:
@@ -140,11 +147,13 @@ def merge_resume(cfg, given: set[str], old: dict, resolve_dtype, step: int, worl
             _merge_grad_accum(cfg, name in given, old, world, refused, changed)
             continue
         if name not in given:
-            setattr(cfg, name, old_dtype if name == "dtype" else old[name])
+            setattr(cfg, name, recorded.get(name, old[name]))  # dtype, template: what the run resolved
             continue
         new, was = getattr(cfg, name), old[name]
         if name == "dtype":
             new, was = resolve_dtype(new), old_dtype
+        elif name == "template" and resolve_template is not None:
+            new, was = resolve_template(new), recorded["template"]
         if _same(name, new, was):
             continue
         if name in ADAPTER_FIELDS or name in STREAM_FIELDS:
