@@ -60,8 +60,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     # --- run directory: written only by train.py; checked (and --resume compared) before any write
     ckpt, old = (None, None) if cfg.plan else rundir.check_out(cfg.out, cfg.resume)  # --plan writes nothing
-    if fsdp and cfg.resume and ckpt is not None and not SC.is_dcp_checkpoint(ckpt):
-        return fail(f"{ckpt} was written without --parallel fsdp; resume it with --parallel ddp.")
+    if ckpt is not None:
+        SC.check_readable(ckpt)  # an old torch DCP checkpoint (a pickle) is refused unopened
     D.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
     if cfg.resume and ckpt is not None:
 
@@ -198,7 +198,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     state = {"best_val": math.inf, "bad_evals": 0, "val_history": [], "heldout_before": None, "epoch": 0, "index": 0}
     step = 0
     if cfg.resume and ckpt is not None:
-        read = (lambda path: SC.read_sharded_state(path, model, optimizer)) if SC.is_dcp_checkpoint(ckpt) else None
+        read = lambda path: SC.read_state(path, model, optimizer)  # written in any mode: this rank's part
         state = C.load_checkpoint(ckpt, model, optimizer, scheduler, read_state=read)
         step = state["step"]
         C.apply_hyperparameters(optimizer, scheduler, cfg.lr, cfg.weight_decay)  # flags changed on resume

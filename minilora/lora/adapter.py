@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
 from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
+from minilora.parallel import distributed as D
 
 __all__ = [
     "AdapterError",
@@ -340,7 +341,7 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
                         f"{adapter_dir}: {key} has shape {tuple(t.shape)} but this model needs "
                         f"{tuple(params[key].shape)}; the adapter was trained on a different base ({base})."
                     )
-                params[key].copy_(t)
+                D.local(params[key]).copy_(t[D.local_region(params[key])])  # FSDP: this rank's rows
     return cfg
 
 

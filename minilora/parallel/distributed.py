@@ -20,7 +20,7 @@ dequantizes exactly as on one device, so losses equal a single-process run over 
 batch. Gradients are reduce-scattered as averages over ranks, as DDP all-reduces them; trainable
 parameters must therefore live in blocks.
 
-Checkpoints under FSDP: minilora/parallel/sharded_checkpoint.py.
+Checkpoints under FSDP: minilora/parallel/sharded_checkpoint.py (pieces placed by local_region).
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def broadcast_path(path: str | None) -> str:
@@ -222,6 +228,20 @@ def check_trainable_sharded(model: nn.Module) -> None:
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard; any other tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def local_region(t: torch.Tensor) -> tuple[slice, ...]:
+    """Where this rank's shard of `t` lies in the whole tensor, one slice per dimension: all of it
+    unless `t` is a DTensor (under FSDP a range of rows, torch.chunk's split of dim 0 over the ranks).
+    Checkpoints store and load pieces by it (minilora/parallel/sharded_checkpoint.py)."""
+    if not hasattr(t, "device_mesh"):
+        return tuple(slice(0, n) for n in t.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # DCP's own helper
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(shape) != tuple(t.to_local().shape):
+        raise RuntimeError(f"shard of shape {tuple(t.to_local().shape)} where its placements give {tuple(shape)}")
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
 def nf4_resident_bytes(model: nn.Module) -> int:
