@@ -71,6 +71,15 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         with open(os.path.join(ckpt, "state.json")) as f:
             changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world)
         validate(cfg)
+        if world > 1:  # the run's --parallel unless given: every mode resumes every checkpoint
+            parallel = D.choose_parallel(cfg.parallel, world)
+            fsdp = parallel == "fsdp"
+        if fsdp and (cfg.optimizer_bits != 32 or cfg.use_dora):  # recorded flags that cannot change
+            kept = "--use-dora" if cfg.use_dora else f"--optimizer-bits {cfg.optimizer_bits}"
+            return fail(
+                f"--out {cfg.out} was trained with {kept}, which --parallel fsdp does not support; resume it "
+                f"with `torchrun --nproc_per_node {world} train.py --out {cfg.out} --resume --parallel ddp`."
+            )
         if changed and main:
             print("resume: " + ", ".join(f"{rundir.flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
         device = ddp_device or resolve_device(cfg.device)
@@ -116,7 +125,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     )
     shape, probe = longest_batch(data.train, batch_kw), 2.0 if cfg.plan else 0.0
     plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, probe, fsdp_ranks=world if fsdp else 1)
-    if too_big and parallel == "ddp" and cfg.parallel == "auto" and not (cfg.resume and ckpt is not None):
+    if too_big and parallel == "ddp" and cfg.parallel == "auto":
         parallel = D.choose_parallel(cfg.parallel, world, fits_one_device=False)  # does not fit one device: shard
         D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora)
         fsdp = True

@@ -8,14 +8,17 @@ Few torchrun launches (the `tiny` model, 4 steps, one thread per rank: ~15 s eac
 
 import contextlib
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from test_fsdp import COMMON, assert_same_adapter, train, write_tiny_checkpoint
+from test_fsdp import COMMON, ROOT, assert_same_adapter, train, write_tiny_checkpoint
 from test_train import losses
 
 
@@ -66,6 +69,53 @@ def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path, refe
         load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).keys()
         == load_file(str(one / "adapter" / "adapter_model.safetensors")).keys()
     )
+
+
+def test_one_run_resumes_across_modes_with_the_losses_of_one_process(tmp_path, reference):
+    """One run folder, each leg interrupted by SIGINT and resumed in another mode: 1 process
+    (grad-accum 2) -> 2 FSDP ranks -> 2 DDP ranks -> 2 FSDP ranks. Each reads the checkpoint the
+    previous mode wrote (one process's whole optimizer.safetensors, FSDP's per-rank shards, DDP's
+    whole file again); every step's loss and the final adapter equal the uninterrupted run's."""
+    common, one = reference
+    run = tmp_path / "run"
+    p = train(run, *common, "--grad-accum", "2", "--debug-interrupt-at-step", "1", check=False)
+    assert p.returncode == 3, p.stderr[-3000:]
+    for parallel, stop in (("fsdp", 2), ("ddp", 3)):
+        p = train(
+            run,
+            *common,
+            "--resume",
+            "--parallel",
+            parallel,
+            "--debug-interrupt-at-step",
+            str(stop),
+            nproc=2,
+            check=False,
+        )
+        assert f"Interrupted at step {stop}" in p.stdout and "resumed from" in p.stdout, p.stderr[-3000:]
+    assert (run / "checkpoints" / "step_0000002" / "optimizer_shards" / "index.json").is_file()  # FSDP wrote it
+    assert (run / "checkpoints" / "step_0000003" / "optimizer.safetensors").is_file()  # DDP wrote it
+    train(run, *common, "--resume", "--parallel", "fsdp", nproc=2)
+    assert_same_run(one, run)
+
+
+def test_a_run_two_ranks_cannot_share_is_refused_with_a_command_that_works(tmp_path):
+    """`python train.py --max-steps 4` (grad-accum 1: one micro-batch a step) resumed by 2 FSDP ranks:
+    refused with one sentence that names no flag the user did not give and states a command; that
+    command resumes the run."""
+    out = tmp_path / "r"
+    args = ["--max-steps", "4", "--save-every", "0", "--debug-interrupt-at-step", "2"]
+    assert train(out, *args, check=False).returncode == 3
+    p = train(out, "--parallel", "fsdp", "--resume", nproc=2, check=False)
+    assert p.returncode != 0, p.stderr[-3000:]  # every rank exits 2; torchrun reports a failed launch
+    line = next(x for x in p.stderr.splitlines() if x.startswith("error: "))
+    assert "1 micro-batch per step" in line and "2 processes cannot share" in line, line
+    assert "--grad-accum" not in line and "--parallel ddp" not in line, line
+    command = re.search(r"resume it with `python (train\.py [^`]*)`\.$", line).group(1).split()
+    assert command == ["train.py", "--out", str(out), "--resume"]
+    p = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    assert sorted(losses(out)) == [1, 2, 3, 4]
 
 
 def _rows(n: int, world: int, rank: int) -> tuple[int, int]:
