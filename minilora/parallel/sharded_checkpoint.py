@@ -181,7 +181,7 @@ def _read_shards(folder: str, params: list) -> dict:
         if index.get("format") != FORMAT:
             raise ValueError(f"format {index.get('format')!r}")
         with contextlib.ExitStack() as stack:
-            pieces = {}  # tensor name -> [(open file, offset of its piece)]
+            pieces = {}  # tensor name -> [(open file, its key there, where the piece starts)]
             for r in range(int(index["world_size"])):
                 f = stack.enter_context(safe_open(_rank_file(folder, r), framework="pt"))
                 offsets = json.loads((f.metadata() or {})["offsets"])
