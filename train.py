@@ -60,8 +60,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
     # --- run directory: written only by train.py; checked (and --resume compared) before any write
     ckpt, old = (None, None) if cfg.plan else rundir.check_out(cfg.out, cfg.resume)  # --plan writes nothing
-    if fsdp and cfg.resume and ckpt is not None and not SC.is_dcp_checkpoint(ckpt):
-        return fail(f"{ckpt} was written without --parallel fsdp; resume it with --parallel ddp.")
+    if ckpt is not None:
+        SC.check_readable(ckpt)  # an old torch DCP checkpoint (a pickle) is refused unopened
     D.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
     if cfg.resume and ckpt is not None:
 
@@ -74,6 +74,15 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         with open(os.path.join(ckpt, "state.json")) as f:
             changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world, resolve_tpl)
         validate(cfg)
+        if world > 1:  # the run's --parallel unless given: every mode resumes every checkpoint
+            parallel = D.choose_parallel(cfg.parallel, world)
+            fsdp = parallel == "fsdp"
+        if fsdp and (cfg.optimizer_bits != 32 or cfg.use_dora):  # recorded flags that cannot change
+            kept = "--use-dora" if cfg.use_dora else f"--optimizer-bits {cfg.optimizer_bits}"
+            return fail(
+                f"--out {cfg.out} was trained with {kept}, which --parallel fsdp does not support; resume it "
+                f"with `torchrun --nproc_per_node {world} train.py --out {cfg.out} --resume --parallel ddp`."
+            )
         if changed and main:
             print("resume: " + ", ".join(f"{rundir.flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
         device = ddp_device or resolve_device(cfg.device)
@@ -135,7 +144,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     )
     shape, probe = longest_batch(data.train, batch_kw), 2.0 if cfg.plan else 0.0
     plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, probe, fsdp_ranks=world if fsdp else 1)
-    if too_big and parallel == "ddp" and cfg.parallel == "auto" and not (cfg.resume and ckpt is not None):
+    if too_big and parallel == "ddp" and cfg.parallel == "auto":
         parallel = D.choose_parallel(cfg.parallel, world, fits_one_device=False)  # does not fit one device: shard
         D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora)
         fsdp = True
@@ -217,7 +226,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     state = {"best_val": math.inf, "bad_evals": 0, "val_history": [], "heldout_before": None, "epoch": 0, "index": 0}
     step = 0
     if cfg.resume and ckpt is not None:
-        read = (lambda path: SC.read_sharded_state(path, model, optimizer)) if SC.is_dcp_checkpoint(ckpt) else None
+        read = lambda path: SC.read_state(path, model, optimizer)  # written in any mode: this rank's part
         state = C.load_checkpoint(ckpt, model, optimizer, scheduler, read_state=read)
         step = state["step"]
         C.apply_hyperparameters(optimizer, scheduler, cfg.lr, cfg.weight_decay)  # flags changed on resume

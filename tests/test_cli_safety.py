@@ -305,13 +305,25 @@ def test_dtype_auto_resolving_to_the_recorded_dtype_is_unchanged():
 def test_grad_accum_follows_the_number_of_processes(old_accum, old_world, world, given_accum):
     """A step takes grad_accum x processes micro-batches from the data stream (the checkpoint's
     position counts them): a resume on another number of processes keeps that product, taking the
-    matching --grad-accum when none is given, and refuses a --grad-accum that breaks it."""
+    matching --grad-accum when none is given, and refuses a --grad-accum that breaks it. A number of
+    processes that cannot share the product is refused naming no --grad-accum (whether given or not)
+    and stating a launch whose number of processes divides it."""
     old = json.loads(rundir.config_json(TrainConfig(grad_accum=old_accum), "float32", world=old_world))
-    cfg = TrainConfig(grad_accum=given_accum or 1)
+    cfg = TrainConfig(grad_accum=given_accum or 1, out="R")
     given = {"grad_accum"} if given_accum else set()
     resolve = lambda name: "float32"  # noqa: E731
     micro = old_accum * old_world
     want = given_accum or micro // world
+    if micro % world:
+        with pytest.raises(UsageError) as e:
+            rundir.merge_resume(cfg, given, old, resolve, step=1, world=world)
+        msg = str(e.value)
+        assert "--grad-accum" not in msg and f"which {world} processes cannot share" in msg, msg
+        ranks = int(m.group(1)) if (m := re.search(r"--nproc_per_node (\d+) train\.py", msg)) else 1
+        assert ranks < world and micro % ranks == 0, msg
+        launch = f"torchrun --nproc_per_node {ranks} train.py" if ranks > 1 else "python train.py"
+        assert msg.endswith(f"`{launch} --out R --resume`."), msg
+        return
     if want * world != micro:
         with pytest.raises(UsageError, match=f"--grad-accum {want} \\(the run has {old_accum} on {old_world}"):
             rundir.merge_resume(cfg, given, old, resolve, step=1, world=world)

@@ -1,5 +1,6 @@
 """FSDP2 (--parallel fsdp) on the CPU with gloo and 2 processes: equal losses and adapters to one
-process over the same global batch, per-rank NF4 bytes, DCP resume (also onto 1 rank), errors.
+process over the same global batch, per-rank NF4 bytes, errors. Resuming FSDP runs:
+test_resume_in_any_mode.py.
 
 Multi-process runs are few and tiny (the `tiny` model, 4 steps, one thread per rank): the 2-core
 CI machine runs each torchrun in ~15 s.
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from test_train import losses, val_losses
 
+from minilora.dtensor import local
 from minilora.parallel import distributed as D
 from minilora.train.planner import per_rank_components
 
@@ -88,39 +90,6 @@ def write_tiny_checkpoint(out, softcap: float | None = 30.0) -> str:
     config = to_hf_config(model.config, tok, torch.float32)
     return write_checkpoint(
         str(out), dense_tensors(model, torch.float32), config, tokenizer_dir=os.path.join(ROOT, "examples", "tokenizer")
-    )
-
-
-def test_fsdp_two_ranks_interrupted_and_resumed_equal_one_process(tmp_path):
-    """2 ranks under FSDP, loading block by block into their shards, stopped by SIGINT after step 2
-    (DCP checkpoint), then resumed on 2 ranks and, from a copy of the same checkpoint, on 1 process:
-    every step's loss equals one process's over the same global batch (grad-accum 2), and so do the
-    final PEFT adapters."""
-    common = [*COMMON, "--model", write_tiny_checkpoint(tmp_path / "ckpt"), "--lr", "3e-3", "--lora-dropout", "0"]
-    train(tmp_path / "one", *common, "--grad-accum", "2")
-    two = tmp_path / "two"
-    p = train(two, *common, "--parallel", "fsdp", "--debug-interrupt-at-step", "2", nproc=2, check=False)
-    # interrupted: every rank exits 3 (checkpointed), which torchrun reports as a failed launch (1)
-    assert p.returncode != 0 and "Interrupted at step 2" in p.stdout, p.stderr[-3000:]
-    ckpt = two / "checkpoints" / "step_0000002"
-    assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
-    assert not (two / "adapter").exists()  # interrupted: no final adapter yet
-    shutil.copytree(two, tmp_path / "two_to_one")
-    train(two, *common, "--parallel", "fsdp", "--resume", nproc=2)
-    train(tmp_path / "two_to_one", *common, "--grad-accum", "2", "--resume")  # 2-rank checkpoint, 1 process
-
-    one = losses(tmp_path / "one")
-    assert sorted(one) == [1, 2, 3, 4]
-    for run in ("two", "two_to_one"):
-        got = losses(tmp_path / run)
-        assert sorted(got) == [1, 2, 3, 4], run
-        for s in one:
-            assert got[s] == pytest.approx(one[s], rel=1e-5), (run, s, one[s], got[s])
-        assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / run / "adapter")
-    # the checkpoint's adapter is the gathered one, in PEFT format, as one process writes it
-    assert (
-        load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).keys()
-        == load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors")).keys()
     )
 
 
@@ -194,7 +163,7 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
     a, b = dict(model.named_parameters()), dict(streamed.named_parameters())
     assert a.keys() == b.keys()
     for k in a:  # the same bytes and LoRA initialisation, shard by shard
-        assert torch.equal(D.local(a[k]), D.local(b[k])), k
+        assert torch.equal(local(a[k]), local(b[k])), k
     opt = PagedAdamW(lora_parameters(model), lr=1e-2)
     ids = torch.arange(3, 3 + 2 * 12).view(2, 12) + rank  # (2, 12) a different micro-batch per rank
     gathered = 0

@@ -30,6 +30,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+from minilora.dtensor import local, local_region
 from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
 from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
 from minilora.quant.linear import NF4Linear
@@ -339,7 +340,7 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
                         f"{adapter_dir}: {key} has shape {tuple(t.shape)} but this model needs "
                         f"{tuple(params[key].shape)}; the adapter was trained on a different base ({base})."
                     )
-                params[key].copy_(t)
+                local(params[key]).copy_(t[local_region(params[key])])  # FSDP: this rank's rows
     return cfg
 
 

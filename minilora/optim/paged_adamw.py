@@ -405,6 +405,11 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
     """Load a file written by ``save_optimizer_state`` into optimizer."""
+    optimizer.load_state_dict(read_optimizer_state(path))
+
+
+def read_optimizer_state(path: str) -> dict:
+    """The state_dict in a file written by ``save_optimizer_state``."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
@@ -414,4 +419,4 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
         if meta is None:
             raise ValueError(f"{path} holds no minilora optimizer state (metadata key 'minilora_optimizer' missing).")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    optimizer.load_state_dict(optimizer_state_from_safetensors(tensors, json.loads(meta)))
+    return optimizer_state_from_safetensors(tensors, json.loads(meta))

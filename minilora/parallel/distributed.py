@@ -20,7 +20,7 @@ dequantizes exactly as on one device, so losses equal a single-process run over 
 batch. Gradients are reduce-scattered as averages over ranks, as DDP all-reduces them; trainable
 parameters must therefore live in blocks.
 
-Checkpoints under FSDP: minilora/parallel/sharded_checkpoint.py.
+Checkpoints under FSDP: minilora/parallel/sharded_checkpoint.py (pieces placed by local_region).
 """
 
 from __future__ import annotations
@@ -86,6 +86,12 @@ def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def broadcast_path(path: str | None) -> str:

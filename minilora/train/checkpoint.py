@@ -3,7 +3,8 @@ signal handler that turns SIGINT/SIGTERM into "finish this step, checkpoint, exi
 
 A checkpoint is checkpoints/step_XXXXXXX/ in the run directory:
   adapter/                  the LoRA weights (PEFT layout)
-  optimizer.safetensors     PagedAdamW state
+  optimizer.safetensors     PagedAdamW state (FSDP: optimizer_shards/, each rank's rows of it,
+                            minilora/parallel/sharded_checkpoint.py; every mode reads both)
   rng.safetensors           torch / numpy / python (/ cuda) generator states, as uint8 tensors
   state.json                step, data position, validation history, scheduler, and the length
                             of metrics.jsonl when it was written (so a resume drops replayed lines)

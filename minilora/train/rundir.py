@@ -133,8 +133,9 @@ def merge_resume(
     --template auto for the run's tokenizer (without it, the names are compared). --grad-accum may
     change with the number of ranks `world` as long as grad_accum x world, the micro-batches a step
     takes from the data stream, stays the same (a 2-rank run resumes on 1 process with twice the
-    accumulation). Returns {field: [old, new]} of the applied changes, and appends it to cfg's
-    resume history (written by `config_json`)."""
+    accumulation); a `world` that cannot keep it is refused with the launch that can. Returns
+    {field: [old, new]} of the applied changes, and appends it to cfg's resume history (written by
+    `config_json`)."""
     from minilora.data.encode import run_template
 
     old_dtype = old.get("resolved_dtype") or resolve_dtype(old.get("dtype", "auto"))
@@ -173,6 +174,14 @@ def merge_resume(
 def _merge_grad_accum(cfg, given: bool, old: dict, world: int, refused: list, changed: dict) -> None:
     old_world = old.get("world_size", 1)
     micro = old["grad_accum"] * old_world  # micro-batches per step: what the checkpoint's data position counts
+    if micro % world:  # no --grad-accum can keep the data order: name the launch that can
+        ranks = max(n for n in range(1, world + 1) if micro % n == 0)
+        launch = "python train.py" if ranks == 1 else f"torchrun --nproc_per_node {ranks} train.py"
+        raise UsageError(
+            f"--out {cfg.out} takes {_count(micro, 'micro-batch')} per step ({old['grad_accum']} per process "
+            f"on {_count(old_world, 'process')}), which {world} processes cannot share evenly; resume it "
+            f"with `{launch} --out {cfg.out} --resume`."
+        )
     accum = cfg.grad_accum if given else micro // world
     if accum * world != micro:
         refused.append(
@@ -182,6 +191,10 @@ def _merge_grad_accum(cfg, given: bool, old: dict, world: int, refused: list, ch
     elif accum != old["grad_accum"]:
         changed["grad_accum"] = [old["grad_accum"], accum]
     cfg.grad_accum = accum
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es")  # micro-batch(es), process(es)
 
 
 def config_json(cfg, resolved_dtype: str, world: int = 1, resolved: dict | None = None) -> str:
