@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from .config import PRESETS
+from .presets import PRESETS
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.jinja"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

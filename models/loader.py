@@ -26,8 +26,9 @@ import torch.nn as nn
 
 from minilora import EXAMPLES
 
-from .config import PRESETS, ModelConfig
+from .config import ModelConfig
 from .hub import ModelLoadError, resolve_checkpoint
+from .presets import PRESETS
 from .transformer import Transformer
 
 __all__ = [

@@ -179,9 +179,9 @@ FORMATS = ("hf", "gguf", "gguf-lora")
 
 def _base_config(name: str) -> ModelConfig:
     """The base model's ModelConfig without loading weights (for the adapter-only GGUF)."""
-    from minilora.models.config import PRESETS
     from minilora.models.hub import resolve_checkpoint
     from minilora.models.loader import read_config
+    from minilora.models.presets import PRESETS
 
     if name in PRESETS:  # a preset mirrors its hub config.json, so no download is needed
         return ModelConfig.from_name(name)
