@@ -1,45 +1,165 @@
-"""ModelConfig: one dataclass for the dense decoder families, named presets, and config.json parsing.
+"""ModelConfig, one dataclass for the dense decoder families, and FAMILIES, the one table of how the
+families differ.
 
-Families (what differs from the Llama block is all there is to each):
-  llama    the reference block: RMSNorm, SiLU-gated MLP, GQA attention with RoPE
-  mistral  Llama plus an optional sliding window on every layer (`sliding_window`)
-  qwen2    Llama with a bias on the q/k/v projections (Qwen2 and Qwen2.5; o_proj has none)
-  qwen3    Llama with per-head RMSNorm on q and k before RoPE (`q_norm`, `k_norm`) and an explicit
-           head_dim independent of D / H
-  gemma3   (1 + w) RMSNorms, four norms per block, GELU-tanh MLP, q/k norms, sqrt(D) embedding
-           scale, alternating sliding/full layers with their own RoPE bases, optional soft-capping
-Supported model_type values: llama, mistral, qwen2, qwen3, gemma3_text and gemma3 (the text tower
-of Gemma3ForConditionalGeneration). Mixture-of-experts, fused-qkv and encoder-decoder
-architectures are not implemented.
+A family is the Llama block plus the traits its FAMILIES entry sets; models/transformer.py builds the
+block from them, minilora/train/planner.py counts its memory from them, models/hf_config.py reads
+and writes config.json from them and minilora/export/gguf.py lays out the GGUF file from them.
+Mixture-of-experts, fused-qkv and encoder-decoder architectures are not implemented.
 
 Field names follow Hugging Face's config.json (hidden_size, num_attention_heads, ...) so a reader
 can hold the two side by side. Shape letters used in the rest of models/: D = hidden_size,
 H = num_attention_heads, Hkv = num_key_value_heads, hd = head_dim, V = vocab_size.
-
-Two config.json dialects exist for the same models:
-- transformers 4.x (what the hub checkpoints carry): `rope_theta`, `rope_scaling` (global layers),
-  Gemma's `rope_local_base_freq` (sliding layers) and `sliding_window_pattern` (every Nth layer is
-  full attention), Qwen's `use_sliding_window` + `max_window_layers`;
-- transformers 5: `rope_parameters` (one dict; Gemma: one dict per layer type, with
-  `rope_theta` inside) and an explicit `layer_types` list.
-`from_hf_config` reads both; `layer_types` and the RoPE fields below are the normalized form.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
-SUPPORTED = "llama, mistral, qwen2 (Qwen2/Qwen2.5), qwen3 (dense), gemma3_text and gemma3 (text tower)"
 
 
+# ------------------------------------------------------------------------------- layer patterns
+def every_nth_full(n_layers: int, n: int) -> list[str]:
+    """Gemma 3's attention pattern: every n-th layer (n-1, 2n-1, ...) full attention, the others sliding."""
+    return [SLIDING if (i + 1) % n else FULL for i in range(n_layers)]
+
+
+def every_nth_period(layer_types: list[str]) -> int | None:
+    """The n with every_nth_full(L, n) == layer_types (the inverse of every_nth_full), or None."""
+    L = len(layer_types)
+    return next((n for n in range(1, L + 1) if every_nth_full(L, n) == list(layer_types)), None)
+
+
+# How a transformers-4.x config.json says which layers slide (transformers 5 lists `layer_types`);
+# models/hf_config.py reads and writes each rule.
+LAYER_RULES = {
+    "none": "no key: every layer full attention",
+    "all": "`sliding_window` set: every layer slides (Mistral)",
+    "from_layer": "`use_sliding_window`: layers `max_window_layers`.. slide (Qwen)",
+    "every_nth": "`sliding_window_pattern` n: every_nth_full(L, n) (Gemma 3)",
+}
+
+
+# ------------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Family:
+    """What one model family is, as data: each trait at its default is the Llama block,
+
+        h = x + attn(norm(x));   y = h + mlp(norm(h));   norm(x) = x / sqrt(mean(x^2) + eps) * w
+        mlp(x) = down(act(gate(x)) * up(x));   attn: q, k, v projections, RoPE, softmax(q k^T / sqrt(hd)) v
+
+    and each trait set away from its default names one thing the family does differently.
+    """
+
+    # --- the block's math: models/transformer.py, minilora/train/planner.py
+    hidden_act: str = "silu"  # act in the MLP (the only one this family's config.json may name)
+    norm_offset: float = 0.0  # every RMSNorm scales by (norm_offset + w); 1: Gemma's, in float32 (models/ops.py)
+    sandwich_norms: bool = False  # the attention and MLP outputs are normed too before the residual add
+    qk_norm: bool = False  # q and k are RMSNormed per head (over hd) before RoPE
+    qkv_bias: bool = False  # q, k and v projections carry a bias whatever attention_bias says (o_proj none)
+    embedding_scale: bool = False  # token embeddings times sqrt(D), rounded to the weight dtype first
+    attn_scalar: bool = False  # softmax scale query_pre_attn_scalar**-0.5 (default hd**-0.5) instead of hd**-0.5
+    local_rope: bool = False  # sliding layers rotate with their own unscaled base, rope_local_theta
+    # --- config.json: models/hf_config.py reads and writes these
+    model_types: tuple[str, ...] = ()  # the model_type values read as this family; the first is written
+    architecture: str = ""  # the *ForCausalLM class config.json names
+    wrapper_model_type: str | None = None  # a multimodal model_type whose `text_config` is this family
+    act_key: str = "hidden_act"  # the key that names hidden_act
+    layer_rule: str = "none"  # how the transformers-4.x keys say which layers slide (LAYER_RULES)
+    own_keys: tuple[str, ...] = ()  # keys only this family's config has, each a ModelConfig field of that name
+    # {key: value} its transformers config class assumes for a missing key, where not hf_config.DEFAULTS
+    defaults: dict = field(default_factory=dict)
+    refused: dict = field(default_factory=dict)  # {key: what a model with it set is}: variants not implemented
+    # --- llama.cpp: minilora/export/gguf.py (None: no GGUF export)
+    gguf_arch: str | None = None  # gguf's MODEL_ARCH name: general.architecture and the metadata key prefix
+    gguf_permute_qk: bool = False  # llama.cpp's rope for that arch pairs dims (2i, 2i+1), not (i, i + hd/2)
+
+    def __post_init__(self):
+        if self.norm_offset not in (0.0, 1.0):  # the two norms models/ops.py implements
+            raise ValueError(f"norm_offset must be 0 (Llama's norm) or 1 (Gemma's); got {self.norm_offset}.")
+        if self.layer_rule not in LAYER_RULES:
+            raise ValueError(f"layer_rule must be one of {', '.join(LAYER_RULES)}; got {self.layer_rule!r}.")
+
+
+# The one table of family traits. Adding a family touches this table, and code only where its math
+# is new: a trait models/transformer.py does not implement yet, a config.json key or layer rule
+# models/hf_config.py does not read yet, a GGUF fact minilora/export/gguf.py does not know yet.
+FAMILIES: dict[str, Family] = {
+    # Llama 3.x and SmolLM2: the reference block, with an optional bias on every MLP linear.
+    "llama": Family(
+        model_types=("llama",),
+        architecture="LlamaForCausalLM",
+        own_keys=("mlp_bias",),
+        gguf_arch="llama",
+        gguf_permute_qk=True,
+    ),
+    # Mistral: one optional window for every layer. llama.cpp runs it as llama.
+    "mistral": Family(
+        model_types=("mistral",),
+        architecture="MistralForCausalLM",
+        layer_rule="all",
+        defaults={"sliding_window": 4096},
+        gguf_arch="llama",
+        gguf_permute_qk=True,
+    ),
+    # Qwen2 and Qwen2.5: biases on q, k, v.
+    "qwen2": Family(
+        qkv_bias=True,
+        model_types=("qwen2",),
+        architecture="Qwen2ForCausalLM",
+        layer_rule="from_layer",
+        defaults={"max_window_layers": 28},
+        gguf_arch="qwen2",
+    ),
+    # Qwen3 (dense): q/k norms, and a head_dim of its own (not D / H) when config.json omits it.
+    "qwen3": Family(
+        qk_norm=True,
+        model_types=("qwen3",),
+        architecture="Qwen3ForCausalLM",
+        layer_rule="from_layer",
+        defaults={"head_dim": 128, "max_window_layers": 28},
+        gguf_arch="qwen3",
+    ),
+    # Gemma 3 (and the text tower of Gemma3ForConditionalGeneration).
+    "gemma3": Family(
+        hidden_act="gelu_pytorch_tanh",
+        norm_offset=1.0,
+        sandwich_norms=True,
+        qk_norm=True,
+        embedding_scale=True,
+        attn_scalar=True,
+        local_rope=True,
+        model_types=("gemma3_text",),
+        architecture="Gemma3ForCausalLM",
+        wrapper_model_type="gemma3",
+        act_key="hidden_activation",
+        layer_rule="every_nth",
+        own_keys=("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"),
+        defaults={
+            "head_dim": 256,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+            "sliding_window": 4096,
+            "sliding_window_pattern": 6,
+            "query_pre_attn_scalar": 256,
+            "tie_word_embeddings": True,
+        },
+        refused={"use_bidirectional_attention": "an embedding model"},
+        gguf_arch="gemma3",
+    ),
+}
+SUPPORTED = ", ".join(  # the model_type values from_hf_config reads, for error messages
+    t for f in FAMILIES.values() for t in (*f.model_types, *([f.wrapper_model_type] if f.wrapper_model_type else []))
+)
+
+
+# ------------------------------------------------------------------------------- ModelConfig
 @dataclass
 class ModelConfig:
-    family: str = "llama"  # one of FAMILIES: picks norms, q/k norms, biases, MLP activation, embedding scale
+    family: str = "llama"  # a key of FAMILIES: the block's traits (`traits`)
     vocab_size: int = 32000
     hidden_size: int = 2048  # D
     intermediate_size: int = 8192
@@ -48,14 +168,13 @@ class ModelConfig:
     num_key_value_heads: int = 8  # Hkv (GQA when < H)
     head_dim: int | None = None  # hd; None means D // H
     rms_norm_eps: float = 1e-5
-    hidden_act: str = "silu"  # "silu" (Llama) or "gelu_pytorch_tanh" (Gemma)
+    hidden_act: str | None = None  # "silu" or "gelu_pytorch_tanh"; None: the family's
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # bias on q, k, v and o projections (Llama/Qwen3 config key)
-    qkv_bias: bool = False  # bias on q, k, v only (Qwen2/Qwen2.5, always on there)
     mlp_bias: bool = False
-    # RoPE. Global (full-attention) layers use rope_theta with rope_scaling; Gemma's sliding layers
-    # use rope_local_theta with no scaling.
+    # RoPE. Layers use rope_theta with rope_scaling; sliding layers of a family with local_rope
+    # (Gemma) use rope_local_theta with no scaling.
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
     rope_local_theta: float | None = None
@@ -63,7 +182,7 @@ class ModelConfig:
     # positions (query included).
     layer_types: list[str] | None = None
     sliding_window: int | None = None
-    query_pre_attn_scalar: float | None = None  # Gemma: softmax scale = query_pre_attn_scalar**-0.5
+    query_pre_attn_scalar: float | None = None  # attn_scalar families: softmax scale = this**-0.5
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
@@ -80,6 +199,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {', '.join(FAMILIES)}; got {self.family!r}.")
+        if self.hidden_act is None:
+            self.hidden_act = self.traits.hidden_act
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -109,19 +230,19 @@ class ModelConfig:
             self.rope_scaling = {**scaling, "rope_type": kind}
             if kind == "default":
                 self.rope_scaling = None
-        if self.family == "gemma3" and self.query_pre_attn_scalar is None:
+        if self.traits.attn_scalar and self.query_pre_attn_scalar is None:
             self.query_pre_attn_scalar = self.head_dim
         self.eos_token_ids = tuple(self.eos_token_ids)
 
     @property
-    def qk_norm(self) -> bool:
-        """Whether attention normalizes q and k per head before RoPE (Gemma 3, Qwen3)."""
-        return self.family in ("gemma3", "qwen3")
+    def traits(self) -> Family:
+        """The family's entry in FAMILIES."""
+        return FAMILIES[self.family]
 
     @property
     def attn_scale(self) -> float:
-        """Softmax scale: 1/sqrt(query_pre_attn_scalar) for Gemma, 1/sqrt(hd) for the others."""
-        s = self.query_pre_attn_scalar if self.family == "gemma3" else self.head_dim
+        """Softmax scale: 1/sqrt(query_pre_attn_scalar) where the family has attn_scalar, else 1/sqrt(hd)."""
+        s = self.query_pre_attn_scalar if self.traits.attn_scalar else self.head_dim
         return 1.0 / math.sqrt(s)
 
     @classmethod
@@ -140,138 +261,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, name: str = "custom") -> ModelConfig:
-        """Build from a parsed config.json (see the module docstring for the model types read).
+        """Build from a parsed config.json (models/hf_config.py: either transformers dialect).
 
         Raises ValueError with one sentence for an architecture this stack does not implement.
         """
-        arch = (cfg.get("architectures") or [None])[0]
-        model_type = cfg.get("model_type")
-        if model_type == "gemma3":  # multimodal checkpoint: the language model is text_config
-            text = dict(cfg.get("text_config") or {})
-            text.setdefault("model_type", "gemma3_text")
-            for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                if k in cfg and k not in text:
-                    text[k] = cfg[k]
-            return replace(cls.from_hf_config(text, name), source_architecture=arch)
-        if model_type in ("llama", "mistral", "qwen2", "qwen3"):
-            out = cls._from_llama(cfg, name, model_type)
-        elif model_type == "gemma3_text":
-            out = cls._from_gemma3(cfg, name)
-        else:
-            raise ValueError(
-                f"model_type {model_type!r} (architectures {cfg.get('architectures')}) is not supported; "
-                f"minilora implements the dense decoders {SUPPORTED}, not mixture-of-experts, fused-qkv "
-                "or encoder-decoder models."
-            )
-        out.source_architecture = arch
-        return out
+        from .hf_config import from_hf_config
 
-    @classmethod
-    def _from_llama(cls, c: dict, name: str, family: str) -> ModelConfig:
-        """The Llama-block families: llama, mistral, qwen2, qwen3."""
-        if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{family} hidden_act {c['hidden_act']!r} is not supported (only silu).")
-        rope = c.get("rope_parameters")  # transformers 5: {"rope_type", "rope_theta", ...}
-        if rope is not None:
-            theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        else:  # transformers 4.x
-            theta = c.get("rope_theta", 10000.0)
-            scaling = c.get("rope_scaling")
-        n_layers, window = c["num_hidden_layers"], c.get("sliding_window")
-        layer_types = c.get("layer_types")
-        if family == "mistral":  # one window for every layer, when set
-            layer_types = [SLIDING if window else FULL] * n_layers
-        elif family in ("qwen2", "qwen3") and layer_types is None:
-            # transformers 4.x: the window applies from layer max_window_layers on, if switched on.
-            window = window if c.get("use_sliding_window", False) else None
-            first = c.get("max_window_layers", n_layers)
-            layer_types = [SLIDING if window and i >= first else FULL for i in range(n_layers)]
-        if layer_types is None or SLIDING not in layer_types:
-            window = None
-        if family == "qwen3" and c.get("head_dim") is None:
-            c = {**c, "head_dim": 128}  # transformers' Qwen3Config default, independent of D / H
-        return cls(
-            family=family,
-            hidden_act="silu",
-            rope_theta=float(theta),
-            rope_scaling=scaling or None,
-            qkv_bias=family == "qwen2",
-            mlp_bias=bool(c.get("mlp_bias", False)),
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            layer_types=layer_types,
-            sliding_window=window,
-            name=name,
-            **_common(c),
-        )
-
-    @classmethod
-    def _from_gemma3(cls, c: dict, name: str) -> ModelConfig:
-        n_layers = c["num_hidden_layers"]
-        layer_types = c.get("layer_types")
-        if layer_types is None:  # transformers 4.x: every `pattern`-th layer is global
-            pattern = c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6))
-            layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
-        rope = c.get("rope_parameters")
-        if rope is not None and FULL in rope:  # transformers 5: one dict per layer type
-            full = dict(rope.get(FULL) or {})
-            local = dict(rope.get(SLIDING) or {})
-            theta = full.pop("rope_theta", 1_000_000.0)
-            local_theta = local.pop("rope_theta", 10_000.0)
-            if local.get("rope_type", "default") != "default":
-                raise ValueError("RoPE scaling on Gemma's sliding-window layers is not supported.")
-            scaling = full or None
-        else:  # transformers 4.x
-            theta = c.get("rope_theta", 1_000_000.0)
-            local_theta = c.get("rope_local_base_freq", 10_000.0)
-            scaling = c.get("rope_scaling")
-        if c.get("use_bidirectional_attention"):
-            raise ValueError("Gemma 3 with use_bidirectional_attention (an embedding model) is not supported.")
-        act = c.get("hidden_activation", c.get("hidden_act", "gelu_pytorch_tanh"))
-        if act != "gelu_pytorch_tanh":
-            raise ValueError(f"Gemma 3 activation {act!r} is not supported (only gelu_pytorch_tanh).")
-        return cls(
-            family="gemma3",
-            hidden_act=act,
-            rope_theta=float(theta),
-            rope_local_theta=float(local_theta),
-            rope_scaling=scaling or None,
-            layer_types=list(layer_types),
-            sliding_window=c.get("sliding_window", 4096),
-            query_pre_attn_scalar=c.get("query_pre_attn_scalar", 256),
-            attn_logit_softcapping=c.get("attn_logit_softcapping"),
-            final_logit_softcapping=c.get("final_logit_softcapping"),
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
-            name=name,
-            **_common(c),
-        )
-
-
-def _common(c: dict) -> dict:
-    """Keys shared by every family."""
-    eos = c.get("eos_token_id")
-    eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
-    return dict(
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_hidden_layers=c["num_hidden_layers"],
-        num_attention_heads=c["num_attention_heads"],
-        num_key_value_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-        head_dim=c.get("head_dim"),
-        max_position_embeddings=c.get("max_position_embeddings", 8192),
-        attention_bias=bool(c.get("attention_bias", False)),
-        bos_token_id=c.get("bos_token_id"),
-        eos_token_ids=eos,
-        pad_token_id=c.get("pad_token_id"),
-    )
-
-
-def every_nth_full(n_layers: int, n: int) -> list[str]:
-    """Gemma 3's attention pattern: every n-th layer full attention, the others sliding."""
-    return [SLIDING if (i + 1) % n else FULL for i in range(n_layers)]
+        return from_hf_config(cfg, name)
 
 
 def __getattr__(name: str):

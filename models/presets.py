@@ -15,7 +15,6 @@ _GEMMA3 = dict(
     family="gemma3",
     head_dim=256,
     rms_norm_eps=1e-6,
-    hidden_act="gelu_pytorch_tanh",
     tie_word_embeddings=True,
     rope_theta=1_000_000.0,
     rope_local_theta=10_000.0,
@@ -76,7 +75,7 @@ _QWEN = dict(vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1_000_000.0, bos_t
 _QWEN3 = dict(
     _QWEN, family="qwen3", head_dim=128, num_key_value_heads=8, max_position_embeddings=40960, eos_token_ids=(151645,)
 )
-_QWEN25 = dict(_QWEN, family="qwen2", qkv_bias=True, max_position_embeddings=32768)
+_QWEN25 = dict(_QWEN, family="qwen2", max_position_embeddings=32768)
 _QWEN25_05B = dict(
     _QWEN25,
     hidden_size=896,
@@ -134,7 +133,6 @@ transformer_configs: dict[str, dict] = {
         num_key_value_heads=2,
         head_dim=16,
         rms_norm_eps=1e-6,
-        hidden_act="gelu_pytorch_tanh",
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         rope_theta=10_000.0,
