@@ -34,6 +34,7 @@ def build_run(tmp: str, family: str, hidden: int, layers: int, seed: int = 0) ->
 
     from minilora.lora.adapter import save_adapter
     from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.models.config import every_nth_full
     from minilora.models.loader import load_model
 
     torch.manual_seed(seed)
@@ -54,7 +55,7 @@ def build_run(tmp: str, family: str, hidden: int, layers: int, seed: int = 0) ->
             head_dim=64,
             query_pre_attn_scalar=64,
             sliding_window=64,
-            layer_types=[("full" if (i + 1) % 6 == 0 else "sliding") + "_attention" for i in range(layers)],
+            layer_types=every_nth_full(layers, 6),
             **common,
         )
         hf = transformers.Gemma3ForCausalLM(cfg)

@@ -112,6 +112,8 @@ def write_checkpoint(folder: str, geometry: str) -> None:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
+    from minilora.models.config import every_nth_full
+
     g = dict(GEOMETRIES[geometry])
     if g.pop("family", "gemma3") == "llama":
         cfg = LlamaConfig(
@@ -124,7 +126,7 @@ def write_checkpoint(folder: str, geometry: str) -> None:
         os.replace(tmp, folder)
         return
     n = GEOMETRIES[geometry]["num_hidden_layers"]
-    layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    layer_types = every_nth_full(n, 6)
     cfg = Gemma3TextConfig(
         **GEOMETRIES[geometry],
         layer_types=layer_types,

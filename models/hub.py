@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-from .config import PRESETS
+from .presets import PRESETS
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.jinja"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -28,7 +28,7 @@ def resolve_checkpoint(name_or_path: str, allow_patterns=ALLOW_PATTERNS) -> str:
     if os.path.isdir(path):
         return path
     if name_or_path in PRESETS:
-        repo = PRESETS[name_or_path].hf_repo
+        repo = PRESETS[name_or_path]["hf_repo"]
     elif _REPO_ID.match(str(name_or_path)) and not os.path.exists(path):
         repo = name_or_path
     else:

@@ -26,8 +26,10 @@ import torch.nn as nn
 
 from minilora import EXAMPLES
 
-from .config import PRESETS, ModelConfig
+from .config import ModelConfig
+from .hf_config import from_hf_config
 from .hub import ModelLoadError, cached_folder, resolve_checkpoint
+from .presets import PRESETS
 from .transformer import Transformer
 
 __all__ = [
@@ -134,7 +136,7 @@ def read_config(ckpt: str, name: str) -> ModelConfig:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e}); download the checkpoint again.") from None
     try:
-        return ModelConfig.from_hf_config(raw, name=name)
+        return from_hf_config(raw, name=name)
     except (ValueError, KeyError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         raise ModelLoadError(f"{path}: {msg.rstrip('.')}; use a checkpoint of a supported family.") from None
@@ -425,7 +427,7 @@ def plan_config(name_or_path: str):
     if name_or_path == "tiny" or os.path.isdir(os.path.expanduser(str(name_or_path))):
         return load_config(name_or_path)
     if name_or_path in PRESETS:
-        repo = PRESETS[name_or_path].hf_repo
+        repo = PRESETS[name_or_path]["hf_repo"]
         config, tokenizer = cached_folder(repo, "config.json"), cached_folder(repo, "tokenizer.json")
         model_cfg = ModelConfig.from_name(name_or_path) if config is None else read_config(config, name_or_path)
         return model_cfg, None if tokenizer is None else load_tokenizer(tokenizer)

@@ -6,18 +6,21 @@ H query heads, Hkv key/value heads, hd head_dim, V vocab, F intermediate_size.
 Module names equal transformers' *ForCausalLM classes (Llama, Mistral, Qwen2, Qwen3, Gemma3), so
 parameter names equal the checkpoint's and PEFT adapter keys are `base_model.model.` + our module name.
 
-Per block (pre-norm residual):
-  Llama:  h = x + attn(norm1(x));                 y = h + mlp(norm2(h))     (Mistral, Qwen too)
-  Gemma:  h = x + post_attn(attn(norm_in(x)));    y = h + post_ff(mlp(pre_ff(h)))
-  RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w  (Llama; result cast to the input dtype before * w)
-             = (x / sqrt(mean(x^2) + eps) * (1 + w))  in float32 (Gemma, then cast)
-  mlp(x) = down(act(gate(x)) * up(x)),  act = SiLU (Llama) or GELU-tanh (Gemma)
-  attn: q, k, v projections (Qwen2: with bias); Gemma and Qwen3 normalize q and k per head over hd
-        (q_norm, k_norm; Qwen3 with Llama's RMSNorm, no +1); RoPE rotates q, k by position;
-        softmax(q k^T * scale + mask) v with GQA (each kv head serves H/Hkv query heads). Sliding
-        layers (Gemma's local layers, Mistral/Qwen with a window) mask keys older than the window.
-Gemma also scales embeddings by sqrt(D) (rounded to the weight dtype, as the reference does) and
-can soft-cap attention scores and final logits: cap * tanh(z / cap).
+Per block (pre-norm residual); each family is this block with the traits of its entry in
+models/config.py's FAMILIES (`cfg.traits`), named in brackets:
+  h = x + attn(norm_in(x));                   y = h + mlp(norm_pre_ff(h))
+  h = x + norm_post(attn(norm_in(x)));        y = h + norm_post_ff(mlp(norm_pre_ff(h)))   [sandwich_norms]
+  RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w              (result cast to the input dtype before * w)
+             = (x / sqrt(mean(x^2) + eps) * (1 + w))  in float32, then cast           [norm_offset 1]
+  mlp(x) = down(act(gate(x)) * up(x)),  act = cfg.hidden_act (SiLU, or GELU-tanh)
+  attn: q, k, v projections (with bias: attention_bias, or [qkv_bias] on q, k, v only); q and k
+        normalized per head over hd [qk_norm]; RoPE rotates q, k by position (sliding layers with
+        their own base [local_rope]); softmax(q k^T * scale + mask) v with GQA (each kv head serves
+        H/Hkv query heads), scale = hd**-0.5 or query_pre_attn_scalar**-0.5 [attn_scalar]. Sliding
+        layers mask keys older than the window.
+Embeddings can be scaled by sqrt(D) (rounded to the weight dtype, as the reference does)
+[embedding_scale], and attention scores and final logits soft-capped: cap * tanh(z / cap) (when the
+config sets the caps).
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from .recompute import selective_context
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm; `gemma=True` uses the (1 + w) parameterization in float32. Keeps its
-    input in its own dtype for backward, not a float32 copy (ops.rms_norm)."""
+    """Root-mean-square norm scaling by (offset + w): offset 0 is Llama's norm, offset 1 Gemma's, computed
+    in float32 (ops.rms_norm's two forms). Keeps its input in its own dtype for backward, not a
+    float32 copy."""
 
-    def __init__(self, dim: int, eps: float, gemma: bool):
+    def __init__(self, dim: int, eps: float, offset: float):
         super().__init__()
-        self.eps, self.gemma = eps, gemma
-        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
+        self.eps, self.gemma = eps, offset == 1.0
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))  # offset + w = 1: the identity scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, self.gemma)
@@ -106,15 +110,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_logit_softcapping
         D, b = cfg.hidden_size, cfg.attention_bias
-        qkv_b = b or cfg.qkv_bias
+        qkv_b = b or cfg.traits.qkv_bias
         self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=qkv_b)
         self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=qkv_b)
         self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=qkv_b)
         self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=b)
-        if cfg.qk_norm:
-            gemma = cfg.family == "gemma3"
-            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, gemma=gemma)
-            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, gemma=gemma)
+        if cfg.traits.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.traits.norm_offset)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.traits.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
@@ -177,23 +180,23 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.gemma = cfg.family == "gemma3"
+        self.sandwich = cfg.traits.sandwich_norms
         self.sliding = cfg.layer_types[layer_idx] == SLIDING
-        eps = cfg.rms_norm_eps
+        D, eps, offset = cfg.hidden_size, cfg.rms_norm_eps, cfg.traits.norm_offset
         self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, self.gemma)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, self.gemma)
-        if self.gemma:
-            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, True)
-            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, True)
+        self.input_layernorm = RMSNorm(D, eps, offset)
+        self.post_attention_layernorm = RMSNorm(D, eps, offset)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(D, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(D, eps, offset)
 
     def forward(self, x, cos, sin, mask, cache=None):
         a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        if self.gemma:
+        if self.sandwich:
             h = x + self.post_attention_layernorm(a)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        # Llama names its pre-MLP norm `post_attention_layernorm`.
+        # Without sandwich norms transformers names the pre-MLP norm `post_attention_layernorm`.
         h = x + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -205,7 +208,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family == "gemma3")
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.traits.norm_offset)
 
 
 def build_mask(q_slots, key_valid, segment_q, segment_k, window):
@@ -344,7 +347,7 @@ class Transformer(nn.Module):
         causal = cache is None and causal_is_exact(valid, segment_ids)
 
         emb = self.model.embed_tokens(input_ids)  # (B, T, D)
-        if cfg.family == "gemma3":
+        if cfg.traits.embedding_scale:
             # sqrt(D) rounded to the weight dtype first (bf16: sqrt(1152)=33.94 -> 34.0), as in the reference.
             emb = emb * torch.tensor(cfg.hidden_size**0.5, dtype=emb.dtype, device=dev)
         x = emb
@@ -361,10 +364,11 @@ class Transformer(nn.Module):
             )
             for kind in set(cfg.layer_types)
         }
-        rope = {
-            FULL: rope_cos_sin(self.inv_freq_global, position_ids, x.dtype),
-            SLIDING: rope_cos_sin(self.inv_freq_local, position_ids, x.dtype),
-        }
+        # cos, sin per layer kind in use. Sliding layers rotate with their own unscaled base where the
+        # family says so (local_rope); elsewhere both kinds use the global table, scaling included.
+        local = self.inv_freq_local if cfg.traits.local_rope else self.inv_freq_global
+        inv_freq = {FULL: self.inv_freq_global, SLIDING: local}
+        rope = {kind: rope_cos_sin(inv_freq[kind], position_ids, x.dtype) for kind in set(cfg.layer_types)}
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, (layer, kind) in enumerate(zip(self.model.layers, cfg.layer_types)):
             cos, sin = rope[kind]

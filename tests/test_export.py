@@ -25,8 +25,10 @@ from minilora.export import hf_checkpoint
 from minilora.export import merge as E
 from minilora.lora.adapter import save_adapter
 from minilora.lora.layers import apply_lora, lora_modules
-from minilora.models.config import PRESETS, ModelConfig
+from minilora.models.config import ModelConfig
+from minilora.models.hf_config import from_hf_config
 from minilora.models.loader import load_model
+from minilora.models.presets import PRESETS
 from minilora.quant.nf4 import quantize_nf4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,7 +267,7 @@ def test_quant_state_tensors_equal_bitsandbytes_serialization(shape, dtype, bloc
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_hf_config_round_trips_every_preset(name):
     cfg = ModelConfig.from_name(name)
-    back = ModelConfig.from_hf_config(json.loads(json.dumps(E.to_hf_config(cfg))), name=name)
+    back = from_hf_config(json.loads(json.dumps(E.to_hf_config(cfg))), name=name)
     skip = {"name", "hf_repo", "source_architecture", "bos_token_id", "pad_token_id", "eos_token_ids"}
     for field in cfg.__dataclass_fields__:
         if field not in skip:

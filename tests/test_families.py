@@ -28,6 +28,7 @@ from minilora.lora.adapter import load_adapter, save_adapter  # noqa: E402
 from minilora.lora.layers import apply_lora, lora_modules  # noqa: E402
 from minilora.models.config import FULL, SLIDING  # noqa: E402
 from minilora.models.generate import generate  # noqa: E402
+from minilora.models.hf_config import from_hf_config  # noqa: E402
 from minilora.models.loader import load_model  # noqa: E402
 from minilora.quant.linear import NF4Linear  # noqa: E402
 
@@ -211,7 +212,7 @@ def test_presets_equal_the_hub_config_they_mirror(name):
     def model_fields(cfg):
         return {k: v for k, v in asdict(cfg).items() if k not in ("name", "hf_repo", "source_architecture")}
 
-    assert model_fields(ModelConfig.from_name(name)) == model_fields(ModelConfig.from_hf_config(HUB_CONFIGS[name]))
+    assert model_fields(ModelConfig.from_name(name)) == model_fields(from_hf_config(HUB_CONFIGS[name]))
 
 
 # ------------------------------------------------------------------------------- NF4 on load

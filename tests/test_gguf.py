@@ -30,6 +30,7 @@ from minilora.export.readback import ValidationError  # noqa: E402
 from minilora.lora.adapter import save_adapter  # noqa: E402
 from minilora.lora.layers import apply_lora, lora_modules  # noqa: E402
 from minilora.models.config import ModelConfig  # noqa: E402
+from minilora.models.hf_config import from_hf_config  # noqa: E402
 from minilora.models.loader import load_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,7 +306,7 @@ def test_gguf_logits_equal_merged_checkpoint(tmp_path, family, gguf_type):
     E.export_adapter(run, out, fmt="gguf", gguf_type=gguf_type, validate=False, log=lambda m: None)
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    cfg = ModelConfig.from_hf_config(json.load(open(os.path.join(merged, "config.json"))))
+    cfg = from_hf_config(json.load(open(os.path.join(merged, "config.json"))))
     exact = hf_logits(ref, ids := torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1)))
     transform = G.round_trip_fn(cfg, gguf_type)
     with torch.no_grad():

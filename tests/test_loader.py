@@ -21,8 +21,9 @@ from transformers import (  # noqa: E402  # noqa: E402
     LlamaForCausalLM,
 )
 
-from minilora.models.config import FULL, PRESETS, SLIDING  # noqa: E402
+from minilora.models.config import FULL, SLIDING  # noqa: E402
 from minilora.models.loader import ModelLoadError, load_model, quantize_linears  # noqa: E402
+from minilora.models.presets import PRESETS  # noqa: E402
 
 TEXT = dict(
     vocab_size=300,

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from minilora.models.config import FULL, SLIDING, ModelConfig  # noqa: E402
+from minilora.models.hf_config import from_hf_config  # noqa: E402
 from minilora.models.loader import load_model  # noqa: E402
 from minilora.models.transformer import causal_is_exact  # noqa: E402
 
@@ -306,14 +307,14 @@ def test_both_config_dialects_give_the_same_config(raw, cls):
     raw = copy.deepcopy(raw)  # the oracle's config classes mutate nested dicts they are given
     v5 = json.loads(cls(**copy.deepcopy({k: v for k, v in raw.items() if k != "architectures"})).to_json_string())
     assert "rope_parameters" in v5 and "rope_theta" not in v5
-    a, b = ModelConfig.from_hf_config(raw), ModelConfig.from_hf_config(v5)
+    a, b = from_hf_config(raw), from_hf_config(v5)
     assert _strip(a) == _strip(b)
     if raw == GEMMA_V4:
         assert a.layer_types == v5["layer_types"]
         assert (a.rope_theta, a.rope_local_theta, a.sliding_window) == (1e6, 1e4, 512)
         assert a.layer_types.count(FULL) == 4 and a.eos_token_ids == (1, 106)
         mm = {"model_type": "gemma3", "text_config": dict(raw), "eos_token_id": [1, 106]}
-        assert _strip(ModelConfig.from_hf_config(mm)) == _strip(a)
+        assert _strip(from_hf_config(mm)) == _strip(a)
     preset = ModelConfig.from_name("gemma-3-1b" if raw == GEMMA_V4 else "llama-3.2-1b")
     assert _strip(preset) == {**_strip(a), "rope_scaling": preset.rope_scaling, "pad_token_id": preset.pad_token_id}
 
@@ -321,8 +322,8 @@ def test_both_config_dialects_give_the_same_config(raw, cls):
 def test_unsupported_architecture_and_unknown_preset():
     for model_type in ("mixtral", "qwen3_moe", "phi3", "t5"):  # MoE, fused qkv, encoder-decoder
         with pytest.raises(ValueError, match=f"'{model_type}'.*not supported.*llama, mistral, qwen2.*qwen3.*gemma3"):
-            ModelConfig.from_hf_config({"model_type": model_type, "architectures": ["X"]})
+            from_hf_config({"model_type": model_type, "architectures": ["X"]})
     with pytest.raises(ValueError, match="unknown model preset 'gpt-5'.*gemma-3-1b"):
         ModelConfig.from_name("gpt-5")
     with pytest.raises(ValueError, match="RoPE scaling type 'yarn'"):
-        ModelConfig.from_hf_config({**LLAMA_V4, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+        from_hf_config({**LLAMA_V4, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})

@@ -17,7 +17,8 @@ import pytest
 
 from minilora.data.encode import prepare_data, render_raw
 from minilora.data.token_estimate import ByteCountTokenizer
-from minilora.models.config import PRESETS
+from minilora.models.config import ModelConfig
+from minilora.models.presets import PRESETS
 from minilora.models.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ def test_plan_for_a_preset_needs_no_download_and_says_its_token_counts_are_estim
 def test_plan_for_a_preset_counts_tokens_with_a_tokenizer_already_in_the_cache(tmp_path):
     """A tokenizer in the Hugging Face cache (the layout huggingface_hub writes) is used, read only."""
     hf_home = tmp_path / "hf_home"
-    repo = PRESETS["smollm2-135m"].hf_repo
+    repo = PRESETS["smollm2-135m"]["hf_repo"]
     entry = hf_home / "hub" / ("models--" + repo.replace("/", "--"))
     commit = "0" * 40
     (entry / "refs").mkdir(parents=True)
@@ -86,7 +87,7 @@ def base_mib(stdout: str) -> float:
 
 def smollm2_config() -> dict:
     """SmolLM2-135M's config.json keys the loader reads (the values of the preset's table)."""
-    p = PRESETS["smollm2-135m"]
+    p = ModelConfig.from_name("smollm2-135m")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

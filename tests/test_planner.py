@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minilora.dtypes import auto_dtype
-from minilora.models.config import FULL, SLIDING, ModelConfig
+from minilora.models.config import FAMILIES, FULL, SLIDING, ModelConfig
 from minilora.train.planner import (
     choose_checkpointing,
     choose_recompute,
@@ -361,3 +361,23 @@ def test_loss_chunk_zero_is_the_devices_default_and_is_recorded(monkeypatch, giv
         dict((n, b) for n, b, _ in plan.components)["transient (loss chunk / block backward)"]
         == dict((n, b) for n, b, _ in expect.components)["transient (loss chunk / block backward)"]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_norm_bytes_equal_the_models_norm_parameters(family, dtype):
+    """The plan's static norm bytes (per block 2 or 4 norms of width D, q/k norms of width hd where
+    the family has them, the final norm) equal the bytes of the norm parameters of the model itself,
+    built for a preset of every family."""
+    from minilora.models.presets import PRESETS
+    from minilora.models.transformer import Transformer
+
+    preset = ModelConfig.from_name(next(name for name, kw in PRESETS.items() if kw["family"] == family))
+    cfg = dataclasses.replace(preset, num_hidden_layers=2, layer_types=[FULL] * 2, vocab_size=8)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    want = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
+    plan = plan_memory(cfg, batch_size=1, seq_len=8, dtype=dtype)
+    dense = dict((name, b) for name, b, _ in plan.components)["embeddings, head, norms"]
+    e = torch.empty((), dtype=dtype).element_size()
+    assert dense - cfg.vocab_size * cfg.hidden_size * e * (1 if cfg.tie_word_embeddings else 2) == want

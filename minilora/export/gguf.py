@@ -4,7 +4,8 @@ Written with llama.cpp's own Python package `gguf` (GGUFWriter, its constants an
 its Q8_0 / Q4_0 quantizers), laid out as llama.cpp's converter (convert_hf_to_gguf.py) lays out the
 same checkpoint, so llama.cpp, Ollama and transformers' GGUF loader read it as they read theirs.
 
-What the converter does per architecture, and so what ARCHS below says per ModelConfig.family:
+What the converter does per architecture, and so what ARCHS below says per ModelConfig.family (the
+arch name, q/k row order and norm offset from the family's entry in models/config.py's FAMILIES):
 - tensor names: gguf's TensorNameMap (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight);
   a tied lm_head is not written (no output.weight = tied);
 - llama (and Mistral, which llama.cpp runs as llama): q_proj / k_proj rows are reordered per head,
@@ -37,7 +38,7 @@ import torch
 
 from minilora.export.errors import ExportError
 from minilora.fileio import write_file_atomic
-from minilora.models.config import FULL, SLIDING, ModelConfig
+from minilora.models.config import FAMILIES, SLIDING, ModelConfig, every_nth_full
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 
@@ -65,25 +66,30 @@ class GGUFArch:
 
 def _gemma3_fixed(cfg: ModelConfig) -> str | None:
     """llama.cpp's Gemma 3 hard-codes what the converter does not write (llama-model.cpp)."""
-    want_types = [SLIDING if (i + 1) % 6 else FULL for i in range(cfg.num_hidden_layers)]
     n_embd_head = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 62 else cfg.head_dim
     if cfg.attn_logit_softcapping is not None:
         return "attention logit soft-capping, which llama.cpp's Gemma 3 does not implement"
     if cfg.rope_local_theta != 10000.0:
         return f"a sliding-layer rope base of {cfg.rope_local_theta:g} (llama.cpp fixes 10000)"
-    if list(cfg.layer_types) != want_types:
+    if list(cfg.layer_types) != every_nth_full(cfg.num_hidden_layers, 6):
         return "a sliding/global layer pattern other than every 6th layer global (llama.cpp fixes that pattern)"
     if not math.isclose(cfg.attn_scale, n_embd_head**-0.5, rel_tol=1e-6):
         return f"query_pre_attn_scalar {cfg.query_pre_attn_scalar:g} (llama.cpp uses {n_embd_head})"
     return None
 
 
-ARCHS = {  # ModelConfig.family -> its GGUF layout; a new family is one line
-    "llama": GGUFArch("llama", permute_qk=True, write_vocab_size=True),
-    "mistral": GGUFArch("llama", permute_qk=True, write_vocab_size=True, reader_model_type="llama"),  # LlamaModel
-    "qwen2": GGUFArch("qwen2"),
-    "qwen3": GGUFArch("qwen3"),
-    "gemma3": GGUFArch("gemma3", norm_shift=1.0, checks=(_gemma3_fixed,)),
+# What only llama.cpp's converter (and transformers' reader of its files) decides per family. The
+# arch name, the q/k row order and the norm offset come from the family's FAMILIES entry.
+_CONVERTER_ONLY = {
+    "llama": dict(write_vocab_size=True),
+    "mistral": dict(write_vocab_size=True, reader_model_type="llama"),  # converted by LlamaModel
+    "gemma3": dict(checks=(_gemma3_fixed,)),
+}
+
+ARCHS = {  # ModelConfig.family -> its GGUF layout
+    name: GGUFArch(f.gguf_arch, f.gguf_permute_qk, f.norm_offset, **_CONVERTER_ONLY.get(name, {}))
+    for name, f in FAMILIES.items()
+    if f.gguf_arch is not None
 }
 
 

@@ -1,6 +1,6 @@
 """Writing a Hugging Face checkpoint folder: what transformers' save_pretrained writes.
 
-  config.json             transformers-4.x dialect plus layer_types (see export.to_hf_config)
+  config.json             transformers-4.x dialect plus layer_types (see models.hf_config.to_hf_config)
   model.safetensors       transformers' tensor names; a tied lm_head is not stored; sharded with an
                           index past `max_shard_bytes`
   generation_config.json  the base's, else bos/eos/pad from the tokenizer

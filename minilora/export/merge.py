@@ -8,8 +8,8 @@ eval.py scored (`--merge-base original` merges into the checkpoint's own weights
 
 Formats, each in its own module:
   hf         a Hugging Face checkpoint folder (minilora.export.hf_checkpoint), config.json from
-             to_hf_config below; with quantize_4bit the block linears in bitsandbytes' NF4 layout
-             (minilora.export.bnb): transformers and vLLM load either as is
+             minilora.models.hf_config.to_hf_config; with quantize_4bit the block linears in
+             bitsandbytes' NF4 layout (minilora.export.bnb): transformers and vLLM load either as is
   gguf       one GGUF file for llama.cpp / Ollama (minilora.export.gguf, minilora.export.gguf_vocab)
   gguf-lora  the adapter alone as a GGUF LoRA for llama.cpp's --lora
 Then minilora.export.readback reloads the export through an independent reader and compares logits.
@@ -25,93 +25,9 @@ import torch
 
 from minilora.dtypes import DTYPE_NAMES, DTYPES, run_dtype
 from minilora.export.errors import ExportError
-from minilora.models.config import FULL, SLIDING, ModelConfig
+from minilora.models.config import ModelConfig
+from minilora.models.hf_config import to_hf_config
 from minilora.models.loader import is_block_linear, source_checkpoint
-
-
-# ------------------------------------------------------------------------------- config.json
-def _pattern(layer_types: list[str]) -> int | None:
-    """N when every N-th layer is full attention and the rest sliding (Gemma's 4.x config key)."""
-    for n in range(1, len(layer_types) + 1):
-        if layer_types == [SLIDING if (i + 1) % n else FULL for i in range(len(layer_types))]:
-            return n
-    return None
-
-
-def to_hf_config(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """A transformers config.json dict for `cfg` (the inverse of ModelConfig.from_hf_config).
-
-    Token ids missing from the config (the `tiny` preset has none) come from the tokenizer.
-    """
-    eos = list(cfg.eos_token_ids) or (list(tokenizer.eos_ids) if tokenizer is not None else [])
-    bos = cfg.bos_token_id if cfg.bos_token_id is not None else getattr(tokenizer, "bos_id", None)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(tokenizer, "pad_id", None)
-    common = {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "attention_bias": cfg.attention_bias,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": cfg.rope_scaling,
-        "bos_token_id": bos,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "pad_token_id": pad,
-        "torch_dtype": DTYPE_NAMES[dtype],
-        "use_cache": True,
-    }
-    if cfg.family == "llama":
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "mlp_bias": cfg.mlp_bias,
-            **common,
-        }
-    if cfg.family == "mistral":  # one window for all layers, or none
-        return {
-            "architectures": ["MistralForCausalLM"],
-            "model_type": "mistral",
-            "hidden_act": "silu",
-            **common,
-            "sliding_window": cfg.sliding_window,
-        }
-    if cfg.family in ("qwen2", "qwen3"):
-        sliding = [i for i, t in enumerate(cfg.layer_types) if t == SLIDING]
-        arch = "Qwen2ForCausalLM" if cfg.family == "qwen2" else "Qwen3ForCausalLM"
-        # transformers 4.x: the window covers layers max_window_layers.. when use_sliding_window.
-        return {
-            "architectures": [arch],
-            "model_type": cfg.family,
-            "hidden_act": "silu",
-            **common,
-            "use_sliding_window": bool(sliding),
-            "sliding_window": cfg.sliding_window,
-            "max_window_layers": sliding[0] if sliding else cfg.num_hidden_layers,
-            "layer_types": list(cfg.layer_types),
-        }
-    out = {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "hidden_activation": cfg.hidden_act,
-        **common,
-        "rope_local_base_freq": cfg.rope_local_theta,
-        "layer_types": list(cfg.layer_types),
-        "sliding_window": cfg.sliding_window,
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
-        "attn_logit_softcapping": cfg.attn_logit_softcapping,
-        "final_logit_softcapping": cfg.final_logit_softcapping,
-    }
-    n = _pattern(out["layer_types"])
-    if n is not None:  # transformers < 4.53 derives the layer types from this key
-        out["sliding_window_pattern"] = n
-    return out
 
 
 # ------------------------------------------------------------------------------- tensors
@@ -177,9 +93,9 @@ FORMATS = ("hf", "gguf", "gguf-lora")
 
 def _base_config(name: str) -> ModelConfig:
     """The base model's ModelConfig without loading weights (for the adapter-only GGUF)."""
-    from minilora.models.config import PRESETS
     from minilora.models.hub import resolve_checkpoint
     from minilora.models.loader import read_config
+    from minilora.models.presets import PRESETS
 
     if name in PRESETS:  # a preset mirrors its hub config.json, so no download is needed
         return ModelConfig.from_name(name)

@@ -8,20 +8,23 @@ e bytes per compute-dtype element (4 float32, 2 bf16), c loss chunk rows.
 Memory (bytes). Static, for the whole run:
     NF4 base        every block linear (M, K): M K / 2 codes + M K / 64 absmax codes (uint8)
                     + M K / (64 * 256) * 4 second-level scales (double quantization); unquantized: M K e
-    dense           embeddings V D e, the untied head V D e, norms
+    dense           embeddings V D e, the untied head V D e, norms: per block 2 D (4 D with the
+                    family's sandwich_norms) + 2 hd (q_norm, k_norm with qk_norm), and the final D
     LoRA            p = sum over adapted linears of r (K + M) float32 weights: 4 p; gradients 4 p;
                     AdamW states m, v: 8 p (32-bit) or 2 p + 2 p / 256 * 4 (8-bit blockwise);
                     with --optimizer-budget only that many state bytes stay on the device
 Activations that autograd keeps per token per block (what each op saves for its backward; checked
 against torch.autograd.graph.saved_tensors_hooks in tests/test_planner.py):
     norms           each RMSNorm keeps its input in its own dtype and a float32 rstd per row:
-                    e D + 4  (Llama 2 norms, Gemma 4; Gemma's and Qwen3's q_norm / k_norm per head:
-                    (H + Hkv) (e hd + 4))
+                    e D + 4 per norm (2 per block, 4 with sandwich_norms); with qk_norm the q_norm /
+                    k_norm per head: (H + Hkv) (e hd + 4)
     LoRA inputs     the normed attention and MLP inputs, e D each (shared by q, k, v / gate, up)
                     and r float32 per adapted linear (u = x A^T), 1 byte per input element with dropout
     attention       SDPA keeps q and its output (2 e H hd), k and v unrepeated (enable_gqa: 2 e Hkv hd)
                     and the float32 log-sum-exp (4 H); its output is o_proj's saved input
     MLP             gate and up (act(gate) is recomputed in backward) and their product: 3 e F
+Outside the blocks, per token: the final norm e D + 4; RoPE's cos and sin, 2 e hd per layer kind in
+use (full, sliding); per labelled token the loss's gathered hidden state and dL/dh, 2 e D.
 Full recompute keeps only each block's input (e D) and rebuilds one block's activations during
 backward. Selective recompute (models/recompute.py) keeps the block's input and the outputs of its
 matrix products and reruns only the elementwise ops between them, per token per block (checked
@@ -258,7 +261,9 @@ def plan_memory(
     e = torch.empty((), dtype=dtype).element_size()
     L, D, F, V, r = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, lora_r
     H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    gemma = cfg.family == "gemma3"
+    fam = cfg.traits  # the family's block: how many norms, q/k norms (models/config.py FAMILIES)
+    n_norm = 4 if fam.sandwich_norms else 2  # RMSNorms of width D per block
+    qk_norm_rows = H + Hkv if fam.qk_norm else 0  # RMSNorms of width hd per token per block
     N = batch_size * seq_len
     n = N if label_tokens is None else min(N, label_tokens)
     shapes = linear_shapes(cfg)
@@ -267,17 +272,16 @@ def plan_memory(
     base = L * (
         per_block * (0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * ABSMAX_BLOCK)) if quantize == "nf4" else per_block * e
     )
-    norms = (L * ((4 if gemma else 2) * D + (2 * hd if gemma else 0)) + D) * e
+    norms = (L * (n_norm * D + (2 * hd if fam.qk_norm else 0)) + D) * e  # + the final norm
     dense = V * D * e * (1 if cfg.tie_word_embeddings else 2) + norms
     p = L * sum(r * (M + K) for M, K in adapted)
     states = 8 * p if optimizer_bits == 32 else 2 * p + 2 * math.ceil(p / STATE_BLOCK) * 4
     if optimizer_budget is not None:
         states = min(states, optimizer_budget)
 
-    n_norm, qk_rows = (4 if gemma else 2), (H + Hkv if cfg.qk_norm else 0)
     act = (
         (e * D + 4) * n_norm
-        + (e * hd + 4) * qk_rows
+        + (e * hd + 4) * qk_norm_rows
         + 2 * e * D
         + 2 * e * (H + Hkv) * hd
         + 4 * H
@@ -296,8 +300,9 @@ def plan_memory(
     sel = e * (D + H * hd + 2 * Hkv * hd + 2 * D + 2 * F) + sel_attention
     if quantize != "nf4":
         sel += sum(4 * r + 4 * M for M, _ in adapted)  # the dense LoRA path's mm outputs, float32
-    rope = 2 * hd * e * (2 if gemma else 1)  # cos, sin per position (global + local on Gemma)
-    kept = N * ((L - k - s) * act + k * e * D + s * sel + rope + 4 * D) + 2 * n * D * e  # + final norm, h_sel, dL/dh
+    rope = 2 * hd * e * len(set(cfg.layer_types))  # cos, sin per position, one pair per layer kind in use
+    final_norm = e * D + 4  # its input and rstd, as every norm
+    kept = N * ((L - k - s) * act + k * e * D + s * sel + rope + final_norm) + 2 * n * D * e  # + h_sel, dL/dh
     block = N * act  # one block's activations: rebuilt by recompute, and its gradients in backward
     cap = cfg.final_logit_softcapping is not None
     c = min(loss_chunk, n)
