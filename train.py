@@ -38,7 +38,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     from minilora.eval.evaluate import completion_loss, generate_completions, score
     from minilora.fileio import write_text_atomic
     from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.layers import apply_lora, check_targets, lora_parameters
     from minilora.models.loader import load_config, load_model
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D
@@ -68,8 +68,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         def resolve(name: str) -> str:  # --dtype NAME on this device, e.g. auto -> "float32" on the CPU
             return dtype_name(resolve_dtype(name, device.type))
 
-        with open(os.path.join(ckpt, "state.json")) as f:
-            changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world)
+        ckpt_step = C.check_checkpoint(ckpt)["step"]  # a damaged file: one sentence naming it, nothing written
+        changed = rundir.merge_resume(cfg, given, old, resolve, ckpt_step, world)
         validate(cfg)
         if changed and main:
             print("resume: " + ", ".join(f"{rundir.flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
@@ -88,6 +88,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     model_cfg, tok = load_config(cfg.model)
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    check_targets(model_cfg, targets)  # apply_lora's own matching, on a meta-device model: before any write
     data = prepare_data(
         cfg.data,
         tok,
@@ -142,7 +144,6 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         config = rundir.config_json(cfg, dtype_name(dtype), world, plan.settings())
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     lora_kw = dict(
         targets=targets,
         r=cfg.lora_r,
@@ -361,7 +362,8 @@ def main(argv=None) -> int:
         validate(cfg)
         return run(cfg, given_flags(argv))
 
-    return run_main(body)  # a user error: one sentence, exit 2 (MINILORA_DEBUG=1: the traceback)
+    # a user error: one sentence, exit 2 (MINILORA_DEBUG=1: the traceback)
+    return run_main(body, again="continue the run with --resume")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Writes that are never seen half-done: temp file or folder beside the target, then a rename.
+"""Writes that are never seen half-done: temp file or folder beside the target, then a rename; and
+the check that a safetensors file is whole.
 
 Adapters, checkpoints, exports, reports and run configs go through these helpers, so a crash or
 kill -9 at any moment leaves either the old version or the new one.
@@ -56,6 +57,19 @@ def swap_into_place(tmp: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def json_error_text(e: Exception, line: bool = True) -> str:
+    """Why a JSON text did not parse, in words: "Unterminated string starting at line 1 column 12".
+    Some of json's messages end in "at" themselves ("Unterminated string starting at", "Invalid control
+    character at"): the position follows them without a second "at". A RecursionError is nesting
+    deeper than Python's parser goes ('[' * 20000)."""
+    if isinstance(e, RecursionError):
+        return "arrays or objects nested too deeply to parse"
+    if not isinstance(e, json.JSONDecodeError):
+        return str(e)
+    where = f"line {e.lineno} column {e.colno}" if line else f"column {e.colno}"
+    return f"{e.msg} {where}" if e.msg.endswith(" at") else f"{e.msg} at {where}"
+
+
 def write_json(path: str, obj, fsync: bool = False) -> None:
     """Write `obj` as indented JSON plus a newline, in place (for files inside a temp folder that is
     renamed into place as a whole); fsync=True puts it on disk before that rename."""
@@ -95,3 +109,18 @@ def write_text_atomic(path: str, text: str, fsync: bool = False) -> None:
             f.write(text)
 
     write_file_atomic(path, write, fsync)
+
+
+# ------------------------------------------------------------------------------- safetensors
+def safetensors_problem(path: str) -> str | None:
+    """Why the safetensors file at `path` cannot be read (empty, a garbled header, fewer bytes than
+    its header describes), or None when it is whole. Reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError or ValueError)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return text.removeprefix("Error while deserializing header: ")
+    return None

@@ -82,17 +82,28 @@ def save_checkpoint(
     name = f"step_{step:07d}"
     final = os.path.join(root, name)
     tmp = temp_dir_for(final)
-    if write_state is not None:
-        write_state(tmp)
-    else:
-        save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
-        save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
-    save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
-    write_json(
-        os.path.join(tmp, "state.json"), {**train_state, "step": step, "scheduler": scheduler.state_dict()}, fsync=True
-    )
-    usual_permissions(tmp)
-    swap_into_place(tmp, final)
+    try:
+        if write_state is not None:
+            write_state(tmp)
+        else:
+            save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
+            save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
+        save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
+        state = {**train_state, "step": step, "scheduler": scheduler.state_dict()}
+        write_json(os.path.join(tmp, "state.json"), state, fsync=True)
+        usual_permissions(tmp)
+        swap_into_place(tmp, final)
+    except OSError as e:  # a full disk, a quota: the half-written folder goes (finally), the previous one stays
+        from minilora.cli import UsageError
+
+        last = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint was written"
+        raise UsageError(
+            f"could not write checkpoint {final} ({e.strerror or e}), so it was removed and {kept}; free disk "
+            f"space, then continue with `train.py --out {run_dir} --resume`."
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone once renamed into place
     write_text_atomic(os.path.join(root, "latest"), name, fsync=True)
     done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
     for old in done[:-keep] if keep > 0 else []:
@@ -114,6 +125,45 @@ def latest_checkpoint(run_dir: str) -> str | None:
         if os.path.isfile(os.path.join(root, d, "state.json")):
             return os.path.join(root, d)
     return None
+
+
+def check_checkpoint(path: str) -> dict:
+    """The train state (state.json) of the checkpoint folder `path`, after checking that every file a
+    resume reads is whole: state.json parses and names its step, and the safetensors files (RNG state,
+    adapter, optimizer state; under FSDP the optimizer is in dcp/) have intact headers and lengths.
+    Raises UsageError naming the damaged file, before the resumed run writes anything."""
+    from minilora.cli import UsageError
+    from minilora.fileio import json_error_text, safetensors_problem
+
+    root = os.path.dirname(path)
+    older = [d for d in sorted(os.listdir(root)) if d.startswith("step_") and d < os.path.basename(path)]
+    fix = (
+        f"delete {path} to resume from {os.path.join(root, older[-1])}, or start a new run in another --out"
+        if older
+        else "start a new run in another --out"
+    )
+    state_path = os.path.join(path, "state.json")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, RecursionError, OSError) as e:
+        why = json_error_text(e) if not isinstance(e, OSError) else (e.strerror or str(e))
+        raise UsageError(f"{state_path} is damaged ({why}), so the run cannot resume from it; {fix}.") from None
+    if not (
+        isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("scheduler"), dict)
+    ):
+        raise UsageError(f"{state_path} lacks the step or scheduler state a resume needs; {fix}.")
+    files = ["rng.safetensors", os.path.join("adapter", "adapter_model.safetensors")]
+    if not os.path.isdir(os.path.join(path, "dcp")):  # an FSDP checkpoint keeps its optimizer shards there
+        files.append("optimizer.safetensors")
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise UsageError(f"{file} is missing, so the run cannot resume from {path}; {fix}.")
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise UsageError(f"{file} is damaged or truncated (safetensors: {problem}); {fix}.")
+    return state
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> dict:

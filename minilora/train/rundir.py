@@ -85,24 +85,45 @@ def flag(name: str) -> str:
 
 
 def read_run_config(folder: str) -> dict | None:
-    """The config.json train.py wrote in `folder`, or None when there is none (or it is another's)."""
+    """The config.json train.py wrote in `folder`, or None when there is none (or it is another's);
+    a UsageError naming the file when it is there but damaged (not JSON)."""
+    path = os.path.join(folder, "config.json")
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except (OSError, ValueError):
+    except OSError:  # none there (or a folder by that name): not a run of train.py
         return None
+    except (ValueError, RecursionError) as e:  # not JSON: damaged, whoever wrote it
+        from minilora.fileio import json_error_text
+
+        raise UsageError(
+            f"{path} is damaged ({json_error_text(e)}), so the run in {folder} cannot be checked or continued; "
+            "restore that file or choose another --out."
+        ) from None
     return cfg if isinstance(cfg, dict) and _RUN_KEYS <= set(cfg) else None
+
+
+def _inside_a_file(out: str) -> str | None:
+    """The file among --out's parents, if one is (--out notes.txt/run can never be created)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent if parent and not os.path.isdir(parent) else None
 
 
 def check_out(out: str, resume: bool) -> tuple[str | None, dict | None]:
     """(newest checkpoint, the run's recorded config) of --out, after checking that train.py may
-    write there; raises UsageError (nothing written) when it may not."""
-    from minilora.train.checkpoint import latest_checkpoint
-
+    write there; raises UsageError (nothing written) when it may not: a file, a folder under a file,
+    another program's folder, a damaged run config, or checkpoints without --resume."""
     if not os.path.exists(out):
+        blocker = _inside_a_file(out)
+        if blocker is not None:
+            raise UsageError(f"--out {out} is inside {blocker}, which is a file; pass a folder path.")
         return None, None
     if not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file, not a folder; pass a new folder path (train.py creates it).")
+    from minilora.train.checkpoint import latest_checkpoint
+
     if not os.listdir(out):
         return None, None
     old = read_run_config(out)
