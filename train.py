@@ -9,7 +9,8 @@ The loop: load (NF4 base) -> data -> LoRA surgery -> PagedAdamW + cosine schedul
 step: M micro-batches, loss normalized by the step's label tokens, backward, clip, step ->
 validation / early stopping / atomic checkpoints -> final adapter (PEFT format) + summary.
 Every knob is a flag (minilora/train/config.py; `python train.py --help`). The run folder --out is
-written only by train.py: a new folder, or one it wrote before (continued with --resume, see
+written only by train.py, one process at a time (an OS lock on RUN/.lock, taken before the first
+write): a new folder, or one it wrote before (continued with --resume, see
 minilora/train/rundir.py). Exit codes: 0 done, 1 the loss became NaN/inf, 2 a user error (one sentence),
 3 interrupted by SIGINT/SIGTERM (checkpointed; continue with --resume).
 """
@@ -141,6 +142,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         f"predicted peak {plan.peak / 2**20:,.0f} MiB"
     )
     if main:  # the first write: every check above has passed
+        _lock = rundir.claim(cfg.out, cfg.resume, (ckpt, old))  # held until run() ends (or the process dies)
         config = rundir.config_json(cfg, dtype_name(dtype), world, plan.settings())
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written

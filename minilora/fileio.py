@@ -1,8 +1,13 @@
-"""Writes that are never seen half-done: temp file or folder beside the target, then a rename; and
-the check that a safetensors file is whole.
+"""Writes that are never seen half-done: temp file or folder beside the target, then a rename;
+the lock that gives a folder to one process at a time; and the check that a safetensors file is whole.
 
 Adapters, checkpoints, exports, reports and run configs go through these helpers, so a crash or
 kill -9 at any moment leaves either the old version or the new one.
+
+A run folder belongs to one process at a time: FOLDER/.lock, held with flock(LOCK_EX) by the process
+writing the folder (train.py; eval.py while it writes report.md there), holds that process's pid. The
+OS drops the lock when the process ends, however it ends, so a kill -9 never leaves a stale lock;
+the file itself stays (deleting it would let two processes lock two different files).
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
+
+LOCK_NAME = ".lock"
 
 
 def _umask() -> int:
@@ -109,6 +117,90 @@ def write_text_atomic(path: str, text: str, fsync: bool = False) -> None:
             f.write(text)
 
     write_file_atomic(path, write, fsync)
+
+
+# ------------------------------------------------------------------------------- folder lock
+class FolderBusy(ValueError):
+    """Another process holds the folder's lock; `pid` is the one it wrote there (None if unreadable)."""
+
+    def __init__(self, folder: str, pid: int | None):
+        self.folder, self.pid = folder, pid
+        who = f"pid {pid}" if pid is not None else "a process whose pid could not be read"
+        super().__init__(f"{folder} is in use by another process ({who}); wait for it to end or choose another folder.")
+
+
+class FolderLock:
+    """The exclusive lock on a folder, held until release() (or until this object or the process dies)."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        self.release()
+
+
+def _holder(fd: int) -> int | None:
+    """The pid written in a lock file (the holder writes it right after locking: wait briefly for it)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.01)
+    return None
+
+
+def lock_folder(folder: str, create: bool) -> FolderLock | None:
+    """Take `folder`'s lock for this process and write its pid there, or raise FolderBusy naming the
+    holder's pid. create=True makes the folder and its lock file when missing (the caller is about to
+    write there); create=False takes the lock only where a lock file exists (a folder train.py ran in)
+    and returns None elsewhere, creating nothing."""
+    import fcntl
+
+    path = os.path.join(folder, LOCK_NAME)
+    if create:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    else:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _holder(fd)
+        os.close(fd)
+        raise FolderBusy(folder, pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return FolderLock(fd, path)
+
+
+def check_unlocked(folder: str) -> None:
+    """Raise FolderBusy when another process holds `folder`'s lock; writes nothing."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY)
+    except OSError:  # no lock file (or an unreadable one, which whoever writes there finds out)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock conflicts only with a writer's
+    except BlockingIOError:
+        raise FolderBusy(folder, _holder(fd)) from None
+    finally:
+        os.close(fd)  # also drops the shared lock
 
 
 # ------------------------------------------------------------------------------- safetensors

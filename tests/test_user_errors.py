@@ -1,6 +1,6 @@
 """Every error a user (or the machine) can cause ends in one sentence naming the input and what to do,
 exit 2, with nothing written, and nothing already written lost: bad data lines, damaged adapters,
-checkpoints and run configs, an --out under a file, a full disk while checkpointing,
+checkpoints and run configs, a read-only --out or one under a file, a full disk while checkpointing,
 flags that used to fail only after config.json was written, and a truncated GGUF LoRA on validation
 (a failed validation: exit 1). Each case reproduces the traceback or the misleading message it had.
 """
@@ -168,6 +168,38 @@ def test_out_under_a_file(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def read_only(monkeypatch, folder) -> None:
+    """Make `folder` refuse new entries: chmod, and (root ignores modes) EACCES from os.open / os.mkdir."""
+    folder.chmod(0o555)
+    real_open, real_mkdir = os.open, os.mkdir
+    inside = lambda path: os.path.abspath(path).startswith(str(folder) + os.sep)  # noqa: E731
+
+    def refuse(real):
+        def call(path, *a, **k):
+            if inside(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return real(path, *a, **k)
+
+        return call
+
+    monkeypatch.setattr(os, "open", refuse(real_open))
+    monkeypatch.setattr(os, "mkdir", refuse(real_mkdir))
+
+
+def test_read_only_out(tmp_path, capsys, monkeypatch):
+    """A PermissionError traceback from the first write (config.json)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    read_only(monkeypatch, ro)
+    try:
+        code, _, err = train_here(capsys, ro / "run", "--max-steps", "2")
+    finally:
+        ro.chmod(0o755)
+    line = one_sentence(err)
+    assert code == EXIT_USAGE and f"--out {ro / 'run'} cannot be written" in line
+    assert os.listdir(ro) == []
+
+
 @pytest.mark.parametrize("where", ["state.json", "safetensors"])
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch, where):
     """ENOSPC while checkpoint 4 is written: an OSError traceback, and its temp folder stayed. Now one
@@ -199,7 +231,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, 
     assert temps(out) == [] and latest_checkpoint(str(out)).endswith("step_0000002")
     assert check_checkpoint(latest_checkpoint(str(out)))["step"] == 2
     code, _, err = train_here(capsys, out, "--resume", "--max-steps", "6", "--save-every", "2")
-    assert code == 0, err[-3000:]
+    assert code == 0, err[-3000:]  # also: the failed run's lock went with it
 
 
 # --------------------------------------------------- refused before config.json, not after it
