@@ -134,6 +134,8 @@ def run_eval(args) -> int:
             f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), then `python eval.py`."
         )
     adapter_dir, run_dir, run_cfg = find_run(args.adapter)
+    report_dir = args.out or run_dir
+    report_lock(report_dir, check_only=True)  # a run train.py is writing: refused now, not after the evaluation
     trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     name = args.model or run_cfg.get("model") or trained_on
     if not name:
@@ -230,11 +232,32 @@ def run_eval(args) -> int:
         "few_shot_note": note,
         "shot_sources": [s.source for s in shots],
     }
-    md, js = write_report(args.out or run_dir, meta, results, examples, gates, args.generations)
+    with report_lock(report_dir):  # train.py cannot start on the folder while report.md is written
+        md, js = write_report(report_dir, meta, results, examples, gates, args.generations)
     print_summary(results, len(shots))
     print(f"report: {md}\nmetrics: {js}")
     msg = gate_failure_message(gates, md)
     return fail(msg, code=EXIT_FAILED) if msg else 0
+
+
+def report_lock(folder: str, check_only: bool = False):
+    """The run folder's lock (minilora.fileio.lock_folder) for writing report.md there, or a null
+    context for a folder no train.py ran in; ValueError naming the holder when a train.py holds it."""
+    import contextlib
+
+    from minilora.fileio import FolderBusy, check_unlocked, lock_folder
+
+    try:
+        if check_only:
+            check_unlocked(folder)
+            return None
+        return lock_folder(folder, create=False) or contextlib.nullcontext()
+    except FolderBusy as e:
+        who = f"pid {e.pid}" if e.pid is not None else "a process whose pid could not be read"
+        raise ValueError(
+            f"{folder} is being written by train.py ({who}), so report.md cannot be written there; wait for the "
+            "run to end, or pass --out to write the report elsewhere."
+        ) from None
 
 
 def print_summary(results: dict, shots: int) -> None:

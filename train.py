@@ -9,7 +9,8 @@ The loop: load (NF4 base) -> data -> LoRA surgery -> PagedAdamW + cosine schedul
 step: M micro-batches, loss normalized by the step's label tokens, backward, clip, step ->
 validation / early stopping / atomic checkpoints -> final adapter (PEFT format) + summary.
 Every knob is a flag (minilora/train/config.py; `python train.py --help`). The run folder --out is
-written only by train.py: a new folder, or one it wrote before (continued with --resume, see
+written only by train.py, one process at a time (an OS lock on RUN/.lock, taken before the first
+write): a new folder, or one it wrote before (continued with --resume, see
 minilora/train/rundir.py). Exit codes: 0 done, 1 the loss became NaN/inf, 2 a user error (one sentence),
 3 interrupted by SIGINT/SIGTERM (checkpointed; continue with --resume).
 """
@@ -38,7 +39,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     from minilora.eval.evaluate import completion_loss, generate_completions, score
     from minilora.fileio import write_text_atomic
     from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.layers import apply_lora, check_targets, lora_parameters
     from minilora.models.loader import load_config, load_model, plan_config
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D
@@ -71,8 +72,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         def resolve_tpl(name: str) -> str:  # --template NAME for this model, e.g. auto -> "chat"
             return resolve_template(name, load_config(cfg.model)[1])
 
-        with open(os.path.join(ckpt, "state.json")) as f:
-            changed = rundir.merge_resume(cfg, given, old, resolve, json.load(f)["step"], world, resolve_tpl)
+        ckpt_step = C.check_checkpoint(ckpt)["step"]  # a damaged file: one sentence naming it, nothing written
+        changed = rundir.merge_resume(cfg, given, old, resolve, ckpt_step, world, resolve_tpl)
         validate(cfg)
         if world > 1:  # the run's --parallel unless given: every mode resumes every checkpoint
             parallel = D.choose_parallel(cfg.parallel, world)
@@ -113,6 +114,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     if cfg.template == "auto" and not estimated:
         why = "has a chat template" if template == "chat" else "has no chat template"
         say(f"template: {template} (--template auto: the tokenizer {why})")
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    check_targets(model_cfg, targets)  # apply_lora's own matching, on a meta-device model: before any write
     data = prepare_data(
         cfg.data,
         tok,
@@ -167,10 +170,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         f"predicted peak {plan.peak / 2**20:,.0f} MiB"
     )
     if main:  # the first write: every check above has passed
+        _lock = rundir.claim(cfg.out, cfg.resume, (ckpt, old))  # held until run() ends (or the process dies)
         config = rundir.config_json(cfg, dtype_name(dtype), world, {**plan.settings(), "template": template})
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     lora_kw = dict(
         targets=targets,
         r=cfg.lora_r,
@@ -389,7 +392,8 @@ def main(argv=None) -> int:
         validate(cfg)
         return run(cfg, given_flags(argv))
 
-    return run_main(body)  # a user error: one sentence, exit 2 (MINILORA_DEBUG=1: the traceback)
+    # a user error: one sentence, exit 2 (MINILORA_DEBUG=1: the traceback)
+    return run_main(body, again="continue the run with --resume")
 
 
 if __name__ == "__main__":

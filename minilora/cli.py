@@ -4,7 +4,9 @@ and dtype resolution, the MINILORA_DEBUG switch, and the progress display.
 Exit codes (both programs):
   0  done
   1  the run itself failed: train.py's loss became NaN/inf, or an eval.py gate was missed
-  2  a user error (a flag, a data file, a run folder): one sentence on stderr, nothing written
+  2  a user error (a flag, a data file, a run folder, a damaged adapter or checkpoint) or a write the
+     machine refuses (a full disk, a read-only folder): one sentence on stderr, nothing written (or,
+     mid-run, nothing lost: the previous checkpoint stays whole)
   3  train.py was interrupted (SIGINT/SIGTERM): the step finished, a checkpoint was written, and
      `train.py --out RUN --resume` continues it; `train.py && eval.py` stops here
 """
@@ -12,6 +14,7 @@ Exit codes (both programs):
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -38,15 +41,26 @@ def fail(msg: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
-def run_main(body: Callable[[], int], errors: tuple[type[BaseException], ...] = ()) -> int:
+# What the machine, not the program, refuses: a full disk or quota, a read-only filesystem, no permission.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def run_main(body: Callable[[], int], errors: tuple[type[BaseException], ...] = (), again: str = "run again") -> int:
     """Run a CLI's body; a user error (ValueError, a missing or existing file, and `errors`) ends in
-    one sentence and exit 2 instead of a traceback. MINILORA_DEBUG=1 shows the traceback instead."""
+    one sentence and exit 2 instead of a traceback, as does a write the machine refuses (a full disk,
+    a read-only folder, no permission), whose sentence ends "free space or fix the permissions, then
+    `again`". MINILORA_DEBUG=1 shows the traceback instead."""
     try:
         return body()
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, *errors) as e:
         if os.environ.get("MINILORA_DEBUG"):
             raise
         return fail(str(e))
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS or os.environ.get("MINILORA_DEBUG"):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        return fail(f"could not access{where} ({e.strerror}); free disk space or fix the permissions, then {again}.")
 
 
 def parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:

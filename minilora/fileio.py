@@ -1,7 +1,13 @@
-"""Writes that are never seen half-done: temp file or folder beside the target, then a rename.
+"""Writes that are never seen half-done: temp file or folder beside the target, then a rename;
+the lock that gives a folder to one process at a time; and the check that a safetensors file is whole.
 
 Adapters, checkpoints, exports, reports and run configs go through these helpers, so a crash or
 kill -9 at any moment leaves either the old version or the new one.
+
+A run folder belongs to one process at a time: FOLDER/.lock, held with flock(LOCK_EX) by the process
+writing the folder (train.py; eval.py while it writes report.md there), holds that process's pid. The
+OS drops the lock when the process ends, however it ends, so a kill -9 never leaves a stale lock;
+the file itself stays (deleting it would let two processes lock two different files).
 """
 
 from __future__ import annotations
@@ -10,7 +16,10 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
+
+LOCK_NAME = ".lock"
 
 
 def _umask() -> int:
@@ -56,6 +65,19 @@ def swap_into_place(tmp: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def json_error_text(e: Exception, line: bool = True) -> str:
+    """Why a JSON text did not parse, in words: "Unterminated string starting at line 1 column 12".
+    Some of json's messages end in "at" themselves ("Unterminated string starting at", "Invalid control
+    character at"): the position follows them without a second "at". A RecursionError is nesting
+    deeper than Python's parser goes ('[' * 20000)."""
+    if isinstance(e, RecursionError):
+        return "arrays or objects nested too deeply to parse"
+    if not isinstance(e, json.JSONDecodeError):
+        return str(e)
+    where = f"line {e.lineno} column {e.colno}" if line else f"column {e.colno}"
+    return f"{e.msg} {where}" if e.msg.endswith(" at") else f"{e.msg} at {where}"
+
+
 def write_json(path: str, obj, fsync: bool = False) -> None:
     """Write `obj` as indented JSON plus a newline, in place (for files inside a temp folder that is
     renamed into place as a whole); fsync=True puts it on disk before that rename."""
@@ -95,3 +117,102 @@ def write_text_atomic(path: str, text: str, fsync: bool = False) -> None:
             f.write(text)
 
     write_file_atomic(path, write, fsync)
+
+
+# ------------------------------------------------------------------------------- folder lock
+class FolderBusy(ValueError):
+    """Another process holds the folder's lock; `pid` is the one it wrote there (None if unreadable)."""
+
+    def __init__(self, folder: str, pid: int | None):
+        self.folder, self.pid = folder, pid
+        who = f"pid {pid}" if pid is not None else "a process whose pid could not be read"
+        super().__init__(f"{folder} is in use by another process ({who}); wait for it to end or choose another folder.")
+
+
+class FolderLock:
+    """The exclusive lock on a folder, held until release() (or until this object or the process dies)."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        self.release()
+
+
+def _holder(fd: int) -> int | None:
+    """The pid written in a lock file (the holder writes it right after locking: wait briefly for it)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.01)
+    return None
+
+
+def lock_folder(folder: str, create: bool) -> FolderLock | None:
+    """Take `folder`'s lock for this process and write its pid there, or raise FolderBusy naming the
+    holder's pid. create=True makes the folder and its lock file when missing (the caller is about to
+    write there); create=False takes the lock only where a lock file exists (a folder train.py ran in)
+    and returns None elsewhere, creating nothing."""
+    import fcntl
+
+    path = os.path.join(folder, LOCK_NAME)
+    if create:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    else:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _holder(fd)
+        os.close(fd)
+        raise FolderBusy(folder, pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return FolderLock(fd, path)
+
+
+def check_unlocked(folder: str) -> None:
+    """Raise FolderBusy when another process holds `folder`'s lock; writes nothing."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY)
+    except OSError:  # no lock file (or an unreadable one, which whoever writes there finds out)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock conflicts only with a writer's
+    except BlockingIOError:
+        raise FolderBusy(folder, _holder(fd)) from None
+    finally:
+        os.close(fd)  # also drops the shared lock
+
+
+# ------------------------------------------------------------------------------- safetensors
+def safetensors_problem(path: str) -> str | None:
+    """Why the safetensors file at `path` cannot be read (empty, a garbled header, fewer bytes than
+    its header describes), or None when it is whole. Reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError or ValueError)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return text.removeprefix("Error while deserializing header: ")
+    return None

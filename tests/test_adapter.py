@@ -227,3 +227,20 @@ def test_bad_adapter_files(tmp_path):
     with pytest.raises(AdapterError, match="no LoRA layers"):
         save_adapter(tiny_llama(), str(tmp_path / "b"), None)
     assert adapter_mod.AdapterError is AdapterError and issubclass(AdapterError, ValueError)
+
+
+@pytest.mark.parametrize("key, value", [("r", 8), ("rank_pattern", {"q_proj": 2})])
+def test_config_rank_that_disagrees_with_the_tensors_is_refused_as_peft_refuses_it(tmp_path, key, value):
+    """adapter_config.json says r=8 (or a rank_pattern) but lora_A / lora_B have rank 4: PEFT refuses to
+    load it; we used to load it silently, scaling by alpha / 4 against a config that says alpha / 8."""
+    hf = tiny_llama()
+    pm = get_peft_model(copy.deepcopy(hf), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+    pm.save_pretrained(str(tmp_path / "p"))
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(Exception, match="size mismatch"):  # the oracle
+        PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "p"))
+    with pytest.raises(AdapterError, match=r"rank [28] but its lora_A / lora_B have rank 4") as e:
+        load_adapter(copy.deepcopy(hf), str(tmp_path / "p"))
+    _one_sentence(e)

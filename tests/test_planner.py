@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from minilora.dtypes import auto_dtype
@@ -152,7 +152,32 @@ def test_plan_refuses_a_run_that_does_not_fit_naming_the_part_and_flag(capsys):
     assert "predicted peak" in out and "would not start" not in out and "optimizer states (32-bit)" in out
     assert train.main(args + ["--memory-budget", "1000"]) == 0
     out = capsys.readouterr().out
-    assert "would not start: the run needs about" in out and "lower it with --" in out and "recompute full" in out
+    assert "would not start: the run needs about" in out and "recompute full" in out
+    # the runtime alone exceeds 1000 bytes: no flag helps (it used to name "allocator slack (0 MiB)")
+    assert "the largest part is runtime" in out and "raise --memory-budget" in out
+
+
+@settings(max_examples=50)
+@given(st.lists(st.tuples(st.integers(0, 2**34), st.booleans()), min_size=2, max_size=8), st.integers(1, 2**34))
+def test_a_plan_that_does_not_fit_names_its_real_largest_part(parts, budget):
+    """Plan.too_big names the largest component, whether or not a flag lowers it; when none does, the
+    largest a flag lowers follows; when the parts no flag lowers alone exceed the budget, no flag is
+    offered. (A 724 MiB plan once named "allocator slack (3 MiB)" as its largest part.)"""
+    from minilora.train.planner import MARGIN, MiB, Plan
+
+    comps = [(f"part{i}", b, f"--flag{i}" if shrink else "") for i, (b, shrink) in enumerate(parts)]
+    plan = Plan(components=comps, peak=sum(b for _, b, _ in comps), num_layers=1)
+    assume(plan.peak > budget * MARGIN)  # too_big describes a plan that does not fit
+    msg = plan.too_big(budget)
+    name, size, flag = max(comps, key=lambda c: c[1])
+    assert f"the largest part is {name} ({size / MiB:,.0f} MiB)" in msg and msg.endswith(".")
+    if sum(b for _, b, f in comps if not f) > budget * MARGIN:
+        assert "raise --memory-budget" in msg and "lower it with" not in msg
+    elif flag:
+        assert f"lower it with {flag}," in msg
+    else:
+        name2, size2, flag2 = max((c for c in comps if c[2]), key=lambda c: c[1])
+        assert f"which no flag lowers; the largest that one does is {name2}" in msg and f"with {flag2}," in msg
 
 
 @settings(max_examples=8)  # each example builds a quantized block: a few are enough to vary every term

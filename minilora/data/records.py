@@ -8,7 +8,7 @@ Formats, one JSON object per line, detected per file (the first good line decide
   text               {"text": str}                     (continued pretraining: every token labelled)
 Extra keys (ids, metadata) are ignored; blank lines are not records.
 
-Bad input (malformed JSON, a missing or non-string field, an unknown role, a file that mixes
+Bad input (malformed or too deeply nested JSON, a missing or non-string field, an unknown role, a file that mixes
 formats, non-UTF-8 bytes) raises DataError with one sentence naming the file and line, or with
 skip_bad_lines is skipped and counted in the LoadReport; an empty file always raises.
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+
+from minilora.fileio import json_error_text
 
 FORMATS = ("prompt_completion", "alpaca", "chat", "text")
 ROLES = ("system", "user", "assistant")
@@ -158,8 +160,8 @@ def load_records(
                 ) from None
             try:
                 obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise _BadLine(f"malformed JSON ({e.msg} at column {e.colno}); {_FIX}") from None
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: '[' * 20000
+                raise _BadLine(f"malformed JSON ({json_error_text(e, line=False)}); {_FIX}") from None
             if not isinstance(obj, dict):
                 raise _BadLine(f"expected a JSON object, got {type(obj).__name__}; {_FIX}")
             line_fmt = _line_format(obj)

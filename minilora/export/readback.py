@@ -175,7 +175,13 @@ def check_gguf_tensors(path: str, expected, log=print) -> None:
     """Read a GGUF back with gguf's reader: every expected (name, data, qtype) is there, bit for bit."""
     from gguf import GGUFReader
 
-    found = {t.name: t for t in GGUFReader(path).tensors}
+    try:
+        found = {t.name: t for t in GGUFReader(path).tensors}
+    except Exception as e:  # a truncated or garbled file: numpy's or gguf's own error, never a sentence
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValidationError(
+            f"{path} could not be read back ({msg}); the file is damaged, so do not serve it."
+        ) from None
     for name, data, qtype in expected:
         t = found.get(name)
         if t is None or t.tensor_type != qtype or t.data.tobytes() != data.tobytes():

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from minilora.dtensor import local, local_region
-from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
+from minilora.fileio import json_error_text, safetensors_problem, swap_into_place, temp_dir_for, usual_permissions
 from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
 from minilora.quant.linear import NF4Linear
 
@@ -231,7 +231,17 @@ def _read(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
             raise FileNotFoundError(
                 f"{p} does not exist; pass a directory written by save_adapter or PEFT's save_pretrained."
             )
+    check_weights_file(w_path)
     return read_adapter_config(adapter_dir), load_file(w_path)
+
+
+def check_weights_file(path: str) -> None:
+    """An AdapterError naming `path` when adapter_model.safetensors is empty, garbled or truncated."""
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise AdapterError(
+            f"{path} is damaged or truncated (safetensors: {problem}); copy the adapter again or retrain it."
+        )
 
 
 def _check_config(cfg: dict, adapter_dir: str) -> None:
@@ -271,7 +281,45 @@ def read_adapter_weights(adapter_dir: str) -> tuple[dict, dict[str, dict[str, to
                 "lora_magnitude_vector); minilora loads plain LoRA adapters only."
             )
         weights.setdefault(name[: -len(suffix)], {})[suffix] = t
+    _check_ranks(cfg, {n: {k: tuple(t.shape) for k, t in p.items()} for n, p in weights.items()}, adapter_dir)
     return cfg, weights
+
+
+def _check_ranks(cfg: dict, shapes: dict[str, dict[str, tuple[int, ...]]], adapter_dir: str) -> None:
+    """Each module's lora_A (r, K) and lora_B (M, r) must have the rank adapter_config.json gives it (r,
+    or its rank_pattern entry), as PEFT requires when it loads the adapter: the scale alpha / r is
+    computed from that r, so a disagreement would load the weights with the wrong scale.
+    `shapes`: {module path as saved: {suffix: shape}}."""
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterError(f"{adapter_dir}: adapter_config.json has r={r!r}; an adapter's rank r is an integer >= 1.")
+    for name, parts in sorted(shapes.items()):
+        want = _pattern_value(cfg.get("rank_pattern"), name, r)
+        a, b = parts.get(".lora_A.weight", ()), parts.get(".lora_B.weight", ())
+        have = ({a[0]} if len(a) == 2 else set()) | ({b[1]} if len(b) == 2 else set())
+        if have and have != {want}:
+            raise AdapterError(
+                f"{adapter_dir}: adapter_config.json gives {name} rank {want} but its lora_A / lora_B have rank "
+                f"{', '.join(map(str, sorted(have)))}; the config does not belong to these weights, so save the "
+                "adapter again."
+            )
+
+
+def check_adapter_files(adapter_dir: str) -> None:
+    """Everything about the adapter's two files that can be checked without a model, from the
+    safetensors header alone: the weights file is whole, and the config's ranks match the tensors'."""
+    from safetensors import safe_open
+
+    path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    check_weights_file(path)
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+            suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
+            if suffix is not None:
+                shapes.setdefault(name[: -len(suffix)], {})[suffix] = tuple(f.get_slice(key).get_shape())
+    _check_ranks(read_adapter_config(adapter_dir), shapes, adapter_dir)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dict:
@@ -370,11 +418,20 @@ def find_run(path: str) -> tuple[str, str, dict]:
             f"{adapter} has adapter_config.json but no adapter_model.safetensors; the "
             "adapter was not fully written, so train again or copy the weights file."
         )
+    check_adapter_files(adapter)  # before any model is loaded
     run_config = {}
     cfg_path = os.path.join(run, "config.json")
     if run != adapter and os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            run_config = json.load(f)
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                run_config = json.load(f)
+        except (ValueError, RecursionError) as e:
+            raise AdapterError(
+                f"{cfg_path} is damaged ({json_error_text(e)}), so the run's settings cannot be read; restore "
+                "that file (train.py wrote it) and run again."
+            ) from None
+        if not isinstance(run_config, dict):
+            raise AdapterError(f"{cfg_path} is not a run config (a JSON object); restore the run's config.json.")
     return adapter, run, run_config
 
 
@@ -383,9 +440,12 @@ def read_adapter_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, CONFIG_NAME)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); save the adapter again.") from None
+            cfg = json.load(f)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({json_error_text(e)}); save the adapter again.") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path} holds a JSON {type(cfg).__name__}, not an adapter config; save the adapter again.")
+    return cfg
 
 
 def check_adapter_fits(model, adapter_dir: str, model_name: str) -> None:

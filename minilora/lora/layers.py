@@ -332,6 +332,22 @@ def select_targets(model: nn.Module, targets) -> list[str]:
     return names
 
 
+def check_targets(model_cfg, targets, flag: str = "--lora-targets") -> list[str]:
+    """select_targets on the model `model_cfg` describes, built on the meta device (no weights, no
+    memory): the AdapterError apply_lora would raise, prefixed with `flag`, before anything is loaded
+    or written."""
+    from minilora.models.loader import no_random_init
+    from minilora.models.transformer import Transformer
+
+    with torch.device("meta"), no_random_init():
+        model = Transformer(model_cfg)
+    model.tie_weights()
+    try:
+        return select_targets(model, targets)
+    except AdapterError as e:
+        raise AdapterError(f"{flag}: {e}") from None
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 

@@ -35,12 +35,11 @@ import torch.nn as nn
 
 from minilora.dtensor import local_region
 from minilora.parallel import distributed as D
+from minilora.train.checkpoint import OLD_DCP_DIR, OPTIMIZER_FILE, SHARDS_DIR
 
-SHARDS_DIR = "optimizer_shards"  # inside a checkpoint folder: index.json + one rank_XXXXX.safetensors per rank
 INDEX = "index.json"
 FORMAT = "minilora.optimizer_shards/1"
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state (FSDP runs only use 32-bit states)
-OLD_DCP_DIR = "dcp"  # what earlier versions wrote through torch.distributed.checkpoint
 
 
 def check_readable(path: str) -> None:
@@ -152,7 +151,7 @@ def read_state(path: str, model: nn.Module, optimizer) -> None:
     if os.path.isdir(os.path.join(path, SHARDS_DIR)):
         sd = _read_shards(os.path.join(path, SHARDS_DIR), params)
     else:
-        sd = _read_whole(os.path.join(path, "optimizer.safetensors"), params)
+        sd = _read_whole(os.path.join(path, OPTIMIZER_FILE), params)
     index = iter(range(len(params)))
     for g, mine in zip(sd["param_groups"], optimizer.param_groups):
         g["params"] = [next(index) for _ in mine["params"]]

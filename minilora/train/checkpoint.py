@@ -22,6 +22,10 @@ import signal
 import numpy as np
 import torch
 
+OPTIMIZER_FILE = "optimizer.safetensors"  # one process or DDP: the whole optimizer state
+SHARDS_DIR = "optimizer_shards"  # FSDP: index.json + one rank_XXXXX.safetensors per rank
+OLD_DCP_DIR = "dcp"  # earlier versions' FSDP checkpoints, through torch.distributed.checkpoint (a pickle)
+
 
 # ------------------------------------------------------------------------------------ RNG states
 def rng_state() -> dict[str, torch.Tensor]:
@@ -83,17 +87,28 @@ def save_checkpoint(
     name = f"step_{step:07d}"
     final = os.path.join(root, name)
     tmp = temp_dir_for(final)
-    if write_state is not None:
-        write_state(tmp)
-    else:
-        save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
-        save_optimizer_state(optimizer, os.path.join(tmp, "optimizer.safetensors"))
-    save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
-    write_json(
-        os.path.join(tmp, "state.json"), {**train_state, "step": step, "scheduler": scheduler.state_dict()}, fsync=True
-    )
-    usual_permissions(tmp)
-    swap_into_place(tmp, final)
+    try:
+        if write_state is not None:
+            write_state(tmp)
+        else:
+            save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
+            save_optimizer_state(optimizer, os.path.join(tmp, OPTIMIZER_FILE))
+        save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
+        state = {**train_state, "step": step, "scheduler": scheduler.state_dict()}
+        write_json(os.path.join(tmp, "state.json"), state, fsync=True)
+        usual_permissions(tmp)
+        swap_into_place(tmp, final)
+    except OSError as e:  # a full disk, a quota: the half-written folder goes (finally), the previous one stays
+        from minilora.cli import UsageError
+
+        last = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint was written"
+        raise UsageError(
+            f"could not write checkpoint {final} ({e.strerror or e}), so it was removed and {kept}; free disk "
+            f"space, then continue with `train.py --out {run_dir} --resume`."
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone once renamed into place
     write_text_atomic(os.path.join(root, "latest"), name, fsync=True)
     done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
     for old in done[:-keep] if keep > 0 else []:
@@ -117,6 +132,48 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return None
 
 
+def check_checkpoint(path: str) -> dict:
+    """The train state (state.json) of the checkpoint folder `path`, after checking that every file a
+    resume reads is whole: state.json parses and names its step, and the safetensors files (RNG state,
+    adapter, optimizer state or its FSDP shards) have intact headers and lengths.
+    Raises UsageError naming the damaged file, before the resumed run writes anything."""
+    from minilora.cli import UsageError
+    from minilora.fileio import json_error_text, safetensors_problem
+
+    root = os.path.dirname(path)
+    older = [d for d in sorted(os.listdir(root)) if d.startswith("step_") and d < os.path.basename(path)]
+    fix = (
+        f"delete {path} to resume from {os.path.join(root, older[-1])}, or start a new run in another --out"
+        if older
+        else "start a new run in another --out"
+    )
+    state_path = os.path.join(path, "state.json")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, RecursionError, OSError) as e:
+        why = json_error_text(e) if not isinstance(e, OSError) else (e.strerror or str(e))
+        raise UsageError(f"{state_path} is damaged ({why}), so the run cannot resume from it; {fix}.") from None
+    if not (
+        isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("scheduler"), dict)
+    ):
+        raise UsageError(f"{state_path} lacks the step or scheduler state a resume needs; {fix}.")
+    files = ["rng.safetensors", os.path.join("adapter", "adapter_model.safetensors")]
+    shards = os.path.join(path, SHARDS_DIR)
+    if os.path.isdir(shards):  # FSDP: each rank's rows; index.json is checked where it is read
+        files += [os.path.join(SHARDS_DIR, f) for f in sorted(os.listdir(shards)) if f.endswith(".safetensors")]
+    elif not os.path.lexists(os.path.join(path, OLD_DCP_DIR)):  # the old format is refused unopened on load
+        files.append(OPTIMIZER_FILE)
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise UsageError(f"{file} is missing, so the run cannot resume from {path}; {fix}.")
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise UsageError(f"{file} is damaged or truncated (safetensors: {problem}); {fix}.")
+    return state
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; return the saved train state.
     `read_state(path)` restores the adapter and optimizer instead (minilora.parallel.sharded_checkpoint)."""
@@ -129,7 +186,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> 
         read_state(path)
     else:
         load_adapter(model, os.path.join(path, "adapter"))
-        load_optimizer_state(optimizer, os.path.join(path, "optimizer.safetensors"))
+        load_optimizer_state(optimizer, os.path.join(path, OPTIMIZER_FILE))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     scheduler.load_state_dict(state.pop("scheduler"))

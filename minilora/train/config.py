@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -24,6 +25,12 @@ DEMO_TEST = os.path.join(EXAMPLES, "demo", "test.jsonl")
 
 def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+# Every int and float field declares its bounds in its metadata, read by validate() (and by the test
+# that walks every numeric field): ge / gt, the lowest value allowed (inclusive / exclusive), le / lt,
+# the highest, or choices. A float must also be finite.
+BOUND_KEYS = ("ge", "gt", "le", "lt", "choices")
 
 
 @dataclass
@@ -51,7 +58,7 @@ class TrainConfig:
         choices=["auto", "chat", "raw"],
     )
     train_on_all: bool = _f(False, "put loss on every token, not only the completion")
-    max_seq_len: int = _f(512, "longest sequence in tokens")
+    max_seq_len: int = _f(512, "longest sequence in tokens", ge=8)
     truncation: str = _f(
         "drop",
         "examples longer than --max-seq-len: drop them, or cut the prompt from the left",
@@ -59,8 +66,10 @@ class TrainConfig:
     )
     pack: bool = _f(False, "pack several examples per row (attention stays within each example)")
     dedup: bool = _f(True, "remove exact and near-duplicate examples before splitting (--no-dedup to keep)")
-    near_threshold: float = _f(0.9, "MinHash Jaccard similarity at which two examples are near-duplicates")
-    val_fraction: float = _f(0.1, "held-out validation fraction when --val-data is not given")
+    near_threshold: float = _f(
+        0.9, "MinHash Jaccard similarity at which two examples are near-duplicates", gt=0.0, le=1.0
+    )
+    val_fraction: float = _f(0.1, "held-out validation fraction when --val-data is not given", ge=0.0, lt=1.0)
     allow_contamination: bool = _f(False, "train even if eval prompts also appear in the training set")
     skip_bad_lines: bool = _f(False, "skip malformed data lines (counted) instead of stopping")
     # model and LoRA
@@ -79,9 +88,9 @@ class TrainConfig:
         "optimizer states sharded over the ranks), or auto",
         choices=["auto", "ddp", "fsdp"],
     )
-    lora_r: int = _f(16, "LoRA rank r")
-    lora_alpha: float = _f(32.0, "LoRA alpha (scale alpha/r)")
-    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_r: int = _f(16, "LoRA rank r", ge=1)
+    lora_alpha: float = _f(32.0, "LoRA alpha (scale alpha/r)", gt=0.0)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input", ge=0.0, lt=1.0)
     lora_targets: str = _f("all-linear", "all-linear, or comma-separated module names (q_proj,v_proj)")
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
@@ -113,30 +122,31 @@ class TrainConfig:
         0,
         "labelled tokens per cross-entropy chunk: at most chunk x vocab float32 logits "
         "exist at once (256 x 262k = 256 MiB for Gemma 3); 0: 64 on the CPU, 256 on CUDA",
+        ge=0,
     )
     # optimization
-    lr: float = _f(2e-4, "peak learning rate")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine schedule)")
-    warmup_steps: int = _f(10, "linear warmup steps")
-    weight_decay: float = _f(0.0, "decoupled weight decay")
+    lr: float = _f(2e-4, "peak learning rate", gt=0.0)
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine schedule)", ge=0.0, le=1.0)
+    warmup_steps: int = _f(10, "linear warmup steps", ge=0)
+    weight_decay: float = _f(0.0, "decoupled weight decay", ge=0.0)
     optimizer_bits: int = _f(32, "optimizer state precision: 32 or 8 (blockwise)", choices=[32, 8])
     optimizer_budget: str = _f("none", "device memory for optimizer pages: none (all resident), auto, or bytes")
-    batch_size: int = _f(8, "examples per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step (loss normalized by tokens)")
-    epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int = _f(0, "optimizer steps; 0 = --epochs worth")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
-    seed: int = _f(0, "seed for data order, splits, LoRA init and dropout")
+    batch_size: int = _f(8, "examples per micro-batch", ge=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step (loss normalized by tokens)", ge=1)
+    epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)", ge=0)
+    max_steps: int = _f(0, "optimizer steps; 0 = --epochs worth", ge=0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", ge=0.0)
+    seed: int = _f(0, "seed for data order, splits, LoRA init and dropout", ge=0, le=2**32 - 1)
     # evaluation, checkpoints, logging
-    eval_every: int = _f(50, "validation loss every N steps (0 = only at the end)")
-    early_stopping: int = _f(0, "stop after N validations without improvement (0 = off)")
-    eval_generate: int = _f(40, "held-out examples scored by greedy generation before and after (0 = skip)")
-    save_every: int = _f(100, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept on disk")
-    log_every: int = _f(1, "log line every N steps")
-    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
-    debug_nan_at_step: int = _f(0, "testing aid: make the loss NaN at this step", hidden=True)
-    debug_interrupt_at_step: int = _f(0, "testing aid: send SIGINT to this process after this step", hidden=True)
+    eval_every: int = _f(50, "validation loss every N steps (0 = only at the end)", ge=0)
+    early_stopping: int = _f(0, "stop after N validations without improvement (0 = off)", ge=0)
+    eval_generate: int = _f(40, "held-out examples scored by greedy generation before and after (0 = skip)", ge=0)
+    save_every: int = _f(100, "checkpoint every N steps (and at the end)", ge=0)
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk", ge=1)
+    log_every: int = _f(1, "log line every N steps", ge=1)
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)", ge=0)
+    debug_nan_at_step: int = _f(0, "testing aid: make the loss NaN at this step", hidden=True, ge=0)
+    debug_interrupt_at_step: int = _f(0, "testing aid: send SIGINT to this process after this step", hidden=True, ge=0)
 
     def resolved_dtype(self, device_type: str):
         return resolve_dtype(self.dtype, device_type)
@@ -148,22 +158,49 @@ class TrainConfig:
 ConfigError = UsageError  # a flag value that cannot work; the message names the flag
 
 
+def bounds_text(meta) -> str | None:
+    """What a numeric field's bounds allow, in words ("at least 1", "in [0, 1)", "one of 32, 8"), or None
+    when the metadata declares none."""
+    num = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    if "choices" in meta:
+        return "one of " + ", ".join(map(num, meta["choices"]))
+    lo = ("[", num(meta["ge"])) if "ge" in meta else ("(", num(meta["gt"])) if "gt" in meta else None
+    hi = ("]", num(meta["le"])) if "le" in meta else (")", num(meta["lt"])) if "lt" in meta else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if lo:
+        return "positive" if lo == ("(", "0") else f"at least {lo[1]}" if lo[0] == "[" else f"greater than {lo[1]}"
+    if hi:
+        return f"at most {hi[1]}" if hi[0] == "]" else f"less than {hi[1]}"
+    return None
+
+
+def in_bounds(value, meta) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if "choices" in meta:
+        return value in meta["choices"]
+    return (
+        ("ge" not in meta or value >= meta["ge"])
+        and ("gt" not in meta or value > meta["gt"])
+        and ("le" not in meta or value <= meta["le"])
+        and ("lt" not in meta or value < meta["lt"])
+    )
+
+
 def validate(cfg: TrainConfig) -> None:
-    checks = [
-        (cfg.lora_r >= 1, "--lora-r must be at least 1"),
-        (cfg.lr > 0, "--lr must be positive"),
-        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-        (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
-        (cfg.max_seq_len >= 8, "--max-seq-len must be at least 8"),
-        (0 <= cfg.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-        (0 <= cfg.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-        (cfg.epochs >= 1 or cfg.max_steps > 0, "--epochs must be at least 1 (or set --max-steps)"),
-        (cfg.max_steps >= 0 and cfg.warmup_steps >= 0, "--max-steps and --warmup-steps cannot be negative"),
-        (cfg.loss_chunk >= 0, "--loss-chunk must be at least 1 (or 0 for the device's default)"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"{msg}; fix the flag and run again.")
+    """Refuse, in one sentence naming the flag, a value that cannot work: each numeric field's declared
+    bounds, then the checks that span fields or look at files; nothing is written before this passes."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type in ("int", "float", int, float) and not in_bounds(value, f.metadata):
+            flag = "--" + f.name.replace("_", "-")
+            allowed = bounds_text(f.metadata) or "a finite number"
+            unbounded = not any(k in f.metadata for k in ("le", "lt", "choices")) and allowed != "a finite number"
+            finite = " and finite" if f.type in ("float", float) and unbounded else ""  # what inf breaks
+            raise ConfigError(f"{flag} must be {allowed}{finite} (got {value}); fix the flag and run again.")
+    if cfg.epochs < 1 and cfg.max_steps == 0:
+        raise ConfigError("--epochs must be at least 1 (or set --max-steps); fix the flag and run again.")
     for flag, path in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--eval-data", cfg.eval_data)):
         if path is not None and os.path.isdir(path):
             raise ConfigError(f"{flag} {path} is a folder; pass the path of a JSONL file.")
@@ -189,7 +226,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        meta = dict(f.metadata)
+        meta = {k: v for k, v in f.metadata.items() if k not in BOUND_KEYS or k == "choices"}  # bounds: validate()
         help_ = argparse.SUPPRESS if meta.pop("hidden", False) else meta.pop("help")
         meta.pop("help", None)
         if f.name in DEMO_OVERRIDES and help_ is not argparse.SUPPRESS:

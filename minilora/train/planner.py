@@ -210,9 +210,30 @@ class Plan:
             "memory_budget_bytes": self.budget,
         }
 
-    def largest(self) -> tuple[str, int, str]:
-        """The biggest component a flag can shrink (the runtime cannot be)."""
-        return max((c for c in self.components if c[2]), key=lambda c: c[1])
+    def largest(self, shrinkable: bool = False) -> tuple[str, int, str]:
+        """The biggest component (name, bytes, flag); shrinkable=True: the biggest a flag can shrink
+        (the runtime, the embeddings and the norms cannot be)."""
+        return max((c for c in self.components if c[2] or not shrinkable), key=lambda c: c[1])
+
+    def too_big(self, budget: int) -> str:
+        """Why the plan does not fit `budget` bytes (its MARGIN share), naming the largest part and
+        the flag that lowers it, or saying that what no flag lowers is already too much."""
+        name, size, flag = self.largest()
+        head = (
+            f"the run needs about {self.peak / MiB:,.0f} MiB (with recompute {self.recompute}) but "
+            f"{budget * MARGIN / MiB:,.0f} MiB are available (85% of {budget / MiB:,.0f} MiB); the largest "
+            f"part is {name} ({size / MiB:,.0f} MiB)"
+        )
+        fixed = sum(b for _, b, f in self.components if not f)
+        if fixed > budget * MARGIN:
+            return (
+                f"{head}, and the parts no flag lowers need {fixed / MiB:,.0f} MiB on their own: free memory or "
+                "raise --memory-budget (--plan shows every part)."
+            )
+        if not flag:
+            name, size, flag = self.largest(shrinkable=True)
+            head += f", which no flag lowers; the largest that one does is {name} ({size / MiB:,.0f} MiB)"
+        return f"{head}: lower it with {flag}, or pass --plan to see every part."
 
     def table(self) -> str:
         rows = [f"{'component':<40}{'MiB':>12}"]
@@ -485,13 +506,7 @@ def plan_run(
     plan.budget = budget
     error = None
     if plan.peak > budget * MARGIN:
-        name, size, flag = plan.largest()
-        error = (
-            f"the run needs about {plan.peak / MiB:,.0f} MiB (with recompute {plan.recompute}) but "
-            f"{budget * MARGIN / MiB:,.0f} MiB are available (85% of {budget / MiB:,.0f} MiB); the largest "
-            f"part is {name} ({size / MiB:,.0f} MiB): lower it with {flag}, "
-            f"or pass --plan to see every part."
-        )
+        error = plan.too_big(budget)
     if probe_seconds > 0:
         plan.step_seconds = plan.flops_per_token * plan.tokens_per_step / probe_flops(device, dtype, probe_seconds)
     return plan, error

@@ -16,6 +16,10 @@ exactly as it was started.
 metrics.jsonl is append-only during a run; each checkpoint stores its length at that moment, and a
 resume cuts the file back to it, so the steps logged after the checkpoint (which the resumed run
 logs again) appear once. Temp folders a kill left behind are removed at the next start.
+
+The folder belongs to one train.py at a time (minilora.fileio.lock_folder): check_out refuses a
+folder another process holds, and claim takes the lock, just before the first write, and checks
+under it that the folder is still as check_out found it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import re
 
 from minilora.cli import UsageError
+from minilora.fileio import LOCK_NAME, FolderBusy, FolderLock, check_unlocked, lock_folder
 
 ADAPTER_FIELDS = ("model", "quantize", "dtype", "lora_r", "lora_alpha", "lora_targets", "use_rslora", "use_dora")
 STREAM_FIELDS = (
@@ -85,25 +90,63 @@ def flag(name: str) -> str:
 
 
 def read_run_config(folder: str) -> dict | None:
-    """The config.json train.py wrote in `folder`, or None when there is none (or it is another's)."""
+    """The config.json train.py wrote in `folder`, or None when there is none (or it is another's);
+    a UsageError naming the file when it is there but damaged (not JSON)."""
+    path = os.path.join(folder, "config.json")
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except (OSError, ValueError):
+    except OSError:  # none there (or a folder by that name): not a run of train.py
         return None
+    except (ValueError, RecursionError) as e:  # not JSON: damaged, whoever wrote it
+        from minilora.fileio import json_error_text
+
+        raise UsageError(
+            f"{path} is damaged ({json_error_text(e)}), so the run in {folder} cannot be checked or continued; "
+            "restore that file or choose another --out."
+        ) from None
     return cfg if isinstance(cfg, dict) and _RUN_KEYS <= set(cfg) else None
+
+
+def _inside_a_file(out: str) -> str | None:
+    """The file among --out's parents, if one is (--out notes.txt/run can never be created)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent if parent and not os.path.isdir(parent) else None
+
+
+def _busy(out: str, e: FolderBusy) -> UsageError:
+    who = f"pid {e.pid}" if e.pid is not None else "a process whose pid could not be read"
+    return UsageError(
+        f"--out {out} is in use by another process ({who}: a train.py running there, or an eval.py writing its "
+        "report); wait for it to end, or choose another --out."
+    )
 
 
 def check_out(out: str, resume: bool) -> tuple[str | None, dict | None]:
     """(newest checkpoint, the run's recorded config) of --out, after checking that train.py may
-    write there; raises UsageError (nothing written) when it may not."""
-    from minilora.train.checkpoint import latest_checkpoint
-
+    write there; raises UsageError (nothing written) when it may not: a file, a folder under a file,
+    another program's folder, a damaged run config, checkpoints without --resume, or a folder another
+    process holds (its lock)."""
     if not os.path.exists(out):
+        blocker = _inside_a_file(out)
+        if blocker is not None:
+            raise UsageError(f"--out {out} is inside {blocker}, which is a file; pass a folder path.")
         return None, None
     if not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file, not a folder; pass a new folder path (train.py creates it).")
-    if not os.listdir(out):
+    try:
+        check_unlocked(out)
+    except FolderBusy as e:
+        raise _busy(out, e) from None
+    return _check_contents(out, resume)
+
+
+def _check_contents(out: str, resume: bool) -> tuple[str | None, dict | None]:
+    from minilora.train.checkpoint import latest_checkpoint
+
+    if not [name for name in os.listdir(out) if name != LOCK_NAME]:
         return None, None
     old = read_run_config(out)
     if old is None:
@@ -115,6 +158,28 @@ def check_out(out: str, resume: bool) -> tuple[str | None, dict | None]:
     if ckpt is not None and not resume:
         raise UsageError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out.")
     return ckpt, old
+
+
+def claim(out: str, resume: bool, seen: tuple[str | None, dict | None]) -> FolderLock:
+    """Take --out for this process (creating it) just before the first write, and check under the lock
+    that it is still what check_out saw (`seen`). The lock is this process's until it releases it or
+    exits; raises UsageError (the holder's pid, or what changed, or why the folder cannot be written)."""
+    try:
+        lock = lock_folder(out, create=True)
+    except FolderBusy as e:
+        raise _busy(out, e) from None
+    except OSError as e:  # read-only, no permission, a file in the way
+        why = e.strerror or str(e)
+        raise UsageError(f"--out {out} cannot be written ({why}); choose a folder you can write to.") from None
+    try:
+        now = _check_contents(out, resume)
+    except UsageError:
+        lock.release()
+        raise
+    if now != seen:
+        lock.release()
+        raise UsageError(f"--out {out} changed while this run was starting (another process wrote there); run again.")
+    return lock
 
 
 def _same(name: str, a, b) -> bool:
