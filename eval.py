@@ -124,8 +124,9 @@ def run_eval(args) -> int:
     from minilora.data.records import load_records
     from minilora.eval.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
     from minilora.eval.report import check_gates, gate_failure_message, write_report
-    from minilora.lora.adapter import check_adapter_fits, find_run, read_adapter_config
+    from minilora.lora.adapter import check_adapter_fits, read_adapter_config
     from minilora.models.loader import load_model
+    from minilora.train.rundir import find_run
 
     validate(args)
     device = resolve_device(args.device)

@@ -60,7 +60,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     device = ddp_device or resolve_device(cfg.device)
 
     # --- run directory: written only by train.py; checked (and --resume compared) before any write
-    ckpt, old = (None, None) if cfg.plan else rundir.check_out(cfg.out, cfg.resume)  # --plan writes nothing
+    ckpt, old = (None, None) if cfg.plan else rundir.check_run_folder(cfg.out, cfg.resume)  # --plan writes nothing
     if ckpt is not None:
         SC.check_readable(ckpt)  # an old torch DCP checkpoint (a pickle) is refused unopened
     D.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it

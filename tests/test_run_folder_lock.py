@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from test_cli_safety import FAST, ROOT, metrics, one_sentence, train, train_here, tree
+from cli_runs import FAST, ROOT, metrics, one_sentence, train, train_here, tree
 
 from minilora.cli import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
@@ -124,17 +124,17 @@ def test_the_lock_in_one_process(tmp_path):
     plain.mkdir()
     assert lock_folder(str(plain), create=False) is None and os.listdir(plain) == []
     run = tmp_path / "run"
-    seen = rundir.check_out(str(run), resume=False)
+    seen = rundir.check_run_folder(str(run), resume=False)
     lock = rundir.claim(str(run), False, seen)
     assert (run / LOCK_NAME).read_text() == f"{os.getpid()}\n"
     with pytest.raises(FolderBusy) as e:
         lock_folder(str(run), create=True)
     assert e.value.pid == os.getpid()
     with pytest.raises(UsageError, match=f"pid {os.getpid()}"):
-        rundir.check_out(str(run), resume=False)
+        rundir.check_run_folder(str(run), resume=False)
     lock.release()
-    assert rundir.check_out(str(run), resume=False) == (None, None)  # the lock file alone: an empty folder
-    # another run wrote the folder between check_out and the first write: refused under the lock
+    assert rundir.check_run_folder(str(run), resume=False) == (None, None)  # the lock file alone: an empty folder
+    # another run wrote the folder between check_run_folder and the first write: refused under the lock
     (run / "config.json").write_text(TrainConfig(out=str(run)).to_json())
     with pytest.raises(UsageError, match="changed while this run was starting"):
         rundir.claim(str(run), False, seen)

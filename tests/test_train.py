@@ -234,22 +234,6 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         assert two[s] == pytest.approx(one[s], rel=1e-5), (s, one[s], two[s])
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--lora-r", "0"], "--lora-r must be at least 1"),
-        (["--data", "/nonexistent.jsonl"], "--data /nonexistent.jsonl does not exist"),
-        (["--lr", "-1"], "--lr must be positive"),
-        (["--optimizer-budget", "lots"], "--optimizer-budget"),
-    ],
-)
-def test_bad_flags_end_in_one_sentence(tmp_path, args, message):
-    p = train(tmp_path / "bad", *args, check=False)
-    assert p.returncode == 2
-    assert message in p.stderr and "Traceback" not in p.stderr
-    assert not (tmp_path / "bad").exists()  # nothing started
-
-
 def test_bad_data_stops_before_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "c"}\n')

@@ -12,7 +12,8 @@ import os
 import shutil
 
 import pytest
-from test_cli_safety import ROOT, one_sentence, temps, train, train_here, tree
+import torch
+from cli_runs import ROOT, one_sentence, temps, train, train_cli, train_here, tree
 
 from minilora.cli import EXIT_FAILED, EXIT_USAGE
 from minilora.train.checkpoint import latest_checkpoint
@@ -32,6 +33,32 @@ def eval_here(capsys, *argv) -> tuple[int, str]:
 def first_lines(n: int) -> str:
     with open(DEMO_TRAIN) as f:
         return "".join(f.readlines()[:n])
+
+
+# ------------------------------------------------------------------------------ flags
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "gpu"], "--device gpu is not a device; pass auto, cpu, cuda or cuda:N."),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only torch"),
+        ),
+        (["--out", os.path.join(ROOT, "pyproject.toml")], "is a file, not a folder"),
+        (["--data", os.path.join(ROOT, "examples")], "--data " + os.path.join(ROOT, "examples") + " is a folder"),
+        (["--lora-r", "0"], "--lora-r must be at least 1"),
+        (["--data", "/nonexistent.jsonl"], "--data /nonexistent.jsonl does not exist"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--optimizer-budget", "lots"], "--optimizer-budget"),
+    ],
+)
+def test_bad_flags_are_one_sentence_and_write_nothing(tmp_path, capsys, args, message):
+    before = os.listdir(tmp_path)
+    argv = ["--out", str(tmp_path / "x"), *args] if "--out" not in args else args
+    code = train_cli.main(argv)
+    assert code == EXIT_USAGE and message in one_sentence(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == before
 
 
 # ------------------------------------------------------------------------------ data lines

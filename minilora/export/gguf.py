@@ -229,7 +229,7 @@ def file_type(gguf_type: str) -> int:
 
 
 # ------------------------------------------------------------------------------- writing
-def check_out_file(out: str, overwrite: bool) -> None:
+def check_export_file(out: str, overwrite: bool) -> None:
     """Refuse an existing --out unless overwrite (raised before any work is done)."""
     if os.path.isdir(out):
         raise ExportError(f"--out {out} is a folder; pass a file path such as model.gguf.")
@@ -264,7 +264,7 @@ def write_gguf(
     """
     g = _gguf()
     out = os.path.abspath(out)
-    check_out_file(out, overwrite)
+    check_export_file(out, overwrite)
 
     def write(tmp: str) -> None:
         w = g.GGUFWriter(tmp, arch)

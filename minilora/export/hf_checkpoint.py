@@ -47,7 +47,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards + [cur] if cur else shards
 
 
-def check_out_dir(out: str, overwrite: bool) -> None:
+def check_export_folder(out: str, overwrite: bool) -> None:
     """Refuse a non-empty `out` unless overwrite (raised before any work is done)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out} is a file; pass a folder path for the checkpoint.")
@@ -69,7 +69,7 @@ def write_checkpoint(
     from safetensors.torch import save_file
 
     out = os.path.abspath(out)
-    check_out_dir(out, overwrite)
+    check_export_folder(out, overwrite)
     tmp = temp_dir_for(out)
     try:
         shards = _shards(tensors, max_shard_bytes)

@@ -125,10 +125,11 @@ def export_adapter(
     (the model eval.py scored), "original" into the checkpoint's weights, "auto" picks by the run's
     --quantize (no run config: original).
     """
-    from minilora.export.gguf import GGUF_TYPES, check_out_file
-    from minilora.export.hf_checkpoint import check_out_dir
-    from minilora.lora.adapter import check_adapter_fits, find_run, load_adapter, read_adapter_config
+    from minilora.export.gguf import GGUF_TYPES, check_export_file
+    from minilora.export.hf_checkpoint import check_export_folder
+    from minilora.lora.adapter import check_adapter_fits, load_adapter, read_adapter_config
     from minilora.models.loader import load_model
+    from minilora.train.rundir import find_run
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt} is not supported; use one of {', '.join(FORMATS)}.")
@@ -144,7 +145,7 @@ def export_adapter(
             "4-bit GGUF pass --gguf-type q4_0."
         )
     adapter_dir, _, run_config = find_run(adapter)
-    (check_out_dir if fmt == "hf" else check_out_file)(os.path.abspath(out), overwrite)
+    (check_export_folder if fmt == "hf" else check_export_file)(os.path.abspath(out), overwrite)
     name = model_name or run_config.get("model") or read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not name:
         raise ExportError(f"{adapter_dir} does not say which base model it was trained on; pass --model.")

@@ -41,7 +41,6 @@ __all__ = [
     "load_adapter",
     "adapter_config",
     "read_adapter_config",
-    "find_run",
     "check_adapter_fits",
 ]
 
@@ -393,46 +392,6 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
 
 
 # ------------------------------------------------------------------------------- runs on disk
-def find_run(path: str) -> tuple[str, str, dict]:
-    """(adapter folder, run directory, the run's TrainConfig as a dict or {}) for a run directory
-    written by train.py (holding adapter/) or for an adapter folder itself."""
-    path = os.path.normpath(os.fspath(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"Adapter folder {path} does not exist; pass the run directory train.py wrote "
-            "(e.g. runs/mytask) or its adapter/ folder."
-        )
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        adapter = path
-        parent = os.path.dirname(os.path.abspath(path))
-        run = parent if os.path.isfile(os.path.join(parent, "config.json")) else path
-    elif os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
-        adapter, run = os.path.join(path, "adapter"), path
-    else:
-        raise FileNotFoundError(
-            f"{path} holds no adapter (no adapter_config.json there or in {path}/adapter); "
-            "pass a run directory whose training finished, or a PEFT adapter folder."
-        )
-    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
-        raise FileNotFoundError(
-            f"{adapter} has adapter_config.json but no adapter_model.safetensors; the "
-            "adapter was not fully written, so train again or copy the weights file."
-        )
-    check_adapter_files(adapter)  # before any model is loaded
-    run_config = {}
-    cfg_path = os.path.join(run, "config.json")
-    if run != adapter and os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                run_config = json.load(f)
-        except (ValueError, RecursionError) as e:
-            raise AdapterError(
-                f"{cfg_path} is damaged ({json_error_text(e)}), so the run's settings cannot be read; restore "
-                "that file (train.py wrote it) and run again."
-            ) from None
-        if not isinstance(run_config, dict):
-            raise AdapterError(f"{cfg_path} is not a run config (a JSON object); restore the run's config.json.")
-    return adapter, run, run_config
 
 
 def read_adapter_config(adapter_dir: str) -> dict:

@@ -17,9 +17,9 @@ metrics.jsonl is append-only during a run; each checkpoint stores its length at 
 resume cuts the file back to it, so the steps logged after the checkpoint (which the resumed run
 logs again) appear once. Temp folders a kill left behind are removed at the next start.
 
-The folder belongs to one train.py at a time (minilora.fileio.lock_folder): check_out refuses a
+The folder belongs to one train.py at a time (minilora.fileio.lock_folder): check_run_folder refuses a
 folder another process holds, and claim takes the lock, just before the first write, and checks
-under it that the folder is still as check_out found it.
+under it that the folder is still as check_run_folder found it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import re
 
 from minilora.cli import UsageError
 from minilora.fileio import LOCK_NAME, FolderBusy, FolderLock, check_unlocked, lock_folder
+from minilora.lora.adapter import check_adapter_files
 
 ADAPTER_FIELDS = ("model", "quantize", "dtype", "lora_r", "lora_alpha", "lora_targets", "use_rslora", "use_dora")
 STREAM_FIELDS = (
@@ -89,8 +90,8 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def read_run_config(folder: str) -> dict | None:
-    """The config.json train.py wrote in `folder`, or None when there is none (or it is another's);
+def read_config_json(folder: str) -> dict | None:
+    """The JSON object in `folder`/config.json, or None when there is none (or it holds no object);
     a UsageError naming the file when it is there but damaged (not JSON)."""
     path = os.path.join(folder, "config.json")
     try:
@@ -102,10 +103,47 @@ def read_run_config(folder: str) -> dict | None:
         from minilora.fileio import json_error_text
 
         raise UsageError(
-            f"{path} is damaged ({json_error_text(e)}), so the run in {folder} cannot be checked or continued; "
-            "restore that file or choose another --out."
+            f"{path} is damaged ({json_error_text(e)}), so the run in {folder} cannot be read; restore that "
+            "file (train.py wrote it), or train into another --out."
         ) from None
-    return cfg if isinstance(cfg, dict) and _RUN_KEYS <= set(cfg) else None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def read_run_config(folder: str) -> dict | None:
+    """The config.json train.py wrote in `folder`, or None when there is none (or it is another's,
+    e.g. a model's config.json); a UsageError naming the file when it is damaged."""
+    cfg = read_config_json(folder)
+    return cfg if cfg is not None and _RUN_KEYS <= set(cfg) else None
+
+
+def find_run(path: str) -> tuple[str, str, dict]:
+    """(adapter folder, run directory, the run's TrainConfig as a dict or {}) for a run directory
+    written by train.py (holding adapter/) or for an adapter folder itself."""
+    path = os.path.normpath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"Adapter folder {path} does not exist; pass the run directory train.py wrote "
+            "(e.g. runs/mytask) or its adapter/ folder."
+        )
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        adapter = path
+        parent = os.path.dirname(os.path.abspath(path))
+        run = parent if os.path.isfile(os.path.join(parent, "config.json")) else path
+    elif os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
+        adapter, run = os.path.join(path, "adapter"), path
+    else:
+        raise FileNotFoundError(
+            f"{path} holds no adapter (no adapter_config.json there or in {path}/adapter); "
+            "pass a run directory whose training finished, or a PEFT adapter folder."
+        )
+    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        raise FileNotFoundError(
+            f"{adapter} has adapter_config.json but no adapter_model.safetensors; the "
+            "adapter was not fully written, so train again or copy the weights file."
+        )
+    check_adapter_files(adapter)  # before any model is loaded
+    run_config = (read_config_json(run) if run != adapter else None) or {}  # tests and hand-made runs: any keys
+    return adapter, run, run_config
 
 
 def _inside_a_file(out: str) -> str | None:
@@ -124,7 +162,7 @@ def _busy(out: str, e: FolderBusy) -> UsageError:
     )
 
 
-def check_out(out: str, resume: bool) -> tuple[str | None, dict | None]:
+def check_run_folder(out: str, resume: bool) -> tuple[str | None, dict | None]:
     """(newest checkpoint, the run's recorded config) of --out, after checking that train.py may
     write there; raises UsageError (nothing written) when it may not: a file, a folder under a file,
     another program's folder, a damaged run config, checkpoints without --resume, or a folder another
@@ -162,7 +200,7 @@ def _check_contents(out: str, resume: bool) -> tuple[str | None, dict | None]:
 
 def claim(out: str, resume: bool, seen: tuple[str | None, dict | None]) -> FolderLock:
     """Take --out for this process (creating it) just before the first write, and check under the lock
-    that it is still what check_out saw (`seen`). The lock is this process's until it releases it or
+    that it is still what check_run_folder saw (`seen`). The lock is this process's until it releases it or
     exits; raises UsageError (the holder's pid, or what changed, or why the folder cannot be written)."""
     try:
         lock = lock_folder(out, create=True)
