@@ -4,7 +4,7 @@
     python eval.py --adapter runs/mytask --data test.jsonl  # base vs k-shot base vs fine-tuned
     python eval.py ... --min-exact-match 0.8                # exit 1 when the fine-tuned model falls below
     python eval.py export --adapter runs/mytask --out merged/ [--dtype bfloat16] [--quantize-4bit]
-    python eval.py export --adapter runs/mytask --out model.gguf --format gguf --gguf-type q8_0  # llama.cpp
+    python eval.py export --adapter runs/mytask --out model.gguf --format gguf --gguf-type q4_k_m  # llama.cpp
 
 Evaluation: load the base as the run trained it (NF4 unless the run said --quantize none) -> score
 the base -> score the base with k training examples in its prompt -> load the adapter -> score the
@@ -68,6 +68,8 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def export_parser() -> argparse.ArgumentParser:
+    from minilora.export.gguf import GGUF_TYPES
+
     p = parser(
         "eval.py export",
         "Merge a run's adapter into its base and write it for serving: a Hugging Face checkpoint "
@@ -86,7 +88,12 @@ def export_parser() -> argparse.ArgumentParser:
     )
     a("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype (--format hf)")
     a("--quantize-4bit", action="store_true", help="write bitsandbytes' NF4 layout (double quant) instead")
-    a("--gguf-type", choices=["f16", "bf16", "q8_0", "q4_0"], default="f16", help="GGUF tensor type (--format gguf)")
+    a(
+        "--gguf-type",
+        choices=GGUF_TYPES,
+        default="f16",
+        help="GGUF tensor types (--format gguf); q4_k_m / q5_k_m / q6_k are llama-quantize's recipes",
+    )
     a("--no-validate", action="store_true", help="skip reading the export back and comparing it with the merged model")
     a("--model", default=None, help="base model (default: the run's --model)")
     a(

@@ -201,7 +201,7 @@ def export_adapter(
     log=print,
 ) -> str:
     """Merge the adapter of a run into its base and write `out`: a Hugging Face checkpoint folder
-    (fmt="hf", optionally bitsandbytes NF4), one GGUF file (fmt="gguf", `gguf_type` f16/bf16/q8_0/q4_0),
+    (fmt="hf", optionally bitsandbytes NF4), one GGUF file (fmt="gguf", `gguf_type` one of gguf.GGUF_TYPES),
     or the adapter alone as a GGUF LoRA (fmt="gguf-lora"); then, unless validate=False, read it back
     (minilora.export.readback) and raise ValidationError when it does not reproduce the merged model.
 
@@ -225,7 +225,7 @@ def export_adapter(
     if quantize_4bit and fmt != "hf":
         raise ExportError(
             "--quantize-4bit writes bitsandbytes' layout, which only --format hf holds; for a "
-            "4-bit GGUF pass --gguf-type q4_0."
+            "4-bit GGUF pass --gguf-type q4_k_m."
         )
     adapter_dir, _, run_config = find_run(adapter)
     (check_out_dir if fmt == "hf" else check_out_file)(os.path.abspath(out), overwrite)
@@ -306,7 +306,7 @@ def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, nam
         **gguf_metadata(cfg),
         "general.file_type": int(file_type(gguf_type)),
     }
-    if gguf_type in ("q8_0", "q4_0"):
+    if gguf_type not in ("f16", "bf16"):
         meta["general.quantization_version"] = _gguf_quant_version()
     vocab = vocab_metadata(src, tok, cfg.vocab_size, ids)
     path = write_gguf(
