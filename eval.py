@@ -75,7 +75,8 @@ def export_parser() -> argparse.ArgumentParser:
         "Merge a run's adapter into its base and write it for serving: a Hugging Face checkpoint "
         "(transformers / vLLM; optionally bitsandbytes NF4), one GGUF file (llama.cpp / Ollama), or "
         "the adapter alone as a GGUF LoRA (llama.cpp --lora). The export is then read back and "
-        "compared with the merged model (exit 1 when they disagree).",
+        "compared with the merged model, and scored on the run's eval data beside it (exit 1 when they "
+        "disagree or the export does the task measurably worse).",
     )
     a = p.add_argument
     a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
@@ -94,7 +95,23 @@ def export_parser() -> argparse.ArgumentParser:
         default="f16",
         help="GGUF tensor types (--format gguf); q4_k_m / q5_k_m / q6_k are llama-quantize's recipes",
     )
-    a("--no-validate", action="store_true", help="skip reading the export back and comparing it with the merged model")
+    a(
+        "--no-validate",
+        action="store_true",
+        help="skip reading the export back and comparing it with the merged model, and the task gate",
+    )
+    a(
+        "--gate-examples",
+        type=int,
+        default=40,
+        help="task gate: score the export on up to N examples of the run's eval data (0 = skip the gate)",
+    )
+    a(
+        "--max-quality-drop",
+        type=float,
+        default=5.0,
+        help="task gate: exit 1 when exact or structured match falls more than this many points below the merged model",
+    )
     a("--model", default=None, help="base model (default: the run's --model)")
     a(
         "--merge-base",
@@ -257,6 +274,8 @@ def run_export(args) -> int:
     from minilora.export.merge import export_adapter
     from minilora.export.readback import ValidationError
 
+    if args.gate_examples < 0 or not 0 <= args.max_quality_drop <= 100:
+        return fail("--gate-examples cannot be negative and --max-quality-drop is in points, 0 to 100; fix the flag.")
     try:
         out = export_adapter(
             args.adapter,
@@ -270,6 +289,8 @@ def run_export(args) -> int:
             gguf_type=args.gguf_type,
             validate=not args.no_validate,
             log=lambda m: print(m, file=sys.stderr),
+            gate_examples=args.gate_examples,
+            max_quality_drop=args.max_quality_drop,
         )
     except ValidationError as e:
         return fail(str(e), code=1)
