@@ -183,3 +183,12 @@ def test_gate_without_eval_data_is_skipped_with_a_reason(run, tmp_path):
     missing = GATE.gate_examples({**cfg, "eval_data": str(tmp_path / "nope.jsonl")}, tok, 40)
     assert missing[0] is None and "is not there" in missing[2]
     assert len(GATE.gate_examples(cfg, tok, 5)[0]) == 5
+
+
+def test_gate_runs_on_a_hugging_face_checkpoint_too(run, tmp_path):
+    """A bf16 checkpoint folder, read back by transformers' from_pretrained and generating with it."""
+    lines = []
+    E.export_adapter(run, str(tmp_path / "hf"), dtype="bfloat16", log=lines.append)
+    assert _gate_scores(lines) == (100.0, 100.0)
+    assert GATE.advice("hf", "f16", "bfloat16") == "export --dtype float32 instead"
+    assert GATE.advice("nf4", "f16", "bfloat16") == "export without --quantize-4bit instead"
