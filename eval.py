@@ -4,7 +4,7 @@
     python eval.py --adapter runs/mytask --data test.jsonl  # base vs k-shot base vs fine-tuned
     python eval.py ... --min-exact-match 0.8                # exit 1 when the fine-tuned model falls below
     python eval.py export --adapter runs/mytask --out merged/ [--dtype bfloat16] [--quantize-4bit]
-    python eval.py export --adapter runs/mytask --out model.gguf --format gguf --gguf-type q8_0  # llama.cpp
+    python eval.py export --adapter runs/mytask --out model.gguf --format gguf --gguf-type q4_k_m  # llama.cpp
 
 Evaluation: load the base as the run trained it (NF4 unless the run said --quantize none) -> score
 the base -> score the base with k training examples in its prompt -> load the adapter -> score the
@@ -68,12 +68,15 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def export_parser() -> argparse.ArgumentParser:
+    from minilora.export.gguf import GGUF_TYPES
+
     p = parser(
         "eval.py export",
         "Merge a run's adapter into its base and write it for serving: a Hugging Face checkpoint "
         "(transformers / vLLM; optionally bitsandbytes NF4), one GGUF file (llama.cpp / Ollama), or "
         "the adapter alone as a GGUF LoRA (llama.cpp --lora). The export is then read back and "
-        "compared with the merged model (exit 1 when they disagree).",
+        "compared with the merged model, and scored on the run's eval data beside it (exit 1 when they "
+        "disagree or the export does the task measurably worse).",
     )
     a = p.add_argument
     a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
@@ -86,8 +89,29 @@ def export_parser() -> argparse.ArgumentParser:
     )
     a("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype (--format hf)")
     a("--quantize-4bit", action="store_true", help="write bitsandbytes' NF4 layout (double quant) instead")
-    a("--gguf-type", choices=["f16", "bf16", "q8_0", "q4_0"], default="f16", help="GGUF tensor type (--format gguf)")
-    a("--no-validate", action="store_true", help="skip reading the export back and comparing it with the merged model")
+    a(
+        "--gguf-type",
+        choices=GGUF_TYPES,
+        default="f16",
+        help="GGUF tensor types (--format gguf); q4_k_m / q5_k_m / q6_k are llama-quantize's recipes",
+    )
+    a(
+        "--no-validate",
+        action="store_true",
+        help="skip reading the export back and comparing it with the merged model, and the task gate",
+    )
+    a(
+        "--gate-examples",
+        type=int,
+        default=40,
+        help="task gate: score the export on up to N examples of the run's eval data (0 = skip the gate)",
+    )
+    a(
+        "--max-quality-drop",
+        type=float,
+        default=5.0,
+        help="task gate: exit 1 when exact or structured match falls more than this many points below the merged model",
+    )
     a("--model", default=None, help="base model (default: the run's --model)")
     a(
         "--merge-base",
@@ -274,6 +298,8 @@ def run_export(args) -> int:
     from minilora.export.merge import export_adapter
     from minilora.export.readback import ValidationError
 
+    if args.gate_examples < 0 or not 0 <= args.max_quality_drop <= 100:
+        return fail("--gate-examples cannot be negative and --max-quality-drop is in points, 0 to 100; fix the flag.")
     try:
         out = export_adapter(
             args.adapter,
@@ -287,6 +313,8 @@ def run_export(args) -> int:
             gguf_type=args.gguf_type,
             validate=not args.no_validate,
             log=lambda m: print(m, file=sys.stderr),
+            gate_examples=args.gate_examples,
+            max_quality_drop=args.max_quality_drop,
         )
     except ValidationError as e:
         return fail(str(e), code=1)

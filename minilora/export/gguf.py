@@ -22,7 +22,11 @@ w ~ d * round(w/d); Q4_0: 32-value blocks, d = w_absmax_signed / -8, w ~ d * (q 
   f16 / bf16   every 2-D weight in that type
   q8_0         every 2-D weight Q8_0
   q4_0         block linears Q4_0; token_embd and output Q8_0 (llama-quantize keeps these at higher
-               precision too; its Q6_K has no quantizer in gguf-py)
+               precision too)
+  q4_k_m, q5_k_m, q6_k   llama-quantize's recipes: Q4_K / Q5_K / Q6_K with Q6_K for output, tied
+               embeddings and (the _M recipes) some layers' attn_v / ffn_down, and llama.cpp's fallbacks
+               where a row length is not a multiple of 256 (minilora.export.gguf_recipes); the K-quant and
+               Q5_0 / Q5_1 blocks are written by minilora.export.kquants / q5_quants, not by gguf
 A row length that is not a multiple of 32 cannot be blocked: that tensor falls back to F16, as the
 converter does.
 """
@@ -37,10 +41,11 @@ import numpy as np
 import torch
 
 from minilora.export.errors import ExportError
+from minilora.export.gguf_recipes import RECIPES, is_llm_70b, our_writer, recipe_type
 from minilora.fileio import write_file_atomic
 from minilora.models.config import FAMILIES, SLIDING, ModelConfig, every_nth_full
 
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 
 
 def _gguf():
@@ -176,9 +181,14 @@ def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensor_qtype(gguf_name: str, shape: tuple[int, ...], gguf_type: str):
-    """The GGML type a tensor is stored in for --gguf-type (the table in the module docstring)."""
+def tensor_qtype(gguf_name: str, shape: tuple[int, ...], gguf_type: str, cfg: ModelConfig | None = None):
+    """The GGML type a tensor is stored in for --gguf-type (the table in the module docstring); the
+    K-quant recipes need the model's cfg (layer count, tied embeddings)."""
     T = _gguf().GGMLQuantizationType
+    if gguf_type in RECIPES:
+        n = cfg.num_hidden_layers
+        big = is_llm_70b(gguf_arch(cfg).arch, n, cfg.num_attention_heads, cfg.num_key_value_heads)
+        return getattr(T, recipe_type(gguf_name, shape, gguf_type, n, not cfg.tie_word_embeddings, big))
     if len(shape) <= 1:
         return T.F32
     want = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[gguf_type]
@@ -190,8 +200,9 @@ def tensor_qtype(gguf_name: str, shape: tuple[int, ...], gguf_type: str):
 
 
 def encode_tensor(t: torch.Tensor, qtype) -> np.ndarray:
-    """float tensor -> the bytes gguf stores for qtype (gguf's own quantizers)."""
-    return _gguf().quants.quantize(t.detach().to("cpu", torch.float32).numpy(), qtype)
+    """float tensor -> the bytes gguf stores for qtype (ours for K-quants and Q5_0 / Q5_1, else gguf's)."""
+    data, ours = t.detach().to("cpu", torch.float32).numpy(), our_writer(qtype.name)
+    return ours(data) if ours else _gguf().quants.quantize(data, qtype)
 
 
 def round_trip(t: torch.Tensor, qtype, shift: float = 0.0) -> torch.Tensor:
@@ -217,7 +228,7 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, gguf_type: 
             t = permute_rows(t, cfg.num_key_value_heads)
         if spec.norm_shift and name.endswith("norm.weight"):
             t = t + spec.norm_shift
-        qtype = tensor_qtype(new, tuple(t.shape), gguf_type)
+        qtype = tensor_qtype(new, tuple(t.shape), gguf_type, cfg)
         yield new, encode_tensor(t, qtype), qtype
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
         yield "rope_freqs.weight", llama3_rope_factors(cfg).numpy(), g.GGMLQuantizationType.F32
@@ -225,6 +236,8 @@ def gguf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, gguf_type: 
 
 def file_type(gguf_type: str) -> int:
     F = _gguf().LlamaFileType
+    if gguf_type in RECIPES:
+        return getattr(F, RECIPES[gguf_type][1])
     return {"f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[gguf_type]
 
 
@@ -344,6 +357,6 @@ def round_trip_fn(cfg: ModelConfig, gguf_type: str):
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
         new = names.get_name(name, try_suffixes=(".weight", ".bias")) or name
         shift = spec.norm_shift if name.endswith("norm.weight") else 0.0
-        return round_trip(t, tensor_qtype(new, tuple(t.shape), gguf_type), shift)
+        return round_trip(t, tensor_qtype(new, tuple(t.shape), gguf_type, cfg), shift)
 
     return transform

@@ -115,11 +115,15 @@ def export_adapter(
     gguf_type: str = "f16",
     validate: bool = True,
     log=print,
+    gate_examples: int = 40,
+    max_quality_drop: float = 5.0,
 ) -> str:
     """Merge the adapter of a run into its base and write `out`: a Hugging Face checkpoint folder
-    (fmt="hf", optionally bitsandbytes NF4), one GGUF file (fmt="gguf", `gguf_type` f16/bf16/q8_0/q4_0),
+    (fmt="hf", optionally bitsandbytes NF4), one GGUF file (fmt="gguf", `gguf_type` one of gguf.GGUF_TYPES),
     or the adapter alone as a GGUF LoRA (fmt="gguf-lora"); then, unless validate=False, read it back
-    (minilora.export.readback) and raise ValidationError when it does not reproduce the merged model.
+    (minilora.export.readback) and raise ValidationError when it does not reproduce the merged model,
+    and run the task gate (minilora.export.gate: up to `gate_examples` of the run's eval data; raises
+    QualityGateError when the export scores more than `max_quality_drop` points below the merged model).
 
     merge_base: "dequantized" merges into the dequantized NF4 weights the QLoRA run trained against
     (the model eval.py scored), "original" into the checkpoint's weights, "auto" picks by the run's
@@ -142,7 +146,7 @@ def export_adapter(
     if quantize_4bit and fmt != "hf":
         raise ExportError(
             "--quantize-4bit writes bitsandbytes' layout, which only --format hf holds; for a "
-            "4-bit GGUF pass --gguf-type q4_0."
+            "4-bit GGUF pass --gguf-type q4_k_m."
         )
     adapter_dir, _, run_config = find_run(adapter)
     (check_export_folder if fmt == "hf" else check_export_file)(os.path.abspath(out), overwrite)
@@ -200,11 +204,13 @@ def export_adapter(
         hf_config, kind = config, "gguf"
     del tensors
     if validate:
-        validate_export(path, kind, model, tok, hf_config, run_config, gguf_type, log)
+        validate_export(path, kind, model, tok, hf_config, run_config, gguf_type, log, gate_examples, max_quality_drop)
     return path
 
 
 def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log) -> str:
+    from gguf import GGML_QUANT_VERSION  # gguf_arch() has already said how to install it if missing
+
     from minilora.export.gguf import file_type, gguf_arch, gguf_metadata, gguf_tensors, modelfile, write_gguf
     from minilora.export.gguf_vocab import vocab_metadata
     from minilora.fileio import write_text_atomic
@@ -223,8 +229,8 @@ def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, nam
         **gguf_metadata(cfg),
         "general.file_type": int(file_type(gguf_type)),
     }
-    if gguf_type in ("q8_0", "q4_0"):
-        meta["general.quantization_version"] = _gguf_quant_version()
+    if gguf_type not in ("f16", "bf16"):
+        meta["general.quantization_version"] = int(GGML_QUANT_VERSION)
     vocab = vocab_metadata(src, tok, cfg.vocab_size, ids)
     path = write_gguf(
         out, gguf_arch(cfg).arch, meta, gguf_tensors(tensors, cfg, gguf_type), vocab=vocab, overwrite=overwrite
@@ -237,24 +243,31 @@ def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, nam
     return path
 
 
-def _gguf_quant_version() -> int:
-    import gguf
-
-    return int(gguf.GGML_QUANT_VERSION)
-
-
 def validate_export(
-    path: str, kind: str, model, tok, hf_config: dict, run_config: dict, gguf_type: str = "f16", log=print
+    path: str,
+    kind: str,
+    model,
+    tok,
+    hf_config: dict,
+    run_config: dict,
+    gguf_type: str = "f16",
+    log=print,
+    gate_examples: int = 40,
+    max_quality_drop: float = 5.0,
 ) -> None:
     """Compare the merged in-memory `model` (A) and the weights as the file should hold them (B, set in
     place: the model is spent afterwards) with transformers' reading of the file at `path`; kind is
-    hf, nf4 or gguf. Raises ValidationError past minilora.export.readback.TOLERANCE."""
+    hf, nf4 or gguf. Raises ValidationError past minilora.export.readback.TOLERANCE, then
+    QualityGateError when the export does the run's task worse than A (minilora.export.gate)."""
+    from minilora.export import gate as G
     from minilora.export import readback as V
 
     prompts, source = V.validation_prompts(run_config, tok, model.config.vocab_size)
     log(f"validating {path} on {source}")
     V.reference_weights(model, lambda n, p: p)  # float32 compute, same weights
     ref_a = V.outputs(model, prompts)
+    examples, template, gate_source = G.gate_examples(run_config, tok, gate_examples)
+    merged_scores = G.score_merged(model, tok, examples, template) if examples else None  # before B replaces A
     if kind == "nf4":
         from minilora.export.bnb import nf4_round_trip
 
@@ -270,12 +283,17 @@ def validate_export(
 
         reader_type = gguf_arch(model.config).reader_model_type  # transformers reads a Mistral GGUF as llama
         hf_config = {**hf_config, "model_type": reader_type} if reader_type else hf_config
-    got = V.outputs(V.reload_or_fail(kind, path, hf_config), prompts)
-    stats = V.compare(ref_b, got)
-    V.report(
-        kind if kind != "gguf" else f"gguf {gguf_type}", stats, None if kind == "hf" else V.compare(ref_a, got), log
-    )
+    exported = V.reload_or_fail(kind, path, hf_config)
+    got = V.outputs(exported, prompts)
+    stats, label = V.compare(ref_b, got), kind if kind != "gguf" else f"gguf {gguf_type}"
+    V.report(label, stats, None if kind == "hf" else V.compare(ref_a, got), log)
     V.check(path, stats)
+    if examples is None:
+        log(f"task gate: skipped, {gate_source}")
+        return
+    scores = G.score_export(exported, tok, examples, template)
+    hint = G.advice(kind, gguf_type, hf_config.get("torch_dtype"))
+    G.check(path, label, merged_scores, scores, gate_source, max_quality_drop, hint, log)
 
 
 def _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log) -> str:
