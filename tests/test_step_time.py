@@ -7,9 +7,7 @@ conftest.py sets MINILORA_STEP_PROBE=0 for the other tests (the probe would add 
 train.py they start); the tests here set it themselves.
 """
 
-import importlib.util
 import json
-import os
 import re
 import statistics
 import time
@@ -17,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from cli_runs import train_here
 
 from minilora.data.packing import IGNORE, Batch
 from minilora.dtypes import auto_dtype
@@ -27,19 +26,16 @@ from minilora.models.transformer import Transformer
 from minilora.optim.paged_adamw import PagedAdamW
 from minilora.train.loss import chunked_lm_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 0.25
 
 
 def train_py(monkeypatch, capsys, out, *args, probe="30") -> str:
-    """train.py's main in this process (as the user runs it, minus the interpreter start); its stdout."""
+    """train.py's main() in this process with the probe's budget `probe` (MINILORA_STEP_PROBE); its stdout."""
     monkeypatch.setenv("MINILORA_STEP_PROBE", probe)
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     capsys.readouterr()
-    assert train.main(["--out", str(out), "--threads", "1", *args]) == 0
-    return capsys.readouterr().out
+    code, stdout, err = train_here(capsys, out, *args)
+    assert code == 0, stdout[-2000:] + err[-3000:]
+    return stdout
 
 
 def real_model(cfg, dtype, recompute, lora):
@@ -166,27 +162,23 @@ def test_plan_without_a_probe_says_the_time_is_unmeasured_and_prints_no_number(
 
 
 def test_a_probe_that_fails_predicts_nothing(monkeypatch):
-    """An exception inside the probe (here: an out-of-memory error) leaves the run without a prediction
-    and with the reason; the run goes on."""
-    from minilora.train import step_probe, steptime
+    """An exception inside the probe (here apply_lora refusing a target the model does not have) leaves
+    the run without a prediction, with the reason; so do two ranks (the probe would time one process)."""
+    from minilora.train import steptime
     from minilora.train.config import TrainConfig
     from minilora.train.planner import Plan
 
-    def fail(*a, **k):
-        raise RuntimeError("DefaultCPUAllocator: not enough memory\nmore detail")
-
-    monkeypatch.setattr(step_probe, "probe_step", fail)
     monkeypatch.setenv("MINILORA_STEP_PROBE", "30")
-    monkeypatch.delenv("MINILORA_DEBUG", raising=False)
-    pred, why = steptime.predict(TrainConfig(), tiny(), torch.device("cpu"), torch.float32, (2, 8), 4, Plan())
-    assert pred is None and why == "the probe failed (RuntimeError: DefaultCPUAllocator: not enough memory)"
+    cpu = torch.device("cpu")
+    pred, why = steptime.predict(TrainConfig(lora_targets="nope_proj"), tiny(), cpu, torch.float32, (2, 8), 4, Plan())
+    assert pred is None and why.startswith("the probe failed (AdapterError: LoRA target(s) ['nope_proj'] match no")
     assert "no time is predicted" in steptime.describe(pred, why) and "tok/s" not in steptime.describe(pred, why)
-    pred, why = steptime.predict(TrainConfig(), tiny(), torch.device("cpu"), torch.float32, (2, 8), 4, Plan(), 2)
-    assert pred is None and "under torchrun" in why  # two ranks: the probe would time one process
+    pred, why = steptime.predict(TrainConfig(), tiny(), cpu, torch.float32, (2, 8), 4, Plan(), world=2)
+    assert pred is None and "under torchrun" in why
 
 
 def test_run_records_the_prediction_and_its_summary_compares_it_with_the_steps(monkeypatch, capsys, tmp_path):
-    args = ["--max-steps", "4", "--eval-generate", "0", "--eval-every", "0", "--save-every", "0"]
+    args = ["--max-steps", "4", "--save-every", "0"]
     out = train_py(monkeypatch, capsys, tmp_path / "run", *args)
     with open(tmp_path / "run" / "config.json") as f:
         resolved = json.load(f)["resolved"]

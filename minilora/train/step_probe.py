@@ -1,5 +1,9 @@
 """The step-time probe: the pieces of one training step (minilora/train/steptime.py's model), timed on
-this device with the run's own modules on random weights.
+this device with the run's own modules on random weights. steptime.predict runs it as
+
+    python -m minilora.train.step_probe SPEC      # SPEC: JSON of probe_step's arguments
+
+in a process of its own, which prints one JSON line: {"step_time": ...}, {"skipped": why} or {"failed": why}.
 
 Shape letters: B rows, T the batch's length, D hidden, L blocks.
 
@@ -14,18 +18,23 @@ pre-hook keeps each block's inputs (hidden states, RoPE tables, mask) as the run
           for the last block's, so the backward runs as far as it would)
   optimizer  gradient clipping and a PagedAdamW step over L blocks' worth of LoRA parameters
 Each piece runs once to warm up, then REPEATS times (fewer, at least once, when TARGET_S is spent;
-none once the budget is spent) and its median counts.
+none once the budget is spent) and its median counts. Then the block and the rest run once more at
+T - 1 tokens a row: shapes not seen before, whose kernels are chosen then (on the CPU oneDNN creates
+a primitive for every new GEMM shape, 20-40 ms each on a 2-core machine, dozens of shapes a step);
+what that run takes beyond the median is what a micro-batch of a new shape adds, once per process.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
-from minilora.dtypes import dtype_name
+from minilora.dtypes import DTYPES, dtype_name
 from minilora.train.steptime import DEFAULT_BUDGET_S, PROBE_ENV, ProbeSkipped, StepTime
 
 TARGET_S = 10.0  # each piece is timed REPEATS times after its warm-up, fewer (at least once) past this
@@ -50,9 +59,18 @@ class _Clock:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-    def median(self, fn, setup=lambda: None) -> float:
+    def _check(self) -> None:
         if time.perf_counter() > self.deadline:
             raise ProbeSkipped(f"the probe ran out of its {self.budget:g} s budget ({PROBE_ENV})")
+
+    def first(self, fn, setup=lambda: None) -> float:
+        """One run of fn (at shapes it has not run at yet: what their kernel selection costs)."""
+        self._check()
+        setup()
+        return self._once(fn)
+
+    def median(self, fn, setup=lambda: None) -> float:
+        self._check()
         setup()
         warm = self._once(fn)
         room = (self.target - time.perf_counter()) / max(1, self.left)
@@ -80,7 +98,8 @@ def build_probe_model(model_cfg, layer_types: list[str], dtype, device, quantize
         for p in model.parameters():
             # std 0.02 (transformers' initializer_range) keeps the logits' spread that of a real model: exp of
             # a logit more than ~87 below the largest underflows, a path 30x slower on some CPUs
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(0.0 if cfg.family == "gemma3" else 1.0)
+            # a vector (norm weight, bias) of 1 - norm_offset: each RMSNorm scales by 1, as at init
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0 - cfg.traits.norm_offset)
     for name, b in rope.items():
         setattr(model, name, b.to(device))
     model.tie_weights()
@@ -162,7 +181,7 @@ def probe_step(
     for h in hooks:
         h.remove()
 
-    blocks = []
+    blocks, new_shape = [], 0.0  # new_shape: what the first micro-batch of a new (B, T) adds
     for (kind, mode), count in counts.items():
         j = kinds.index(kind)
         layer, (x0, cos, sin, mask) = model.model.layers[j], captured[j]
@@ -182,18 +201,30 @@ def probe_step(
             for p in trainable:
                 p.grad = None  # every step's backward allocates its gradients afresh (zero_grad set_to_none)
 
-        blocks.append([kind, mode, count, clock.median(fwd_bwd, clear)])
+        t = clock.median(fwd_bwd, clear)
+        blocks.append([kind, mode, count, t])
+        if T > 1:  # the same block at T - 1 tokens a row: the first run at new shapes
+            x1 = x[:, :-1].detach().clone().requires_grad_()  # (B, T-1, D)
+            m1 = None if mask is None else mask[..., :-1, :-1]  # (B, 1, T-1, T-1)
+            args = dict(x=x1, gy=gy[:, :-1], cos=cos[:, :-1], sin=sin[:, :-1], mask=m1)
+            new_shape += max(0.0, clock.first(lambda: fwd_bwd(**args), lambda: clear(x1)) - t)
 
     # the rest: the real forward and loss without blocks; the embedding's output stands in for the last block's
     model.model.layers = torch.nn.ModuleList()
     hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: out.detach().requires_grad_())
 
-    def rest():
+    def rest(batch=batch):
         loss, count = chunked_lm_loss(model, batch, loss_chunk)
         (loss / count).backward()
         float(loss.detach())  # as the loop reads it
 
     t_rest = clock.median(rest)
+    if T > 1:
+        cut = [
+            getattr(batch, k)[:, :-1] for k in ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids")
+        ]
+        short = Batch(*cut, int((cut[1][:, 1:] != IGNORE).sum()))
+        new_shape += max(0.0, clock.first(lambda: rest(short)) - t_rest)
     hook.remove()
 
     # the optimizer over L blocks' worth of LoRA parameters
@@ -219,8 +250,29 @@ def probe_step(
         blocks=blocks,
         rest=t_rest,
         optimizer=t_opt,
+        new_shape=new_shape,
         grad_accum=grad_accum,
         threads=torch.get_num_threads(),
         dtype=dtype_name(dtype),
         probe_seconds=time.perf_counter() - t_start,
     )
+
+
+def main(argv=None) -> None:
+    """The probe as steptime.predict starts it: one JSON argument in, one JSON line out."""
+    from minilora.models.config import ModelConfig
+
+    spec = json.loads((argv or sys.argv[1:])[0])
+    torch.set_num_threads(spec.pop("threads"))
+    cfg, device, dtype = ModelConfig(**spec.pop("model")), torch.device(spec.pop("device")), DTYPES[spec.pop("dtype")]
+    try:
+        out = {"step_time": asdict(probe_step(cfg, device, dtype, **spec))}
+    except ProbeSkipped as e:
+        out = {"skipped": str(e)}
+    except Exception as e:  # reported, not raised: a prediction never stops the run
+        out = {"failed": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"}
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

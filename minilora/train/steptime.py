@@ -18,29 +18,38 @@ chunked_lm_loss with n labelled tokens; the optimizer over L blocks' worth of Lo
 piece is warmed up once and timed a few times; the median counts.
 
 Another micro-batch (b, t) with n' labelled tokens is scaled from the probe: the blocks by b t / N,
-the rest by n' / n (the head over V dominates it). What the model leaves out: the first step's
-one-time costs (allocation, kernel selection), data collation and host-to-device copies, the first
+the rest by n' / n (the head over V dominates it); the first micro-batch of each (b, t) the process
+meets adds the kernel selection for its shapes (measured by the probe too: on the CPU oneDNN builds a
+primitive per new GEMM shape). What the model leaves out: the process's first step's one-time costs
+(allocation, lazy initialization), data collation and host-to-device copies, the first
 block computing no gradient for its input, the attention's T^2 share when scaling to other lengths,
 communication between ranks (under torchrun nothing is predicted), the weights' values (random weights
 of std 0.02 give logits of a modest spread; where a checkpoint's logits span more than ~87 nats, exp
 underflows, which some CPUs compute 30x slower), and everything outside the step: validation,
 generation, checkpoints.
 
-MINILORA_STEP_PROBE (seconds, default 30) bounds the probe: a piece is not started once the budget is
-spent, and 0 skips the probe. Where it cannot run, nothing is predicted: the reason is printed instead.
+The probe runs in a process of its own (its memory, kernel caches and RNG are not the run's).
+MINILORA_STEP_PROBE (seconds, default 30) bounds it: a piece is not started once the budget is spent,
+and 0 skips the probe. Where it cannot run, nothing is predicted: the reason is printed instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from minilora.dtypes import dtype_name
+
 PROBE_ENV = "MINILORA_STEP_PROBE"
 DEFAULT_BUDGET_S = 30.0  # no piece starts after this many seconds: the probe then predicts nothing
+STARTUP_S = 60.0  # on top of the budget, for the probe's interpreter and imports, before it is stopped
 
 
 class ProbeSkipped(Exception):
@@ -60,6 +69,7 @@ class StepTime:
     rest: float
     optimizer: float
     grad_accum: int = 1
+    new_shape: float = 0.0  # what a micro-batch adds whose (B, T) this process has not run yet
     threads: int = 1
     dtype: str = "float32"
     probe_seconds: float = 0.0
@@ -76,10 +86,12 @@ class StepTime:
     def tokens_per_s(self) -> float:
         return self.grad_accum * self.rows * self.length / self.step
 
-    def micro_seconds(self, tokens: int, labels: int) -> float:
-        """A micro-batch of `tokens` padded tokens, `labels` labelled, scaled from the probe's."""
+    def micro_seconds(self, tokens: int, labels: int, new_shape: bool = False) -> float:
+        """A micro-batch of `tokens` padded tokens, `labels` labelled, scaled from the probe's; plus
+        the kernel selection of its shapes when the process meets them for the first time."""
         blocks = sum(n * t for _, _, n, t in self.blocks)
-        return blocks * tokens / (self.rows * self.length) + self.rest * labels / max(1, self.labels)
+        scaled = blocks * tokens / (self.rows * self.length) + self.rest * labels / max(1, self.labels)
+        return scaled + (self.new_shape if new_shape else 0.0)
 
     def settings(self) -> dict:
         return {
@@ -127,11 +139,14 @@ def longest_labels(encoded, batch_kw: dict) -> int:
 
 def run_seconds(pred: StepTime, encoded, batch_kw: dict, micro_batches: int) -> float:
     """The run's `micro_batches` micro-batches in the order the run takes them (epoch after epoch),
-    each scaled from the probe, plus one optimizer step per grad_accum of them."""
-    total, epoch, left = 0.0, 0, micro_batches
+    each scaled from the probe (the first of each shape with its kernel selection), plus one
+    optimizer step per grad_accum of them."""
+    total, epoch, left, seen = 0.0, 0, micro_batches, set()
     while left > 0:
         shapes = batch_shapes(encoded, batch_kw, epoch)[:left]
-        total += sum(pred.micro_seconds(rows * T, n) for rows, T, n in shapes)
+        for rows, T, n in shapes:
+            total += pred.micro_seconds(rows * T, n, (rows, T) not in seen)
+            seen.add((rows, T))
         left, epoch = left - len(shapes), epoch + 1
     return total + micro_batches / pred.grad_accum * pred.optimizer
 
@@ -147,61 +162,69 @@ def _budget() -> float:
 
 def predict(tc, model_cfg, device, dtype, shape: tuple[int, int], labels: int, plan, world: int = 1, fits=True):
     """(StepTime, None) for a TrainConfig's run as `plan` resolved it, at the longest batch `shape` with
-    `labels` labelled tokens; or (None, why nothing is predicted). Never disturbs the run's RNG."""
-    why = None
+    `labels` labelled tokens; or (None, why nothing is predicted).
+
+    The probe runs in a process of its own (python -m minilora.train.step_probe, with this process's
+    import path and thread count): what it allocates, the kernels it selects and the code it loads
+    (torch's checkpoint loads torch._dynamo) stay out of the run's memory, and the run's RNG is
+    untouched. Its interpreter start (seconds) is not counted in its budget."""
     if world > 1:
-        why = f"the probe times one process, not {world} processes under torchrun and their communication"
-    elif not fits:
-        why = "the run does not fit the memory budget, so the probe did not run"
-    if why:
-        return None, why
-    lora_kw = dict(
-        targets=tc.lora_targets if tc.lora_targets == "all-linear" else tc.lora_targets.split(","),
-        r=tc.lora_r,
-        alpha=tc.lora_alpha,
-        dropout=tc.lora_dropout,
-        use_rslora=tc.use_rslora,
-        use_dora=tc.use_dora,
-    )
-    ob = tc.optimizer_budget
-    opt_budget = None if ob == "none" else ob if ob == "auto" else int(ob)  # as train.py builds PagedAdamW
+        return None, f"the probe times one process, not {world} processes under torchrun and their communication"
+    if not fits:
+        return None, "the run does not fit the memory budget, so the probe did not run"
     try:
         budget = _budget()
-        if budget <= 0:
-            raise ProbeSkipped(f"{PROBE_ENV}={os.environ[PROBE_ENV]} skips the probe")
-        from minilora.train.step_probe import probe_step
-
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            pred = probe_step(
-                model_cfg,
-                device,
-                dtype,
-                shape[0],
-                shape[1],
-                labels,
-                quantize=tc.quantize,
-                lora_kw=lora_kw,
-                recompute=(plan.recompute_blocks, plan.selective_blocks),
-                loss_chunk=plan.loss_chunk,
-                pack=tc.pack,
-                optimizer_bits=tc.optimizer_bits,
-                optimizer_budget=opt_budget,
-                max_grad_norm=tc.max_grad_norm,
-                grad_accum=tc.grad_accum,
-                budget=budget,
-            )
-        return pred, None
     except ProbeSkipped as e:
         return None, str(e)
-    except Exception as e:  # a prediction must not stop the run; MINILORA_DEBUG=1 shows the traceback
-        if os.environ.get("MINILORA_DEBUG"):
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        return None, f"the probe failed ({type(e).__name__}: {first})"
-    finally:
-        if device.type == "cuda":  # the probe's memory is no part of the run's peak
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+    if budget <= 0:
+        return None, f"{PROBE_ENV}={os.environ[PROBE_ENV]} skips the probe"
+    ob = tc.optimizer_budget
+    spec = dict(
+        model=asdict(model_cfg),
+        device=str(device),
+        dtype=dtype_name(dtype),
+        threads=torch.get_num_threads(),
+        rows=shape[0],
+        length=shape[1],
+        labels=labels,
+        quantize=tc.quantize,
+        lora_kw=dict(
+            targets=tc.lora_targets if tc.lora_targets == "all-linear" else tc.lora_targets.split(","),
+            r=tc.lora_r,
+            alpha=tc.lora_alpha,
+            dropout=tc.lora_dropout,
+            use_rslora=tc.use_rslora,
+            use_dora=tc.use_dora,
+        ),
+        recompute=[plan.recompute_blocks, plan.selective_blocks],
+        loss_chunk=plan.loss_chunk,
+        pack=tc.pack,
+        optimizer_bits=tc.optimizer_bits,
+        optimizer_budget=None if ob == "none" else ob if ob == "auto" else int(ob),  # as train.py's PagedAdamW
+        max_grad_norm=tc.max_grad_norm,
+        grad_accum=tc.grad_accum,
+        budget=budget,
+    )
+    path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))  # the modules this process imports
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "minilora.train.step_probe", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": path},
+            timeout=budget + STARTUP_S,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"the probe did not finish within {budget + STARTUP_S:g} s and was stopped"
+    try:
+        result = json.loads((p.stdout.strip().splitlines() or [""])[-1])
+    except ValueError:
+        err = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1][:200]
+        return None, f"the probe failed ({err})"
+    if "step_time" not in result:
+        return None, result.get("skipped") or f"the probe failed ({result.get('failed')})"
+    return StepTime(**{**result["step_time"], "probe_seconds": time.perf_counter() - t0}), None
 
 
 def describe(pred: StepTime | None, why: str | None, run_s: float | None = None, micro_batches: int = 0) -> str:
@@ -218,7 +241,8 @@ def describe(pred: StepTime | None, why: str | None, run_s: float | None = None,
         f"device ({pred.dtype}, {threads}) at the longest micro-batch, {pred.rows} x {pred.length} tokens "
         f"({pred.labels:,} labelled):",
         f"  micro-batch {pred.micro_batch:.3f} s = blocks {parts} + embedding and head/loss {pred.rest:.3f} s; "
-        f"optimizer {pred.optimizer:.3f} s a step",
+        f"optimizer {pred.optimizer:.3f} s a step; the first micro-batch of each new shape adds "
+        f"{pred.new_shape:.3f} s (kernel selection)",
         f"  predicted step {pred.step:.3f} s ({pred.grad_accum} micro-batch{'es' if pred.grad_accum > 1 else ''}), "
         f"{pred.tokens_per_s:,.0f} tok/s",
     ]
@@ -238,6 +262,7 @@ class StepClock:
     def __init__(self, pred: StepTime | None, why: str | None, device: torch.device):
         self.pred, self.why, self.device = pred, why, device
         self.steps: list[tuple[float, float]] = []  # (measured s, predicted s)
+        self.seen: set[tuple[int, ...]] = set()  # the (B, T) this process has run
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -249,7 +274,11 @@ class StepClock:
 
     def micro(self, batch) -> None:
         if self.pred:
-            self.expect += self.pred.micro_seconds(batch.input_ids.numel(), batch.n_label_tokens)
+            shape = tuple(batch.input_ids.shape)
+            self.expect += self.pred.micro_seconds(
+                batch.input_ids.numel(), batch.n_label_tokens, shape not in self.seen
+            )
+            self.seen.add(shape)
 
     def stop(self) -> None:
         self.steps.append((self._now() - self.t0, self.expect))
