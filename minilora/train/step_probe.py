@@ -27,6 +27,7 @@ what that run takes beyond the median is what a micro-batch of a new shape adds,
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -154,6 +155,7 @@ def probe_step(
     from minilora.train.loss import chunked_lm_loss
 
     t_start = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     L, B, T = model_cfg.num_hidden_layers, rows, length
     counts = block_modes(model_cfg, recompute, pack, T)
     kinds = list(dict.fromkeys(kind for kind, _ in counts))
@@ -253,6 +255,7 @@ def probe_step(
         new_shape=new_shape,
         grad_accum=grad_accum,
         threads=torch.get_num_threads(),
+        load=load,
         dtype=dtype_name(dtype),
         probe_seconds=time.perf_counter() - t_start,
     )

@@ -71,6 +71,7 @@ class StepTime:
     grad_accum: int = 1
     new_shape: float = 0.0  # what a micro-batch adds whose (B, T) this process has not run yet
     threads: int = 1
+    load: float | None = None  # the 1-minute load average when the probe started (busy CPUs: noisy timings)
     dtype: str = "float32"
     probe_seconds: float = 0.0
 
@@ -224,7 +225,10 @@ def predict(tc, model_cfg, device, dtype, shape: tuple[int, int], labels: int, p
         return None, f"the probe failed ({err})"
     if "step_time" not in result:
         return None, result.get("skipped") or f"the probe failed ({result.get('failed')})"
-    return StepTime(**{**result["step_time"], "probe_seconds": time.perf_counter() - t0}), None
+    try:
+        return StepTime(**{**result["step_time"], "probe_seconds": time.perf_counter() - t0}), None
+    except TypeError as e:  # a probe from another version of this file
+        return None, f"the probe failed (its answer does not fit: {e})"
 
 
 def describe(pred: StepTime | None, why: str | None, run_s: float | None = None, micro_batches: int = 0) -> str:
@@ -236,6 +240,8 @@ def describe(pred: StepTime | None, why: str | None, run_s: float | None = None,
         f"{n} x {t:.3f} s ({f'{kind}, ' if many else ''}recompute {mode})" for kind, mode, n, t in pred.blocks
     )
     threads = f"{pred.threads} thread{'s' if pred.threads > 1 else ''}"
+    if pred.load is not None:
+        threads += f", load average {pred.load:.1f} on {os.cpu_count()} CPUs"
     rows = [
         f"step time, from a {pred.probe_seconds:.1f} s probe of one block, the head/loss and the optimizer on this "
         f"device ({pred.dtype}, {threads}) at the longest micro-batch, {pred.rows} x {pred.length} tokens "
