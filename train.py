@@ -29,6 +29,7 @@ import torch
 
 from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, Progress, fail, resolve_device, run_main
 from minilora.dtypes import dtype_name, resolve_dtype
+from minilora.train import steptime
 from minilora.train.config import given_flags, parse_args, validate
 
 
@@ -145,21 +146,25 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         seed=cfg.seed,
         pad_id=tok.pad_id,
     )
-    shape, probe = longest_batch(data.train, batch_kw), 2.0 if cfg.plan else 0.0
-    plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, probe, fsdp_ranks=world if fsdp else 1)
+    shape = longest_batch(data.train, batch_kw)
+    plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, fsdp_ranks=world if fsdp else 1)
     if too_big and parallel == "ddp" and cfg.parallel == "auto":
         parallel = D.choose_parallel(cfg.parallel, world, fits_one_device=False)  # does not fit one device: shard
         D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora)
         fsdp = True
-        plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, probe, fsdp_ranks=world)
+        plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, fsdp_ranks=world)
         say(f"parallel: fsdp over {world} ranks (the model does not fit one device)")
+    labels = steptime.longest_labels(data.train, batch_kw)  # the step time: a probe of the step's pieces
+    step_time, unmeasured = steptime.predict(cfg, model_cfg, device, dtype, shape, labels, plan, world, not too_big)
     if cfg.plan:
         from minilora.data.packing import num_batches
 
-        plan.steps = cfg.max_steps * cfg.grad_accum or cfg.epochs * num_batches(data.train, **batch_kw)  # micro-batches
+        micro = cfg.max_steps * cfg.grad_accum or cfg.epochs * num_batches(data.train, **batch_kw)
+        run_s = step_time and steptime.run_seconds(step_time, data.train, batch_kw, micro)
         per = f", per rank of {world} (--parallel fsdp)" if fsdp else ""
         print(
-            f"plan for {device.type} ({cfg.model}){per}:\n{plan.table()}"
+            f"plan for {device.type} ({cfg.model}){per}:\n{plan.table()}\n"
+            + steptime.describe(step_time, unmeasured, run_s, micro)
             + (f"\nwould not start: {too_big}" if too_big else "")
         )
         return 0
@@ -171,7 +176,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     )
     if main:  # the first write: every check above has passed
         _lock = rundir.claim(cfg.out, cfg.resume, (ckpt, old))  # held until run() ends (or the process dies)
-        config = rundir.config_json(cfg, dtype_name(dtype), world, {**plan.settings(), "template": template})
+        resolved = {**plan.settings(), **steptime.settings(step_time, unmeasured), "template": template}
+        config = rundir.config_json(cfg, dtype_name(dtype), world, resolved)
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
     lora_kw = dict(
@@ -265,12 +271,14 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         return save(cfg.out, step, model, optimizer, scheduler, train_state, adapter_meta, cfg.keep_checkpoints)
 
     progress = Progress(total_steps, enabled=main, initial=step)
+    clock = steptime.StepClock(step_time, unmeasured, device)  # step times beside the prediction
     t_last, tokens_since = time.time(), 0
     stop_reason = "finished"
 
     # --- the loop
     with C.StopRequest() as stop:
         while step < total_steps:
+            clock.start()
             micro = [stream.next() for _ in range(micro_per_step)][rank::world]  # this rank's share
             n_total = D.all_reduce_sum(sum(b.n_label_tokens for b in micro), world)
             loss_sum = 0.0
@@ -281,6 +289,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
                     s, _ = loss_fn(b)
                     (s * world / max(1.0, n_total)).backward()
                 loss_sum += float(s.detach())
+                clock.micro(b)
                 tokens_since += int(b.attention_mask.sum())
             loss = D.all_reduce_sum(loss_sum, world) / max(1.0, n_total)
             if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
@@ -298,6 +307,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            clock.stop()
             step += 1
             state.update(stream.position())
             if cfg.debug_interrupt_at_step and step == cfg.debug_interrupt_at_step:
@@ -358,6 +368,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         "val_loss": state["val_history"],
         "heldout_before": state["heldout_before"],
         "adapter": os.path.join(cfg.out, "adapter"),
+        "step_time": clock.summary(),
     }
     if eval_examples:
         preds = generate_completions(model, tok, eval_examples, template, batch_size=16)
@@ -374,6 +385,8 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 def print_summary(s: dict) -> None:
     print("\n=== summary ===")
     print(f"steps: {s['steps']} ({s['stop_reason']}), {s['minutes']:.1f} min")
+    if s.get("step_time"):
+        print(steptime.summary_line(s["step_time"]))
     if s["val_loss"]:
         first, last = s["val_loss"][0], s["val_loss"][-1]
         print(f"validation loss: {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step {last[0]})")

@@ -15,6 +15,9 @@ if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVIC
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# train.py probes the step time before it starts (minilora/train/steptime.py): seconds per run that
+# the tests of other things do not need; tests/test_step_time.py turns it back on.
+os.environ.setdefault("MINILORA_STEP_PROBE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

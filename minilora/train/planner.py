@@ -1,4 +1,4 @@
-"""Plan a run before it starts: predicted peak memory by component, FLOPs and time per step, and the
+"""Plan a run before it starts: predicted peak memory by component, FLOPs per step, and the
 settings chosen from them (compute dtype, how many blocks recompute their activations, and how).
 
 Shape letters: B rows per batch, T the longest batch's length, N = B T tokens, n labelled tokens,
@@ -49,14 +49,13 @@ labelled token. Backward with a frozen base: dL/dx through every base weight (2 
 attention twice (4 * ...), LoRA 4 P_lora (dL/dA, dL/dB, dL/dx); the head's dL/dh 2 D V. Fully
 recomputed blocks run their forward again; selectively recomputed ones only their LoRA products
 (2 P_lora) and elementwise ops, which count as 0 FLOPs (memory-bound, not GEMM time: an estimate
-that is low by their time). Time per step = FLOPs per step / the GEMM FLOP/s that a probe of a
-second measures on this device in the compute dtype.
+that is low by their time). FLOPs are reported, not turned into time: a step's time is measured
+piece by piece (minilora/train/steptime.py), since a step is not all GEMMs at one rate.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -185,8 +184,6 @@ class Plan:
     num_layers: int = 0
     flops_per_token: float = 0.0
     tokens_per_step: int = 0
-    step_seconds: float | None = None
-    steps: int | None = None
     dtype: str = "float32"
     budget: int | None = None
     loss_chunk: int = 256
@@ -246,16 +243,6 @@ class Plan:
             f"FLOPs per token {self.flops_per_token / 1e9:,.3f} G, tokens per micro-batch {self.tokens_per_step:,}"
             " (the longest batch)"
         )
-        if self.step_seconds is not None:
-            rows.append(
-                f"predicted micro-batch {self.step_seconds:,.2f} s ({self.tokens_per_step / self.step_seconds:,.0f} "
-                f"tok/s at the probe's GEMM rate)"
-                + (
-                    f", run of {self.steps} micro-batches at most {self.steps * self.step_seconds / 60:,.1f} min"
-                    if self.steps
-                    else ""
-                )
-            )
         return "\n".join(rows)
 
 
@@ -392,21 +379,6 @@ def flops_per_token(
     return L * (fwd_block + bwd_block) + recompute_blocks * fwd_block + selective_blocks * 2 * lora + head
 
 
-def probe_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0, m: int = 512, k: int = 1024) -> float:
-    """Measured GEMM FLOP/s of this device in `dtype`: repeat an (m, k) @ (k, k) matmul for `seconds`."""
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, k, device=device).to(dtype)
-    (a @ b).sum().item()  # warm-up (threads, kernels)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        c = a @ b
-        n += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    float(c[0, 0])
-    return 2.0 * m * k * k * n / (time.perf_counter() - t0)
-
-
 def choose_recompute(fits, num_layers: int) -> int | None:
     """The fewest recomputed blocks k in 0..L with fits(k) (memory falls as k grows); None if none fits."""
     if fits(0):
@@ -453,7 +425,6 @@ def plan_run(
     device: torch.device,
     dtype: torch.dtype,
     shape: tuple[int, int],
-    probe_seconds: float = 0.0,
     fsdp_ranks: int = 1,
 ) -> tuple[Plan, str | None]:
     """The plan for a TrainConfig on `device`, with --gradient-checkpointing resolved (auto:
@@ -507,8 +478,6 @@ def plan_run(
     error = None
     if plan.peak > budget * MARGIN:
         error = plan.too_big(budget)
-    if probe_seconds > 0:
-        plan.step_seconds = plan.flops_per_token * plan.tokens_per_step / probe_flops(device, dtype, probe_seconds)
     return plan, error
 
 
