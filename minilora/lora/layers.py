@@ -13,7 +13,9 @@ the adapter weights (A, B, magnitude) are float32 while the base computes in its
 per base, and we do the same:
   - dense base:  y = (base(x) + s B A x).to(base dtype)      (the add happens in float32)
   - NF4 base:    y = base(x) + (s B A x).to(base dtype)      (bitsandbytes layer: cast, then add)
-Inits as PEFT: "default" = A kaiming-uniform(a=sqrt(5)), B = 0; "gaussian" = A ~ N(0, 1/r), B = 0.
+Inits as PEFT's init_lora_weights: "default" = A kaiming-uniform(a=sqrt(5)), B = 0; "gaussian" = A ~
+N(0, 1/r^2), B = 0; and from the weight, "pissa", "pissa_niter_N", "olora", "loftq" (their math and
+derivations in minilora/lora/inits.py).
 
 On an NF4 base without DoRA, one autograd function (_LoRANF4Fn, minilora/lora/nf4_fused.py) does
 base + LoRA without a float32 copy of x or a kept dequantized weight.
@@ -28,13 +30,14 @@ import warnings
 import torch
 import torch.nn as nn
 
+from minilora.lora import inits
 from minilora.lora.dora import dora_delta, merged_dora_weight, row_norm
 from minilora.lora.nf4_fused import LORA_SLICE_BYTES, _LoRANF4Fn, _row_slices  # noqa: F401  (re-exported)
 from minilora.models.loader import set_module
 from minilora.quant.linear import NF4_BUFFERS, NF4Linear
 from minilora.quant.nf4 import quantize_nf4
 
-INITS = ("default", "gaussian")
+INITS = inits.RANDOM_INITS + inits.WEIGHT_INITS  # pissa_niter_N: N a positive integer (inits.is_known)
 
 
 class AdapterError(ValueError):
@@ -77,6 +80,7 @@ class LoRALinear(nn.Module):
         init: str = "default",
         use_rslora: bool = False,
         use_dora: bool = False,
+        loftq_iters: int = 1,
     ):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)) or isinstance(base, LoRALinear):
@@ -84,13 +88,14 @@ class LoRALinear(nn.Module):
         check_rank(r)
         if not 0.0 <= dropout < 1.0:
             raise AdapterError(f"LoRA dropout={dropout!r} is invalid; pass a probability in [0, 1).")
-        if init not in INITS:
-            raise AdapterError(f"LoRA init={init!r} is unknown; use one of {', '.join(INITS)}.")
+        why = inits.why_not(init, r, base, use_dora)
+        if why is not None:
+            raise AdapterError(f"LoRA {why}.")
         for prm in base.parameters():
             prm.requires_grad_(False)
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.dropout_p, self.init = r, alpha, float(dropout), init
+        self.r, self.alpha, self.dropout_p, self.init, self.loftq_iters = r, alpha, float(dropout), init, loftq_iters
         self.use_rslora, self.use_dora = bool(use_rslora), bool(use_dora)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -106,6 +111,10 @@ class LoRALinear(nn.Module):
         self._unmerged = None  # the base's original weight (dense) or NF4 buffers while merged
 
     def reset_lora_parameters(self) -> None:
+        """A, B (and for PiSSA / OLoRA / LoftQ the base) as `init` says; see minilora/lora/inits.py."""
+        if inits.reads_weights(self.init):
+            inits.init_from_weights(self, self.loftq_iters)  # lora_A / lora_B were drawn first, as PEFT's
+            return
         if self.init == "default":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         else:
@@ -286,12 +295,18 @@ def apply_lora(
     verbose: bool = True,
     ranks: dict[str, int] | None = None,
     alphas: dict[str, float] | None = None,
+    loftq_iters: int = 1,
 ) -> dict:
     """Replace the targeted linears by LoRALinear in place, freeze everything else, and return
     {"trainable", "total", "percent", "message", "modules"} (message printed as PEFT prints it).
-    `ranks` / `alphas` override r / alpha per module name (used when loading PEFT's rank_pattern)."""
+    `ranks` / `alphas` override r / alpha per module name (used when loading PEFT's rank_pattern).
+    A weight-aware `init` (pissa, olora, loftq) needs dense targets: apply it before quantizing."""
     check_rank(r)
     names = select_targets(model, targets)
+    for name in names:  # every target checked before any is changed
+        why = inits.why_not(init, (ranks or {}).get(name, r), model.get_submodule(name), use_dora)
+        if why is not None:
+            raise AdapterError(f"LoRA on {name}: {why}.")
     for prm in model.parameters():
         prm.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
@@ -299,7 +314,8 @@ def apply_lora(
             torch.manual_seed(seed)
         for name in names:
             rr, aa = (ranks or {}).get(name, r), (alphas or {}).get(name, alpha)
-            set_module(model, name, LoRALinear(model.get_submodule(name), rr, aa, dropout, init, use_rslora, use_dora))
+            layer = LoRALinear(model.get_submodule(name), rr, aa, dropout, init, use_rslora, use_dora, loftq_iters)
+            set_module(model, name, layer)
     report = trainable_report(model)
     report["modules"] = names
     if verbose:
