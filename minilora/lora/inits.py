@@ -98,6 +98,22 @@ def why_not(init: str, r: int, base: nn.Module, use_dora: bool = False) -> str |
     return None
 
 
+def save_note(init: str, r: int, quantize: str, loftq_iters: int = 1) -> str | None:
+    """What train.py tells the user about the adapter it wrote for this init, or None."""
+    nf4 = " (NF4 of the residual here; on NF4 of the original weights it differs by NF4 rounding, as PEFT warns)"
+    if changes_base(init):
+        return (
+            f"adapter: --init {init} trained against a changed base{nf4 if quantize == 'nf4' else ''}; adapter/ "
+            f"holds B A - B0 A0 as a rank-{2 * r} LoRA for the original weights (r and lora_alpha doubled)"
+        )
+    if init == "loftq" and loftq_iters > 1:
+        return (
+            f"adapter: --loftq-iters {loftq_iters} trained against NF4(W - s B A), not NF4(W); loaded on the "
+            "plain NF4 base (eval.py, exports, PEFT) it differs from the trained model by NF4 rounding"
+        )
+    return None
+
+
 # --- the math, on a weight --------------------------------------------------------------------------
 def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int, scaling: float):
     """(A, B) = (sqrt(S_r/s) Vh_r, U_r sqrt(S_r/s)): s B A = U_r S_r Vh_r. PEFT writes diag(d) @ Vh and
@@ -220,6 +236,7 @@ __all__ = [
     "loftq",
     "olora",
     "pissa",
+    "save_note",
     "reads_weights",
     "why_not",
 ]

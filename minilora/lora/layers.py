@@ -241,10 +241,10 @@ def select_targets(model: nn.Module, targets) -> list[str]:
     return names
 
 
-def check_targets(model_cfg, targets, flag: str = "--lora-targets") -> list[str]:
+def check_targets(model_cfg, targets, flag: str = "--lora-targets", init: str = "default", r: int = 1) -> list[str]:
     """select_targets on the model `model_cfg` describes, built on the meta device (no weights, no
     memory): the AdapterError apply_lora would raise, prefixed with `flag`, before anything is loaded
-    or written."""
+    or written; and for a weight-aware `init`, that rank r fits every target (inits.why_not)."""
     from minilora.models.loader import no_random_init
     from minilora.models.transformer import Transformer
 
@@ -252,9 +252,14 @@ def check_targets(model_cfg, targets, flag: str = "--lora-targets") -> list[str]
         model = Transformer(model_cfg)
     model.tie_weights()
     try:
-        return select_targets(model, targets)
+        names = select_targets(model, targets)
     except AdapterError as e:
         raise AdapterError(f"{flag}: {e}") from None
+    for name in names:
+        why = inits.why_not(init, r, model.get_submodule(name))
+        if why is not None:
+            raise AdapterError(f"--init {init} --lora-r {r} on {name}: {why}; lower --lora-r.")
+    return names
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
