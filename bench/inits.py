@@ -6,13 +6,14 @@
 
 1. Training (the `tiny` model, the bundled demo data, QLoRA: --quantize nf4, r 16, alpha 32): one
    `python train.py` per variant, --max-steps N at the demo's learning rate; reported: validation loss
-   at step 0 and after N steps, and the run's wall time. The tiny model has random weights, so this
+   at step 0, N/4 and N, and the run's wall time. The tiny model has random weights, so this
    shows that every init trains and what it does to the starting loss, not which init suits a
    pretrained model (there is none offline here).
 2. Cost (a random-weight checkpoint of --geometry, bf16, LoRA on all linears, r 16): one fresh
    process per init loads the model as train.py does (NF4 straight from the file; dense first for the
-   inits that read W, then quantized) and applies LoRA; reported: seconds for load + init, the init
-   alone, and the process's peak RSS, and that peak above the default init's.
+   inits that read W, then quantized) and applies LoRA, --rounds times in turn; reported (medians):
+   seconds to load and to init, the process's peak RSS and that peak above the default init's (glibc
+   told to unmap freed buffers of 64 KiB and more, so that RSS follows live memory).
 Prints both tables and writes bench/results/inits.json (environment included).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,15 +46,21 @@ COST_INITS = ("default", "gaussian", "pissa", "pissa_niter_4", "olora", "loftq")
 
 
 def train_run(name: str, flags: list[str], steps: int, out: str, threads: int) -> dict:
+    every = str(max(1, steps // 4))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", out, "--max-steps", str(steps)]
-    cmd += ["--eval-generate", "0", "--eval-every", "0", "--save-every", "0", "--threads", str(threads), *flags]
+    cmd += ["--eval-generate", "0", "--eval-every", every, "--save-every", "0", "--threads", str(threads), *flags]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         raise RuntimeError(f"{name}: train.py failed\n{p.stderr[-2000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        val = [json.loads(line)["val_loss"] for line in f if "val_loss" in line]
-    return {"val_loss_start": val[0], "val_loss_end": val[-1], "seconds": time.perf_counter() - t0}
+        val = {r["step"]: r["val_loss"] for r in map(json.loads, f) if "val_loss" in r}
+    return {
+        "val_loss_start": val[0],
+        "val_loss_quarter": val[max(1, steps // 4)],
+        "val_loss_end": val[steps],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def cost_worker(init: str, ckpt: str, threads: int) -> dict:
@@ -80,6 +88,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="training steps per variant")
     ap.add_argument("--geometry", default="llama-135m", help="bench/train_step.py geometry for the cost part")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="cost part: each init this many times, in turn")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -88,50 +97,51 @@ def main() -> None:
     if a.worker:
         print(json.dumps(cost_worker(a.worker, a.ckpt, a.threads)))
         return
-    result = {"environment": environment(), "steps": a.steps, "geometry": a.geometry, "train": {}, "cost": {}}
+    result = {"environment": environment(), "steps": a.steps, "geometry": a.geometry, "rounds": a.rounds}
+    result.update(train={}, cost={})
     with tempfile.TemporaryDirectory() as tmp:
         if not a.skip_train:
-            for name, flags in VARIANTS.items():
-                result["train"][name] = r = train_run(
-                    name, flags, a.steps, os.path.join(tmp, f"run{len(result['train'])}"), a.threads
-                )
+            for i, (name, flags) in enumerate(VARIANTS.items()):
+                result["train"][name] = r = train_run(name, flags, a.steps, os.path.join(tmp, f"run{i}"), a.threads)
                 print(
-                    f"{name:<20} val loss {r['val_loss_start']:.3f} -> {r['val_loss_end']:.3f}  ({r['seconds']:.0f} s)"
+                    f"{name:<20} val loss {r['val_loss_start']:.3f} -> {r['val_loss_end']:.3f} ({r['seconds']:.0f} s)"
                 )
         if not a.skip_cost:
             ckpt = a.ckpt or os.path.join(tmp, a.geometry)
             if not os.path.isfile(os.path.join(ckpt, "config.json")):
                 write = [sys.executable, "-m", "bench.train_step", "--write-ckpt", "--geometry", a.geometry]
                 subprocess.run([*write, "--ckpt", ckpt], check=True, cwd=ROOT)
-            for init in COST_INITS:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "bench.inits",
-                    "--worker",
-                    init,
-                    "--ckpt",
-                    ckpt,
-                    "--threads",
-                    str(a.threads),
-                ]
-                p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if p.returncode:
-                    raise RuntimeError(f"cost worker {init} failed\n{p.stderr[-2000:]}")
-                result["cost"][init] = json.loads(p.stdout.strip().splitlines()[-1])
+            runs = {init: [] for init in COST_INITS}
+            for _ in range(a.rounds):  # in turn, so that load on a shared machine hits every init alike
+                for init in COST_INITS:
+                    cmd = [sys.executable, "-m", "bench.inits", "--worker", init, "--ckpt", ckpt]
+                    env = {
+                        **os.environ,
+                        "MALLOC_MMAP_THRESHOLD_": "65536",
+                    }  # RSS follows live memory (freed = unmapped)
+                    p = subprocess.run(
+                        [*cmd, "--threads", str(a.threads)], capture_output=True, text=True, cwd=ROOT, env=env
+                    )
+                    if p.returncode:
+                        raise RuntimeError(f"cost worker {init} failed\n{p.stderr[-2000:]}")
+                    runs[init].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            for init, rs in runs.items():
+                result["cost"][init] = {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"runs": rs}
     report(result)
     print(write_json("inits", result))
 
 
 def report(result: dict) -> None:
     if result["train"]:
-        print(f"\ntiny model, demo data, QLoRA r 16, {result['steps']} steps")
-        print("| init | val loss, step 0 | val loss, last step | run (s) |\n|---|---|---|---|")
+        n = result["steps"]
+        print(f"\ntiny model, demo data, QLoRA r 16, {n} steps")
+        print(f"| init | val loss, step 0 | step {max(1, n // 4)} | step {n} | run (s) |\n|---|---|---|---|---|")
         for name, r in result["train"].items():
-            print(f"| {name} | {r['val_loss_start']:.3f} | {r['val_loss_end']:.3f} | {r['seconds']:.0f} |")
+            losses = " | ".join(f"{r[k]:.3f}" for k in ("val_loss_start", "val_loss_quarter", "val_loss_end"))
+            print(f"| {name} | {losses} | {r['seconds']:.0f} |")
     if result["cost"]:
         base = result["cost"].get("default", {}).get("peak_rss_mib", 0.0)
-        print(f"\n{result['geometry']} (random weights, bf16), LoRA all-linear r 16, load as train.py does")
+        print(f"\n{result['geometry']} (random weights, bf16), LoRA all-linear r 16, medians of {result['rounds']}")
         print("| init | load (s) | init (s) | peak RSS (MiB) | above default (MiB) |\n|---|---|---|---|---|")
         for name, r in result["cost"].items():
             extra = r["peak_rss_mib"] - base

@@ -76,7 +76,7 @@ def reads_weights(init: str) -> bool:
 
 def changes_base(init: str) -> bool:
     """PiSSA and OLoRA move part of W into the adapter; LoftQ's base is NF4 of W (T = 1)."""
-    return init == "olora" or str(init).startswith("pissa")
+    return init in CHANGES_BASE or bool(_NITER.fullmatch(str(init)))
 
 
 def why_not(init: str, r: int, base: nn.Module, use_dora: bool = False) -> str | None:
