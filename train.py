@@ -39,8 +39,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     from minilora.data.records import load_records
     from minilora.eval.evaluate import completion_loss, generate_completions, score
     from minilora.fileio import write_text_atomic
+    from minilora.lora import inits
     from minilora.lora.adapter import save_adapter
     from minilora.lora.layers import apply_lora, check_targets, lora_parameters
+    from minilora.lora.plus import learning_rates, lora_param_groups
     from minilora.models.loader import load_config, load_model, plan_config
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D
@@ -55,7 +57,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         torch.set_num_threads(cfg.threads)
     rank, world, ddp_device = D.init_distributed()
     parallel = D.choose_parallel(cfg.parallel, world)  # "none", "ddp" or "fsdp"
-    D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora)
+    D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora, cfg.init)
     fsdp = parallel == "fsdp"  # every rank then takes part in evaluation and checkpoints too
     main = rank == 0
     device = ddp_device or resolve_device(cfg.device)
@@ -79,8 +81,9 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         if world > 1:  # the run's --parallel unless given: every mode resumes every checkpoint
             parallel = D.choose_parallel(cfg.parallel, world)
             fsdp = parallel == "fsdp"
-        if fsdp and (cfg.optimizer_bits != 32 or cfg.use_dora):  # recorded flags that cannot change
+        if fsdp and (cfg.optimizer_bits != 32 or cfg.use_dora or inits.reads_weights(cfg.init)):  # recorded flags
             kept = "--use-dora" if cfg.use_dora else f"--optimizer-bits {cfg.optimizer_bits}"
+            kept = f"--init {cfg.init}" if inits.reads_weights(cfg.init) else kept
             return fail(
                 f"--out {cfg.out} was trained with {kept}, which --parallel fsdp does not support; resume it "
                 f"with `torchrun --nproc_per_node {world} train.py --out {cfg.out} --resume --parallel ddp`."
@@ -116,7 +119,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         why = "has a chat template" if template == "chat" else "has no chat template"
         say(f"template: {template} (--template auto: the tokenizer {why})")
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-    check_targets(model_cfg, targets)  # apply_lora's own matching, on a meta-device model: before any write
+    check_targets(model_cfg, targets, init=cfg.init, r=cfg.lora_r)  # apply_lora's matching and rank fit, on meta
     data = prepare_data(
         cfg.data,
         tok,
@@ -150,7 +153,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, fsdp_ranks=world if fsdp else 1)
     if too_big and parallel == "ddp" and cfg.parallel == "auto":
         parallel = D.choose_parallel(cfg.parallel, world, fits_one_device=False)  # does not fit one device: shard
-        D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora)
+        D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora, cfg.init)
         fsdp = True
         plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, fsdp_ranks=world)
         say(f"parallel: fsdp over {world} ranks (the model does not fit one device)")
@@ -176,8 +179,9 @@ def run(cfg, given: set[str] = frozenset()) -> int:
     )
     if main:  # the first write: every check above has passed
         _lock = rundir.claim(cfg.out, cfg.resume, (ckpt, old))  # held until run() ends (or the process dies)
+        lrs = learning_rates(cfg.lr, cfg.lora_plus_ratio)  # LoRA+: lora_B's rate is --lora-plus-ratio x lora_A's
         resolved = {**plan.settings(), **steptime.settings(step_time, unmeasured), "template": template}
-        config = rundir.config_json(cfg, dtype_name(dtype), world, resolved)
+        config = rundir.config_json(cfg, dtype_name(dtype), world, {**resolved, "learning_rates": lrs})
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
     lora_kw = dict(
@@ -187,20 +191,26 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        init=cfg.init,
+        loftq_iters=cfg.loftq_iters,
         seed=cfg.seed,
         verbose=False,
     )
     streamed = fsdp and D.streams_load(cfg.model, cfg.quantize)  # loaded straight into this rank's shards
     if streamed:
         model, _, report = D.load_sharded(cfg.model, dtype, device, world, lora_kw)
-    else:
-        model, _ = load_model(
-            cfg.model, quantize=None if cfg.quantize == "none" else "nf4", dtype=dtype, device=str(device)
-        )
+    else:  # an init that reads W (PiSSA, OLoRA, LoftQ) runs on the dense weights; the base is quantized after it
+        dense_first = inits.reads_weights(cfg.init) and cfg.quantize == "nf4"
+        quantize = None if cfg.quantize == "none" or dense_first else "nf4"
+        model, _ = load_model(cfg.model, quantize=quantize, dtype=dtype, device=str(device))
 
     # --- LoRA surgery + optimizer + schedule
     if not streamed:
-        report = apply_lora(model, **lora_kw)
+        report = apply_lora(model, **lora_kw)  # the same init on every rank and on --resume (seeded)
+        if dense_first:
+            from minilora.models.loader import quantize_linears
+
+            quantize_linears(model, compute_dtype=dtype)  # PiSSA/OLoRA residuals (QPiSSA); LoftQ's are NF4 already
     say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
     model.set_gradient_checkpointing(plan.recompute_blocks, selective=plan.selective_blocks)
     model.train()
@@ -212,7 +222,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         else ("auto" if cfg.optimizer_budget == "auto" else int(cfg.optimizer_budget))
     )
     optimizer = PagedAdamW(
-        lora_parameters(model),
+        lora_param_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay),  # LoRA+: B at ratio x lr
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         state_bits=cfg.optimizer_bits,
@@ -361,6 +371,9 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         metrics.write(step=step, val_loss=v)
     if main:
         save_adapter(model, os.path.join(cfg.out, "adapter"), state=full, **adapter_meta)
+        note = inits.save_note(cfg.init, cfg.lora_r, cfg.quantize, cfg.loftq_iters)  # PiSSA / OLoRA: converted
+        if note:
+            print(note)
     summary = {
         "steps": step,
         "stop_reason": stop_reason,

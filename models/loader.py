@@ -104,11 +104,12 @@ def is_block_linear(name: str) -> bool:
 
 
 def quantize_linears(model: nn.Module, blocksize: int = 64, double_quant: bool = True, compute_dtype=None):
-    """Swap every block linear of an already materialized model for NF4Linear (post-load quantization)."""
+    """Swap every block linear of an already materialized model for NF4Linear (post-load quantization);
+    the dense base of a LoRA layer (`<linear>.base`) too, e.g. a PiSSA residual (QPiSSA)."""
     from minilora.quant.linear import NF4Linear
 
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.Linear) and is_block_linear(name + ".weight"):
+        if isinstance(mod, nn.Linear) and is_block_linear(name.removesuffix(".base") + ".weight"):
             q = NF4Linear.from_weight(
                 mod.weight.data,
                 mod.bias.data if mod.bias is not None else None,

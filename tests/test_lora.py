@@ -386,8 +386,8 @@ def test_target_matching_nothing_lists_names():
         apply_lora(tiny_llama(), ["q_proj", "qkv"])
     with pytest.raises(AdapterError, match="dropout"):
         LoRALinear(nn.Linear(4, 4), 2, 8, dropout=1.0)
-    with pytest.raises(AdapterError, match="init"):
-        LoRALinear(nn.Linear(4, 4), 2, 8, init="pissa")
+    with pytest.raises(AdapterError, match="init='pisa' is unknown; use one of default, gaussian, pissa"):
+        LoRALinear(nn.Linear(4, 4), 2, 8, init="pisa")
     with pytest.raises(AdapterError, match="nn.Linear"):
         LoRALinear(nn.Conv1d(4, 4, 1), 2, 8)
 

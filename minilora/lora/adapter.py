@@ -15,6 +15,11 @@ Gemma3ForConditionalGeneration checkpoint our `model.layers.0...` is saved as it
 (transformers 5), so PEFT and vLLM apply the adapter to that checkpoint. Loading maps either
 layout back (models.loader.our_name) when the path is not a module of the model as it is.
 
+PiSSA and OLoRA (minilora/lora/inits.py) train against a changed base; save_adapter writes by default
+the rank-2r adapter that applies to the original weights (r, lora_alpha and the patterns doubled, as
+PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) writes it); convert=False keeps
+the rank-r adapter on the changed base (what a checkpoint holds).
+
 Writes are atomic: both files go to a temporary directory beside `out_dir`, which replaces
 `out_dir` only once complete; an existing adapter survives any failure before that.
 """
@@ -32,6 +37,7 @@ import torch.nn as nn
 
 from minilora.dtensor import local, local_region
 from minilora.fileio import json_error_text, safetensors_problem, swap_into_place, temp_dir_for, usual_permissions
+from minilora.lora import inits
 from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
 from minilora.quant.linear import NF4Linear
 
@@ -182,7 +188,9 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None, config
         lora_dropout=dropout,
         use_rslora=use_rslora,
         use_dora=use_dora,
-        init_lora_weights=True if init == "default" else init,
+        # LoftQ's base is NF4 of W (one iteration), what any QLoRA loader builds: PEFT's LoftQ recipe saves
+        # such an adapter with init_lora_weights true, since "loftq" makes PEFT's loader run LoftQ again
+        init_lora_weights=True if init in ("default", "loftq") else init,
         target_modules=_source_targets(model, _target_modules(model, list(mods))),
         rank_pattern={_source_path(model, n): m.r for n, m in mods.items() if m.r != r},
         alpha_pattern={_source_path(model, n): m.alpha for n, m in mods.items() if m.alpha != alpha},
@@ -197,13 +205,19 @@ def save_adapter(
     base_model_name_or_path: str | None,
     config: dict | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    convert: bool = True,
 ) -> str:
     """Write `out_dir`/adapter_config.json + adapter_model.safetensors (PEFT layout), atomically.
-    `state`: the LoRA tensors to write instead of the model's (FSDP: gathered from the shards)."""
+    `state`: the LoRA tensors to write instead of the model's (FSDP: gathered from the shards).
+    convert: layers whose init changed the base (PiSSA, OLoRA) are written as the rank-2r adapter on
+    the original weights (module docstring); False writes them as trained, on the changed base."""
     from safetensors.torch import save_file
 
     cfg = adapter_config(model, base_model_name_or_path, config)
     state = lora_state_dict(model) if state is None else state
+    mods = lora_modules(model)
+    if convert and any(getattr(m, "lora_A0", None) is not None for m in mods.values()):
+        state, cfg = inits.converted_state(mods, state), inits.converted_config(cfg)
     tensors = {PREFIX + _source_path(model, k): v.detach().float().contiguous().cpu() for k, v in state.items()}
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -352,13 +366,16 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dic
             for n in names
         }
         init = cfg.get("init_lora_weights", True)
+        # PiSSA / OLoRA as trained (not converted): the base becomes the residual again, as PEFT's loader
+        # does; other inits only set A and B, which the saved weights replace
+        init = init if isinstance(init, str) and (init == "gaussian" or inits.changes_base(init)) else "default"
         apply_lora(
             model,
             names,
             r=int(cfg["r"]),
             alpha=cfg["lora_alpha"],
             dropout=float(cfg.get("lora_dropout", 0.0)),
-            init="gaussian" if init == "gaussian" else "default",
+            init=init,
             use_rslora=bool(cfg.get("use_rslora", False)),
             use_dora=bool(cfg.get("use_dora", False)),
             verbose=False,

@@ -13,13 +13,12 @@ the adapter weights (A, B, magnitude) are float32 while the base computes in its
 per base, and we do the same:
   - dense base:  y = (base(x) + s B A x).to(base dtype)      (the add happens in float32)
   - NF4 base:    y = base(x) + (s B A x).to(base dtype)      (bitsandbytes layer: cast, then add)
-Inits as PEFT: "default" = A kaiming-uniform(a=sqrt(5)), B = 0; "gaussian" = A ~ N(0, 1/r), B = 0.
+Inits as PEFT's init_lora_weights: "default" = A kaiming-uniform(a=sqrt(5)), B = 0; "gaussian" = A ~
+N(0, 1/r^2), B = 0; and from the weight, "pissa", "pissa_niter_N", "olora", "loftq" (their math and
+derivations in minilora/lora/inits.py).
 
-On an NF4 base without DoRA, one autograd function (_LoRANF4Fn) does base + LoRA: it saves x, the
-small (N, r) product A x and the dropout mask, never a float32 copy of x and never the
-dequantized weight (dequantized again, in chunks, in backward), and it computes the float32 LoRA
-terms over row slices, so no (N, K) or (N, M) float32 temporary is built either. See
-bench/lora_layer.py.
+On an NF4 base without DoRA, one autograd function (_LoRANF4Fn, minilora/lora/nf4_fused.py) does
+base + LoRA without a float32 copy of x or a kept dequantized weight.
 """
 
 from __future__ import annotations
@@ -31,12 +30,14 @@ import warnings
 import torch
 import torch.nn as nn
 
+from minilora.lora import inits
 from minilora.lora.dora import dora_delta, merged_dora_weight, row_norm
+from minilora.lora.nf4_fused import LORA_SLICE_BYTES, _LoRANF4Fn, _row_slices  # noqa: F401  (re-exported)
 from minilora.models.loader import set_module
-from minilora.quant.linear import NF4_BUFFERS, NF4Linear, nf4_matmul, nf4_matmul_t
+from minilora.quant.linear import NF4_BUFFERS, NF4Linear
 from minilora.quant.nf4 import quantize_nf4
 
-INITS = ("default", "gaussian")
+INITS = inits.RANDOM_INITS + inits.WEIGHT_INITS  # pissa_niter_N: N a positive integer (inits.is_known)
 
 
 class AdapterError(ValueError):
@@ -50,104 +51,6 @@ def base_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tens
         return base.dequantized_weight(dtype)
     w = base.weight
     return w if dtype is None else w.to(dtype)
-
-
-# --- the fused NF4 + LoRA function ----------------------------------------------------------------
-# The LoRA path runs in float32 over (rows, K) and (rows, M) slices of at most this many bytes, so no
-# (N, K) or (N, M) float32 temporary is ever built. On the CPU an 8 MiB slice is reused from glibc's
-# heap instead of being mapped and page-faulted afresh, and is still large enough for efficient
-# GEMMs; on CUDA a training batch is one slice (few launches). bench/lora_layer.py measures it.
-LORA_SLICE_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
-
-
-def _row_slices(n: int, width: int, device: torch.device) -> list[tuple[int, int]]:
-    """[(i0, i1), ...] covering rows 0..n so that a float32 (rows, width) slice fits LORA_SLICE_BYTES."""
-    rows = max(1, LORA_SLICE_BYTES.get(device.type, LORA_SLICE_BYTES["cuda"]) // (4 * max(1, width)))
-    return [(i, min(n, i + rows)) for i in range(0, n, rows)]
-
-
-class _LoRANF4Fn(torch.autograd.Function):
-    """y = (x_c W0^T + b).to(x dtype) + (s * (d(x_f) A^T) B^T).to(x dtype)
-
-    x (N, K); x_c = x in the base's compute dtype; x_f = x in float32; d(z) = z * (mask / (1-p)) is
-    dropout (identity without a mask); W0 (M, K) NF4; A (r, K), B (M, r) float32. u = d(x_f) A^T (N, r) is saved.
-
-    Backward, g = dL/dy (N, M), g_f = s * g in float32 (the cast's backward, then the scaling):
-        dL/dB = g_f^T u                                  (M, N) @ (N, r) -> (M, r)
-        dL/du = g_f B                                    (N, M) @ (M, r) -> (N, r)
-        dL/dA = (dL/du)^T d(x_f)                         (r, N) @ (N, K) -> (r, K)
-        dL/dx = (g_c W0).to(x dtype) + d'(dL/du A).to(x dtype)
-              d' multiplies by mask / (1-p) again; W0 is dequantized again here (quant_linear.nf4_matmul_t).
-    Each term is rounded where PEFT + bitsandbytes round it, so the results agree with them. The
-    float32 LoRA terms are computed over row slices (_row_slices), so dL/dA and dL/dB are sums of
-    per-slice products; slicing changes only float32 summation order and BLAS blocking (last-bit
-    differences, which can move a 16-bit output by one rounding step). A batch that fits one slice
-    (every small test, and a CUDA training batch) computes exactly PEFT's products.
-    """
-
-    @staticmethod
-    def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
-        in_dtype, cdt = x.dtype, base.compute_dtype or x.dtype
-        q = base.weight_nf4
-        y = nf4_matmul(x.to(cdt), q)  # (N, K) @ (K, M) -> (N, M); fused Triton kernel on CUDA when it wins
-        if base.bias is not None:
-            y = y + base.bias.to(y.dtype)  # NF4Linear adds the bias after the matmul
-        y = y.to(in_dtype)
-        # Dropout as nn.Dropout draws it: noise = bernoulli(1-p) / (1-p), x * noise. Drawn slice by
-        # slice, which on the CPU consumes the generator exactly as one whole draw (the PEFT tests
-        # with dropout and several slices check it); only the 1-byte mask is kept for backward.
-        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if p > 0 else None  # (N, K)
-        u = torch.empty(x.shape[0], A.shape[0], dtype=torch.float32, device=x.device)  # (N, r)
-        # The sum goes into a new tensor, not into y: selective recompute keeps the base matmul's
-        # output as it was computed and refuses (and would double-count) an in-place add into it.
-        out = torch.empty_like(y)  # (N, M) in x's dtype
-        rows = _row_slices(x.shape[0], max(x.shape[1], y.shape[1]), x.device)
-        lora = torch.empty(rows[0][1] - rows[0][0], y.shape[1], dtype=torch.float32, device=x.device) if rows else None
-        for i0, i1 in rows:
-            xf = x[i0:i1].float()  # (rows, K) float32, not saved
-            if mask is not None:
-                noise = torch.empty_like(xf).bernoulli_(1 - p).div_(1 - p)
-                torch.ne(noise, 0, out=mask[i0:i1])
-                xf = xf * noise  # (not in place: for float32 x, x[i0:i1].float() is x itself)
-            # The rank-r products use out= (aten's mm.out): the selective-recompute policy
-            # (models/recompute.py) saves mm outputs, and these are cheap to recompute.
-            torch.mm(xf, A.t(), out=u[i0:i1])  # (rows, K) @ (K, r) -> (rows, r)
-            term = torch.mm(u[i0:i1], B.t(), out=lora[: i1 - i0]).mul_(scaling)  # (rows, r) @ (r, M) -> (rows, M)
-            torch.add(y[i0:i1], term.to(in_dtype), out=out[i0:i1])
-        ctx.save_for_backward(x, A, B, u, mask)
-        ctx.base, ctx.scaling, ctx.p = base, scaling, p
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, A, B, u, mask = ctx.saved_tensors
-        s, p, base = ctx.scaling, ctx.p, ctx.base
-        need_x, need_A, need_B = ctx.needs_input_grad[:3]
-        gx = None
-        if need_x:
-            cdt = base.compute_dtype or x.dtype
-            gx = nf4_matmul_t(g.to(cdt), base.weight_nf4).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
-        gA = torch.zeros_like(A) if need_A else None  # (r, K)
-        gB = torch.zeros_like(B) if need_B else None  # (M, r)
-        for i0, i1 in _row_slices(x.shape[0], max(x.shape[1], g.shape[1]), x.device):
-            gf = g[i0:i1].float() * s  # (rows, M) float32
-            if need_B:
-                gB.addmm_(gf.t(), u[i0:i1])  # (M, rows) @ (rows, r) -> (M, r)
-            gu = gf @ B  # (rows, M) @ (M, r) -> (rows, r)
-            del gf
-            keep = None if mask is None else mask[i0:i1].float().div_(1 - p)  # d' on these rows
-            if need_A:
-                xf = x[i0:i1].float()
-                if keep is not None:
-                    xf = xf * keep  # d(x_f) again, bit for bit
-                gA.addmm_(gu.t(), xf)  # (r, rows) @ (rows, K) -> (r, K)
-                del xf
-            if need_x:
-                gl = gu @ A  # (rows, r) @ (r, K) -> (rows, K) float32
-                if keep is not None:
-                    gl = gl * keep
-                gx[i0:i1] += gl.to(x.dtype)
-        return gx, gA, gB, None, None, None
 
 
 # --- the layer -----------------------------------------------------------------------------------
@@ -177,6 +80,7 @@ class LoRALinear(nn.Module):
         init: str = "default",
         use_rslora: bool = False,
         use_dora: bool = False,
+        loftq_iters: int = 1,
     ):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)) or isinstance(base, LoRALinear):
@@ -184,13 +88,14 @@ class LoRALinear(nn.Module):
         check_rank(r)
         if not 0.0 <= dropout < 1.0:
             raise AdapterError(f"LoRA dropout={dropout!r} is invalid; pass a probability in [0, 1).")
-        if init not in INITS:
-            raise AdapterError(f"LoRA init={init!r} is unknown; use one of {', '.join(INITS)}.")
+        why = inits.why_not(init, r, base, use_dora)
+        if why is not None:
+            raise AdapterError(f"LoRA {why}.")
         for prm in base.parameters():
             prm.requires_grad_(False)
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.dropout_p, self.init = r, alpha, float(dropout), init
+        self.r, self.alpha, self.dropout_p, self.init, self.loftq_iters = r, alpha, float(dropout), init, loftq_iters
         self.use_rslora, self.use_dora = bool(use_rslora), bool(use_dora)
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -206,6 +111,10 @@ class LoRALinear(nn.Module):
         self._unmerged = None  # the base's original weight (dense) or NF4 buffers while merged
 
     def reset_lora_parameters(self) -> None:
+        """A, B (and for PiSSA / OLoRA / LoftQ the base) as `init` says; see minilora/lora/inits.py."""
+        if inits.reads_weights(self.init):
+            inits.init_from_weights(self, self.loftq_iters)  # lora_A / lora_B were drawn first, as PEFT's
+            return
         if self.init == "default":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         else:
@@ -332,10 +241,10 @@ def select_targets(model: nn.Module, targets) -> list[str]:
     return names
 
 
-def check_targets(model_cfg, targets, flag: str = "--lora-targets") -> list[str]:
+def check_targets(model_cfg, targets, flag: str = "--lora-targets", init: str = "default", r: int = 1) -> list[str]:
     """select_targets on the model `model_cfg` describes, built on the meta device (no weights, no
     memory): the AdapterError apply_lora would raise, prefixed with `flag`, before anything is loaded
-    or written."""
+    or written; and for a weight-aware `init`, that rank r fits every target (inits.why_not)."""
     from minilora.models.loader import no_random_init
     from minilora.models.transformer import Transformer
 
@@ -343,9 +252,14 @@ def check_targets(model_cfg, targets, flag: str = "--lora-targets") -> list[str]
         model = Transformer(model_cfg)
     model.tie_weights()
     try:
-        return select_targets(model, targets)
+        names = select_targets(model, targets)
     except AdapterError as e:
         raise AdapterError(f"{flag}: {e}") from None
+    for name in names:
+        why = inits.why_not(init, r, model.get_submodule(name))
+        if why is not None:
+            raise AdapterError(f"--init {init} --lora-r {r} on {name}: {why}; lower --lora-r.")
+    return names
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -386,12 +300,18 @@ def apply_lora(
     verbose: bool = True,
     ranks: dict[str, int] | None = None,
     alphas: dict[str, float] | None = None,
+    loftq_iters: int = 1,
 ) -> dict:
     """Replace the targeted linears by LoRALinear in place, freeze everything else, and return
     {"trainable", "total", "percent", "message", "modules"} (message printed as PEFT prints it).
-    `ranks` / `alphas` override r / alpha per module name (used when loading PEFT's rank_pattern)."""
+    `ranks` / `alphas` override r / alpha per module name (used when loading PEFT's rank_pattern).
+    A weight-aware `init` (pissa, olora, loftq) needs dense targets: apply it before quantizing."""
     check_rank(r)
     names = select_targets(model, targets)
+    for name in names:  # every target checked before any is changed
+        why = inits.why_not(init, (ranks or {}).get(name, r), model.get_submodule(name), use_dora)
+        if why is not None:
+            raise AdapterError(f"LoRA on {name}: {why}.")
     for prm in model.parameters():
         prm.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
@@ -399,7 +319,8 @@ def apply_lora(
             torch.manual_seed(seed)
         for name in names:
             rr, aa = (ranks or {}).get(name, r), (alphas or {}).get(name, alpha)
-            set_module(model, name, LoRALinear(model.get_submodule(name), rr, aa, dropout, init, use_rslora, use_dora))
+            layer = LoRALinear(model.get_submodule(name), rr, aa, dropout, init, use_rslora, use_dora, loftq_iters)
+            set_module(model, name, layer)
     report = trainable_report(model)
     report["modules"] = names
     if verbose:

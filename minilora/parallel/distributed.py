@@ -123,7 +123,9 @@ def choose_parallel(requested: str, world: int, fits_one_device: bool | None = N
     return "ddp"
 
 
-def check_parallel(parallel: str, launched_by_torchrun: bool, optimizer_bits: int, use_dora: bool = False) -> None:
+def check_parallel(
+    parallel: str, launched_by_torchrun: bool, optimizer_bits: int, use_dora: bool = False, init: str = "default"
+) -> None:
     """Raise ParallelError for a --parallel fsdp run that cannot work, before anything is written."""
     if parallel != "fsdp":
         return
@@ -142,6 +144,12 @@ def check_parallel(parallel: str, launched_by_torchrun: bool, optimizer_bits: in
     if use_dora:
         # load_sharded initializes LoRA before the base weights exist; DoRA's magnitude needs them
         raise ParallelError("--use-dora is not supported with --parallel fsdp; drop --use-dora or use --parallel ddp.")
+    if init not in ("default", "gaussian"):
+        # PiSSA / OLoRA / LoftQ read each target's whole weight, and load_sharded builds LoRA before the
+        # weights exist; every DDP rank computes the same init instead
+        raise ParallelError(
+            f"--init {init} is not supported with --parallel fsdp; use --parallel ddp or --init default."
+        )
 
 
 def launched_by_torchrun() -> bool:

@@ -91,7 +91,8 @@ def save_checkpoint(
         if write_state is not None:
             write_state(tmp)
         else:
-            save_adapter(model, os.path.join(tmp, "adapter"), **adapter_meta)
+            # as trained (PiSSA / OLoRA: rank r on the residual), not converted for the original weights
+            save_adapter(model, os.path.join(tmp, "adapter"), convert=False, **adapter_meta)
             save_optimizer_state(optimizer, os.path.join(tmp, OPTIMIZER_FILE))
         save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
         state = {**train_state, "step": step, "scheduler": scheduler.state_dict()}
@@ -197,11 +198,13 @@ def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> 
 def apply_hyperparameters(optimizer, scheduler, lr: float, weight_decay: float) -> None:
     """Put this invocation's --lr and --weight-decay into a restored optimizer and LambdaLR (the
     checkpoint restored the values the run started with). The multiplier is re-evaluated at the
-    restored step, so with unchanged flags this recomputes exactly the restored learning rate."""
-    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
-    for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"], group["weight_decay"] = lr, weight_decay
-        group["lr"] = lr * f(scheduler.last_epoch)
+    restored step, so with unchanged flags this recomputes exactly the restored learning rate.
+    A group's `lr_ratio` (LoRA+: R for lora_B, minilora/lora/plus.py) scales its peak rate."""
+    peaks = [lr * g.get("lr_ratio", 1.0) for g in optimizer.param_groups]
+    scheduler.base_lrs = list(peaks)
+    for group, f, peak in zip(optimizer.param_groups, scheduler.lr_lambdas, peaks):
+        group["initial_lr"], group["weight_decay"] = peak, weight_decay
+        group["lr"] = peak * f(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 

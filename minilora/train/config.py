@@ -94,6 +94,17 @@ class TrainConfig:
     lora_targets: str = _f("all-linear", "all-linear, or comma-separated module names (q_proj,v_proj)")
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
+    init: str = _f(
+        "default",
+        "LoRA initialisation, named as PEFT's init_lora_weights: default, gaussian (B = 0); pissa (the top-r "
+        "singular directions of W train, the residual is the frozen base, quantized with --quantize nf4), "
+        "pissa_niter_N (the same by randomized SVD, N iterations), olora (QR of W), loftq (needs --quantize "
+        "nf4: B A fits the NF4 error of W)",
+    )
+    loftq_iters: int = _f(1, "--init loftq: alternations of NF4 quantization and rank-r SVD", ge=1)
+    lora_plus_ratio: float = _f(
+        0.0, "LoRA+: lora_B learns at this many times --lr (e.g. 16); 0 = off, one rate", ge=0.0
+    )
     gradient_checkpointing: str = _f(
         "auto",
         "recompute block activations in backward: auto (off when the plan "
@@ -206,10 +217,26 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag} {path} is a folder; pass the path of a JSONL file.")
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{flag} {path} does not exist; pass the path of a JSONL file.")
+    check_init_flags(cfg)
     if cfg.memory_budget != "auto" and not cfg.memory_budget.isdigit():
         raise ConfigError(f"--memory-budget {cfg.memory_budget!r} must be auto or a number of bytes.")
     if cfg.optimizer_budget not in ("none", "auto") and not cfg.optimizer_budget.isdigit():
         raise ConfigError(f"--optimizer-budget {cfg.optimizer_budget!r} must be none, auto, or a number of bytes.")
+
+
+def check_init_flags(cfg: TrainConfig) -> None:
+    """--init and what it needs of the other flags: a ConfigError (one sentence) for what cannot work."""
+    from minilora.lora import inits
+
+    if not inits.is_known(cfg.init):
+        raise ConfigError(f"--init {cfg.init} is unknown; use one of {inits.known_inits()} (N a positive integer).")
+    if cfg.use_dora and inits.reads_weights(cfg.init):
+        raise ConfigError(f"--init {cfg.init} is not supported with --use-dora; drop --use-dora or use --init default.")
+    if cfg.init == "loftq" and cfg.quantize == "none":
+        raise ConfigError(
+            "--init loftq fits the adapter to the NF4 quantization error of the base, so it needs --quantize "
+            "nf4; drop --quantize none, or use --init pissa for an unquantized base."
+        )
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:

@@ -33,7 +33,18 @@ from minilora.cli import UsageError
 from minilora.fileio import LOCK_NAME, FolderBusy, FolderLock, check_unlocked, lock_folder
 from minilora.lora.adapter import check_adapter_files
 
-ADAPTER_FIELDS = ("model", "quantize", "dtype", "lora_r", "lora_alpha", "lora_targets", "use_rslora", "use_dora")
+ADAPTER_FIELDS = (
+    "model",
+    "quantize",
+    "dtype",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "use_rslora",
+    "use_dora",
+    "init",
+    "loftq_iters",
+)
 STREAM_FIELDS = (
     "data",
     "val_data",
@@ -50,6 +61,7 @@ STREAM_FIELDS = (
     "batch_size",
     "grad_accum",
     "optimizer_bits",
+    "lora_plus_ratio",  # the optimizer's parameter groups and their learning rates
 )
 CHANGEABLE_FIELDS = (
     "eval_data",

@@ -1,0 +1,112 @@
+"""The fused NF4 base + LoRA autograd function behind LoRALinear on an NF4 base (minilora/lora/layers.py).
+
+Letters: N tokens (all leading dims of x flattened), K in_features, M out_features, r rank.
+
+It saves x, the small (N, r) product A x and the dropout mask, never a float32 copy of x and never the
+dequantized weight (dequantized again, in chunks, in backward), and it computes the float32 LoRA
+terms over row slices, so no (N, K) or (N, M) float32 temporary is built either. See
+bench/lora_layer.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minilora.quant.linear import NF4Linear, nf4_matmul, nf4_matmul_t
+
+# --- the fused NF4 + LoRA function ----------------------------------------------------------------
+# The LoRA path runs in float32 over (rows, K) and (rows, M) slices of at most this many bytes, so no
+# (N, K) or (N, M) float32 temporary is ever built. On the CPU an 8 MiB slice is reused from glibc's
+# heap instead of being mapped and page-faulted afresh, and is still large enough for efficient
+# GEMMs; on CUDA a training batch is one slice (few launches). bench/lora_layer.py measures it.
+LORA_SLICE_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+
+
+def _row_slices(n: int, width: int, device: torch.device) -> list[tuple[int, int]]:
+    """[(i0, i1), ...] covering rows 0..n so that a float32 (rows, width) slice fits LORA_SLICE_BYTES."""
+    rows = max(1, LORA_SLICE_BYTES.get(device.type, LORA_SLICE_BYTES["cuda"]) // (4 * max(1, width)))
+    return [(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
+class _LoRANF4Fn(torch.autograd.Function):
+    """y = (x_c W0^T + b).to(x dtype) + (s * (d(x_f) A^T) B^T).to(x dtype)
+
+    x (N, K); x_c = x in the base's compute dtype; x_f = x in float32; d(z) = z * (mask / (1-p)) is
+    dropout (identity without a mask); W0 (M, K) NF4; A (r, K), B (M, r) float32. u = d(x_f) A^T (N, r) is saved.
+
+    Backward, g = dL/dy (N, M), g_f = s * g in float32 (the cast's backward, then the scaling):
+        dL/dB = g_f^T u                                  (M, N) @ (N, r) -> (M, r)
+        dL/du = g_f B                                    (N, M) @ (M, r) -> (N, r)
+        dL/dA = (dL/du)^T d(x_f)                         (r, N) @ (N, K) -> (r, K)
+        dL/dx = (g_c W0).to(x dtype) + d'(dL/du A).to(x dtype)
+              d' multiplies by mask / (1-p) again; W0 is dequantized again here (quant_linear.nf4_matmul_t).
+    Each term is rounded where PEFT + bitsandbytes round it, so the results agree with them. The
+    float32 LoRA terms are computed over row slices (_row_slices), so dL/dA and dL/dB are sums of
+    per-slice products; slicing changes only float32 summation order and BLAS blocking (last-bit
+    differences, which can move a 16-bit output by one rounding step). A batch that fits one slice
+    (every small test, and a CUDA training batch) computes exactly PEFT's products.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
+        in_dtype, cdt = x.dtype, base.compute_dtype or x.dtype
+        q = base.weight_nf4
+        y = nf4_matmul(x.to(cdt), q)  # (N, K) @ (K, M) -> (N, M); fused Triton kernel on CUDA when it wins
+        if base.bias is not None:
+            y = y + base.bias.to(y.dtype)  # NF4Linear adds the bias after the matmul
+        y = y.to(in_dtype)
+        # Dropout as nn.Dropout draws it: noise = bernoulli(1-p) / (1-p), x * noise. Drawn slice by
+        # slice, which on the CPU consumes the generator exactly as one whole draw (the PEFT tests
+        # with dropout and several slices check it); only the 1-byte mask is kept for backward.
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if p > 0 else None  # (N, K)
+        u = torch.empty(x.shape[0], A.shape[0], dtype=torch.float32, device=x.device)  # (N, r)
+        # The sum goes into a new tensor, not into y: selective recompute keeps the base matmul's
+        # output as it was computed and refuses (and would double-count) an in-place add into it.
+        out = torch.empty_like(y)  # (N, M) in x's dtype
+        rows = _row_slices(x.shape[0], max(x.shape[1], y.shape[1]), x.device)
+        lora = torch.empty(rows[0][1] - rows[0][0], y.shape[1], dtype=torch.float32, device=x.device) if rows else None
+        for i0, i1 in rows:
+            xf = x[i0:i1].float()  # (rows, K) float32, not saved
+            if mask is not None:
+                noise = torch.empty_like(xf).bernoulli_(1 - p).div_(1 - p)
+                torch.ne(noise, 0, out=mask[i0:i1])
+                xf = xf * noise  # (not in place: for float32 x, x[i0:i1].float() is x itself)
+            # The rank-r products use out= (aten's mm.out): the selective-recompute policy
+            # (models/recompute.py) saves mm outputs, and these are cheap to recompute.
+            torch.mm(xf, A.t(), out=u[i0:i1])  # (rows, K) @ (K, r) -> (rows, r)
+            term = torch.mm(u[i0:i1], B.t(), out=lora[: i1 - i0]).mul_(scaling)  # (rows, r) @ (r, M) -> (rows, M)
+            torch.add(y[i0:i1], term.to(in_dtype), out=out[i0:i1])
+        ctx.save_for_backward(x, A, B, u, mask)
+        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A, B, u, mask = ctx.saved_tensors
+        s, p, base = ctx.scaling, ctx.p, ctx.base
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        gx = None
+        if need_x:
+            cdt = base.compute_dtype or x.dtype
+            gx = nf4_matmul_t(g.to(cdt), base.weight_nf4).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
+        gA = torch.zeros_like(A) if need_A else None  # (r, K)
+        gB = torch.zeros_like(B) if need_B else None  # (M, r)
+        for i0, i1 in _row_slices(x.shape[0], max(x.shape[1], g.shape[1]), x.device):
+            gf = g[i0:i1].float() * s  # (rows, M) float32
+            if need_B:
+                gB.addmm_(gf.t(), u[i0:i1])  # (M, rows) @ (rows, r) -> (M, r)
+            gu = gf @ B  # (rows, M) @ (M, r) -> (rows, r)
+            del gf
+            keep = None if mask is None else mask[i0:i1].float().div_(1 - p)  # d' on these rows
+            if need_A:
+                xf = x[i0:i1].float()
+                if keep is not None:
+                    xf = xf * keep  # d(x_f) again, bit for bit
+                gA.addmm_(gu.t(), xf)  # (r, rows) @ (rows, K) -> (r, K)
+                del xf
+            if need_x:
+                gl = gu @ A  # (rows, r) @ (r, K) -> (rows, K) float32
+                if keep is not None:
+                    gl = gl * keep
+                gx[i0:i1] += gl.to(x.dtype)
+        return gx, gA, gB, None, None, None
