@@ -174,3 +174,21 @@ def test_resume_refuses_another_objective_or_beta(tmp_path, capsys):
     ):
         code, _, err = train_here(capsys, tmp_path / "r", "--resume", *args)
         assert code == EXIT_USAGE and named in one_sentence(err)
+
+
+def test_dpo_under_fsdp_equals_one_process(tmp_path):
+    """Two FSDP ranks (the NF4 base, LoRA and the vocabulary-parallel head sharded; each rank's rows'
+    log-probabilities from token_cross_entropy) give one process's DPO losses, rewards and validation."""
+    common = ["--objective", "dpo", "--max-steps", "3", "--batch-size", "2", "--save-every", "0", "--log-every", "1"]
+    common += ["--dtype", "float32"]  # --dtype auto picks bf16 on some CPUs: compare in float32
+    assert train(tmp_path / "one", *common, "--grad-accum", "2").returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "two"), *FAST, *common, "--parallel", "fsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] and len(one) == 5  # val 0, steps 1-3, val 3
+    for a, b in zip(one, two):
+        for k in set(a) - set(TIMING) - {"step", "lr"}:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])

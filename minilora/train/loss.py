@@ -193,9 +193,9 @@ def sequence_logprobs(model, batch, chunk: int = 256) -> tuple[torch.Tensor, tor
     row = keep.nonzero()[:, 0]  # (N,) the row of each labelled token, in the same row-major order
     cap = model.config.final_logit_softcapping
     head = getattr(model.lm_head, "weight", None)
-    if hasattr(model.lm_head, "cross_entropy"):  # the vocabulary-parallel head sums over rows
-        raise NotImplementedError("per-sequence log-probabilities are not available with --parallel fsdp yet")
-    if torch.is_grad_enabled() and head is not None and not head.requires_grad:  # LoRA: frozen head
+    if hasattr(model.lm_head, "token_cross_entropy"):  # --parallel fsdp: the vocabulary-parallel head
+        ce = model.lm_head.token_cross_entropy(h_sel, y_sel, cap, chunk)
+    elif torch.is_grad_enabled() and head is not None and not head.requires_grad:  # LoRA: frozen head
         ce = TokenCrossEntropyFn.apply(h_sel, head, y_sel, cap, chunk)
     else:
         parts = []
