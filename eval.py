@@ -11,8 +11,8 @@ the base -> score the base with k training examples in its prompt -> load the ad
 fine-tuned model -> report.md + eval.json in the run directory -> gates. Each score is perplexity on
 the completion tokens, exact match and structured (JSON) match of greedy generations.
 A preference run (train.py --objective dpo or orpo) is scored on held-out pairs instead: preference
-accuracy and mean margin of the base (DPO's reference) and of the fine-tuned model, and greedy
-generations beside the chosen and rejected answers in report.md.
+accuracy and mean margin of the base, the initial adapter (--init-adapter runs) and the fine-tuned
+model, and greedy generations beside the chosen and rejected answers in report.md.
 Defaults for --model, --data, --train-data, --template and --format come from the run's config.json.
 """
 
@@ -247,13 +247,15 @@ def run_eval(args) -> int:
 
 
 def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, device) -> int:
-    """A preference run: held-out pairs scored by the base and by the fine-tuned model (see the docstring)."""
+    """A preference run: held-out pairs scored by the base, the initial adapter of a run started with
+    --init-adapter (DPO's reference there), and the fine-tuned model (see the module docstring)."""
     from minilora.data.encode import resolve_template
     from minilora.data.pairs import encode_pair, load_pairs
     from minilora.eval.evaluate import generate_completions
     from minilora.eval.pref_report import write_report
     from minilora.lora.adapter import check_adapter_fits, load_adapter
     from minilora.models.loader import load_model
+    from minilora.train import init_adapter
     from minilora.train.loss import default_chunk
     from minilora.train.objectives import evaluate_pairs, make_objective
 
@@ -283,8 +285,12 @@ def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, 
     hyper = {k: run_cfg[k] for k in ("beta", "label_smoothing", "dpo_loss", "orpo_lambda") if k in run_cfg}
     scorer = make_objective(objective, default_chunk(device), **hyper)  # the run's own loss and rewards
     shown = [p.example(p.chosen) for p in pairs[: args.generations]]  # each pair's prompt, to generate from
+    initial = os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), init_adapter.FOLDER)  # --init-adapter
     results = {}
-    for variant in ("base", "fine_tuned"):
+    for variant in ("base", "initial", "fine_tuned") if os.path.isdir(initial) else ("base", "fine_tuned"):
+        if variant == "initial":  # DPO's reference from here on: base + the initial adapter, frozen
+            frozen = init_adapter.load(model, initial)
+            scorer.frozen = frozen if objective == "dpo" else None
         if variant == "fine_tuned":
             load_adapter(model, adapter_dir)
         results[variant] = evaluate_pairs(model, scorer, encoded, args.batch_size, tok.pad_id)

@@ -50,7 +50,7 @@ def setup(cfg, given: set[str]) -> Run | int:
     from minilora.parallel import distributed as D
     from minilora.parallel import sharded_checkpoint as SC
     from minilora.train import checkpoint as C
-    from minilora.train import rundir
+    from minilora.train import init_adapter, rundir
     from minilora.train import schedule as T
     from minilora.train.objectives import ObjectiveModule, make_objective
     from minilora.train.planner import longest_batch, plan_run
@@ -125,6 +125,10 @@ def setup(cfg, given: set[str]) -> Run | int:
         say(f"template: {template} (--template auto: the tokenizer {why})")
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     check_targets(model_cfg, targets)  # apply_lora's own matching, on a meta-device model: before any write
+    init_dir = None  # --init-adapter: checked now; on --resume the run folder's own copy
+    if cfg.init_adapter:
+        kept = os.path.join(cfg.out, init_adapter.FOLDER)
+        init_dir = kept if ckpt is not None and os.path.isdir(kept) else init_adapter.check(cfg, model_cfg, targets)
     data = prepare_data(
         cfg.data,
         tok,
@@ -194,6 +198,11 @@ def setup(cfg, given: set[str]) -> Run | int:
         config = rundir.config_json(cfg, dtype_name(dtype), world, {**plan.settings(), "template": template})
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
+        if init_dir is not None:
+            init_dir = init_adapter.copy_into_run(init_dir, cfg.out)  # a resume needs only the run folder
+    if init_dir is not None:
+        D.all_reduce_sum(0, world)  # a barrier: rank 0's copy exists before the other ranks read it
+        init_dir = os.path.join(cfg.out, init_adapter.FOLDER)
     lora_kw = dict(
         targets=targets,
         r=cfg.lora_r,
@@ -216,6 +225,8 @@ def setup(cfg, given: set[str]) -> Run | int:
     if not streamed:
         report = apply_lora(model, **lora_kw)
     say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
+    if init_dir is not None:  # the policy starts there; DPO's reference is base + these weights, frozen
+        objective.frozen = init_adapter.load(model, init_dir)
     model.set_gradient_checkpointing(plan.recompute_blocks, selective=plan.selective_blocks)
     model.train()
     if fsdp and not streamed:

@@ -39,7 +39,7 @@ def test_preference_report_matches_training_and_shows_generations(dpo_run, capsy
         assert ours["margin"] == pytest.approx(trained["margin"], rel=1e-5, abs=1e-6)
     assert tuned["pref_accuracy"] > base["pref_accuracy"]
     md = (dpo_run / "report.md").read_text()
-    assert md.count("Chosen:") == md.count("Rejected:") == 2 and "fine-tuned:" in md and "base (the reference):" in md
+    assert md.count("Chosen:") == md.count("Rejected:") == 2 and "fine-tuned:" in md and "base:" in md
     assert len(report["generations"]) == 2 and {"chosen", "rejected", "base", "fine_tuned"} <= set(
         report["generations"][0]
     )

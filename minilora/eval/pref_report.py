@@ -1,7 +1,8 @@
 """The evaluation report of a preference run (--objective dpo or orpo): eval.json and report.md.
 
-`results` maps a variant ("base": the frozen base, which is DPO's reference; "fine_tuned": base +
-the trained adapter) to evaluate_pairs' dict (pref_accuracy: the share of pairs whose chosen answer
+`results` maps a variant ("base": the frozen base, DPO's reference; "initial": base + the adapter a run
+started from with --init-adapter, the reference then; "fine_tuned": base + the trained adapter) to
+evaluate_pairs' dict (pref_accuracy: the share of pairs whose chosen answer
 the model scores higher; margin: the mean reward margin; loss: the objective's mean loss; n) plus
 "generations": greedy completions of the first pairs' prompts, shown beside chosen and rejected.
 """
@@ -14,7 +15,7 @@ import os
 from minilora.eval.report import _fence, _prompt_text, _short
 from minilora.fileio import write_text_atomic
 
-NAMES = {"base": "base (the reference)", "fine_tuned": "fine-tuned"}
+NAMES = {"base": "base", "initial": "initial adapter", "fine_tuned": "fine-tuned"}
 
 
 def build_json(meta: dict, results: dict, pairs: list) -> dict:
@@ -34,7 +35,7 @@ def build_markdown(meta: dict, results: dict, pairs: list) -> str:
         f"Base model `{meta['model']}` ({meta['quantize']}), held-out pairs `{meta['data']}` (n = {meta['n']}), "
         f"template {meta['template']}. Preference accuracy: the share of pairs whose chosen answer the model "
         f"scores higher than the rejected one ({meta['score']}); margin: the mean reward margin "
-        f"({meta['reward']}), 0 for DPO's base, which is its own reference."
+        f"({meta['reward']}), 0 for DPO's reference itself (the base, or the initial adapter)."
     )
     lines += ["", "| metric | " + " | ".join(NAMES[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines.append("| preference accuracy | " + " | ".join(f"{results[c]['pref_accuracy']:.1%}" for c in cols) + " |")

@@ -113,6 +113,11 @@ class TrainConfig:
     lora_targets: str = _f("all-linear", "all-linear, or comma-separated module names (q_proj,v_proj)")
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
+    init_adapter: str | None = _f(
+        None,
+        "start from this adapter (a train.py run folder, e.g. an SFT run, or a PEFT adapter folder) instead of "
+        "a fresh one; with --objective dpo the reference is then the base plus this adapter, frozen",
+    )
     gradient_checkpointing: str = _f(
         "auto",
         "recompute block activations in backward: auto (off when the plan "
@@ -322,7 +327,7 @@ def parse_args(argv=None) -> TrainConfig:
         for name, value in {**DEMO_OVERRIDES, **pairs}.items():
             if name not in given:
                 setattr(cfg, name, value)
-    for name in ("val_data", "eval_data"):
+    for name in ("val_data", "eval_data", "init_adapter"):
         if getattr(cfg, name) in ("", "none", "None"):
             setattr(cfg, name, None)
     return cfg

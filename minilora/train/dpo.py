@@ -74,11 +74,12 @@ class DPO(PairObjective):
     def __init__(self, chunk: int, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
         super().__init__(chunk)
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
+        self.frozen = None  # --init-adapter: the initial LoRA weights, the reference beside the base (reference.py)
 
     def terms(self, model, batch) -> PairTerms:
         from minilora.train.reference import reference_logprobs
 
-        rho_c, rho_r = reference_logprobs(model, batch, self.chunk).chunk(2)  # (P,), (P,) frozen base, no grad
+        rho_c, rho_r = reference_logprobs(model, batch, self.chunk, self.frozen).chunk(2)  # (P,) each, no grad
         (pi_c, pi_r), (n_c, n_r) = self.logprobs(model, batch)  # (P,) each, with grad
         loss = dpo_loss(pi_c, pi_r, rho_c, rho_r, self.beta, self.label_smoothing, self.loss_type, n_c, n_r)
         with torch.no_grad():

@@ -13,22 +13,57 @@ beyond that forward's transient activations: it runs under no_grad, nothing is k
 only its two numbers per pair (log pi_ref of the chosen and of the rejected answer) survive.
 TRL does the same with PEFT's disable_adapter().
 
+Starting from an SFT adapter (--init-adapter, train/init_adapter.py), the model before preference
+tuning is the base plus that adapter: its weights are kept frozen beside the trained ones, and the
+reference forward swaps them in (lora_weights_swapped) and back, bit for bit.
+
 The reference forward runs in the same step as the policy forward, on the same PairBatch, and
-draws no random numbers (a disabled LoRA layer applies no dropout), so a resumed run sees the same
-reference values and the same dropout masks as an uninterrupted one.
+draws no random numbers (a disabled LoRA layer applies no dropout; a frozen adapter swapped in runs in
+eval mode, without dropout: the reference is the model before tuning, not a noisy draw of it), so a
+resumed run sees the same reference values and the same dropout masks as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from minilora.lora.layers import lora_disabled
+from minilora.lora.layers import lora_disabled, lora_parameters
 from minilora.train.loss import sequence_logprobs
 
 
-def reference_logprobs(model, batch, chunk: int) -> torch.Tensor:
+@contextlib.contextmanager
+def lora_weights_swapped(model, frozen: list[torch.Tensor]):
+    """Inside the block the LoRA weights are `frozen` (in lora_parameters order); the trained values are
+    copied back on exit, exactly. Between two micro-batches no autograd graph holds the weights, so
+    writing into them is safe; each rank swaps its own shard under FSDP (the copies share its layout)."""
+    params = lora_parameters(model)
+    with torch.no_grad():
+        trained = [p.detach().clone() for p in params]
+        for p, f in zip(params, frozen):
+            p.detach().copy_(f)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, t in zip(params, trained):
+                p.detach().copy_(t)
+
+
+def reference_logprobs(model, batch, chunk: int, frozen: list[torch.Tensor] | None = None) -> torch.Tensor:
     """log pi_ref of each row of `batch` (R,): the summed log-probabilities of its labelled tokens
-    under the frozen base (every LoRA layer off), without grad."""
-    with torch.no_grad(), lora_disabled(model):
-        logp, _ = sequence_logprobs(model, batch, chunk)
+    under the frozen base (every LoRA layer off), or under base + the frozen adapter `frozen`, without
+    grad."""
+    if frozen is None:
+        with torch.no_grad(), lora_disabled(model):
+            logp, _ = sequence_logprobs(model, batch, chunk)
+        return logp
+    was_training = model.training
+    model.eval()  # LoRA on: no dropout in the reference (nor any draw from the RNG)
+    try:
+        with torch.no_grad(), lora_weights_swapped(model, frozen):
+            logp, _ = sequence_logprobs(model, batch, chunk)
+    finally:
+        model.train(was_training)
     return logp

@@ -35,7 +35,17 @@ from minilora.cli import UsageError
 from minilora.fileio import LOCK_NAME, FolderBusy, FolderLock, check_unlocked, lock_folder
 from minilora.lora.adapter import check_adapter_files
 
-ADAPTER_FIELDS = ("model", "quantize", "dtype", "lora_r", "lora_alpha", "lora_targets", "use_rslora", "use_dora")
+ADAPTER_FIELDS = (
+    "model",
+    "quantize",
+    "dtype",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "use_rslora",
+    "use_dora",
+    "init_adapter",  # the weights it started from (and DPO's reference): kept in RUN/init_adapter/
+)
 OBJECTIVE_FIELDS = ("objective", "beta", "label_smoothing", "dpo_loss", "orpo_lambda")
 STREAM_FIELDS = (
     "data",
@@ -82,7 +92,7 @@ CHANGEABLE_FIELDS = (
     "memory_budget",
 )
 NOT_INHERITED = ("out", "resume", "plan", "debug_nan_at_step", "debug_interrupt_at_step")  # this invocation's own
-PATH_FIELDS = ("data", "val_data", "eval_data")
+PATH_FIELDS = ("data", "val_data", "eval_data", "init_adapter")
 # keys every config.json train.py writes has (a model folder's config.json has none of them)
 _RUN_KEYS = {"model", "data", "out", "lora_r", "lora_alpha", "save_every"}
 # what fileio's temp helpers name their files and folders: .NAME.tmp-XXXX, .NAME.old-XXXX, .NAME.XXXX.tmp
