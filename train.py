@@ -35,7 +35,11 @@ from minilora.dtypes import dtype_name, resolve_dtype
 from minilora.train.config import given_flags, parse_args, validate
 from minilora.train.run import Run, heldout_pairs, print_summary
 
-ONLY_FOR = {"beta": "dpo", "label_smoothing": "dpo", "dpo_loss": "dpo", "orpo_lambda": "orpo"}  # objective flags
+# the flags of one objective: given with another, they would be silently ignored
+ONLY_FOR = {
+    **dict.fromkeys(("beta", "label_smoothing", "dpo_loss", "precompute_reference"), "dpo"),
+    "orpo_lambda": "orpo",
+}
 
 
 def setup(cfg, given: set[str]) -> Run | int:
@@ -227,6 +231,10 @@ def setup(cfg, given: set[str]) -> Run | int:
     say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
     if init_dir is not None:  # the policy starts there; DPO's reference is base + these weights, frozen
         objective.frozen = init_adapter.load(model, init_dir)
+    if cfg.precompute_reference:  # stored in the run folder once; a resume reads it back
+        from minilora.train.reference import stored_table
+
+        objective.stored = stored_table(cfg.out, model, objective, data.train, cfg.batch_size, tok.pad_id, main)
     model.set_gradient_checkpointing(plan.recompute_blocks, selective=plan.selective_blocks)
     model.train()
     if fsdp and not streamed:

@@ -186,13 +186,16 @@ def encode_pair(
 # ---------------------------------------------------------------------------------------- batching
 @dataclass
 class PairBatch(Batch):
-    """A Batch of 2P rows: the P chosen sequences, then the P rejected ones (see the module docstring)."""
+    """A Batch of 2P rows: the P chosen sequences, then the P rejected ones (see the module docstring);
+    pair_ids (P,): each pair's index in the encoded list it was drawn from (a stored reference's row)."""
 
     n_pairs: int = 0
+    pair_ids: torch.Tensor | None = None
 
     def to(self, device) -> PairBatch:
         b = super().to(device)
-        return PairBatch(**{k: getattr(b, k) for k in Batch.__dataclass_fields__}, n_pairs=self.n_pairs)
+        ids = None if self.pair_ids is None else self.pair_ids.to(device)
+        return PairBatch(**{k: getattr(b, k) for k in Batch.__dataclass_fields__}, n_pairs=self.n_pairs, pair_ids=ids)
 
 
 def collate_pairs(rows: list[list[int]], encoded, pad_id: int) -> PairBatch:
@@ -200,7 +203,8 @@ def collate_pairs(rows: list[list[int]], encoded, pad_id: int) -> PairBatch:
     picked = [encoded[i] for row in rows for i in row]
     seqs = [p.chosen for p in picked] + [p.rejected for p in picked]  # rows 0..P-1 chosen, P..2P-1 rejected
     b = collate([[k] for k in range(len(seqs))], seqs, pad_id)  # (2P, T)
-    return PairBatch(**{k: getattr(b, k) for k in Batch.__dataclass_fields__}, n_pairs=len(picked))
+    ids = torch.tensor([i for row in rows for i in row], dtype=torch.long)  # (P,)
+    return PairBatch(**{k: getattr(b, k) for k in Batch.__dataclass_fields__}, n_pairs=len(picked), pair_ids=ids)
 
 
 def pair_batches(

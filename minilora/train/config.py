@@ -64,6 +64,11 @@ class TrainConfig:
     )
     dpo_loss: str = _f("sigmoid", "DPO loss: sigmoid (DPO) or ipo (IPO)", choices=["sigmoid", "ipo"])
     orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term beside the SFT loss", gt=0.0)
+    precompute_reference: bool = _f(
+        False,
+        "DPO: compute the reference log-probabilities of every training pair once before training, store them "
+        "in the run folder, and skip the reference forward in each step",
+    )
     # data
     format: str = _f(
         "auto",

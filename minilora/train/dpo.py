@@ -75,11 +75,16 @@ class DPO(PairObjective):
         super().__init__(chunk)
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
         self.frozen = None  # --init-adapter: the initial LoRA weights, the reference beside the base (reference.py)
+        self.stored = None  # --precompute-reference: (pairs, 2) reference values, looked up by pair index
 
     def terms(self, model, batch) -> PairTerms:
         from minilora.train.reference import reference_logprobs
 
-        rho_c, rho_r = reference_logprobs(model, batch, self.chunk, self.frozen).chunk(2)  # (P,) each, no grad
+        if self.stored is not None and batch.pair_ids is not None:  # the training pairs, precomputed
+            rho = self.stored[batch.pair_ids.cpu()].to(batch.input_ids.device)  # (P, 2)
+            rho_c, rho_r = rho[:, 0], rho[:, 1]
+        else:
+            rho_c, rho_r = reference_logprobs(model, batch, self.chunk, self.frozen).chunk(2)  # (P,) each, no grad
         (pi_c, pi_r), (n_c, n_r) = self.logprobs(model, batch)  # (P,) each, with grad
         loss = dpo_loss(pi_c, pi_r, rho_c, rho_r, self.beta, self.label_smoothing, self.loss_type, n_c, n_r)
         with torch.no_grad():

@@ -139,6 +139,7 @@ def evaluate_pairs(model, objective: PairObjective, pairs, batch_size: int, pad_
     loss = right = margin = 0.0
     try:
         for b in pair_batches(pairs, batch_size, shuffle=False, pad_id=pad_id):
+            b.pair_ids = None  # held-out pairs: the reference is computed, never looked up in the training table
             t = objective.terms(model, b.to(dev))
             loss += float(t.loss.sum())
             right += float((t.score_c > t.score_r).sum())

@@ -45,7 +45,8 @@ pools), measured in this process (CPU RSS); 0 on CUDA, where max_memory_allocate
 Preference pairs (--objective dpo / orpo): a batch of P pairs is 2P rows (both answers), so B = 2P.
 DPO's reference forward (LoRA off, no grad) runs before the policy forward and keeps no activations:
 its peak is one block's transient and the loss chunk, both already in the step's transient, and only
-its 2P log-probabilities survive; it adds one base forward's FLOPs per token (no LoRA, no backward).
+its 2P log-probabilities survive; it adds one base forward's FLOPs per token (no LoRA, no backward),
+none with --precompute-reference (a table of 2 floats per training pair instead).
 
 FLOPs per token (a multiply-add is 2 FLOPs). Forward: 2 P_base (every block weight once)
 + 2 * 2 T_avg H hd (q k^T and p v over on average T/2 causal keys) + 2 P_lora; the head 2 D V per
@@ -514,7 +515,7 @@ def plan_run(
             fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
         )
     plan = make(*(chosen or (L, 0)))
-    if getattr(tc, "objective", "sft") == "dpo":  # the reference forward: a base forward per token, no LoRA
+    if getattr(tc, "objective", "sft") == "dpo" and not tc.precompute_reference:  # a base forward per token
         plan.flops_per_token += flops_per_token(model_cfg, shape[1], 0, (), forward_only=True)
     plan.budget = budget
     error = None

@@ -17,7 +17,12 @@ Starting from an SFT adapter (--init-adapter, train/init_adapter.py), the model 
 tuning is the base plus that adapter: its weights are kept frozen beside the trained ones, and the
 reference forward swaps them in (lora_weights_swapped) and back, bit for bit.
 
-The reference forward runs in the same step as the policy forward, on the same PairBatch, and
+--precompute-reference computes every training pair's two reference values once, before the first
+step (precompute), stores them in the run folder (STORED, with a fingerprint of the pairs they belong
+to) and looks them up by pair index instead of running the reference forward: a step is then one
+forward and one backward, as SFT's, and a resume reads the stored values back.
+
+Otherwise the reference forward runs in the same step as the policy forward, on the same PairBatch, and
 draws no random numbers (a disabled LoRA layer applies no dropout; a frozen adapter swapped in runs in
 eval mode, without dropout: the reference is the model before tuning, not a noisy draw of it), so a
 resumed run sees the same reference values and the same dropout masks as an uninterrupted one.
@@ -31,6 +36,8 @@ import torch
 
 from minilora.lora.layers import lora_disabled, lora_parameters
 from minilora.train.loss import sequence_logprobs
+
+STORED = "reference_logps.safetensors"  # in the run folder: (pairs, 2) float32, chosen then rejected
 
 
 @contextlib.contextmanager
@@ -67,3 +74,64 @@ def reference_logprobs(model, batch, chunk: int, frozen: list[torch.Tensor] | No
     finally:
         model.train(was_training)
     return logp
+
+
+def fingerprint(pairs) -> str:
+    """A hash of the encoded pairs' token ids and labels: which pairs, in which order, a table belongs to."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in pairs:
+        for seq in (p.chosen, p.rejected):
+            h.update(repr((seq.input_ids, seq.labels)).encode())
+    return h.hexdigest()
+
+
+def precompute(model, pairs, batch_size: int, pad_id: int, chunk: int, frozen=None) -> torch.Tensor:
+    """(n, 2): log pi_ref of each pair's chosen and rejected answer, in the order of `pairs`, computed
+    in batches of `batch_size` pairs without grad (every rank computes the whole table)."""
+    from minilora.data.pairs import pair_batches
+
+    dev = next(model.parameters()).device
+    table = torch.empty(len(pairs), 2, dtype=torch.float32)
+    for b in pair_batches(pairs, batch_size, shuffle=False, pad_id=pad_id):
+        rho = reference_logprobs(model, b.to(dev), chunk, frozen).float().cpu()  # (2P,)
+        table[b.pair_ids] = torch.stack(rho.chunk(2), dim=1)  # (P, 2)
+    return table
+
+
+def save_table(path: str, table: torch.Tensor, pairs) -> None:
+    from safetensors.torch import save_file
+
+    from minilora.fileio import write_file_atomic
+
+    meta = {"fingerprint": fingerprint(pairs)}
+    write_file_atomic(path, lambda tmp: save_file({"reference_logps": table.contiguous()}, tmp, metadata=meta))
+
+
+def load_table(path: str, pairs) -> torch.Tensor | None:
+    """The stored table when it belongs to these pairs; None when there is none or it is another's."""
+    import os
+
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        if (f.metadata() or {}).get("fingerprint") != fingerprint(pairs):
+            return None
+        return f.get_tensor("reference_logps")
+
+
+def stored_table(out: str, model, objective, pairs, batch_size: int, pad_id: int, write: bool) -> torch.Tensor:
+    """--precompute-reference: the run folder's table for these training pairs, or a new one (written
+    there when `write`: rank 0)."""
+    import os
+
+    path = os.path.join(out, STORED)
+    table = load_table(path, pairs)
+    if table is None:
+        table = precompute(model, pairs, batch_size, pad_id, objective.chunk, objective.frozen)
+        if write:
+            save_table(path, table, pairs)
+    return table

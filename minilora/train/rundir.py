@@ -46,7 +46,7 @@ ADAPTER_FIELDS = (
     "use_dora",
     "init_adapter",  # the weights it started from (and DPO's reference): kept in RUN/init_adapter/
 )
-OBJECTIVE_FIELDS = ("objective", "beta", "label_smoothing", "dpo_loss", "orpo_lambda")
+OBJECTIVE_FIELDS = ("objective", "beta", "label_smoothing", "dpo_loss", "orpo_lambda", "precompute_reference")
 STREAM_FIELDS = (
     "data",
     "val_data",
