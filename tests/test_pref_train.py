@@ -117,8 +117,10 @@ def test_plan_counts_both_answers_and_writes_nothing(tmp_path, capsys):
 def test_demo_pairs_yield_to_given_flags():
     cfg = parse_args(["--objective", "orpo"])
     assert (cfg.data, cfg.eval_data, cfg.epochs, cfg.eval_generate) == (DEMO_PAIRS_TRAIN, DEMO_PAIRS_TEST, 1, 90)
-    cfg = parse_args(["--objective", "dpo", "--data", "mine.jsonl", "--epochs", "4", "--eval-data", "none"])
-    assert (cfg.data, cfg.eval_data, cfg.epochs) == ("mine.jsonl", None, 4)
+    assert cfg.out == os.path.join("runs", "demo-orpo")  # not the SFT demo's runs/demo
+    argv = ["--objective", "dpo", "--data", "mine.jsonl", "--epochs", "4", "--eval-data", "none", "--out", "r"]
+    cfg = parse_args(argv)
+    assert (cfg.data, cfg.eval_data, cfg.epochs, cfg.out) == ("mine.jsonl", None, 4, "r")
     assert parse_args([]).data.endswith("train.jsonl")  # the SFT demo is unchanged
 
 

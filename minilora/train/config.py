@@ -266,8 +266,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "QLoRA fine-tuning: NF4 base, LoRA adapters, paged AdamW. With no arguments: the "
         "offline demo (tiny model, bundled examples).",
         epilog="--model tiny (the offline demo) uses the preset shown as [tiny: ...] in a flag's help "
-        "unless that flag is given; with --objective dpo or orpo it trains on the bundled preference pairs "
-        "(examples/demo/pairs_train.jsonl, held out: pairs_test.jsonl) for 1 epoch. " + EXIT_CODES_HELP,
+        "unless that flag is given; with --objective dpo or orpo, on the bundled preference pairs "
+        "(examples/demo/pairs_*.jsonl) for 1 epoch, into runs/demo-dpo or runs/demo-orpo. " + EXIT_CODES_HELP,
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -329,6 +329,8 @@ def parse_args(argv=None) -> TrainConfig:
     if cfg.model == "tiny":
         given = given_flags(argv)
         pairs = DEMO_PAIR_OVERRIDES if cfg.objective != "sft" else {}
+        if pairs:  # its own run folder: runs/demo holds the SFT demo's checkpoints
+            pairs = {**pairs, "out": os.path.join("runs", f"demo-{cfg.objective}")}
         for name, value in {**DEMO_OVERRIDES, **pairs}.items():
             if name not in given:
                 setattr(cfg, name, value)
