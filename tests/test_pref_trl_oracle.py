@@ -108,7 +108,7 @@ def bnb_twin(ours, tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
     for name, m in lora_modules(ours).items():
         lin = m.base.to_bnb(torch.float32)
-        lin.support_avx512bf16_for_cpu = False  # bitsandbytes' bf16 CPU kernel would round (see DESIGN's traps)
+        lin.support_avx512bf16_for_cpu = False  # else bitsandbytes repacks for its bf16 CPU kernel (rounds)
         set_module(theirs, name, lin)
     theirs.is_loaded_in_4bit = True
     targets = sorted({n.rsplit(".", 1)[1] for n in lora_modules(ours)})
