@@ -10,6 +10,9 @@ Evaluation: load the base as the run trained it (NF4 unless the run said --quant
 the base -> score the base with k training examples in its prompt -> load the adapter -> score the
 fine-tuned model -> report.md + eval.json in the run directory -> gates. Each score is perplexity on
 the completion tokens, exact match and structured (JSON) match of greedy generations.
+A preference run (train.py --objective dpo or orpo) is scored on held-out pairs instead: preference
+accuracy and mean margin of the base, the initial adapter (--init-adapter runs) and the fine-tuned
+model, and greedy generations beside the chosen and rejected answers in report.md.
 Defaults for --model, --data, --train-data, --template and --format come from the run's config.json.
 """
 
@@ -170,6 +173,8 @@ def run_eval(args) -> int:
     data = args.data or run_cfg.get("eval_data")
     if not data:
         return fail(f"the run in {run_dir} names no test data; pass --data test.jsonl.")
+    if run_cfg.get("objective", "sft") != "sft":
+        return run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, device)
     examples, rep = load_records(data, fmt)
     if rep.fmt == "text":
         return fail(
@@ -263,6 +268,80 @@ def run_eval(args) -> int:
     print(f"report: {md}\nmetrics: {js}")
     msg = gate_failure_message(gates, md)
     return fail(msg, code=EXIT_FAILED) if msg else 0
+
+
+def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, device) -> int:
+    """A preference run: held-out pairs scored by the base, the initial adapter of a run started with
+    --init-adapter (DPO's reference there), and the fine-tuned model (see the module docstring)."""
+    from minilora.data.encode import resolve_template
+    from minilora.data.pairs import encode_pair, load_pairs
+    from minilora.eval.evaluate import generate_completions
+    from minilora.eval.pref_report import write_report
+    from minilora.lora.adapter import check_adapter_fits, load_adapter
+    from minilora.models.loader import load_model
+    from minilora.train import init_adapter
+    from minilora.train.loss import default_chunk
+    from minilora.train.objectives import evaluate_pairs, make_objective
+
+    objective = run_cfg["objective"]
+    for flag, value in (
+        ("--min-exact-match", args.min_exact_match),
+        ("--min-structured-match", args.min_structured_match),
+    ):
+        if value is not None:
+            return fail(f"{flag} scores generations of an SFT run; a {objective} run reports preference accuracy.")
+    pairs = load_pairs(data, objective)[0]
+    pairs = pairs[: args.limit] if args.limit else pairs
+    quantize = args.quantize or run_cfg.get("quantize", "nf4")
+    dtype = resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)
+    print(f"loading {name} ({quantize}, {dtype_name(dtype)}, {device})", file=sys.stderr)
+    model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
+    if tok is None:
+        return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
+    template = resolve_template(template, tok)
+    check_adapter_fits(model, adapter_dir, name)
+    encoded = [encode_pair(p, tok, template, False, model.config.max_position_embeddings) for p in pairs]
+    kept = [(p, e) for p, e in zip(pairs, encoded) if e is not None]  # pairs longer than the context are left out
+    if not kept:
+        return fail(f"every pair in {data} is longer than {name}'s context; pass shorter pairs.")
+    dropped = len(pairs) - len(kept)
+    pairs, encoded = [p for p, _ in kept], [e for _, e in kept]
+    hyper = {k: run_cfg[k] for k in ("beta", "label_smoothing", "dpo_loss", "orpo_lambda") if k in run_cfg}
+    scorer = make_objective(objective, default_chunk(device), **hyper)  # the run's own loss and rewards
+    shown = [p.example(p.chosen) for p in pairs[: args.generations]]  # each pair's prompt, to generate from
+    initial = os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), init_adapter.FOLDER)  # --init-adapter
+    results = {}
+    for variant in ("base", "initial", "fine_tuned") if os.path.isdir(initial) else ("base", "fine_tuned"):
+        if variant == "initial":  # DPO's reference from here on: base + the initial adapter, frozen
+            frozen = init_adapter.load(model, initial)
+            scorer.frozen = frozen if objective == "dpo" else None
+        if variant == "fine_tuned":
+            load_adapter(model, adapter_dir)
+        results[variant] = evaluate_pairs(model, scorer, encoded, args.batch_size, tok.pad_id)
+        results[variant]["generations"] = generate_completions(
+            model, tok, shown, template, args.max_new_tokens, args.batch_size
+        )
+        print(f"{variant.replace('_', '-')} scored", file=sys.stderr)
+    dpo = objective == "dpo"
+    meta = {
+        "adapter": adapter_dir,
+        "model": name,
+        "quantize": quantize,
+        "data": data,
+        "n": len(pairs),
+        "dropped": dropped,
+        "template": template,
+        "objective": objective,
+        "score": "the summed log-probability of the answer" if dpo else "the mean log-probability per answer token",
+        "reward": "beta (log pi - log pi_ref)" if dpo else "lambda x the mean log-probability per token",
+    }
+    with report_lock(report_dir):  # train.py cannot start on the folder while report.md is written
+        md, js = write_report(report_dir, meta, results, pairs)
+    print(f"\n{'':12}{'pref. accuracy':>16}{'mean margin':>13}")
+    for v, r in results.items():
+        print(f"{v.replace('_', '-'):12}{r['pref_accuracy']:>16.1%}{r['margin']:>13.4f}")
+    print(f"report: {md}\nmetrics: {js}")
+    return 0
 
 
 def report_lock(folder: str, check_only: bool = False):

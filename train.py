@@ -1,13 +1,16 @@
-"""QLoRA fine-tuning, end to end, as one flat loop.
+"""QLoRA fine-tuning, end to end: setup, one flat loop, finish.
 
     python train.py                                   # offline demo: tiny model, bundled data
+    python train.py --objective dpo                   # offline demo of DPO: bundled preference pairs
     python train.py --model gemma-3-1b --data train.jsonl --out runs/mytask
     torchrun --nproc_per_node 2 train.py ...          # data parallel, LoRA grads all-reduced
     torchrun --nproc_per_node 2 train.py ... --parallel fsdp   # NF4 base and LoRA sharded over ranks
 
-The loop: load (NF4 base) -> data -> LoRA surgery -> PagedAdamW + cosine schedule -> for each
-step: M micro-batches, loss normalized by the step's label tokens, backward, clip, step ->
-validation / early stopping / atomic checkpoints -> final adapter (PEFT format) + summary.
+setup: load (NF4 base) -> data -> LoRA surgery -> PagedAdamW + cosine schedule -> the objective, all
+in a `Run`. loop: for each step, M micro-batches; the objective (minilora/train/objectives.py: sft,
+dpo or orpo) turns each into (loss_sum, normalizer, metrics); the loss is normalized by the step's
+normalizers (label tokens, or pairs), backward, clip, step -> validation / early stopping / atomic
+checkpoints. finish: final adapter (PEFT format) + summary.
 Every knob is a flag (minilora/train/config.py; `python train.py --help`). The run folder --out is
 written only by train.py, one process at a time (an OS lock on RUN/.lock, taken before the first
 write): a new folder, or one it wrote before (continued with --resume, see
@@ -31,34 +34,40 @@ from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, Progress, fail, resolve_
 from minilora.dtypes import dtype_name, resolve_dtype
 from minilora.train import steptime
 from minilora.train.config import given_flags, parse_args, validate
+from minilora.train.run import Run, heldout_pairs, print_summary
+
+# the flags of one objective: given with another, they would be silently ignored
+ONLY_FOR = {
+    **dict.fromkeys(("beta", "label_smoothing", "dpo_loss", "precompute_reference"), "dpo"),
+    "orpo_lambda": "orpo",
+}
 
 
-def run(cfg, given: set[str] = frozenset()) -> int:
-    """Train as `cfg` says; `given`: the fields named on the command line (compared on --resume)."""
+def setup(cfg, given: set[str]) -> Run | int:
+    """Everything before the first step, every check before the first write; an exit code when the
+    run ends here (--plan, or a refusal)."""
     from minilora.data.encode import prepare_data, resolve_template
     from minilora.data.records import load_records
-    from minilora.eval.evaluate import completion_loss, generate_completions, score
     from minilora.fileio import write_text_atomic
     from minilora.lora import inits
-    from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, check_targets, lora_parameters
+    from minilora.lora.layers import apply_lora, check_targets
     from minilora.lora.plus import learning_rates, lora_param_groups
     from minilora.models.loader import load_config, load_model, plan_config
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D
     from minilora.parallel import sharded_checkpoint as SC
     from minilora.train import checkpoint as C
-    from minilora.train import rundir
+    from minilora.train import init_adapter, rundir
     from minilora.train import schedule as T
-    from minilora.train.loss import LossModule
-    from minilora.train.planner import longest_batch, peak_memory_bytes, plan_run
+    from minilora.train.objectives import ObjectiveModule, make_objective
+    from minilora.train.planner import longest_batch, plan_run
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     rank, world, ddp_device = D.init_distributed()
     parallel = D.choose_parallel(cfg.parallel, world)  # "none", "ddp" or "fsdp"
     D.check_parallel(parallel, D.launched_by_torchrun(), cfg.optimizer_bits, cfg.use_dora, cfg.init)
-    fsdp = parallel == "fsdp"  # every rank then takes part in evaluation and checkpoints too
+    fsdp = parallel == "fsdp"
     main = rank == 0
     device = ddp_device or resolve_device(cfg.device)
 
@@ -91,6 +100,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         if changed and main:
             print("resume: " + ", ".join(f"{rundir.flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
         device = ddp_device or resolve_device(cfg.device)
+    for name in sorted(given & set(ONLY_FOR)):  # a flag of another objective would be silently ignored
+        if cfg.objective != ONLY_FOR[name]:
+            obj = ONLY_FOR[name]
+            return fail(f"{rundir.flag(name)} applies to --objective {obj}; drop it or pass --objective {obj}.")
     torch.manual_seed(cfg.seed + rank)  # dropout masks; data order and LoRA init have their own seeds
     dtype = cfg.resolved_dtype(device.type)
     if device.type == "cuda":  # float32 GEMMs: the LoRA terms (see --tf32)
@@ -120,6 +133,10 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         say(f"template: {template} (--template auto: the tokenizer {why})")
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     check_targets(model_cfg, targets, init=cfg.init, r=cfg.lora_r)  # apply_lora's matching and rank fit, on meta
+    init_dir = None  # --init-adapter: checked now; on --resume the run folder's own copy
+    if cfg.init_adapter:
+        kept = os.path.join(cfg.out, init_adapter.FOLDER)
+        init_dir = kept if ckpt is not None and os.path.isdir(kept) else init_adapter.check(cfg, model_cfg, targets)
     data = prepare_data(
         cfg.data,
         tok,
@@ -136,6 +153,7 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         seed=cfg.seed,
         allow_contamination=cfg.allow_contamination,
         skip_bad_lines=cfg.skip_bad_lines,
+        objective=cfg.objective,
     )
     say(
         ("data (estimated): " if estimated else "data: ")
@@ -177,13 +195,28 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         f"settings: dtype {plan.dtype}, recompute {plan.recompute}, loss chunk {plan.loss_chunk}, "
         f"predicted peak {plan.peak / 2**20:,.0f} MiB"
     )
+    objective = make_objective(
+        cfg.objective, plan.loss_chunk, cfg.beta, cfg.label_smoothing, cfg.dpo_loss, cfg.orpo_lambda
+    )
+    heldout = []
+    if cfg.eval_data and cfg.eval_generate > 0:  # read before the first write: a bad file is refused here
+        if objective.pairs:
+            heldout = heldout_pairs(cfg, tok, template)
+        else:
+            heldout = load_records(cfg.eval_data, cfg.format, cfg.skip_bad_lines)[0][: cfg.eval_generate]
+    lock = None
     if main:  # the first write: every check above has passed
-        _lock = rundir.claim(cfg.out, cfg.resume, (ckpt, old))  # held until run() ends (or the process dies)
+        lock = rundir.claim(cfg.out, cfg.resume, (ckpt, old))  # held while the Run lives (or the process)
         lrs = learning_rates(cfg.lr, cfg.lora_plus_ratio)  # LoRA+: lora_B's rate is --lora-plus-ratio x lora_A's
         resolved = {**plan.settings(), **steptime.settings(step_time, unmeasured), "template": template}
         config = rundir.config_json(cfg, dtype_name(dtype), world, {**resolved, "learning_rates": lrs})
         write_text_atomic(os.path.join(cfg.out, "config.json"), config)
         rundir.remove_stale_temps(cfg.out)  # what a kill -9 left half-written
+        if init_dir is not None:
+            init_dir = init_adapter.copy_into_run(init_dir, cfg.out)  # a resume needs only the run folder
+    if init_dir is not None:
+        D.all_reduce_sum(0, world)  # a barrier: rank 0's copy exists before the other ranks read it
+        init_dir = os.path.join(cfg.out, init_adapter.FOLDER)
     lora_kw = dict(
         targets=targets,
         r=cfg.lora_r,
@@ -212,6 +245,12 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
             quantize_linears(model, compute_dtype=dtype)  # PiSSA/OLoRA residuals (QPiSSA); LoftQ's are NF4 already
     say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
+    if init_dir is not None:  # the policy starts there; DPO's reference is base + these weights, frozen
+        objective.frozen = init_adapter.load(model, init_dir)
+    if cfg.precompute_reference:  # stored in the run folder once; a resume reads it back
+        from minilora.train.reference import stored_table
+
+        objective.stored = stored_table(cfg.out, model, objective, data.train, cfg.batch_size, tok.pad_id, main)
     model.set_gradient_checkpointing(plan.recompute_blocks, selective=plan.selective_blocks)
     model.train()
     if fsdp and not streamed:
@@ -229,185 +268,184 @@ def run(cfg, given: set[str] = frozenset()) -> int:
         device_budget=budget,
     )
     stream = T.BatchStream(data.train, batch_kw)
-    micro_per_step = cfg.grad_accum * world
-    total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // micro_per_step)
+    total_steps = cfg.max_steps or max(1, cfg.epochs * stream.per_epoch // (cfg.grad_accum * world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, T.cosine_with_warmup(cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
-    loss_fn = LossModule(model, plan.loss_chunk)
+    step_fn = ObjectiveModule(model, objective)
     if parallel == "ddp":
-        loss_fn = torch.nn.parallel.DistributedDataParallel(
-            loss_fn, device_ids=None if device.type == "cpu" else [device.index]
+        step_fn = torch.nn.parallel.DistributedDataParallel(
+            step_fn, device_ids=None if device.type == "cpu" else [device.index]
         )
-    adapter_meta = {"base_model_name_or_path": cfg.model}
+    r = Run(  # each field is the local of the same name
+        *(cfg, rank, world, parallel, device, say, t_start, tok, template, data, plan, model, objective, step_fn),
+        *(optimizer, scheduler, stream, total_steps),
+        heldout=heldout,
+        lock=lock,
+        clock=steptime.StepClock(step_time, unmeasured, device),  # step times beside the prediction
+    )
 
     # --- state (fresh or resumed)
-    state = {"best_val": math.inf, "bad_evals": 0, "val_history": [], "heldout_before": None, "epoch": 0, "index": 0}
-    step = 0
     if cfg.resume and ckpt is not None:
         read = lambda path: SC.read_state(path, model, optimizer)  # written in any mode: this rank's part
-        state = C.load_checkpoint(ckpt, model, optimizer, scheduler, read_state=read)
-        step = state["step"]
+        r.state = C.load_checkpoint(ckpt, model, optimizer, scheduler, read_state=read)
+        r.step = r.state["step"]
         C.apply_hyperparameters(optimizer, scheduler, cfg.lr, cfg.weight_decay)  # flags changed on resume
         if main:
-            rundir.cut_metrics(os.path.join(cfg.out, "metrics.jsonl"), state)  # steps after ckpt: logged again
-        stream = T.BatchStream(data.train, batch_kw, state["epoch"], state["index"])
-        say(f"resumed from {ckpt} at step {step}")
-    eval_examples = []
-    if cfg.eval_data and cfg.eval_generate > 0:
-        eval_examples, _ = load_records(cfg.eval_data, cfg.format, cfg.skip_bad_lines)
-        eval_examples = eval_examples[: cfg.eval_generate]
-    if (main or fsdp) and eval_examples and state["heldout_before"] is None:
-        preds = generate_completions(model, tok, eval_examples, template, batch_size=16)
-        state["heldout_before"] = score(preds, [e.completion for e in eval_examples])
+            rundir.cut_metrics(os.path.join(cfg.out, "metrics.jsonl"), r.state)  # steps after ckpt: logged again
+        r.stream = T.BatchStream(data.train, batch_kw, r.state["epoch"], r.state["index"])
+        say(f"resumed from {ckpt} at step {r.step}")
+    if (main or fsdp) and r.heldout and r.state["heldout_before"] is None:
+        r.state["heldout_before"] = r.score_heldout()
+    r.metrics = rundir.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=r.step > 0) if main else None
+    if (main or fsdp) and r.step == 0:
+        r.record_validation(r.validate())
+    return r
 
-    def validate_loss() -> float | None:
-        if not data.val:
-            return None
-        total, count = completion_loss(model, data.val, cfg.batch_size, tok.pad_id, chunk=plan.loss_chunk)
-        return total / max(1, count)
 
-    metrics = rundir.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=step > 0) if main else None
-    if (main or fsdp) and step == 0:
-        v0 = validate_loss()
-        if v0 is not None:
-            state["val_history"].append([0, v0])
-            if main:
-                metrics.write(step=0, val_loss=v0)
+def loop(r: Run) -> str | int:
+    """Train until the last step, early stopping or a stop request; the stop reason, or an exit code."""
+    from minilora.lora.layers import lora_parameters
+    from minilora.parallel import distributed as D
+    from minilora.train import checkpoint as C
+    from minilora.train.planner import peak_memory_bytes
 
-    def save_checkpoint() -> str | None:  # with metrics.jsonl's length: a resume drops what was logged after it
-        train_state = {**state, "metrics_bytes": metrics.tell() if main else 0}
-        save = SC.save_checkpoint if fsdp else C.save_checkpoint  # FSDP: every rank writes its shards
-        return save(cfg.out, step, model, optimizer, scheduler, train_state, adapter_meta, cfg.keep_checkpoints)
-
-    progress = Progress(total_steps, enabled=main, initial=step)
-    clock = steptime.StepClock(step_time, unmeasured, device)  # step times beside the prediction
+    cfg, world, rank = r.cfg, r.world, r.rank
+    micro_per_step = cfg.grad_accum * world
+    progress = Progress(r.total_steps, enabled=r.main, initial=r.step)
+    clock = r.clock
     t_last, tokens_since = time.time(), 0
     stop_reason = "finished"
-
-    # --- the loop
     with C.StopRequest() as stop:
-        while step < total_steps:
+        while r.step < r.total_steps:
             clock.start()
-            micro = [stream.next() for _ in range(micro_per_step)][rank::world]  # this rank's share
-            n_total = D.all_reduce_sum(sum(b.n_label_tokens for b in micro), world)
-            loss_sum = 0.0
+            micro = [r.stream.next() for _ in range(micro_per_step)][rank::world]  # this rank's share
+            n_total = D.all_reduce_sum(sum(r.objective.normalizer(b) for b in micro), world)  # tokens, or pairs
+            loss_sum, sums = 0.0, {}
             for i, b in enumerate(micro):
-                b = b.to(device)
-                sync = loss_fn.no_sync() if parallel == "ddp" and i < len(micro) - 1 else contextlib.nullcontext()
+                b = b.to(r.device)
+                last = i == len(micro) - 1
+                sync = r.step_fn.no_sync() if r.parallel == "ddp" and not last else contextlib.nullcontext()
                 with sync:
-                    s, _ = loss_fn(b)
+                    s, _, m = r.step_fn(b)
                     (s * world / max(1.0, n_total)).backward()
                 loss_sum += float(s.detach())
                 clock.micro(b)
+                for k, v in m.items():  # sums over the micro-batch's items (pairs): rewards, margin, accuracy
+                    sums[k] = sums.get(k, 0.0) + v
                 tokens_since += int(b.attention_mask.sum())
             loss = D.all_reduce_sum(loss_sum, world) / max(1.0, n_total)
-            if cfg.debug_nan_at_step and step + 1 == cfg.debug_nan_at_step:
+            step_metrics = {k: D.all_reduce_sum(v, world) / max(1.0, n_total) for k, v in sums.items()}
+            if cfg.debug_nan_at_step and r.step + 1 == cfg.debug_nan_at_step:
                 loss = float("nan")
             if not math.isfinite(loss):
                 last = C.latest_checkpoint(cfg.out)
                 keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
                 return fail(
-                    f"the loss became {loss} at step {step + 1}; stopped without saving this step "
+                    f"the loss became {loss} at step {r.step + 1}; stopped without saving this step "
                     f"({keep}); lower --lr or check the data.",
                     code=EXIT_FAILED,
                 )
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                torch.nn.utils.clip_grad_norm_(lora_parameters(r.model), cfg.max_grad_norm)
+            r.optimizer.step()
+            r.scheduler.step()
+            r.optimizer.zero_grad(set_to_none=True)
             clock.stop()
-            step += 1
-            state.update(stream.position())
-            if cfg.debug_interrupt_at_step and step == cfg.debug_interrupt_at_step:
+            r.step += 1
+            r.state.update(r.stream.position())
+            if cfg.debug_interrupt_at_step and r.step == cfg.debug_interrupt_at_step:
                 os.kill(os.getpid(), signal.SIGINT)  # exercises the real signal path in tests
 
-            if main and (step % cfg.log_every == 0 or step == total_steps):
+            if r.main and (r.step % cfg.log_every == 0 or r.step == r.total_steps):
                 now = time.time()
                 tok_s = tokens_since * world / max(1e-9, now - t_last)
-                lr = scheduler.get_last_lr()[0]
-                peak = peak_memory_bytes(device) / 2**20
-                progress.update(step, f"loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | peak {peak:,.0f} MB")
-                metrics.write(step=step, loss=loss, lr=lr, tokens_per_s=tok_s, peak_mem_mb=peak)
+                lr = r.scheduler.get_last_lr()[0]
+                peak = peak_memory_bytes(r.device) / 2**20
+                pref = f" | margin {step_metrics['margin']:.3f} | acc {step_metrics['accuracy']:.0%}" if sums else ""
+                text = f"loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | peak {peak:,.0f} MB{pref}"
+                progress.update(r.step, text)
+                r.metrics.write(step=r.step, loss=loss, lr=lr, tokens_per_s=tok_s, peak_mem_mb=peak, **step_metrics)
                 t_last, tokens_since = now, 0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                v = validate_loss()  # every rank holds the same weights and val data: same v
-                if v is not None:
-                    state["val_history"].append([step, v])
-                    if main:
-                        metrics.write(step=step, val_loss=v)
-                        say(f"step {step} | val_loss {v:.4f}")
-                    if v < state["best_val"] - 1e-4:
-                        state["best_val"], state["bad_evals"] = v, 0
+            if cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
+                v = r.validate()  # every rank holds the same weights and val data: same v
+                if v:
+                    r.record_validation(v)
+                    r.say(f"step {r.step} | " + " | ".join(f"{k} {x:.4f}" for k, x in v.items()))
+                    if v["val_loss"] < r.state["best_val"] - 1e-4:
+                        r.state["best_val"], r.state["bad_evals"] = v["val_loss"], 0
                     else:
-                        state["bad_evals"] += 1
-                if cfg.early_stopping and state["bad_evals"] >= cfg.early_stopping:
-                    stop_reason = f"early stopping after {state['bad_evals']} validations without improvement"
+                        r.state["bad_evals"] += 1
+                if cfg.early_stopping and r.state["bad_evals"] >= cfg.early_stopping:
+                    stop_reason = f"early stopping after {r.state['bad_evals']} validations without improvement"
                     break
-            if (main or fsdp) and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint()
+            if (r.main or r.fsdp) and cfg.save_every and r.step % cfg.save_every == 0 and r.step < r.total_steps:
+                r.save_checkpoint()
             if stop:
                 stop_reason = "interrupted"
                 break
-
-    # --- end: checkpoint, adapter, summary
     progress.close()
-    if not (main or fsdp):
+    return stop_reason
+
+
+def finish(r: Run, stop_reason: str) -> int:
+    """The last checkpoint, the adapter, the summary."""
+    from minilora.fileio import write_text_atomic
+    from minilora.lora import inits
+    from minilora.lora.adapter import save_adapter
+    from minilora.parallel import distributed as D
+    from minilora.train import schedule as T
+
+    cfg = r.cfg
+    if not (r.main or r.fsdp):
         return EXIT_INTERRUPTED if stop_reason == "interrupted" else 0
-    path = save_checkpoint()
+    path = r.save_checkpoint()
     if stop_reason == "interrupted":
-        if main:
-            metrics.close()
+        if r.main:
+            r.metrics.close()
             print(
-                f"\nInterrupted at step {step}; checkpoint written to {path}. "
+                f"\nInterrupted at step {r.step}; checkpoint written to {path}. "
                 f"Resume with: python train.py --out {cfg.out} --resume  (exit code {EXIT_INTERRUPTED})"
             )
         return EXIT_INTERRUPTED
-    v = validate_loss()
-    full = D.full_adapter_state(model) if fsdp else None  # gathered from the shards, written once
-    if v is not None and main:
-        state["val_history"].append([step, v])
-        metrics.write(step=step, val_loss=v)
-    if main:
-        save_adapter(model, os.path.join(cfg.out, "adapter"), state=full, **adapter_meta)
+    v = r.validate()
+    full = D.full_adapter_state(r.model) if r.fsdp else None  # gathered from the shards, written once
+    r.record_validation(v)
+    if r.main:
+        save_adapter(r.model, os.path.join(cfg.out, "adapter"), state=full, base_model_name_or_path=cfg.model)
         note = inits.save_note(cfg.init, cfg.lora_r, cfg.quantize, cfg.loftq_iters)  # PiSSA / OLoRA: converted
         if note:
             print(note)
     summary = {
-        "steps": step,
+        "steps": r.step,
         "stop_reason": stop_reason,
-        "minutes": (time.time() - t_start) / 60,
-        "val_loss": state["val_history"],
-        "heldout_before": state["heldout_before"],
+        "minutes": (time.time() - r.t_start) / 60,
+        "val_loss": r.state["val_history"],
+        "heldout_before": r.state["heldout_before"],
         "adapter": os.path.join(cfg.out, "adapter"),
-        "step_time": clock.summary(),
+        "step_time": r.clock.summary(),
     }
-    if eval_examples:
-        preds = generate_completions(model, tok, eval_examples, template, batch_size=16)
-        summary["heldout_after"] = score(preds, [e.completion for e in eval_examples])
-    if not main:
+    if r.objective.pairs:
+        summary["objective"] = cfg.objective
+        summary["val_pref_accuracy"] = r.state.get("val_pref", [])
+    if r.heldout:
+        summary["heldout_after"] = r.score_heldout()
+    if not r.main:
         return 0
-    metrics.close()
+    r.metrics.close()
     write_text_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
     T.plot_loss_curve(cfg.out)
     print_summary(summary)
     return 0
 
 
-def print_summary(s: dict) -> None:
-    print("\n=== summary ===")
-    print(f"steps: {s['steps']} ({s['stop_reason']}), {s['minutes']:.1f} min")
-    if s.get("step_time"):
-        print(steptime.summary_line(s["step_time"]))
-    if s["val_loss"]:
-        first, last = s["val_loss"][0], s["val_loss"][-1]
-        print(f"validation loss: {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step {last[0]})")
-    b, a = s.get("heldout_before"), s.get("heldout_after")
-    if b and a:
-        print(f"held-out exact match:      {b['exact_match']:.1%} -> {a['exact_match']:.1%}  (n={a['n']})")
-        print(f"held-out structured match: {b['structured_match']:.1%} -> {a['structured_match']:.1%}")
-    print(f"adapter (PEFT format): {s['adapter']}")
+def run(cfg, given: set[str] = frozenset()) -> int:
+    """Train as `cfg` says; `given`: the fields named on the command line (compared on --resume)."""
+    r = setup(cfg, set(given))
+    if isinstance(r, int):
+        return r
+    stop_reason = loop(r)
+    return stop_reason if isinstance(stop_reason, int) else finish(r, stop_reason)
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,13 @@ FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 def test_every_flag_has_a_resume_rule():
     """Each TrainConfig field is refused, changeable, or this invocation's own on --resume."""
-    groups = [rundir.ADAPTER_FIELDS, rundir.STREAM_FIELDS, rundir.CHANGEABLE_FIELDS, rundir.NOT_INHERITED]
+    groups = [
+        rundir.ADAPTER_FIELDS,
+        rundir.OBJECTIVE_FIELDS,
+        rundir.STREAM_FIELDS,
+        rundir.CHANGEABLE_FIELDS,
+        rundir.NOT_INHERITED,
+    ]
     named = [n for g in groups for n in g]
     assert sorted(named) == sorted(FIELDS) and len(set(named)) == len(named)
 
@@ -61,7 +67,7 @@ def test_resume_refuses_adapter_and_stream_changes_and_applies_the_rest(changed,
     for name in changed:
         setattr(cfg, name, _changed_value(name, old[name]))
     resolve = lambda name: "float32" if name == "auto" else name  # noqa: E731  (auto -> float32 here)
-    bad = sorted(n for n in changed if n in rundir.ADAPTER_FIELDS + rundir.STREAM_FIELDS)
+    bad = sorted(n for n in changed if n in rundir.ADAPTER_FIELDS + rundir.OBJECTIVE_FIELDS + rundir.STREAM_FIELDS)
     if bad:
         with pytest.raises(UsageError) as e:
             rundir.merge_resume(cfg, changed | repeated, old, resolve, step=5)

@@ -43,8 +43,9 @@ def prompt_text(ex) -> str:
 
 
 def example_text(ex) -> str:
-    """What dedup compares: the normalized prompt and completion."""
-    return normalize_text(prompt_text(ex)) + "\n" + normalize_text(ex.completion)
+    """What dedup compares: the normalized prompt and completion (a preference pair: both answers)."""
+    answers = getattr(ex, "answers", (ex.completion,))
+    return normalize_text(prompt_text(ex)) + "".join("\n" + normalize_text(a) for a in answers)
 
 
 def text_hash(s: str) -> bytes:

@@ -10,6 +10,10 @@ Pipeline (each step is a function in records.py, dedup.py, holdout.py or packing
   encode_example(ex, tok)   -> EncodedExample(input_ids, labels): labels = -100 on prompt tokens
   batches(encoded, ...)     length-grouped padded or packed Batch tensors, resumable
 
+Preference pairs (prepare_data(..., objective="dpo" or "orpo")) take the same path through pairs.py:
+load_pairs, the same dedup / split / contamination check, encode_pair (each answer encoded as a
+completion here), pair_batches.
+
 Shape letters: T sequence length (tokens of one example).
 
 Labels are aligned with input_ids (labels[t] is input_ids[t] or -100), not shifted; the loss is
@@ -231,11 +235,11 @@ class DataBundle:
     val_examples: list[Example] = field(default_factory=list)
 
 
-def _encode_all(examples, tokenizer, counts, skip_bad_lines, **kw) -> tuple[list[EncodedExample], list[Example]]:
+def _encode_all(examples, tokenizer, counts, skip_bad_lines, encode=None, **kw) -> tuple[list, list]:
     out, kept = [], []
     for ex in examples:
         try:
-            enc = encode_example(ex, tokenizer, **kw)
+            enc = (encode or encode_example)(ex, tokenizer, **kw)
         except DataError:
             if not skip_bad_lines:
                 raise
@@ -267,9 +271,18 @@ def prepare_data(
     seed: int = 0,
     allow_contamination: bool = False,
     skip_bad_lines: bool = False,
+    objective: str = "sft",
 ) -> DataBundle:
-    """Load, dedup, split, check contamination and encode: everything the trainer needs, or one clear error."""
+    """Load, dedup, split, check contamination and encode: everything the trainer needs, or one clear error.
+    objective "dpo" / "orpo": the files hold preference pairs (data/pairs.py), and the bundle holds
+    EncodedPairs; dedup, split and the contamination check run on them unchanged."""
     from minilora.data.dedup import dedup as _dedup  # the flag `dedup` shadows the function
+    from minilora.data.pairs import encode_pair, load_pairs
+
+    if objective == "sft":
+        load, encode, noun = (lambda p, lim=None: load_records(p, fmt, skip_bad_lines, lim)), None, "examples"
+    else:
+        load, encode, noun = (lambda p, lim=None: load_pairs(p, objective, skip_bad_lines, lim)), encode_pair, "pairs"
 
     if template == "chat" and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
@@ -277,7 +290,7 @@ def prepare_data(
         )
     # --truncation drop: lines too long to fit are dropped unread (left cuts long prompts, so keeps them)
     limit = max_line_bytes(tokenizer, max_seq_len) if truncation == "drop" else None
-    examples, rep = load_records(train_path, fmt, skip_bad_lines, limit)
+    examples, rep = load(train_path, limit)
     summary: dict = {
         "train_file": os.fspath(train_path),
         "format": rep.fmt,
@@ -287,7 +300,7 @@ def prepare_data(
     long_lines = [(train_path, rep)]
     val_examples: list[Example] = []
     if val_path is not None:
-        val_examples, vrep = load_records(val_path, fmt, skip_bad_lines, limit)
+        val_examples, vrep = load(val_path, limit)
         summary["bad_lines_skipped"] += vrep.n_skipped
         long_lines.append((val_path, vrep))
     if dedup:
@@ -298,7 +311,7 @@ def prepare_data(
         examples, val_examples = split(examples, val_fraction=val_fraction, seed=seed)
     checks = [("val", val_path, val_examples)] if val_path is not None else []
     if eval_path is not None:
-        eval_examples, erep = load_records(eval_path, fmt, skip_bad_lines)
+        eval_examples, erep = load(eval_path)
         summary["bad_lines_skipped"] += erep.n_skipped
         checks.append(("eval", eval_path, eval_examples))
     summary["contaminated_prompts"] = 0
@@ -317,20 +330,22 @@ def prepare_data(
             for p, r in long_lines
             if r.n_too_long
         )
-    kw = dict(template=template, train_on_all=train_on_all, max_seq_len=max_seq_len, truncation=truncation)
+    kw = dict(
+        template=template, train_on_all=train_on_all, max_seq_len=max_seq_len, truncation=truncation, encode=encode
+    )
     train, examples = _encode_all(examples, tokenizer, counts, skip_bad_lines, **kw)
     val, val_examples = _encode_all(val_examples, tokenizer, counts, skip_bad_lines, **kw)
     if not train:
         raise DataError(
-            f"All training examples in {train_path} are longer than --max-seq-len {max_seq_len}; "
+            f"All training {noun} in {train_path} are longer than --max-seq-len {max_seq_len}; "
             "raise --max-seq-len or use --truncation left."
         )
     summary.update(counts)
     summary.update(
         {
-            "train_examples": len(train),
-            "val_examples": len(val),
-            "train_tokens": sum(len(e) for e in train),
+            f"train_{noun}": len(train),
+            f"val_{noun}": len(val),
+            "train_tokens": sum(len(s) for e in train for s in getattr(e, "answers", (e,))),
             "train_label_tokens": sum(sum(t != IGNORE for t in e.labels) for e in train),
             "max_len": max(len(e) for e in train),
         }

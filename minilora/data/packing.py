@@ -140,10 +140,11 @@ def collate(rows: list[list[int]], encoded: Sequence, pad_id: int) -> Batch:
 
 
 def num_batches(encoded: Sequence, batch_size: int, **kw) -> int:
-    """Batches per epoch for these arguments (same keywords as `batches`, minus pad_id/start_step)."""
+    """Batches per epoch for these arguments (same keywords as `batches`, minus pad_id/start_step);
+    `encoded` holds EncodedExamples or EncodedPairs (data/pairs.py): each has a length."""
     kw.pop("pad_id", None)
     kw.pop("start_step", None)
-    return len(plan_batches([len(e.input_ids) for e in encoded], batch_size, **kw))
+    return len(plan_batches([len(e) for e in encoded], batch_size, **kw))
 
 
 def batches(

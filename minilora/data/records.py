@@ -79,15 +79,15 @@ def _string(obj: dict, key: str, *, optional: bool = False) -> str:
     if key not in obj or (optional and obj[key] is None):
         if optional:
             return ""
-        raise _BadLine(f"missing field '{key}'")
+        raise BadLine(f"missing field '{key}'")
     value = obj[key]
     if not isinstance(value, str):
-        raise _BadLine(f"field '{key}' must be a string, got {type(value).__name__}")
+        raise BadLine(f"field '{key}' must be a string, got {type(value).__name__}")
     return value
 
 
-class _BadLine(Exception):
-    pass
+class BadLine(Exception):
+    """One line cannot be used; read_jsonl adds the file and line and raises DataError (or skips it)."""
 
 
 def _parse(obj: dict, fmt: str, source: str) -> Example:
@@ -102,21 +102,21 @@ def _parse(obj: dict, fmt: str, source: str) -> Example:
         return Example("", _string(obj, "text"), fmt, source)
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        raise _BadLine('field \'messages\' must be a non-empty list of {"role", "content"} objects')
+        raise BadLine('field \'messages\' must be a non-empty list of {"role", "content"} objects')
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise _BadLine(f"message {i} must be an object with 'role' and 'content', got {type(m).__name__}")
+            raise BadLine(f"message {i} must be an object with 'role' and 'content', got {type(m).__name__}")
         for key in ("role", "content"):
             if key not in m:
-                raise _BadLine(f"message {i} is missing field '{key}'")
+                raise BadLine(f"message {i} is missing field '{key}'")
             if not isinstance(m[key], str):
-                raise _BadLine(f"message {i} field '{key}' must be a string, got {type(m[key]).__name__}")
+                raise BadLine(f"message {i} field '{key}' must be a string, got {type(m[key]).__name__}")
         if m["role"] not in ROLES:
-            raise _BadLine(f"message {i} has unknown role '{m['role']}' (expected one of {', '.join(ROLES)})")
+            raise BadLine(f"message {i} has unknown role '{m['role']}' (expected one of {', '.join(ROLES)})")
         clean.append({"role": m["role"], "content": m["content"]})
     if clean[-1]["role"] != "assistant":
-        raise _BadLine("the last message must be from the assistant (it is the completion to learn)")
+        raise BadLine("the last message must be from the assistant (it is the completion to learn)")
     return Example(clean[:-1], clean[-1]["content"], fmt, source)
 
 
@@ -126,9 +126,47 @@ def load_records(
     """Read a JSONL file into Examples. Every bad line raises DataError, or is counted and skipped.
     Lines longer than max_line_bytes are dropped before they are decoded or parsed (counted in the
     report): a line that cannot fit the sequence length costs nothing to tokenize."""
-    path = os.fspath(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"Unknown data format '{fmt}'; use auto or one of {', '.join(FORMATS)}.")
+    file_fmt, fmt_line = (fmt, None) if fmt != "auto" else (None, None)
+
+    def parse(obj: dict, lineno: int, source: str) -> Example:
+        nonlocal file_fmt, fmt_line
+        if "chosen" in obj and not {"completion", "messages", "output", "text"} & set(obj):
+            raise DataError(
+                f"{source.rpartition(':')[0]}, line {lineno} is a preference pair (prompt/chosen/rejected), which "
+                "trains with --objective dpo or --objective orpo; pass one of them, or give prompt/completion data."
+            )
+        line_fmt = _line_format(obj)
+        if line_fmt is None:
+            raise BadLine(
+                f"none of the known fields (prompt/completion, instruction/output, messages, text) found, "
+                f"keys are {sorted(obj)[:6]}; {_FIX}"
+            )
+        if file_fmt is None:
+            file_fmt, fmt_line = line_fmt, lineno
+        elif line_fmt != file_fmt:
+            origin = f"detected from line {fmt_line}" if fmt_line else "forced with --format"
+            raise BadLine(
+                f"this line is {line_fmt} but the file is {file_fmt} ({origin}); a file must not mix "
+                "formats, so split it into one file per format" + _SKIP
+            )
+        try:
+            return _parse(obj, file_fmt, source)
+        except BadLine as e:
+            raise BadLine(f"{e}; {_FIX}") from None
+
+    records, report = read_jsonl(path, parse, skip_bad_lines, max_line_bytes)
+    report.fmt = file_fmt
+    return records, report
+
+
+def read_jsonl(path, parse, skip_bad_lines: bool = False, max_line_bytes: int | None = None) -> tuple[list, LoadReport]:
+    """The records `parse(obj, lineno, "file:line")` makes of each JSON object line of `path` (pairs.py
+    reads preference pairs through it too). A line that is not a JSON object, or that `parse` refuses
+    with BadLine, raises DataError naming file and line, or with skip_bad_lines is counted and skipped;
+    lines over max_line_bytes are dropped unread (counted); an empty file always raises."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         raise DataError(f"Data file {path} is a folder; pass the path of a JSONL file.")
     if not os.path.isfile(path):
@@ -137,9 +175,8 @@ def load_records(
         raw = f.read()
     if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors write one)
         raw = raw[3:]
-    report = LoadReport(path, fmt)
-    records: list[Example] = []
-    file_fmt, fmt_line = (fmt, None) if fmt != "auto" else (None, None)
+    report = LoadReport(path, "")
+    records: list = []
     n_lines = 0
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
@@ -154,35 +191,18 @@ def load_records(
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise _BadLine(
+                raise BadLine(
                     f"bytes are not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
                     "re-save the file as UTF-8" + _SKIP
                 ) from None
             try:
                 obj = json.loads(text)
             except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: '[' * 20000
-                raise _BadLine(f"malformed JSON ({json_error_text(e, line=False)}); {_FIX}") from None
+                raise BadLine(f"malformed JSON ({json_error_text(e, line=False)}); {_FIX}") from None
             if not isinstance(obj, dict):
-                raise _BadLine(f"expected a JSON object, got {type(obj).__name__}; {_FIX}")
-            line_fmt = _line_format(obj)
-            if line_fmt is None:
-                raise _BadLine(
-                    f"none of the known fields (prompt/completion, instruction/output, messages, text) found, "
-                    f"keys are {sorted(obj)[:6]}; {_FIX}"
-                )
-            if file_fmt is None:
-                file_fmt, fmt_line = line_fmt, lineno
-            elif line_fmt != file_fmt:
-                origin = f"detected from line {fmt_line}" if fmt_line else "forced with --format"
-                raise _BadLine(
-                    f"this line is {line_fmt} but the file is {file_fmt} ({origin}); a file must not mix "
-                    "formats, so split it into one file per format" + _SKIP
-                )
-            try:
-                records.append(_parse(obj, file_fmt, f"{path}:{lineno}"))
-            except _BadLine as e:
-                raise _BadLine(f"{e}; {_FIX}") from None
-        except _BadLine as e:
+                raise BadLine(f"expected a JSON object, got {type(obj).__name__}; {_FIX}")
+            records.append(parse(obj, lineno, f"{path}:{lineno}"))
+        except BadLine as e:
             msg = f"{path}, line {lineno}: {e}."
             if not skip_bad_lines:
                 raise DataError(msg) from None
@@ -194,6 +214,5 @@ def load_records(
     if not records:
         long = f", {report.n_too_long} longer than {max_line_bytes} bytes dropped" if report.n_too_long else ""
         raise DataError(f"{path} has no usable lines ({report.n_skipped} bad lines skipped{long}); fix the file.")
-    report.fmt = file_fmt
     report.n_records = len(records)
     return records, report

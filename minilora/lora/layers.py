@@ -23,6 +23,7 @@ base + LoRA without a float32 copy of x or a kept dequantized weight.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -108,6 +109,7 @@ class LoRALinear(nn.Module):
                 norm = row_norm(base_weight(base, torch.float32), self.lora_B.weight @ self.lora_A.weight, self.scaling)
             self.lora_magnitude_vector = nn.Parameter(norm)  # (M,) float32
         self.merged = False
+        self.disabled = False  # inside lora_disabled(model): the base alone
         self._unmerged = None  # the base's original weight (dense) or NF4 buffers while merged
 
     def reset_lora_parameters(self) -> None:
@@ -128,7 +130,7 @@ class LoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base(x)
         A, B, s = self.lora_A, self.lora_B, self.scaling
         p = self.dropout_p if self.training else 0.0
@@ -351,3 +353,25 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(lora_state_dict(model).values())
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Inside the block every LoRA layer computes its frozen base alone, y = W0 x + b, the very call
+    the model made before apply_lora (so its outputs equal the base model's bit for bit): with QLoRA
+    the NF4 base is the reference policy DPO needs, and no second model is loaded (TRL's
+    disable_adapter()). Restored on exit, also after an exception; a merged adapter is refused (its
+    base weight holds the adapter)."""
+    mods = list(lora_modules(model).values())
+    if any(m.merged for m in mods):
+        raise AdapterError(
+            "lora_disabled needs the adapter unmerged (merge_lora folded it into the base); unmerge it first."
+        )
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(mods, before):
+            m.disabled = d

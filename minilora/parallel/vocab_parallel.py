@@ -31,6 +31,8 @@ where softmax(l)_s = exp(l_s - lse) needs only the global lse. Each rank compute
 N rows in the forward pass; a reduce-scatter sums the terms over ranks and gives each rank its own
 rows (n, D), which the backward scales by the incoming gradient (HeadCrossEntropyFn.backward).
 The loss a rank returns is the sum over its own rows, so ranks sum to the global loss as before.
+Preference objectives take each own row's CE instead (token_cross_entropy): the same terms, not summed,
+and the same dL/dh rows, which the backward scales row by row (loss.TokenCrossEntropyFn).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora.parallel.errors import ParallelError
-from minilora.train.loss import HeadCrossEntropyFn, _acc_dtype, head_grad, head_logits
+from minilora.train.loss import HeadCrossEntropyFn, TokenCrossEntropyFn, _acc_dtype, head_grad, head_logits
 
 
 def vocab_range(vocab: int, world: int, rank: int) -> tuple[int, int]:
@@ -146,9 +148,16 @@ class VocabParallelHead(nn.Module):
             return VocabParallelCrossEntropyFn.apply(h, self, y, cap, chunk)
         return vocab_parallel_cross_entropy(h, self, y, cap, chunk, need_grad=False)[0]
 
+    def token_cross_entropy(self, h: torch.Tensor, y: torch.Tensor, cap, chunk: int) -> torch.Tensor:
+        """The CE of each of this rank's rows (n,): a collective, every rank calls it."""
+        if torch.is_grad_enabled() and h.requires_grad:
+            return VocabParallelTokenCrossEntropyFn.apply(h, self, y, cap, chunk)
+        return vocab_parallel_cross_entropy(h, self, y, cap, chunk, need_grad=False, per_row=True)[0]
 
-def vocab_parallel_cross_entropy(h, head: VocabParallelHead, y, cap, chunk: int, need_grad: bool):
-    """(sum of CE over this rank's rows, dL/dh (n, D) or None); see the module docstring."""
+
+def vocab_parallel_cross_entropy(h, head: VocabParallelHead, y, cap, chunk: int, need_grad: bool, per_row=False):
+    """(sum of CE over this rank's rows, or with per_row each row's CE (n,); dL/dh (n, D) or None);
+    see the module docstring."""
     import torch.distributed as dist
 
     H, sizes = gather_rows(h)  # (W, m, D)
@@ -178,7 +187,8 @@ def vocab_parallel_cross_entropy(h, head: VocabParallelHead, y, cap, chunk: int,
         z = t = p = None  # before the next chunk's logits exist: one chunk's buffers at a time
     r = dist.get_rank()
     first = sum(sizes[:r])
-    total = losses[first : first + h.shape[0]].sum()
+    own = losses[first : first + h.shape[0]]  # (n,)
+    total = own if per_row else own.sum()
     if not need_grad:
         return total, None
     parts = H.new_zeros((len(sizes), max(sizes), H.shape[1]))  # (W, m, D)
@@ -195,6 +205,17 @@ class VocabParallelCrossEntropyFn(HeadCrossEntropyFn):
         total, grad_h = vocab_parallel_cross_entropy(h, head, y, cap, chunk, need_grad=True)
         ctx.save_for_backward(grad_h)
         return total
+
+
+class VocabParallelTokenCrossEntropyFn(TokenCrossEntropyFn):
+    """TokenCrossEntropyFn with a vocabulary-parallel head: each own row's CE (n,), its dCE/dh rows
+    computed in the forward; backward inherited (row i times g_i)."""
+
+    @staticmethod
+    def forward(ctx, h, head, y, cap, chunk):
+        ce, grad_h = vocab_parallel_cross_entropy(h, head, y, cap, chunk, need_grad=True, per_row=True)
+        ctx.save_for_backward(grad_h)
+        return ce
 
 
 class _HeadLogitsFn(torch.autograd.Function):

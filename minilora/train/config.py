@@ -21,6 +21,8 @@ from minilora.dtypes import resolve_dtype
 
 DEMO_TRAIN = os.path.join(EXAMPLES, "demo", "train.jsonl")
 DEMO_TEST = os.path.join(EXAMPLES, "demo", "test.jsonl")
+DEMO_PAIRS_TRAIN = os.path.join(EXAMPLES, "demo", "pairs_train.jsonl")  # --objective dpo / orpo on the tiny model
+DEMO_PAIRS_TEST = os.path.join(EXAMPLES, "demo", "pairs_test.jsonl")
 
 
 def _f(default, help, **kw):
@@ -37,7 +39,11 @@ BOUND_KEYS = ("ge", "gt", "le", "lt", "choices")
 class TrainConfig:
     # what to train
     model: str = _f("tiny", "preset name (e.g. gemma-3-1b), Hugging Face repo id, or local checkpoint folder")
-    data: str = _f(DEMO_TRAIN, "training JSONL (prompt/completion, alpaca, chat messages, or text)")
+    data: str = _f(
+        DEMO_TRAIN,
+        "training JSONL (prompt/completion, alpaca, chat messages, or text; for --objective dpo or orpo, "
+        "preference pairs: prompt, chosen, rejected)",
+    )
     val_data: str | None = _f(None, "validation JSONL; default: --val-fraction of --data")
     eval_data: str | None = _f(
         None,
@@ -45,6 +51,24 @@ class TrainConfig:
     )
     out: str = _f(os.path.join("runs", "demo"), "run directory (config, metrics.jsonl, checkpoints, adapter)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    # objective (minilora/train/objectives.py)
+    objective: str = _f(
+        "sft",
+        "sft: next-token loss on the completions; dpo: preference pairs, the frozen base (LoRA off) as the "
+        "reference; orpo: preference pairs, SFT loss on the chosen answer + an odds-ratio term, no reference",
+        choices=["sft", "dpo", "orpo"],
+    )
+    beta: float = _f(0.1, "DPO: how closely the policy stays to the reference (higher: closer); IPO's tau", gt=0.0)
+    label_smoothing: float = _f(
+        0.0, "DPO: the probability that a pair's preference is flipped (conservative DPO)", ge=0.0, lt=0.5
+    )
+    dpo_loss: str = _f("sigmoid", "DPO loss: sigmoid (DPO) or ipo (IPO)", choices=["sigmoid", "ipo"])
+    orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term beside the SFT loss", gt=0.0)
+    precompute_reference: bool = _f(
+        False,
+        "DPO: compute the reference log-probabilities of every training pair once before training, store them "
+        "in the run folder, and skip the reference forward in each step",
+    )
     # data
     format: str = _f(
         "auto",
@@ -105,6 +129,11 @@ class TrainConfig:
     lora_plus_ratio: float = _f(
         0.0, "LoRA+: lora_B learns at this many times --lr (e.g. 16); 0 = off, one rate", ge=0.0
     )
+    init_adapter: str | None = _f(
+        None,
+        "start from this adapter (a train.py run folder, e.g. an SFT run, or a PEFT adapter folder) instead of "
+        "a fresh one; with --objective dpo the reference is then the base plus this adapter, frozen",
+    )
     gradient_checkpointing: str = _f(
         "auto",
         "recompute block activations in backward: auto (off when the plan "
@@ -151,7 +180,11 @@ class TrainConfig:
     # evaluation, checkpoints, logging
     eval_every: int = _f(50, "validation loss every N steps (0 = only at the end)", ge=0)
     early_stopping: int = _f(0, "stop after N validations without improvement (0 = off)", ge=0)
-    eval_generate: int = _f(40, "held-out examples scored by greedy generation before and after (0 = skip)", ge=0)
+    eval_generate: int = _f(
+        40,
+        "held-out examples scored by greedy generation before and after (pairs: by preference accuracy) (0 = skip)",
+        ge=0,
+    )
     save_every: int = _f(100, "checkpoint every N steps (and at the end)", ge=0)
     keep_checkpoints: int = _f(2, "checkpoints kept on disk", ge=1)
     log_every: int = _f(1, "log line every N steps", ge=1)
@@ -218,6 +251,17 @@ def validate(cfg: TrainConfig) -> None:
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{flag} {path} does not exist; pass the path of a JSONL file.")
     check_init_flags(cfg)
+    if cfg.objective != "sft":
+        for on, flag in ((cfg.pack, "--pack"), (cfg.train_on_all, "--train-on-all")):
+            if on:
+                raise ConfigError(f"{flag} does not apply to preference pairs (--objective {cfg.objective}); drop it.")
+        if cfg.format != "auto":
+            raise ConfigError(
+                f"--format {cfg.format} names an SFT format; --objective {cfg.objective} reads preference pairs "
+                "(prompt, chosen, rejected), so drop --format."
+            )
+    if cfg.label_smoothing > 0 and cfg.dpo_loss == "ipo":
+        raise ConfigError("--label-smoothing applies to --dpo-loss sigmoid (conservative DPO), not ipo; drop one.")
     if cfg.memory_budget != "auto" and not cfg.memory_budget.isdigit():
         raise ConfigError(f"--memory-budget {cfg.memory_budget!r} must be auto or a number of bytes.")
     if cfg.optimizer_budget not in ("none", "auto") and not cfg.optimizer_budget.isdigit():
@@ -249,7 +293,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "QLoRA fine-tuning: NF4 base, LoRA adapters, paged AdamW. With no arguments: the "
         "offline demo (tiny model, bundled examples).",
         epilog="--model tiny (the offline demo) uses the preset shown as [tiny: ...] in a flag's help "
-        "unless that flag is given. " + EXIT_CODES_HELP,
+        "unless that flag is given; with --objective dpo or orpo, on the bundled preference pairs "
+        "(examples/demo/pairs_*.jsonl) for 1 epoch, into runs/demo-dpo or runs/demo-orpo. " + EXIT_CODES_HELP,
     )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -289,6 +334,19 @@ DEMO_OVERRIDES = {
 }
 
 
+# `--objective dpo` or `orpo` on the tiny model: the bundled preference pairs (examples/demo/pairs_*.jsonl),
+# on top of DEMO_OVERRIDES, unless the flag is given.
+DEMO_PAIR_OVERRIDES = {
+    "data": DEMO_PAIRS_TRAIN,
+    "eval_data": DEMO_PAIRS_TEST,
+    "epochs": 1,
+    "eval_every": 0,
+    "save_every": 0,
+    "log_every": 2,
+    "eval_generate": 90,  # every bundled test pair: scoring a pair is two forwards, no generation
+}
+
+
 def parse_args(argv=None) -> TrainConfig:
     import sys
 
@@ -297,10 +355,13 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = TrainConfig(**vars(ns))
     if cfg.model == "tiny":
         given = given_flags(argv)
-        for name, value in DEMO_OVERRIDES.items():
+        pairs = DEMO_PAIR_OVERRIDES if cfg.objective != "sft" else {}
+        if pairs:  # its own run folder: runs/demo holds the SFT demo's checkpoints
+            pairs = {**pairs, "out": os.path.join("runs", f"demo-{cfg.objective}")}
+        for name, value in {**DEMO_OVERRIDES, **pairs}.items():
             if name not in given:
                 setattr(cfg, name, value)
-    for name in ("val_data", "eval_data"):
+    for name in ("val_data", "eval_data", "init_adapter"):
         if getattr(cfg, name) in ("", "none", "None"):
             setattr(cfg, name, None)
     return cfg

@@ -20,6 +20,11 @@ logits (in float32, or float64 for a float64 model) exist at a time:
 
 Gemma 3's 262k vocabulary at 16 x 1024 tokens would be 16 GiB of float32 logits; here it is
 chunk x V x 4 bytes (256 MiB at the default chunk of 256).
+
+Preference objectives (DPO, ORPO: minilora/train/dpo.py, orpo.py) need each sequence's own sum,
+log pi(y | x) = -sum_{t in answer} CE_t, not one sum over the batch. `sequence_logprobs` takes the
+same path with per-token CE: TokenCrossEntropyFn is HeadCrossEntropyFn returning the N terms
+(its saved dL/dh_i is row i's own, so the backward scales row i by its own incoming gradient).
 """
 
 from __future__ import annotations
@@ -99,6 +104,38 @@ class HeadCrossEntropyFn(torch.autograd.Function):
         return grad_h * g.to(grad_h.dtype), None, None, None, None
 
 
+class TokenCrossEntropyFn(torch.autograd.Function):
+    """ce_i = CE(l_i, y_i) for each of N rows, (N,), with the frozen head W, chunk by chunk.
+
+    Each ce_i depends on h_i alone, so the Jacobian is block diagonal and the backward of an upstream
+    gradient g (N,) is row by row, with dce_i/dh_i derived in HeadCrossEntropyFn:
+        dL/dh_i = g_i (softmax(l_i) - e_{y_i}) * dl/dz W                      (c, V) @ (V, D) -> (c, D)
+    The forward keeps dce_i/dh_i (N, D), as HeadCrossEntropyFn keeps dL/dh; no logits outlive their chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, cap, chunk: int):
+        ce = torch.empty(h.shape[0], dtype=_acc_dtype(h.dtype), device=h.device)  # (N,)
+        grad_h = torch.empty_like(h)  # (N, D)
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, yc = h[i : i + chunk], y[i : i + chunk]  # (c, D), (c,)
+            z, t = head_logits(hc, weight, cap)  # (c, V)
+            lse = torch.logsumexp(z, dim=-1)  # (c,)
+            ce[i : i + chunk] = lse - z.gather(1, yc[:, None]).squeeze(1)
+            p = torch.exp(z - lse[:, None])  # (c, V) softmax
+            p[rows[: len(yc)], yc] -= 1.0
+            grad_h[i : i + chunk] = head_grad(p, t, weight, h.dtype)
+            del z, p
+        ctx.save_for_backward(grad_h)
+        return ce
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * g.to(grad_h.dtype)[:, None], None, None, None, None
+
+
 def _chunk_ce(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model.logits_from_hidden(h)  # (c, V)
     return F.cross_entropy(logits.to(_acc_dtype(logits.dtype)), y, reduction="sum")
@@ -131,6 +168,48 @@ def chunked_lm_loss(model, batch, chunk: int = 256) -> tuple[torch.Tensor, int]:
         else:
             total = total + _chunk_ce(model, hc, yc)
     return total, int(y_sel.numel())
+
+
+def _chunk_token_ce(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model.logits_from_hidden(h)  # (c, V)
+    return F.cross_entropy(logits.to(_acc_dtype(logits.dtype)), y, reduction="none")  # (c,)
+
+
+def sequence_logprobs(model, batch, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi of each row's labelled tokens, summed (R,), and their count (R,)) for a Batch of R rows:
+    log pi(row) = -sum_t CE(logits[r, t], labels[r, t + 1]) over the row's labelled targets, from the
+    chunked head (no (R, T, V) logits), with gradient when grad is enabled."""
+    h = model(
+        batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        segment_ids=batch.segment_ids,
+        return_hidden=True,
+    )  # (R, T, D)
+    targets = batch.labels[:, 1:]  # (R, T-1)
+    keep = targets != IGNORE
+    h_sel = h[:, :-1][keep]  # (N, D), row-major: row r's tokens in order, then row r + 1's
+    y_sel = targets[keep]  # (N,)
+    row = keep.nonzero()[:, 0]  # (N,) the row of each labelled token, in the same row-major order
+    cap = model.config.final_logit_softcapping
+    head = getattr(model.lm_head, "weight", None)
+    if hasattr(model.lm_head, "token_cross_entropy"):  # --parallel fsdp: the vocabulary-parallel head
+        ce = model.lm_head.token_cross_entropy(h_sel, y_sel, cap, chunk)
+    elif torch.is_grad_enabled() and head is not None and not head.requires_grad:  # LoRA: frozen head
+        ce = TokenCrossEntropyFn.apply(h_sel, head, y_sel, cap, chunk)
+    else:
+        parts = []
+        for i in range(0, y_sel.numel(), chunk):  # a trainable head, or no grad: plain chunks
+            hc, yc = h_sel[i : i + chunk], y_sel[i : i + chunk]
+            grad = torch.is_grad_enabled()
+            parts.append(
+                checkpoint(_chunk_token_ce, model, hc, yc, use_reentrant=False)
+                if grad
+                else _chunk_token_ce(model, hc, yc)
+            )
+        ce = torch.cat(parts) if parts else h.new_zeros(0, dtype=_acc_dtype(h.dtype))
+    logp = -ce.new_zeros(keep.shape[0]).index_add(0, row, ce)  # (R,) summed per row
+    return logp, keep.sum(dim=1)
 
 
 @torch.no_grad()

@@ -42,6 +42,11 @@ copy for dL/dh, soft-capping's tanh), one dequantized base weight (M K e, plus i
 intermediate), the backward's gradients of one block (about one block's activations).
 Runtime: the process's own memory before the model exists (Python, torch, libraries, allocator
 pools), measured in this process (CPU RSS); 0 on CUDA, where max_memory_allocated excludes it.
+Preference pairs (--objective dpo / orpo): a batch of P pairs is 2P rows (both answers), so B = 2P.
+DPO's reference forward (LoRA off, no grad) runs before the policy forward and keeps no activations:
+its peak is one block's transient and the loss chunk, both already in the step's transient, and only
+its 2P log-probabilities survive; it adds one base forward's FLOPs per token (no LoRA, no backward),
+none with --precompute-reference (a table of 2 floats per training pair instead).
 
 FLOPs per token (a multiply-add is 2 FLOPs). Forward: 2 P_base (every block weight once)
 + 2 * 2 T_avg H hd (q k^T and p v over on average T/2 causal keys) + 2 P_lora; the head 2 D V per
@@ -366,8 +371,10 @@ def flops_per_token(
     recompute_blocks: int = 0,
     label_fraction: float = 1.0,
     selective_blocks: int = 0,
+    forward_only: bool = False,
 ) -> float:
-    """Training FLOPs per token (forward + backward, see the module docstring)."""
+    """Training FLOPs per token (forward + backward, see the module docstring); forward_only: the
+    forward alone (DPO's reference forward)."""
     L, H, hd, D, V = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size, cfg.vocab_size
     shapes = linear_shapes(cfg)
     base = sum(M * K for M, K in shapes.values())
@@ -376,6 +383,8 @@ def flops_per_token(
     fwd_block = 2 * base + attn + 2 * lora
     bwd_block = 2 * base + 2 * attn + 4 * lora
     head = (2 + 2) * D * V * label_fraction
+    if forward_only:
+        return L * fwd_block + 2 * D * V * label_fraction
     return L * (fwd_block + bwd_block) + recompute_blocks * fwd_block + selective_blocks * 2 * lora + head
 
 
@@ -406,16 +415,19 @@ def choose_checkpointing(fits, num_layers: int) -> tuple[int, int] | None:
 
 # ------------------------------------------------------------------------------ train.py
 def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
-    """(rows, length) of the batch with the most padded tokens that these batching arguments produce."""
+    """(rows, length) of the batch with the most padded tokens that these batching arguments produce
+    (a batch of preference pairs has two rows per pair: both answers, padded to one length)."""
     from minilora.data.packing import plan_batches
+    from minilora.data.pairs import EncodedPair
 
     kw = {k: v for k, v in batch_kw.items() if k not in ("pad_id", "shuffle")}
-    lengths = [len(e.input_ids) for e in encoded]
+    lengths = [len(e) for e in encoded]
+    per = 2 if encoded and isinstance(encoded[0], EncodedPair) else 1
     best = (1, 1)
     for rows in plan_batches(lengths, shuffle=False, **kw):
         T = max(sum(lengths[i] for i in row) for row in rows)
-        if len(rows) * T > best[0] * best[1]:
-            best = (len(rows), T)
+        if per * len(rows) * T > best[0] * best[1]:
+            best = (per * len(rows), T)
     return best
 
 
@@ -474,6 +486,8 @@ def plan_run(
             fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
         )
     plan = make(*(chosen or (L, 0)))
+    if getattr(tc, "objective", "sft") == "dpo" and not tc.precompute_reference:  # a base forward per token
+        plan.flops_per_token += flops_per_token(model_cfg, shape[1], 0, (), forward_only=True)
     plan.budget = budget
     error = None
     if plan.peak > budget * MARGIN:

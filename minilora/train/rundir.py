@@ -6,6 +6,8 @@ is written. A folder holding checkpoints is continued only with --resume, and --
 the flags given on its command line with the run's config.json:
 
   ADAPTER_FIELDS  define the adapter the checkpoints hold: a change is refused
+  OBJECTIVE_FIELDS define what the adapter is trained toward (the objective and its hyperparameters;
+                  the optimizer state was accumulated on that loss): a change is refused
   STREAM_FIELDS   define the data order and the optimizer state (the checkpoint stores a position
                   in that stream): a change is refused
   every other field may change: the new value is applied for real and recorded, with the old one,
@@ -44,7 +46,9 @@ ADAPTER_FIELDS = (
     "use_dora",
     "init",
     "loftq_iters",
+    "init_adapter",  # the weights it started from (and DPO's reference): kept in RUN/init_adapter/
 )
+OBJECTIVE_FIELDS = ("objective", "beta", "label_smoothing", "dpo_loss", "orpo_lambda", "precompute_reference")
 STREAM_FIELDS = (
     "data",
     "val_data",
@@ -91,7 +95,7 @@ CHANGEABLE_FIELDS = (
     "memory_budget",
 )
 NOT_INHERITED = ("out", "resume", "plan", "debug_nan_at_step", "debug_interrupt_at_step")  # this invocation's own
-PATH_FIELDS = ("data", "val_data", "eval_data")
+PATH_FIELDS = ("data", "val_data", "eval_data", "init_adapter")
 # keys every config.json train.py writes has (a model folder's config.json has none of them)
 _RUN_KEYS = {"model", "data", "out", "lora_r", "lora_alpha", "save_every"}
 # what fileio's temp helpers name their files and folders: .NAME.tmp-XXXX, .NAME.old-XXXX, .NAME.XXXX.tmp
@@ -242,7 +246,7 @@ def merge_resume(
     cfg, given: set[str], old: dict, resolve_dtype, step: int, world: int = 1, resolve_template=None
 ) -> dict:
     """Fill `cfg` for a resumed run: fields not in `given` take the run's recorded values; given
-    fields that differ from them are refused (ADAPTER_FIELDS, STREAM_FIELDS: UsageError naming each)
+    fields that differ from them are refused (ADAPTER_FIELDS, OBJECTIVE_FIELDS, STREAM_FIELDS: UsageError naming each)
     or applied. `resolve_dtype(name) -> str` resolves --dtype auto on this machine; the dtype
     compared is the resolved one. So is the template: `resolve_template(name) -> str` resolves
     --template auto for the run's tokenizer (without it, the names are compared). --grad-accum may
@@ -272,14 +276,14 @@ def merge_resume(
             new, was = resolve_template(new), recorded["template"]
         if _same(name, new, was):
             continue
-        if name in ADAPTER_FIELDS or name in STREAM_FIELDS:
+        if name in ADAPTER_FIELDS or name in OBJECTIVE_FIELDS or name in STREAM_FIELDS:
             refused.append(f"{flag(name)} {new} (the run has {was})")
         else:
             changed[name] = [was, new]
     if refused:
         raise UsageError(
-            f"--resume cannot change {', '.join(refused)}: these define the adapter or the data "
-            "order its checkpoints hold; drop them to continue the run, or start a new run in "
+            f"--resume cannot change {', '.join(refused)}: these define the adapter, its objective or the "
+            "data order its checkpoints hold; drop them to continue the run, or start a new run in "
             "another --out."
         )
     cfg.resumes = [*old.get("resumes", []), {"step": step, "changed": changed}]

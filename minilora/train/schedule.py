@@ -37,14 +37,16 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float = 0.1):
 
 # ------------------------------------------------------------------------------------ data stream
 class BatchStream:
-    """Endless micro-batches over epochs, with a position (epoch, index) a checkpoint can store."""
+    """Endless micro-batches over epochs, with a position (epoch, index) a checkpoint can store;
+    Batches of examples, or PairBatches of preference pairs (data/pairs.py)."""
 
     def __init__(self, encoded, batch_kw: dict, epoch: int = 0, index: int = 0):
         from minilora.data.packing import batches, num_batches
+        from minilora.data.pairs import EncodedPair, pair_batches
 
         self.encoded, self.kw = encoded, batch_kw
         self.per_epoch = num_batches(encoded, **batch_kw)
-        self._batches = batches
+        self._batches = pair_batches if encoded and isinstance(encoded[0], EncodedPair) else batches
         self.epoch, self.index = epoch, index
         self._it = None
 
