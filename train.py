@@ -175,7 +175,7 @@ def setup(cfg, given: set[str]) -> Run | int:
         fsdp = True
         plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, fsdp_ranks=world)
         say(f"parallel: fsdp over {world} ranks (the model does not fit one device)")
-    labels = steptime.longest_labels(data.train, batch_kw)  # the step time: a probe of the step's pieces
+    labels = steptime.longest_labels(data.train, batch_kw) if cfg.objective == "sft" else 0  # the probe's batch
     step_time, unmeasured = steptime.predict(cfg, model_cfg, device, dtype, shape, labels, plan, world, not too_big)
     if cfg.plan:
         from minilora.data.packing import num_batches

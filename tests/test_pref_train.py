@@ -16,7 +16,7 @@ from cli_runs import FAST, ROOT, metrics, one_sentence, train, train_here
 from minilora.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from minilora.train.config import DEMO_PAIRS_TEST, DEMO_PAIRS_TRAIN, parse_args
 
-PRE_OBJECTIVES = "d71fc14"  # the last commit whose train.py computed the SFT loss itself
+PRE_OBJECTIVES = "12aff7c"  # the last commit whose train.py computed the SFT loss itself (with every flag since)
 TIMING = ("tokens_per_s", "peak_mem_mb")  # the only logged values that may differ between two runs
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "margin", "accuracy")
 

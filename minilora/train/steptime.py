@@ -169,6 +169,8 @@ def predict(tc, model_cfg, device, dtype, shape: tuple[int, int], labels: int, p
     import path and thread count): what it allocates, the kernels it selects and the code it loads
     (torch's checkpoint loads torch._dynamo) stay out of the run's memory, and the run's RNG is
     untouched. Its interpreter start (seconds) is not counted in its budget."""
+    if tc.objective != "sft":  # two answers and a reference forward per pair: not what the probe runs
+        return None, f"the probe times SFT steps, not --objective {tc.objective} steps"
     if world > 1:
         return None, f"the probe times one process, not {world} processes under torchrun and their communication"
     if not fits:
