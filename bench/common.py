@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -74,3 +76,15 @@ def write_json(name: str, payload: dict, path: str | None = None) -> str:
     path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
     write_text_atomic(path, json.dumps(payload, indent=2))
     return path
+
+
+def run_json_worker(module: str, impl: str, ckpt: str, argv: list[str], env: dict) -> dict:
+    """`python -m MODULE ARGV --worker IMPL --ckpt CKPT` in a fresh process (each side of a memory
+    comparison starts from an empty heap); its last JSON line on stdout is the measurement."""
+    cmd = [sys.executable, "-m", module, *argv, "--worker", impl, "--ckpt", ckpt]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, check=False)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{impl} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])

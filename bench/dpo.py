@@ -37,8 +37,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -181,12 +179,9 @@ def worker(impl: str, ckpt: str, a) -> dict:
 
 def run_worker(impl: str, ckpt: str, argv: list[str]) -> dict:
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "bench.dpo", *argv, "--worker", impl, "--ckpt", ckpt]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"{impl} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    from bench.common import run_json_worker
+
+    return run_json_worker("bench.dpo", impl, ckpt, argv, env)
 
 
 def main() -> None:

@@ -32,10 +32,7 @@ TOK_DIR = os.path.join(os.path.dirname(HERE), "examples", "tokenizer")
 def build_run(tmp: str, family: str, hidden: int, layers: int, seed: int = 0) -> str:
     import transformers
 
-    from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_modules
     from minilora.models.config import every_nth_full
-    from minilora.models.loader import load_model
 
     torch.manual_seed(seed)
     common = dict(
@@ -61,6 +58,16 @@ def build_run(tmp: str, family: str, hidden: int, layers: int, seed: int = 0) ->
         hf = transformers.Gemma3ForCausalLM(cfg)
     else:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=False, **common))
+    return run_from_model(tmp, hf, seed)
+
+
+def run_from_model(tmp: str, hf, seed: int = 0) -> str:
+    """A run folder in `tmp` for the transformers model `hf`: the model saved with the bundled
+    tokenizer as the base, and a LoRA adapter (r 16 on every linear, B ~ N(0, 0.02)) trained on it."""
+    from minilora.lora.adapter import save_adapter
+    from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.models.loader import load_model
+
     base = os.path.join(tmp, "base")
     hf.save_pretrained(base)
     for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -56,14 +56,9 @@ def cpu_facts() -> dict:
 
 
 def build_run(tmp: str, g: dict, seed: int = 0) -> str:
-    import shutil
-
     import transformers
 
-    from bench.gguf_export import TOK_DIR
-    from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_modules
-    from minilora.models.loader import load_model
+    from bench.gguf_export import run_from_model
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
@@ -79,20 +74,7 @@ def build_run(tmp: str, g: dict, seed: int = 0) -> str:
         eos_token_id=2,
         pad_token_id=0,
     )
-    base = os.path.join(tmp, "base")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(base)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(TOK_DIR, f), os.path.join(base, f))
-    model, _ = load_model(base, quantize=None, dtype=torch.float32)
-    apply_lora(model, "all-linear", r=16, alpha=32, dropout=0.0, seed=seed, verbose=False)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.normal_(0, 0.02)
-    run = os.path.join(tmp, "run")
-    save_adapter(model, os.path.join(run, "adapter"), base)
-    with open(os.path.join(run, "config.json"), "w") as f:
-        json.dump({"model": base, "quantize": "none", "dtype": "float32"}, f)
-    return run
+    return run_from_model(tmp, transformers.LlamaForCausalLM(cfg), seed)
 
 
 def writer_speeds(repeat: int) -> list[dict]:

@@ -329,12 +329,9 @@ def run_worker(impl: str, ckpt: str, argv: list[str], mmap_threshold: int = 0) -
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
     if mmap_threshold > 0:  # glibc: every block above this size is its own mapping, unmapped when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    cmd = [sys.executable, "-m", "bench.train_step", *argv, "--worker", impl, "--ckpt", ckpt]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"{impl} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    from bench.common import run_json_worker
+
+    return run_json_worker("bench.train_step", impl, ckpt, argv, env)
 
 
 def main() -> None:
