@@ -281,7 +281,8 @@ def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, 
     from minilora.models.loader import load_model
     from minilora.train import init_adapter
     from minilora.train.loss import default_chunk
-    from minilora.train.objectives import evaluate_pairs, make_objective
+    from minilora.train.objectives import make_objective
+    from minilora.train.pair_objective import evaluate_pairs
 
     objective = run_cfg["objective"]
     for flag, value in (

@@ -46,7 +46,8 @@ ONLY_FOR = {
 def setup(cfg, given: set[str]) -> Run | int:
     """Everything before the first step, every check before the first write; an exit code when the
     run ends here (--plan, or a refusal)."""
-    from minilora.data.encode import prepare_data, resolve_template
+    from minilora.data.encode import resolve_template
+    from minilora.data.prepare import prepare_data
     from minilora.data.records import load_records
     from minilora.fileio import write_text_atomic
     from minilora.lora import inits

@@ -13,7 +13,8 @@ import argparse
 import torch  # noqa: E402
 
 from bench.common import environment, interleaved_medians, write_json  # noqa: E402
-from minilora.quant.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
+from minilora.quant.linear import dequantize_nf4  # noqa: E402
+from minilora.quant.nf4 import quantize_nf4  # noqa: E402
 
 SHAPES = [(1152, 6912), (4096, 4096)]
 

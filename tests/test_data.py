@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.data.encode import encode_example, prepare_data, prompt_ids
+from minilora.data.encode import encode_example, prompt_ids
 from minilora.data.holdout import ContaminationError
+from minilora.data.prepare import prepare_data
 from minilora.data.records import DataError, Example, load_records
 from minilora.models.tokenizer import Tokenizer
 

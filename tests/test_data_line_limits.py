@@ -9,7 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora.data.encode import encode_example, max_line_bytes, prepare_data
+from minilora.data.encode import encode_example, max_line_bytes
+from minilora.data.prepare import prepare_data
 from minilora.data.records import Example
 
 

@@ -18,10 +18,10 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import minilora.quant.nf4 as nf4_mod  # noqa: E402
+from minilora.quant.linear import dequantize_nf4  # noqa: E402
 from minilora.quant.maps import dynamic_map, nf4_code  # noqa: E402
 from minilora.quant.nf4 import (  # noqa: E402
     NF4Tensor,
-    dequantize_nf4,
     dequantize_nf4_cpu,
     dequantize_nf4_reference,
     quantize_nf4,
@@ -161,7 +161,7 @@ def test_from_bnb_dequantizes_like_bitsandbytes(wb, double_quant):
     w, blocksize = wb
     packed, state = _bnb(w, blocksize, double_quant)
     q = NF4Tensor.from_bnb(packed, state)
-    assert torch.equal(q.dequantize(), _bnb_dequantize(packed, state))
+    assert torch.equal(dequantize_nf4(q), _bnb_dequantize(packed, state))
 
 
 @given(weights(max_numel=3000), st.booleans())
@@ -170,7 +170,7 @@ def test_to_bnb_from_bnb_round_trip_lossless(wb, double_quant):
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     packed, state = q.to_bnb()
     # bitsandbytes dequantizes our state exactly as ours does
-    assert torch.equal(_bnb_dequantize(packed, state), q.dequantize())
+    assert torch.equal(_bnb_dequantize(packed, state), dequantize_nf4(q))
     q2 = NF4Tensor.from_bnb(packed, state)
     for name in ("packed", "absmax", "absmax2", "offset"):
         a, b = getattr(q, name), getattr(q2, name)
@@ -186,7 +186,7 @@ def test_safetensors_round_trip_lossless(tmp_path_factory, wb, double_quant):
     path = str(tmp_path_factory.mktemp("nf4") / "w.safetensors")
     q.save(path)
     q2 = NF4Tensor.load(path)
-    assert torch.equal(q2.dequantize(), q.dequantize())
+    assert torch.equal(dequantize_nf4(q2), dequantize_nf4(q))
     assert torch.equal(q2.packed, q.packed) and torch.equal(q2.absmax, q.absmax)
     assert (q2.shape, q2.dtype, q2.blocksize, q2.double_quant) == (q.shape, q.dtype, q.blocksize, q.double_quant)
     assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
@@ -197,7 +197,7 @@ def test_mean_abs_error_matches_bitsandbytes_figure():
     w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     for dq in (False, True):
         q = quantize_nf4(w, blocksize=64, double_quant=dq)
-        ours = (q.dequantize(torch.float32) - w).abs().mean().item()
+        ours = (dequantize_nf4(q, torch.float32) - w).abs().mean().item()
         packed, state = _bnb(w, 64, dq)
         theirs = (_bnb_dequantize(packed, state) - w).abs().mean().item()
         assert ours == theirs

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.data.encode import EncodedExample, encode_example, prepare_data
+from minilora.data.encode import EncodedExample, encode_example
 from minilora.data.holdout import ContaminationError
 from minilora.data.packing import IGNORE
 from minilora.data.pairs import EncodedPair, collate_pairs, encode_pair, load_pairs, pair_batches
+from minilora.data.prepare import prepare_data
 from minilora.data.records import DataError, load_records
 from minilora.models.tokenizer import Tokenizer
 

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from minilora.data.encode import prepare_data, render_raw
+from minilora.data.encode import render_raw
+from minilora.data.prepare import prepare_data
 from minilora.data.token_estimate import ByteCountTokenizer
 from minilora.models.config import ModelConfig
 from minilora.models.presets import PRESETS

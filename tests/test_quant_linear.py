@@ -19,8 +19,7 @@ from test_lora import bnb_linear4bit
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from minilora.quant.linear import NF4Linear
-from minilora.quant.nf4 import dequantize_nf4
+from minilora.quant.linear import NF4Linear, dequantize_nf4
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -16,9 +16,10 @@ import triton
 
 from minilora.kernels import dispatch, nf4_dequant, nf4_matmul
 from minilora.kernels.common import interpreting
+from minilora.quant.linear import dequantize_nf4
 from minilora.quant.linear import nf4_matmul as matmul_op
 from minilora.quant.linear import nf4_matmul_t as matmul_t_op
-from minilora.quant.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_reference, quantize_nf4
+from minilora.quant.nf4 import NF4Tensor, dequantize_nf4_reference, quantize_nf4
 
 needs_interpreter = pytest.mark.skipif(
     not interpreting(), reason="the CPU tests run the kernels under TRITON_INTERPRET=1"

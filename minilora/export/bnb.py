@@ -87,6 +87,7 @@ def nf4_round_trip(
 ) -> torch.Tensor:
     """The weight bitsandbytes reconstructs (dequantizing to `dtype`) from the NF4 export of `w`,
     which is quantized in the dtype it is stored in."""
-    from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
+    from minilora.quant.linear import dequantize_nf4
+    from minilora.quant.nf4 import quantize_nf4
 
     return dequantize_nf4(quantize_nf4(w, blocksize=blocksize, double_quant=double_quant), dtype=dtype)

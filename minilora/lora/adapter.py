@@ -35,9 +35,9 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+import minilora.lora.inits as inits
 from minilora.dtensor import local, local_region
 from minilora.fileio import json_error_text, safetensors_problem, swap_into_place, temp_dir_for, usual_permissions
-from minilora.lora import inits
 from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
 from minilora.quant.linear import NF4Linear
 

@@ -53,7 +53,8 @@ import re
 import torch
 import torch.nn as nn
 
-from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
+from minilora.quant.linear import dequantize_nf4
+from minilora.quant.nf4 import quantize_nf4
 
 RANDOM_INITS = ("default", "gaussian")
 WEIGHT_INITS = ("pissa", "pissa_niter_N", "olora", "loftq")  # pissa_niter_N: N a positive integer

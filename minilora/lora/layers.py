@@ -31,7 +31,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from minilora.lora import inits
+import minilora.lora.inits as inits
 from minilora.lora.dora import dora_delta, merged_dora_weight, row_norm
 from minilora.lora.nf4_fused import LORA_SLICE_BYTES, _LoRANF4Fn, _row_slices  # noqa: F401  (re-exported)
 from minilora.models.loader import set_module

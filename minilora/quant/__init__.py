@@ -5,7 +5,7 @@ frozen 4-bit linear layer that computes from the packed codes (linear.py).
     from minilora.quant import quantize_nf4, dequantize_nf4, NF4Tensor, NF4Linear
 """
 
-from minilora.quant.linear import NF4Linear
-from minilora.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from minilora.quant.linear import NF4Linear, dequantize_nf4
+from minilora.quant.nf4 import NF4Tensor, quantize_nf4
 
 __all__ = ["NF4Linear", "NF4Tensor", "dequantize_nf4", "quantize_nf4"]

@@ -21,7 +21,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora.kernels import dispatch
-from minilora.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from minilora.quant.nf4 import NF4Tensor, dequantize_nf4_cpu, dequantize_nf4_reference, quantize_nf4
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize to `dtype` (default: the original dtype), the same values on every path.
+
+    The Triton kernel where kernels/dispatch.py allows it (CUDA, once the kernel has passed its
+    self-check); otherwise the tuned CPU path on the CPU and the reference elsewhere.
+    """
+    kernel = dispatch.dequant_kernel(q)
+    if kernel is not None:
+        return kernel(q, q.dtype if dtype is None else dtype)
+    return (dequantize_nf4_cpu if q.packed.device.type == "cpu" else dequantize_nf4_reference)(q, dtype)
 
 
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:

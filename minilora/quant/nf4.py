@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import torch
 
 from minilora.dtypes import DTYPE_NAMES, DTYPES
-from minilora.kernels import dispatch
 from minilora.quant.blockwise8 import BLOCK, quantize_blockwise8
 from minilora.quant.maps import dynamic_map, nf4_code
 
@@ -81,9 +80,6 @@ class NF4Tensor:
     @property
     def device(self) -> torch.device:
         return self.packed.device
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_nf4(self, dtype)
 
     def absmax_float(self) -> torch.Tensor:
         """First-level absmax as float32 (nb,), undoing double quantization."""
@@ -296,7 +292,7 @@ def absmax_float(q: NF4Tensor) -> torch.Tensor:
 
 def _check_out_dtype(dtype: torch.dtype) -> None:
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dequantize_nf4: output dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+        raise ValueError(f"dequantize: output dtype {dtype} is not supported; use float32, bfloat16 or float16.")
 
 
 def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -375,15 +371,3 @@ def dequantize_nf4_cpu(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.
                 vals[full:].mul_(absmax[-1])
             out[e0:e1].copy_(vals)  # the single cast to dtype
     return out.view(q.shape)
-
-
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize to `dtype` (default: the original dtype), the same values on every path.
-
-    The Triton kernel where kernels/dispatch.py allows it (CUDA, once the kernel has passed its
-    self-check); otherwise the tuned CPU path on the CPU and the reference elsewhere.
-    """
-    kernel = dispatch.dequant_kernel(q)
-    if kernel is not None:
-        return kernel(q, q.dtype if dtype is None else dtype)
-    return (dequantize_nf4_cpu if q.packed.device.type == "cpu" else dequantize_nf4_reference)(q, dtype)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minilora.train.objectives import PairObjective, PairTerms
+from minilora.train.pair_objective import PairObjective, PairTerms
 
 LOSSES = ("sigmoid", "ipo")
 

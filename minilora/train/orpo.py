@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minilora.train.objectives import PairObjective, PairTerms
+from minilora.train.pair_objective import PairObjective, PairTerms
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ class Run:
     t_start: float
     tok: object
     template: str
-    data: object  # encode.DataBundle: EncodedExamples, or EncodedPairs for a pair objective
+    data: object  # prepare.DataBundle: EncodedExamples, or EncodedPairs for a pair objective
     plan: object
     model: object
     objective: object  # objectives.SFT / DPO / ORPO
@@ -63,7 +63,7 @@ class Run:
     def validate(self) -> dict:
         """The held-out split: {"val_loss"}, and on pairs the preference accuracy and mean margin; {} without one."""
         from minilora.eval.evaluate import completion_loss
-        from minilora.train.objectives import evaluate_pairs
+        from minilora.train.pair_objective import evaluate_pairs
 
         if not self.data.val:
             return {}
@@ -86,7 +86,7 @@ class Run:
     def score_heldout(self) -> dict | None:
         """--eval-data: exact / structured match of greedy generations, or the pairs' preference accuracy."""
         from minilora.eval.evaluate import generate_completions, score
-        from minilora.train.objectives import evaluate_pairs
+        from minilora.train.pair_objective import evaluate_pairs
 
         if not self.heldout:
             return None

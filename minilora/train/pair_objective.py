@@ -1,0 +1,86 @@
+"""What DPO and ORPO share: the pair forward, the per-pair terms, their logged metrics, and held-out
+evaluation on pairs.
+
+A PairBatch (data/pairs.py) holds rows 0..P-1 the chosen answers and P..2P-1 the rejected ones, in one
+forward (TRL's concatenation); each row's summed log-probability comes from the chunked head
+(loss.sequence_logprobs), so no (2P, T, V) logits exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minilora.data.pairs import pair_batches, split_rows
+from minilora.train.loss import sequence_logprobs
+
+
+@dataclass
+class PairTerms:
+    """Per-pair values (P,) of a pair objective: the loss (with gradient), the rewards TRL logs
+    (chosen, rejected), and the scores the model ranks the two answers by (preference accuracy)."""
+
+    loss: torch.Tensor
+    reward_c: torch.Tensor
+    reward_r: torch.Tensor
+    score_c: torch.Tensor
+    score_r: torch.Tensor
+
+
+class PairObjective:
+    """Shared by DPO and ORPO: the pair forward, the step interface, and held-out evaluation.
+    A subclass defines terms(model, batch) -> PairTerms."""
+
+    pairs = True
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+
+    def normalizer(self, batch) -> int:
+        return batch.n_pairs
+
+    def logprobs(self, model, batch) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """((pi_c, pi_r), (n_c, n_r)), each (P,): both answers of every pair in one forward."""
+        logp, counts = sequence_logprobs(model, batch, self.chunk)  # (2P,), (2P,)
+        return split_rows(logp), split_rows(counts)
+
+    def terms(self, model, batch) -> PairTerms:
+        raise NotImplementedError
+
+    def __call__(self, model, batch) -> tuple[torch.Tensor, int, dict]:
+        t = self.terms(model, batch)
+        return t.loss.sum(), batch.n_pairs, pair_metrics(t)
+
+
+def pair_metrics(t: PairTerms) -> dict[str, float]:
+    """Sums over the pairs (the loop divides by the step's pairs): rewards, margin, reward accuracy."""
+    return {
+        "rewards/chosen": float(t.reward_c.sum()),
+        "rewards/rejected": float(t.reward_r.sum()),
+        "margin": float((t.reward_c - t.reward_r).sum()),
+        "accuracy": float((t.reward_c > t.reward_r).sum()),
+    }
+
+
+@torch.no_grad()
+def evaluate_pairs(model, objective: PairObjective, pairs, batch_size: int, pad_id: int) -> dict | None:
+    """Held-out pairs, in eval mode: {"loss": mean loss, "pref_accuracy": share of pairs whose chosen
+    answer the model scores higher, "margin": mean reward margin, "n": pairs}; None without pairs."""
+    if not pairs:
+        return None
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    loss = right = margin = 0.0
+    try:
+        for b in pair_batches(pairs, batch_size, shuffle=False, pad_id=pad_id):
+            b.pair_ids = None  # held-out pairs: the reference is computed, never looked up in the training table
+            t = objective.terms(model, b.to(dev))
+            loss += float(t.loss.sum())
+            right += float((t.score_c > t.score_r).sum())
+            margin += float((t.reward_c - t.reward_r).sum())
+    finally:
+        model.train(was_training)
+    n = len(pairs)
+    return {"loss": loss / n, "pref_accuracy": right / n, "margin": margin / n, "n": n}
