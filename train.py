@@ -50,8 +50,8 @@ def setup(cfg, given: set[str]) -> Run | int:
     from minilora.data.prepare import prepare_data
     from minilora.data.records import load_records
     from minilora.fileio import write_text_atomic
-    from minilora.lora import inits
-    from minilora.lora.layers import apply_lora, check_targets
+    from minilora.lora import eva, inits
+    from minilora.lora.layers import apply_lora, check_targets, lora_modules, trainable_report
     from minilora.lora.plus import learning_rates, lora_param_groups
     from minilora.models.loader import load_config, load_model, plan_config
     from minilora.optim.paged_adamw import PagedAdamW
@@ -133,7 +133,8 @@ def setup(cfg, given: set[str]) -> Run | int:
         why = "has a chat template" if template == "chat" else "has no chat template"
         say(f"template: {template} (--template auto: the tokenizer {why})")
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-    check_targets(model_cfg, targets, init=cfg.init, r=cfg.lora_r)  # apply_lora's matching and rank fit, on meta
+    # apply_lora's matching and rank fit, on meta
+    check_targets(model_cfg, targets, init=cfg.init, r=cfg.lora_r, rho=cfg.eva_rho)
     init_dir = None  # --init-adapter: checked now; on --resume the run folder's own copy
     if cfg.init_adapter:
         kept = os.path.join(cfg.out, init_adapter.FOLDER)
@@ -187,11 +188,20 @@ def setup(cfg, given: set[str]) -> Run | int:
         print(
             f"plan for {device.type} ({cfg.model}){per}:\n{plan.table()}\n"
             + steptime.describe(step_time, unmeasured, run_s, micro)
+            + (eva.plan_note(step_time) if cfg.init == "eva" else "")
             + (f"\nwould not start: {too_big}" if too_big else "")
         )
         return 0
     if too_big:
         return fail(too_big)
+    eva_batches = None  # --init eva: A from the inputs of the first training batches (lora/eva.py)
+    if cfg.init == "eva" and not (ckpt is not None and eva.load_ranks(cfg.out) is not None):
+        stream = T.BatchStream(data.train, batch_kw)  # epoch 0's batches in training's order, every rank alike
+        eva_batches = [stream.next() for _ in range(min(stream.per_epoch, eva.MAX_BATCHES))]
+        try:
+            eva.check_batches(eva_batches, cfg.lora_r, cfg.eva_rho)  # refused before anything is written
+        except eva.EvaError as e:
+            return fail(str(e))
     say(
         f"settings: dtype {plan.dtype}, recompute {plan.recompute}, loss chunk {plan.loss_chunk}, "
         f"predicted peak {plan.peak / 2**20:,.0f} MiB"
@@ -245,6 +255,19 @@ def setup(cfg, given: set[str]) -> Run | int:
             from minilora.models.loader import quantize_linears
 
             quantize_linears(model, compute_dtype=dtype)  # PiSSA/OLoRA residuals (QPiSSA); LoftQ's are NF4 already
+    if eva_batches is not None:
+        try:
+            ranks = eva.initialise(
+                model, [b.to(device) for b in eva_batches], cfg.lora_r, cfg.eva_rho, cfg.eva_tau, say
+            )
+        except eva.EvaError as e:
+            return fail(str(e))
+        if main:
+            eva.save_ranks(cfg.out, ranks)  # a resume rebuilds these ranks; its checkpoint holds A and B
+        report = {**trainable_report(model), "modules": [n for n, rl in ranks.items() if rl]}
+    elif cfg.init == "eva":
+        eva.set_ranks(model, eva.load_ranks(cfg.out), cfg.lora_r)
+        report = {**trainable_report(model), "modules": list(lora_modules(model))}
     say(f"LoRA: {len(report['modules'])} modules; {report['message']}")
     if init_dir is not None:  # the policy starts there; DPO's reference is base + these weights, frozen
         objective.frozen = init_adapter.load(model, init_dir)
@@ -413,7 +436,7 @@ def finish(r: Run, stop_reason: str) -> int:
     full = D.full_adapter_state(r.model) if r.fsdp else None  # gathered from the shards, written once
     r.record_validation(v)
     if r.main:
-        save_adapter(r.model, os.path.join(cfg.out, "adapter"), state=full, base_model_name_or_path=cfg.model)
+        save_adapter(r.model, os.path.join(cfg.out, "adapter"), state=full, **r.adapter_meta())
         note = inits.save_note(cfg.init, cfg.lora_r, cfg.quantize, cfg.loftq_iters)  # PiSSA / OLoRA: converted
         if note:
             print(note)

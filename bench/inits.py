@@ -11,7 +11,8 @@
    pretrained model (there is none offline here).
 2. Cost (a random-weight checkpoint of --geometry, bf16, LoRA on all linears, r 16): one fresh
    process per init loads the model as train.py does (NF4 straight from the file; dense first for the
-   inits that read W, then quantized) and applies LoRA, --rounds times in turn; reported (medians):
+   inits that read W, then quantized) and applies LoRA, --rounds times in turn; EVA then runs forward
+   passes over 16 batches of 4 x 128 random tokens (cycled) until its directions converge; reported (medians):
    seconds to load and to init, the process's peak RSS and that peak above the default init's (glibc
    told to unmap freed buffers of 64 KiB and more, so that RSS follows live memory).
 Prints both tables and writes bench/results/inits.json (environment included).
@@ -41,8 +42,11 @@ VARIANTS = {  # name: train.py flags
     "loftq, 3 iters": ["--init", "loftq", "--loftq-iters", "3"],
     "default + LoRA+ 16": ["--init", "default", "--lora-plus-ratio", "16"],
     "pissa + LoRA+ 16": ["--init", "pissa", "--lora-plus-ratio", "16"],
+    "eva": ["--init", "eva"],
+    "eva, rho 2": ["--init", "eva", "--eva-rho", "2"],
 }
-COST_INITS = ("default", "gaussian", "pissa", "pissa_niter_4", "olora", "loftq")
+COST_INITS = ("default", "gaussian", "pissa", "pissa_niter_4", "olora", "loftq", "eva")
+EVA_BATCHES, EVA_ROWS, EVA_TOKENS = 16, 4, 128  # the cost part's EVA data: random tokens, every one labelled
 
 
 def train_run(name: str, flags: list[str], steps: int, out: str, threads: int) -> dict:
@@ -79,8 +83,23 @@ def cost_worker(init: str, ckpt: str, threads: int) -> dict:
     apply_lora(model, r=16, alpha=32, dropout=0.0, init=init, seed=0, verbose=False)
     if dense_first:
         quantize_linears(model, compute_dtype=torch.bfloat16)
+    fits = {}
+    if init == "eva":  # forward passes over training batches until the directions converge
+        from minilora.data.packing import Batch
+        from minilora.lora import eva
+
+        g = torch.Generator().manual_seed(0)
+        shape = (EVA_ROWS, EVA_TOKENS)
+        ones, pos = torch.ones(shape, dtype=torch.long), torch.arange(EVA_TOKENS).expand(shape)
+        batches = []
+        for _ in range(EVA_BATCHES):
+            ids = torch.randint(3, model.config.vocab_size, shape, generator=g)
+            batches.append(Batch(ids, ids, ones, pos, torch.zeros(shape, dtype=torch.long), ids.numel()))
+        said = []
+        eva.initialise(model, batches, r=16, rho=1.0, say=said.append)
+        fits["eva_batches"] = int(said[-1].split(":")[0].split()[-1])
     t2 = time.perf_counter()
-    return {"load_s": t1 - t0, "init_s": t2 - t1, "peak_rss_mib": status_kib("VmHWM") / 1024}
+    return {"load_s": t1 - t0, "init_s": t2 - t1, "peak_rss_mib": status_kib("VmHWM") / 1024, **fits}
 
 
 def main() -> None:

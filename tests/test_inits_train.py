@@ -26,6 +26,8 @@ CASES = {
     "pissa": ["--quantize", "none", "--dtype", "float32"],
     "olora": ["--quantize", "none", "--dtype", "float32", "--lora-plus-ratio", "4"],
     "loftq": ["--quantize", "nf4", "--loftq-iters", "2", "--lora-plus-ratio", "16"],
+    # EVA with ranks redistributed (rho 2): a resume rebuilds the ranks from RUN/eva_ranks.json
+    "eva": ["--quantize", "none", "--dtype", "float32", "--eva-rho", "2"],
 }
 
 
@@ -126,6 +128,32 @@ def test_written_adapter_loads_in_peft_on_the_original_model(runs, init):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_eva_adapter_loads_in_peft_with_its_ranks_and_equals_minilora(runs):
+    """adapter/ of an EVA run with ranks redistributed (rank_pattern, alpha_pattern, eva_config) in PEFT on
+    the transformers model gives the logits of minilora's model with the same adapter loaded."""
+    import peft
+
+    from minilora.lora.adapter import load_adapter
+    from minilora.lora.eva import RANKS_FILE
+    from minilora.models.loader import load_model
+
+    full, cut = runs("eva")
+    cfg = json.load(open(full / "adapter" / "adapter_config.json"))
+    ranks = json.load(open(full / RANKS_FILE))
+    assert cfg["init_lora_weights"] == "eva" and cfg["eva_config"]["rho"] == 2.0
+    assert len(set(ranks.values())) > 1 and sum(ranks.values()) == 4 * len(ranks)  # redistributed, r per layer
+    assert json.load(open(cut / RANKS_FILE)) == ranks
+    base, tok = load_model("tiny", quantize=None, dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(_hf_twin(base, tok), str(full / "adapter")).eval()
+    trained = load_model("tiny", quantize=None, dtype=torch.float32)[0]
+    load_adapter(trained, str(full / "adapter"))
+    ids = torch.randint(3, tok.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got, before = trained.eval()(ids), hf(ids).logits, base(ids)
+    assert not torch.allclose(want, before, atol=1e-3)  # training moved the model
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -135,6 +163,10 @@ def test_written_adapter_loads_in_peft_on_the_original_model(runs, init):
         (["--init", "loftq", "--loftq-iters", "0"], "--loftq-iters must be at least 1"),
         (["--lora-plus-ratio", "-2"], "--lora-plus-ratio must be at least 0"),
         (["--init", "olora", "--lora-r", "33"], "--lora-r 33 on model.layers.0.self_attn.k_proj: init 'olora' takes"),
+        (["--init", "eva", "--objective", "dpo"], "--init eva fits A to the inputs of SFT batches, not preference"),
+        (["--init", "eva", "--lora-r", "40", "--eva-rho", "2"], "init 'eva' takes round(r x rho) = 80 directions"),
+        (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho must be in [1, 1000] (got 0.5)"),
+        (["--init", "eva", "--lora-r", "64", "--batch-size", "1"], "--init eva needs a batch of at least 64 labelled"),
     ],
 )
 def test_bad_init_flags_end_in_one_sentence_before_any_write(tmp_path, capsys, args, message):
@@ -152,7 +184,7 @@ def test_bad_init_flags_end_in_one_sentence_before_any_write(tmp_path, capsys, a
     assert not out.exists()  # refused before the run folder exists
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "loftq"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "loftq", "eva"])
 def test_fsdp_refuses_weight_aware_inits_naming_them(init):
     with pytest.raises(ParallelError) as e:
         check_parallel("fsdp", True, 32, False, init)
@@ -160,3 +192,16 @@ def test_fsdp_refuses_weight_aware_inits_naming_them(init):
     assert f"--init {init} is not supported with --parallel fsdp" in msg and msg.endswith(".")
     check_parallel("fsdp", True, 32, False, "gaussian")  # the random inits shard as before
     check_parallel("ddp", True, 32, False, init)  # every DDP rank computes the same init
+
+
+def test_plan_says_eva_costs_forward_passes_before_step_1(tmp_path):
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--plan", "--init", "eva", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--init eva: before step 1, forward passes without backward over training batches" in p.stdout
+    assert not (tmp_path / "r").exists()

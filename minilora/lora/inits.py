@@ -58,21 +58,22 @@ from minilora.quant.nf4 import quantize_nf4
 
 RANDOM_INITS = ("default", "gaussian")
 WEIGHT_INITS = ("pissa", "pissa_niter_N", "olora", "loftq")  # pissa_niter_N: N a positive integer
+DATA_INITS = ("eva",)  # A from the layer's inputs on training batches (eva.py), after apply_lora
 CHANGES_BASE = ("pissa", "olora")  # converted to a rank-2r LoRA on the original weights when saved
 _NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
 def known_inits() -> str:
-    return ", ".join(RANDOM_INITS + WEIGHT_INITS)
+    return ", ".join(RANDOM_INITS + WEIGHT_INITS + DATA_INITS)
 
 
 def is_known(init: str) -> bool:
-    return init in RANDOM_INITS or init in ("pissa", "olora", "loftq") or bool(_NITER.fullmatch(str(init)))
+    return init in RANDOM_INITS + DATA_INITS or init in ("pissa", "olora", "loftq") or bool(_NITER.fullmatch(str(init)))
 
 
 def reads_weights(init: str) -> bool:
     """Whether the init computes A, B from W (and so needs the dense W before any quantization)."""
-    return is_known(init) and init not in RANDOM_INITS
+    return is_known(init) and init not in RANDOM_INITS + DATA_INITS
 
 
 def changes_base(init: str) -> bool:
@@ -80,10 +81,15 @@ def changes_base(init: str) -> bool:
     return init in CHANGES_BASE or bool(_NITER.fullmatch(str(init)))
 
 
-def why_not(init: str, r: int, base: nn.Module, use_dora: bool = False) -> str | None:
-    """None, or why LoRA of rank r with `init` cannot wrap `base` (the end of one sentence)."""
+def why_not(init: str, r: int, base: nn.Module, use_dora: bool = False, rho: float = 1.0) -> str | None:
+    """None, or why LoRA of rank r with `init` cannot wrap `base` (the end of one sentence); rho: EVA's."""
     if not is_known(init):
         return f"init={init!r} is unknown; use one of {known_inits()}"
+    if init == "eva" and round(r * rho) > base.in_features:
+        return (
+            f"init 'eva' takes round(r x rho) = {round(r * rho)} directions of the layer's {base.in_features} "
+            f"inputs, more than there are"
+        )
     if not reads_weights(init):
         return None
     if use_dora:

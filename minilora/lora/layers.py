@@ -117,7 +117,7 @@ class LoRALinear(nn.Module):
         if inits.reads_weights(self.init):
             inits.init_from_weights(self, self.loftq_iters)  # lora_A / lora_B were drawn first, as PEFT's
             return
-        if self.init == "default":
+        if self.init in ("default", "eva"):  # eva: this A until eva.py sets the data's directions (PEFT's order)
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
@@ -243,7 +243,9 @@ def select_targets(model: nn.Module, targets) -> list[str]:
     return names
 
 
-def check_targets(model_cfg, targets, flag: str = "--lora-targets", init: str = "default", r: int = 1) -> list[str]:
+def check_targets(
+    model_cfg, targets, flag: str = "--lora-targets", init: str = "default", r: int = 1, rho: float = 1.0
+) -> list[str]:
     """select_targets on the model `model_cfg` describes, built on the meta device (no weights, no
     memory): the AdapterError apply_lora would raise, prefixed with `flag`, before anything is loaded
     or written; and for a weight-aware `init`, that rank r fits every target (inits.why_not)."""
@@ -258,7 +260,7 @@ def check_targets(model_cfg, targets, flag: str = "--lora-targets", init: str = 
     except AdapterError as e:
         raise AdapterError(f"{flag}: {e}") from None
     for name in names:
-        why = inits.why_not(init, r, model.get_submodule(name))
+        why = inits.why_not(init, r, model.get_submodule(name), rho=rho)
         if why is not None:
             raise AdapterError(f"--init {init} --lora-r {r} on {name}: {why}; lower --lora-r.")
     return names

@@ -123,9 +123,16 @@ class TrainConfig:
         "LoRA initialisation, named as PEFT's init_lora_weights: default, gaussian (B = 0); pissa (the top-r "
         "singular directions of W train, the residual is the frozen base, quantized with --quantize nf4), "
         "pissa_niter_N (the same by randomized SVD, N iterations), olora (QR of W), loftq (needs --quantize "
-        "nf4: B A fits the NF4 error of W)",
+        "nf4: B A fits the NF4 error of W), eva (A = the principal directions of each layer's inputs over the "
+        "first training batches: forward passes before step 1)",
     )
     loftq_iters: int = _f(1, "--init loftq: alternations of NF4 quantization and rank-r SVD", ge=1)
+    eva_rho: float = _f(
+        1.0, "--init eva: a layer may take up to r x rho directions, r per layer in all (1 = r each)", ge=1.0, le=1000.0
+    )
+    eva_tau: float = _f(
+        0.99, "--init eva: a direction has converged at this cosine similarity between batches", gt=0.0, le=1.0
+    )
     lora_plus_ratio: float = _f(
         0.0, "LoRA+: lora_B learns at this many times --lr (e.g. 16); 0 = off, one rate", ge=0.0
     )
@@ -276,6 +283,11 @@ def check_init_flags(cfg: TrainConfig) -> None:
         raise ConfigError(f"--init {cfg.init} is unknown; use one of {inits.known_inits()} (N a positive integer).")
     if cfg.use_dora and inits.reads_weights(cfg.init):
         raise ConfigError(f"--init {cfg.init} is not supported with --use-dora; drop --use-dora or use --init default.")
+    if cfg.init == "eva" and cfg.objective != "sft":
+        raise ConfigError(
+            f"--init eva fits A to the inputs of SFT batches, not preference pairs; use --init default with "
+            f"--objective {cfg.objective}, or start from an EVA-initialised SFT run with --init-adapter."
+        )
     if cfg.init == "loftq" and cfg.quantize == "none":
         raise ConfigError(
             "--init loftq fits the adapter to the NF4 quantization error of the base, so it needs --quantize "

@@ -102,7 +102,6 @@ class Run:
         train_state = {**self.state, "metrics_bytes": self.metrics.tell() if self.main else 0}
         save = SC.save_checkpoint if self.fsdp else C.save_checkpoint  # FSDP: every rank writes its shards
         cfg = self.cfg
-        adapter_meta = {"base_model_name_or_path": cfg.model}
         return save(
             cfg.out,
             self.step,
@@ -110,9 +109,19 @@ class Run:
             self.optimizer,
             self.scheduler,
             train_state,
-            adapter_meta,
+            self.adapter_meta(),
             cfg.keep_checkpoints,
         )
+
+    def adapter_meta(self) -> dict:
+        """save_adapter's keywords for this run's adapters: the base, and EVA's settings as PEFT's eva_config."""
+        cfg = self.cfg
+        meta = {"base_model_name_or_path": cfg.model}
+        if cfg.init == "eva":
+            from minilora.lora import eva
+
+            meta["config"] = {"eva_config": eva.peft_config(cfg.eva_rho, cfg.eva_tau)}
+        return meta
 
 
 def heldout_pairs(cfg, tok, template: str) -> list:

@@ -46,6 +46,8 @@ ADAPTER_FIELDS = (
     "use_dora",
     "init",
     "loftq_iters",
+    "eva_rho",  # the ranks EVA gives each layer (kept in RUN/eva_ranks.json)
+    "eva_tau",
     "init_adapter",  # the weights it started from (and DPO's reference): kept in RUN/init_adapter/
 )
 OBJECTIVE_FIELDS = ("objective", "beta", "label_smoothing", "dpo_loss", "orpo_lambda", "precompute_reference")
