@@ -33,6 +33,7 @@ from minilora.lora.layers import apply_lora, lora_disabled, lora_state_dict
 from minilora.lora.multi import NamedLoRALinear, mixed_gathered, mixed_reference
 from minilora.models.generate import generate
 from minilora.models.loader import load_model
+from minilora.quant.linear import NF4Linear
 
 U = 2.0**-24  # float32 unit roundoff
 LOGITS_RTOL = 15 * 2 * (48 + 8 + 3) * U  # module docstring
@@ -76,9 +77,9 @@ def setup(tmp_path_factory):
     return hf, str(tmp / "base"), dirs
 
 
-def ours(base_dir, dirs, default=True):
+def ours(base_dir, dirs, default=True, quantize=None):
     """Our model from the checkpoint with a as the default adapter (or named "a"), b and c by name."""
-    model = load_model(base_dir, quantize=None, dtype=torch.float32)[0]
+    model = load_model(base_dir, quantize=quantize, dtype=torch.float32)[0]
     load_adapter(model, dirs["a"], name=None if default else "a")
     load_adapter(model, dirs["b"], name="b")
     load_adapter(model, dirs["c"], name="c")
@@ -86,9 +87,14 @@ def ours(base_dir, dirs, default=True):
 
 
 @torch.no_grad()
-def test_mixed_batch_equals_each_adapter_alone(setup):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_mixed_batch_equals_each_adapter_alone(setup, quantize):
+    """On a dense and on an NF4 base (where the LoRA term is cast before it is added, as on one adapter)."""
     hf, base_dir, dirs = setup
-    model = ours(base_dir, dirs)
+    model = ours(base_dir, dirs, quantize=quantize)
+    assert isinstance(
+        model.get_submodule("model.layers.0.self_attn.k_proj").base, NF4Linear if quantize else torch.nn.Linear
+    )
     names = adapter_names(model)
     assert names == ["default", "b", "c"]
     mixed = model(IDS, adapter_ids=ROWS)
@@ -228,9 +234,12 @@ def test_named_adapters_leave_the_default_adapter_as_it_was(setup, tmp_path):
         with lora_disabled(model):
             base = model(IDS)
         assert torch.equal(model(IDS, adapter_ids=[-1] * 5), base)
+        stale = torch.tensor([2] * 5)
+        model(IDS, adapter_ids=stale)
         delete_adapter(model, "b")
         assert adapter_names(model) == ["default", "c"]
-        assert torch.equal(model(IDS, adapter_ids=[1] * 5), model(IDS, adapter_ids=[1] * 5))
+        with pytest.raises(ValueError, match="indices 0 to 1"):  # the same tensor is checked again
+            model(IDS, adapter_ids=stale)
         assert rel_err(only_c, model(IDS, adapter_ids=[1] * 5)) < LOGITS_RTOL  # c moved from index 2 to 1
         delete_adapter(model, "c")
         assert adapter_names(model) == ["default"]

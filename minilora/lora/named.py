@@ -118,6 +118,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if isinstance(layer, NamedLoRALinear) and len(layer.adapters) == 0:
             set_module(model, path, layer.base)
     table.names.remove(name)
+    table.checked = None  # an adapter_ids tensor checked against the longer list is checked again
     if table.active == name:
         table.active = DEFAULT
     if table.names in ([], [DEFAULT]):  # the last named adapter: the layers are as before the first one
