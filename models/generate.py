@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .transformer import adapters_per_row
+
 
 class KVCache:
     """Preallocated keys/values for every layer: (B, Hkv, max_len, hd) each.
@@ -87,11 +89,13 @@ def generate(
     pad_id: int = 0,
     use_cache: bool = True,
     seed: int | None = None,
+    adapter_ids=None,
 ) -> list[list[int]]:
     """New tokens for each prompt (the prompt excluded), stopped after the first EOS (EOS included).
 
     use_cache=False recomputes the whole sequence each step (slow; a reference for the cache).
     seed makes sampling reproducible (a private torch.Generator; the global RNG is untouched).
+    adapter_ids (B,): with several LoRA adapters loaded, the one each prompt uses (-1: the base alone).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token.")
@@ -117,8 +121,9 @@ def generate(
         cache = KVCache(model.config, B, P + max_new_tokens, dtype, dev)
     step_ids, step_mask = ids, mask
     for _ in range(max_new_tokens):
-        h = model(step_ids, attention_mask=step_mask, cache=cache, return_hidden=True)[:, -1]  # (B, D)
-        logits = model.logits_from_hidden(h)  # (B, V): the last position only, never (B, T, V)
+        with adapters_per_row(adapter_ids, B, dev):  # lm_head may carry adapters too
+            h = model(step_ids, attention_mask=step_mask, cache=cache, return_hidden=True)[:, -1]  # (B, D)
+            logits = model.logits_from_hidden(h)  # (B, V): the last position only, never (B, T, V)
         nxt = _pick(logits, temperature, top_p, gen)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)

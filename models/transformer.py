@@ -25,7 +25,9 @@ config sets the caps).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,36 @@ from torch.utils.checkpoint import checkpoint
 from .config import FULL, SLIDING, ModelConfig
 from .ops import gated_act, rms_norm
 from .recompute import selective_context
+
+# The adapter of each row (B,) of the forward in progress; see adapter_rows.
+_ADAPTER_IDS: ContextVar[torch.Tensor | None] = ContextVar("adapter_ids", default=None)
+
+
+def adapter_rows() -> torch.Tensor | None:
+    """The adapter index of each row (B,) of the forward in progress, -1 for the base alone, or None when
+    the call gave no adapter_ids. The model stays LoRA-agnostic: layers that carry several adapters read
+    it (minilora/lora/multi.py)."""
+    return _ADAPTER_IDS.get()
+
+
+@contextlib.contextmanager
+def adapters_per_row(adapter_ids, batch_size: int, device):
+    """Inside the block adapter_rows() returns `adapter_ids` as a (B,) long tensor on `device`; None
+    leaves the enclosing value (generate sets it once for all its steps)."""
+    if adapter_ids is None:
+        yield
+        return
+    ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=device)
+    if ids.shape != (batch_size,):
+        raise ValueError(
+            f"adapter_ids has shape {tuple(ids.shape)} but the batch has {batch_size} rows; pass one adapter "
+            "index per row (-1 for the base alone)."
+        )
+    token = _ADAPTER_IDS.set(ids)
+    try:
+        yield
+    finally:
+        _ADAPTER_IDS.reset(token)
 
 
 class RMSNorm(nn.Module):
@@ -323,14 +355,26 @@ class Transformer(nn.Module):
         return logits
 
     def forward(
-        self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, cache=None, return_hidden=False
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        segment_ids=None,
+        cache=None,
+        return_hidden=False,
+        adapter_ids=None,
     ):
         """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, D).
 
         attention_mask (B, T): 1 real, 0 padding (with a cache: the mask of the new tokens; the
         cache remembers earlier ones). segment_ids (B, T): packed sequences, attention stays within
         a segment. position_ids default to `default_positions` (padded/packed rows equal unpacked).
+        adapter_ids (B,): with several LoRA adapters loaded, the one each row uses (-1: the base alone).
         """
+        with adapters_per_row(adapter_ids, input_ids.shape[0], input_ids.device):
+            return self._forward(input_ids, position_ids, attention_mask, segment_ids, cache, return_hidden)
+
+    def _forward(self, input_ids, position_ids, attention_mask, segment_ids, cache, return_hidden):
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
@@ -369,7 +413,8 @@ class Transformer(nn.Module):
         local = self.inv_freq_local if cfg.traits.local_rope else self.inv_freq_global
         inv_freq = {FULL: self.inv_freq_global, SLIDING: local}
         rope = {kind: rope_cos_sin(inv_freq[kind], position_ids, x.dtype) for kind in set(cfg.layer_types)}
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        # adapter_ids live in a context variable that checkpoint's recompute (during backward) would not see
+        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None and adapter_rows() is None
         for i, (layer, kind) in enumerate(zip(self.model.layers, cfg.layer_types)):
             cos, sin = rope[kind]
             if use_ckpt and i < self.checkpoint_blocks:

@@ -38,7 +38,9 @@ import torch.nn as nn
 import minilora.lora.inits as inits
 from minilora.dtensor import local, local_region
 from minilora.fileio import json_error_text, safetensors_problem, swap_into_place, temp_dir_for, usual_permissions
-from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_state_dict
+from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_scaling, lora_state_dict
+from minilora.lora.multi import DEFAULT, NamedLoRALinear, Slot
+from minilora.lora.named import adapter_table, add_adapter
 from minilora.quant.linear import NF4Linear
 
 __all__ = [
@@ -335,36 +337,90 @@ def check_adapter_files(adapter_dir: str) -> None:
     _check_ranks(read_adapter_config(adapter_dir), shapes, adapter_dir)
 
 
-def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True) -> dict:
+def _alpha(model: nn.Module, cfg: dict, path: str) -> float:
+    """lora_alpha of module `path` (our path): its alpha_pattern entry, which may name the module by our
+    path or by the source checkpoint's, else lora_alpha."""
+    patterns = cfg.get("alpha_pattern")
+    return _pattern_value(patterns, path, _pattern_value(patterns, _source_path(model, path), cfg["lora_alpha"]))
+
+
+def _check_modules(model: nn.Module, saved: dict[str, dict], adapter_dir: str, base) -> None:
+    """The adapter must change what it claims to: it has weights, each of its modules is a linear layer of
+    `model` (or one already carrying LoRA), and each has both lora_A and lora_B. An adapter for another
+    base would otherwise load partly or not at all and silently serve (some of) the base's output."""
+    if not saved:
+        raise AdapterError(
+            f"{adapter_dir} holds no LoRA weights, so it would leave the model unchanged (it names its base as "
+            f"{base}); save the adapter again from the trained model."
+        )
+    have = dict(model.named_modules())
+    kinds = (nn.Linear, NF4Linear, LoRALinear, NamedLoRALinear)
+    unmatched = [n for n in sorted(saved) if not isinstance(have.get(module_path(model, n)), kinds)]
+    if unmatched:
+        first = ", ".join(repr(n) for n in unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+        raise AdapterError(
+            f"{adapter_dir} has weights for {len(unmatched)} of its {len(saved)} modules that are not linear "
+            f"layers of this model ({first}); the adapter was trained on a different base ({base}), so load it "
+            "on that one."
+        )
+    for n in sorted(saved):
+        half = [s for s in (".lora_A.weight", ".lora_B.weight") if s not in saved[n]]
+        if half:
+            raise AdapterError(
+                f"{adapter_dir} has no {half[0][1:]} for {n!r}, so that module would keep the base's output; "
+                "the file is incomplete, save the adapter again."
+            )
+
+
+def _named_slots(model: nn.Module, cfg: dict, weights: dict[str, dict], adapter_dir: str, base) -> dict[str, Slot]:
+    """{our module path: (A (r, K), B (M, r), s)} of an adapter loaded by name, checked against the model."""
+    if cfg.get("use_dora"):
+        raise AdapterError(
+            f"{adapter_dir} is a DoRA adapter, which cannot sit beside others (its magnitude rescales whole rows "
+            "of W0, not a per-row LoRA term); load it alone, without a name."
+        )
+    slots = {}
+    for path, parts in sorted(weights.items()):
+        A, B = parts[".lora_A.weight"], parts[".lora_B.weight"]  # (r, K), (M, r)
+        layer = model.get_submodule(path)
+        want = {".lora_A.weight": (A.shape[0], layer.in_features), ".lora_B.weight": (layer.out_features, A.shape[0])}
+        for suffix, t in ((".lora_A.weight", A), (".lora_B.weight", B)):
+            if tuple(t.shape) != want[suffix]:
+                raise AdapterError(
+                    f"{adapter_dir}: {path}{suffix} has shape {tuple(t.shape)} but this model needs {want[suffix]}; "
+                    f"the adapter was trained on a different base ({base})."
+                )
+        slots[path] = (A, B, lora_scaling(A.shape[0], _alpha(model, cfg, path), bool(cfg.get("use_rslora", False))))
+    return slots
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True, name: str | None = None) -> dict:
     """Load a PEFT-layout LoRA adapter into `model` (in place) and return its config.
 
     A model without LoRA layers gets them first (apply_lora on exactly the modules the adapter has
     weights for, with its r / lora_alpha / rank_pattern / alpha_pattern / use_rslora / use_dora /
-    lora_dropout). With strict=True every LoRA layer of the model must receive weights."""
+    lora_dropout). With strict=True every LoRA layer of the model must receive weights.
+
+    name: load it as a named adapter beside the model's others (PEFT's adapter_name; minilora/lora/named.py),
+    frozen, with its own ranks, alphas and target modules, used through set_adapter or adapter_ids;
+    None or "default" is the default adapter above (strict applies to it only)."""
     cfg, saved = read_adapter_weights(adapter_dir)
-    weights = {module_path(model, name): w for name, w in saved.items()}
     base = cfg.get("base_model_name_or_path")
+    _check_modules(model, saved, adapter_dir, base)
+    weights = {module_path(model, path): w for path, w in saved.items()}
+    if name is not None and name != DEFAULT:
+        add_adapter(model, name, _named_slots(model, cfg, weights, adapter_dir, base))
+        return cfg
     mods = lora_modules(model)
+    if not mods and adapter_table(model) is not None:
+        raise AdapterError(
+            f"{adapter_dir}: the model has named adapters but no default one, which must come first; load the "
+            "default adapter (no name) before the named ones."
+        )
     if not mods:
-        have = dict(model.named_modules())
-        for path in weights:
-            m = have.get(path)
-            if m is None or not isinstance(m, (nn.Linear, NF4Linear)):
-                raise AdapterError(
-                    f"{adapter_dir} has weights for {path!r}, which is not a linear layer of this "
-                    f"model; the adapter was trained on a different base ({base})."
-                )
         names = sorted(weights)
         ranks = {n: int(weights[n][".lora_A.weight"].shape[0]) for n in names if ".lora_A.weight" in weights[n]}
-        # A pattern may name a module by our path or by the source checkpoint's.
-        alphas = {
-            n: _pattern_value(
-                cfg.get("alpha_pattern"),
-                n,
-                _pattern_value(cfg.get("alpha_pattern"), _source_path(model, n), cfg["lora_alpha"]),
-            )
-            for n in names
-        }
+        alphas = {n: _alpha(model, cfg, n) for n in names}
         init = cfg.get("init_lora_weights", True)
         # PiSSA / OLoRA as trained (not converted): the base becomes the residual again, as PEFT's loader
         # does; other inits only set A and B, which the saved weights replace

@@ -33,8 +33,10 @@ import torch.nn as nn
 
 import minilora.lora.inits as inits
 from minilora.lora.dora import dora_delta, merged_dora_weight, row_norm
+from minilora.lora.multi import DEFAULT, NamedLoRALinear, routed_forward
 from minilora.lora.nf4_fused import LORA_SLICE_BYTES, _LoRANF4Fn, _row_slices  # noqa: F401  (re-exported)
 from minilora.models.loader import set_module
+from minilora.models.transformer import adapter_rows
 from minilora.quant.linear import NF4_BUFFERS, NF4Linear
 from minilora.quant.nf4 import quantize_nf4
 
@@ -55,6 +57,11 @@ def base_weight(base: nn.Module, dtype: torch.dtype | None = None) -> torch.Tens
 
 
 # --- the layer -----------------------------------------------------------------------------------
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def check_rank(r) -> None:
     """A LoRA rank is an integer >= 1 (a bool is not a rank)."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -98,7 +105,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.dropout_p, self.init, self.loftq_iters = r, alpha, float(dropout), init, loftq_iters
         self.use_rslora, self.use_dora = bool(use_rslora), bool(use_dora)
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dev = base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
@@ -111,6 +118,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.disabled = False  # inside lora_disabled(model): the base alone
         self._unmerged = None  # the base's original weight (dense) or NF4 buffers while merged
+        self.adapters = None  # named adapters beside this default one, once any is loaded (lora/multi.py)
 
     def reset_lora_parameters(self) -> None:
         """A, B (and for PiSSA / OLoRA / LoftQ the base) as `init` says; see minilora/lora/inits.py."""
@@ -130,6 +138,9 @@ class LoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = adapter_rows()  # (B,) adapter per row inside model(..., adapter_ids=...), else None
+        if rows is not None or (self.adapters is not None and self.adapters.table.active != DEFAULT):
+            return routed_forward(self, x, rows)  # a mixed batch, or a named adapter active: lora/multi.py
         if self.merged or self.disabled:
             return self.base(x)
         A, B, s = self.lora_A, self.lora_B, self.scaling
@@ -362,9 +373,9 @@ def lora_disabled(model: nn.Module):
     """Inside the block every LoRA layer computes its frozen base alone, y = W0 x + b, the very call
     the model made before apply_lora (so its outputs equal the base model's bit for bit): with QLoRA
     the NF4 base is the reference policy DPO needs, and no second model is loaded (TRL's
-    disable_adapter()). Restored on exit, also after an exception; a merged adapter is refused (its
-    base weight holds the adapter)."""
-    mods = list(lora_modules(model).values())
+    disable_adapter()). Named adapters (lora/multi.py) are off too. Restored on exit, also after an
+    exception; a merged adapter is refused (its base weight holds the adapter)."""
+    mods = [m for m in model.modules() if isinstance(m, (LoRALinear, NamedLoRALinear))]
     if any(m.merged for m in mods):
         raise AdapterError(
             "lora_disabled needs the adapter unmerged (merge_lora folded it into the base); unmerge it first."

@@ -1,0 +1,221 @@
+"""Several LoRA adapters on one base layer, and batches whose rows use different ones (PEFT's
+`adapter_names=` mixed batches; the BGMV of Punica, S-LoRA and vLLM).
+
+Letters: B rows, T tokens per row, K in_features, M out_features, n adapters, r_i adapter i's rank,
+R = max_i r_i.
+
+Where the adapters live. The default adapter is a LoRALinear's own lora_A / lora_B (the one training
+writes and save_adapter saves, its keys unchanged). Named adapters sit beside it in a NamedAdapters
+container (`<path>.adapters.<name>.lora_A`); a base linear that only named adapters target is wrapped
+by NamedLoRALinear, which has no default adapter. One AdapterTable, shared by every layer, numbers
+the model's adapters: adapter_ids index `table.names`, and -1 is the base alone. The model-level
+calls (load by name, set_adapter, delete_adapter) are in minilora/lora/named.py.
+
+Row b with adapter a = ids[b] computes
+
+    y_b = W0 x_b + bias + s_a B_a A_a x_b,     A_a (r_a, K), B_a (M, r_a), s_a = alpha_a / r_a
+                                               (alpha_a / sqrt(r_a) with rsLoRA), per layer
+
+where the last term is 0 when a = -1 or adapter a does not target this layer. Two ways to compute the
+LoRA term of a batch, both in float32 as LoRALinear's:
+
+  mixed_reference  one (masked rows) matmul pair per distinct adapter in the batch; readable.
+  mixed_gathered   every adapter padded to rank R, the base as an all-zero slot n; each row gathers its
+                   (A, B, s) and two batched matmuls serve all rows at once (BGMV semantics):
+                     h_b = A_pad[a] x_b      (R,)      y_b = s_a B_pad[a] h_b      (M,)
+
+Why zero padding is exact. A_pad[a] = [A_a; 0] (R, K) and B_pad[a] = [B_a, 0] (M, R). Then
+h_b = [A_a x_b; 0]: rows beyond r_a are sums of products 0 * x_k = 0 exactly (for finite x), and
+B_pad[a] h_b = sum_{j<r_a} B_a[:, j] h_b[j] + sum_{j>=r_a} 0 * 0, where every added term of the second
+sum is an exact zero, and v + 0 = v in floating point. So the padded products hold the same terms as the
+unpadded ones plus exact zeros; only the order a matmul adds them in may differ (a different blocking
+for a different R), which is rounding, not a change of value. The base slot (A = 0, B = 0, s = 0)
+gives exactly 0, so a -1 row is y = W0 x + bias, bit for bit.
+
+The padded stacks are rebuilt on every call: n R (K + M) copied numbers against the M K B T of the base
+matmul, small for inference batches; a server would keep them preallocated, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilora.models.transformer import adapter_rows
+from minilora.quant.linear import NF4Linear
+
+DEFAULT = "default"  # the adapter in LoRALinear's own lora_A / lora_B (PEFT's default adapter name)
+
+
+class AdapterTable:
+    """The model's adapters in index order (adapter_ids index `names`; -1 is the base alone) and the
+    active one (used when a call gives no adapter_ids). One object shared by every layer's container,
+    so that the order has one home."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.active = DEFAULT  # a model without a default adapter then computes its base
+        self.checked = None  # the last adapter_ids tensor whose range was checked (once per forward)
+
+
+class AdapterSlot(nn.Module):
+    """One named adapter on one layer: A (r, K), B (M, r) float32, frozen, and its scale s."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scaling: float):
+        super().__init__()
+        self.lora_A = nn.Parameter(A.detach().float().clone(), requires_grad=False)  # (r, K)
+        self.lora_B = nn.Parameter(B.detach().float().clone(), requires_grad=False)  # (M, r)
+        self.scaling = float(scaling)
+
+    def extra_repr(self) -> str:
+        return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}"
+
+
+class NamedAdapters(nn.ModuleDict):
+    """name -> AdapterSlot: the named adapters of one layer, and the model's AdapterTable."""
+
+    def __init__(self, table: AdapterTable):
+        super().__init__()
+        self.table = table
+
+
+class NamedLoRALinear(nn.Module):
+    """A base linear (nn.Linear or NF4Linear) that only named adapters target: y = W0 x + b, plus
+    s_a B_a A_a x for the rows of an adapter a that targets it."""
+
+    def __init__(self, base: nn.Module, table: AdapterTable):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapters = NamedAdapters(table)
+        self.merged = False  # it has no default adapter to merge
+        self.disabled = False  # inside lora_disabled(model): the base alone
+        self.train(base.training)  # loaded into a model in eval mode, it stays in eval mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return routed_forward(self, x, adapter_rows())
+
+
+Slot = tuple[torch.Tensor, torch.Tensor, float]  # (A (r, K), B (M, r), s)
+
+
+def layer_slots(layer: nn.Module) -> list[Slot | None]:
+    """(A, B, s) of every adapter of the model in table order as this layer holds it; None where that
+    adapter does not target the layer. `layer` is a LoRALinear or a NamedLoRALinear."""
+    names = [DEFAULT] if layer.adapters is None else layer.adapters.table.names
+    own = getattr(layer, "lora_A", None)  # a LoRALinear's default adapter; a NamedLoRALinear has none
+    out = []
+    for name in names:
+        if name == DEFAULT:
+            out.append(None if own is None else (own.weight, layer.lora_B.weight, layer.scaling))
+        elif name in layer.adapters:
+            slot = layer.adapters[name]
+            out.append((slot.lora_A, slot.lora_B, slot.scaling))
+        else:
+            out.append(None)
+    return out
+
+
+def single_delta(x: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """s B A x for every row, float32 (..., M), the order LoRALinear and PEFT compute it in."""
+    A, B, s = slot
+    return F.linear(F.linear(x.float(), A), B) * s  # (..., K) -> (..., r) -> (..., M)
+
+
+def mixed_reference(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int) -> torch.Tensor:
+    """s_a B_a A_a x_b for each row b (a = rows[b]), float32 (B, ..., M): one matmul pair per distinct
+    adapter, on its rows only; rows of -1 or of an adapter without a slot here get 0."""
+    delta = x.new_zeros(*x.shape[:-1], M, dtype=torch.float32)  # (B, ..., M)
+    for a in rows.unique().tolist():
+        if a >= 0 and slots[a] is not None:
+            pick = rows == a  # (B,)
+            delta[pick] = single_delta(x[pick], slots[a])
+    return delta
+
+
+def padded_stacks(slots: list[Slot | None], K: int, M: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every adapter zero-padded to rank R = max r_i, plus the base as a last all-zero slot:
+    A (n+1, R, K), B (n+1, M, R), s (n+1,), float32. Zero padding is exact (module docstring)."""
+    n = len(slots)
+    R = max((A.shape[0] for A, _, _ in filter(None, slots)), default=1)
+    A_all = torch.zeros(n + 1, R, K, device=device)
+    B_all = torch.zeros(n + 1, M, R, device=device)
+    s_all = torch.zeros(n + 1, device=device)
+    for i, slot in enumerate(slots):
+        if slot is not None:
+            A, B, s = slot
+            A_all[i, : A.shape[0]] = A
+            B_all[i, :, : B.shape[1]] = B
+            s_all[i] = s
+    return A_all, B_all, s_all
+
+
+def mixed_gathered(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int) -> torch.Tensor:
+    """mixed_reference's result, float32 (B, ..., M), by gathering each row's padded (A, B, s) and two
+    batched matmuls over all rows (BGMV semantics; module docstring)."""
+    K = x.shape[-1]
+    A_all, B_all, s_all = padded_stacks(slots, K, M, x.device)
+    idx = torch.where(rows < 0, len(slots), rows)  # (B,): -1 -> the all-zero base slot
+    xb = x.float().reshape(x.shape[0], -1, K)  # (B, T, K); a (B, K) input is T = 1
+    h = torch.bmm(xb, A_all[idx].transpose(1, 2))  # (B, T, K) @ (B, K, R) -> (B, T, R)
+    y = torch.bmm(h, B_all[idx].transpose(1, 2))  # (B, T, R) @ (B, R, M) -> (B, T, M)
+    y = y * s_all[idx][:, None, None]  # scale after the matmuls, as single_delta
+    return y.reshape(*x.shape[:-1], M)  # (B, ..., M)
+
+
+def _check_rows(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, n: int) -> None:
+    """One clear sentence for adapter_ids this layer cannot serve; the range is checked once per tensor."""
+    if layer.training:
+        raise ValueError(
+            "adapter_ids (one adapter per row) are for inference: they skip LoRA dropout; call model.eval() first."
+        )
+    if layer.merged:
+        raise ValueError(
+            "adapter_ids need the default adapter unmerged (merge_lora folded it into the base every row "
+            "shares); call unmerge_lora(model) first."
+        )
+    if x.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"adapter_ids has {rows.shape[0]} entries but the layer input has {x.shape[0]} rows; pass one "
+            "adapter index per row."
+        )
+    table = layer.adapters.table if layer.adapters is not None else None
+    if table is not None and table.checked is rows:
+        return
+    if rows.numel() and (int(rows.min()) < -1 or int(rows.max()) >= n):
+        names = table.names if table is not None else [DEFAULT]
+        raise ValueError(
+            f"adapter_ids holds {rows.tolist()} but the model's adapters are {names} (indices 0 to {n - 1}); "
+            "pass an index below that, or -1 for the base alone."
+        )
+    if table is not None:
+        table.checked = rows
+
+
+def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """y = base(x) + the LoRA term of each row's adapter (rows (B,), -1 the base alone), or with rows None
+    of the active adapter on every row; combined with the base as LoRALinear combines them (dense: add
+    in float32, then cast; NF4: cast, then add)."""
+    if layer.disabled:
+        return layer.base(x)
+    slots = layer_slots(layer)
+    names = [DEFAULT] if layer.adapters is None else layer.adapters.table.names
+    if rows is None:
+        active = layer.adapters.table.active
+        slot = slots[names.index(active)] if active in names else None
+        if slot is None:  # the active adapter does not target this layer
+            return layer.base(x)
+        delta = single_delta(x, slot)
+    else:
+        _check_rows(layer, x, rows, len(names))
+        if getattr(layer, "use_dora", False) and bool((rows == names.index(DEFAULT)).any()):
+            raise ValueError(
+                "adapter_ids cannot route rows through a DoRA adapter (its magnitude rescales whole rows "
+                "of W0, not a per-row LoRA term); serve a DoRA adapter alone, without adapter_ids."
+            )
+        delta = mixed_gathered(x, rows, slots, layer.out_features)
+    result = layer.base(x)  # (..., M) in the base's dtype
+    if isinstance(layer.base, NF4Linear):
+        return result + delta.to(result.dtype)
+    return (result + delta).to(result.dtype)

@@ -1,0 +1,342 @@
+"""Several adapters on one base: a mixed batch (one adapter per row, -1 the base) gives each row what its
+adapter gives alone, and what PEFT's mixed batch (`adapter_names=`) gives on the same checkpoint; greedy
+generation in a mixed batch equals each adapter's own; the gathered (BGMV) path equals the reference
+loop; the default adapter's keys and saved files do not change; one clear sentence per misuse.
+
+Tolerances. Two float32 computations of the same dot product of length n, in different orders, are each
+within gamma_n * sum|a_i b_i| of the exact value (gamma_n = n u / (1 - n u), u = 2^-24; any order, FMA
+or not), so they differ by at most twice that. For the LoRA term z = s B (A x) (A (r, K), B (M, r)):
+|z_hat - z| <= s (gamma_K + gamma_R + 3u) |B| |A| |x| elementwise, with R >= r the padded rank (the
+zero terms the padding adds are exact). `lora_bound` is twice that. Through the tiny models here (hidden
+32, 2 layers, every block input RMS-normalized, so a block passes a relative difference on with a gain
+near 1) the logits of two orders differ by at most the sum of those per-projection bounds, each at most
+2 (K + R + 3) u of the activations' scale: with K <= 48, R <= 8 and 2 layers x 7 projections + lm_head,
+15 * 2 * 59 * u = 1.1e-4 relative to the largest logit. LOGITS_RTOL is that number.
+"""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from test_adapter import randomize_params, tiny_llama
+
+import minilora.lora.multi as multi
+from minilora.lora import adapter_names, delete_adapter, load_adapter, save_adapter, set_adapter
+from minilora.lora.adapter import AdapterError
+from minilora.lora.layers import apply_lora, lora_disabled, lora_state_dict
+from minilora.lora.multi import NamedLoRALinear, mixed_gathered, mixed_reference
+from minilora.models.generate import generate
+from minilora.models.loader import load_model
+from minilora.quant.linear import NF4Linear
+
+U = 2.0**-24  # float32 unit roundoff
+LOGITS_RTOL = 15 * 2 * (48 + 8 + 3) * U  # module docstring
+
+# The adapters: different ranks, alphas, rsLoRA, rank/alpha patterns and target modules.
+ADAPTERS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(
+        r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True, rank_pattern={"up_proj": 2}, alpha_pattern={}
+    ),
+    "c": dict(r=2, lora_alpha=16, target_modules=["k_proj", "down_proj"], alpha_pattern={"layers.1.mlp.down_proj": 3}),
+}
+IDS = torch.tensor(
+    [
+        [1, 5, 9, 33, 2, 60, 17],
+        [4, 4, 8, 15, 16, 23, 42],
+        [7, 3, 3, 50, 11, 2, 9],
+        [30, 31, 32, 33, 34, 35, 36],
+        [12, 40, 6, 6, 18, 29, 1],
+    ]
+)
+ROWS = [0, 1, 2, -1, 1]  # with names ["default"(a), "b", "c"]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A transformers Llama saved as a checkpoint, and three PEFT adapters for it on disk."""
+    tmp = tmp_path_factory.mktemp("multi")
+    hf = tiny_llama(hidden=32)
+    hf.save_pretrained(str(tmp / "base"))
+    dirs = {}
+    for i, (name, kw) in enumerate(ADAPTERS.items()):
+        pm = get_peft_model(copy.deepcopy(hf), LoraConfig(task_type="CAUSAL_LM", **kw))
+        randomize_params([p for p in pm.parameters() if p.requires_grad], 10 + i)
+        pm.save_pretrained(str(tmp / name))
+        dirs[name] = str(tmp / name)
+    return hf, str(tmp / "base"), dirs
+
+
+def ours(base_dir, dirs, default=True, quantize=None):
+    """Our model from the checkpoint with a as the default adapter (or named "a"), b and c by name."""
+    model = load_model(base_dir, quantize=quantize, dtype=torch.float32)[0]
+    load_adapter(model, dirs["a"], name=None if default else "a")
+    load_adapter(model, dirs["b"], name="b")
+    load_adapter(model, dirs["c"], name="c")
+    return model.eval()  # apply_lora's new layers start in training mode
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_mixed_batch_equals_each_adapter_alone(setup, quantize):
+    """On a dense and on an NF4 base (where the LoRA term is cast before it is added, as on one adapter)."""
+    hf, base_dir, dirs = setup
+    model = ours(base_dir, dirs, quantize=quantize)
+    assert isinstance(
+        model.get_submodule("model.layers.0.self_attn.k_proj").base, NF4Linear if quantize else torch.nn.Linear
+    )
+    names = adapter_names(model)
+    assert names == ["default", "b", "c"]
+    mixed = model(IDS, adapter_ids=ROWS)
+    alone = {}
+    for i, name in enumerate(names):
+        set_adapter(model, name)
+        alone[i] = model(IDS)
+    set_adapter(model, "default")
+    with lora_disabled(model):
+        alone[-1] = model(IDS)
+    for b, a in enumerate(ROWS):
+        assert rel_err(alone[a][b], mixed[b]) < LOGITS_RTOL, (b, a)
+    # a base row adds exact zeros: bit for bit the base, as in a batch without adapters
+    assert torch.equal(mixed[3], alone[-1][3])
+    # and the adapters really differ from each other and from the base
+    for i in range(3):
+        assert rel_err(alone[-1], alone[i]) > 1e-2
+    assert rel_err(alone[1], alone[2]) > 1e-2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("default", [True, False])
+def test_mixed_batch_equals_peft_mixed_batch(setup, default):
+    """PEFT's PeftModel with a, b, c loaded by name and `adapter_names=` per row, on the transformers model
+    our model was loaded from: the same logits. Without a default, every adapter is a named one."""
+    hf, base_dir, dirs = setup
+    pm = PeftModel.from_pretrained(copy.deepcopy(hf), dirs["a"], adapter_name="a")
+    pm.load_adapter(dirs["b"], adapter_name="b")
+    pm.load_adapter(dirs["c"], adapter_name="c")
+    pm.eval()
+    peft_names = ["a", "b", "c", "__base__", "b"]
+    theirs = pm(IDS, adapter_names=peft_names).logits
+    model = ours(base_dir, dirs, default=default)
+    assert adapter_names(model) == (["default", "b", "c"] if default else ["a", "b", "c"])
+    mine = model(IDS, adapter_ids=ROWS)
+    assert rel_err(theirs, mine) < LOGITS_RTOL
+    with pm.disable_adapter():
+        base = pm(IDS).logits
+    assert rel_err(theirs[:3], base[:3]) > 1e-2  # the oracle applies the adapters
+
+
+@torch.no_grad()
+def test_gathered_path_equals_reference_loop_on_the_model(setup, monkeypatch):
+    hf, base_dir, dirs = setup
+    model = ours(base_dir, dirs, default=False)
+    gathered = model(IDS, adapter_ids=ROWS)
+    monkeypatch.setattr(multi, "mixed_gathered", mixed_reference)
+    assert rel_err(model(IDS, adapter_ids=ROWS), gathered) < LOGITS_RTOL
+
+
+@torch.no_grad()
+def test_greedy_generation_in_a_mixed_batch_equals_each_alone(setup):
+    hf, base_dir, dirs = setup
+    model = ours(base_dir, dirs)
+    prompts = [[1, 5, 9], [4, 4, 8, 15, 16, 23], [7], [30, 31, 32, 33], [12, 40]]  # left padding differs per row
+    mixed = generate(model, prompts, 8, adapter_ids=ROWS)
+    for p, a, got in zip(prompts, ROWS, mixed):
+        if a < 0:
+            with lora_disabled(model):
+                want = generate(model, [p], 8)[0]
+        else:
+            set_adapter(model, adapter_names(model)[a])
+            want = generate(model, [p], 8)[0]
+            set_adapter(model, "default")
+        assert got == want
+    assert len({tuple(t) for t in generate(model, [prompts[1]] * 4, 8, adapter_ids=[-1, 0, 1, 2])}) > 1
+
+
+def lora_bound(x, slots, rows, M):
+    """Twice the elementwise rounding bound of s B (A x) for each row's adapter (module docstring)."""
+    K = x.shape[-1]
+    R = max((A.shape[0] for A, _, _ in filter(None, slots)), default=1)
+    gamma = lambda n: n * U / (1 - n * U)  # noqa: E731
+    out = torch.zeros(*x.shape[:-1], M, dtype=torch.float64)
+    for b, a in enumerate(rows.tolist()):
+        if a >= 0 and slots[a] is not None:
+            A, B, s = (t.double() if torch.is_tensor(t) else t for t in slots[a])
+            mag = abs(s) * (x[b].double().abs() @ A.abs().T @ B.abs().T)  # s |B| |A| |x|
+            out[b] = 2 * (gamma(K) + gamma(R) + 3 * U) * mag
+    return out + 1e-35  # no subnormal products at the magnitudes drawn
+
+
+@given(
+    n=st.integers(1, 4),
+    ranks=st.lists(st.integers(1, 8), min_size=4, max_size=4),
+    targeted=st.lists(st.booleans(), min_size=4, max_size=4),
+    rows=st.lists(st.integers(-1, 3), min_size=1, max_size=7),
+    K=st.integers(1, 24),
+    M=st.integers(1, 24),
+    T=st.integers(1, 3),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    seed=st.integers(0, 2**16),
+)
+def test_gathered_equals_reference(n, ranks, targeted, rows, K, M, T, scale, seed):
+    """Drawn adapter counts, ranks (padding to the largest), untargeted adapters, row orders and -1 rows."""
+    g = torch.Generator().manual_seed(seed)
+    slots = [
+        (torch.randn(ranks[i], K, generator=g), torch.randn(M, ranks[i], generator=g), float(i + 0.5))
+        if targeted[i]
+        else None
+        for i in range(n)
+    ]
+    rows = torch.tensor([min(r, n - 1) for r in rows])
+    x = torch.randn(len(rows), T, K, generator=g) * scale
+    ref, got = mixed_reference(x, rows, slots, M), mixed_gathered(x, rows, slots, M)
+    assert ((ref.double() - got.double()).abs() <= lora_bound(x, slots, rows, M)).all()
+    nothing = torch.tensor([r < 0 or slots[r] is None for r in rows.tolist()])
+    assert (got[nothing] == 0).all() and (ref[nothing] == 0).all()  # exactly the base
+    single = torch.stack([multi.single_delta(x[b], slots[r]) if not nothing[b] else ref[b] for b, r in enumerate(rows)])
+    assert ((single.double() - got.double()).abs() <= lora_bound(x, slots, rows, M)).all()
+    assert mixed_gathered(x[:, 0], rows, slots, M).shape == (len(rows), M)  # (B, K) inputs: generate's lm_head
+
+
+def test_named_adapters_leave_the_default_adapter_as_it_was(setup, tmp_path):
+    """The default adapter's parameter names and its saved files are unchanged by named adapters beside it;
+    deleting them restores the model's modules; set_adapter / lora_disabled switch as PEFT's do."""
+    hf, base_dir, dirs = setup
+    model = load_model(base_dir, quantize=None, dtype=torch.float32)[0]
+    load_adapter(model, dirs["a"])
+    model.eval()
+    keys, modules = list(lora_state_dict(model)), [n for n, _ in model.named_modules()]
+    save_adapter(model, str(tmp_path / "before"), "x")
+    with torch.no_grad():
+        before = model(IDS)
+    load_adapter(model, dirs["b"], name="b")
+    load_adapter(model, dirs["c"], name="c")
+    assert list(lora_state_dict(model)) == keys
+    save_adapter(model, str(tmp_path / "after"), "x")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "before" / f).read_bytes() == (tmp_path / "after" / f).read_bytes()
+    assert "model.layers.0.self_attn.q_proj.adapters.b.lora_A" in model.state_dict()
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.k_proj"), NamedLoRALinear)  # a has no k_proj
+    with torch.no_grad():
+        assert torch.equal(model(IDS), before)  # the default stays active
+        set_adapter(model, "c")
+        only_c = model(IDS)
+        with lora_disabled(model):
+            base = model(IDS)
+        assert torch.equal(model(IDS, adapter_ids=[-1] * 5), base)
+        stale = torch.tensor([2] * 5)
+        model(IDS, adapter_ids=stale)
+        delete_adapter(model, "b")
+        assert adapter_names(model) == ["default", "c"]
+        with pytest.raises(ValueError, match="indices 0 to 1"):  # the same tensor is checked again
+            model(IDS, adapter_ids=stale)
+        assert rel_err(only_c, model(IDS, adapter_ids=[1] * 5)) < LOGITS_RTOL  # c moved from index 2 to 1
+        delete_adapter(model, "c")
+        assert adapter_names(model) == ["default"]
+        assert [n for n, _ in model.named_modules()] == modules
+        assert torch.equal(model(IDS), before)  # deleting the active c switched back to the default
+
+
+def _one_sentence(e):
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith(".")
+
+
+def _write(tmp_path, name, tensors, base="org/other-model"):
+    """An adapter folder written by hand: the config of a plain LoRA adapter and `tensors`."""
+    d = tmp_path / name
+    d.mkdir()
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": base}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    return str(d)
+
+
+def test_adapter_that_matches_nothing_or_half_is_refused(setup, tmp_path):
+    """Loading must never leave a model that silently serves (part of) the base: no weights, modules the
+    model lacks (a GPT-2 adapter on a Llama), or a lora_A without its lora_B, by name or as the default."""
+    hf, base_dir, dirs = setup
+    A, B = torch.randn(4, 32), torch.randn(32, 4)
+    gpt2 = {
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{x}.weight": {"A": A, "B": B}[x].clone()
+        for i in range(3)
+        for x in "AB"
+    }
+    bad = {
+        "empty": ({}, "holds no LoRA weights"),
+        "gpt2": (gpt2, r"3 of its 3 modules .*'transformer\.h\.0\.attn\.c_attn'.*different base \(org/other-model\)"),
+        "half": ({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": A}, "no lora_B.weight.*incomplete"),
+    }
+    for name, (tensors, pattern) in bad.items():
+        path = _write(tmp_path, name, tensors)
+        for as_name in (None, "x"):
+            model = load_model(base_dir, quantize=None, dtype=torch.float32)[0]
+            with pytest.raises(AdapterError, match=pattern) as e:
+                load_adapter(model, path, name=as_name)
+            _one_sentence(e)
+    # partly matching: layers 0 and 1 exist, layer 2 does not
+    partial = tiny_llama(layers=3)
+    apply_lora(partial, ["q_proj"], r=4, verbose=False)
+    save_adapter(partial, str(tmp_path / "three"), "tiny-3")
+    with pytest.raises(AdapterError, match=r"1 of its 3 modules .*layers\.2.*different base \(tiny-3\)") as e:
+        load_adapter(load_model(base_dir, quantize=None, dtype=torch.float32)[0], str(tmp_path / "three"), name="t")
+    _one_sentence(e)
+
+
+def test_misuse_is_one_clear_sentence(setup, tmp_path):
+    hf, base_dir, dirs = setup
+    model = ours(base_dir, dirs)
+    cases = [
+        (lambda: load_adapter(model, dirs["b"], name="b"), AdapterError, "already loaded.*delete_adapter"),
+        (lambda: load_adapter(model, dirs["b"], name="x.y"), AdapterError, "cannot be used"),
+        (lambda: model(IDS, adapter_ids=[0, 1]), ValueError, r"shape \(2,\) but the batch has 5 rows"),
+        (lambda: model(IDS, adapter_ids=[0, 1, 3, 0, 0]), ValueError, r"indices 0 to 2.*-1 for the base"),
+        (lambda: model(IDS, adapter_ids=[0, 1, -2, 0, 0]), ValueError, "indices 0 to 2"),
+        (lambda: generate(model, [[1, 2]], 2, adapter_ids=[0, 1]), ValueError, "batch has 1 rows"),
+        (lambda: set_adapter(model, "zz"), AdapterError, "No adapter named 'zz'.*load_adapter"),
+        (lambda: delete_adapter(model, "zz"), AdapterError, "No adapter named 'zz'"),
+        (lambda: delete_adapter(model, "default"), AdapterError, "not deleted here"),
+    ]
+    for call, kind, pattern in cases:
+        with torch.no_grad(), pytest.raises(kind, match=pattern) as e:
+            call()
+        _one_sentence(e)
+    model.train()
+    with pytest.raises(ValueError, match=r"model\.eval\(\)") as e:
+        model(IDS, adapter_ids=ROWS)
+    _one_sentence(e)
+    model.eval()
+    # DoRA: refused by name; as the default it serves alone but not in a mixed batch
+    pm = get_peft_model(
+        copy.deepcopy(hf), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], use_dora=True)
+    )
+    pm.save_pretrained(str(tmp_path / "dora"))
+    with pytest.raises(AdapterError, match="DoRA.*without a name") as e:
+        load_adapter(model, str(tmp_path / "dora"), name="d")
+    _one_sentence(e)
+    dora = load_model(base_dir, quantize=None, dtype=torch.float32)[0]
+    load_adapter(dora, str(tmp_path / "dora"))
+    load_adapter(dora, dirs["b"], name="b")
+    dora.eval()
+    with torch.no_grad():
+        dora(IDS, adapter_ids=[1, 1, -1, 1, -1])  # rows that do not touch the DoRA adapter are fine
+        with pytest.raises(ValueError, match="DoRA") as e:
+            dora(IDS, adapter_ids=[0, 1, -1, 1, -1])
+    _one_sentence(e)
+    # a default adapter after named ones would need the named-only layers rebuilt: refused
+    named_only = load_model(base_dir, quantize=None, dtype=torch.float32)[0]
+    load_adapter(named_only, dirs["b"], name="b")
+    with pytest.raises(AdapterError, match="before the named ones") as e:
+        load_adapter(named_only, dirs["a"])
+    _one_sentence(e)
+    assert os.path.isdir(dirs["a"])
