@@ -38,8 +38,9 @@ from minilora.train.run import Run, heldout_pairs, print_summary
 
 # the flags of one objective: given with another, they would be silently ignored
 ONLY_FOR = {
-    **dict.fromkeys(("beta", "label_smoothing", "dpo_loss", "precompute_reference"), "dpo"),
-    "orpo_lambda": "orpo",
+    **dict.fromkeys(("beta", "label_smoothing", "dpo_loss", "precompute_reference"), ("dpo",)),
+    "orpo_lambda": ("orpo",),
+    "pair_split": ("dpo", "orpo"),
 }
 
 
@@ -102,8 +103,8 @@ def setup(cfg, given: set[str]) -> Run | int:
             print("resume: " + ", ".join(f"{rundir.flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
         device = ddp_device or resolve_device(cfg.device)
     for name in sorted(given & set(ONLY_FOR)):  # a flag of another objective would be silently ignored
-        if cfg.objective != ONLY_FOR[name]:
-            obj = ONLY_FOR[name]
+        if cfg.objective not in ONLY_FOR[name]:
+            obj = " or ".join(ONLY_FOR[name])
             return fail(f"{rundir.flag(name)} applies to --objective {obj}; drop it or pass --objective {obj}.")
     torch.manual_seed(cfg.seed + rank)  # dropout masks; data order and LoRA init have their own seeds
     dtype = cfg.resolved_dtype(device.type)
@@ -207,7 +208,7 @@ def setup(cfg, given: set[str]) -> Run | int:
         f"predicted peak {plan.peak / 2**20:,.0f} MiB"
     )
     objective = make_objective(
-        cfg.objective, plan.loss_chunk, cfg.beta, cfg.label_smoothing, cfg.dpo_loss, cfg.orpo_lambda
+        cfg.objective, plan.loss_chunk, cfg.beta, cfg.label_smoothing, cfg.dpo_loss, cfg.orpo_lambda, cfg.pair_split
     )
     heldout = []
     if cfg.eval_data and cfg.eval_generate > 0:  # read before the first write: a bad file is refused here

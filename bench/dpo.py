@@ -20,6 +20,8 @@ float32 compute on the CPU, no gradient checkpointing and no dropout on every si
                 of the same batch in TRL's layout (input_ids, attention_mask, completion_mask): the policy
                 forward and the reference forward with PEFT's adapters disabled, its fused LM head;
                 backward, clip_grad_norm_(1.0), torch.optim.AdamW step, zero_grad.
+  minilora-dpo-split  the same with --pair-split: the chosen and the rejected halves backpropagate one
+                after the other, each recomputing its forward (pair_objective.py).
   minilora-sft  minilora's SFT step (the next-token loss train.py runs) on the P chosen sequences alone:
                 what DPO's memory is compared to.
 
@@ -42,7 +44,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-IMPLS = ("minilora-dpo", "trl", "minilora-sft")
+IMPLS = ("minilora-dpo", "minilora-dpo-split", "trl", "minilora-sft")
 
 
 def make_pairs(a, vocab: int):
@@ -84,7 +86,8 @@ def worker(impl: str, ckpt: str, a) -> dict:
         model.train()
         params = lora_parameters(model)
         opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
-        objective = make_objective("dpo" if impl == "minilora-dpo" else "sft", a.loss_chunk, beta=0.1)
+        kind = "sft" if impl == "minilora-sft" else "dpo"
+        objective = make_objective(kind, a.loss_chunk, beta=0.1, pair_split=impl == "minilora-dpo-split")
         if impl == "minilora-sft":  # the chosen rows only, as one SFT batch
             rows = {k: getattr(batch, k)[:P] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
             n = int((rows["labels"][:, 1:] != IGNORE).sum())
@@ -219,20 +222,25 @@ def main() -> None:
         if not os.path.isdir(ckpt):
             write_checkpoint(ckpt, a.geometry)
         res = {impl: run_worker(impl, ckpt, argv) for impl in IMPLS}
-    ours, trl, sft = res["minilora-dpo"], res["trl"], res["minilora-sft"]
+    ours, split, trl, sft = res["minilora-dpo"], res["minilora-dpo-split"], res["trl"], res["minilora-sft"]
     print(f"DPO step, {a.pairs} pairs ({ours['rows']} rows x T={ours['T']}), {a.geometry}, CPU, {a.threads} thread(s)")
-    print(f"{'':14} {'s/step':>8} {'pairs/s':>8} {'peak RSS MB':>12} {'step peak MB':>13}")
+    print(f"{'':18} {'s/step':>8} {'pairs/s':>8} {'peak RSS MB':>12} {'step peak MB':>13}")
     for impl in IMPLS:
         r = res[impl]
-        print(f"{impl:14} {r['median_s']:8.2f} {r['pairs_per_s']:8.3f} {r['peak_mb']:12.0f} {r['step_peak_mb']:13.0f}")
+        print(f"{impl:18} {r['median_s']:8.2f} {r['pairs_per_s']:8.3f} {r['peak_mb']:12.0f} {r['step_peak_mb']:13.0f}")
     ratios = {
         "pairs_per_s_vs_trl": ours["pairs_per_s"] / trl["pairs_per_s"],
         "peak_rss_vs_trl": ours["peak_mb"] / trl["peak_mb"],
         "dpo_step_peak_vs_sft": ours["step_peak_mb"] / max(1e-9, sft["step_peak_mb"]),
+        "split_pairs_per_s_vs_trl": split["pairs_per_s"] / trl["pairs_per_s"],
+        "split_peak_rss_vs_trl": split["peak_mb"] / trl["peak_mb"],
+        "split_step_peak_vs_sft": split["step_peak_mb"] / max(1e-9, sft["step_peak_mb"]),
     }
     print(
         f"pairs/s {ratios['pairs_per_s_vs_trl']:.2f}x TRL's (target >= 1.5), peak RSS {ratios['peak_rss_vs_trl']:.2f}x "
-        f"(target <= 0.6), DPO step peak {ratios['dpo_step_peak_vs_sft']:.2f}x the SFT step's (target <= 1.25)"
+        f"(target <= 0.6), DPO step peak {ratios['dpo_step_peak_vs_sft']:.2f}x the SFT step's (target <= 1.25)\n"
+        f"--pair-split: pairs/s {ratios['split_pairs_per_s_vs_trl']:.2f}x TRL's, peak RSS "
+        f"{ratios['split_peak_rss_vs_trl']:.2f}x, DPO step peak {ratios['split_step_peak_vs_sft']:.2f}x the SFT step's"
     )
     env = {**environment(), "trl": importlib.metadata.version("trl"), "cpu": cpu_model()}
     print(

@@ -64,6 +64,11 @@ class TrainConfig:
     )
     dpo_loss: str = _f("sigmoid", "DPO loss: sigmoid (DPO) or ipo (IPO)", choices=["sigmoid", "ipo"])
     orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term beside the SFT loss", gt=0.0)
+    pair_split: bool = _f(
+        False,
+        "DPO/ORPO: backpropagate the chosen and the rejected answers one after the other, each recomputing its "
+        "forward: a step holds the activations of one answer per pair (about SFT's) for one more forward",
+    )
     precompute_reference: bool = _f(
         False,
         "DPO: compute the reference log-probabilities of every training pair once before training, store them "

@@ -71,8 +71,10 @@ class DPO(PairObjective):
 
     name = "dpo"
 
-    def __init__(self, chunk: int, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
-        super().__init__(chunk)
+    def __init__(
+        self, chunk: int, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid", split=False
+    ):
+        super().__init__(chunk, split)
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
         self.frozen = None  # --init-adapter: the initial LoRA weights, the reference beside the base (reference.py)
         self.stored = None  # --precompute-reference: (pairs, 2) reference values, looked up by pair index

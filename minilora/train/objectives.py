@@ -49,14 +49,16 @@ class SFT:
         return loss_sum, n, {}
 
 
-def make_objective(name: str, chunk: int, beta=0.1, label_smoothing=0.0, dpo_loss="sigmoid", orpo_lambda=0.1):
+def make_objective(
+    name: str, chunk: int, beta=0.1, label_smoothing=0.0, dpo_loss="sigmoid", orpo_lambda=0.1, pair_split=False
+):
     """The objective --objective NAME selects, with its hyperparameters."""
     if name == "sft":
         return SFT(chunk)
     if name == "dpo":
-        return DPO(chunk, beta, label_smoothing, dpo_loss)
+        return DPO(chunk, beta, label_smoothing, dpo_loss, pair_split)
     if name == "orpo":
-        return ORPO(chunk, orpo_lambda)
+        return ORPO(chunk, orpo_lambda, pair_split)
     raise ValueError(f"Unknown objective '{name}'; use one of {', '.join(OBJECTIVES)}.")
 
 

@@ -60,8 +60,8 @@ class ORPO(PairObjective):
 
     name = "orpo"
 
-    def __init__(self, chunk: int, lam: float = 0.1):
-        super().__init__(chunk)
+    def __init__(self, chunk: int, lam: float = 0.1, split: bool = False):
+        super().__init__(chunk, split)
         self.lam = lam
 
     def terms(self, model, batch) -> PairTerms:

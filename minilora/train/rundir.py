@@ -50,7 +50,15 @@ ADAPTER_FIELDS = (
     "eva_tau",
     "init_adapter",  # the weights it started from (and DPO's reference): kept in RUN/init_adapter/
 )
-OBJECTIVE_FIELDS = ("objective", "beta", "label_smoothing", "dpo_loss", "orpo_lambda", "precompute_reference")
+OBJECTIVE_FIELDS = (
+    "objective",
+    "beta",
+    "label_smoothing",
+    "dpo_loss",
+    "orpo_lambda",
+    "precompute_reference",
+    "pair_split",  # the same values up to rounding, and its own dropout draws per half
+)
 STREAM_FIELDS = (
     "data",
     "val_data",
