@@ -42,7 +42,9 @@ copy for dL/dh, soft-capping's tanh), one dequantized base weight (M K e, plus i
 intermediate), the backward's gradients of one block (about one block's activations).
 Runtime: the process's own memory before the model exists (Python, torch, libraries, allocator
 pools), measured in this process (CPU RSS); 0 on CUDA, where max_memory_allocated excludes it.
-Preference pairs (--objective dpo / orpo): a batch of P pairs is 2P rows (both answers), so B = 2P.
+Preference pairs (--objective dpo / orpo): a batch of P pairs is 2P rows (both answers), so B = 2P;
+with --pair-split the halves backpropagate in turn, so activations count B = P rows, and every row's
+forward runs twice (its recompute: one more forward's FLOPs per token).
 DPO's reference forward (LoRA off, no grad) runs before the policy forward and keeps no activations:
 its peak is one block's transient and the loss chunk, both already in the step's transient, and only
 its 2P log-probabilities survive; it adds one base forward's FLOPs per token (no LoRA, no backward),
@@ -452,11 +454,13 @@ def plan_run(
     opt_budget = int(tc.optimizer_budget) if tc.optimizer_budget.isdigit() else None
     runtime = warm_runtime(device, dtype, recompute=False)
     chunk = tc.loss_chunk or default_chunk(device)
+    split = getattr(tc, "pair_split", False) and getattr(tc, "objective", "sft") != "sft"
+    rows = shape[0] // 2 if split else shape[0]  # --pair-split: one half's activations at a time
 
     def make(k: int, s: int = 0) -> Plan:
         p = plan_memory(
             model_cfg,
-            batch_size=shape[0],
+            batch_size=rows,
             seq_len=shape[1],
             dtype=dtype,
             quantize=tc.quantize,
@@ -488,6 +492,9 @@ def plan_run(
     plan = make(*(chosen or (L, 0)))
     if getattr(tc, "objective", "sft") == "dpo" and not tc.precompute_reference:  # a base forward per token
         plan.flops_per_token += flops_per_token(model_cfg, shape[1], 0, (), forward_only=True)
+    if split:  # both halves: every row once, and each row's forward once more (its recompute)
+        plan.tokens_per_step = shape[0] * shape[1]
+        plan.flops_per_token += flops_per_token(model_cfg, shape[1], tc.lora_r, targets, forward_only=True)
     plan.budget = budget
     error = None
     if plan.peak > budget * MARGIN:
