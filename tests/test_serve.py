@@ -252,10 +252,24 @@ def test_load_and_unload_at_run_time(app, client, dirs, tmp_path):
     status, body = post(app, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "missing")})
     assert status == 400 and one_sentence_error(body)
 
-    status, _ = post(app, "/v1/unload_lora_adapter", {"lora_name": "c2"})
-    assert status == 200
-    status, body = post(app, "/v1/completions", {"model": "c2", "prompt": "hi", "max_tokens": 2})
-    assert status == 404 and one_sentence_error(body)
+    # an unload while c2 runs: hidden at once (404), deleted once its running request has finished
+    running = client.completions.create(model="c2", prompt=PROMPTS[1], max_tokens=30, temperature=0, stream=True)
+    pieces = [next(running).choices[0].text]
+    release = hold_scheduler(app)
+    assert [r.adapter for r in app.scheduler.rows] == ["c2"]  # running when the unload arrives
+    with ThreadPoolExecutor(1) as pool:
+        unload = pool.submit(post, app, "/v1/unload_lora_adapter", {"lora_name": "c2"})
+        while app.scheduler.commands.empty():
+            time.sleep(0.01)
+        release.set()
+        deadline = time.monotonic() + 30
+        while "c2" in app.scheduler.served() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, body = post(app, "/v1/completions", {"model": "c2", "prompt": "hi", "max_tokens": 2})
+        assert status == 404 and one_sentence_error(body)
+        pieces += [c.choices[0].text for c in running]
+        assert unload.result(timeout=60)[0] == 200
+    assert "".join(pieces) == reference(dirs, "c", ids, 30)[1]
     status, body = post(app, "/v1/unload_lora_adapter", {"lora_name": "c2"})
     assert status == 404 and one_sentence_error(body)
     # the indices after an unloaded adapter shift; the others still answer as alone
@@ -282,8 +296,19 @@ def test_a_full_queue_answers_429(app):
         release.set()
 
 
+def read_stream(url, body, out):
+    """POST a streaming request and append its raw server-sent events to `out` as they arrive."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for line in r:
+            out.append(line.decode())
+
+
 def test_sigterm_stops_the_server_with_exit_code_0(tmp_path):
+    """A request in flight at SIGTERM ends with a last event and [DONE] (finished, or cancelled after
+    --shutdown-grace), the socket closes, and the process exits 0."""
     cmd = [sys.executable, os.path.join(ROOT, "serve.py"), "--port", "0", "--dtype", "float32", "--quantize", "none"]
+    cmd += ["--shutdown-grace", "1"]
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
@@ -295,10 +320,20 @@ def test_sigterm_stops_the_server_with_exit_code_0(tmp_path):
         url = re.search(r"http://\S+", line).group(0)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0).choices[0].text
+        events: list[str] = []
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2000, "temperature": 0, "stream": True}
+        reader = threading.Thread(target=read_stream, args=(url, body, events))
+        reader.start()
+        deadline = time.monotonic() + 30
+        while not any(e.startswith("data: {") for e in events) and time.monotonic() < deadline:
+            time.sleep(0.02)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert time.monotonic() - t0 < 10
+        reader.join(10)
+        data = [e for e in events if e.startswith("data: ")]
+        assert data[-1] == "data: [DONE]\n" and ("finish_reason" in data[-2] or "shutting_down" in data[-2]), data[-2:]
         with pytest.raises(openai.APIConnectionError):  # the socket is closed
             client.completions.create(model="tiny", prompt="hi", max_tokens=3)
     finally:
