@@ -21,7 +21,8 @@ scheduler thread alone runs the model, batching every running request into one s
 Ctrl-C: stop accepting, refuse what waits (503), let the running requests finish for --shutdown-grace
 seconds (a second signal cancels them), close the socket, exit 0.
 
-The standard library only: nothing to install beyond minilora, and the whole server reads in one file.
+The standard library only: nothing to install beyond minilora, and the HTTP side reads in this one file
+(requests are parsed in minilora/serve/api.py, batched in minilora/serve/scheduler.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from minilora.cli import fail, parser, resolve_device, run_main
+from minilora.serve.api import parse_request
 from minilora.serve.scheduler import Request, Scheduler, ServeError
 
 DEMO_RUN = os.path.join("runs", "demo")
@@ -168,82 +170,6 @@ class Server:
             raise ServeError(404, f"The model {model!r} does not exist; GET /v1/models lists them.", "model_not_found")
         return model
 
-    def prompt_ids(self, body: dict, chat: bool, adapter: str | None) -> list[int]:
-        from minilora.data.encode import prompt_ids
-        from minilora.data.records import DataError, Example
-
-        tok = self.tokenizer
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ServeError(400, "The prompt is empty; pass at least one message in 'messages'.", "empty_prompt")
-            try:
-                msgs = [{"role": m["role"], "content": text_of(m.get("content"))} for m in messages]
-                return prompt_ids(Example(prompt=msgs, completion="", fmt="chat"), tok, self.templates[adapter])
-            except (TypeError, KeyError):
-                raise ServeError(400, "Each message needs a 'role' and a text 'content'.", "invalid_messages") from None
-            except DataError as e:
-                raise ServeError(400, str(e), "invalid_messages") from None
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t < tok.vocab_size for t in prompt):
-            ids = list(prompt)  # token ids as given
-        elif isinstance(prompt, str):
-            ids = tok.encode(prompt, add_special_tokens=True) if prompt else []
-        else:
-            raise ServeError(400, "'prompt' must be one string or one list of token ids.", "invalid_prompt")
-        if not prompt:
-            raise ServeError(400, "The prompt is empty; pass at least one character or token.", "empty_prompt")
-        return ids
-
-    def request(self, body: dict, chat: bool) -> Request:
-        adapter = self.resolve_model(body)
-        ids = self.prompt_ids(body, chat, adapter)
-        room = self.context - len(ids)
-        if room < 1:
-            raise ServeError(
-                400,
-                f"The prompt has {len(ids)} tokens but the model's context is {self.context}; shorten it.",
-                "context_length_exceeded",
-            )
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is None:
-            max_tokens = min(self.args.max_new_tokens, room)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ServeError(400, "'max_tokens' must be a positive integer.", "invalid_max_tokens")
-        if max_tokens > room:
-            raise ServeError(
-                400,
-                f"The prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of "
-                f"{self.context} tokens; lower max_tokens or shorten the prompt.",
-                "context_length_exceeded",
-            )
-        temperature, top_p = body.get("temperature", 1.0), body.get("top_p", 1.0)
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise ServeError(400, "'temperature' must be a number from 0 (greedy) to 2.", "invalid_temperature")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ServeError(400, "'top_p' must be a number in (0, 1].", "invalid_top_p")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise ServeError(400, "'stop' must be a string or a list of up to 4 non-empty strings.", "invalid_stop")
-        if body.get("n", 1) != 1:
-            raise ServeError(400, "Only n = 1 is supported; send several requests instead.", "invalid_n")
-        seed = body.get("seed")
-        if seed is not None and not isinstance(seed, int):
-            raise ServeError(400, "'seed' must be an integer.", "invalid_seed")
-        return Request(ids, adapter, max_tokens, float(temperature), float(top_p), tuple(stop), seed)
-
-
-def text_of(content) -> str:
-    """A message's content as text: a string, or OpenAI's list of {"type": "text", "text"} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p["text"] for p in content if p.get("type") == "text")
-    raise TypeError(content)
-
 
 class Handler(BaseHTTPRequestHandler):
     """One connection: parse, queue, write (JSON or server-sent events)."""
@@ -329,7 +255,11 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ completions
     def complete(self, body: dict, chat: bool) -> None:
-        req = self.app.request(body, chat)
+        app = self.app
+        adapter = app.resolve_model(body)
+        req = parse_request(
+            body, chat, adapter, app.tokenizer, app.templates[adapter], app.context, app.args.max_new_tokens
+        )
         self.app.scheduler.submit(req)
         first = req.events.get()  # a refusal (404 after an unload, 503) still gets a status of its own
         if first[0] == "error":

@@ -1,5 +1,6 @@
-"""Serving several adapters on one base (serve.py): the running batch's cache (batch.py), the
-continuous-batching scheduler (scheduler.py), and which adapter folders may join a base (here).
+"""Serving several adapters on one base (serve.py): OpenAI request bodies (api.py), the running batch's
+cache (batch.py), the continuous-batching scheduler (scheduler.py), and which adapter folders may join a
+base (here).
 
     adapter_source("runs/a", "tiny")   # -> (adapter folder, its run's config.json or {}); ValueError if it
                                        #    was trained on another base
