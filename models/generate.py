@@ -71,7 +71,7 @@ def _nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
     """Next token per row from logits (B, V): argmax when temperature <= 0, else a nucleus sample."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)  # (B,)
@@ -124,7 +124,7 @@ def generate(
         with adapters_per_row(adapter_ids, B, dev):  # lm_head may carry adapters too
             h = model(step_ids, attention_mask=step_mask, cache=cache, return_hidden=True)[:, -1]  # (B, D)
             logits = model.logits_from_hidden(h)  # (B, V): the last position only, never (B, T, V)
-        nxt = _pick(logits, temperature, top_p, gen)  # (B,)
+        nxt = pick_token(logits, temperature, top_p, gen)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)
         done = done | torch.isin(nxt, eos)
