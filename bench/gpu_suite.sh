@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go, on a machine with one CUDA GPU.
 #
-#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant lora adamw train recompute plan fsdp gguf (default: all)
+#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant bgmv lora adamw train recompute plan fsdp gguf (default: all)
 #
 # Run from the repository root. Needs torch with CUDA, triton, transformers and peft, plus
 # bitsandbytes: if .whl/ holds wheels (for a machine without network), they are installed into
@@ -21,6 +21,8 @@
 #   tests    pytest -m gpu tests: kernels, QLoRA layer vs PEFT, paged AdamW, the demo, on real hardware
 #   dequant  bench.dequant: % of copy bandwidth and x bitsandbytes (targets >= 85%, >= 1.3x); the
 #            fused matmul against bitsandbytes' dequantize + cuBLAS at 1..64 tokens
+#   bgmv     bench.lora_bgmv: the mixed-adapter LoRA term, Triton shrink/expand (kernels/lora_bgmv.py)
+#            against multi.py's PyTorch gather + bmm, decoding and prefill
 #   lora     bench.lora_layer --device cuda (target >= 1.3x PEFT + bitsandbytes, lower memory)
 #   adamw    bench.adamw, whose CUDA run adds the oversubscribed paging case
 #   train    bench.train_step --geometry gemma-3-1b (targets >= 1.5x tokens/s, <= 0.6x memory)
@@ -49,7 +51,7 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
     || { echo "gpu_suite: no CUDA device is visible to torch; run this on a GPU machine." >&2; exit 2; }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant lora adamw train recompute plan fsdp gguf)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant bgmv lora adamw train recompute plan fsdp gguf)
 status=0
 run() {  # run NAME COMMAND...: append to $out/suite.log, remember a failure, go on with the next step
     local name=$1; shift
@@ -64,6 +66,7 @@ for step in "${steps[@]}"; do
         env) run env sh -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|peft|bitsandbytes) "; python3 -c "from minilora.kernels import dispatch; raise SystemExit(dispatch.main())"' ;;
         tests) run tests python3 -m pytest -q -m gpu tests ;;
         dequant) run dequant python3 -m bench.dequant --out "$out/dequant.json" ;;
+        bgmv) run bgmv python3 -m bench.lora_bgmv --out "$out/lora_bgmv.json" ;;
         lora) run lora python3 -m bench.lora_layer --device cuda --rounds 3 --repeats 10 --out "$out/lora_layer_cuda.json" ;;
         adamw) run adamw python3 -m bench.adamw && cp bench/results/adamw.json "$out/" ;;
         train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 \
@@ -76,7 +79,7 @@ for step in "${steps[@]}"; do
         fsdp) rm -rf /tmp/fsdp_smoke && run fsdp python3 -m torch.distributed.run --standalone --nproc_per_node 1 train.py \
                   --parallel fsdp --max-steps 30 --eval-generate 8 --out /tmp/fsdp_smoke \
                   && cp /tmp/fsdp_smoke/summary.json "$out/fsdp_smoke_summary.json" ;;
-        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, lora, adamw, train, recompute, plan, fsdp or gguf." >&2; status=2 ;;
+        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, bgmv, lora, adamw, train, recompute, plan, fsdp or gguf." >&2; status=2 ;;
     esac
 done
 exit $status

@@ -2,7 +2,8 @@
 
     python -m bench.kernel_resources [--arch 90] [--check]
 
-Compiles every configuration the launchers can pick (kernels/nf4_dequant.py, kernels/nf4_matmul.py)
+Compiles every configuration the launchers can pick (kernels/nf4_dequant.py, kernels/nf4_matmul.py,
+kernels/lora_bgmv.py)
 through Triton's real CUDA pipeline (Python -> TTIR -> TTGIR -> LLVM -> PTX -> ptxas -> SASS) for
 the chosen compute capability, here on the CPU: Triton ships ptxas, and compiling needs no driver.
 That catches what `TRITON_INTERPRET=1` cannot (the interpreter runs the Python, not the compiler:
@@ -43,7 +44,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from minilora.kernels import nf4_dequant, nf4_matmul  # noqa: E402
+from minilora.kernels import lora_bgmv, nf4_dequant, nf4_matmul  # noqa: E402
 
 _TY = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -192,6 +193,38 @@ def matmul_cases():
                 yield name, fn, types, const, warps, bo * br // (32 * warps), {"num_stages": stages}
 
 
+def lora_cases():
+    """Every (x dtype x tile) the LoRA shrink/expand launchers pick for decoding (segments of 1 token) and
+    prefill (long segments) at Gemma 3 1B / Llama 8B widths, ranks 8 to 128."""
+    seen = set()
+    for longest, n_seg, k, m, r in [(1, 8, 1152, 6912, 16), (1, 64, 4096, 4096, 64), (512, 4, 4096, 14336, 8)]:
+        for r in (r, 128):
+            bn, br, bk, split, warps = lora_bgmv._pick_config(longest, k, r, n_seg, interpret=False)
+            for act in ("bf16", "fp16", "fp32"):
+                key = ("shrink", bn, br, bk, split > 1, act)
+                if key not in seen:
+                    seen.add(key)
+                    types = {"x_ptr": _TY[act], "a_ptr": "*fp32", "h_ptr": "*fp32"}
+                    types |= {f"seg_{p}_ptr": "*i32" for p in ("start", "len", "adapter")}
+                    types |= {
+                        n: "i32" for n in ("K", "R", "stride_xn", "stride_al", "stride_ar", "stride_hs", "stride_hn")
+                    }
+                    const = {"BLOCK_N": bn, "BLOCK_R": br, "BLOCK_K": bk, "SPLIT_K": split}
+                    const |= {"stride_xk": 1, "stride_ak": 1, "stride_hr": 1}  # Triton specializes strides of 1
+                    name = f"lora shrink x={act} {bn}x{br}x{bk} split={split}"
+                    yield name, lora_bgmv._lora_shrink_kernel, types, const, warps, bn * bk // (32 * warps), {}
+            bn, br, bm, _, warps = lora_bgmv._pick_config(longest, m, r, n_seg, interpret=False)
+            key = ("expand", bn, br, bm)
+            if key not in seen:
+                seen.add(key)
+                types = {"h_ptr": "*fp32", "b_ptr": "*fp32", "s_ptr": "*fp32", "y_ptr": "*fp32"}
+                types |= {f"seg_{p}_ptr": "*i32" for p in ("start", "len", "adapter")}
+                types |= {n: "i32" for n in ("M", "R", "stride_hn", "stride_bl", "stride_bm", "stride_yn")}
+                const = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "stride_hr": 1, "stride_br": 1, "stride_ym": 1}
+                name = f"lora expand {bn}x{bm}x{br}"
+                yield name, lora_bgmv._lora_expand_kernel, types, const, warps, br * bm // (32 * warps), {}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
@@ -199,7 +232,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="only kernels whose name contains this, e.g. 'dequant'")
     args = ap.parse_args()
     rows, failures = [], 0
-    for name, fn, types, const, warps, per_thread, opts in [*dequant_cases(), *matmul_cases()]:
+    for name, fn, types, const, warps, per_thread, opts in [*dequant_cases(), *matmul_cases(), *lora_cases()]:
         if args.only not in name:
             continue
         for aligned in (True, False) if args.check else (True,):

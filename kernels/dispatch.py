@@ -1,19 +1,23 @@
-"""Which path computes an NF4 operation, a Triton kernel or PyTorch: decided here and nowhere else.
+"""Which path computes an operation that has a Triton kernel, the kernel or PyTorch: decided here and
+nowhere else.
 
-Three kernels, each with a PyTorch reference that always works:
+Five kernels, each with a PyTorch reference that always works:
 
     nf4_dequant    dequantize_nf4 (kernels/nf4_dequant.py)          reference: minilora.quant.nf4
     nf4_matmul     y  = x W^T, the fused forward (kernels/nf4_matmul.py)   reference: dequantize, F.linear
     nf4_matmul_t   dx = g W, its input gradient (same file)                reference: dequantize, g @ W
+    lora_shrink    h = A[idx] x per token, mixed-adapter batches (kernels/lora_bgmv.py)   reference: same file
+    lora_expand    y += s[idx] B[idx] h per token (same file)                            reference: same file
 
 A kernel runs only on a device type in KERNEL_DEVICES (CUDA; the tests add the CPU, where
 TRITON_INTERPRET=1 runs Triton in Python), only when Triton imports, and only once it has passed
-its self-check.
+its self-check (the two LoRA kernels serve a batch together: both must pass).
 
 Self-check: the tests prove the kernels under the interpreter and compile them for sm_90a, but a
 GPU, driver or Triton release they never met can still reject or miscompile them. So the first
 time a process asks for a kernel, the kernel runs once on a small probe on that device (an NF4
-weight of PROBE_SHAPE, double quantized, and PROBE_TOKENS tokens) and is compared with its PyTorch
+weight of PROBE_SHAPE, double quantized, and PROBE_TOKENS tokens; for the LoRA kernels, PROBE_ADAPTERS
+adapters and a zero slot on the tokens of PROBE_IDX) and is compared with its PyTorch
 reference in every dtype it serves, within the tolerances below. On an exception or a larger
 difference, one warning names the kernel, the device and the Triton, CUDA and driver versions,
 and that kernel's calls take the PyTorch path for the rest of the process.
@@ -38,7 +42,7 @@ import torch
 
 ENV = "MINILORA_KERNELS"
 MODES = ("auto", "off", "strict")
-KERNELS = ("nf4_dequant", "nf4_matmul", "nf4_matmul_t")
+KERNELS = ("nf4_dequant", "nf4_matmul", "nf4_matmul_t", "lora_shrink", "lora_expand")
 KERNEL_DEVICES = ("cuda",)  # device types whose tensors may take the kernels; the tests add "cpu"
 
 PROBE_SHAPE = (64, 512)  # W (M, K): K % BLOCKSIZE == 0, the fused kernel's fast path, as in real layers
@@ -59,6 +63,19 @@ DEQUANT_ULPS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 1}
 # rounds its result once (<= eps / 2 * scale each). A wrong tile, code or absmax errs by about the
 # scale itself. Only bf16 and fp16: use_fused never sends float32 activations to the kernel.
 MATMUL_TOL = {torch.bfloat16: 3 * torch.finfo(torch.bfloat16).eps, torch.float16: 3 * torch.finfo(torch.float16).eps}
+
+# The LoRA kernels' probe: adapters of rank PROBE_RANK (K, M) = PROBE_LORA_SHAPE, stacked with an
+# all-zero slot (index PROBE_ADAPTERS), and tokens in segments: long and short runs, base (-1) tokens,
+# the zero slot, an adapter that comes back after others.
+PROBE_ADAPTERS, PROBE_RANK, PROBE_LORA_SHAPE = 3, 16, (128, 64)
+PROBE_IDX = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, -1, -1, 2, 2, 2, 3, 1, 0)
+# Both are float32 dot products with exact inputs (16-bit x widens exactly), so kernel and reference
+# differ only in the order of the additions: each is within gamma_n of the exact value relative to the
+# sum of |terms| (n = K for the shrink, any order, split or not), so they differ by at most
+# 2 gamma_K |A| |x| (shrink) and 2 (gamma_{R+2} |s| |B| |h| + u |y|) (expand: the R-term dot, its
+# product with s and the add to y, u = 2^-24). At the probe's K = 128 that is 1.5e-5 of |A| |x|; a wrong
+# adapter, tile or segment errs by about |A| |x| itself. LORA_TOL_TERMS names the n of gamma_n.
+LORA_TOL_TERMS = {"lora_shrink": PROBE_LORA_SHAPE[0], "lora_expand": PROBE_RANK + 2}
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -101,6 +118,17 @@ def matmul_kernel(a: torch.Tensor, q, transposed: bool = False):
         return None
     name = "nf4_matmul_t" if transposed else "nf4_matmul"
     return getattr(mod, name + "_triton") if _passed(name, a.device) else None
+
+
+def bgmv_kernels(x: torch.Tensor):
+    """(lora_shrink_triton, lora_expand_triton) when both may compute the LoRA term of a mixed-adapter
+    batch with input x, else None (the PyTorch gather and bmm of minilora/lora/multi.py)."""
+    if not _may_run(x.device) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    mod = _module("lora_bgmv")
+    if mod is None or not (_passed("lora_shrink", x.device) and _passed("lora_expand", x.device)):
+        return None
+    return mod.lora_shrink_triton, mod.lora_expand_triton
 
 
 def _may_run(device: torch.device) -> bool:
@@ -148,7 +176,7 @@ def _failure(name: str, device: torch.device, why: str) -> str:
 def self_check(name: str, device) -> str | None:
     """Run kernel `name` once on the probe on `device`, beside its PyTorch reference.
 
-    Returns None when they agree within DEQUANT_ULPS / MATMUL_TOL, else one line saying why not
+    Returns None when they agree within DEQUANT_ULPS / MATMUL_TOL / LORA_TOL_TERMS, else one line saying why not
     (the exception, or the largest difference). Never raises for a failing kernel.
     """
     if name not in KERNELS:
@@ -156,6 +184,8 @@ def self_check(name: str, device) -> str | None:
     device = torch.device(device)
     try:
         with torch.no_grad():
+            if name.startswith("lora_"):
+                return _check_bgmv(device, name)
             return _check_dequant(device) if name == "nf4_dequant" else _check_matmul(device, name == "nf4_matmul_t")
     except Exception as e:  # noqa: BLE001 - any failure of the kernel means: do not use it
         msg = str(e).strip().splitlines()
@@ -228,6 +258,64 @@ def _check_matmul(device: torch.device, transposed: bool) -> str | None:
         if not worst <= tol:  # also catches NaN
             return f"{dtype} output differs from PyTorch by {worst:.3g} x (|a| @ |W|), tolerance {tol:.3g}"
     return None
+
+
+def _gamma(n: int) -> float:
+    """gamma_n = n u / (1 - n u), u = 2^-24: the float32 rounding bound of a sum of n products."""
+    u = 2.0**-24
+    return n * u / (1 - n * u)
+
+
+def _check_bgmv(device: torch.device, name: str) -> str | None:
+    mod = _module("lora_bgmv")
+    gen = torch.Generator().manual_seed(0)
+    k, m = PROBE_LORA_SHAPE
+    n_ad, r = PROBE_ADAPTERS, PROBE_RANK
+    A = torch.randn(n_ad + 1, r, k, generator=gen)  # (L, R, K)
+    B = torch.randn(n_ad + 1, m, r, generator=gen)  # (L, M, R)
+    s = torch.rand(n_ad + 1, generator=gen) + 0.5  # (L,)
+    A[n_ad], B[n_ad], s[n_ad] = 0, 0, 0  # the zero slot
+    A[1, r // 2 :] = 0  # adapter 1 of half the rank, zero-padded as minilora/lora/multi.py pads it
+    B[1, :, r // 2 :] = 0
+    A, B, s = A.to(device), B.to(device), s.to(device)
+    idx = torch.tensor(PROBE_IDX, device=device)  # (N,)
+    n = idx.numel()
+    tol = 2 * _gamma(LORA_TOL_TERMS[name])
+    pick = idx.clamp(min=0).cpu()
+    off = (idx < 0).cpu()[:, None]  # base tokens: exactly 0 (shrink) or y unchanged (expand)
+    if name == "lora_shrink":
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(n, k, generator=gen).to(device, dtype)  # (N, K)
+            got, want = mod.lora_shrink_triton(x, A, idx), mod.lora_shrink_reference(x, A, idx)  # (N, R)
+            if got.dtype != torch.float32 or got.shape != want.shape:
+                got_is = f"dtype {got.dtype} and shape {tuple(got.shape)}"
+                return f"{dtype} input gives {got_is}, expected float32 and {tuple(want.shape)}"
+            scale = torch.bmm(A.double().abs().cpu()[pick], x.double().abs().cpu()[:, :, None])[:, :, 0]  # (N, R)
+            worst = _worst(got, want, scale.masked_fill(off, 0))
+            if not worst <= tol:  # also catches NaN
+                return f"{dtype} input: h differs from PyTorch by {worst:.3g} x (|A| |x|), tolerance {tol:.3g}"
+        return None
+    h = torch.randn(n, r, generator=gen).to(device)  # (N, R)
+    y = torch.randn(n, m, generator=gen).to(device)  # (N, M)
+    want = mod.lora_expand_reference(y, h, B, s, idx)
+    got = mod.lora_expand_triton(y.clone(), h, B, s, idx)  # (N, M)
+    if got.dtype != torch.float32 or got.shape != want.shape:
+        return f"output has dtype {got.dtype} and shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    Bh = torch.bmm(B.double().abs().cpu()[pick], h.double().abs().cpu()[:, :, None])[:, :, 0]  # (N, M)
+    scale = s.double().cpu()[pick][:, None] * Bh + 2.0**-24 / _gamma(LORA_TOL_TERMS[name]) * y.double().abs().cpu()
+    worst = _worst(got, want, scale.masked_fill(off, 0))
+    if not worst <= tol:
+        return f"y differs from PyTorch by {worst:.3g} x (|s| |B| |h| + u |y| / gamma_(R+2)), tolerance {tol:.3g}"
+    return None
+
+
+def _worst(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> float:
+    """The largest |got - want| / scale (float64; where scale is 0 only an exact match passes)."""
+    err = (got.double().cpu() - want.double().cpu()).abs()
+    inexact = torch.where(err == 0, 0.0, float("inf"))  # where the bound is 0
+    rel = torch.where(scale > 0, err / scale.clamp(min=1e-300), inexact)
+    rel = torch.nan_to_num(rel, nan=float("inf"))  # a NaN output fails
+    return float(rel.max()) if rel.numel() else 0.0
 
 
 # --- what a failure report names -----------------------------------------------------------------

@@ -29,6 +29,7 @@ LAUNCHERS = {
     "nf4_matmul": (nf4_matmul, "nf4_matmul_triton"),
     "nf4_matmul_t": (nf4_matmul, "nf4_matmul_t_triton"),
 }
+NF4_KERNELS = tuple(LAUNCHERS)  # the LoRA kernels' dispatch is tested in tests/test_lora_bgmv.py
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_cpu_tensors_take_pytorch_without_the_test_hook(monkeypatch):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name", dispatch.KERNELS)
+@pytest.mark.parametrize("name", NF4_KERNELS)
 def test_self_check_passes_for_the_real_kernels(name):
     assert dispatch.self_check(name, "cpu") is None
 
@@ -178,12 +179,12 @@ def test_ulps_counts_representable_values():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name", dispatch.KERNELS)
+@pytest.mark.parametrize("name", NF4_KERNELS)
 @pytest.mark.parametrize("body", [raising, "wrong"], ids=["raises", "wrong_values"])
 def test_failing_kernel_warns_once_and_falls_back(monkeypatch, kernels_on_cpu, name, body):
     if body == "wrong":
         body = off_by_ulps(1 << 10) if name == "nf4_dequant" else swapped_nibbles
-    no_fallback_for(*(k for k in dispatch.KERNELS if k != name))
+    no_fallback_for(*(k for k in NF4_KERNELS if k != name))
     calls = spy(monkeypatch, name, body)
     q = weight()
     with warnings.catch_warnings(record=True) as caught:
@@ -225,7 +226,7 @@ def test_large_batches_never_trigger_the_fused_check(monkeypatch, kernels_on_cpu
 # --- MINILORA_KERNELS ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", dispatch.KERNELS)
+@pytest.mark.parametrize("name", NF4_KERNELS)
 def test_off_forces_pytorch(monkeypatch, kernels_on_cpu, name):
     monkeypatch.setenv(dispatch.ENV, "off")
     calls = spy(monkeypatch, name, raising)
@@ -236,10 +237,10 @@ def test_off_forces_pytorch(monkeypatch, kernels_on_cpu, name):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name", dispatch.KERNELS)
+@pytest.mark.parametrize("name", NF4_KERNELS)
 def test_strict_turns_the_failure_into_an_error(monkeypatch, kernels_on_cpu, name):
     monkeypatch.setenv(dispatch.ENV, "strict")
-    no_fallback_for(*(k for k in dispatch.KERNELS if k != name))
+    no_fallback_for(*(k for k in NF4_KERNELS if k != name))
     dispatch._VERDICTS.pop(name, None)
     spy(monkeypatch, name, raising)
     q = weight()
@@ -254,10 +255,10 @@ def test_strict_turns_the_failure_into_an_error(monkeypatch, kernels_on_cpu, nam
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name", dispatch.KERNELS)
+@pytest.mark.parametrize("name", NF4_KERNELS)
 def test_strict_with_passing_kernels_is_silent(monkeypatch, kernels_on_cpu, name):
     monkeypatch.setenv(dispatch.ENV, "STRICT")  # case does not matter
-    no_fallback_for(*(k for k in dispatch.KERNELS if k != name))
+    no_fallback_for(*(k for k in NF4_KERNELS if k != name))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got, want = run_op(name, weight())
@@ -278,6 +279,8 @@ def test_main_prints_each_kernel_and_fails_if_one_does(monkeypatch, capsys):
         ["nf4_dequant", "ok"],
         ["nf4_matmul", "ok"],
         ["nf4_matmul_t", "FAILED:"],
+        ["lora_shrink", "ok"],
+        ["lora_expand", "ok"],
     ]
 
 

@@ -32,6 +32,9 @@ unpadded ones plus exact zeros; only the order a matmul adds them in may differ 
 for a different R), which is rounding, not a change of value. The base slot (A = 0, B = 0, s = 0)
 gives exactly 0, so a -1 row is y = W0 x + bias, bit for bit.
 
+On CUDA, once they pass their self-check (kernels/dispatch.py), Triton kernels compute the two products
+of mixed_gathered (kernels/lora_bgmv.py: segments of tokens that share an adapter, float32 as here).
+
 The padded stacks are rebuilt on every call: n R (K + M) copied numbers against the M K B T of the base
 matmul, small for inference batches; a server would keep them preallocated, as vLLM does.
 """
@@ -42,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minilora.kernels import dispatch
 from minilora.models.transformer import adapter_rows
 from minilora.quant.linear import NF4Linear
 
@@ -156,6 +160,14 @@ def mixed_gathered(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None]
     batched matmuls over all rows (BGMV semantics; module docstring)."""
     K = x.shape[-1]
     A_all, B_all, s_all = padded_stacks(slots, K, M, x.device)
+    kernels = dispatch.bgmv_kernels(x)
+    if kernels is not None:  # the same two products in Triton (kernels/lora_bgmv.py), per segment of tokens
+        shrink, expand = kernels
+        xt = x.reshape(-1, K)  # (B T, K) in x's dtype: the kernel widens it to float32 exactly
+        tok = rows.repeat_interleave(xt.shape[0] // x.shape[0])  # (B T,) each token's adapter; -1: skipped
+        h = shrink(xt, A_all, tok)  # (B T, R)
+        y = expand(torch.zeros(xt.shape[0], M, device=x.device), h, B_all, s_all, tok)  # (B T, M): 0 + s B h
+        return y.reshape(*x.shape[:-1], M)  # (B, ..., M)
     idx = torch.where(rows < 0, len(slots), rows)  # (B,): -1 -> the all-zero base slot
     xb = x.float().reshape(x.shape[0], -1, K)  # (B, T, K); a (B, K) input is T = 1
     h = torch.bmm(xb, A_all[idx].transpose(1, 2))  # (B, T, K) @ (B, K, R) -> (B, T, R)
