@@ -256,12 +256,14 @@ def _rebuild(model, mods, ranks, r, set_module, LoRALinear) -> None:
 
 
 @torch.no_grad()
-def initialise(model: nn.Module, batches, r: int, rho: float = 1.0, tau: float = 0.99, say=None) -> dict[str, int]:
+def initialise(
+    model: nn.Module, batches, r: int, rho: float = 1.0, tau: float = 0.99, say=None, max_batches: int = MAX_BATCHES
+) -> dict[str, int]:
     """EVA on `model`'s LoRA layers (made with init "eva": B = 0): fit, set the ranks, A = the
     directions. Returns the ranks {name: r_l}."""
     from minilora.lora.layers import lora_modules
 
-    directions, ranks = fit(model, batches, r, rho, tau, say=say)
+    directions, ranks = fit(model, batches, r, rho, tau, max_batches, say)
     set_ranks(model, ranks, r)
     for name, m in lora_modules(model).items():
         m.lora_A.weight.copy_(directions[name])
