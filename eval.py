@@ -3,6 +3,7 @@
     python eval.py                                          # the offline demo's run (runs/demo)
     python eval.py --adapter runs/mytask --data test.jsonl  # base vs k-shot base vs fine-tuned
     python eval.py ... --min-exact-match 0.8                # exit 1 when the fine-tuned model falls below
+    python eval.py --adapter runs/a --adapter runs/b --data test.jsonl   # several adapters of one base
     python eval.py export --adapter runs/mytask --out merged/ [--dtype bfloat16] [--quantize-4bit]
     python eval.py export --adapter runs/mytask --out model.gguf --format gguf --gguf-type q4_k_m  # llama.cpp
 
@@ -14,6 +15,10 @@ A preference run (train.py --objective dpo or orpo) is scored on held-out pairs 
 accuracy and mean margin of the base, the initial adapter (--init-adapter runs) and the fine-tuned
 model, and greedy generations beside the chosen and rejected answers in report.md.
 Defaults for --model, --data, --train-data, --template and --format come from the run's config.json.
+Several --adapter runs of one base: the base is loaded once, every adapter is loaded beside it by name
+(its run folder's name), and the base, the few-shot base and every adapter are scored together, each
+batch mixing their rows (minilora/eval/mixed.py); report.md has a table per metric. Runs trained on
+different bases (model, quantization, dtype) are refused.
 """
 
 from __future__ import annotations
@@ -38,7 +43,13 @@ def eval_parser() -> argparse.ArgumentParser:
         "was missed; 2 a user error (one sentence on stderr).",
     )
     a = p.add_argument
-    a("--adapter", default=DEMO_RUN, help="run directory written by train.py (or its adapter/ folder)")
+    a(
+        "--adapter",
+        action="append",
+        default=None,
+        help="run directory written by train.py (or its adapter/ folder); repeat it to score several adapters "
+        "of one base side by side, in mixed batches",
+    )
     a("--model", default=None, help="base model (default: the run's --model)")
     a("--data", default=None, help="test JSONL (default: the run's --eval-data)")
     a("--train-data", default=None, help="JSONL the few-shot examples come from (default: the run's --data)")
@@ -47,7 +58,12 @@ def eval_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=16, help="examples per forward pass")
     a("--generations", type=int, default=5, help="examples shown side by side in report.md")
     a("--limit", type=int, default=0, help="evaluate only the first N test examples (0 = all)")
-    a("--out", default=None, help="folder for report.md and eval.json (default: the run directory)")
+    a(
+        "--out",
+        default=None,
+        help="folder for report.md and eval.json (default: the run directory; several adapters: "
+        "compare-NAME1-NAME2... beside the first run)",
+    )
     a(
         "--template",
         choices=["auto", "chat", "raw"],
@@ -157,6 +173,9 @@ def run_eval(args) -> int:
 
     validate(args)
     device = resolve_device(args.device)
+    if args.adapter and len(args.adapter) > 1:
+        return run_compare(args, device)
+    args.adapter = args.adapter[0] if args.adapter else DEMO_RUN
     if args.adapter == DEMO_RUN and not os.path.isdir(DEMO_RUN):
         return fail(
             f"{DEMO_RUN} does not exist yet; run `python train.py` first (the offline demo), then `python eval.py`."
@@ -270,6 +289,157 @@ def run_eval(args) -> int:
     return fail(msg, code=EXIT_FAILED) if msg else 0
 
 
+def run_compare(args, device) -> int:
+    """Several adapters of one base (module docstring): every check runs before the base is loaded,
+    nothing is written before the scores exist."""
+    from minilora.data.encode import resolve_template, run_template
+    from minilora.data.records import load_records
+    from minilora.eval.evaluate import few_shot_example, parse_json, select_shots
+    from minilora.eval.mixed import Variant, common_setting, evaluate_mixed, run_names
+    from minilora.eval.report import build_comparison_markdown, check_gates, gate_failure_message, write_report
+    from minilora.lora.adapter import check_adapter_fits, load_adapter, read_adapter_config
+    from minilora.lora.named import adapter_names
+    from minilora.models.loader import load_model
+    from minilora.train.rundir import find_run
+
+    runs = [find_run(a) for a in args.adapter]  # (adapter folder, run directory, config)
+    names = run_names([run_dir for _, run_dir, _ in runs], args.adapter)
+    for (_, run_dir, cfg), given in zip(runs, args.adapter):
+        if cfg.get("objective", "sft") != "sft":
+            return fail(
+                f"{given} is a {cfg['objective']} run, scored on preference pairs; several adapters are compared on "
+                "completions, so evaluate it alone."
+            )
+    trained_on = [read_adapter_config(a).get("base_model_name_or_path") for a, _, _ in runs]
+
+    def agreed(what, values, remedy):  # the one value the runs record, or one sentence naming two that differ
+        return common_setting(what, list(zip(args.adapter, values)), remedy)
+
+    other_base = (
+        "that changes the base they were trained against; evaluate them separately, or pass {} to score every "
+        "adapter on one base"
+    )
+    recorded = agreed("base model", [c.get("model") or t for (_, _, c), t in zip(runs, trained_on)], None)
+    name = args.model or recorded
+    if not name:
+        return fail(f"none of {', '.join(args.adapter)} says which base model it was trained on; pass --model.")
+    quantize = args.quantize or agreed(
+        "--quantize", [c.get("quantize", "nf4") for _, _, c in runs], other_base.format("--quantize")
+    )
+    if args.dtype:
+        dtype = resolve_dtype(args.dtype, device.type)
+    else:  # the dtype the runs trained in
+        agreed("dtype", [dtype_name(run_dtype(c)) for _, _, c in runs], other_base.format("--dtype"))
+        dtype = run_dtype(runs[0][2])
+    template = args.template or agreed(
+        "--template", [run_template(c) for _, _, c in runs], "pass --template to render every prompt one way"
+    )
+    fmt = args.format or agreed(
+        "--format", [c.get("format", "auto") for _, _, c in runs], "pass --format to read the test data one way"
+    )
+    data = args.data or agreed(
+        "--eval-data", [c.get("eval_data") for _, _, c in runs], "pass --data to score every adapter on one file"
+    )
+    if not data:
+        return fail(f"none of {', '.join(args.adapter)} names test data; pass --data test.jsonl.")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(runs[0][1])), "compare-" + "-".join(names))
+    report_lock(out, check_only=True)  # a folder train.py is writing: refused now, not after the evaluation
+    examples, rep = load_records(data, fmt)
+    if rep.fmt == "text":
+        return fail(
+            f"{data} holds text records with no prompts; evaluation needs prompt/completion, alpaca or chat records."
+        )
+    examples = examples[: args.limit] if args.limit else examples
+    if args.min_structured_match is not None and not any(parse_json(e.completion)[0] for e in examples):
+        return fail(
+            f"--min-structured-match was given but no reference completion in {data} is JSON, so "
+            "structured match cannot be measured; drop the flag or use JSON completions."
+        )
+    shots, note, train = [], None, args.train_data
+    if not train:  # the runs' training file, when they share one
+        files = {c.get("data") for _, _, c in runs}
+        train = files.pop() if len(files) == 1 else None
+        note = None if train or args.shots == 0 else "the runs trained on different files; pass --train-data"
+    if args.shots == 0:
+        note = "--shots 0"
+    elif not train:
+        note = note or "no training file to draw examples from; pass --train-data"
+    elif not os.path.isfile(train):
+        if args.train_data:
+            return fail(f"--train-data {train} does not exist; pass the JSONL the adapters were trained on.")
+        note = f"the runs' training file {train} is not there; pass --train-data"
+    else:
+        shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
+
+    print(f"loading {name} ({quantize}, {dtype_name(dtype)}, {device}) once for {len(runs)} adapters", file=sys.stderr)
+    model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
+    if tok is None:
+        return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
+    template = resolve_template(template, tok)
+    if template == "chat" and tok.chat_template is None:
+        return fail(
+            f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw."
+        )
+    for (adapter_dir, _, _), t in zip(runs, trained_on):
+        check_adapter_fits(model, adapter_dir, name)
+        if t and t != name:
+            print(f"note: {adapter_dir} was trained on {t!r}; evaluating it on {name!r}.", file=sys.stderr)
+    for (adapter_dir, _, _), n in zip(runs, names):
+        load_adapter(model, adapter_dir, name=n)
+    variants = [Variant("base", examples, -1)]
+    if shots:
+        variants.append(Variant("few_shot", [few_shot_example(e, shots, template) for e in examples], -1))
+    variants += [Variant(n, examples, adapter_names(model).index(n)) for n in names]
+
+    progress = Progress(2 * len(examples) * len(variants), unit="example")
+    done = [0]
+
+    def tick(k):
+        done[0] += k
+        if progress.live:  # a log gets one line at the end (below)
+            progress.update(done[0], "mixed batches")
+
+    results = evaluate_mixed(
+        model,
+        tok,
+        variants,
+        template=template,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_seq_len=model.config.max_position_embeddings,
+        progress=tick,
+    )
+    if not progress.live:
+        progress.update(done[0], "all scored")
+    progress.close()
+
+    thresholds = {
+        "exact_match": args.min_exact_match,
+        "structured_match": args.min_structured_match,
+        "perplexity": args.max_perplexity,
+    }
+    gates = [{"adapter": n, **g} for n in names for g in check_gates(results[n], thresholds)]
+    meta = {
+        "adapters": [{"name": n, "adapter": a, "run": r} for n, (a, r, _) in zip(names, runs)],
+        "model": name,
+        "quantize": quantize,
+        "data": data,
+        "n": len(examples),
+        "template": template,
+        "max_new_tokens": args.max_new_tokens,
+        "train_data": train if shots else None,
+        "shots_used": len(shots),
+        "few_shot_note": note,
+        "shot_sources": [s.source for s in shots],
+    }
+    with report_lock(out):  # train.py cannot start on the folder while report.md is written
+        md, js = write_report(out, meta, results, examples, gates, args.generations, build_comparison_markdown)
+    print_summary(results, len(shots))
+    print(f"report: {md}\nmetrics: {js}")
+    msg = gate_failure_message(gates, md)
+    return fail(msg, code=EXIT_FAILED) if msg else 0
+
+
 def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, device) -> int:
     """A preference run: held-out pairs scored by the base, the initial adapter of a run started with
     --init-adapter (DPO's reference there), and the fine-tuned model (see the module docstring)."""
@@ -366,12 +536,13 @@ def report_lock(folder: str, check_only: bool = False):
 
 
 def print_summary(results: dict, shots: int) -> None:
-    names = {"base": "base", "few_shot": f"{shots}-shot", "fine_tuned": "fine-tuned"}
-    print(f"\n{'':12}{'perplexity':>12}{'exact':>9}{'struct':>9}{'bad JSON':>10}")
+    names = {v: {"few_shot": f"{shots}-shot", "fine_tuned": "fine-tuned"}.get(v, v) for v in results}
+    w = max(12, *(len(n) + 1 for n in names.values()))  # adapter names may be longer than the variants'
+    print(f"\n{'':{w}}{'perplexity':>12}{'exact':>9}{'struct':>9}{'bad JSON':>10}")
     for v, r in results.items():
         ppl = "n/a" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
         sm = f"{r['structured_match']:.1%}" if r["json_references"] else "n/a"
-        print(f"{names[v]:12}{ppl:>12}{r['exact_match']:>9.1%}{sm:>9}{r['json_parse_failures']:>10}")
+        print(f"{names[v]:{w}}{ppl:>12}{r['exact_match']:>9.1%}{sm:>9}{r['json_parse_failures']:>10}")
 
 
 def run_export(args) -> int:

@@ -68,6 +68,18 @@ def environment() -> dict:
     }
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and the vector/matrix flags that change which kernels run (AVX, FMA, AMX)."""
+    model, flags = "unknown", []
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = sorted(x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "fma", "f16c", "amx")))
+    return {"model": model, "flags": flags, "threads": torch.get_num_threads()}
+
+
 def write_json(name: str, payload: dict, path: str | None = None) -> str:
     """Write `payload` atomically (minilora/fileio.py) to `path`, by default bench/results/<name>.json;
     returns the path."""

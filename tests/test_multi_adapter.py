@@ -140,9 +140,12 @@ def test_mixed_batch_equals_peft_mixed_batch(setup, default):
 def test_gathered_path_equals_reference_loop_on_the_model(setup, monkeypatch):
     hf, base_dir, dirs = setup
     model = ours(base_dir, dirs, default=False)
+    grouped = model(IDS, adapter_ids=ROWS)  # routed_forward's path
+    monkeypatch.setattr(multi, "mixed_grouped", multi.mixed_gathered)
     gathered = model(IDS, adapter_ids=ROWS)
-    monkeypatch.setattr(multi, "mixed_gathered", mixed_reference)
-    assert rel_err(model(IDS, adapter_ids=ROWS), gathered) < LOGITS_RTOL
+    monkeypatch.setattr(multi, "mixed_grouped", mixed_reference)
+    assert rel_err(model(IDS, adapter_ids=ROWS), grouped) < LOGITS_RTOL
+    assert rel_err(gathered, grouped) < LOGITS_RTOL
 
 
 @torch.no_grad()
@@ -206,6 +209,9 @@ def test_gathered_equals_reference(n, ranks, targeted, rows, K, M, T, scale, see
     single = torch.stack([multi.single_delta(x[b], slots[r]) if not nothing[b] else ref[b] for b, r in enumerate(rows)])
     assert ((single.double() - got.double()).abs() <= lora_bound(x, slots, rows, M)).all()
     assert mixed_gathered(x[:, 0], rows, slots, M).shape == (len(rows), M)  # (B, K) inputs: generate's lm_head
+    grouped = multi.mixed_grouped(x, rows, slots, M)
+    assert ((ref.double() - grouped.double()).abs() <= lora_bound(x, slots, rows, M)).all()
+    assert (grouped[nothing] == 0).all() and multi.mixed_grouped(x[:, 0], rows, slots, M).shape == (len(rows), M)
 
 
 def test_named_adapters_leave_the_default_adapter_as_it_was(setup, tmp_path):

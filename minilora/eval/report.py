@@ -2,6 +2,8 @@
 
 `results` maps a variant name ("base", "few_shot", "fine_tuned") to evaluate_variant's dict
 (perplexity, exact_match, structured_match, json_parse_failures, json_references, n, predictions).
+Several adapters scored together (eval.py --adapter a --adapter b) have one variant per adapter
+instead of "fine_tuned", and their report.md has a table per metric (build_comparison_markdown).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def gate_failure_message(gates: list[dict], report_path: str) -> str | None:
     if not failed:
         return None
     parts = [
-        f"fine-tuned {g['metric'].replace('_', ' ')} {_fmt(g['metric'], g['value'])} is "
+        f"{g.get('adapter', 'fine-tuned')} {g['metric'].replace('_', ' ')} {_fmt(g['metric'], g['value'])} is "
         f"{'below' if g['flag'].startswith('--min') else 'above'} {g['flag']} {g['threshold']:g}"
         for g in failed
     ]
@@ -96,7 +98,6 @@ def build_json(meta: dict, results: dict, examples: list, gates: list[dict]) -> 
 def build_markdown(meta: dict, results: dict, examples: list, gates: list[dict], generations: int = 5) -> str:
     """report.md: the metrics side by side, the gates, and a few generations side by side."""
     shots = meta.get("shots_used", 0)
-    names = {"base": "base", "few_shot": f"base, {shots}-shot", "fine_tuned": "fine-tuned"}
     cols = [v for v in VARIANTS if v in results]
     lines = [f"# Evaluation of {meta['adapter']}", ""]
     lines.append(
@@ -108,7 +109,8 @@ def build_markdown(meta: dict, results: dict, examples: list, gates: list[dict],
         lines.append(f"Few-shot baseline: {shots} examples from `{meta['train_data']}` in the prompt.")
     elif meta.get("few_shot_note"):
         lines.append(f"Few-shot baseline: skipped ({meta['few_shot_note']}).")
-    lines += ["", "| metric | " + " | ".join(names[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    header = "| metric | " + " | ".join(variant_label(c, shots) for c in cols) + " |"
+    lines += ["", header, "|---" * (len(cols) + 1) + "|"]
     rows = [
         ("perplexity (completion tokens)", "perplexity"),
         ("exact match", "exact_match"),
@@ -144,16 +146,86 @@ def build_markdown(meta: dict, results: dict, examples: list, gates: list[dict],
             "",
         ]
         for c in cols:
-            lines += [f"{names[c]}:", "", _fence(results[c]["predictions"][i]), ""]
+            lines += [f"{variant_label(c, shots)}:", "", _fence(results[c]["predictions"][i]), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
+def variant_label(variant: str, shots: int) -> str:
+    """A variant's name in tables: the base, the few-shot base, the fine-tuned model, or an adapter's own name."""
+    return {"base": "base", "few_shot": f"base, {shots}-shot", "fine_tuned": "fine-tuned"}.get(variant, variant)
+
+
+def build_comparison_markdown(
+    meta: dict, results: dict, examples: list, gates: list[dict], generations: int = 5
+) -> str:
+    """report.md for several adapters on one base: a table per metric (rows: the base, the few-shot base,
+    each adapter), the gates, and a few generations side by side."""
+    shots = meta.get("shots_used", 0)
+    rows = list(results)
+    lines = [f"# Evaluation of {len(meta['adapters'])} adapters on `{meta['model']}`", ""]
+    lines.append(
+        f"Base model `{meta['model']}` ({meta['quantize']}), test data `{meta['data']}` (n = {meta['n']}), "
+        f"template {meta['template']}, greedy decoding, at most {meta['max_new_tokens']} new tokens. Every batch "
+        "mixed the adapters' rows (one adapter per row) over one copy of the base."
+    )
+    if "few_shot" in results:
+        lines.append(f"Few-shot baseline: {shots} examples from `{meta['train_data']}` in the prompt.")
+    elif meta.get("few_shot_note"):
+        lines.append(f"Few-shot baseline: skipped ({meta['few_shot_note']}).")
+    lines += ["", "Adapters:", ""] + [f"- `{a['name']}`: {a['adapter']}" for a in meta["adapters"]]
+    metrics = [("Perplexity (completion tokens)", "perplexity"), ("Exact match", "exact_match")]
+    if results[rows[0]].get("json_references"):
+        metrics.append(("Structured match (JSON)", "structured_match"))
+    else:
+        lines += ["", "Structured match: n/a (the references are not JSON)."]
+    base = results["base"]
+    for title, key in metrics:
+        extra = " | not valid JSON" if key == "structured_match" else ""
+        lines += ["", f"## {title}", "", f"| model | {key.replace('_', ' ')} | vs base{extra} |", "|---|---|---|"]
+        lines[-1] += "---|" if extra else ""
+        for v in rows:
+            value, ref = results[v].get(key), base.get(key)
+            delta = "" if v == "base" or value is None or ref is None else _delta(key, value, ref)
+            bad = f" | {results[v]['json_parse_failures']} / {results[v]['n']}" if extra else ""
+            lines.append(f"| {variant_label(v, shots)} | {_fmt(key, value)} | {delta}{bad} |")
+    skipped = results[rows[0]].get("too_long_for_perplexity", 0)
+    if skipped:
+        lines += ["", f"{skipped} example(s) were too long for the model's context and are left out of perplexity."]
+    if gates:
+        lines += ["", "## Gates (every adapter)", ""]
+        for g in gates:
+            mark = "pass" if g["passed"] else "FAIL"
+            lines.append(
+                f"- **{mark}** `{g['adapter']}` {g['flag']} {g['threshold']:g}: {_fmt(g['metric'], g['value'])}"
+            )
+    lines += ["", f"## Generations (first {min(generations, len(examples))})", ""]
+    for i, ex in enumerate(examples[:generations]):
+        lines += [f"### {i + 1}. {ex.source}", "", "Prompt:", "", _fence(_short(_prompt_text(ex.prompt))), ""]
+        lines += ["Reference:", "", _fence(ex.completion), ""]
+        for v in rows:
+            lines += [f"{variant_label(v, shots)}:", "", _fence(results[v]["predictions"][i]), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _delta(metric: str, value: float, ref: float) -> str:
+    """value - ref: points for a rate, a ratio for perplexity (lower is better there)."""
+    if metric == "perplexity":
+        return f"x{value / ref:.3g}" if math.isfinite(value) and math.isfinite(ref) and ref > 0 else "n/a"
+    return f"{100 * (value - ref):+.1f} points"
+
+
 def write_report(
-    out_dir: str, meta: dict, results: dict, examples: list, gates: list[dict], generations: int = 5
+    out_dir: str,
+    meta: dict,
+    results: dict,
+    examples: list,
+    gates: list[dict],
+    generations: int = 5,
+    markdown=build_markdown,
 ) -> tuple[str, str]:
-    """Write report.md and eval.json into out_dir atomically; return their paths."""
+    """Write report.md (`markdown`'s text) and eval.json into out_dir atomically; return their paths."""
     md = os.path.join(out_dir, "report.md")
     js = os.path.join(out_dir, "eval.json")
     write_text_atomic(js, json.dumps(build_json(meta, results, examples, gates), indent=2, ensure_ascii=False) + "\n")
-    write_text_atomic(md, build_markdown(meta, results, examples, gates, generations))
+    write_text_atomic(md, markdown(meta, results, examples, gates, generations))
     return md, js

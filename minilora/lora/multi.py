@@ -20,6 +20,8 @@ where the last term is 0 when a = -1 or adapter a does not target this layer. Tw
 LoRA term of a batch, both in float32 as LoRALinear's:
 
   mixed_reference  one (masked rows) matmul pair per distinct adapter in the batch; readable.
+  mixed_grouped    the tuned one routed_forward uses: mixed_reference with each adapter's rows found
+                   once per forward, gathered (index_select) and written back (index_copy_).
   mixed_gathered   every adapter padded to rank R, the base as an all-zero slot n; each row gathers its
                    (A, B, s) and two batched matmuls serve all rows at once (BGMV semantics):
                      h_b = A_pad[a] x_b      (R,)      y_b = s_a B_pad[a] h_b      (M,)
@@ -176,6 +178,31 @@ def mixed_gathered(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None]
     return y.reshape(*x.shape[:-1], M)  # (B, ..., M)
 
 
+def row_groups(rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """[(adapter a, the indices of its rows (B_a,))] for rows (B,), -1 left out: computed once per adapter_ids
+    tensor (every layer of a forward sees the same one), so the host sync of tolist() happens once."""
+    if _GROUPS.get("rows") is not rows:  # holding `rows` keeps its identity from being reused
+        order = rows.tolist()
+        ids = {a: [b for b, x in enumerate(order) if x == a] for a in sorted(set(order)) if a >= 0}
+        _GROUPS.update(rows=rows, groups=[(a, torch.tensor(i, device=rows.device)) for a, i in ids.items()])
+    return _GROUPS["groups"]
+
+
+_GROUPS: dict = {}  # the last adapter_ids tensor row_groups saw, and its groups
+
+
+def mixed_grouped(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int) -> torch.Tensor:
+    """mixed_reference's result, float32 (B, ..., M), tuned for small batches (decode): the rows of each
+    adapter gathered once per forward (row_groups), one matmul pair per adapter on its rows, written back
+    with index_copy_. Reads each used adapter's weights once and does exactly the LoRA flops, where
+    mixed_gathered copies a padded (A, B) per row and rebuilds the padded stacks on every call."""
+    delta = x.new_zeros(*x.shape[:-1], M, dtype=torch.float32)  # (B, ..., M)
+    for a, idx in row_groups(rows):
+        if slots[a] is not None:
+            delta.index_copy_(0, idx, single_delta(x.index_select(0, idx), slots[a]))  # (B_a, ..., M)
+    return delta
+
+
 def _check_rows(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, n: int) -> None:
     """One clear sentence for adapter_ids this layer cannot serve; the range is checked once per tensor."""
     if layer.training:
@@ -226,7 +253,7 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
                 "adapter_ids cannot route rows through a DoRA adapter (its magnitude rescales whole rows "
                 "of W0, not a per-row LoRA term); serve a DoRA adapter alone, without adapter_ids."
             )
-        delta = mixed_gathered(x, rows, slots, layer.out_features)
+        delta = mixed_grouped(x, rows, slots, layer.out_features)  # bench/multi_adapter.py: 3-5x mixed_gathered
     result = layer.base(x)  # (..., M) in the base's dtype
     if isinstance(layer.base, NF4Linear):
         return result + delta.to(result.dtype)

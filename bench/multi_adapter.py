@@ -1,0 +1,206 @@
+"""Mixed-adapter batches at inference: several LoRA adapters over one base, one adapter per request.
+
+    python -m bench.multi_adapter                      # llama-135m geometry (random weights), 2 threads
+    python -m bench.multi_adapter --repeat 5 --dtype bfloat16
+
+Setup: a 135M-class Llama (bench/train_step.py's "llama-135m", random weights), `--adapters` adapters
+of rank r on every linear layer (random A and non-zero B, written and loaded as PEFT-layout files),
+B requests of P prompt tokens each generating N new tokens greedily with the KV cache
+(models/generate.py generate(..., adapter_ids=)); request b uses adapter b mod n. Every request
+generates exactly N tokens (no EOS), so each request's latency is the batch's wall time.
+
+Measured in one process, timed round-robin (bench/common.py interleaved_medians), medians:
+
+  mixed          the mixed batch (adapter_ids = b mod n): the gathered (BGMV) path of minilora/lora/multi.py
+  one adapter    the same batch with adapter 0 for every row (set_adapter: no adapter_ids, one LoRA matmul pair)
+  same ids       the same batch with adapter_ids all 0 (the gathered path, one adapter)
+  base           the base alone (LoRA off), the latency reference
+  peft mixed     transformers' generate on a PeftModel with the same adapter files, adapter_names= per row
+
+Targets: mixed >= 0.8x the tokens/s of one adapter; per-request latency <= 1.15x the base's; resident
+memory per extra adapter <= 1.05x its tensor bytes; minilora's mixed batch >= 2x PEFT's tokens/s.
+Writes bench/results/multi_adapter.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import tempfile
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def rss_after_trim() -> int:
+    """Resident bytes after returning freed heap pages to the OS (transient load buffers do not count)."""
+    from bench.common import status_kib
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return status_kib("VmRSS") * 1024
+
+
+def write_adapters(ckpt: str, out: str, n: int, r: int) -> list[str]:
+    """n adapters (rank r, alpha 2r, all linear layers) with random A and B, saved in PEFT's layout."""
+    from minilora.lora.adapter import save_adapter
+    from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.models.loader import load_model
+
+    model, _ = load_model(ckpt, quantize=None, dtype=torch.float32)
+    apply_lora(model, "all-linear", r=r, alpha=2 * r, dropout=0.0, seed=0, verbose=False)
+    dirs = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                for w in (m.lora_A.weight, m.lora_B.weight):
+                    w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)  # unit-scale outputs
+        dirs.append(os.path.join(out, f"a{i}"))
+        save_adapter(model, dirs[-1], ckpt)
+    return dirs
+
+
+def main() -> None:
+    from bench.train_step import GEOMETRIES, write_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--geometry", default="llama-135m", choices=sorted(GEOMETRIES))
+    ap.add_argument("--adapters", type=int, default=5, help="adapters loaded (n)")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank r of every adapter (alpha = 2r)")
+    ap.add_argument("--requests", type=int, default=16, help="requests in the batch (B)")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per request (P)")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per request (N)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute, both sides")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (medians reported)")
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed batch")
+    ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
+    ap.add_argument("--out", default="multi_adapter", help="results name under bench/results/")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from bench.common import cpu_info, environment, interleaved_medians, write_json
+    from minilora.lora import adapter_names, load_adapter, set_adapter
+    from minilora.lora.layers import lora_disabled
+    from minilora.lora.named import hosts
+    from minilora.models.generate import generate
+    from minilora.models.loader import load_model
+
+    dtype = DTYPES[a.dtype]
+    B, P, N, n = a.requests, a.prompt, a.new, a.adapters
+    vocab = GEOMETRIES[a.geometry]["vocab_size"]
+    prompts = torch.randint(3, vocab, (B, P), generator=torch.Generator().manual_seed(0))  # (B, P)
+    rows = [b % n for b in range(B)]  # request b -> adapter b mod n
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = a.ckpt or os.path.join(tmp, "ckpt")
+        if not os.path.isdir(ckpt):
+            write_checkpoint(ckpt, a.geometry)
+        dirs = write_adapters(ckpt, tmp, n, a.rank)
+
+        model, _ = load_model(ckpt, quantize=None, dtype=dtype)
+        model.eval()
+        rss0 = rss_after_trim()
+        for i, d in enumerate(dirs):
+            load_adapter(model, d, name=f"a{i}")
+        rss1 = rss_after_trim()
+        slots = [s for layer in hosts(model).values() for s in layer.adapters.values()]
+        tensor_bytes = sum(p.numel() * p.element_size() for s in slots for p in (s.lora_A, s.lora_B)) / n
+        per_adapter = (rss1 - rss0) / n
+        ids = [adapter_names(model).index(f"a{i}") for i in rows]
+        plist = prompts.tolist()
+
+        def ours(adapter_ids=None):
+            return generate(model, plist, N, adapter_ids=adapter_ids)
+
+        set_adapter(model, "a0")  # what a call without adapter_ids uses; the others pass adapter_ids
+
+        def one_adapter():
+            return ours()
+
+        def base():
+            with lora_disabled(model):
+                return ours()
+
+        fns = {
+            "mixed": lambda: ours(ids),
+            "one adapter": one_adapter,
+            "same ids": lambda: ours([ids[0]] * B),
+            "base": base,
+        }
+        check = {"ours": ours(ids)}
+        if not a.no_peft:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+            peft = PeftModel.from_pretrained(hf, dirs[0], adapter_name="a0")
+            for i, d in enumerate(dirs[1:], start=1):
+                peft.load_adapter(d, adapter_name=f"a{i}")
+            names = [f"a{i}" for i in rows]
+            kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
+
+            def peft_mixed():
+                with torch.no_grad():
+                    out = peft.generate(
+                        input_ids=prompts, attention_mask=torch.ones_like(prompts), adapter_names=names, **kw
+                    )
+                return out[:, P:].tolist()
+
+            fns["peft mixed"] = peft_mixed
+            check["peft"] = peft_mixed()
+        t = interleaved_medians(fns, repeat=a.repeat, warmup=0)
+
+    tok_s = {k: B * N / v for k, v in t.items()}
+    ratios = {
+        "mixed_vs_one_adapter_tok_s": tok_s["mixed"] / tok_s["one adapter"],
+        "mixed_vs_same_ids_tok_s": tok_s["mixed"] / tok_s["same ids"],
+        "latency_vs_base": t["mixed"] / t["base"],
+        "memory_per_adapter_vs_tensor_bytes": per_adapter / tensor_bytes,
+    }
+    same_tokens = None
+    if "peft mixed" in t:
+        ratios["mixed_vs_peft_tok_s"] = tok_s["mixed"] / tok_s["peft mixed"]
+        same_tokens = sum(x == y for u, v in zip(check["ours"], check["peft"]) for x, y in zip(u, v)) / (B * N)
+    cpu = cpu_info()
+    print(
+        f"{cpu['model']}; flags {' '.join(cpu['flags'])}; {torch.get_num_threads()} threads; torch {torch.__version__}"
+    )
+    print(
+        f"{a.geometry}, {a.dtype}, {n} adapters (r={a.rank}, all linear), {B} requests x {P} prompt + {N} new "
+        f"tokens, greedy, KV cache; medians of {a.repeat}"
+    )
+    print(f"{'':14}{'s/batch':>9}{'tok/s':>9}{'latency vs base':>17}")
+    for k in t:
+        print(f"{k:14}{t[k]:9.2f}{tok_s[k]:9.1f}{t[k] / t['base']:16.2f}x")
+    print(
+        f"mixed {ratios['mixed_vs_one_adapter_tok_s']:.2f}x one adapter's tok/s (target >= 0.8); request latency "
+        f"{ratios['latency_vs_base']:.2f}x the base's (target <= 1.15); resident memory per adapter "
+        f"{per_adapter / 2**20:.1f} MiB for {tensor_bytes / 2**20:.1f} MiB of tensors "
+        f"({ratios['memory_per_adapter_vs_tensor_bytes']:.3f}x, target <= 1.05)"
+    )
+    if same_tokens is not None:
+        print(
+            f"minilora mixed {ratios['mixed_vs_peft_tok_s']:.2f}x PEFT's mixed-batch tok/s (target >= 2); "
+            f"{same_tokens:.1%} of the generated tokens equal PEFT's"
+        )
+    path = write_json(
+        a.out,
+        {
+            "environment": {**environment(), "cpu": cpu},
+            "setup": vars(a),
+            "seconds_per_batch": t,
+            "tokens_per_s": tok_s,
+            "memory": {"rss_per_adapter_bytes": per_adapter, "tensor_bytes_per_adapter": tensor_bytes},
+            "ratios": ratios,
+            "tokens_equal_to_peft": same_tokens,
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
