@@ -61,9 +61,10 @@ def build_run(tmp: str, family: str, hidden: int, layers: int, seed: int = 0) ->
     return run_from_model(tmp, hf, seed)
 
 
-def run_from_model(tmp: str, hf, seed: int = 0) -> str:
+def run_from_model(tmp: str, hf, seed: int = 0, b_std: float = 0.02) -> str:
     """A run folder in `tmp` for the transformers model `hf`: the model saved with the bundled
-    tokenizer as the base, and a LoRA adapter (r 16 on every linear, B ~ N(0, 0.02)) trained on it."""
+    tokenizer as the base, and a LoRA adapter (r 16 on every linear, B ~ N(0, b_std)) trained on it
+    (b_std 0: an adapter that merges to the base exactly)."""
     from minilora.lora.adapter import save_adapter
     from minilora.lora.layers import apply_lora, lora_modules
     from minilora.models.loader import load_model
@@ -76,7 +77,7 @@ def run_from_model(tmp: str, hf, seed: int = 0) -> str:
     apply_lora(model, "all-linear", r=16, alpha=32, dropout=0.0, seed=seed, verbose=False)
     with torch.no_grad():
         for m in lora_modules(model).values():
-            m.lora_B.weight.normal_(0, 0.02)
+            m.lora_B.weight.normal_(0, b_std) if b_std else m.lora_B.weight.zero_()
     run = os.path.join(tmp, "run")
     save_adapter(model, os.path.join(run, "adapter"), base)
     with open(os.path.join(run, "config.json"), "w") as f:

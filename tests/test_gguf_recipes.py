@@ -1,4 +1,4 @@
-"""The q4_k_m / q5_k_m / q6_k recipes against the types llama.cpp's llama-quantize gives each tensor.
+"""The q4_k_m / q5_k_m / q6_k / q4_0 recipes against the types llama.cpp's llama-quantize gives each tensor.
 
 The oracle is a table written out by hand here, per geometry, from llama-quant.cpp's rules (not from
 minilora's code): Llama 3.2 1B, Qwen2.5 0.5B, Gemma 3 1B and Mistral 7B, whose row lengths cover
@@ -77,6 +77,16 @@ EXPECTED = {
     ("q6_k", "llama-3.2-1b"): dict(
         embd="Q6_K", q="Q6_K", k="Q6_K", v="Q6_K", o="Q6_K", gate="Q6_K", up="Q6_K", down="Q6_K"
     ),
+    # q4_0: the output rule picks Q6_K (Q4_0 is not Q8_0 and the row is a multiple of Q4_0's 32)
+    ("q4_0", "llama-3.2-1b"): dict(  # tied: token_embd is the output
+        embd="Q6_K", q="Q4_0", k="Q4_0", v="Q4_0", o="Q4_0", gate="Q4_0", up="Q4_0", down="Q4_0"
+    ),
+    ("q4_0", "qwen2.5-0.5b"): dict(  # Q6_K -> Q8_0 on rows of 896
+        embd="Q8_0", q="Q4_0", k="Q4_0", v="Q4_0", o="Q4_0", gate="Q4_0", up="Q4_0", down="Q4_0"
+    ),
+    ("q4_0", "mistral-7b"): dict(  # untied: token_embd keeps the default Q4_0
+        embd="Q4_0", output="Q6_K", q="Q4_0", k="Q4_0", v="Q4_0", o="Q4_0", gate="Q4_0", up="Q4_0", down="Q4_0"
+    ),
 }
 
 
@@ -127,7 +137,9 @@ def test_gguf_module_wires_the_recipe_and_file_types():
     assert G.tensor_qtype("blk.6.attn_v.weight", (192, 576), "q4_0", cfg) == T.Q4_0
     F = gguf.LlamaFileType
     assert [G.file_type(t) for t in ("q4_k_m", "q5_k_m", "q6_k")] == [F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M, F.MOSTLY_Q6_K]
-    assert [int(G.file_type(t)) for t in ("q4_k_m", "q5_k_m", "q6_k")] == [15, 17, 18]
+    assert [int(G.file_type(t)) for t in ("q4_k_m", "q5_k_m", "q6_k", "q4_0")] == [15, 17, 18, 2]
+    assert G.tensor_qtype("token_embd.weight", (cfg.vocab_size, 576), "q4_0", cfg) == T.Q8_0  # Q6_K falls back
+    assert G.tensor_qtype("blk.0.ffn_down.weight", (576, 80), "q4_0", cfg) == T.F16  # 80 % 32 != 0
 
 
 def test_q4_k_m_file_end_to_end(tmp_path):

@@ -21,12 +21,10 @@ Tensor types per --gguf-type (Q8_0: 32-value blocks, one float16 scale d = max|w
 w ~ d * round(w/d); Q4_0: 32-value blocks, d = w_absmax_signed / -8, w ~ d * (q - 8), q in 0..15):
   f16 / bf16   every 2-D weight in that type
   q8_0         every 2-D weight Q8_0
-  q4_0         block linears Q4_0; token_embd and output Q8_0 (llama-quantize keeps these at higher
-               precision too)
-  q4_k_m, q5_k_m, q6_k   llama-quantize's recipes: Q4_K / Q5_K / Q6_K with Q6_K for output, tied
-               embeddings and (the _M recipes) some layers' attn_v / ffn_down, and llama.cpp's fallbacks
-               where a row length is not a multiple of 256 (minilora.export.gguf_recipes); the K-quant and
-               Q5_0 / Q5_1 blocks are written by minilora.export.kquants / q5_quants, not by gguf
+  q4_0, q4_k_m, q5_k_m, q6_k   llama-quantize's recipes: Q4_0 / Q4_K / Q5_K / Q6_K with Q6_K for
+               output, tied embeddings and (the _M recipes) some layers' attn_v / ffn_down, and llama.cpp's
+               fallbacks where a row length is not a multiple of 256 (minilora.export.gguf_recipes); the
+               K-quant and Q5_0 / Q5_1 blocks are written by minilora.export.kquants / q5_quants, not by gguf
 A row length that is not a multiple of 32 cannot be blocked: that tensor falls back to F16, as the
 converter does.
 """
@@ -191,10 +189,8 @@ def tensor_qtype(gguf_name: str, shape: tuple[int, ...], gguf_type: str, cfg: Mo
         return getattr(T, recipe_type(gguf_name, shape, gguf_type, n, not cfg.tie_word_embeddings, big))
     if len(shape) <= 1:
         return T.F32
-    want = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[gguf_type]
-    if gguf_type == "q4_0" and gguf_name.split(".")[0] in ("token_embd", "output"):
-        want = T.Q8_0
-    if want in (T.Q8_0, T.Q4_0) and shape[-1] % 32:
+    want = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[gguf_type]
+    if want == T.Q8_0 and shape[-1] % 32:
         return T.F16  # rows cannot be cut into 32-value blocks: the converter's fallback
     return want
 
@@ -238,7 +234,7 @@ def file_type(gguf_type: str) -> int:
     F = _gguf().LlamaFileType
     if gguf_type in RECIPES:
         return getattr(F, RECIPES[gguf_type][1])
-    return {"f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[gguf_type]
+    return {"f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[gguf_type]
 
 
 # ------------------------------------------------------------------------------- writing
