@@ -166,7 +166,7 @@ def run_eval(args) -> int:
     from minilora.data.encode import resolve_template, run_template
     from minilora.data.records import load_records
     from minilora.eval.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
-    from minilora.eval.report import check_gates, gate_failure_message, write_report
+    from minilora.eval.report import check_gates
     from minilora.lora.adapter import check_adapter_fits, read_adapter_config
     from minilora.models.loader import load_model
     from minilora.train.rundir import find_run
@@ -268,8 +268,13 @@ def run_eval(args) -> int:
         "perplexity": args.max_perplexity,
     }
     gates = check_gates(results["fine_tuned"], thresholds)
-    meta = {
-        "adapter": adapter_dir,
+    meta = {"adapter": adapter_dir, **run_meta(name, quantize, data, examples, template, args, train, shots, note)}
+    return finish_report(report_dir, meta, results, examples, gates, args, len(shots))
+
+
+def run_meta(name, quantize, data, examples, template, args, train, shots, note) -> dict:
+    """What eval.json records of the evaluation itself, beside the adapter(s)."""
+    return {
         "model": name,
         "quantize": quantize,
         "data": data,
@@ -281,9 +286,16 @@ def run_eval(args) -> int:
         "few_shot_note": note,
         "shot_sources": [s.source for s in shots],
     }
+
+
+def finish_report(report_dir, meta, results, examples, gates, args, n_shots: int, build=None) -> int:
+    """report.md and eval.json under the folder's lock, the summary printed; exit 1 when a gate missed."""
+    from minilora.eval.report import gate_failure_message, write_report
+
+    extra = () if build is None else (build,)
     with report_lock(report_dir):  # train.py cannot start on the folder while report.md is written
-        md, js = write_report(report_dir, meta, results, examples, gates, args.generations)
-    print_summary(results, len(shots))
+        md, js = write_report(report_dir, meta, results, examples, gates, args.generations, *extra)
+    print_summary(results, n_shots)
     print(f"report: {md}\nmetrics: {js}")
     msg = gate_failure_message(gates, md)
     return fail(msg, code=EXIT_FAILED) if msg else 0
@@ -296,7 +308,7 @@ def run_compare(args, device) -> int:
     from minilora.data.records import load_records
     from minilora.eval.evaluate import few_shot_example, parse_json, select_shots
     from minilora.eval.mixed import Variant, common_setting, evaluate_mixed, run_names
-    from minilora.eval.report import build_comparison_markdown, check_gates, gate_failure_message, write_report
+    from minilora.eval.report import build_comparison_markdown, check_gates
     from minilora.lora.adapter import check_adapter_fits, load_adapter, read_adapter_config
     from minilora.lora.named import adapter_names
     from minilora.models.loader import load_model
@@ -419,25 +431,9 @@ def run_compare(args, device) -> int:
         "perplexity": args.max_perplexity,
     }
     gates = [{"adapter": n, **g} for n in names for g in check_gates(results[n], thresholds)]
-    meta = {
-        "adapters": [{"name": n, "adapter": a, "run": r} for n, (a, r, _) in zip(names, runs)],
-        "model": name,
-        "quantize": quantize,
-        "data": data,
-        "n": len(examples),
-        "template": template,
-        "max_new_tokens": args.max_new_tokens,
-        "train_data": train if shots else None,
-        "shots_used": len(shots),
-        "few_shot_note": note,
-        "shot_sources": [s.source for s in shots],
-    }
-    with report_lock(out):  # train.py cannot start on the folder while report.md is written
-        md, js = write_report(out, meta, results, examples, gates, args.generations, build_comparison_markdown)
-    print_summary(results, len(shots))
-    print(f"report: {md}\nmetrics: {js}")
-    msg = gate_failure_message(gates, md)
-    return fail(msg, code=EXIT_FAILED) if msg else 0
+    adapters = [{"name": n, "adapter": a, "run": r} for n, (a, r, _) in zip(names, runs)]
+    meta = {"adapters": adapters, **run_meta(name, quantize, data, examples, template, args, train, shots, note)}
+    return finish_report(out, meta, results, examples, gates, args, len(shots), build_comparison_markdown)
 
 
 def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, device) -> int:

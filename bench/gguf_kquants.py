@@ -30,6 +30,8 @@ import time
 import numpy as np
 import torch
 
+from bench.common import cpu_info
+
 GEOMETRIES = {
     "smollm2-135m": dict(layers=30, hidden=576, ffn=1536, heads=9, kv=3, vocab=49152, tied=True),
     "aligned-125m": dict(layers=12, hidden=768, ffn=2048, heads=12, kv=4, vocab=32000, tied=False),
@@ -38,13 +40,8 @@ TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
 
 def cpu_facts() -> dict:
-    model, flags = "unknown", []
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = sorted(x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "fma", "f16c", "amx")))
+    info = cpu_info()
+    model, flags = info["model"], info["flags"]
     return {
         "cpu": model,
         "flags": flags,
