@@ -165,7 +165,7 @@ def validate(args) -> None:
 def run_eval(args) -> int:
     from minilora.data.encode import resolve_template, run_template
     from minilora.data.records import load_records
-    from minilora.eval.evaluate import evaluate_variant, few_shot_example, parse_json, select_shots
+    from minilora.eval.evaluate import evaluate_variant, few_shot_example, select_shots
     from minilora.eval.report import check_gates
     from minilora.lora.adapter import check_adapter_fits, read_adapter_config
     from minilora.models.loader import load_model
@@ -194,17 +194,9 @@ def run_eval(args) -> int:
         return fail(f"the run in {run_dir} names no test data; pass --data test.jsonl.")
     if run_cfg.get("objective", "sft") != "sft":
         return run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, device)
-    examples, rep = load_records(data, fmt)
-    if rep.fmt == "text":
-        return fail(
-            f"{data} holds text records with no prompts; evaluation needs prompt/completion, alpaca or chat records."
-        )
-    examples = examples[: args.limit] if args.limit else examples
-    if args.min_structured_match is not None and not any(parse_json(e.completion)[0] for e in examples):
-        return fail(
-            f"--min-structured-match was given but no reference completion in {data} is JSON, so "
-            "structured match cannot be measured; drop the flag or use JSON completions."
-        )
+    examples, why = scored_examples(args, data, fmt)
+    if why:
+        return fail(why)
 
     shots, note, train = [], None, args.train_data or run_cfg.get("data")
     if args.shots == 0:
@@ -272,6 +264,25 @@ def run_eval(args) -> int:
     return finish_report(report_dir, meta, results, examples, gates, args, len(shots))
 
 
+def scored_examples(args, data: str, fmt: str) -> tuple[list, str | None]:
+    """The examples of `data` eval.py scores (--limit applied), or None and a one-sentence refusal."""
+    from minilora.data.records import load_records
+    from minilora.eval.evaluate import parse_json
+
+    examples, rep = load_records(data, fmt)
+    if rep.fmt == "text":
+        return None, (
+            f"{data} holds text records with no prompts; evaluation needs prompt/completion, alpaca or chat records."
+        )
+    examples = examples[: args.limit] if args.limit else examples
+    if args.min_structured_match is not None and not any(parse_json(e.completion)[0] for e in examples):
+        return None, (
+            f"--min-structured-match was given but no reference completion in {data} is JSON, so "
+            "structured match cannot be measured; drop the flag or use JSON completions."
+        )
+    return examples, None
+
+
 def run_meta(name, quantize, data, examples, template, args, train, shots, note) -> dict:
     """What eval.json records of the evaluation itself, beside the adapter(s)."""
     return {
@@ -306,7 +317,7 @@ def run_compare(args, device) -> int:
     nothing is written before the scores exist."""
     from minilora.data.encode import resolve_template, run_template
     from minilora.data.records import load_records
-    from minilora.eval.evaluate import few_shot_example, parse_json, select_shots
+    from minilora.eval.evaluate import few_shot_example, select_shots
     from minilora.eval.mixed import Variant, common_setting, evaluate_mixed, run_names
     from minilora.eval.report import build_comparison_markdown, check_gates
     from minilora.lora.adapter import check_adapter_fits, load_adapter, read_adapter_config
@@ -356,17 +367,9 @@ def run_compare(args, device) -> int:
         return fail(f"none of {', '.join(args.adapter)} names test data; pass --data test.jsonl.")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(runs[0][1])), "compare-" + "-".join(names))
     report_lock(out, check_only=True)  # a folder train.py is writing: refused now, not after the evaluation
-    examples, rep = load_records(data, fmt)
-    if rep.fmt == "text":
-        return fail(
-            f"{data} holds text records with no prompts; evaluation needs prompt/completion, alpaca or chat records."
-        )
-    examples = examples[: args.limit] if args.limit else examples
-    if args.min_structured_match is not None and not any(parse_json(e.completion)[0] for e in examples):
-        return fail(
-            f"--min-structured-match was given but no reference completion in {data} is JSON, so "
-            "structured match cannot be measured; drop the flag or use JSON completions."
-        )
+    examples, why = scored_examples(args, data, fmt)
+    if why:
+        return fail(why)
     shots, note, train = [], None, args.train_data
     if not train:  # the runs' training file, when they share one
         files = {c.get("data") for _, _, c in runs}
