@@ -148,10 +148,27 @@ def test_gathered_path_equals_reference_loop_on_the_model(setup, monkeypatch):
     assert rel_err(gathered, grouped) < LOGITS_RTOL
 
 
+@pytest.fixture
+def stacked_calls(monkeypatch):
+    """Counts the calls of multi.mixed_stacked (.n)."""
+    real = multi.mixed_stacked
+
+    def counted(*args):
+        counted.n += 1
+        return real(*args)
+
+    counted.n = 0
+    monkeypatch.setattr(multi, "mixed_stacked", counted)
+    return counted
+
+
 @torch.no_grad()
-def test_greedy_generation_in_a_mixed_batch_equals_each_alone(setup):
+@pytest.mark.parametrize("default", [True, False])
+def test_greedy_generation_in_a_mixed_batch_equals_each_alone(setup, default, stacked_calls):
+    """With a default adapter the mixed steps take the grouped path; with named adapters only, the stacked
+    one (few tokens per row)."""
     hf, base_dir, dirs = setup
-    model = ours(base_dir, dirs)
+    model = ours(base_dir, dirs, default=default)
     prompts = [[1, 5, 9], [4, 4, 8, 15, 16, 23], [7], [30, 31, 32, 33], [12, 40]]  # left padding differs per row
     mixed = generate(model, prompts, 8, adapter_ids=ROWS)
     for p, a, got in zip(prompts, ROWS, mixed):
@@ -161,8 +178,10 @@ def test_greedy_generation_in_a_mixed_batch_equals_each_alone(setup):
         else:
             set_adapter(model, adapter_names(model)[a])
             want = generate(model, [p], 8)[0]
-            set_adapter(model, "default")
+            set_adapter(model, adapter_names(model)[0])
         assert got == want
+    if not default:
+        assert stacked_calls.n > 0  # the path this parametrization is for ran
     assert len({tuple(t) for t in generate(model, [prompts[1]] * 4, 8, adapter_ids=[-1, 0, 1, 2])}) > 1
 
 
@@ -212,6 +231,54 @@ def test_gathered_equals_reference(n, ranks, targeted, rows, K, M, T, scale, see
     grouped = multi.mixed_grouped(x, rows, slots, M)
     assert ((ref.double() - grouped.double()).abs() <= lora_bound(x, slots, rows, M)).all()
     assert (grouped[nothing] == 0).all() and multi.mixed_grouped(x[:, 0], rows, slots, M).shape == (len(rows), M)
+    adapters = named_adapters(slots)
+    stacks = adapters.stacks()
+    assert (stacks is None) == all(slot is None for slot in slots)
+    if stacks is not None:
+        stacked = multi.mixed_stacked(x, rows, stacks, M)
+        assert ((ref.double() - stacked.double()).abs() <= lora_bound(x, slots, rows, M)).all()
+        assert (stacked[nothing] == 0).all() and multi.mixed_stacked(x[:, 0], rows, stacks, M).shape == (len(rows), M)
+
+
+def named_adapters(slots):
+    """A NamedAdapters container holding `slots` (None: an adapter that does not target the layer)."""
+    table = multi.AdapterTable([f"x{i}" for i in range(len(slots))])
+    adapters = multi.NamedAdapters(table)
+    for i, slot in enumerate(slots):
+        if slot is not None:
+            adapters[f"x{i}"] = multi.AdapterSlot(*slot)
+    return adapters
+
+
+def test_stacks_hold_the_only_copy_and_follow_deletes():
+    """After stacking, each slot's A and B are views into the stacks (an adapter's weights live once);
+    deleting an adapter or moving a slot's weights elsewhere builds the stacks again, with the indices
+    shifted, and the stacked path still equals the reference."""
+    g = torch.Generator().manual_seed(0)
+    K, M = 12, 10
+    slots = [(torch.randn(r, K, generator=g), torch.randn(M, r, generator=g), r + 0.5) for r in (3, 5, 2)]
+    adapters = named_adapters(slots)
+    A_cat, Bt_cat, _ = adapters.stacks()
+    assert A_cat.shape == (10, K) and Bt_cat.shape == (10, M)
+    for slot, (A, B, _) in zip(adapters.values(), slots):
+        assert slot.lora_A.untyped_storage().data_ptr() == A_cat.untyped_storage().data_ptr()
+        assert slot.lora_B.untyped_storage().data_ptr() == Bt_cat.untyped_storage().data_ptr()
+        assert torch.equal(slot.lora_A, A) and torch.equal(slot.lora_B, B)
+    x, rows = torch.randn(4, 1, K, generator=g), torch.tensor([1, 0, 2, 1])
+    del adapters["x0"]
+    adapters.table.names.remove("x0")  # what delete_adapter does: x1 is index 0 now, x2 index 1
+    left = slots[1:]
+    stacked = multi.mixed_stacked(x, torch.tensor([0, -1, 1, 0]), adapters.stacks(), M)
+    want = mixed_reference(x, torch.tensor([0, -1, 1, 0]), left, M)
+    assert adapters.stacks()[0].shape == (7, K)
+    assert ((want.double() - stacked.double()).abs() <= lora_bound(x, left, torch.tensor([0, -1, 1, 0]), M)).all()
+    adapters["x2"].lora_A.data = adapters["x2"].lora_A.data.clone() * 2  # a slot's weights replaced (as .to() does)
+    doubled = multi.mixed_stacked(x, rows.clamp(max=1), adapters.stacks(), M)
+    left[1] = (left[1][0] * 2, left[1][1], left[1][2])
+    assert (
+        (mixed_reference(x, rows.clamp(max=1), left, M).double() - doubled.double()).abs()
+        <= lora_bound(x, left, rows.clamp(max=1), M)
+    ).all()
 
 
 def test_named_adapters_leave_the_default_adapter_as_it_was(setup, tmp_path):

@@ -25,6 +25,11 @@ LoRA term of a batch, both in float32 as LoRALinear's:
   mixed_gathered   every adapter padded to rank R, the base as an all-zero slot n; each row gathers its
                    (A, B, s) and two batched matmuls serve all rows at once (BGMV semantics):
                      h_b = A_pad[a] x_b      (R,)      y_b = s_a B_pad[a] h_b      (M,)
+  mixed_stacked    the layer's named adapters stacked along the rank, Σ = sum_i r_i (NamedAdapters.stacks):
+                   every row through every adapter's A, the other adapters' columns zeroed, one B:
+                     H = x A_cat^T  (B, T, Σ)    H_b *= [owner == a_b]    y_b = s_a H_b B_cat^T  (M,)
+                   two matmuls and two products per layer whatever the number of adapters, each adapter's
+                   weights read once; it multiplies x by every adapter's A, so it is chosen for few tokens.
 
 Why zero padding is exact. A_pad[a] = [A_a; 0] (R, K) and B_pad[a] = [B_a, 0] (M, R). Then
 h_b = [A_a x_b; 0]: rows beyond r_a are sums of products 0 * x_k = 0 exactly (for finite x), and
@@ -37,8 +42,14 @@ gives exactly 0, so a -1 row is y = W0 x + bias, bit for bit.
 On CUDA, once they pass their self-check (kernels/dispatch.py), Triton kernels compute the two products
 of mixed_gathered (kernels/lora_bgmv.py: segments of tokens that share an adapter, float32 as here).
 
-The padded stacks are rebuilt on every call: n R (K + M) copied numbers against the M K B T of the base
-matmul, small for inference batches; a server would keep them preallocated, as vLLM does.
+The padded stacks of mixed_gathered are rebuilt on every call: n R (K + M) copied numbers against the
+M K B T of the base matmul. mixed_stacked's stacks are built once, as vLLM preallocates its own: each
+AdapterSlot's lora_A and lora_B are then views into them, so the stacks cost no memory of their own.
+
+Why zeroing columns is exact as well. Column j of H belongs to adapter owner[j]; for row b the kept
+columns are a_b's, h = A_a x_b computed as a dot product over K like single_delta's, and the zeroed ones
+are exact zeros, so H_b B_cat^T adds the terms of B_a h plus exact zeros: the same value up to the order
+of the additions, scaled by s_a afterwards as single_delta scales.
 """
 
 from __future__ import annotations
@@ -84,6 +95,37 @@ class NamedAdapters(nn.ModuleDict):
     def __init__(self, table: AdapterTable):
         super().__init__()
         self.table = table
+        self._stacks = None  # (key, A_cat, Bt_cat, owner, s) of the last stacks() call
+
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """This layer's named adapters stacked along the rank in table order, for mixed_stacked:
+        A_cat (Σ, K), Bt_cat (Σ, M) (B_cat transposed, so each B_i^T is a block of rows), and the layout
+        (n, ((table index, r, s) of each stacked adapter, in order)). None when no named adapter targets
+        the layer.
+
+        Built again whenever the table's order or a slot's storage changed (a load, a delete, a .to()); the
+        slots' lora_A / lora_B then become views into the stacks, so that the weights live once."""
+        names = self.table.names
+        here = [(i, self[name]) for i, name in enumerate(names) if name in self]
+        if not here:
+            return None
+
+        def key():
+            return tuple(names), [(sl.lora_A.data_ptr(), sl.lora_B.data_ptr()) for _, sl in here]
+
+        if self._stacks is None or self._stacks[0] != key():
+            A_cat = torch.cat([sl.lora_A.detach() for _, sl in here])  # (Σ, K)
+            Bt_cat = torch.cat([sl.lora_B.detach().t() for _, sl in here])  # (Σ, M)
+            start = 0
+            for _, sl in here:
+                r = sl.lora_A.shape[0]
+                sl.lora_A.data, sl.lora_B.data = A_cat[start : start + r], Bt_cat[start : start + r].t()
+                start += r
+            # which adapter owns each row of the stacks and its scale: equal on most layers, so that
+            # mixed_stacked builds its masks once per forward for all of them (row_masks)
+            layout = (len(names), tuple((i, sl.lora_A.shape[0], sl.scaling) for i, sl in here))
+            self._stacks = (key(), A_cat, Bt_cat, layout)
+        return self._stacks[1:]
 
 
 class NamedLoRALinear(nn.Module):
@@ -203,6 +245,43 @@ def mixed_grouped(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None],
     return delta
 
 
+def mixed_stacked(x: torch.Tensor, rows: torch.Tensor, stacks, M: int) -> torch.Tensor:
+    """mixed_reference's result over the named adapters, float32 (B, ..., M), from NamedAdapters.stacks():
+    every row through every adapter's A, the columns of the other adapters zeroed, then one B (module
+    docstring). Rows of -1, or of an adapter without a slot here, get exactly 0."""
+    A_cat, Bt_cat, layout = stacks
+    K = x.shape[-1]
+    keep, scale = row_masks(rows, layout)  # (B, 1, Σ), (B, 1, 1)
+    h = x.float().reshape(x.shape[0], -1, K) @ A_cat.t()  # (B, T, K) @ (K, Σ) -> (B, T, Σ)
+    y = (h * keep) @ Bt_cat  # (B, T, Σ) @ (Σ, M) -> (B, T, M)
+    y = y * scale  # scale after the matmuls, as single_delta
+    return y.reshape(*x.shape[:-1], M)  # (B, ..., M)
+
+
+def row_masks(rows: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows (B,) and a stacks layout (NamedAdapters.stacks): keep (B, 1, Σ), 1.0 on the columns of
+    each row's adapter, else 0; scale (B, 1, 1), the row's s (0 for -1 rows and adapters not stacked).
+    Computed once per adapter_ids tensor and layout, as row_groups."""
+    if _MASKS.get("rows") is not rows:
+        _MASKS.clear()
+        _MASKS["rows"] = rows
+    if layout not in _MASKS:
+        n, stacked = layout
+        owner = torch.tensor([i for i, r, _ in stacked for _ in range(r)], device=rows.device)  # (Σ,)
+        s = torch.zeros(n + 1, device=rows.device)  # (n + 1,): the last one is the base's, 0
+        for i, _, si in stacked:
+            s[i] = si
+        keep = (rows[:, None] == owner[None, :]).float()  # (B, Σ)
+        _MASKS[layout] = (keep[:, None, :], s[torch.where(rows < 0, n, rows)][:, None, None])
+    return _MASKS[layout]
+
+
+_MASKS: dict = {}  # the last adapter_ids tensor row_masks saw, and its masks per layout
+
+
+STACKED_MAX_TOKENS = 16  # tokens per row up to which mixed_stacked beats mixed_grouped on the CPU (bench/README.md)
+
+
 def _check_rows(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, n: int) -> None:
     """One clear sentence for adapter_ids this layer cannot serve; the range is checked once per tensor."""
     if layer.training:
@@ -232,6 +311,25 @@ def _check_rows(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, n: int) -
         table.checked = rows
 
 
+def mixed_delta(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], names) -> torch.Tensor:
+    """The LoRA term of a mixed batch (B, ..., M) float32, by the path that suits it: the Triton
+    shrink/expand where dispatch allows them (CUDA); the stacked matmuls for few tokens per row (decoding)
+    when every row's adapter is a named one; else the grouped matmuls (bench/multi_adapter.py measured
+    both against the PyTorch gather on the CPU)."""
+    M = layer.out_features
+    if dispatch.bgmv_kernels(x) is not None:
+        return mixed_gathered(x, rows, slots, M)
+    tokens = x[0].numel() // x.shape[-1]  # per row
+    default = names.index(DEFAULT) if DEFAULT in names and getattr(layer, "lora_A", None) is not None else None
+    named_only = layer.adapters is not None and all(a != default for a, _ in row_groups(rows))
+    if tokens <= STACKED_MAX_TOKENS and named_only:
+        stacks = layer.adapters.stacks()
+        return (
+            x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if stacks is None else mixed_stacked(x, rows, stacks, M)
+        )
+    return mixed_grouped(x, rows, slots, M)
+
+
 def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """y = base(x) + the LoRA term of each row's adapter (rows (B,), -1 the base alone), or with rows None
     of the active adapter on every row; combined with the base as LoRALinear combines them (dense: add
@@ -253,10 +351,7 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
                 "adapter_ids cannot route rows through a DoRA adapter (its magnitude rescales whole rows "
                 "of W0, not a per-row LoRA term); serve a DoRA adapter alone, without adapter_ids."
             )
-        # the Triton shrink/expand where dispatch allows them (CUDA); elsewhere the grouped matmuls, which
-        # bench/multi_adapter.py measured 3-5x faster than the PyTorch gather on the CPU
-        mixed = mixed_gathered if dispatch.bgmv_kernels(x) is not None else mixed_grouped
-        delta = mixed(x, rows, slots, layer.out_features)
+        delta = mixed_delta(layer, x, rows, slots, names)
     result = layer.base(x)  # (..., M) in the base's dtype
     if isinstance(layer.base, NF4Linear):
         return result + delta.to(result.dtype)
