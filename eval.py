@@ -163,12 +163,11 @@ def validate(args) -> None:
 
 
 def run_eval(args) -> int:
-    from minilora.data.encode import resolve_template, run_template
+    from minilora.data.encode import run_template
     from minilora.data.records import load_records
     from minilora.eval.evaluate import evaluate_variant, few_shot_example, select_shots
     from minilora.eval.report import check_gates
     from minilora.lora.adapter import check_adapter_fits, read_adapter_config
-    from minilora.models.loader import load_model
     from minilora.train.rundir import find_run
 
     validate(args)
@@ -212,15 +211,10 @@ def run_eval(args) -> int:
 
     quantize = args.quantize or run_cfg.get("quantize", "nf4")
     dtype = resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)  # the dtype the run trained in
-    print(f"loading {name} ({quantize}, {dtype_name(dtype)}, {device})", file=sys.stderr)
-    model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
-    if tok is None:
-        return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
-    template = resolve_template(template, tok)
-    if template == "chat" and tok.chat_template is None:
-        return fail(
-            f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw."
-        )
+    loaded = load_for_eval(name, quantize, dtype, device, template)
+    if isinstance(loaded, str):
+        return fail(loaded)
+    model, tok, template = loaded
     check_adapter_fits(model, adapter_dir, name)
     if trained_on and trained_on != name:
         print(f"note: the adapter was trained on {trained_on!r}; evaluating it on {name!r}.", file=sys.stderr)
@@ -283,6 +277,25 @@ def scored_examples(args, data: str, fmt: str) -> tuple[list, str | None]:
     return examples, None
 
 
+def load_for_eval(name, quantize, dtype, device, template, note=""):
+    """(model, tokenizer, template resolved for it) of the base `name`, or the sentence saying why they
+    cannot encode the data."""
+    from minilora.data.encode import resolve_template
+    from minilora.dtypes import dtype_name
+    from minilora.models.loader import load_model
+
+    print(f"loading {name} ({quantize}, {dtype_name(dtype)}, {device}){note}", file=sys.stderr)
+    model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
+    if tok is None:
+        return f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data."
+    template = resolve_template(template, tok)
+    if template == "chat" and tok.chat_template is None:
+        return (
+            f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw."
+        )
+    return model, tok, template
+
+
 def run_meta(name, quantize, data, examples, template, args, train, shots, note) -> dict:
     """What eval.json records of the evaluation itself, beside the adapter(s)."""
     return {
@@ -315,14 +328,13 @@ def finish_report(report_dir, meta, results, examples, gates, args, n_shots: int
 def run_compare(args, device) -> int:
     """Several adapters of one base (module docstring): every check runs before the base is loaded,
     nothing is written before the scores exist."""
-    from minilora.data.encode import resolve_template, run_template
+    from minilora.data.encode import run_template
     from minilora.data.records import load_records
     from minilora.eval.evaluate import few_shot_example, select_shots
     from minilora.eval.mixed import Variant, common_setting, evaluate_mixed, run_names
     from minilora.eval.report import build_comparison_markdown, check_gates
     from minilora.lora.adapter import check_adapter_fits, load_adapter, read_adapter_config
     from minilora.lora.named import adapter_names
-    from minilora.models.loader import load_model
     from minilora.train.rundir import find_run
 
     runs = [find_run(a) for a in args.adapter]  # (adapter folder, run directory, config)
@@ -386,15 +398,10 @@ def run_compare(args, device) -> int:
     else:
         shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
 
-    print(f"loading {name} ({quantize}, {dtype_name(dtype)}, {device}) once for {len(runs)} adapters", file=sys.stderr)
-    model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
-    if tok is None:
-        return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
-    template = resolve_template(template, tok)
-    if template == "chat" and tok.chat_template is None:
-        return fail(
-            f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw."
-        )
+    loaded = load_for_eval(name, quantize, dtype, device, template, f" once for {len(runs)} adapters")
+    if isinstance(loaded, str):
+        return fail(loaded)
+    model, tok, template = loaded
     for (adapter_dir, _, _), t in zip(runs, trained_on):
         check_adapter_fits(model, adapter_dir, name)
         if t and t != name:
@@ -442,12 +449,10 @@ def run_compare(args, device) -> int:
 def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, device) -> int:
     """A preference run: held-out pairs scored by the base, the initial adapter of a run started with
     --init-adapter (DPO's reference there), and the fine-tuned model (see the module docstring)."""
-    from minilora.data.encode import resolve_template
     from minilora.data.pairs import encode_pair, load_pairs
     from minilora.eval.evaluate import generate_completions
     from minilora.eval.pref_report import write_report
     from minilora.lora.adapter import check_adapter_fits, load_adapter
-    from minilora.models.loader import load_model
     from minilora.train import init_adapter
     from minilora.train.loss import default_chunk
     from minilora.train.objectives import make_objective
@@ -464,11 +469,10 @@ def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, 
     pairs = pairs[: args.limit] if args.limit else pairs
     quantize = args.quantize or run_cfg.get("quantize", "nf4")
     dtype = resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)
-    print(f"loading {name} ({quantize}, {dtype_name(dtype)}, {device})", file=sys.stderr)
-    model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
-    if tok is None:
-        return fail(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
-    template = resolve_template(template, tok)
+    loaded = load_for_eval(name, quantize, dtype, device, template)
+    if isinstance(loaded, str):
+        return fail(loaded)
+    model, tok, template = loaded
     check_adapter_fits(model, adapter_dir, name)
     encoded = [encode_pair(p, tok, template, False, model.config.max_position_embeddings) for p in pairs]
     kept = [(p, e) for p, e in zip(pairs, encoded) if e is not None]  # pairs longer than the context are left out
