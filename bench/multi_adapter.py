@@ -68,6 +68,36 @@ def write_adapters(ckpt: str, out: str, n: int, r: int) -> list[str]:
     return dirs
 
 
+def layer_paths(n: int, r: int, K: int = 576, M: int = 1536, B: int = 16, repeat: int = 21) -> list[dict]:
+    """One layer's LoRA term of a mixed batch (rows b mod n) by each CPU path of minilora/lora/multi.py at
+    T tokens per row, beside one adapter's single_delta on the same x: medians in microseconds. What
+    multi.STACKED_MAX_TOKENS is chosen from."""
+    from bench.common import interleaved_medians
+    from minilora.lora import multi
+
+    table = multi.AdapterTable([f"a{i}" for i in range(n)])
+    adapters = multi.NamedAdapters(table)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        adapters[f"a{i}"] = multi.AdapterSlot(torch.randn(r, K, generator=g), torch.randn(M, r, generator=g), 2.0)
+    slots = [(a.lora_A, a.lora_B, a.scaling) for a in adapters.values()]
+    stacks = adapters.stacks()
+    rows = torch.tensor([b % n for b in range(B)])
+    out = []
+    for T in (1, 4, 16, 64):
+        x = torch.randn(B, T, K, generator=g)
+        t = interleaved_medians(
+            {
+                "grouped": lambda: multi.mixed_grouped(x, rows, slots, M),
+                "stacked": lambda: multi.mixed_stacked(x, rows, stacks, M),
+                "one adapter": lambda: multi.single_delta(x, slots[0]),
+            },
+            repeat=repeat,
+        )
+        out.append({"T": T, **{k: v * 1e6 for k, v in t.items()}})
+    return out
+
+
 def main() -> None:
     from bench.train_step import GEOMETRIES, write_checkpoint
 
@@ -159,6 +189,7 @@ def main() -> None:
             check["peft"] = peft_mixed()
         t = interleaved_medians(fns, repeat=a.repeat, warmup=0)
 
+    paths = layer_paths(n, a.rank)
     tok_s = {k: B * N / v for k, v in t.items()}
     ratios = {
         "mixed_vs_one_adapter_tok_s": tok_s["mixed"] / tok_s["one adapter"],
@@ -187,6 +218,10 @@ def main() -> None:
         f"{per_adapter / 2**20:.1f} MiB for {tensor_bytes / 2**20:.1f} MiB of tensors "
         f"({ratios['memory_per_adapter_vs_tensor_bytes']:.3f}x, target <= 1.05)"
     )
+    print(f"one layer's LoRA term (K 576, M 1536, {B} rows over {n} adapters), microseconds:")
+    print(f"{'T':>4}{'grouped':>10}{'stacked':>10}{'one adapter':>13}")
+    for row in paths:
+        print(f"{row['T']:4}{row['grouped']:10.0f}{row['stacked']:10.0f}{row['one adapter']:13.0f}")
     if same_tokens is not None:
         print(
             f"minilora mixed {ratios['mixed_vs_peft_tok_s']:.2f}x PEFT's mixed-batch tok/s (target >= 2); "
@@ -201,6 +236,7 @@ def main() -> None:
             "tokens_per_s": tok_s,
             "memory": {"rss_per_adapter_bytes": per_adapter, "tensor_bytes_per_adapter": tensor_bytes},
             "ratios": ratios,
+            "layer_paths_us": paths,
             "tokens_equal_to_peft": same_tokens,
         },
     )
