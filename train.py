@@ -404,7 +404,7 @@ def loop(r: Run) -> str | int:
                 if cfg.early_stopping and r.state["bad_evals"] >= cfg.early_stopping:
                     stop_reason = f"early stopping after {r.state['bad_evals']} validations without improvement"
                     break
-            if (r.main or r.fsdp) and cfg.save_every and r.step % cfg.save_every == 0 and r.step < r.total_steps:
+            if cfg.save_every and r.step % cfg.save_every == 0 and r.step < r.total_steps:  # every rank: its RNG
                 r.save_checkpoint()
             if stop:
                 stop_reason = "interrupted"
@@ -422,9 +422,9 @@ def finish(r: Run, stop_reason: str) -> int:
     from minilora.train import schedule as T
 
     cfg = r.cfg
+    path = r.save_checkpoint()  # every rank: each one's RNG state goes into it
     if not (r.main or r.fsdp):
         return EXIT_INTERRUPTED if stop_reason == "interrupted" else 0
-    path = r.save_checkpoint()
     if stop_reason == "interrupted":
         if r.main:
             r.metrics.close()

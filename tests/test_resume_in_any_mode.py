@@ -99,6 +99,26 @@ def test_one_run_resumes_across_modes_with_the_losses_of_one_process(tmp_path, r
     assert_same_run(one, run)
 
 
+def test_ddp_resume_with_dropout_equals_the_uninterrupted_run_bit_for_bit(tmp_path, reference):
+    """LoRA dropout on 2 DDP ranks: each rank draws its own masks (train.py seeds rank k with seed + k),
+    so the checkpoint keeps every rank's RNG state and each rank resumes its own. Interrupted after step
+    2 and resumed, the run equals the same 2 ranks run uninterrupted, bit for bit: every logged loss and
+    every adapter tensor. (Resuming rank 1 from rank 0's state, as before, changes step 3's loss.)"""
+    common, _ = reference
+    flags = [*common, "--lora-dropout", "0.3", "--parallel", "ddp"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(whole, *flags, nproc=2)
+    p = train(cut, *flags, "--debug-interrupt-at-step", "2", nproc=2, check=False)
+    assert "Interrupted at step 2" in p.stdout, p.stderr[-3000:]
+    rng = load_file(str(cut / "checkpoints" / "step_0000002" / "rng.safetensors"))
+    assert not torch.equal(rng["rank1/torch"], rng["torch"])  # two ranks, two states
+    train(cut, *flags, "--resume", nproc=2)
+    assert losses(cut) == losses(whole)
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_run_two_ranks_cannot_share_is_refused_with_a_command_that_works(tmp_path):
     """`python train.py --max-steps 4` (grad-accum 1: one micro-batch a step) resumed by 2 FSDP ranks:
     refused with one sentence that names no flag the user did not give and states a command; that

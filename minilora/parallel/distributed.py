@@ -69,6 +69,23 @@ def all_reduce_sum(x: float | int, world: int) -> float:
     return float(t.item())
 
 
+def gather_bytes(blob: bytes) -> list[bytes]:
+    """Every rank's `blob`, in rank order, on every rank (each padded to the longest for all_gather)."""
+    if not is_distributed():
+        return [blob]
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = torch.tensor([len(blob)], device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    mine = torch.zeros(max(int(n) for n in sizes), dtype=torch.uint8)
+    mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    out = [torch.empty_like(mine, device=dev) for _ in sizes]
+    dist.all_gather(out, mine.to(dev))
+    return [bytes(t[: int(n)].cpu().numpy()) for t, n in zip(out, sizes)]
+
+
 def is_distributed() -> bool:
     import torch.distributed as dist
 

@@ -119,6 +119,7 @@ def save_checkpoint(
     train_state: dict,
     adapter_meta: dict,
     keep: int = 2,
+    rng: dict | None = None,
 ) -> str | None:
     """checkpoint.save_checkpoint under FSDP (every rank calls it): rank 0 builds the temp folder,
     every rank writes its shards into it, rank 0 adds RNG and train state and renames it into place.
@@ -131,7 +132,7 @@ def save_checkpoint(
     path = None
     if D.rank() == 0:
         path = C.save_checkpoint(
-            run_dir, step, model, optimizer, scheduler, train_state, adapter_meta, keep, write_state=write
+            run_dir, step, model, optimizer, scheduler, train_state, adapter_meta, keep, write_state=write, rng=rng
         )
     else:
         write(None)

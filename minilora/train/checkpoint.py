@@ -5,7 +5,8 @@ A checkpoint is checkpoints/step_XXXXXXX/ in the run directory:
   adapter/                  the LoRA weights (PEFT layout)
   optimizer.safetensors     PagedAdamW state (FSDP: optimizer_shards/, each rank's rows of it,
                             minilora/parallel/sharded_checkpoint.py; every mode reads both)
-  rng.safetensors           torch / numpy / python (/ cuda) generator states, as uint8 tensors
+  rng.safetensors           torch / numpy / python (/ cuda) generator states, as uint8 tensors; under
+                            torchrun every rank's (rank k's keys prefixed "rank<k>/")
   state.json                step, data position, validation history, scheduler, and the length
                             of metrics.jsonl when it was written (so a resume drops replayed lines)
 checkpoints/latest names the newest one. Everything is safetensors or JSON: no pickle.
@@ -50,6 +51,29 @@ def _py_state():
     return [v, list(inner), g]
 
 
+def every_rank_rng_state() -> dict[str, torch.Tensor]:
+    """rng_state() of every rank, for rank 0 to save (every rank calls it): rank 0's under the plain
+    keys, rank k's as "rank<k>/<key>". Ranks draw different dropout masks (train.py seeds rank k with
+    seed + k), so each must resume its own."""
+    from safetensors.torch import load, save
+
+    from minilora.parallel import distributed as D
+
+    state = rng_state()
+    for k, blob in enumerate(D.gather_bytes(save({n: t.contiguous() for n, t in state.items()}))):
+        if k > 0:
+            state.update({f"rank{k}/{n}": t for n, t in load(blob).items()})
+    return state
+
+
+def own_rng_state(saved: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """This rank's states out of a checkpoint's rng.safetensors (every_rank_rng_state's keys); rank 0's
+    where the checkpoint holds none for `rank` (it was written by fewer ranks)."""
+    prefix = f"rank{rank}/"
+    mine = {n[len(prefix) :]: t for n, t in saved.items() if n.startswith(prefix)}
+    return mine or {n: t for n, t in saved.items() if "/" not in n}
+
+
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     s = json.loads(bytes(state["numpy"].numpy()).decode())
@@ -71,11 +95,13 @@ def save_checkpoint(
     adapter_meta: dict,
     keep: int = 2,
     write_state=None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Write checkpoints/step_XXXXXXX atomically: build it in a temp dir, fsync, rename, then
     point checkpoints/latest at it (also by rename). A kill at any moment leaves the previous
     checkpoint complete and `latest` naming a complete one. `write_state(tmp)` writes the adapter
-    and optimizer state instead of this process (FSDP: minilora.parallel.sharded_checkpoint)."""
+    and optimizer state instead of this process (FSDP: minilora.parallel.sharded_checkpoint). `rng`: the
+    RNG states to save (every_rank_rng_state under torchrun), by default this process's."""
     from safetensors.torch import save_file
 
     from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json, write_text_atomic
@@ -94,7 +120,8 @@ def save_checkpoint(
             # as trained (PiSSA / OLoRA: rank r on the residual), not converted for the original weights
             save_adapter(model, os.path.join(tmp, "adapter"), convert=False, **adapter_meta)
             save_optimizer_state(optimizer, os.path.join(tmp, OPTIMIZER_FILE))
-        save_file({k: v.contiguous() for k, v in rng_state().items()}, os.path.join(tmp, "rng.safetensors"))
+        rng = rng_state() if rng is None else rng
+        save_file({k: v.contiguous() for k, v in rng.items()}, os.path.join(tmp, "rng.safetensors"))
         state = {**train_state, "step": step, "scheduler": scheduler.state_dict()}
         write_json(os.path.join(tmp, "state.json"), state, fsync=True)
         usual_permissions(tmp)
@@ -191,7 +218,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler, read_state=None) -> 
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     scheduler.load_state_dict(state.pop("scheduler"))
-    set_rng_state(load_file(os.path.join(path, "rng.safetensors")))
+    from minilora.parallel import distributed as D
+
+    set_rng_state(own_rng_state(load_file(os.path.join(path, "rng.safetensors")), D.rank()))
     return state
 
 

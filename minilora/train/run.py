@@ -96,9 +96,14 @@ class Run:
         return score(preds, [e.completion for e in self.heldout])
 
     def save_checkpoint(self) -> str | None:  # with metrics.jsonl's length: a resume drops what was logged after it
+        """Every rank calls it (each rank's RNG state is gathered); DDP's rank 0 writes alone, FSDP's every
+        rank its shards. The path on rank 0, None elsewhere."""
         from minilora.parallel import sharded_checkpoint as SC
         from minilora.train import checkpoint as C
 
+        rng = C.every_rank_rng_state()
+        if not (self.main or self.fsdp):
+            return None
         train_state = {**self.state, "metrics_bytes": self.metrics.tell() if self.main else 0}
         save = SC.save_checkpoint if self.fsdp else C.save_checkpoint  # FSDP: every rank writes its shards
         cfg = self.cfg
@@ -111,6 +116,7 @@ class Run:
             train_state,
             self.adapter_meta(),
             cfg.keep_checkpoints,
+            rng=rng,
         )
 
     def adapter_meta(self) -> dict:
