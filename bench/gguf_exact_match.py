@@ -28,7 +28,9 @@ tokenizer), one of GEOMETRIES:
 already stored at 4 bits, the fine-tune living in deltas of the order of Q4_0's step); --base plain
 leaves the random weights as they are.
 Bits per weight: 8 x the bytes of all tensors over their element count (the file's tokenizer and
-metadata left out: at this size they would dominate); file bytes: the whole file. Export seconds:
+metadata left out: at this size they would dominate); file bytes: the whole file. Logit error: the
+export's own validation line "vs the unquantized merged model: logits max rel err" (max |logit
+difference| over the largest merged logit, on the prompts that line's "validating" line names). Export seconds:
 from launching `eval.py export` to its "validating" log line (interpreter start, load, float32 merge,
 write; the readback and the gate come after and are not counted).
 Writes bench/results/gguf_exact_match_<base>.json (4-layer) or _<base>_<geometry>.json.
@@ -55,6 +57,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
 GATE_LINE = re.compile(r"task gate \(gguf (\w+)\).*exact match ([\d.]+)% -> ([\d.]+)%")
+VS_MERGED_LINE = re.compile(
+    r"vs the unquantized merged model: logits max rel err ([\d.e+-]+), greedy tokens agreeing ([\d.]+)%"
+)
+PROMPTS_LINE = re.compile(r"^validating \S+ on (.*)$")
 # LlamaConfig keyword arguments (vocabulary and the rest set in build_base), training defaults
 # (--epochs / --lr override them), and whether train.py scores the pairs itself before and after
 # training (--eval-generate: up to 64 new tokens a pair, minutes at 135M, where the gate scores the
@@ -201,6 +207,8 @@ def main(argv=None) -> int:
                 print(log[-3000:], file=sys.stderr)
                 return 1
             merged, export = float(hit[-1].group(2)), float(hit[-1].group(3))
+            vs = [m for m in map(VS_MERGED_LINE.search, log.splitlines()) if m]
+            on = [m for m in map(PROMPTS_LINE.search, log.splitlines()) if m]
             bits, types = tensor_facts(out)
             rows.append(
                 {
@@ -209,6 +217,9 @@ def main(argv=None) -> int:
                     "file_bytes": os.path.getsize(out),
                     "export_s": export_s,
                     "tensor_types": types,
+                    "rel_logit_err": float(vs[-1].group(1)) if vs else None,
+                    "greedy_agree": float(vs[-1].group(2)) / 100 if vs else None,
+                    "validation_prompts": on[-1].group(1) if on else None,
                     "merged_exact_match": merged,
                     "export_exact_match": export,
                     "drop_points": round(merged - export, 1),  # the gate prints one decimal
@@ -221,10 +232,12 @@ def main(argv=None) -> int:
         f"\n{args.geometry}, base {args.base}, {n_params / 1e6:.2f}M parameters, {args.items} trained pairs, "
         "gate exact match"
     )
-    print(f"{'type':8}{'bits/w':>8}{'MiB':>8}{'export s':>10}{'merged':>9}{'export':>9}{'drop':>7}")
+    print(f"logit error: the export's validation against the merged model, on {rows[-1]['validation_prompts']}")
+    print(f"{'type':8}{'bits/w':>8}{'MiB':>8}{'export s':>10}{'logit err':>11}{'merged':>9}{'export':>9}{'drop':>7}")
     for r in rows:
+        err = f"{r['rel_logit_err']:11.2e}" if r["rel_logit_err"] is not None else f"{'-':>11}"
         print(
-            f"{r['gguf_type']:8}{r['bits_per_weight']:8.2f}{r['file_bytes'] / 2**20:8.1f}{r['export_s']:10.1f}"
+            f"{r['gguf_type']:8}{r['bits_per_weight']:8.2f}{r['file_bytes'] / 2**20:8.1f}{r['export_s']:10.1f}{err}"
             f"{r['merged_exact_match']:8.1f}%{r['export_exact_match']:8.1f}%{r['drop_points']:7.1f}"
         )
     payload = {"args": vars(args), "env": {**environment(), "cpu": cpu["model"], "flags": cpu["flags"]}}
