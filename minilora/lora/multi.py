@@ -311,14 +311,14 @@ def _check_rows(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, n: int) -
         table.checked = rows
 
 
-def mixed_delta(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], names) -> torch.Tensor:
+def mixed_delta(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, names: list[str]) -> torch.Tensor:
     """The LoRA term of a mixed batch (B, ..., M) float32, by the path that suits it: the Triton
     shrink/expand where dispatch allows them (CUDA); the stacked matmuls for few tokens per row (decoding)
     when every row's adapter is a named one; else the grouped matmuls (bench/multi_adapter.py measured
     both against the PyTorch gather on the CPU)."""
     M = layer.out_features
     if dispatch.bgmv_kernels(x) is not None:
-        return mixed_gathered(x, rows, slots, M)
+        return mixed_gathered(x, rows, layer_slots(layer), M)
     tokens = x[0].numel() // x.shape[-1]  # per row
     default = names.index(DEFAULT) if DEFAULT in names and getattr(layer, "lora_A", None) is not None else None
     named_only = layer.adapters is not None and all(a != default for a, _ in row_groups(rows))
@@ -327,7 +327,7 @@ def mixed_delta(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, slots: li
         return (
             x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if stacks is None else mixed_stacked(x, rows, stacks, M)
         )
-    return mixed_grouped(x, rows, slots, M)
+    return mixed_grouped(x, rows, layer_slots(layer), M)
 
 
 def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -336,11 +336,15 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
     in float32, then cast; NF4: cast, then add)."""
     if layer.disabled:
         return layer.base(x)
-    slots = layer_slots(layer)
     names = [DEFAULT] if layer.adapters is None else layer.adapters.table.names
     if rows is None:
         active = layer.adapters.table.active
-        slot = slots[names.index(active)] if active in names else None
+        if active == DEFAULT:
+            own = getattr(layer, "lora_A", None)  # a NamedLoRALinear has no default adapter
+            slot = None if own is None else (own.weight, layer.lora_B.weight, layer.scaling)
+        else:
+            named = layer.adapters[active] if active in layer.adapters else None
+            slot = None if named is None else (named.lora_A, named.lora_B, named.scaling)
         if slot is None:  # the active adapter does not target this layer
             return layer.base(x)
         delta = single_delta(x, slot)
@@ -351,7 +355,7 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
                 "adapter_ids cannot route rows through a DoRA adapter (its magnitude rescales whole rows "
                 "of W0, not a per-row LoRA term); serve a DoRA adapter alone, without adapter_ids."
             )
-        delta = mixed_delta(layer, x, rows, slots, names)
+        delta = mixed_delta(layer, x, rows, names)
     result = layer.base(x)  # (..., M) in the base's dtype
     if isinstance(layer.base, NF4Linear):
         return result + delta.to(result.dtype)
