@@ -44,7 +44,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 torch.set_num_threads(int(os.environ.get("MINILORA_TEST_THREADS", "1")))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    # pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml) hands tests to the workers one by one; a
+    # module- or session-scoped fixture (a trained run folder, say) would then be built once per worker.
+    # The tests of a module that use one go to a single worker together, so it is built once.
+    for item in items:
+        fixturedefs = getattr(item, "_fixtureinfo", None)
+        if fixturedefs is None:
+            continue
+        shared = any(
+            d.scope in ("module", "package", "session") and d.baseid  # baseid "": pytest's own (tmp_path_factory)
+            for defs in fixturedefs.name2fixturedefs.values()
+            for d in defs
+        )
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
