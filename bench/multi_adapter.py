@@ -17,9 +17,9 @@ Measured in one process, timed round-robin (bench/common.py interleaved_medians)
   base           the base alone (LoRA off), the latency reference
   peft mixed     transformers' generate on a PeftModel with the same adapter files, adapter_names= per row
 
-Memory per adapter: resident bytes after loading the adapters and serving one mixed batch (the stacks of
-minilora/lora/multi.py built), less those after one batch of the base, over n; against the adapter's
-tensor bytes.
+Memory per extra adapter: resident bytes after loading all n adapters and serving a mixed batch (the
+stacks of minilora/lora/multi.py built), less those after one adapter and a batch, over n - 1; against
+an adapter's tensor bytes.
 
 Targets: mixed >= 0.8x the tokens/s of one adapter; per-request latency <= 1.15x the base's; resident
 memory per extra adapter <= 1.05x its tensor bytes; minilora's mixed batch >= 2x PEFT's tokens/s.
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
     ap.add_argument("--out", default="multi_adapter", help="results name under bench/results/")
     a = ap.parse_args()
+    if a.adapters < 2:
+        ap.error("--adapters must be at least 2: the memory figure is per extra adapter.")
     torch.set_num_threads(a.threads)
 
     from bench.common import cpu_info, environment, interleaved_medians, write_json
@@ -138,16 +140,19 @@ def main() -> None:
         model, _ = load_model(ckpt, quantize=None, dtype=dtype)
         model.eval()
         plist = prompts.tolist()
-        generate(model, plist, 2)  # the steady state: what a first batch allocates and keeps is not the adapters'
+        # memory per extra adapter: one adapter loaded and a mixed batch served (what the first batch of the
+        # adapter paths allocates and keeps is not any adapter's), then the other n - 1 and a batch again
+        load_adapter(model, dirs[0], name="a0")
+        generate(model, plist, N, adapter_ids=[0] * B)
         rss0 = rss_after_trim()
-        for i, d in enumerate(dirs):
+        for i, d in enumerate(dirs[1:], start=1):
             load_adapter(model, d, name=f"a{i}")
         ids = [adapter_names(model).index(f"a{i}") for i in rows]
         check = {"ours": generate(model, plist, N, adapter_ids=ids)}  # stacks built (multi.py), masks cached
         rss1 = rss_after_trim()
         slots = [s for layer in hosts(model).values() for s in layer.adapters.values()]
         tensor_bytes = sum(p.numel() * p.element_size() for s in slots for p in (s.lora_A, s.lora_B)) / n
-        per_adapter = (rss1 - rss0) / n
+        per_adapter = (rss1 - rss0) / (n - 1)
 
         def ours(adapter_ids=None):
             return generate(model, plist, N, adapter_ids=adapter_ids)
