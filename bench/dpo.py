@@ -27,7 +27,9 @@ float32 compute on the CPU, no gradient checkpointing and no dropout on every si
 
 Each runs in its own subprocess (bench.train_step's method): step time is the median of --steps steps
 after --warmup, pairs/s = P / median; peak memory is the child's VmHWM over its whole life (imports,
-load, training) and the step peak (VmHWM reset after loading, minus the RSS then).
+load, training) and the step peak (VmHWM reset after loading, minus the RSS then). glibc keeps freed
+heap blocks resident, so the RSS may stay above what is live; --mmap-threshold 65536 gives every block
+of 64 KiB and more its own mapping, returned when freed, so that RSS follows live memory (every side alike).
 Targets: minilora-dpo at least 1.5x TRL's pairs/s at at most 0.6x its peak RSS; minilora's DPO step
 peak at most 1.25x its own SFT step peak on the same pairs' chosen answers.
 Writes bench/results/dpo.json (or --out NAME).
@@ -180,8 +182,10 @@ def worker(impl: str, ckpt: str, a) -> dict:
     }
 
 
-def run_worker(impl: str, ckpt: str, argv: list[str]) -> dict:
+def run_worker(impl: str, ckpt: str, argv: list[str], mmap_threshold: int = 0) -> dict:
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    if mmap_threshold > 0:  # glibc: every block above this size is its own mapping, unmapped when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     from bench.common import run_json_worker
 
     return run_json_worker("bench.dpo", impl, ckpt, argv, env)
@@ -202,6 +206,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads in each worker")
     ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="MALLOC_MMAP_THRESHOLD_ for every worker (0: glibc's; 65536: RSS follows live memory)",
+    )
     ap.add_argument("--out", default="dpo", help="results name under bench/results/")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -221,7 +231,7 @@ def main() -> None:
         ckpt = a.ckpt or os.path.join(tmp, "ckpt")
         if not os.path.isdir(ckpt):
             write_checkpoint(ckpt, a.geometry)
-        res = {impl: run_worker(impl, ckpt, argv) for impl in IMPLS}
+        res = {impl: run_worker(impl, ckpt, argv, a.mmap_threshold) for impl in IMPLS}
     ours, split, trl, sft = res["minilora-dpo"], res["minilora-dpo-split"], res["trl"], res["minilora-sft"]
     print(f"DPO step, {a.pairs} pairs ({ours['rows']} rows x T={ours['T']}), {a.geometry}, CPU, {a.threads} thread(s)")
     print(f"{'':18} {'s/step':>8} {'pairs/s':>8} {'peak RSS MB':>12} {'step peak MB':>13}")
