@@ -222,7 +222,7 @@ def main() -> None:
         return
     import importlib.metadata
 
-    from bench.common import environment, write_json
+    from bench.common import cpu_info, environment, write_json
 
     argv = ["--geometry", a.geometry, "--layers", str(a.layers), "--pairs", str(a.pairs), "--prompt", a.prompt]
     argv += ["--answer", a.answer, "--rank", str(a.rank), "--loss-chunk", str(a.loss_chunk)]
@@ -252,21 +252,13 @@ def main() -> None:
         f"--pair-split: pairs/s {ratios['split_pairs_per_s_vs_trl']:.2f}x TRL's, peak RSS "
         f"{ratios['split_peak_rss_vs_trl']:.2f}x, DPO step peak {ratios['split_step_peak_vs_sft']:.2f}x the SFT step's"
     )
-    env = {**environment(), "trl": importlib.metadata.version("trl"), "cpu": cpu_model()}
+    env = {**environment(), "trl": importlib.metadata.version("trl"), "cpu": cpu_info()}
     print(
-        f"{env['cpu']}; torch {env['torch']}, trl {env['trl']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}"
+        f"{env['cpu']['model']}; flags {' '.join(env['cpu']['flags'])}; torch {env['torch']}, trl {env['trl']}, "
+        f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}"
     )
     path = write_json(a.out, {"args": vars(a), "environment": env, "results": res, "ratios": ratios})
     print(f"wrote {path}")
-
-
-def cpu_model() -> str:
-    """The CPU's model name and whether it has AVX512-BF16 and AMX (which change bf16 and bitsandbytes' paths)."""
-    info = open("/proc/cpuinfo").read()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(have) or 'no AVX-512'}), {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
