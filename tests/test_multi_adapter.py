@@ -281,6 +281,29 @@ def test_stacks_hold_the_only_copy_and_follow_deletes():
     ).all()
 
 
+@torch.no_grad()
+def test_delete_adapter_frees_its_weights_from_the_stacks(setup):
+    """After a stacked forward the slots are views into each layer's stacks; deleting an adapter builds
+    the stacks again from the others, so no storage keeps the deleted adapter's weights."""
+    from minilora.lora.named import hosts
+
+    hf, base_dir, dirs = setup
+    model = ours(base_dir, dirs, default=False)
+    model(IDS[:, :1], adapter_ids=[0, 1, 2, -1, 1])  # one token per row: the stacked path
+    delete_adapter(model, "b")
+    for layer in hosts(model).values():
+        slots = list(layer.adapters.values())
+        for slot in slots:
+            A_bytes = sum(s.lora_A.numel() * 4 for s in slots)
+            assert slot.lora_A.untyped_storage().nbytes() == A_bytes  # the stack of "a" and "c" only
+    mixed = model(IDS[:, :1], adapter_ids=[0, 1, -1, 1, 0])
+    for i, name in enumerate(["a", "c"]):
+        set_adapter(model, name)
+        alone = model(IDS[:, :1])
+        rows = [b for b, a in enumerate([0, 1, -1, 1, 0]) if a == i]
+        assert rel_err(alone[rows], mixed[rows]) < LOGITS_RTOL
+
+
 def test_named_adapters_leave_the_default_adapter_as_it_was(setup, tmp_path):
     """The default adapter's parameter names and its saved files are unchanged by named adapters beside it;
     deleting them restores the model's modules; set_adapter / lora_disabled switch as PEFT's do."""

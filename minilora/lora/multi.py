@@ -95,9 +95,9 @@ class NamedAdapters(nn.ModuleDict):
     def __init__(self, table: AdapterTable):
         super().__init__()
         self.table = table
-        self._stacks = None  # (key, A_cat, Bt_cat, owner, s) of the last stacks() call
+        self._stacks = None  # (key, A_cat, Bt_cat, layout) of the last stacks() call
 
-    def stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:
         """This layer's named adapters stacked along the rank in table order, for mixed_stacked:
         A_cat (Σ, K), Bt_cat (Σ, M) (B_cat transposed, so each B_i^T is a block of rows), and the layout
         (n, ((table index, r, s) of each stacked adapter, in order)). None when no named adapter targets

@@ -125,3 +125,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         for layer in hosts(model).values():
             del layer.adapters
             layer.adapters = None
+    for layer in hosts(model).values():  # the others' weights out of stacks that still hold the deleted one's
+        if layer.adapters is not None:
+            layer.adapters.stacks()
