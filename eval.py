@@ -211,10 +211,7 @@ def run_eval(args) -> int:
 
     quantize = args.quantize or run_cfg.get("quantize", "nf4")
     dtype = resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)  # the dtype the run trained in
-    loaded = load_for_eval(name, quantize, dtype, device, template)
-    if isinstance(loaded, str):
-        return fail(loaded)
-    model, tok, template = loaded
+    model, tok, template = load_for_eval(name, quantize, dtype, device, template)
     check_adapter_fits(model, adapter_dir, name)
     if trained_on and trained_on != name:
         print(f"note: the adapter was trained on {trained_on!r}; evaluating it on {name!r}.", file=sys.stderr)
@@ -278,8 +275,9 @@ def scored_examples(args, data: str, fmt: str) -> tuple[list, str | None]:
 
 
 def load_for_eval(name, quantize, dtype, device, template, note=""):
-    """(model, tokenizer, template resolved for it) of the base `name`, or the sentence saying why they
-    cannot encode the data."""
+    """(model, tokenizer, template resolved for it) of the base `name`; UsageError (one sentence, exit 2)
+    when they cannot encode the data."""
+    from minilora.cli import UsageError
     from minilora.data.encode import resolve_template
     from minilora.dtypes import dtype_name
     from minilora.models.loader import load_model
@@ -287,10 +285,10 @@ def load_for_eval(name, quantize, dtype, device, template, note=""):
     print(f"loading {name} ({quantize}, {dtype_name(dtype)}, {device}){note}", file=sys.stderr)
     model, tok = load_model(name, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device))
     if tok is None:
-        return f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data."
+        raise UsageError(f"{name} has no tokenizer.json; a tokenizer is needed to encode the test data.")
     template = resolve_template(template, tok)
     if template == "chat" and tok.chat_template is None:
-        return (
+        raise UsageError(
             f"{name}'s tokenizer has no chat template, so --template chat cannot render prompts; pass --template raw."
         )
     return model, tok, template
@@ -398,10 +396,7 @@ def run_compare(args, device) -> int:
     else:
         shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
 
-    loaded = load_for_eval(name, quantize, dtype, device, template, f" once for {len(runs)} adapters")
-    if isinstance(loaded, str):
-        return fail(loaded)
-    model, tok, template = loaded
+    model, tok, template = load_for_eval(name, quantize, dtype, device, template, f" once for {len(runs)} adapters")
     for (adapter_dir, _, _), t in zip(runs, trained_on):
         check_adapter_fits(model, adapter_dir, name)
         if t and t != name:
@@ -469,10 +464,7 @@ def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, 
     pairs = pairs[: args.limit] if args.limit else pairs
     quantize = args.quantize or run_cfg.get("quantize", "nf4")
     dtype = resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)
-    loaded = load_for_eval(name, quantize, dtype, device, template)
-    if isinstance(loaded, str):
-        return fail(loaded)
-    model, tok, template = loaded
+    model, tok, template = load_for_eval(name, quantize, dtype, device, template)
     check_adapter_fits(model, adapter_dir, name)
     encoded = [encode_pair(p, tok, template, False, model.config.max_position_embeddings) for p in pairs]
     kept = [(p, e) for p, e in zip(pairs, encoded) if e is not None]  # pairs longer than the context are left out
