@@ -80,6 +80,17 @@ def cpu_info() -> dict:
     return {"model": model, "flags": flags, "threads": torch.get_num_threads()}
 
 
+def gemm_rates(n: int = 640, k: int = 576, m: int = 1536, repeat: int = 15) -> dict:
+    """GFLOP/s of one (n, k) @ (k, m) GEMM in bf16 and in float32 on this machine, at torch's current
+    thread count (the default shape is a 135M-class MLP projection of 640 tokens): the ceiling a
+    training step's utilisation is measured against, taken in the same run as the step."""
+    rates = {}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        x, w = torch.randn(n, k, dtype=dtype), torch.randn(k, m, dtype=dtype)
+        rates[name] = 2 * n * k * m / median_time(lambda: x @ w, repeat=repeat, warmup=3) / 1e9
+    return rates
+
+
 def write_json(name: str, payload: dict, path: str | None = None) -> str:
     """Write `payload` atomically (minilora/fileio.py) to `path`, by default bench/results/<name>.json;
     returns the path."""

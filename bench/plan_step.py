@@ -15,8 +15,10 @@ in [130, 170] right-padded, the second half of each row labelled (a prompt/compl
                     compute: transformers' CPU default)
 
 Ratios: speedup = their step time / ours (> 1 favours minilora), memory = our peak RSS / theirs
-(< 1 favours minilora). Also reported: this CPU's native bf16 units (avx512_bf16, amx) as torch
-sees them. Never evaluates a bitsandbytes model before timing it (see train_step.py).
+(< 1 favours minilora). Utilisation = the model's FLOPs per step (planner.flops_per_token, no
+recompute counted) / step time / the bf16 GEMM rate measured at the start of the same run. Also
+reported: this CPU's native bf16 units (avx512_bf16, amx) as torch sees them. Never evaluates a
+bitsandbytes model before timing it (see train_step.py).
 Writes bench/results/plan_step.json (or --out NAME).
 """
 
@@ -130,6 +132,15 @@ def main() -> None:
             },
         )
     )
+    from bench.common import cpu_info, gemm_rates
+
+    torch.set_num_threads(a.threads or torch.get_num_threads())  # the workers' thread count
+    cpu, rates = cpu_info(), gemm_rates()  # this machine's GEMM rates in this run: utilisation's ceiling
+    print(
+        f"CPU {cpu['model']}; flags {' '.join(cpu['flags'])}; {cpu['threads']} threads; GEMM 640x576 @ "
+        f"576x1536: bf16 {rates['bfloat16']:.0f} GFLOP/s, float32 {rates['float32']:.0f} GFLOP/s",
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="minilora_plan_step_") as tmp:
         ckpt = a.ckpt or os.path.join(tmp, "llama-135m")
@@ -153,6 +164,8 @@ def main() -> None:
         for name, argv in cases:
             rows = {impl: run_worker(impl, ckpt, argv[impl]) for impl in IMPLS}
             ours, theirs = rows["minilora"], rows["peft+bnb"]
+            for row in rows.values():  # model FLOPs per step (the same batch on both sides) / time / bf16 rate
+                row["utilisation"] = ours["flops_per_step"] / row["median_s"] / (rates["bfloat16"] * 1e9)
             r = {
                 "case": name,
                 "speedup": theirs["median_s"] / ours["median_s"],
@@ -163,7 +176,8 @@ def main() -> None:
             print(
                 f"{name:58} minilora {ours['tokens_per_s']:7.0f} tok/s {ours['peak_mb']:6.0f} MB | peft+bnb "
                 f"{theirs['tokens_per_s']:7.0f} tok/s {theirs['peak_mb']:6.0f} MB | {r['speedup']:.2f}x tok/s, "
-                f"{r['memory_ratio']:.2f}x peak RSS",
+                f"{r['memory_ratio']:.2f}x peak RSS | utilisation {100 * ours['utilisation']:.1f}% vs "
+                f"{100 * theirs['utilisation']:.1f}%",
                 flush=True,
             )
     units = cpu_bf16_units()
@@ -183,6 +197,8 @@ def main() -> None:
             "warmup": a.warmup,
             "threads": a.threads,
             "cpu_bf16_units": units,
+            "cpu": cpu,
+            "gemm_rates_gflops": rates,
             "cases": results,
             "environment": environment(),
         },

@@ -228,6 +228,11 @@ def worker(impl: str, ckpt: str, a) -> dict:
         pos = torch.arange(T, device=ids.device).expand(B, T) * mask  # (B, T), padding at 0 as collate does
         batch = Batch(ids, labels, mask, pos, mask.clone(), n_label_tokens=int((labels[:, 1:] != -100).sum()))
         trainable = report["trainable"]
+        from minilora.train.planner import LINEARS, flops_per_token
+
+        # the model's FLOPs per step (no recompute counted): what utilisation divides by the step time
+        labelled = batch.n_label_tokens / (B * T)
+        flops_step = flops_per_token(model.config, T, a.rank, LINEARS, label_fraction=labelled) * B * T
 
         def loss_backward() -> float:
             s, n = chunked_lm_loss(model, batch, chunk=a.loss_chunk)
@@ -264,6 +269,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
         mask = real.long()
         trainable = sum(p.numel() for p in params)
+        flops_step = None
 
         def loss_backward() -> float:
             loss = model(input_ids=ids, attention_mask=mask, labels=hf_labels, use_cache=False).loss  # mean
@@ -321,6 +327,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         "resident_mb": model_bytes / 2**20,
         "lora_mb": lora_bytes / 2**20,
         "trainable_params": trainable,
+        "flops_per_step": flops_step,
     }
 
 
@@ -480,6 +487,13 @@ def main() -> None:
                     f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}",
                     flush=True,
                 )
+    import torch
+
+    from bench.common import gemm_rates
+
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads or torch.get_num_threads())  # the workers' thread count
+        a.gemm_rates = gemm_rates()  # GFLOP/s, this machine, this run
     rows = {}
     for impl, rs in runs.items():
         rows[impl] = {
@@ -487,6 +501,11 @@ def main() -> None:
         }
         rows[impl]["trainable_params"] = rs[0]["trainable_params"]
         rows[impl]["runs"] = rs
+    flops = runs["minilora"][0]["flops_per_step"]  # the same model and batch on both sides
+    for impl in IMPLS:
+        rows[impl]["flops_per_step"] = flops
+        if a.device == "cpu":  # FLOPs per step / step time / this machine's bf16 GEMM rate
+            rows[impl]["utilisation"] = flops / rows[impl]["median_s"] / (a.gemm_rates["bfloat16"] * 1e9)
     report(a, rows)
 
 
@@ -539,7 +558,17 @@ def report(a, rows: dict) -> None:
     else:
         targets = {"no slower (speedup >= 1.0)": speedup >= 1.0, "peak RSS <= 0.8x": mem <= 0.8}
     print("targets: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in targets.items()))
-    from bench.common import environment, write_json
+    from bench.common import cpu_info, environment, write_json
+
+    cpu = None
+    if not cuda:
+        cpu, rates = cpu_info(), a.gemm_rates
+        print(
+            f"CPU {cpu['model']} ({' '.join(f for f in cpu['flags'] if f.startswith(('amx', 'avx512_bf16')))}), "
+            f"{cpu['threads']} threads: GEMM 640x576 @ 576x1536 bf16 {rates['bfloat16']:.0f} GFLOP/s, "
+            f"float32 {rates['float32']:.0f} GFLOP/s; utilisation (model FLOPs per step / step time / bf16 rate): "
+            f"minilora {100 * ours['utilisation']:.1f}%, peft+bnb {100 * theirs['utilisation']:.1f}%"
+        )
 
     name = a.out or (
         "train_step" if (a.geometry, a.device) == ("small", "cpu") else f"train_step_{a.geometry}_{a.device}"
@@ -577,6 +606,8 @@ def report(a, rows: dict) -> None:
             "memory_ratio_above_import": above,
             "step_memory_ratio": step_mem,
             "targets": targets,
+            "cpu": cpu,
+            "gemm_rates_gflops": getattr(a, "gemm_rates", None),
             "environment": environment(),
         },
     )

@@ -121,3 +121,83 @@ class _GatedActFn(torch.autograd.Function):
 def gated_act(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
     """gated_act_plain's numbers and gradients, keeping g and u only (2 e F per row instead of 3 e F)."""
     return _GatedActFn.apply(g, u, gelu)
+
+
+# --- attention: one place chooses the kernel by shape ---------------------------------------------
+# On the CPU, PyTorch's flash-attention backward in bf16 / fp16 takes nearly the same time for a
+# batch of short rows as for the same tokens in long rows, while its float32 kernel's time follows
+# the work (which grows with T). Training attention runs in float32 while T * head_dim
+# is at most this; longer rows keep the 16-bit kernel, faster there. The crossover, measured by
+# bench/attention_cpu.py, sits near the same T * head_dim for head_dim 64, 128 and 256.
+FLOAT32_ATTENTION_MAX_T_HD = 320 * 64
+
+
+def attention_in_float32(device_type: str, dtype: torch.dtype, seq_len: int, head_dim: int) -> bool:
+    """Whether training attention over rows of seq_len tokens runs in float32 (see the constant);
+    minilora.train.planner asks the same question to count what selective recompute keeps."""
+    short = seq_len * head_dim <= FLOAT32_ATTENTION_MAX_T_HD
+    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and short
+
+
+def _float32_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean (True = may attend) or additive mask as the additive float32 mask the kernel takes."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.float()
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+class _Float32FlashFn(torch.autograd.Function):
+    """out = softmax(q k^T * scale + mask) v for 16-bit q, k, v, computed by the CPU flash kernel in
+    float32 (forward and backward), rounded to q's dtype once at the end.
+
+    q (B, H, T, hd), k and v (B, Hkv, S, hd) with H a multiple of Hkv (query head h reads kv head
+    h // (H / Hkv), the kernel's GQA); mask (B or 1, 1, T, S) or None for causal attention over
+    T == S. Saved for backward, as the 16-bit kernel saves them: q, k, v and out in their own dtype
+    and the float32 log-sum-exp (B, H, T). Backward upcasts them and calls the kernel's backward:
+    with out rounded to 16 bits, its D = rowsum(dO * out) carries that rounding (as the 16-bit
+    kernel's does), everything else is float32 until the gradients are cast to their inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale: float):
+        m32 = _float32_mask(mask)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), 0.0, mask is None, attn_mask=m32, scale=scale
+        )  # (B, H, T, hd) float32, (B, H, T)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g.float(),
+            q.float(),
+            k.float(),
+            v.float(),
+            out.float(),
+            lse,
+            0.0,
+            mask is None,
+            attn_mask=_float32_mask(mask),
+            scale=ctx.scale,
+        )
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None
+
+
+def attention(q, k, v, mask, scale: float, enable_gqa: bool) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v -> (B, H, T, hd): scaled_dot_product_attention, or for short
+    16-bit rows on the CPU (attention_in_float32) its flash kernel in float32.
+
+    q (B, H, T, hd); k, v (B, Hkv, S, hd) with Hkv == H, or Hkv < H and enable_gqa; mask (B, 1, T, S)
+    boolean (True = may attend) or additive in q's dtype, or None for causal attention over T == S.
+    """
+    # With or without gradients alike, so that a no-grad forward (evaluation, DPO's reference) gives
+    # the training forward's numbers; a cached forward (S > T: generation) keeps SDPA.
+    T, S = q.shape[-2], k.shape[-2]
+    if S == T and attention_in_float32(q.device.type, q.dtype, T, q.shape[-1]):
+        return _Float32FlashFn.apply(q, k, v, mask, scale)
+    gqa = {"enable_gqa": True} if enable_gqa else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, **gqa)

@@ -31,12 +31,11 @@ from contextvars import ContextVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from .config import FULL, SLIDING, ModelConfig
-from .ops import gated_act, rms_norm
+from .ops import attention, gated_act, rms_norm
 from .recompute import selective_context
 
 # The adapter of each row (B,) of the forward in progress; see adapter_rows.
@@ -174,15 +173,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
         if self.softcap is None:
             # enable_gqa: query head h reads kv head h // rep, and backward keeps k, v unrepeated
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=self.scale,
-                **({"enable_gqa": True} if gqa else {}),
-            )  # (B, H, T, hd)
+            out = attention(q, k, v, mask, self.scale, gqa)  # (B, H, T, hd)
         else:
             # SDPA cannot soft-cap scores, so this path spells attention out.
             if mask is None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from minilora.models import transformer
+from minilora.models import ops, transformer
 from minilora.models.config import ModelConfig
 from minilora.models.ops import gated_act, gated_act_plain, rms_norm, rms_norm_plain
 
@@ -347,9 +347,14 @@ def test_packed_rows_share_one_additive_mask_per_layer_kind_with_the_same_bits(d
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             return (*run(), len(masks))
 
-    h_new, g_new, n_new = run_counting_masks()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(transformer, "additive_mask", lambda allowed, dtype: allowed)  # the boolean mask, as before
-        h_old, g_old, n_old = run_counting_masks()
-    assert torch.equal(h_new, h_old) and all(torch.equal(a, b) for a, b in zip(g_new, g_old))
-    assert (n_new, n_old) == (len(set(cfg.layer_types)), L)
+    # SDPA itself (FLOAT32_ATTENTION_MAX_T_HD = 0), and for a 16-bit model the CPU's float32 kernel,
+    # which keeps the mask it is given (so a boolean mask is shared too)
+    for limit in (0, ops.FLOAT32_ATTENTION_MAX_T_HD):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ops, "FLOAT32_ATTENTION_MAX_T_HD", limit)
+            h_new, g_new, n_new = run_counting_masks()
+            mp.setattr(transformer, "additive_mask", lambda allowed, dtype: allowed)  # the boolean mask, as before
+            h_old, g_old, n_old = run_counting_masks()
+        assert torch.equal(h_new, h_old) and all(torch.equal(a, b) for a, b in zip(g_new, g_old))
+        float32_kernel = ops.attention_in_float32("cpu", dtype, T, cfg.head_dim) if limit else False
+        assert (n_new, n_old) == (len(set(cfg.layer_types)), len(set(cfg.layer_types)) if float32_kernel else L)

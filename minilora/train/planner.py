@@ -31,7 +31,8 @@ matrix products and reruns only the elementwise ops between them, per token per 
 against the outputs its policy keeps in tests/test_recompute.py):
     input           e D
     base linears    q, k, v, o, gate, up, down outputs: e (H hd + 2 Hkv hd + 2 D + 2 F)
-    attention       SDPA's output e H hd and its float32 log-sum-exp 4 H; with attention soft-capping
+    attention       SDPA's output e H hd (4 H hd where short 16-bit rows run it in float32 on the
+                    CPU: models/ops.py) and its float32 log-sum-exp 4 H; with attention soft-capping
                     (no SDPA) the two batched products: the scores e H T and the output e H hd
     dense base      (--quantize none) each adapted linear's LoRA products, float32: 4 r + 4 M
 (the NF4 + LoRA function computes its rank-r products with out=, which the policy recomputes; the
@@ -68,6 +69,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minilora.dtypes import dtype_name
+from minilora.models.ops import attention_in_float32
 
 MiB = 2**20
 NF4_BLOCK, ABSMAX_BLOCK, STATE_BLOCK = 64, 256, 256
@@ -309,7 +311,9 @@ def plan_memory(
     s = max(0, min(L - k, selective_blocks))
     # selective recompute's kept bytes per token per block (see the module docstring)
     if cfg.attn_logit_softcapping is None:
-        sel_attention = e * H * hd + 4 * H  # SDPA output + float32 log-sum-exp
+        # SDPA output + float32 log-sum-exp; short 16-bit rows on the CPU run it in float32 (models/ops.py)
+        e_attn = 4 if attention_in_float32(device_type, dtype, seq_len, hd) else e
+        sel_attention = e_attn * H * hd + 4 * H
     else:
         sel_attention = e * H * seq_len + e * H * hd  # scores (B, H, T, T) and p v, both from bmm
     sel = e * (D + H * hd + 2 * Hkv * hd + 2 * D + 2 * F) + sel_attention
