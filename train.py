@@ -236,6 +236,7 @@ def setup(cfg, given: set[str]) -> Run | int:
         dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        lora_compute=cfg.lora_compute,
         init=cfg.init,
         loftq_iters=cfg.loftq_iters,
         seed=cfg.seed,

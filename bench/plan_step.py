@@ -7,7 +7,8 @@ A random-weight 135M-class Llama (vocab 49152, D 576, 30 layers, 9/3 heads, FFN 
 bench/train_step.py's two workers (each in its own process: its own peak RSS), rows of random length
 in [130, 170] right-padded, the second half of each row labelled (a prompt/completion task).
 
-  equal settings    float32 and bf16 compute, recompute on and off, the same on both sides
+  equal settings    float32 and bf16 compute, recompute on and off, the same on both sides; and
+                    bf16 without recompute with minilora's LoRA products in bf16 (--lora-compute compute)
   defaults          minilora as train.py runs it (--dtype auto, --gradient-checkpointing auto: the
                     planner's choice for this batch and this machine's free memory: off, selective or
                     full recompute on some blocks) beside the usual
@@ -16,7 +17,7 @@ in [130, 170] right-padded, the second half of each row labelled (a prompt/compl
 
 Ratios: speedup = their step time / ours (> 1 favours minilora), memory = our peak RSS / theirs
 (< 1 favours minilora). Utilisation = the model's FLOPs per step (planner.flops_per_token, no
-recompute counted) / step time / the bf16 GEMM rate measured at the start of the same run. Also
+recompute counted) / step time / the bf16 GEMM rate its worker measured around its steps. Also
 reported: this CPU's native bf16 units (avx512_bf16, amx) as torch sees them. Never evaluates a
 bitsandbytes model before timing it (see train_step.py).
 Writes bench/results/plan_step.json (or --out NAME).
@@ -123,6 +124,15 @@ def main() -> None:
         for dt in ("float32", "bfloat16")
         for rc in (True, False)
     ]
+    cases.append(  # the LoRA products in bf16, as PEFT under autocast (minilora's side only)
+        (
+            "bfloat16, recompute off, minilora --lora-compute compute",
+            {
+                "minilora": [*base, "--dtype", "bfloat16", ckpt_flag(False), "--lora-compute", "compute"],
+                "peft+bnb": [*base, "--dtype", "bfloat16", ckpt_flag(False)],
+            },
+        )
+    )
     cases.append(
         (
             f"defaults: minilora {dtype} recompute {full} full + {sel} selective, loss chunk {chunk} vs QLoRA recipe",
@@ -132,15 +142,11 @@ def main() -> None:
             },
         )
     )
-    from bench.common import cpu_info, gemm_rates
+    from bench.common import cpu_info
+    from bench.train_step import add_utilisation
 
-    torch.set_num_threads(a.threads or torch.get_num_threads())  # the workers' thread count
-    cpu, rates = cpu_info(), gemm_rates()  # this machine's GEMM rates in this run: utilisation's ceiling
-    print(
-        f"CPU {cpu['model']}; flags {' '.join(cpu['flags'])}; {cpu['threads']} threads; GEMM 640x576 @ "
-        f"576x1536: bf16 {rates['bfloat16']:.0f} GFLOP/s, float32 {rates['float32']:.0f} GFLOP/s",
-        flush=True,
-    )
+    cpu = dict(cpu_info(), threads=a.threads)
+    print(f"CPU {cpu['model']}; flags {' '.join(cpu['flags'])}; {cpu['threads']} threads", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="minilora_plan_step_") as tmp:
         ckpt = a.ckpt or os.path.join(tmp, "llama-135m")
@@ -163,9 +169,10 @@ def main() -> None:
             )
         for name, argv in cases:
             rows = {impl: run_worker(impl, ckpt, argv[impl]) for impl in IMPLS}
+            for row in rows.values():
+                row["runs"] = [dict(row)]
+            add_utilisation(rows)  # against the bf16 GEMM rate each worker measured around its steps
             ours, theirs = rows["minilora"], rows["peft+bnb"]
-            for row in rows.values():  # model FLOPs per step (the same batch on both sides) / time / bf16 rate
-                row["utilisation"] = ours["flops_per_step"] / row["median_s"] / (rates["bfloat16"] * 1e9)
             r = {
                 "case": name,
                 "speedup": theirs["median_s"] / ours["median_s"],
@@ -177,7 +184,8 @@ def main() -> None:
                 f"{name:58} minilora {ours['tokens_per_s']:7.0f} tok/s {ours['peak_mb']:6.0f} MB | peft+bnb "
                 f"{theirs['tokens_per_s']:7.0f} tok/s {theirs['peak_mb']:6.0f} MB | {r['speedup']:.2f}x tok/s, "
                 f"{r['memory_ratio']:.2f}x peak RSS | utilisation {100 * ours['utilisation']:.1f}% vs "
-                f"{100 * theirs['utilisation']:.1f}%",
+                f"{100 * theirs['utilisation']:.1f}% (bf16 GEMM {ours['gemm_bf16_gflops']:.0f} / "
+                f"{theirs['gemm_bf16_gflops']:.0f} GFLOP/s)",
                 flush=True,
             )
     units = cpu_bf16_units()
@@ -198,7 +206,6 @@ def main() -> None:
             "threads": a.threads,
             "cpu_bf16_units": units,
             "cpu": cpu,
-            "gemm_rates_gflops": rates,
             "cases": results,
             "environment": environment(),
         },

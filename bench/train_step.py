@@ -210,7 +210,16 @@ def worker(impl: str, ckpt: str, a) -> dict:
         base_rss = status_kib("VmRSS")
         t0 = time.perf_counter()
         model, _ = load_model(ckpt, quantize="nf4", dtype=dtype, device=a.device)
-        report = apply_lora(model, targets="all-linear", r=a.rank, alpha=2 * a.rank, dropout=0.0, seed=0, verbose=False)
+        report = apply_lora(
+            model,
+            targets="all-linear",
+            r=a.rank,
+            alpha=2 * a.rank,
+            dropout=0.0,
+            seed=0,
+            verbose=False,
+            lora_compute=a.lora_compute,
+        )
         if not a.gradient_checkpointing or a.recompute in ("full", "selective"):
             model.set_gradient_checkpointing(
                 a.gradient_checkpointing and a.recompute == "full",
@@ -300,6 +309,10 @@ def worker(impl: str, ckpt: str, a) -> dict:
         life_peak_load = status_kib("VmHWM") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := current RSS
+    if not cuda:  # this machine's GEMM ceiling in this process, just before and after the timed steps
+        from bench.common import gemm_rates
+
+        rates_before = gemm_rates()
     losses, times = [], []
     for i in range(a.warmup + a.steps):
         t1 = time.perf_counter()
@@ -313,6 +326,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         train_peak = status_kib("VmHWM") * 1024
         peak = max(train_peak, life_peak_load)
     med = statistics.median(times)
+    rates = None if cuda else {"before": rates_before, "after": gemm_rates()}
     return {
         "median_s": med,
         "times_s": times,
@@ -328,6 +342,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         "lora_mb": lora_bytes / 2**20,
         "trainable_params": trainable,
         "flops_per_step": flops_step,
+        "gemm_rates_gflops": rates,
     }
 
 
@@ -377,6 +392,12 @@ def main() -> None:
         type=int,
         default=256,
         help="minilora's labelled tokens per cross-entropy chunk (train.py's default: 256)",
+    )
+    ap.add_argument(
+        "--lora-compute",
+        default="float32",
+        choices=["float32", "compute"],
+        help="minilora's LoRA path: float32 (PEFT's numbers) or compute (PEFT under autocast; train.py --lora-compute)",
     )
     ap.add_argument("--layers", type=int, default=0, help="override the geometry's layer count (0 = keep)")
     ap.add_argument(
@@ -462,6 +483,8 @@ def main() -> None:
         "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing",
         "--recompute",
         a.recompute,
+        "--lora-compute",
+        a.lora_compute,
         "--tf32" if a.tf32 else "--no-tf32",
     ]
     if a.prepare_kbit:
@@ -487,13 +510,6 @@ def main() -> None:
                     f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}",
                     flush=True,
                 )
-    import torch
-
-    from bench.common import gemm_rates
-
-    if a.device == "cpu":
-        torch.set_num_threads(a.threads or torch.get_num_threads())  # the workers' thread count
-        a.gemm_rates = gemm_rates()  # GFLOP/s, this machine, this run
     rows = {}
     for impl, rs in runs.items():
         rows[impl] = {
@@ -501,12 +517,25 @@ def main() -> None:
         }
         rows[impl]["trainable_params"] = rs[0]["trainable_params"]
         rows[impl]["runs"] = rs
-    flops = runs["minilora"][0]["flops_per_step"]  # the same model and batch on both sides
-    for impl in IMPLS:
-        rows[impl]["flops_per_step"] = flops
-        if a.device == "cpu":  # FLOPs per step / step time / this machine's bf16 GEMM rate
-            rows[impl]["utilisation"] = flops / rows[impl]["median_s"] / (a.gemm_rates["bfloat16"] * 1e9)
+    add_utilisation(rows)
     report(a, rows)
+
+
+def add_utilisation(rows: dict) -> None:
+    """CPU: each side's utilisation, the model's FLOPs per step (the same batch on both sides) / its
+    median step time / the bf16 GEMM rate its worker measured around its timed steps (the mean of
+    before and after, per run; medians over rounds). A shared VM's bf16 rate moves 3x between minutes,
+    so the ceiling is taken in the same process and minutes as the steps it divides."""
+    flops = rows["minilora"]["runs"][0]["flops_per_step"]
+    for row in rows.values():
+        row["flops_per_step"] = flops
+        rates = [r["gemm_rates_gflops"] for r in row["runs"]]
+        if rates[0] is None:
+            continue
+        bf16 = [(x["before"]["bfloat16"] + x["after"]["bfloat16"]) / 2 for x in rates]
+        f32 = [(x["before"]["float32"] + x["after"]["float32"]) / 2 for x in rates]
+        row["gemm_bf16_gflops"], row["gemm_f32_gflops"] = statistics.median(bf16), statistics.median(f32)
+        row["utilisation"] = statistics.median(flops / r["median_s"] / (b * 1e9) for r, b in zip(row["runs"], bf16))
 
 
 def report(a, rows: dict) -> None:
@@ -562,12 +591,15 @@ def report(a, rows: dict) -> None:
 
     cpu = None
     if not cuda:
-        cpu, rates = cpu_info(), a.gemm_rates
+        cpu = cpu_info()
+        cpu["threads"] = a.threads or cpu["threads"]
         print(
             f"CPU {cpu['model']} ({' '.join(f for f in cpu['flags'] if f.startswith(('amx', 'avx512_bf16')))}), "
-            f"{cpu['threads']} threads: GEMM 640x576 @ 576x1536 bf16 {rates['bfloat16']:.0f} GFLOP/s, "
-            f"float32 {rates['float32']:.0f} GFLOP/s; utilisation (model FLOPs per step / step time / bf16 rate): "
-            f"minilora {100 * ours['utilisation']:.1f}%, peft+bnb {100 * theirs['utilisation']:.1f}%"
+            f"{cpu['threads']} threads; GEMM 640x576 @ 576x1536 around each side's steps: bf16 "
+            f"{ours['gemm_bf16_gflops']:.0f} / {theirs['gemm_bf16_gflops']:.0f} GFLOP/s, float32 "
+            f"{ours['gemm_f32_gflops']:.0f} / {theirs['gemm_f32_gflops']:.0f}; utilisation (model FLOPs per step / "
+            f"step time / that bf16 rate): minilora {100 * ours['utilisation']:.1f}%, peft+bnb "
+            f"{100 * theirs['utilisation']:.1f}%"
         )
 
     name = a.out or (
@@ -597,6 +629,7 @@ def report(a, rows: dict) -> None:
                 else "VmHWM (peak RSS) of the worker process over its life"
             ),
             "loss_chunk": a.loss_chunk,
+            "lora_compute": a.lora_compute,
             "rounds": a.rounds,
             "threads": a.threads,
             "malloc_mmap_threshold": a.mmap_threshold or None,
@@ -607,7 +640,6 @@ def report(a, rows: dict) -> None:
             "step_memory_ratio": step_mem,
             "targets": targets,
             "cpu": cpu,
-            "gemm_rates_gflops": getattr(a, "gemm_rates", None),
             "environment": environment(),
         },
     )

@@ -19,6 +19,10 @@ derivations in minilora/lora/inits.py).
 
 On an NF4 base without DoRA, one autograd function (_LoRANF4Fn, minilora/lora/nf4_fused.py) does
 base + LoRA without a float32 copy of x or a kept dequantized weight.
+
+lora_compute="compute" runs the LoRA path as PEFT does under torch.autocast instead: the float32
+master weights cast to the base's 16-bit compute dtype, every LoRA product and the add in that
+dtype (without DoRA; a float32 base computes in float32 either way).
 """
 
 from __future__ import annotations
@@ -30,17 +34,24 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import minilora.lora.inits as inits
 from minilora.lora.dora import dora_delta, merged_dora_weight, row_norm
 from minilora.lora.multi import DEFAULT, NamedLoRALinear, routed_forward
-from minilora.lora.nf4_fused import LORA_SLICE_BYTES, _LoRANF4Fn, _row_slices  # noqa: F401  (re-exported)
+from minilora.lora.nf4_fused import (  # noqa: F401  (LORA_SLICE_BYTES, _row_slices re-exported)
+    LORA_SLICE_BYTES,
+    _LoRANF4AutocastFn,
+    _LoRANF4Fn,
+    _row_slices,
+)
 from minilora.models.loader import set_module
 from minilora.models.transformer import adapter_rows
 from minilora.quant.linear import NF4_BUFFERS, NF4Linear
 from minilora.quant.nf4 import quantize_nf4
 
 INITS = inits.RANDOM_INITS + inits.WEIGHT_INITS  # pissa_niter_N: N a positive integer (inits.is_known)
+LORA_COMPUTE = ("float32", "compute")  # the LoRA path's precision: PEFT's float32 numbers, or autocast's
 
 
 class AdapterError(ValueError):
@@ -89,8 +100,11 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
         loftq_iters: int = 1,
+        lora_compute: str = "float32",
     ):
         super().__init__()
+        if lora_compute not in LORA_COMPUTE:
+            raise AdapterError(f"lora_compute={lora_compute!r} is invalid; pass one of {', '.join(LORA_COMPUTE)}.")
         if not isinstance(base, (nn.Linear, NF4Linear)) or isinstance(base, LoRALinear):
             raise AdapterError(f"LoRALinear wraps an nn.Linear or an NF4Linear, not {type(base).__name__}.")
         check_rank(r)
@@ -105,6 +119,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.dropout_p, self.init, self.loftq_iters = r, alpha, float(dropout), init, loftq_iters
         self.use_rslora, self.use_dora = bool(use_rslora), bool(use_dora)
+        self.lora_compute = lora_compute
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dev = base.weight_packed.device if isinstance(base, NF4Linear) else base.weight.device
@@ -146,12 +161,21 @@ class LoRALinear(nn.Module):
         A, B, s = self.lora_A, self.lora_B, self.scaling
         p = self.dropout_p if self.training else 0.0
         nf4 = isinstance(self.base, NF4Linear)
+        c = (self.base.compute_dtype or x.dtype) if nf4 else self.base.weight.dtype
+        autocast = self.lora_compute == "compute" and c != torch.float32 and not self.use_dora
         if nf4 and not self.use_dora and torch.is_grad_enabled():
             lead = x.shape[:-1]
-            y = _LoRANF4Fn.apply(x.reshape(-1, self.in_features), A.weight, B.weight, self.base, s, p)
+            x2 = x.reshape(-1, self.in_features)  # (N, K)
+            if autocast:
+                y = _LoRANF4AutocastFn.apply(x2.to(c), A.weight, B.weight, self.base, s, p)
+            else:
+                y = _LoRANF4Fn.apply(x2, A.weight, B.weight, self.base, s, p)
             return y.view(*lead, self.out_features)  # (N, M) -> (..., M)
         result = self.base(x)  # (..., M) in the base's output dtype
         out_dtype = result.dtype
+        if autocast:  # PEFT under torch.autocast: the LoRA products and the add in c
+            xd = self.lora_dropout(x.to(A.weight.dtype)).to(c)  # PEFT on the CPU: dropout on float32 x
+            return result + F.linear(F.linear(xd, A.weight.to(c)), B.weight.to(c)) * s
         xf = x.to(A.weight.dtype)  # float32 for the LoRA path
         if not self.use_dora:
             lora = B(A(self.lora_dropout(xf))) * s  # (..., K) -> (..., r) -> (..., M)
@@ -316,6 +340,7 @@ def apply_lora(
     ranks: dict[str, int] | None = None,
     alphas: dict[str, float] | None = None,
     loftq_iters: int = 1,
+    lora_compute: str = "float32",
 ) -> dict:
     """Replace the targeted linears by LoRALinear in place, freeze everything else, and return
     {"trainable", "total", "percent", "message", "modules"} (message printed as PEFT prints it).
@@ -334,7 +359,9 @@ def apply_lora(
             torch.manual_seed(seed)
         for name in names:
             rr, aa = (ranks or {}).get(name, r), (alphas or {}).get(name, alpha)
-            layer = LoRALinear(model.get_submodule(name), rr, aa, dropout, init, use_rslora, use_dora, loftq_iters)
+            layer = LoRALinear(
+                model.get_submodule(name), rr, aa, dropout, init, use_rslora, use_dora, loftq_iters, lora_compute
+            )
             set_module(model, name, layer)
     report = trainable_report(model)
     report["modules"] = names

@@ -110,3 +110,67 @@ class _LoRANF4Fn(torch.autograd.Function):
                     gl = gl * keep
                 gx[i0:i1] += gl.to(x.dtype)
         return gx, gA, gB, None, None, None
+
+
+class _LoRANF4AutocastFn(torch.autograd.Function):
+    """y = x W0^T (+ b) + s * (d(x) A_c^T) B_c^T, every term in x's dtype c (bf16 / fp16): PEFT +
+    bitsandbytes under torch.autocast, op for op, so the outputs and gradients are its bits.
+
+    x (N, K) in c; A_c = A.to(c) (r, K), B_c = B.to(c) (M, r) from the float32 master weights; d(x) =
+    (x_f * noise).to(c), noise = bernoulli(1 - p) / (1 - p) in float32 (PEFT's layers cast x to the
+    adapter's float32 before dropout when CPU autocast is on; under CUDA autocast its bitsandbytes
+    layer drops out in c, one rounding apart). Each product is a c GEMM (float32 accumulation inside,
+    one rounding to c per output), so no float32 copy of the (N, M) LoRA term or of dL/dy is made,
+    and of x only while dropout draws. u = d(x) A_c^T (N, r) is saved.
+
+    Backward, g = dL/dy (N, M) in c, every line rounded to c as autograd rounds it under autocast:
+        g_t = g s                                        (N, M)        the `* scaling`
+        dL/dB = (g_t^T u).float()                        (M, N) @ (N, r)
+        dL/du = g_t B_c                                  (N, M) @ (M, r)
+        dL/dA = ((dL/du)^T d(x)).float()                 (r, N) @ (N, K)
+        dL/dx = g W0 + d'(dL/du A_c)                     W0 dequantized again; d' multiplies by noise in float32
+    Against the float32 LoRA path (_LoRANF4Fn) each LoRA product carries one more rounding to c
+    (relative 2^-8 in bf16) on a term that is itself rounded to c before it reaches y; the float32
+    master weights, optimizer states and gradient accumulation keep every update.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
+        c = x.dtype
+        A_c, B_c = A.to(c), B.to(c)  # (r, K), (M, r)
+        y = nf4_matmul(x, base.weight_nf4)  # (N, M)
+        if base.bias is not None:
+            y = y + base.bias.to(y.dtype)
+        mask = None
+        xd = x
+        if p > 0:  # PEFT on the CPU drops out float32 x (then autocast rounds it to c): a transient copy
+            noise = torch.empty(x.shape, device=x.device).bernoulli_(1 - p).div_(1 - p)  # (N, K) float32
+            mask = noise != 0
+            xd = (x.float() * noise).to(c)
+        u = xd @ A_c.t()  # (N, K) @ (K, r) -> (N, r)
+        out = y + (u @ B_c.t()) * scaling  # (N, r) @ (r, M) -> (N, M), then * s and + in c, as autocast rounds
+        ctx.save_for_backward(x, A_c, B_c, u, mask)
+        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A_c, B_c, u, mask = ctx.saved_tensors
+        s, p, base = ctx.scaling, ctx.p, ctx.base
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        keep = None if mask is None else mask.float().div_(1 - p)  # the forward's float32 noise, bit for bit
+        g_t = g * s  # (N, M)
+        gB = (g_t.t() @ u).float() if need_B else None  # (M, r)
+        gu = g_t @ B_c  # (N, r)
+        del g_t
+        gA = None
+        if need_A:
+            xd = x if keep is None else (x.float() * keep).to(x.dtype)
+            gA = (gu.t() @ xd).float()  # (r, K)
+        gx = None
+        if need_x:
+            gl = gu @ A_c  # (N, K)
+            if keep is not None:
+                gl = (gl.float() * keep).to(x.dtype)
+            gx = nf4_matmul_t(g, base.weight_nf4) + gl  # the base's dL/dx + the LoRA path's, added in c
+        return gx, gA, gB, None, None, None

@@ -123,6 +123,13 @@ class TrainConfig:
     lora_targets: str = _f("all-linear", "all-linear, or comma-separated module names (q_proj,v_proj)")
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
+    lora_compute: str = _f(
+        "float32",
+        "the LoRA path with a 16-bit --dtype: float32 (PEFT's numbers: x upcast, float32 products) or "
+        "compute (PEFT under torch.autocast: the products in the compute dtype from the float32 master "
+        "weights; faster on the CPU; DoRA keeps float32)",
+        choices=["float32", "compute"],
+    )
     init: str = _f(
         "default",
         "LoRA initialisation, named as PEFT's init_lora_weights: default, gaussian (B = 0); pissa (the top-r "

@@ -85,6 +85,7 @@ CHANGEABLE_FIELDS = (
     "lora_dropout",
     "gradient_checkpointing",
     "tf32",
+    "lora_compute",  # the precision of the LoRA products, as tf32 is of the base's
     "loss_chunk",
     "lr",
     "min_lr_ratio",

@@ -198,6 +198,7 @@ def predict(tc, model_cfg, device, dtype, shape: tuple[int, int], labels: int, p
             dropout=tc.lora_dropout,
             use_rslora=tc.use_rslora,
             use_dora=tc.use_dora,
+            lora_compute=tc.lora_compute,
         ),
         recompute=[plan.recompute_blocks, plan.selective_blocks],
         loss_chunk=plan.loss_chunk,
