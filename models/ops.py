@@ -1,5 +1,5 @@
 """Memory-lean autograd functions for the transformer block: the same forward numbers as the plain
-PyTorch ops, fewer bytes kept for backward.
+PyTorch ops, fewer bytes kept for backward; and the attention kernel's choice.
 
 Letters: N rows (all leading dims), D the normalized width, F the MLP width; e bytes per element of
 the activations' dtype.
@@ -9,10 +9,14 @@ the activations' dtype.
                   upcast in backward.
     gated_act     act(g) * u: plain autograd keeps g (for act's backward), act(g) and u (for the
                   product's); this keeps g and u, and recomputes act(g) in backward.
+    attention     scaled_dot_product_attention, except that short 16-bit rows on the CPU run its
+                  flash kernel in float32 (faster there, and more accurate), saving what the 16-bit
+                  kernel saves; chosen by shape in attention_in_float32.
 
-Each backward runs the same aten ops, in the same order and dtypes, as autograd's backward of the
-plain ops (torch/csrc/autograd/FunctionsManual.cpp: mean_backward, pow_backward; derivatives.yaml:
-rsqrt, mul, silu, gelu), so the gradients are bit for bit autograd's (tests/test_ops.py).
+The backwards of the first two run the same aten ops, in the same order and dtypes, as autograd's
+backward of the plain ops (torch/csrc/autograd/FunctionsManual.cpp: mean_backward, pow_backward;
+derivatives.yaml: rsqrt, mul, silu, gelu), so the gradients are bit for bit autograd's
+(tests/test_ops.py); attention's is checked in tests/test_attention_cpu.py.
 """
 
 from __future__ import annotations
