@@ -130,24 +130,30 @@ def gated_act(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
 # --- attention: one place chooses the kernel by shape ---------------------------------------------
 # On the CPU, PyTorch's flash-attention backward in bf16 / fp16 takes nearly the same time for a
 # batch of short rows as for the same tokens in long rows, while its float32 kernel's time follows
-# the work (which grows with T). Training attention runs in float32 while T * head_dim
-# is at most this; longer rows keep the 16-bit kernel, faster there. The crossover, measured by
+# the work (which grows with T). Attention over rows of T tokens (no cache) runs in float32 while
+# T * head_dim is at most this; longer rows keep the 16-bit kernel, faster there. The crossover, measured by
 # bench/attention_cpu.py, sits near the same T * head_dim for head_dim 64, 128 and 256.
 FLOAT32_ATTENTION_MAX_T_HD = 320 * 64
 
 
 def attention_in_float32(device_type: str, dtype: torch.dtype, seq_len: int, head_dim: int) -> bool:
-    """Whether training attention over rows of seq_len tokens runs in float32 (see the constant);
+    """Whether attention over rows of seq_len tokens runs in float32 (see the constant);
     minilora.train.planner asks the same question to count what selective recompute keeps."""
     short = seq_len * head_dim <= FLOAT32_ATTENTION_MAX_T_HD
     return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and short
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as the additive mask SDPA builds from it: 0 where allowed,
+    -inf elsewhere, in `dtype`. Added to the scores it equals masking them (s + 0 = s, s - inf = -inf)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 def _float32_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """A boolean (True = may attend) or additive mask as the additive float32 mask the kernel takes."""
-    if mask is None or mask.dtype != torch.bool:
-        return None if mask is None else mask.float()
-    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    if mask is None:
+        return None
+    return additive_mask(mask, torch.float32) if mask.dtype == torch.bool else mask.float()
 
 
 class _Float32FlashFn(torch.autograd.Function):

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from .config import FULL, SLIDING, ModelConfig
-from .ops import attention, gated_act, rms_norm
+from .ops import additive_mask, attention, gated_act, rms_norm
 from .recompute import selective_context
 
 # The adapter of each row (B,) of the forward in progress; see adapter_rows.
@@ -255,12 +255,6 @@ def build_mask(q_slots, key_valid, segment_q, segment_k, window):
         allowed = allowed & (segment_q[:, :, None] == segment_k[:, None, :])
     allowed = allowed | (k_slots[None, :] == q_slots[:, None])[None]
     return allowed[:, None]  # (B, 1, T, S)
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask (True = may attend) as the additive mask SDPA builds from it: 0 where allowed,
-    -inf elsewhere, in `dtype`. Added to the scores it equals masking them (s + 0 = s, s - inf = -inf)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def causal_is_exact(valid, segment_ids) -> bool:
