@@ -28,6 +28,13 @@ def _row_slices(n: int, width: int, device: torch.device) -> list[tuple[int, int
     return [(i, min(n, i + rows)) for i in range(0, n, rows)]
 
 
+def _base_output(x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
+    """x W0^T + b -> (N, M) in x's dtype, as NF4Linear computes it (the bias added after the matmul);
+    the fused Triton kernel on CUDA when it wins. No autograd: the callers' backward owns dL/dx."""
+    y = nf4_matmul(x, base.weight_nf4)  # (N, K) @ (K, M) -> (N, M)
+    return y if base.bias is None else y + base.bias.to(y.dtype)
+
+
 class _LoRANF4Fn(torch.autograd.Function):
     """y = (x_c W0^T + b).to(x dtype) + (s * (d(x_f) A^T) B^T).to(x dtype)
 
@@ -50,10 +57,7 @@ class _LoRANF4Fn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
         in_dtype, cdt = x.dtype, base.compute_dtype or x.dtype
-        q = base.weight_nf4
-        y = nf4_matmul(x.to(cdt), q)  # (N, K) @ (K, M) -> (N, M); fused Triton kernel on CUDA when it wins
-        if base.bias is not None:
-            y = y + base.bias.to(y.dtype)  # NF4Linear adds the bias after the matmul
+        y = _base_output(x.to(cdt), base)  # (N, M)
         y = y.to(in_dtype)
         # Dropout as nn.Dropout draws it: noise = bernoulli(1-p) / (1-p), x * noise. Drawn slice by
         # slice, which on the CPU consumes the generator exactly as one whole draw (the PEFT tests
@@ -138,9 +142,7 @@ class _LoRANF4AutocastFn(torch.autograd.Function):
     def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
         c = x.dtype
         A_c, B_c = A.to(c), B.to(c)  # (r, K), (M, r)
-        y = nf4_matmul(x, base.weight_nf4)  # (N, M)
-        if base.bias is not None:
-            y = y + base.bias.to(y.dtype)
+        y = _base_output(x, base)  # (N, M)
         mask = None
         xd = x
         if p > 0:  # PEFT on the CPU drops out float32 x (then autocast rounds it to c): a transient copy
