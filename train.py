@@ -204,7 +204,8 @@ def setup(cfg, given: set[str]) -> Run | int:
         except eva.EvaError as e:
             return fail(str(e))
     say(
-        f"settings: dtype {plan.dtype}, recompute {plan.recompute}, loss chunk {plan.loss_chunk}, "
+        f"settings: dtype {plan.dtype}, recompute {plan.recompute}, dequantized weights kept {plan.weight_reuse}, "
+        f"loss chunk {plan.loss_chunk}, "
         f"predicted peak {plan.peak / 2**20:,.0f} MiB"
     )
     objective = make_objective(
@@ -278,6 +279,7 @@ def setup(cfg, given: set[str]) -> Run | int:
 
         objective.stored = stored_table(cfg.out, model, objective, data.train, cfg.batch_size, tok.pad_id, main)
     model.set_gradient_checkpointing(plan.recompute_blocks, selective=plan.selective_blocks)
+    model.set_weight_reuse(plan.reuse_blocks)
     model.train()
     if fsdp and not streamed:
         D.shard_model(model, device, world)  # before the optimizer: it holds the sharded LoRA parameters

@@ -8,10 +8,11 @@ bench/train_step.py's two workers (each in its own process: its own peak RSS), r
 in [130, 170] right-padded, the second half of each row labelled (a prompt/completion task).
 
   equal settings    float32 and bf16 compute, recompute on and off, the same on both sides; and
-                    bf16 without recompute with minilora's LoRA products in bf16 (--lora-compute compute)
-  defaults          minilora as train.py runs it (--dtype auto, --gradient-checkpointing auto: the
-                    planner's choice for this batch and this machine's free memory: off, selective or
-                    full recompute on some blocks) beside the usual
+                    bf16 without recompute with minilora's LoRA products in bf16 (--lora-compute compute),
+                    and with every block keeping its dequantized weights (--weight-reuse on)
+  defaults          minilora as train.py runs it (--dtype auto, --gradient-checkpointing auto and
+                    --weight-reuse auto: the planner's choice for this batch and this machine's free
+                    memory: off, selective or full recompute on some blocks, weights kept in some) beside the usual
                     QLoRA recipe (prepare_model_for_kbit_training, gradient checkpointing on, float32
                     compute: transformers' CPU default)
 
@@ -33,8 +34,8 @@ import tempfile
 from bench.train_step import GEOMETRIES, IMPLS, ROOT, run_worker
 
 
-def minilora_defaults(a) -> tuple[str, tuple[int, int] | None, int]:
-    """(dtype, (full, selective) recompute block counts, loss chunk rows) that train.py would choose
+def minilora_defaults(a) -> tuple[str, tuple[int, int, int] | None, int]:
+    """(dtype, (full, selective, weight reuse) block counts, loss chunk rows) that train.py would choose
     here for this geometry and batch (None: nothing fits; train.py would refuse): planner.plan_run on
     train.py's defaults with this benchmark's LoRA (r 16, no dropout)."""
     import torch
@@ -65,7 +66,7 @@ def minilora_defaults(a) -> tuple[str, tuple[int, int] | None, int]:
     plan, error = plan_run(
         TrainConfig(lora_r=16, lora_dropout=0.0), cfg, cpu, dtype, (a.batch, int(a.lengths.split(":")[1]))
     )
-    chosen = None if error else (plan.recompute_blocks, plan.selective_blocks)
+    chosen = None if error else (plan.recompute_blocks, plan.selective_blocks, plan.reuse_blocks)
     return dtype_name(dtype), chosen, plan.loss_chunk
 
 
@@ -113,7 +114,8 @@ def main() -> None:
     ]
     ckpt_flag = lambda on: "--gradient-checkpointing" if on else "--no-gradient-checkpointing"
     dtype, chosen, chunk = minilora_defaults(a)
-    full, sel = chosen or (a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"], 0)  # refused: full, as plan_run
+    L = a.layers or GEOMETRIES["llama-135m"]["num_hidden_layers"]
+    full, sel, reuse = chosen or (L, 0, 0)  # refused: full recompute, as plan_run
     recompute = (
         ["--no-gradient-checkpointing"]
         if full + sel == 0
@@ -133,11 +135,30 @@ def main() -> None:
             },
         )
     )
+    cases.append(  # the dequantized weights kept from forward to backward (minilora's side only)
+        (
+            "bfloat16, recompute off, minilora weights kept",
+            {
+                "minilora": [*base, "--dtype", "bfloat16", ckpt_flag(False), "--reuse-blocks", str(L)],
+                "peft+bnb": [*base, "--dtype", "bfloat16", ckpt_flag(False)],
+            },
+        )
+    )
     cases.append(
         (
-            f"defaults: minilora {dtype} recompute {full} full + {sel} selective, loss chunk {chunk} vs QLoRA recipe",
+            f"defaults: minilora {dtype} recompute {full} full + {sel} selective, weights kept in {reuse} blocks, "
+            f"loss chunk {chunk} vs QLoRA recipe",
             {
-                "minilora": [*base, "--dtype", dtype, *recompute, "--loss-chunk", str(chunk)],
+                "minilora": [
+                    *base,
+                    "--dtype",
+                    dtype,
+                    *recompute,
+                    "--reuse-blocks",
+                    str(reuse),
+                    "--loss-chunk",
+                    str(chunk),
+                ],
                 "peft+bnb": [*base, "--dtype", "float32", ckpt_flag(True), "--prepare-kbit"],
             },
         )

@@ -228,6 +228,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         else:  # FULL:SELECTIVE block counts (what train.py's planner may choose)
             full, sel = map(int, a.recompute.split(":"))
             model.set_gradient_checkpointing(full, selective=sel)
+        model.set_weight_reuse(a.reuse_blocks)
         model.train()
         params = lora_parameters(model)
         opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
@@ -399,6 +400,13 @@ def main() -> None:
         choices=["float32", "compute"],
         help="minilora's LoRA path: float32 (PEFT's numbers) or compute (PEFT under autocast; train.py --lora-compute)",
     )
+    ap.add_argument(
+        "--reuse-blocks",
+        type=int,
+        default=0,
+        help="minilora: the last N blocks keep their dequantized weights from forward to backward "
+        "(train.py --weight-reuse; its planner picks N)",
+    )
     ap.add_argument("--layers", type=int, default=0, help="override the geometry's layer count (0 = keep)")
     ap.add_argument(
         "--dtype",
@@ -485,6 +493,8 @@ def main() -> None:
         a.recompute,
         "--lora-compute",
         a.lora_compute,
+        "--reuse-blocks",
+        str(a.reuse_blocks),
         "--tf32" if a.tf32 else "--no-tf32",
     ]
     if a.prepare_kbit:
@@ -630,6 +640,7 @@ def report(a, rows: dict) -> None:
             ),
             "loss_chunk": a.loss_chunk,
             "lora_compute": a.lora_compute,
+            "reuse_blocks": a.reuse_blocks,
             "rounds": a.rounds,
             "threads": a.threads,
             "malloc_mmap_threshold": a.mmap_threshold or None,

@@ -309,6 +309,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_blocks = 0  # the first checkpoint_blocks blocks recompute (see set_gradient_checkpointing)
         self.selective_blocks = 0  # the next selective_blocks blocks recompute selectively
+        self.reuse_blocks = 0  # the last reuse_blocks blocks keep their dequantized weights (set_weight_reuse)
 
     def tie_weights(self):
         """Re-tie lm_head to embed_tokens (the loader calls this after replacing parameters)."""
@@ -330,6 +331,18 @@ class Transformer(nn.Module):
         full = count(enabled, L)
         self.checkpoint_blocks, self.selective_blocks = full, count(selective, L - full)
         self.gradient_checkpointing = full + self.selective_blocks > 0
+
+    def set_weight_reuse(self, blocks: int) -> None:
+        """The last `blocks` blocks keep each quantized linear's dequantized weight from forward to
+        backward (keep_dequantized, minilora/quant/linear.py) instead of dequantizing it again; the rest
+        do not. The memory planner picks the count; a recomputed block keeps it only from its
+        recompute to its backward."""
+        L = self.config.num_hidden_layers
+        self.reuse_blocks = max(0, min(L, int(blocks)))
+        for i, layer in enumerate(self.model.layers):
+            for m in layer.modules():
+                if hasattr(m, "keep_dequantized"):  # NF4Linear (models/ does not import the quantizer)
+                    m.keep_dequantized = i >= L - self.reuse_blocks
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) final-normed hidden -> (B, T, V) logits, with Gemma's final soft-capping."""

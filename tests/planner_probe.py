@@ -60,23 +60,36 @@ def main(spec: dict) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
     ones = torch.ones_like(ids)
     batch = Batch(ids, ids.clone(), ones, torch.arange(T).expand(B, T), ones.clone(), B * (T - 1))
-    settings = [k if isinstance(k, list) else [k, 0] for k in spec["recompute_blocks"]]  # [full, selective]
+    # [full, selective, reuse] block counts (reuse: blocks keeping their dequantized weights)
+    settings = [k if isinstance(k, list) else [k] for k in spec["recompute_blocks"]]
+    settings = [k + [0] * (3 - len(k)) for k in settings]  # selective and reuse default to none
     if spec.get("budgets"):  # the parent sends budgets computed from this process's runtime
-        from minilora.train.planner import MARGIN, choose_checkpointing, plan_memory
+        from minilora.train.planner import MARGIN, choose_settings, plan_memory
 
         print(json.dumps({"runtime": runtime}), flush=True)
         budgets = json.loads(sys.stdin.readline())
 
-        def fits(k, s, budget):
-            plan = plan_memory(cfg, batch_size=B, seq_len=T, recompute_blocks=k, selective_blocks=s, runtime=runtime)
+        def fits(k, s, w, budget):
+            plan = plan_memory(
+                cfg,
+                batch_size=B,
+                seq_len=T,
+                dtype=dtype,
+                recompute_blocks=k,
+                selective_blocks=s,
+                reuse_blocks=w,
+                runtime=runtime,
+            )
             return plan.peak <= budget * MARGIN
 
-        chosen = [choose_checkpointing(lambda k, s, b=b: fits(k, s, b), cfg.num_hidden_layers) for b in budgets]
+        L, reuse = cfg.num_hidden_layers, spec.get("reuse", "off")
+        chosen = [choose_settings(lambda k, s, w, b=b: fits(k, s, w, b), L, reuse=reuse) for b in budgets]
         settings = [list(c) for c in chosen if c is not None]
     peaks = []
     # Smallest plan first: what one setting leaves in the allocator is then at most what the next uses.
-    for k, s in settings:
+    for k, s, w in settings:
         model.set_gradient_checkpointing(k, selective=s)
+        model.set_weight_reuse(w)
         for step in range(spec["steps"]):
             if step == 1:  # the first step allocated the optimizer states: measure the steady state
                 with open("/proc/self/clear_refs", "w") as f:

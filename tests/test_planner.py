@@ -64,8 +64,9 @@ def gemma3(layers: int = 18) -> ModelConfig:
 
 
 def settings_measured(L: int) -> list[list[int]]:
-    """[full, selective] block counts measured per geometry: full, selective, off (smallest plan first)."""
-    return [[L, 0], [0, L], [0, 0]]
+    """[full, selective, reuse] block counts measured per geometry: full, selective, off, then off with
+    every block keeping its dequantized weights (smallest plan first)."""
+    return [[L, 0, 0], [0, L, 0], [0, 0, 0], [0, 0, L]]
 
 
 def probe(cfg: ModelConfig, **spec) -> subprocess.Popen:
@@ -92,7 +93,7 @@ def probe(cfg: ModelConfig, **spec) -> subprocess.Popen:
 
 def test_predicted_peak_within_15_percent_of_measured_rss():
     """tiny, a 135M-class Llama and a Gemma 3 geometry with its 262k vocabulary; recompute full,
-    selective and off."""
+    selective and off, and off with the dequantized weights kept."""
     cases = {
         "tiny": (ModelConfig.from_name("tiny"), 4, 64),
         "llama-135m": (llama_135m(2), 4, 160),
@@ -104,9 +105,15 @@ def test_predicted_peak_within_15_percent_of_measured_rss():
         assert p.returncode == 0, err[-3000:]
         m = json.loads(out.splitlines()[-1])
         cfg, b, t = cases[name]
-        for (k, s), peak in zip(settings_measured(cfg.num_hidden_layers), m["peaks"]):
+        for (k, s, w), peak in zip(settings_measured(cfg.num_hidden_layers), m["peaks"]):
             plan = plan_memory(
-                cfg, batch_size=b, seq_len=t, recompute_blocks=k, selective_blocks=s, runtime=m["runtime"]
+                cfg,
+                batch_size=b,
+                seq_len=t,
+                recompute_blocks=k,
+                selective_blocks=s,
+                reuse_blocks=w,
+                runtime=m["runtime"],
             )
             assert plan.peak == pytest.approx(peak, rel=0.15), f"{name}, recompute {plan.recompute}:\n{plan.table()}"
 
@@ -133,11 +140,71 @@ def test_gradient_checkpointing_auto_goes_off_then_selective_then_full_as_the_bu
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
     m = json.loads(out.splitlines()[-1])
-    assert m["recompute_blocks"] == want
+    assert m["recompute_blocks"] == [ks + [0] for ks in want]  # no weight reuse: the probe's default
     for budget, measured in zip(budgets, m["peaks"]):
         assert measured <= budget
     # Too small even with full recompute: no choice, and plan_run's refusal names the largest part.
     assert choose_checkpointing(lambda k, s: peak(k, s) <= peak(4, 0) - 1, 4) is None
+
+
+def test_weight_reuse_auto_keeps_weights_where_they_fit_and_goes_off_before_recompute():
+    """--weight-reuse auto (choose_settings, as plan_run): a roomy budget keeps every block's
+    dequantized weights; a tighter one keeps them in the last blocks only; tighter still, none, with
+    no recompute; then recompute with no weights kept. Measured in the process that trains (bf16, the
+    default dtype on these CPUs): the peak stays under each budget with reuse on, partly on and off."""
+    from minilora.train.planner import MARGIN
+
+    cfg, B, T = llama_135m(4), 2, 128
+    p = probe(cfg, batch=B, seq=T, budgets=True, reuse="auto", dtype="bfloat16")
+    runtime = json.loads(p.stdout.readline())["runtime"]
+
+    def peak(full, selective, reuse):
+        return plan_memory(
+            cfg,
+            batch_size=B,
+            seq_len=T,
+            dtype=torch.bfloat16,
+            recompute_blocks=full,
+            selective_blocks=selective,
+            reuse_blocks=reuse,
+            runtime=runtime,
+        ).peak
+
+    # Smallest plan first (see planner_probe). Full recompute first: in bf16 here selective recompute,
+    # which keeps the float32 attention output, saves less than its recompute transient adds. Its
+    # blocks keep their weights only from recompute to backward, under the loss chunk's larger
+    # transient, so reuse costs nothing there and auto keeps them.
+    want = [[4, 0, 4], [0, 0, 0], [0, 0, 2], [0, 0, 4]]
+    assert peak(0, 0, 0) < peak(0, 0, 2) < peak(0, 0, 4)  # the reuse term grows with the blocks that keep
+    budgets = [int(peak(*ks) / MARGIN) + 1 for ks in want]
+    p.stdin.write(json.dumps(budgets) + "\n")
+    p.stdin.flush()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    m = json.loads(out.splitlines()[-1])
+    assert m["recompute_blocks"] == want
+    for budget, measured in zip(budgets, m["peaks"]):
+        assert measured <= budget
+
+
+def test_choose_settings_turns_reuse_off_before_recompute_on():
+    """A toy memory model (each recomputed block saves 10, selective 5, each kept block's weights cost
+    3): auto reuse fills what the recompute choice leaves; on and off are fixed."""
+    from minilora.train.planner import choose_settings
+
+    def need(k, s, w):
+        return 100 - 10 * k - 5 * s + 3 * w
+
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 124, 8) == (0, 0, 8)
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 110, 8) == (0, 0, 3)
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 100, 8) == (0, 0, 0)
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 92, 8) == (0, 2, 0)  # 90 + 3 > 92: no weights
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 93, 8) == (0, 2, 1)
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 124, 8, reuse="off") == (0, 0, 0)
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 124, 8, reuse="on") == (0, 0, 8)
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 110, 8, reuse="on") == (0, 3, 8)  # recompute for it
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 110, 8, recompute=(8, 0)) == (8, 0, 8)
+    assert choose_settings(lambda k, s, w: need(k, s, w) <= 19, 8, reuse="on") is None
 
 
 def test_plan_refuses_a_run_that_does_not_fit_naming_the_part_and_flag(capsys):
@@ -263,7 +330,8 @@ def test_choose_checkpointing_off_then_selective_then_full():
 @pytest.mark.parametrize(
     "mode,text", [("off", "recompute off"), ("selective", "recompute selective"), ("on", "recompute full")]
 )
-def test_plan_names_the_recompute_mode(capsys, mode, text):
+@pytest.mark.parametrize("reuse", ["auto", "off"])
+def test_plan_names_the_recompute_mode(capsys, mode, text, reuse):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_cli", os.path.join(os.path.dirname(HERE), "train.py"))
@@ -279,10 +347,14 @@ def test_plan_names_the_recompute_mode(capsys, mode, text):
         mode,
         "--memory-budget",
         str(10**12),
+        "--weight-reuse",
+        reuse,
     ]
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert f", {text}, loss chunk " in out and f"activations kept ({text})" in out, out
+    assert f", {text}, " in out and f"activations kept ({text})" in out, out
+    kept = "on" if reuse == "auto" else "off"  # a roomy budget: auto keeps every block's weights
+    assert f", dequantized weights kept {kept}, loss chunk " in out and f"dequantized weights kept ({kept})" in out, out
 
 
 def test_flops_count_a_full_recompute_forward_but_only_the_lora_products_for_selective():

@@ -2,8 +2,9 @@
 
 Letters: N tokens (all leading dims of x flattened), K in_features, M out_features, r rank.
 
-It saves x, the small (N, r) product A x and the dropout mask, never a float32 copy of x and never the
-dequantized weight (dequantized again, in chunks, in backward), and it computes the float32 LoRA
+It saves x, the small (N, r) product A x and the dropout mask, never a float32 copy of x; the
+dequantized weight only where the block keeps it (NF4Linear.keep_dequantized, chosen by the memory
+planner), else it is dequantized again in backward. It computes the float32 LoRA
 terms over row slices, so no (N, K) or (N, M) float32 temporary is built either. See
 bench/lora_layer.py.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from minilora.quant.linear import NF4Linear, nf4_matmul, nf4_matmul_t
+from minilora.quant.linear import NF4Linear, nf4_matmul_keep, nf4_matmul_t
 
 # --- the fused NF4 + LoRA function ----------------------------------------------------------------
 # The LoRA path runs in float32 over (rows, K) and (rows, M) slices of at most this many bytes, so no
@@ -28,11 +29,12 @@ def _row_slices(n: int, width: int, device: torch.device) -> list[tuple[int, int
     return [(i, min(n, i + rows)) for i in range(0, n, rows)]
 
 
-def _base_output(x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
-    """x W0^T + b -> (N, M) in x's dtype, as NF4Linear computes it (the bias added after the matmul);
-    the fused Triton kernel on CUDA when it wins. No autograd: the callers' backward owns dL/dx."""
-    y = nf4_matmul(x, base.weight_nf4)  # (N, K) @ (K, M) -> (N, M)
-    return y if base.bias is None else y + base.bias.to(y.dtype)
+def _base_output(x: torch.Tensor, base: NF4Linear, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x W0^T + b -> (N, M) in x's dtype, as NF4Linear computes it (the bias added after the matmul),
+    W0 dequantized if kept for the backward (base.keep_dequantized, when keep: dL/dx is needed)); the
+    fused Triton kernel on CUDA when it wins. No autograd: the callers' backward owns dL/dx."""
+    y, w = nf4_matmul_keep(x, base.weight_nf4, keep and base.keep_dequantized)  # (N, K) @ (K, M) -> (N, M)
+    return (y if base.bias is None else y + base.bias.to(y.dtype)), w
 
 
 class _LoRANF4Fn(torch.autograd.Function):
@@ -46,7 +48,8 @@ class _LoRANF4Fn(torch.autograd.Function):
         dL/du = g_f B                                    (N, M) @ (M, r) -> (N, r)
         dL/dA = (dL/du)^T d(x_f)                         (r, N) @ (N, K) -> (r, K)
         dL/dx = (g_c W0).to(x dtype) + d'(dL/du A).to(x dtype)
-              d' multiplies by mask / (1-p) again; W0 is dequantized again here (quant_linear.nf4_matmul_t).
+              d' multiplies by mask / (1-p) again; W0 is dequantized again here (quant_linear.nf4_matmul_t)
+              unless the forward kept it.
     Each term is rounded where PEFT + bitsandbytes round it, so the results agree with them. The
     float32 LoRA terms are computed over row slices (_row_slices), so dL/dA and dL/dB are sums of
     per-slice products; slicing changes only float32 summation order and BLAS blocking (last-bit
@@ -57,7 +60,7 @@ class _LoRANF4Fn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
         in_dtype, cdt = x.dtype, base.compute_dtype or x.dtype
-        y = _base_output(x.to(cdt), base)  # (N, M)
+        y, w = _base_output(x.to(cdt), base, ctx.needs_input_grad[0])  # (N, M); w (M, K) or None
         y = y.to(in_dtype)
         # Dropout as nn.Dropout draws it: noise = bernoulli(1-p) / (1-p), x * noise. Drawn slice by
         # slice, which on the CPU consumes the generator exactly as one whole draw (the PEFT tests
@@ -80,19 +83,19 @@ class _LoRANF4Fn(torch.autograd.Function):
             torch.mm(xf, A.t(), out=u[i0:i1])  # (rows, K) @ (K, r) -> (rows, r)
             term = torch.mm(u[i0:i1], B.t(), out=lora[: i1 - i0]).mul_(scaling)  # (rows, r) @ (r, M) -> (rows, M)
             torch.add(y[i0:i1], term.to(in_dtype), out=out[i0:i1])
-        ctx.save_for_backward(x, A, B, u, mask)
+        ctx.save_for_backward(x, A, B, u, mask, w)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, A, B, u, mask = ctx.saved_tensors
+        x, A, B, u, mask, w = ctx.saved_tensors
         s, p, base = ctx.scaling, ctx.p, ctx.base
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
         gx = None
         if need_x:
             cdt = base.compute_dtype or x.dtype
-            gx = nf4_matmul_t(g.to(cdt), base.weight_nf4).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
+            gx = nf4_matmul_t(g.to(cdt), base.weight_nf4, w).to(x.dtype)  # (N, M) @ (M, K) -> (N, K)
         gA = torch.zeros_like(A) if need_A else None  # (r, K)
         gB = torch.zeros_like(B) if need_B else None  # (M, r)
         for i0, i1 in _row_slices(x.shape[0], max(x.shape[1], g.shape[1]), x.device):
@@ -132,7 +135,7 @@ class _LoRANF4AutocastFn(torch.autograd.Function):
         dL/dB = (g_t^T u).float()                        (M, N) @ (N, r)
         dL/du = g_t B_c                                  (N, M) @ (M, r)
         dL/dA = ((dL/du)^T d(x)).float()                 (r, N) @ (N, K)
-        dL/dx = g W0 + d'(dL/du A_c)                     W0 dequantized again; d' multiplies by noise in float32
+        dL/dx = g W0 + d'(dL/du A_c)                     W0 kept or dequantized again; d' multiplies by noise in float32
     Against the float32 LoRA path (_LoRANF4Fn) each LoRA product carries one more rounding to c
     (relative 2^-8 in bf16) on a term that is itself rounded to c before it reaches y; the float32
     master weights, optimizer states and gradient accumulation keep every update.
@@ -142,7 +145,7 @@ class _LoRANF4AutocastFn(torch.autograd.Function):
     def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
         c = x.dtype
         A_c, B_c = A.to(c), B.to(c)  # (r, K), (M, r)
-        y = _base_output(x, base)  # (N, M)
+        y, w = _base_output(x, base, ctx.needs_input_grad[0])  # (N, M); w (M, K) or None
         mask = None
         xd = x
         if p > 0:  # PEFT on the CPU drops out float32 x (then autocast rounds it to c): a transient copy
@@ -151,13 +154,13 @@ class _LoRANF4AutocastFn(torch.autograd.Function):
             xd = (x.float() * noise).to(c)
         u = xd @ A_c.t()  # (N, K) @ (K, r) -> (N, r)
         out = y + (u @ B_c.t()) * scaling  # (N, r) @ (r, M) -> (N, M), then * s and + in c, as autocast rounds
-        ctx.save_for_backward(x, A_c, B_c, u, mask)
+        ctx.save_for_backward(x, A_c, B_c, u, mask, w)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, A_c, B_c, u, mask = ctx.saved_tensors
+        x, A_c, B_c, u, mask, w = ctx.saved_tensors
         s, p, base = ctx.scaling, ctx.p, ctx.base
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
         keep = None if mask is None else mask.float().div_(1 - p)  # the forward's float32 noise, bit for bit
@@ -174,5 +177,5 @@ class _LoRANF4AutocastFn(torch.autograd.Function):
             gl = gu @ A_c  # (N, K)
             if keep is not None:
                 gl = (gl.float() * keep).to(x.dtype)
-            gx = nf4_matmul_t(g, base.weight_nf4) + gl  # the base's dL/dx + the LoRA path's, added in c
+            gx = nf4_matmul_t(g, base.weight_nf4, w) + gl  # the base's dL/dx + the LoRA path's, added in c
         return gx, gA, gB, None, None, None

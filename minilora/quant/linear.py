@@ -9,9 +9,12 @@ nn.Linear; the packed codes and quantization state live in buffers, so `.to(devi
 `state_dict()` carry them. Nothing here is trainable; LoRA (minilora/lora/layers.py) adds the trainable
 part beside it.
 
-Memory: the autograd function keeps only the NF4 tensor (a reference to the module's buffers)
-between forward and backward, and dequantizes again in the backward. A dequantized bf16 weight
-(2 bytes/param, four times the NF4 codes) therefore never stays alive across the step.
+Memory: by default the autograd function keeps only the NF4 tensor (a reference to the module's
+buffers) between forward and backward, and dequantizes again in the backward, so a dequantized bf16
+weight (2 bytes/param, four times the NF4 codes) never stays alive across the step. Dequantizing is
+recomputing the weight; `keep_dequantized` trades that time for memory: the forward's dequantized
+weight is saved for the backward (where dL/dx is needed), the same bits without the second pass. The
+memory planner (minilora/train/planner.py) turns it on per block when the budget allows.
 """
 
 from __future__ import annotations
@@ -48,8 +51,21 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     return F.linear(x, dequantize_nf4(q, x.dtype))  # (..., M)
 
 
-def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
-    """g (..., M) @ W -> (..., K): the input gradient, in g.dtype (the same choice of path)."""
+def nf4_matmul_keep(x: torch.Tensor, q: NF4Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(nf4_matmul(x, q), W or None): with keep, the dequantized weight W (M, K) in x.dtype that the
+    product used, for the backward to reuse; None where the fused kernel ran (it dequantizes in
+    registers, so there is no W to keep) or without keep."""
+    if not keep or dispatch.matmul_kernel(x, q) is not None:
+        return nf4_matmul(x, q), None
+    w = dequantize_nf4(q, x.dtype)  # (M, K)
+    return F.linear(x, w), w  # (..., M): nf4_matmul's product, bit for bit
+
+
+def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """g (..., M) @ W -> (..., K): the input gradient, in g.dtype (the same choice of path); with w, the
+    weight the forward kept (nf4_matmul_keep), the same values as dequantizing again."""
+    if w is not None:
+        return g @ w.to(g.dtype)  # (..., M) @ (M, K) -> (..., K); .to: a no-op unless g's dtype differs
     fused = dispatch.matmul_kernel(g, q, transposed=True)
     if fused is not None:
         return fused(g, q)
@@ -61,18 +77,22 @@ class NF4MatMulFn(torch.autograd.Function):
 
     Forward:  y = x W^T                       x (N, K), W (M, K), y (N, M)
     Backward: dL/dx = dL/dy W                 (N, M) @ (M, K) -> (N, K)
-              dL/dW is not needed (W is frozen), so only the NF4 tensor is kept, not x.
+              dL/dW is not needed (W is frozen), so only the NF4 tensor is kept, not x; with keep
+              (and x needing a gradient) also the dequantized W, so backward does not dequantize.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
-        ctx.q = q  # codes + state only: no dequantized weight, no activation
-        return nf4_matmul(x, q)
+    def forward(ctx, x: torch.Tensor, q: NF4Tensor, keep: bool = False) -> torch.Tensor:
+        ctx.q = q  # codes + state: no activation
+        y, w = nf4_matmul_keep(x, q, keep and ctx.needs_input_grad[0])
+        ctx.save_for_backward(w)  # None unless kept; saved tensors, so checkpoint's recompute drops it too
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        grad_x = nf4_matmul_t(grad_y, ctx.q) if ctx.needs_input_grad[0] else None
-        return grad_x, None
+        (w,) = ctx.saved_tensors
+        grad_x = nf4_matmul_t(grad_y, ctx.q, w) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
 
 
 # The buffers an NF4Linear holds, in NF4Tensor's order: packed codes, absmax (8-bit codes when double
@@ -93,6 +113,7 @@ class NF4Linear(nn.Module):
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
         self.compute_dtype = compute_dtype
+        self.keep_dequantized = False  # keep W from forward to backward (module docstring); set per block
         for name, t in zip(NF4_BUFFERS, (weight.packed, weight.absmax, weight.absmax2, weight.offset)):
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach())
@@ -134,7 +155,7 @@ class NF4Linear(nn.Module):
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        y = NF4MatMulFn.apply(x, self.weight_nf4)  # (..., M)
+        y = NF4MatMulFn.apply(x, self.weight_nf4, self.keep_dequantized)  # (..., M)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(in_dtype)

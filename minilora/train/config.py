@@ -162,6 +162,13 @@ class TrainConfig:
         "selective), selective (every block), on (full, every block), off",
         choices=["auto", "selective", "on", "off"],
     )
+    weight_reuse: str = _f(
+        "auto",
+        "keep each block's dequantized NF4 weights from forward to backward instead of dequantizing them "
+        "again (the same numbers, faster, 2 bytes a weight in bf16): auto (on as many blocks as the memory "
+        "budget allows, after the recompute choice: off before any block recomputes), on (every block), off",
+        choices=["auto", "on", "off"],
+    )
     memory_budget: str = _f(
         "auto",
         "bytes the run may use (auto: free RAM on the CPU, free GPU memory on CUDA); the plan must fit 85%% of it",

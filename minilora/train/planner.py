@@ -38,6 +38,12 @@ against the outputs its policy keeps in tests/test_recompute.py):
 (the NF4 + LoRA function computes its rank-r products with out=, which the policy recomputes; the
 dropout mask is redrawn from the saved RNG state). `recompute_blocks` = k recomputes the first k
 blocks fully, `selective_blocks` = s the next s selectively, and the rest keep everything.
+Dequantized weights kept (`reuse_blocks` = w, NF4 base only): the last w blocks keep each quantized
+linear's dequantized weight (M K e) from forward to backward, where its dL/dx is needed, instead of
+dequantizing it again (kept_weight_bytes: in the first block that excludes q, k, v, whose input is the
+frozen embedding's output, and every linear before the first adapted one). In blocks that keep their
+activations these stay for the whole step; a recomputed block keeps them only from its recompute to
+its backward: one block's worth, transient.
 Transient peaks on top: the loss chunk (c, V) in float32, a few times (logits, softmax, the bf16
 copy for dL/dh, soft-capping's tanh), one dequantized base weight (M K e, plus its float32
 intermediate), the backward's gradients of one block (about one block's activations).
@@ -184,12 +190,14 @@ def free_memory(device: torch.device) -> int:
 @dataclass
 class Plan:
     """Predicted bytes per component, the peak, and time; of num_layers blocks, `recompute_blocks`
-    recompute fully and `selective_blocks` selectively."""
+    recompute fully, `selective_blocks` selectively, and the last `reuse_blocks` keep their
+    dequantized weights."""
 
     components: list[tuple[str, int, str]] = field(default_factory=list)  # (name, bytes, flag that shrinks it)
     peak: int = 0
     recompute_blocks: int = 0
     selective_blocks: int = 0
+    reuse_blocks: int = 0
     num_layers: int = 0
     flops_per_token: float = 0.0
     tokens_per_step: int = 0
@@ -204,6 +212,12 @@ class Plan:
         parts = [name if n == L else f"{name} on {n} of {L} blocks" for name, n in (("full", k), ("selective", s)) if n]
         return " + ".join(parts) or "off"
 
+    @property
+    def weight_reuse(self) -> str:
+        """off, on, or "on the last 12 of 30 blocks": which blocks keep their dequantized weights."""
+        w, L = self.reuse_blocks, self.num_layers
+        return "off" if w == 0 else "on" if w == L else f"on the last {w} of {L} blocks"
+
     def settings(self) -> dict:
         """What the run resolved (saved in config.json under "resolved")."""
         return {
@@ -211,6 +225,7 @@ class Plan:
             "gradient_checkpointing": self.recompute,
             "recompute_blocks": self.recompute_blocks,
             "selective_blocks": self.selective_blocks,
+            "weight_reuse_blocks": self.reuse_blocks,
             "loss_chunk": self.loss_chunk,
             "predicted_peak_bytes": self.peak,
             "memory_budget_bytes": self.budget,
@@ -247,7 +262,10 @@ class Plan:
         rows.append(f"{'predicted peak':<40}{self.peak / MiB:>12,.1f}")
         if self.budget is not None:
             rows.append(f"{'budget (x 0.85 margin)':<40}{self.budget * MARGIN / MiB:>12,.1f}")
-        rows.append(f"compute dtype {self.dtype}, recompute {self.recompute}, loss chunk {self.loss_chunk} rows")
+        rows.append(
+            f"compute dtype {self.dtype}, recompute {self.recompute}, dequantized weights kept {self.weight_reuse}, "
+            f"loss chunk {self.loss_chunk} rows"
+        )
         rows.append(
             f"FLOPs per token {self.flops_per_token / 1e9:,.3f} G, tokens per micro-batch {self.tokens_per_step:,}"
             " (the longest batch)"
@@ -271,6 +289,7 @@ def plan_memory(
     loss_chunk: int = 256,
     recompute_blocks: int = 0,
     selective_blocks: int = 0,
+    reuse_blocks: int = 0,
     runtime: int = 0,
     device_type: str = "cpu",
 ) -> Plan:
@@ -323,6 +342,10 @@ def plan_memory(
     final_norm = e * D + 4  # its input and rstd, as every norm
     kept = N * ((L - k - s) * act + k * e * D + s * sel + rope + final_norm) + 2 * n * D * e  # + h_sel, dL/dh
     block = N * act  # one block's activations: rebuilt by recompute, and its gradients in backward
+    w = max(0, min(L, reuse_blocks)) if quantize == "nf4" else 0
+    weights = [kept_weight_bytes(cfg, lora_targets, e, first=i == 0) for i in range(L)]
+    weights_kept = sum(weights[max(L - w, k + s) :])  # blocks that keep their activations too
+    weights_recomputed = max(weights[L - w : k + s], default=0)  # one recomputed block's, transient
     cap = cfg.final_logit_softcapping is not None
     c = min(loss_chunk, n)
     # per chunk, float32: z, z - lse and exp(z - lse); soft-capping adds z / cap and tanh; a 16-bit
@@ -330,7 +353,7 @@ def plan_memory(
     loss = c * V * (4 * 3 + (4 * 2 if cap else 0) + (2 * e if e != 4 else 0))
     Mmax, Kmax = max(shapes.values(), key=lambda s: s[0] * s[1])
     dequant = Mmax * Kmax * (e + 4)
-    transient = max(loss, block * (2 if k + s else 1) + dequant)
+    transient = max(loss, block * (2 if k + s else 1) + dequant + weights_recomputed)
 
     # CPU: glibc keeps freed blocks below its (growing) mmap threshold in the heap, so RSS runs above
     # the live bytes. Fitted to measured steady-state RSS (Llama 135M geometry at 2, 6 and 30 layers
@@ -342,7 +365,14 @@ def plan_memory(
     if device_type == "cpu":
         slack = int(N * (L - k - s) * act + ALLOCATOR_SLACK["recompute"] * block * k + ALLOCATOR_SLACK["loss"] * loss)
         slack += int(N * s * sel + ALLOCATOR_SLACK["recompute"] * block * s)  # selective: as both of those
-    plan = Plan(recompute_blocks=k, selective_blocks=s, num_layers=L, dtype=dtype_name(dtype), loss_chunk=loss_chunk)
+    plan = Plan(
+        recompute_blocks=k,
+        selective_blocks=s,
+        reuse_blocks=w,
+        num_layers=L,
+        dtype=dtype_name(dtype),
+        loss_chunk=loss_chunk,
+    )
     plan.components = [
         ("runtime (Python, torch, allocator)", runtime, ""),
         (
@@ -354,6 +384,7 @@ def plan_memory(
         ("LoRA weights + gradients", 8 * p, "--lora-r"),
         (f"optimizer states ({optimizer_bits}-bit)", int(states), "--optimizer-bits 8 or --optimizer-budget"),
         (f"activations kept (recompute {plan.recompute})", int(kept), "--batch-size or --max-seq-len"),
+        (f"dequantized weights kept ({plan.weight_reuse})", int(weights_kept), "--weight-reuse off"),
         (
             "transient (loss chunk / block backward)",
             int(transient),
@@ -367,6 +398,22 @@ def plan_memory(
         cfg, seq_len, lora_r, lora_targets, k, label_fraction=n / max(1, N), selective_blocks=s
     )
     return plan
+
+
+def kept_weight_bytes(cfg, lora_targets, e: int, first: bool = False) -> int:
+    """Bytes of the dequantized weights (M K e each) one block keeps from forward to backward with
+    weight reuse: those of the linears whose input needs a gradient. In every block but the first, all
+    of them (the block's input depends on earlier adapters); in the first, those after the first
+    adapted linear in the block's order (q, k, v read the embedding's output, frozen; o_proj reads the
+    attention of q, k, v; gate and up read the attention block's output; down_proj reads gate and up)."""
+    shapes = linear_shapes(cfg)
+    order = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+    total, grad = 0, not first
+    for group in order:
+        if grad:
+            total += sum(shapes[t][0] * shapes[t][1] * e for t in group)
+        grad = grad or any(t in lora_targets for t in group)
+    return total
 
 
 def flops_per_token(
@@ -419,6 +466,30 @@ def choose_checkpointing(fits, num_layers: int) -> tuple[int, int] | None:
     return None if k is None else (k, L - k)
 
 
+def choose_weight_reuse(fits, num_layers: int) -> int:
+    """--weight-reuse auto: the most blocks w in 0..L that keep their dequantized weights with fits(w)
+    (memory grows with w); 0 when none fits. plan_run asks it after the recompute choice, which is
+    made with no weights kept: reuse is turned off before any block recomputes."""
+    off = choose_recompute(lambda k: fits(num_layers - k), num_layers)  # the fewest blocks without it
+    return 0 if off is None else num_layers - off
+
+
+def choose_settings(
+    fits, num_layers: int, recompute: tuple[int, int] | None = None, reuse: str = "auto"
+) -> tuple[int, int, int] | None:
+    """(full, selective, reuse) block counts with fits(full, selective, reuse), for
+    --gradient-checkpointing (recompute: the fixed counts, or None for auto: choose_checkpointing) and
+    --weight-reuse (auto, on, off). Auto reuse is chosen last, with the recompute choice made without
+    it, so memory that is short turns reuse off before it turns recompute on. None: nothing fits."""
+    L = num_layers
+    w_min = L if reuse == "on" else 0
+    chosen = recompute if recompute is not None else choose_checkpointing(lambda k, s: fits(k, s, w_min), L)
+    if chosen is None:
+        return None
+    k, s = chosen
+    return k, s, (w_min if reuse != "auto" else choose_weight_reuse(lambda w: fits(k, s, w), L))
+
+
 # ------------------------------------------------------------------------------ train.py
 def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
     """(rows, length) of the batch with the most padded tokens that these batching arguments produce
@@ -461,7 +532,7 @@ def plan_run(
     split = getattr(tc, "pair_split", False) and getattr(tc, "objective", "sft") != "sft"
     rows = shape[0] // 2 if split else shape[0]  # --pair-split: one half's activations at a time
 
-    def make(k: int, s: int = 0) -> Plan:
+    def make(k: int, s: int = 0, w: int = 0) -> Plan:
         p = plan_memory(
             model_cfg,
             batch_size=rows,
@@ -476,6 +547,7 @@ def plan_run(
             loss_chunk=chunk,
             recompute_blocks=k,
             selective_blocks=s,
+            reuse_blocks=w,
             runtime=runtime,
             device_type=device.type,
         )
@@ -485,15 +557,15 @@ def plan_run(
         return p
 
     fixed = {"off": (0, 0), "on": (L, 0), "selective": (0, L)}.get(tc.gradient_checkpointing)
-    if fixed is None and make(0, 0).peak <= budget * MARGIN:
-        chosen = (0, 0)
-    else:
-        if fixed != (0, 0):  # the run recomputes: measure with what recompute loads (a run without it never does)
-            runtime = warm_runtime(device, dtype, recompute=True)
-        chosen = (
-            fixed if fixed is not None else choose_checkpointing(lambda k, s: make(k, s).peak <= budget * MARGIN, L)
-        )
-    plan = make(*(chosen or (L, 0)))
+    reuse = getattr(tc, "weight_reuse", "auto")
+
+    def fits(k: int, s: int, w: int) -> bool:
+        return make(k, s, w).peak <= budget * MARGIN
+
+    if fixed != (0, 0) and not (fixed is None and fits(0, 0, L if reuse == "on" else 0)):
+        runtime = warm_runtime(device, dtype, recompute=True)  # the run recomputes: what recompute loads too
+    chosen = choose_settings(fits, L, fixed, reuse)
+    plan = make(*(chosen or (L, 0, L if reuse == "on" else 0)))
     if getattr(tc, "objective", "sft") == "dpo" and not tc.precompute_reference:  # a base forward per token
         plan.flops_per_token += flops_per_token(model_cfg, shape[1], 0, (), forward_only=True)
     if split:  # both halves: every row once, and each row's forward once more (its recompute)

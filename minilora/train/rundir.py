@@ -84,6 +84,7 @@ CHANGEABLE_FIELDS = (
     "device",
     "lora_dropout",
     "gradient_checkpointing",
+    "weight_reuse",  # the same numbers either way (bit for bit), only time and memory differ
     "tf32",
     "lora_compute",  # the precision of the LoRA products, as tf32 is of the base's
     "loss_chunk",

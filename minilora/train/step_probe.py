@@ -12,7 +12,8 @@ A Transformer of one block per layer kind that costs differently is built from t
 the run's rank, targets, dropout, rsLoRA, DoRA). Its real forward runs once without grad, and a
 pre-hook keeps each block's inputs (hidden states, RoPE tables, mask) as the run builds them. Then:
   block   forward + backward of one block at (B, T, D) under each recompute mode the plan gave any
-          blocks (off; selective and full through torch's checkpoint, as Transformer.forward calls it)
+          blocks (off; selective and full through torch's checkpoint, as Transformer.forward calls it),
+          with and without its dequantized weights kept where the plan has blocks of each
   rest    chunked_lm_loss with the blocks removed: embedding, masks, RoPE, final norm and the chunked
           head/loss at the run's loss chunk, forward and backward (the embedding's output stands in
           for the last block's, so the backward runs as far as it would)
@@ -111,9 +112,15 @@ def build_probe_model(model_cfg, layer_types: list[str], dtype, device, quantize
     return model.train()
 
 
-def block_modes(model_cfg, recompute: tuple[int, int], pack: bool, length: int) -> dict[tuple[str, str], int]:
+KEPT = ", weights kept"  # a mode's suffix where the block keeps its dequantized weights (set_weight_reuse)
+
+
+def block_modes(
+    model_cfg, recompute: tuple[int, int], pack: bool, length: int, reuse: int = 0
+) -> dict[tuple[str, str], int]:
     """{(layer kind, recompute mode): blocks} of the run. The run's first recompute[0] blocks recompute
-    fully, the next recompute[1] selectively (Transformer.set_gradient_checkpointing). Layer kinds cost
+    fully, the next recompute[1] selectively (Transformer.set_gradient_checkpointing); the last `reuse`
+    keep their dequantized weights (Transformer.set_weight_reuse: the mode ends in KEPT). Layer kinds cost
     differently only where their masks differ: unpacked rows longer than the sliding window (full layers
     then take SDPA's causal path, sliding layers an additive mask); elsewhere one kind stands for all."""
     kinds = model_cfg.layer_types
@@ -122,6 +129,7 @@ def block_modes(model_cfg, recompute: tuple[int, int], pack: bool, length: int) 
     counts: dict[tuple[str, str], int] = {}
     for i, kind in enumerate(kinds):
         mode = "full" if i < recompute[0] else "selective" if i < recompute[0] + recompute[1] else "off"
+        mode += KEPT if i >= len(kinds) - reuse else ""
         key = (kind if distinct else kinds[0], mode)
         counts[key] = counts.get(key, 0) + 1
     return counts
@@ -138,6 +146,7 @@ def probe_step(
     quantize="nf4",
     lora_kw=None,
     recompute=(0, 0),
+    reuse=0,
     loss_chunk=64,
     pack=False,
     optimizer_bits=32,
@@ -157,7 +166,7 @@ def probe_step(
     t_start = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     L, B, T = model_cfg.num_hidden_layers, rows, length
-    counts = block_modes(model_cfg, recompute, pack, T)
+    counts = block_modes(model_cfg, recompute, pack, T, reuse)
     kinds = list(dict.fromkeys(kind for kind, _ in counts))
     clock = _Clock(device, budget, len(counts) + 2)
 
@@ -190,7 +199,11 @@ def probe_step(
         x = torch.randn(x0.shape, generator=g).to(device, x0.dtype).requires_grad_()  # (B, T, D)
         gy = torch.randn(x0.shape, generator=g).to(device, x0.dtype) * 1e-3  # dL/dy, (B, T, D)
 
-        def fwd_bwd(layer=layer, x=x, gy=gy, cos=cos, sin=sin, mask=mask, mode=mode):
+        for m in layer.modules():
+            if hasattr(m, "keep_dequantized"):
+                m.keep_dequantized = mode.endswith(KEPT)
+
+        def fwd_bwd(layer=layer, x=x, gy=gy, cos=cos, sin=sin, mask=mask, mode=mode.removesuffix(KEPT)):
             if mode == "off":
                 y = layer(x, cos, sin, mask)
             else:  # as Transformer.forward checkpoints a block

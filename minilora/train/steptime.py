@@ -201,6 +201,7 @@ def predict(tc, model_cfg, device, dtype, shape: tuple[int, int], labels: int, p
             lora_compute=tc.lora_compute,
         ),
         recompute=[plan.recompute_blocks, plan.selective_blocks],
+        reuse=plan.reuse_blocks,
         loss_chunk=plan.loss_chunk,
         pack=tc.pack,
         optimizer_bits=tc.optimizer_bits,
