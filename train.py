@@ -342,10 +342,11 @@ def loop(r: Run) -> str | int:
     micro_per_step = cfg.grad_accum * world
     progress = Progress(r.total_steps, enabled=r.main, initial=r.step)
     clock = r.clock
-    t_last, tokens_since = time.time(), 0
+    busy, tokens_since = 0.0, 0  # training seconds and tokens since the last log line (no evals, no saves)
     stop_reason = "finished"
     with C.StopRequest() as stop:
         while r.step < r.total_steps:
+            t_step = time.perf_counter()
             clock.start()
             micro = [r.stream.next() for _ in range(micro_per_step)][rank::world]  # this rank's share
             n_total = D.all_reduce_sum(sum(r.objective.normalizer(b) for b in micro), world)  # tokens, or pairs
@@ -380,21 +381,21 @@ def loop(r: Run) -> str | int:
             r.scheduler.step()
             r.optimizer.zero_grad(set_to_none=True)
             clock.stop()
+            busy += time.perf_counter() - t_step
             r.step += 1
             r.state.update(r.stream.position())
             if cfg.debug_interrupt_at_step and r.step == cfg.debug_interrupt_at_step:
                 os.kill(os.getpid(), signal.SIGINT)  # exercises the real signal path in tests
 
             if r.main and (r.step % cfg.log_every == 0 or r.step == r.total_steps):
-                now = time.time()
-                tok_s = tokens_since * world / max(1e-9, now - t_last)
+                tok_s = tokens_since * world / max(1e-9, busy)
                 lr = r.scheduler.get_last_lr()[0]
                 peak = peak_memory_bytes(r.device) / 2**20
                 pref = f" | margin {step_metrics['margin']:.3f} | acc {step_metrics['accuracy']:.0%}" if sums else ""
                 text = f"loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | peak {peak:,.0f} MB{pref}"
                 progress.update(r.step, text)
                 r.metrics.write(step=r.step, loss=loss, lr=lr, tokens_per_s=tok_s, peak_mem_mb=peak, **step_metrics)
-                t_last, tokens_since = now, 0
+                busy, tokens_since = 0.0, 0
             if cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
                 v = r.validate()  # every rank holds the same weights and val data: same v
                 if v:

@@ -249,3 +249,24 @@ def test_help_explains_every_flag():
     for flag in ("--model", "--data", "--lora-r", "--optimizer-bits", "--grad-accum", "--resume", "--pack"):
         assert flag in p.stdout
     assert "debug" not in p.stdout
+
+
+def test_logged_tokens_per_second_leave_out_validation_time(tmp_path, monkeypatch):
+    """tokens_per_s in metrics.jsonl is training throughput: a step logged right after a validation
+    (made 2 s slower here) reads like its neighbours, not like the validation's seconds (before, the
+    step after each eval showed a small fraction of the others' rate)."""
+    import importlib.util
+
+    from minilora.train.run import Run
+
+    real = Run.validate
+    monkeypatch.setattr(Run, "validate", lambda self: time.sleep(2.0) or real(self))
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--max-steps", "5", "--eval-every", "2", "--log-every", "1", "--save-every", "0"]
+    assert train.main(args + ["--eval-generate", "0"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rate = {r["step"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    assert rate[3] > rate[4] / 4 and rate[5] > rate[4] / 4, rate  # steps 3 and 5 follow validations
