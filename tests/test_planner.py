@@ -91,6 +91,19 @@ def probe(cfg: ModelConfig, **spec) -> subprocess.Popen:
     )
 
 
+def choices_under_budgets(p: subprocess.Popen, budgets: list[int]) -> list[list[int]]:
+    """Send budgets to a probe started with budgets=True: the [full, selective, reuse] settings it
+    chose for each, each one's measured peak RSS asserted under its budget."""
+    p.stdin.write(json.dumps(budgets) + "\n")
+    p.stdin.flush()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    m = json.loads(out.splitlines()[-1])
+    for budget, measured in zip(budgets, m["peaks"]):
+        assert measured <= budget
+    return m["recompute_blocks"]
+
+
 def test_predicted_peak_within_15_percent_of_measured_rss():
     """tiny, a 135M-class Llama and a Gemma 3 geometry with its 262k vocabulary; recompute full,
     selective and off, and off with the dequantized weights kept."""
@@ -134,15 +147,8 @@ def test_gradient_checkpointing_auto_goes_off_then_selective_then_full_as_the_bu
         ).peak
 
     want = [[4, 0], [2, 2], [0, 4], [0, 2], [0, 0]]  # smallest plan first (see planner_probe)
-    budgets = [int(peak(*ks) / MARGIN) + 1 for ks in want]
-    p.stdin.write(json.dumps(budgets) + "\n")
-    p.stdin.flush()
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    m = json.loads(out.splitlines()[-1])
-    assert m["recompute_blocks"] == [ks + [0] for ks in want]  # no weight reuse: the probe's default
-    for budget, measured in zip(budgets, m["peaks"]):
-        assert measured <= budget
+    chosen = choices_under_budgets(p, [int(peak(*ks) / MARGIN) + 1 for ks in want])
+    assert chosen == [ks + [0] for ks in want]  # no weight reuse: the probe's default
     # Too small even with full recompute: no choice, and plan_run's refusal names the largest part.
     assert choose_checkpointing(lambda k, s: peak(k, s) <= peak(4, 0) - 1, 4) is None
 
@@ -176,15 +182,7 @@ def test_weight_reuse_auto_keeps_weights_where_they_fit_and_goes_off_before_reco
     # transient, so reuse costs nothing there and auto keeps them.
     want = [[4, 0, 4], [0, 0, 0], [0, 0, 2], [0, 0, 4]]
     assert peak(0, 0, 0) < peak(0, 0, 2) < peak(0, 0, 4)  # the reuse term grows with the blocks that keep
-    budgets = [int(peak(*ks) / MARGIN) + 1 for ks in want]
-    p.stdin.write(json.dumps(budgets) + "\n")
-    p.stdin.flush()
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    m = json.loads(out.splitlines()[-1])
-    assert m["recompute_blocks"] == want
-    for budget, measured in zip(budgets, m["peaks"]):
-        assert measured <= budget
+    assert choices_under_budgets(p, [int(peak(*ks) / MARGIN) + 1 for ks in want]) == want
 
 
 def test_choose_settings_turns_reuse_off_before_recompute_on():
