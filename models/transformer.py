@@ -200,6 +200,14 @@ class MLP(nn.Module):
         return self.down_proj(gated_act(self.gate_proj(x), self.up_proj(x), self.gelu))
 
 
+def keep_dequantized_weights(block: nn.Module, keep: bool) -> None:
+    """Turn weight reuse on or off for every quantized linear in `block` (NF4Linear.keep_dequantized;
+    found by the attribute: models/ does not import the quantizer)."""
+    for m in block.modules():
+        if hasattr(m, "keep_dequantized"):
+            m.keep_dequantized = keep
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -340,9 +348,7 @@ class Transformer(nn.Module):
         L = self.config.num_hidden_layers
         self.reuse_blocks = max(0, min(L, int(blocks)))
         for i, layer in enumerate(self.model.layers):
-            for m in layer.modules():
-                if hasattr(m, "keep_dequantized"):  # NF4Linear (models/ does not import the quantizer)
-                    m.keep_dequantized = i >= L - self.reuse_blocks
+            keep_dequantized_weights(layer, i >= L - self.reuse_blocks)
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) final-normed hidden -> (B, T, V) logits, with Gemma's final soft-capping."""

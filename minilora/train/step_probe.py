@@ -160,6 +160,7 @@ def probe_step(
 
     from minilora.data.packing import IGNORE, Batch
     from minilora.models.recompute import selective_context
+    from minilora.models.transformer import keep_dequantized_weights
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.train.loss import chunked_lm_loss
 
@@ -199,9 +200,7 @@ def probe_step(
         x = torch.randn(x0.shape, generator=g).to(device, x0.dtype).requires_grad_()  # (B, T, D)
         gy = torch.randn(x0.shape, generator=g).to(device, x0.dtype) * 1e-3  # dL/dy, (B, T, D)
 
-        for m in layer.modules():
-            if hasattr(m, "keep_dequantized"):
-                m.keep_dequantized = mode.endswith(KEPT)
+        keep_dequantized_weights(layer, mode.endswith(KEPT))
 
         def fwd_bwd(layer=layer, x=x, gy=gy, cos=cos, sin=sin, mask=mask, mode=mode.removesuffix(KEPT)):
             if mode == "off":
