@@ -12,8 +12,11 @@ records distinct from train ones; rows of about 130-170 tokens after the chat te
 
 Each variant in VARIANTS is train.py run as a user runs it, in its own process:
   float32             --dtype float32
-  bf16                --dtype bfloat16 (what --dtype auto picks on CPUs with bf16 units; the LoRA
-                      path in float32, PEFT's numbers)
+  bf16                --dtype bfloat16 (what --dtype auto picks on CPUs with bf16 units), with the
+                      default LoRA path, fused: the float32 LoRA term added inside the base matmul's
+                      float32 sum, y rounded once
+  bf16-lora-float32   the same with --lora-compute float32 (PEFT's numbers: the float32 term rounded
+                      to bf16, then added to the rounded base output)
   bf16-lora-compute   --dtype bfloat16 --lora-compute compute (the LoRA products in bf16, as PEFT
                       under torch.autocast)
 with everything else equal: LoRA r 16 on all linears, batch 4, --lr (1e-3), --gradient-checkpointing off,
@@ -24,7 +27,8 @@ the first seed): held-out exact match on the 100 test examples by greedy generat
 is the train.py process's, step seconds train.py's own mean (evals and step 1 left out).
 Table: val loss at the last short step and its ratio to float32's for the same seed (target: within
 5%), exact match and its difference from float32's in points (target: within 1 point).
-Writes bench/results/dtype_quality.json.
+Writes bench/results/dtype_quality.json; with --keep, the runs already there (the same checkpoint,
+task and variant flags) that this invocation does not repeat stay in it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # name -> train.py flags; a new variant is one line
     "float32": ["--dtype", "float32"],
     "bf16": ["--dtype", "bfloat16"],
+    "bf16-lora-float32": ["--dtype", "bfloat16", "--lora-compute", "float32"],
     "bf16-lora-compute": ["--dtype", "bfloat16", "--lora-compute", "compute"],
 }
 
@@ -167,6 +172,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=5, help="short runs")
     p.add_argument("--eval-every-long", type=int, default=50)
     p.add_argument("--threads", type=int, default=2, help="train.py --threads")
+    p.add_argument("--keep", action="store_true", help="keep the earlier runs this invocation does not repeat")
     a = p.parse_args()
     if a.checkpoint is None:
         from bench.real_checkpoint import smollm2_135m
@@ -202,6 +208,8 @@ def main() -> None:
     )
     plan = [(v, s, a.steps_short, False) for s in a.seeds for v in a.variants]
     plan += [(v, a.seeds[0], a.steps_long, True) for v in a.long_variants if a.steps_long]
+    if a.keep:
+        payload["runs"] = earlier_runs(payload, {(v, s, n) for v, s, n, _ in plan})
     for variant, seed, steps, long in plan:
         out = os.path.join(tmp, f"{variant}-{seed}-{steps}")
         r = train(a.checkpoint, files, out, VARIANTS[variant], steps, seed, a, long)
@@ -225,6 +233,25 @@ def main() -> None:
             f"{r['variant']:18} {r['seed']:>4} {r['steps']:>5} {r['final_val_loss']:>9.4f} {ratio:>7} {em:>6} {pts:>11}"
         )
     print("wrote", path)
+
+
+def earlier_runs(payload: dict, repeated: set) -> list[dict]:
+    """The runs of the last bench/results/dtype_quality.json that fit this payload (the same
+    checkpoint, task example and variant flags) and are not in `repeated` {(variant, seed, steps)}."""
+    path = os.path.join(ROOT, "bench", "results", "dtype_quality.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("checkpoint") != payload["checkpoint"] or old["task"].get("example") != payload["task"]["example"]:
+        return []
+    flags = old["settings"]["variants"]
+    return [
+        r
+        for r in old["runs"]
+        if flags.get(r["variant"]) == VARIANTS.get(r["variant"])
+        and (r["variant"], r["seed"], r["steps"]) not in repeated
+    ]
 
 
 def compare(runs: list[dict]) -> None:

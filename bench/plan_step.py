@@ -7,8 +7,9 @@ A random-weight 135M-class Llama (vocab 49152, D 576, 30 layers, 9/3 heads, FFN 
 bench/train_step.py's two workers (each in its own process: its own peak RSS), rows of random length
 in [130, 170] right-padded, the second half of each row labelled (a prompt/completion task).
 
-  equal settings    float32 and bf16 compute, recompute on and off, the same on both sides; and
-                    bf16 without recompute with minilora's LoRA products in bf16 (--lora-compute compute),
+  equal settings    float32 and bf16 compute, recompute on and off, the same on both sides (minilora's
+                    default LoRA path, fused); and bf16 without recompute with minilora's other LoRA
+                    paths (--lora-compute float32: PEFT's numbers; compute: the products in bf16),
                     and with every block keeping its dequantized weights (--weight-reuse on)
   defaults          minilora as train.py runs it (--dtype auto, --gradient-checkpointing auto and
                     --weight-reuse auto: the planner's choice for this batch and this machine's free
@@ -126,15 +127,16 @@ def main() -> None:
         for dt in ("float32", "bfloat16")
         for rc in (True, False)
     ]
-    cases.append(  # the LoRA products in bf16, as PEFT under autocast (minilora's side only)
-        (
-            "bfloat16, recompute off, minilora --lora-compute compute",
-            {
-                "minilora": [*base, "--dtype", "bfloat16", ckpt_flag(False), "--lora-compute", "compute"],
-                "peft+bnb": [*base, "--dtype", "bfloat16", ckpt_flag(False)],
-            },
+    for mode in ("float32", "compute"):  # minilora's other LoRA paths (its side only)
+        cases.append(
+            (
+                f"bfloat16, recompute off, minilora --lora-compute {mode}",
+                {
+                    "minilora": [*base, "--dtype", "bfloat16", ckpt_flag(False), "--lora-compute", mode],
+                    "peft+bnb": [*base, "--dtype", "bfloat16", ckpt_flag(False)],
+                },
+            )
         )
-    )
     cases.append(  # the dequantized weights kept from forward to backward (minilora's side only)
         (
             "bfloat16, recompute off, minilora weights kept",

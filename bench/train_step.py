@@ -396,9 +396,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--lora-compute",
-        default="float32",
-        choices=["float32", "compute"],
-        help="minilora's LoRA path: float32 (PEFT's numbers) or compute (PEFT under autocast; train.py --lora-compute)",
+        default="fused",
+        choices=["fused", "float32", "compute"],
+        help="minilora's LoRA path (train.py --lora-compute): fused (the default: the term added inside the base "
+        "matmul's sum), float32 (PEFT's numbers) or compute (PEFT under autocast)",
     )
     ap.add_argument(
         "--reuse-blocks",

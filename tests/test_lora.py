@@ -169,7 +169,7 @@ def test_matches_peft_on_bitsandbytes_nf4(k, m, blocksize, r, alpha, rslora, dor
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, m, bias=bias).to(dtype)
     nl = NF4Linear.from_linear(lin, blocksize=blocksize)
-    ours = LoRALinear(nl, r, alpha, dropout=drop[0], use_rslora=rslora, use_dora=dora)
+    ours = LoRALinear(nl, r, alpha, dropout=drop[0], use_rslora=rslora, use_dora=dora, lora_compute="float32")
     randomize(ours, gen)
     pm, theirs = peft_twin(ours, bnb_linear4bit(nl))
     ours.train(drop[1]), pm.train(drop[1])
@@ -200,7 +200,7 @@ def test_row_slices_match_peft_on_bitsandbytes_nf4(k, m, rows, n, r, dtype, drop
     bf16 rounding)."""
     gen = torch.Generator().manual_seed(seed)
     nl = NF4Linear.from_linear(nn.Linear(k, m, bias=False).to(dtype))
-    ours = LoRALinear(nl, r, 2 * r, dropout=drop[0])
+    ours = LoRALinear(nl, r, 2 * r, dropout=drop[0], lora_compute="float32")
     randomize(ours, gen)
     pm, theirs = peft_twin(ours, bnb_linear4bit(nl))
     ours.train(drop[1]), pm.train(drop[1])
@@ -225,7 +225,7 @@ def test_nf4_lora_matches_peft_qlora_on_each_device(device, n):
     gen = torch.Generator().manual_seed(n)
     lin = nn.Linear(256, 48, bias=False).to(torch.bfloat16)  # 48 outputs: a ragged output tile
     nl = NF4Linear.from_linear(lin, blocksize=64).to(device)
-    ours = LoRALinear(nl, 8, 16, dropout=0.0).to(device)
+    ours = LoRALinear(nl, 8, 16, dropout=0.0, lora_compute="float32").to(device)
     randomize(ours, gen)
     pm, theirs = peft_twin(ours, bnb_linear4bit(nl))
     x = torch.randn(n, 256, generator=gen).to(device, torch.bfloat16)

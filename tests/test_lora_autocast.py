@@ -1,7 +1,8 @@
 """lora_compute="compute": the LoRA path in the base's 16-bit compute dtype, as PEFT runs it under
 torch.autocast. Outputs and gradients equal PEFT + bitsandbytes (NF4 base) and PEFT (dense base)
-inside torch.autocast("cpu", bf16) bit for bit, with and without dropout; the float32 LoRA path is
-still the default; and the switch is refused with one sentence when misspelt.
+inside torch.autocast("cpu", bf16) bit for bit, with and without dropout; the three LoRA paths are
+different functions in 16 bits and the same one in float32; and the switch is refused with one
+sentence when misspelt. The default path ("fused") has its own tests in test_lora_fused.py.
 """
 
 import pytest
@@ -56,35 +57,38 @@ def test_compute_path_is_peft_under_autocast_bit_for_bit(k, m, r, alpha, rslora,
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_float32_path_is_still_the_default_and_differs():
-    """The default keeps PEFT's float32 numbers (test_lora.py); the compute path is another function
-    whose output differs from it in the last bf16 bits, so the tests above can tell them apart."""
+def test_the_three_paths_differ_in_16_bits():
+    """fused (the default), float32 (PEFT's numbers, test_lora.py) and compute are different functions
+    whose outputs differ in the last bf16 bits, so the tests of each can tell them apart."""
     gen = torch.Generator().manual_seed(0)
     nl = NF4Linear.from_linear(nn.Linear(256, 64).bfloat16(), compute_dtype=torch.bfloat16)
-    a = LoRALinear(nl, 8, 16, dropout=0.0)
-    b = LoRALinear(nl, 8, 16, dropout=0.0, lora_compute="compute")
-    randomize(a, gen)
-    b.load_state_dict(a.state_dict())
-    assert a.lora_compute == "float32"
+    layers = {mode: LoRALinear(nl, 8, 16, dropout=0.0, lora_compute=mode) for mode in ("fused", "float32", "compute")}
+    randomize(layers["fused"], gen)
+    for layer in layers.values():
+        layer.load_state_dict(layers["fused"].state_dict())
+    assert LoRALinear(nl, 8, 16).lora_compute == "fused"
     x = torch.randn(32, 256, generator=gen).bfloat16()
-    ya, yb = a(x), b(x)
-    assert ya.dtype == yb.dtype == torch.bfloat16 and not torch.equal(ya, yb)
-    torch.testing.assert_close(ya.float(), yb.float(), rtol=0.03, atol=0.03)
+    ys = {mode: layer(x) for mode, layer in layers.items()}
+    for a, b in [("fused", "float32"), ("fused", "compute"), ("float32", "compute")]:
+        assert ys[a].dtype == ys[b].dtype == torch.bfloat16 and not torch.equal(ys[a], ys[b]), (a, b)
+        torch.testing.assert_close(ys[a].float(), ys[b].float(), rtol=0.03, atol=0.03)
 
 
 def test_float32_base_computes_in_float32_either_way():
     gen = torch.Generator().manual_seed(0)
     nl = NF4Linear.from_linear(nn.Linear(128, 16), compute_dtype=torch.float32)
-    a, b = LoRALinear(nl, 4, 8, dropout=0.0), LoRALinear(nl, 4, 8, dropout=0.0, lora_compute="compute")
-    randomize(a, gen)
-    b.load_state_dict(a.state_dict())
+    layers = [LoRALinear(nl, 4, 8, dropout=0.0, lora_compute=mode) for mode in ("fused", "float32", "compute")]
+    randomize(layers[0], gen)
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
     x = torch.randn(8, 128, generator=gen)
-    assert torch.equal(a(x), b(x))
+    ys = [layer(x) for layer in layers]
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
 
 
 def test_misspelt_switch_is_one_sentence():
     model = nn.Sequential(nn.Linear(8, 8))
-    with pytest.raises(AdapterError, match=r"^lora_compute='bf16' is invalid; pass one of float32, compute\.$"):
+    with pytest.raises(AdapterError, match=r"^lora_compute='bf16' is invalid; pass one of fused, float32, compute\.$"):
         apply_lora(model, targets=["0"], r=2, lora_compute="bf16", verbose=False)
 
 

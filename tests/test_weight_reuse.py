@@ -16,6 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_lora import fwd_bwd, ours_params, randomize
 
+import minilora.lora.nf4_fused as nf4_fused
 import minilora.quant.linear as quant_linear
 from minilora.lora.layers import LoRALinear, apply_lora
 from minilora.models.config import ModelConfig
@@ -28,9 +29,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def count_dequantize(monkeypatch) -> list:
-    """Record each dequantize_nf4 call (every CPU path of the NF4 matmuls goes through it)."""
+    """Record each dequantize_nf4 call (every CPU path of the NF4 matmuls goes through it, the fused
+    LoRA path's join included)."""
     calls, real = [], quant_linear.dequantize_nf4
-    monkeypatch.setattr(quant_linear, "dequantize_nf4", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    counted = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(quant_linear, "dequantize_nf4", counted)
+    monkeypatch.setattr(nf4_fused, "dequantize_nf4", counted)
     return calls
 
 
@@ -53,13 +57,13 @@ def saved_bytes(fn) -> int:
     m=st.integers(1, 96),
     rows=st.integers(1, 40),
     dtype=st.sampled_from(DTYPES),
-    lora=st.sampled_from([None, "float32", "compute"]),
+    lora=st.sampled_from([None, "fused", "float32", "compute"]),
     dropout=st.sampled_from([0.0, 0.3]),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_reuse_is_bit_for_bit_and_the_backward_dequantizes_nothing(k, m, rows, dtype, lora, dropout, bias, seed):
-    """NF4Linear alone and under LoRA (float32 and compute paths, with dropout): y, dL/dx, dL/dA and
+    """NF4Linear alone and under LoRA (fused, float32 and compute paths, with dropout): y, dL/dx, dL/dA and
     dL/dB equal with and without reuse; with it, forward and backward dequantize once in all (twice
     without), and the one saved extra is the dequantized W in the compute dtype."""
     gen = torch.Generator().manual_seed(seed)

@@ -20,9 +20,14 @@ derivations in minilora/lora/inits.py).
 On an NF4 base without DoRA, one autograd function (_LoRANF4Fn, minilora/lora/nf4_fused.py) does
 base + LoRA without a float32 copy of x or a kept dequantized weight.
 
-lora_compute="compute" runs the LoRA path as PEFT does under torch.autocast instead: the float32
-master weights cast to the base's 16-bit compute dtype, every LoRA product and the add in that
-dtype (without DoRA; a float32 base computes in float32 either way).
+The LoRA path's precision on a 16-bit base, lora_compute (a float32 base computes in float32 either
+way, and DoRA keeps float32):
+  - "fused" (the default on an NF4 base): the float32 path's products, with the term added inside
+    the base matmul's float32 sum and rounded once (_LoRANF4FusedFn: why it keeps small updates
+    that the float32 path rounds away). A dense base runs the float32 path.
+  - "float32": PEFT's numbers above, bit for bit.
+  - "compute": as PEFT under torch.autocast: the float32 master weights cast to the base's 16-bit
+    compute dtype, every LoRA product and the add in that dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from minilora.lora.nf4_fused import (  # noqa: F401  (LORA_SLICE_BYTES, _row_sli
     LORA_SLICE_BYTES,
     _LoRANF4AutocastFn,
     _LoRANF4Fn,
+    _LoRANF4FusedFn,
     _row_slices,
 )
 from minilora.models.loader import set_module
@@ -51,7 +57,7 @@ from minilora.quant.linear import NF4_BUFFERS, NF4Linear
 from minilora.quant.nf4 import quantize_nf4
 
 INITS = inits.RANDOM_INITS + inits.WEIGHT_INITS  # pissa_niter_N: N a positive integer (inits.is_known)
-LORA_COMPUTE = ("float32", "compute")  # the LoRA path's precision: PEFT's float32 numbers, or autocast's
+LORA_COMPUTE = ("fused", "float32", "compute")  # the LoRA path's precision (module docstring)
 
 
 class AdapterError(ValueError):
@@ -100,7 +106,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
         loftq_iters: int = 1,
-        lora_compute: str = "float32",
+        lora_compute: str = "fused",
     ):
         super().__init__()
         if lora_compute not in LORA_COMPUTE:
@@ -163,13 +169,14 @@ class LoRALinear(nn.Module):
         nf4 = isinstance(self.base, NF4Linear)
         c = (self.base.compute_dtype or x.dtype) if nf4 else self.base.weight.dtype
         autocast = self.lora_compute == "compute" and c != torch.float32 and not self.use_dora
-        if nf4 and not self.use_dora and torch.is_grad_enabled():
+        fused = self.lora_compute == "fused" and c != torch.float32 and nf4 and not self.use_dora
+        if nf4 and not self.use_dora and (torch.is_grad_enabled() or fused):  # fused: evaluation sees training's sums
             lead = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)  # (N, K)
             if autocast:
                 y = _LoRANF4AutocastFn.apply(x2.to(c), A.weight, B.weight, self.base, s, p)
             else:
-                y = _LoRANF4Fn.apply(x2, A.weight, B.weight, self.base, s, p)
+                y = (_LoRANF4FusedFn if fused else _LoRANF4Fn).apply(x2, A.weight, B.weight, self.base, s, p)
             return y.view(*lead, self.out_features)  # (N, M) -> (..., M)
         result = self.base(x)  # (..., M) in the base's output dtype
         out_dtype = result.dtype
@@ -340,7 +347,7 @@ def apply_lora(
     ranks: dict[str, int] | None = None,
     alphas: dict[str, float] | None = None,
     loftq_iters: int = 1,
-    lora_compute: str = "float32",
+    lora_compute: str = "fused",
 ) -> dict:
     """Replace the targeted linears by LoRALinear in place, freeze everything else, and return
     {"trainable", "total", "percent", "message", "modules"} (message printed as PEFT prints it).

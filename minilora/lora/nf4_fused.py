@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from minilora.quant.linear import NF4Linear, nf4_matmul_keep, nf4_matmul_t
+from minilora.kernels import dispatch
+from minilora.quant.linear import NF4Linear, dequantize_nf4, nf4_matmul_keep, nf4_matmul_t
 
 # --- the fused NF4 + LoRA function ----------------------------------------------------------------
 # The LoRA path runs in float32 over (rows, K) and (rows, M) slices of at most this many bytes, so no
@@ -35,6 +36,26 @@ def _base_output(x: torch.Tensor, base: NF4Linear, keep: bool) -> tuple[torch.Te
     fused Triton kernel on CUDA when it wins. No autograd: the callers' backward owns dL/dx."""
     y, w = nf4_matmul_keep(x, base.weight_nf4, keep and base.keep_dequantized)  # (N, K) @ (K, M) -> (N, M)
     return (y if base.bias is None else y + base.bias.to(y.dtype)), w
+
+
+def _lora_u(x: torch.Tensor, A: torch.Tensor, p: float, rows: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(u = d(x_f) A^T (N, r) float32, the dropout mask (N, K) bool or None), over the row slices `rows`.
+
+    Dropout as nn.Dropout draws it: noise = bernoulli(1-p) / (1-p), x * noise. Drawn slice by slice,
+    which on the CPU consumes the generator exactly as one whole draw (the PEFT tests with dropout
+    and several slices check it); only the 1-byte mask is kept for backward."""
+    mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if p > 0 else None  # (N, K)
+    u = torch.empty(x.shape[0], A.shape[0], dtype=torch.float32, device=x.device)  # (N, r)
+    for i0, i1 in rows:
+        xf = x[i0:i1].float()  # (rows, K) float32, not saved
+        if mask is not None:
+            noise = torch.empty_like(xf).bernoulli_(1 - p).div_(1 - p)
+            torch.ne(noise, 0, out=mask[i0:i1])
+            xf = xf * noise  # (not in place: for float32 x, x[i0:i1].float() is x itself)
+        # out= (aten's mm.out): the selective-recompute policy (models/recompute.py) saves mm
+        # outputs, and the rank-r products are cheap to recompute.
+        torch.mm(xf, A.t(), out=u[i0:i1])  # (rows, K) @ (K, r) -> (rows, r)
+    return u, mask
 
 
 class _LoRANF4Fn(torch.autograd.Function):
@@ -62,25 +83,15 @@ class _LoRANF4Fn(torch.autograd.Function):
         in_dtype, cdt = x.dtype, base.compute_dtype or x.dtype
         y, w = _base_output(x.to(cdt), base, ctx.needs_input_grad[0])  # (N, M); w (M, K) or None
         y = y.to(in_dtype)
-        # Dropout as nn.Dropout draws it: noise = bernoulli(1-p) / (1-p), x * noise. Drawn slice by
-        # slice, which on the CPU consumes the generator exactly as one whole draw (the PEFT tests
-        # with dropout and several slices check it); only the 1-byte mask is kept for backward.
-        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if p > 0 else None  # (N, K)
-        u = torch.empty(x.shape[0], A.shape[0], dtype=torch.float32, device=x.device)  # (N, r)
+        rows = _row_slices(x.shape[0], max(x.shape[1], y.shape[1]), x.device)
+        u, mask = _lora_u(x, A, p, rows)  # (N, r) float32, (N, K) bool or None
         # The sum goes into a new tensor, not into y: selective recompute keeps the base matmul's
         # output as it was computed and refuses (and would double-count) an in-place add into it.
         out = torch.empty_like(y)  # (N, M) in x's dtype
-        rows = _row_slices(x.shape[0], max(x.shape[1], y.shape[1]), x.device)
         lora = torch.empty(rows[0][1] - rows[0][0], y.shape[1], dtype=torch.float32, device=x.device) if rows else None
         for i0, i1 in rows:
-            xf = x[i0:i1].float()  # (rows, K) float32, not saved
-            if mask is not None:
-                noise = torch.empty_like(xf).bernoulli_(1 - p).div_(1 - p)
-                torch.ne(noise, 0, out=mask[i0:i1])
-                xf = xf * noise  # (not in place: for float32 x, x[i0:i1].float() is x itself)
-            # The rank-r products use out= (aten's mm.out): the selective-recompute policy
-            # (models/recompute.py) saves mm outputs, and these are cheap to recompute.
-            torch.mm(xf, A.t(), out=u[i0:i1])  # (rows, K) @ (K, r) -> (rows, r)
+            # out= (aten's mm.out): the selective-recompute policy (models/recompute.py) saves mm
+            # outputs, and this one is cheap to recompute.
             term = torch.mm(u[i0:i1], B.t(), out=lora[: i1 - i0]).mul_(scaling)  # (rows, r) @ (r, M) -> (rows, M)
             torch.add(y[i0:i1], term.to(in_dtype), out=out[i0:i1])
         ctx.save_for_backward(x, A, B, u, mask, w)
@@ -117,6 +128,51 @@ class _LoRANF4Fn(torch.autograd.Function):
                     gl = gl * keep
                 gx[i0:i1] += gl.to(x.dtype)
         return gx, gA, gB, None, None, None
+
+
+class _LoRANF4FusedFn(_LoRANF4Fn):
+    """y = ([x_c | v_c | 1] @ [W0 | B_c | b]^T).to(x dtype),   v = s * u,  u = d(x_f) A^T (N, r) float32
+
+    The float32 path (_LoRANF4Fn) with the LoRA term added where the base's sum is still float32: the
+    term enters the base matmul as r extra input columns (and the bias as one more), so the GEMM's
+    float32 accumulator holds x_c W0^T + s u B^T + b and rounds it to c once. Subscript c: rounded
+    to the base's 16-bit compute dtype; [P | Q] joins along the columns.
+
+    Why: the float32 path adds the rounded term to an already rounded y_0 = (x_c W0^T)_c, and
+    (y_0 + t)_c = y_0 whenever |t| < ulp(y_0) / 2. Early in training, with B small, most of the
+    adapter's effect is below that, so the float32 path drops it while this one keeps it on average:
+    rounding y_0 + t once moves y by one ulp with a chance that grows with t (a test measures the
+    mean). Each term's own error is relative: v and B rounded to c (2^-9 each), float32 accumulation
+    over K + r + 1 products, then the one rounding of the sum.
+
+    u and the dropout mask are drawn as in the float32 path, and the same tensors are saved, so the
+    backward (inherited) gives the float32 path's gradients bit for bit for the same u. With the
+    fused Triton matmul (kernels/dispatch.py: CUDA, few tokens) there is no W0 to join, and the
+    float32 path runs instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
+        cdt = base.compute_dtype or x.dtype
+        x_c = x.to(cdt)  # (N, K)
+        if dispatch.matmul_kernel(x_c, base.weight_nf4) is not None:
+            return _LoRANF4Fn.forward(ctx, x, A, B, base, scaling, p)
+        (n, k), r, hb = x.shape, A.shape[0], int(base.bias is not None)
+        rows = _row_slices(n, max(k, B.shape[0]), x.device)  # the float32 path's slices: the same u
+        u, mask = _lora_u(x, A, p, rows)  # (N, r) float32, (N, K) bool or None
+        w = dequantize_nf4(base.weight_nf4, cdt)  # (M, K)
+        wa = torch.empty(w.shape[0], k + r + hb, dtype=cdt, device=x.device)  # (M, K + r [+ 1])
+        xa = torch.empty(n, k + r + hb, dtype=cdt, device=x.device)  # (N, K + r [+ 1])
+        wa[:, :k], wa[:, k : k + r] = w, B
+        xa[:, :k] = x_c
+        torch.mul(u, scaling, out=xa[:, k : k + r])  # v_c: s * u rounded to c
+        if hb:
+            wa[:, -1], xa[:, -1] = base.bias, 1
+        y = torch.mm(xa, wa.t()).to(x.dtype)  # (N, K + r [+ 1]) @ (K + r [+ 1], M) -> (N, M)
+        keep = ctx.needs_input_grad[0] and base.keep_dequantized
+        ctx.save_for_backward(x, A, B, u, mask, w if keep else None)
+        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        return y
 
 
 class _LoRANF4AutocastFn(torch.autograd.Function):

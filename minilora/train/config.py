@@ -124,11 +124,12 @@ class TrainConfig:
     use_rslora: bool = _f(False, "rank-stabilized scale alpha/sqrt(r)")
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     lora_compute: str = _f(
-        "float32",
-        "the LoRA path with a 16-bit --dtype: float32 (PEFT's numbers: x upcast, float32 products) or "
-        "compute (PEFT under torch.autocast: the products in the compute dtype from the float32 master "
-        "weights; faster on the CPU; DoRA keeps float32)",
-        choices=["float32", "compute"],
+        "fused",
+        "the LoRA path with a 16-bit --dtype: fused (float32 products, the term added inside the base "
+        "matmul's float32 sum and rounded once, so small early updates are not rounded away), float32 "
+        "(PEFT's numbers: the float32 term rounded, then added) or compute (PEFT under torch.autocast: "
+        "the products in the compute dtype); DoRA keeps float32",
+        choices=["fused", "float32", "compute"],
     )
     init: str = _f(
         "default",

@@ -1,0 +1,157 @@
+"""lora_compute="fused", the default LoRA path on a 16-bit NF4 base (_LoRANF4FusedFn): the float32
+LoRA term joins the base matmul as r extra input columns, so y is rounded to the compute dtype once.
+
+- Its output agrees with a float64 reference of the same sum within a bound derived below.
+- A term far below half an ulp of the base output still moves the output on average, by its own
+  size; the float32 path (PEFT's numbers) rounds it away, so that test fails on that path.
+- Its gradients are the float32 path's bit for bit (the same saved tensors, the same backward);
+  without grad, and with the fused Triton matmul standing in, the outputs are what they should be.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from test_lora import fwd_bwd, ours_params, randomize
+
+import minilora.lora.nf4_fused as nf4_fused
+from minilora.lora.layers import LoRALinear
+from minilora.quant.linear import NF4Linear, dequantize_nf4
+
+UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # unit roundoff: |rnd(v) - v| <= UNIT |v|
+
+
+def layers(k, m, r, bias, dtype, dropout, seed):
+    """The same LoRA weights on one NF4 base, once per path."""
+    gen = torch.Generator().manual_seed(seed)
+    nl = NF4Linear.from_linear(nn.Linear(k, m, bias=bias).to(dtype), blocksize=64)
+    fused = LoRALinear(nl, r, 2 * r, dropout=dropout)
+    randomize(fused, gen)
+    plain = LoRALinear(nl, r, 2 * r, dropout=dropout, lora_compute="float32")
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain, gen
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.sampled_from([64, 128, 320]),
+    m=st.integers(1, 80),
+    r=st.integers(1, 16),
+    n=st.integers(1, 40),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    scale=st.sampled_from([1e-4, 1e-2, 1.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+@example(k=64, m=1, r=1, n=1, bias=True, dtype=torch.bfloat16, scale=1.0, seed=0)
+def test_output_is_the_float64_sum_rounded_once(k, m, r, n, bias, dtype, scale, seed):
+    """y = rnd(S~), S~ the GEMM's float32 sum of the K + r + 1 products of [x_c | v_c | 1] and
+    [W0 | B_c | b], v = s (x A^T). Against S = x_c W0^T + s (x A^T) B^T + b in float64:
+        |y - S| <= E + U (|S| + E),   U the 16-bit unit roundoff (the one rounding of S~),
+        E = g_n (|x_c| |W0|^T + |v| |B|^T (1 + 2U)^2 + |b|)           float32 accumulation, n = K + r + 1
+          + (2U + U^2) s (|x A^T|) |B|^T                               v and B rounded to c
+          + s g_K (|x| |A|^T) |B|^T (1 + 2U)^2                         u's own float32 GEMM
+    with g_n = n 2^-24 / (1 - n 2^-24) (each product of two 16-bit numbers is exact in float32).
+    `scale` sizes B from far below an ulp of y to far above it."""
+    fused, _, gen = layers(k, m, r, bias, dtype, 0.0, seed)
+    with torch.no_grad():
+        fused.lora_B.weight.mul_(scale)
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    y = fused(x)
+    assert y.dtype == dtype and y.shape == (n, m)
+    s, U = fused.scaling, UNIT[dtype]
+    xd, w0 = x.double(), fused.base.dequantized_weight(dtype).double()
+    A, B = fused.lora_A.weight.double(), fused.lora_B.weight.double()
+    b = fused.base.bias.to(dtype).double() if bias else torch.zeros(m, dtype=torch.float64)
+    xa = xd @ A.T  # (n, r)
+    S = xd @ w0.T + s * xa @ B.T + b
+    g = lambda j: j * 2.0**-24 / (1 - j * 2.0**-24)  # noqa: E731
+    grow = (1 + 2 * U) ** 2
+    E = (
+        g(k + r + 1) * (xd.abs() @ w0.abs().T + s * xa.abs() @ B.abs().T * grow + b.abs())
+        + (2 * U + U * U) * s * xa.abs() @ B.abs().T
+        + s * g(k) * (xd.abs() @ A.abs().T) @ B.abs().T * grow
+    )
+    err = (y.double() - S).abs()
+    bound = E + U * (S.abs() + E)
+    assert bool((err <= bound).all()), f"worst excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode, kept", [("fused", True), ("float32", False)])
+def test_a_term_below_half_an_ulp_still_moves_y_by_its_size(mode, kept, dtype):
+    """The base output y0 = rnd(S0) and the LoRA term t, |t| ~ ulp(y0) / 10. D = y - y0 is 0 or one
+    ulp either way; rounding S0 + t once makes E[D | t] = t when S0's position inside its ulp cell is
+    spread out, so sum(D t) / sum(t^2) ~ 1 over the outputs with |t| < ulp / 4 (over 10^5 of them
+    its spread is ~1%). The float32 path rounds y0 + t, which is y0 itself: the ratio is exactly 0."""
+    gen = torch.Generator().manual_seed(0)
+    nl = NF4Linear.from_linear(nn.Linear(256, 256, bias=False).to(dtype))
+    ours = LoRALinear(nl, 8, 16, dropout=0.0, lora_compute=mode).eval()
+    x = torch.randn(512, 256, generator=gen).to(dtype)
+    with torch.no_grad():
+        y0 = nl(x).double()  # (512, 256)
+        ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(y0.abs().clamp_min(1e-30)))
+        ours.lora_A.weight.copy_(torch.randn(8, 256, generator=gen) / 16)
+        ours.lora_B.weight.copy_(torch.randn(256, 8, generator=gen))
+        t = (x.double() @ ours.lora_A.weight.double().T) @ ours.lora_B.weight.double().T * ours.scaling
+        live = (t.abs() > 0) & (y0.abs() > 1e-2)
+        shrink = 0.1 * (ulp[live] / t.abs()[live]).median().item()  # |t| ~ ulp / 10
+        ours.lora_B.weight.mul_(shrink)
+        t = t * shrink
+        small = live & (t.abs() < ulp / 4)  # chosen by t and y0 only, not by the result
+        assert small.sum() > 80_000
+        d = ours(x).double() - y0
+    ratio = ((d * t)[small].sum() / (t * t)[small].sum()).item()
+    if kept:
+        assert 0.9 < ratio < 1.1, ratio
+    else:
+        assert ratio == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    k=st.sampled_from([64, 128]),
+    m=st.integers(1, 64),
+    r=st.integers(1, 8),
+    n=st.integers(1, 24),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    dropout=st.sampled_from([0.0, 0.3]),
+    seed=st.integers(0, 2**16),
+)
+def test_gradients_are_the_float32_paths_bit_for_bit(k, m, r, n, bias, dtype, dropout, seed):
+    """For the same dL/dy and dropout draw, dL/dx, dL/dA and dL/dB equal the float32 path's exactly:
+    both save x, A, B, u and the mask, and share one backward. The outputs differ by the float32
+    path's extra roundings (of x W0^T, of + b, of t, each at most ulp/2) against the fused path's
+    one: at most 2 ulps, and an ulp is at most 2U |y|."""
+    fused, plain, gen = layers(k, m, r, bias, dtype, dropout, seed)
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    got, want = fwd_bwd(fused, ours_params(fused), x, seed), fwd_bwd(plain, ours_params(plain), x, seed)
+    for a, b in zip(got[1:], want[1:]):  # dL/dx, dL/dA, dL/dB
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    torch.testing.assert_close(
+        got[0].float(), want[0].float(), rtol=0, atol=4 * UNIT[dtype] * want[0].abs().max().item()
+    )
+
+
+def test_without_grad_the_same_output():
+    """Evaluation and generation (no grad) compute the training forward's sums, bit for bit."""
+    fused, _, gen = layers(128, 48, 8, True, torch.bfloat16, 0.0, 0)
+    x = torch.randn(3, 7, 128, generator=gen).bfloat16()
+    with torch.no_grad():
+        a = fused(x)
+    assert torch.equal(a, fused(x))
+
+
+def test_where_the_fused_triton_matmul_runs_the_float32_path_runs(monkeypatch):
+    """With kernels/dispatch.py choosing the fused NF4 matmul (CUDA, few tokens) there is no W0 to
+    join; the float32 path's forward runs instead. Here a stand-in kernel (the plain product) is
+    chosen, and the output is the float32 path's, bit for bit."""
+    fused, plain, gen = layers(128, 48, 8, False, torch.bfloat16, 0.0, 1)
+    x = torch.randn(5, 128, generator=gen).bfloat16()
+    want = plain(x)
+    stand_in = lambda a, q: torch.nn.functional.linear(a, dequantize_nf4(q, a.dtype))  # noqa: E731
+    monkeypatch.setattr(nf4_fused.dispatch, "matmul_kernel", lambda a, q, transposed=False: stand_in)
+    got = fused(x)
+    assert torch.equal(got, want)
