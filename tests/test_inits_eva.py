@@ -12,7 +12,7 @@ must then equal minilora's, up to float64 rounding carried into a float32 A.
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from peft import EvaConfig, LoraConfig
 from peft.tuners.lora import eva as peft_eva
@@ -121,6 +121,7 @@ def test_eva_equals_peft_on_the_same_activations(monkeypatch, r, spread, pick, t
     offset=st.floats(-100, 100),
     seed=st.integers(0, 2**16),
 )
+@example(k=3, extra=0, width=8, sizes=[2, 1], offset=0.0, seed=0)  # a first batch with fewer rows than k
 def test_incremental_svd_equals_the_svd_of_all_rows_when_they_span_at_most_k_directions(
     k, extra, width, sizes, offset, seed
 ):

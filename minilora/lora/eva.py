@@ -92,8 +92,11 @@ class IncrementalSVD:
         self.ratio = S[: self.k].square() / (var * total).sum()
         self.n, self.mean, self.var = total, mean, var
         if previous is not None:
-            cos = torch.nn.functional.cosine_similarity(self.components, previous)  # (k,)
-            self.converged = cos >= tau
+            # a batch smaller than k gives fewer directions; one not seen before has not converged
+            j = min(len(previous), len(self.components))
+            cos = torch.nn.functional.cosine_similarity(self.components[:j], previous[:j])  # (j,)
+            self.converged = torch.zeros(self.k, dtype=torch.bool)
+            self.converged[:j] = cos >= tau
 
 
 def label_mask(batch) -> torch.Tensor:
