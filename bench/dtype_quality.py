@@ -163,7 +163,7 @@ def train(ckpt: str, files: dict, out: str, flags: list[str], steps: int, seed: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help="HF checkpoint folder (default: bench/real_checkpoint.py's SmolLM2-135M)")
-    p.add_argument("--steps-short", type=int, default=20)
+    p.add_argument("--steps-short", type=int, default=20, help="0: no short runs")
     p.add_argument("--steps-long", type=int, default=150, help="0: no long runs")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--long-variants", nargs="+", default=["float32", "bf16"], choices=list(VARIANTS))
@@ -206,10 +206,11 @@ def main() -> None:
         ),
         runs=[],
     )
-    plan = [(v, s, a.steps_short, False) for s in a.seeds for v in a.variants]
+    plan = [(v, s, a.steps_short, False) for s in a.seeds for v in a.variants if a.steps_short]
     plan += [(v, a.seeds[0], a.steps_long, True) for v in a.long_variants if a.steps_long]
     if a.keep:
         payload["runs"] = earlier_runs(payload, {(v, s, n) for v, s, n, _ in plan})
+        payload["settings"]["variants"].update({r["variant"]: VARIANTS[r["variant"]] for r in payload["runs"]})
     for variant, seed, steps, long in plan:
         out = os.path.join(tmp, f"{variant}-{seed}-{steps}")
         r = train(a.checkpoint, files, out, VARIANTS[variant], steps, seed, a, long)
