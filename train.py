@@ -481,9 +481,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def body() -> int:
+        from minilora.parallel.distributed import close_distributed
+
         cfg = parse_args(argv)
         validate(cfg)
-        return run(cfg, given_flags(argv))
+        try:
+            return run(cfg, given_flags(argv))
+        finally:
+            close_distributed()
 
     # a user error: one sentence, exit 2 (MINILORA_DEBUG=1: the traceback)
     return run_main(body, again="continue the run with --resume")

@@ -57,6 +57,16 @@ def init_distributed() -> tuple[int, int, torch.device | None]:
     return rank, world, device
 
 
+def close_distributed() -> None:
+    """Destroy the process group if one was made, so its backend threads stop before the interpreter
+    exits (a rank left to exit with them running can abort: "terminate called without an active
+    exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(x: float | int, world: int) -> float:
     if world <= 1:
         return x
