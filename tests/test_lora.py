@@ -245,10 +245,12 @@ def test_fused_nf4_path_equals_unfused_in_float32():
     assert torch.equal(ours(x).detach(), plain)
 
 
-def test_fused_nf4_saves_no_weight_and_no_float32_x():
-    """Between forward and backward the fused NF4 LoRA keeps x, A, B, u = A x (N, r) and the mask only."""
+@pytest.mark.parametrize("mode, u_bytes", [("fused", 2), ("float32", 4), ("compute", 2)])
+def test_fused_nf4_saves_no_weight_and_no_float32_x(mode, u_bytes):
+    """Between forward and backward the NF4 LoRA functions keep x, A, B (the float32 parameters),
+    u = A x (N, r; float32 on the float32 path, else bf16) and the mask only."""
     n, k, m, r = 64, 256, 192, 4
-    ours = LoRALinear(NF4Linear.from_linear(nn.Linear(k, m).to(torch.bfloat16)), r, 8, dropout=0.1)
+    ours = LoRALinear(NF4Linear.from_linear(nn.Linear(k, m).to(torch.bfloat16)), r, 8, dropout=0.1, lora_compute=mode)
     x = torch.randn(n, k, dtype=torch.bfloat16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -256,7 +258,7 @@ def test_fused_nf4_saves_no_weight_and_no_float32_x():
     big = [t for t in saved if t.numel() >= m * k or (t.dtype == torch.float32 and t.numel() >= n * k)]
     assert big == [], [(t.shape, t.dtype) for t in big]
     nbytes = sum(t.numel() * t.element_size() for t in saved)
-    assert nbytes == x.numel() * 2 + (r * k + m * r) * 4 + n * r * 4 + n * k  # x, A, B, u, bool mask
+    assert nbytes == x.numel() * 2 + (r * k + m * r) * 4 + n * r * u_bytes + n * k  # x, A, B, u, bool mask
     y.float().sum().backward()
     assert x.grad is not None and ours.lora_A.weight.grad is not None
 

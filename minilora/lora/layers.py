@@ -22,9 +22,9 @@ base + LoRA without a float32 copy of x or a kept dequantized weight.
 
 The LoRA path's precision on a 16-bit base, lora_compute (a float32 base computes in float32 either
 way, and DoRA keeps float32):
-  - "fused" (the default on an NF4 base): the float32 path's products, with the term added inside
-    the base matmul's float32 sum and rounded once (_LoRANF4FusedFn: why it keeps small updates
-    that the float32 path rounds away). A dense base runs the float32 path.
+  - "fused" (the default on an NF4 base): the compute path's products, with the term added inside
+    the base matmul's float32 sum and rounded once (_LoRANF4FusedFn: why that keeps small updates
+    that PEFT's order of rounding drops). A dense base runs the float32 path.
   - "float32": PEFT's numbers above, bit for bit.
   - "compute": as PEFT under torch.autocast: the float32 master weights cast to the base's 16-bit
     compute dtype, every LoRA product and the add in that dtype.
@@ -173,10 +173,11 @@ class LoRALinear(nn.Module):
         if nf4 and not self.use_dora and (torch.is_grad_enabled() or fused):  # fused: evaluation sees training's sums
             lead = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)  # (N, K)
-            if autocast:
-                y = _LoRANF4AutocastFn.apply(x2.to(c), A.weight, B.weight, self.base, s, p)
+            if autocast or fused:
+                fn = _LoRANF4FusedFn if fused else _LoRANF4AutocastFn
+                y = fn.apply(x2.to(c), A.weight, B.weight, self.base, s, p)
             else:
-                y = (_LoRANF4FusedFn if fused else _LoRANF4Fn).apply(x2, A.weight, B.weight, self.base, s, p)
+                y = _LoRANF4Fn.apply(x2, A.weight, B.weight, self.base, s, p)
             return y.view(*lead, self.out_features)  # (N, M) -> (..., M)
         result = self.base(x)  # (..., M) in the base's output dtype
         out_dtype = result.dtype

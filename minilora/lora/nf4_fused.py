@@ -130,49 +130,19 @@ class _LoRANF4Fn(torch.autograd.Function):
         return gx, gA, gB, None, None, None
 
 
-class _LoRANF4FusedFn(_LoRANF4Fn):
-    """y = ([x_c | v_c | 1] @ [W0 | B_c | b]^T).to(x dtype),   v = s * u,  u = d(x_f) A^T (N, r) float32
+def _rank_r_product(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """x A^T (N, r) in x's dtype, through aten's mm.out: the selective-recompute policy
+    (models/recompute.py) saves mm outputs, and this one is cheap to recompute."""
+    return torch.mm(x, A.t(), out=torch.empty(x.shape[0], A.shape[0], dtype=x.dtype, device=x.device))
 
-    The float32 path (_LoRANF4Fn) with the LoRA term added where the base's sum is still float32: the
-    term enters the base matmul as r extra input columns (and the bias as one more), so the GEMM's
-    float32 accumulator holds x_c W0^T + s u B^T + b and rounds it to c once. Subscript c: rounded
-    to the base's 16-bit compute dtype; [P | Q] joins along the columns.
 
-    Why: the float32 path adds the rounded term to an already rounded y_0 = (x_c W0^T)_c, and
-    (y_0 + t)_c = y_0 whenever |t| < ulp(y_0) / 2. Early in training, with B small, most of the
-    adapter's effect is below that, so the float32 path drops it while this one keeps it on average:
-    rounding y_0 + t once moves y by one ulp with a chance that grows with t (a test measures the
-    mean). Each term's own error is relative: v and B rounded to c (2^-9 each), float32 accumulation
-    over K + r + 1 products, then the one rounding of the sum.
-
-    u and the dropout mask are drawn as in the float32 path, and the same tensors are saved, so the
-    backward (inherited) gives the float32 path's gradients bit for bit for the same u. With the
-    fused Triton matmul (kernels/dispatch.py: CUDA, few tokens) there is no W0 to join, and the
-    float32 path runs instead.
-    """
-
-    @staticmethod
-    def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
-        cdt = base.compute_dtype or x.dtype
-        x_c = x.to(cdt)  # (N, K)
-        if dispatch.matmul_kernel(x_c, base.weight_nf4) is not None:
-            return _LoRANF4Fn.forward(ctx, x, A, B, base, scaling, p)
-        (n, k), r, hb = x.shape, A.shape[0], int(base.bias is not None)
-        rows = _row_slices(n, max(k, B.shape[0]), x.device)  # the float32 path's slices: the same u
-        u, mask = _lora_u(x, A, p, rows)  # (N, r) float32, (N, K) bool or None
-        w = dequantize_nf4(base.weight_nf4, cdt)  # (M, K)
-        wa = torch.empty(w.shape[0], k + r + hb, dtype=cdt, device=x.device)  # (M, K + r [+ 1])
-        xa = torch.empty(n, k + r + hb, dtype=cdt, device=x.device)  # (N, K + r [+ 1])
-        wa[:, :k], wa[:, k : k + r] = w, B
-        xa[:, :k] = x_c
-        torch.mul(u, scaling, out=xa[:, k : k + r])  # v_c: s * u rounded to c
-        if hb:
-            wa[:, -1], xa[:, -1] = base.bias, 1
-        y = torch.mm(xa, wa.t()).to(x.dtype)  # (N, K + r [+ 1]) @ (K + r [+ 1], M) -> (N, M)
-        keep = ctx.needs_input_grad[0] and base.keep_dequantized
-        ctx.save_for_backward(x, A, B, u, mask, w if keep else None)
-        ctx.base, ctx.scaling, ctx.p = base, scaling, p
-        return y
+def _dropout_c(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(d(x) in x's dtype c, the mask or None): PEFT on the CPU under autocast drops out float32 x,
+    noise = bernoulli(1 - p) / (1 - p), then autocast rounds it to c (a transient float32 copy)."""
+    if p == 0:
+        return x, None
+    noise = torch.empty(x.shape, device=x.device).bernoulli_(1 - p).div_(1 - p)  # (N, K) float32
+    return (x.float() * noise).to(x.dtype), noise != 0
 
 
 class _LoRANF4AutocastFn(torch.autograd.Function):
@@ -202,21 +172,18 @@ class _LoRANF4AutocastFn(torch.autograd.Function):
         c = x.dtype
         A_c, B_c = A.to(c), B.to(c)  # (r, K), (M, r)
         y, w = _base_output(x, base, ctx.needs_input_grad[0])  # (N, M); w (M, K) or None
-        mask = None
-        xd = x
-        if p > 0:  # PEFT on the CPU drops out float32 x (then autocast rounds it to c): a transient copy
-            noise = torch.empty(x.shape, device=x.device).bernoulli_(1 - p).div_(1 - p)  # (N, K) float32
-            mask = noise != 0
-            xd = (x.float() * noise).to(c)
-        u = xd @ A_c.t()  # (N, K) @ (K, r) -> (N, r)
-        out = y + (u @ B_c.t()) * scaling  # (N, r) @ (r, M) -> (N, M), then * s and + in c, as autocast rounds
-        ctx.save_for_backward(x, A_c, B_c, u, mask, w)
+        xd, mask = _dropout_c(x, p)  # (N, K) in c, (N, K) bool or None
+        u = _rank_r_product(xd, A_c)  # (N, K) @ (K, r) -> (N, r)
+        ub = torch.mm(u, B_c.t(), out=torch.empty_like(y))  # (N, r) @ (r, M) -> (N, M): out=, as in _lora_u
+        out = y + ub * scaling  # * s and + in c, as autocast rounds
+        ctx.save_for_backward(x, A, B, u, mask, w)  # A, B: the parameters; backward casts them again
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, A_c, B_c, u, mask, w = ctx.saved_tensors
+        x, A, B, u, mask, w = ctx.saved_tensors
+        A_c, B_c = A.to(x.dtype), B.to(x.dtype)  # the forward's casts, bit for bit; not kept in between
         s, p, base = ctx.scaling, ctx.p, ctx.base
         need_x, need_A, need_B = ctx.needs_input_grad[:3]
         keep = None if mask is None else mask.float().div_(1 - p)  # the forward's float32 noise, bit for bit
@@ -235,3 +202,46 @@ class _LoRANF4AutocastFn(torch.autograd.Function):
                 gl = (gl.float() * keep).to(x.dtype)
             gx = nf4_matmul_t(g, base.weight_nf4, w) + gl  # the base's dL/dx + the LoRA path's, added in c
         return gx, gA, gB, None, None, None
+
+
+class _LoRANF4FusedFn(_LoRANF4AutocastFn):
+    """y = ([x | v | 1] @ [W0 | B_c | b]^T) in c,   v = (s u)_c,   u = d(x) A_c^T   (N, r) in c
+
+    The compute path's products (_LoRANF4AutocastFn: x in the base's 16-bit compute dtype c, A_c and
+    B_c cast from the float32 master weights), with the LoRA term added where the base's sum is
+    still float32: it enters the base matmul as r extra input columns (the bias as one more), so
+    the GEMM's float32 accumulator holds x W0^T + v B_c^T + b and rounds it to c once. [P | Q]
+    joins along the columns.
+
+    Why: PEFT adds the rounded term to an already rounded y0 = (x W0^T)_c, and (y0 + t)_c = y0
+    whenever |t| < ulp(y0) / 2. Early in training, with B small, most of the adapter's effect is
+    below that, so it is dropped; rounding y0 + t once instead moves y by one ulp with a chance
+    that grows with t, keeping the effect on average (tests/test_lora_fused.py measures the mean).
+    The term's own error is relative, as the compute path's: A, u, v and B each rounded to c.
+
+    The saved tensors are the compute path's (x, A, B, u, the mask, W0 where kept), and so is the
+    backward, so the gradients are the compute path's (PEFT's under torch.autocast) bit for
+    bit. Where the fused Triton matmul runs (kernels/dispatch.py: CUDA, few tokens) there is no W0
+    to join, and the compute path's forward runs instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
+        if dispatch.matmul_kernel(x, base.weight_nf4) is not None:
+            return _LoRANF4AutocastFn.forward(ctx, x, A, B, base, scaling, p)
+        c, (n, k), r, hb = x.dtype, x.shape, A.shape[0], int(base.bias is not None)
+        A_c, B_c = A.to(c), B.to(c)  # (r, K), (M, r)
+        xd, mask = _dropout_c(x, p)  # (N, K), (N, K) bool or None
+        u = _rank_r_product(xd, A_c)  # (N, K) @ (K, r) -> (N, r)
+        w = dequantize_nf4(base.weight_nf4, c)  # (M, K)
+        wa = torch.empty(w.shape[0], k + r + hb, dtype=c, device=x.device)  # (M, K + r [+ 1])
+        xa = torch.empty(n, k + r + hb, dtype=c, device=x.device)  # (N, K + r [+ 1])
+        wa[:, :k], wa[:, k : k + r], xa[:, :k] = w, B_c, x
+        torch.mul(u, scaling, out=xa[:, k : k + r])  # v
+        if hb:
+            wa[:, -1], xa[:, -1] = base.bias, 1
+        y = torch.mm(xa, wa.t())  # (N, K + r [+ 1]) @ (K + r [+ 1], M) -> (N, M)
+        keep = ctx.needs_input_grad[0] and base.keep_dequantized
+        ctx.save_for_backward(x, A, B, u, mask, w if keep else None)
+        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        return y

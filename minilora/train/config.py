@@ -125,10 +125,10 @@ class TrainConfig:
     use_dora: bool = _f(False, "weight-decomposed LoRA (DoRA)")
     lora_compute: str = _f(
         "fused",
-        "the LoRA path with a 16-bit --dtype: fused (float32 products, the term added inside the base "
+        "the LoRA path with a 16-bit --dtype: fused (compute's products, the term added inside the base "
         "matmul's float32 sum and rounded once, so small early updates are not rounded away), float32 "
-        "(PEFT's numbers: the float32 term rounded, then added) or compute (PEFT under torch.autocast: "
-        "the products in the compute dtype); DoRA keeps float32",
+        "(PEFT's numbers: float32 products, the term rounded, then added) or compute (PEFT under "
+        "torch.autocast: the products in the compute dtype); DoRA keeps float32",
         choices=["fused", "float32", "compute"],
     )
     init: str = _f(

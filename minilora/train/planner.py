@@ -284,6 +284,7 @@ def plan_memory(
     lora_r: int = 16,
     lora_targets=LINEARS,
     lora_dropout: float = 0.0,
+    lora_compute: str = "fused",
     optimizer_bits: int = 32,
     optimizer_budget: int | None = None,
     loss_chunk: int = 256,
@@ -315,6 +316,9 @@ def plan_memory(
     if optimizer_budget is not None:
         states = min(states, optimizer_budget)
 
+    # u = A x (N, r) per adapted linear: in the compute dtype on the fused and compute LoRA paths of
+    # an NF4 base (lora/nf4_fused.py), else float32
+    u_bytes = e if quantize == "nf4" and lora_compute != "float32" else 4
     act = (
         (e * D + 4) * n_norm
         + (e * hd + 4) * qk_norm_rows
@@ -322,7 +326,7 @@ def plan_memory(
         + 2 * e * (H + Hkv) * hd
         + 4 * H
         + 3 * e * F
-        + 4 * r * len(adapted)
+        + u_bytes * r * len(adapted)
     )
     if lora_dropout > 0:
         act += sum(K for _, K in adapted)  # one bool mask element per LoRA input element
@@ -542,6 +546,7 @@ def plan_run(
             lora_r=tc.lora_r,
             lora_targets=targets,
             lora_dropout=tc.lora_dropout,
+            lora_compute="float32" if getattr(tc, "use_dora", False) else getattr(tc, "lora_compute", "fused"),
             optimizer_bits=tc.optimizer_bits,
             optimizer_budget=opt_budget,
             loss_chunk=chunk,
