@@ -17,8 +17,8 @@ Inits as PEFT's init_lora_weights: "default" = A kaiming-uniform(a=sqrt(5)), B =
 N(0, 1/r^2), B = 0; and from the weight, "pissa", "pissa_niter_N", "olora", "loftq" (their math and
 derivations in minilora/lora/inits.py).
 
-On an NF4 base without DoRA, one autograd function (_LoRANF4Fn, minilora/lora/nf4_fused.py) does
-base + LoRA without a float32 copy of x or a kept dequantized weight.
+On an NF4 base without DoRA, one autograd function per LoRA path (minilora/lora/nf4_fused.py) does
+base + LoRA without a float32 copy of x, and keeps the dequantized weight only where planned.
 
 The LoRA path's precision on a 16-bit base, lora_compute (a float32 base computes in float32 either
 way, and DoRA keeps float32):

@@ -1,11 +1,14 @@
-"""The fused NF4 base + LoRA autograd function behind LoRALinear on an NF4 base (minilora/lora/layers.py).
+"""The NF4 base + LoRA autograd functions behind LoRALinear on an NF4 base (minilora/lora/layers.py),
+one per LoRA path (layers.LORA_COMPUTE): _LoRANF4Fn (float32: PEFT's numbers), _LoRANF4AutocastFn
+(compute: PEFT's under torch.autocast) and _LoRANF4FusedFn (fused, the default: compute's products,
+the term joined to the base matmul and rounded once).
 
 Letters: N tokens (all leading dims of x flattened), K in_features, M out_features, r rank.
 
-It saves x, the small (N, r) product A x and the dropout mask, never a float32 copy of x; the
-dequantized weight only where the block keeps it (NF4Linear.keep_dequantized, chosen by the memory
-planner), else it is dequantized again in backward. It computes the float32 LoRA
-terms over row slices, so no (N, K) or (N, M) float32 temporary is built either. See
+Each saves x, A, B (the parameters), the small (N, r) product A x and the dropout mask, never a
+float32 copy of x; the dequantized weight only where the block keeps it (NF4Linear.keep_dequantized,
+chosen by the memory planner), else it is dequantized again in backward. The float32 path computes
+its LoRA terms over row slices, so no (N, K) or (N, M) float32 temporary is built either. See
 bench/lora_layer.py.
 """
 
