@@ -13,8 +13,8 @@ records distinct from train ones; rows of about 130-170 tokens after the chat te
 Each variant in VARIANTS is train.py run as a user runs it, in its own process:
   float32             --dtype float32
   bf16                --dtype bfloat16 (what --dtype auto picks on CPUs with bf16 units), with the
-                      default LoRA path, fused: the float32 LoRA term added inside the base matmul's
-                      float32 sum, y rounded once
+                      default LoRA path, fused: compute's LoRA products, the term added inside the
+                      base matmul's float32 sum, y rounded once
   bf16-lora-float32   the same with --lora-compute float32 (PEFT's numbers: the float32 term rounded
                       to bf16, then added to the rounded base output)
   bf16-lora-compute   --dtype bfloat16 --lora-compute compute (the LoRA products in bf16, as PEFT
