@@ -16,7 +16,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_lora import fwd_bwd, ours_params, randomize
 
-import minilora.lora.nf4_fused as nf4_fused
 import minilora.quant.linear as quant_linear
 from minilora.lora.layers import LoRALinear, apply_lora
 from minilora.models.config import ModelConfig
@@ -29,12 +28,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def count_dequantize(monkeypatch) -> list:
-    """Record each dequantize_nf4 call (every CPU path of the NF4 matmuls goes through it, the fused
-    LoRA path's join included)."""
+    """Record each dequantize_nf4 call (every CPU path of the NF4 matmuls goes through it)."""
     calls, real = [], quant_linear.dequantize_nf4
     counted = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
     monkeypatch.setattr(quant_linear, "dequantize_nf4", counted)
-    monkeypatch.setattr(nf4_fused, "dequantize_nf4", counted)
     return calls
 
 

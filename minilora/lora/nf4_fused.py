@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from minilora.kernels import dispatch
-from minilora.quant.linear import NF4Linear, dequantize_nf4, nf4_matmul_keep, nf4_matmul_t
+from minilora.quant.linear import NF4Linear, nf4_matmul_keep, nf4_matmul_t
 
 # --- the fused NF4 + LoRA function ----------------------------------------------------------------
 # The LoRA path runs in float32 over (rows, K) and (rows, M) slices of at most this many bytes, so no
@@ -185,66 +184,79 @@ class _LoRANF4AutocastFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, A, B, u, mask, w = ctx.saved_tensors
-        A_c, B_c = A.to(x.dtype), B.to(x.dtype)  # the forward's casts, bit for bit; not kept in between
-        s, p, base = ctx.scaling, ctx.p, ctx.base
-        need_x, need_A, need_B = ctx.needs_input_grad[:3]
-        keep = None if mask is None else mask.float().div_(1 - p)  # the forward's float32 noise, bit for bit
-        g_t = g * s  # (N, M)
-        gB = (g_t.t() @ u).float() if need_B else None  # (M, r)
-        gu = g_t @ B_c  # (N, r)
-        del g_t
-        gA = None
-        if need_A:
-            xd = x if keep is None else (x.float() * keep).to(x.dtype)
-            gA = (gu.t() @ xd).float()  # (r, K)
-        gx = None
-        if need_x:
-            gl = gu @ A_c  # (N, K)
-            if keep is not None:
-                gl = (gl.float() * keep).to(x.dtype)
-            gx = nf4_matmul_t(g, base.weight_nf4, w) + gl  # the base's dL/dx + the LoRA path's, added in c
+        gA, gB, gl, w = _compute_path_grads(ctx, g)
+        # the base's dL/dx + the LoRA path's, each rounded to c and added in c (PEFT's two roundings)
+        gx = None if gl is None else nf4_matmul_t(g, ctx.base.weight_nf4, w) + gl
         return gx, gA, gB, None, None, None
 
 
-class _LoRANF4FusedFn(_LoRANF4AutocastFn):
-    """y = ([x | v | 1] @ [W0 | B_c | b]^T) in c,   v = (s u)_c,   u = d(x) A_c^T   (N, r) in c
+def _compute_path_grads(ctx, g: torch.Tensor):
+    """(dL/dA, dL/dB, the LoRA path's dL/dx (N, K) in c, the kept W0 or None) for _LoRANF4AutocastFn's
+    backward lines (its docstring); a gradient not needed is None."""
+    x, A, B, u, mask, w = ctx.saved_tensors
+    A_c, B_c = A.to(x.dtype), B.to(x.dtype)  # the forward's casts, bit for bit; not kept in between
+    s, p = ctx.scaling, ctx.p
+    need_x, need_A, need_B = ctx.needs_input_grad[:3]
+    keep = None if mask is None else mask.float().div_(1 - p)  # the forward's float32 noise, bit for bit
+    g_t = g * s  # (N, M)
+    gB = (g_t.t() @ u).float() if need_B else None  # (M, r)
+    gu = g_t @ B_c  # (N, r)
+    del g_t
+    gA = None
+    if need_A:
+        xd = x if keep is None else (x.float() * keep).to(x.dtype)
+        gA = (gu.t() @ xd).float()  # (r, K)
+    gl = None
+    if need_x:
+        gl = gu @ A_c  # (N, K)
+        if keep is not None:
+            gl = (gl.float() * keep).to(x.dtype)
+    return gA, gB, gl, w
+
+
+class _LoRANF4FusedFn(torch.autograd.Function):
+    """y = (x W0^T + t)_c (+ b),   t = (s u B_c^T)_c,   u = d(x) A_c^T   (N, r) in c
 
     The compute path's products (_LoRANF4AutocastFn: x in the base's 16-bit compute dtype c, A_c and
-    B_c cast from the float32 master weights), with the LoRA term added where the base's sum is
-    still float32: it enters the base matmul as r extra input columns (the bias as one more), so
-    the GEMM's float32 accumulator holds x W0^T + v B_c^T + b and rounds it to c once. [P | Q]
-    joins along the columns.
+    B_c cast from the float32 master weights), with the LoRA term t added where the base's sum is
+    still float32: one addmm whose float32 accumulator starts from t, so x W0^T + t is rounded to c
+    once (quant/linear.py's nf4_matmul with add). The bias follows, as NF4Linear adds it.
 
     Why: PEFT adds the rounded term to an already rounded y0 = (x W0^T)_c, and (y0 + t)_c = y0
     whenever |t| < ulp(y0) / 2. Early in training, with B small, most of the adapter's effect is
-    below that, so it is dropped; rounding y0 + t once instead moves y by one ulp with a chance
+    below that, so it is dropped; rounding x W0^T + t once instead moves y by one ulp with a chance
     that grows with t, keeping the effect on average (tests/test_lora_fused.py measures the mean).
-    The term's own error is relative, as the compute path's: A, u, v and B each rounded to c.
+    The bias added after rounds a value that is already off y0's grid, so it keeps that average.
+    The term's own error is relative, as the compute path's: A, u, B and t each rounded to c.
 
-    The saved tensors are the compute path's (x, A, B, u, the mask, W0 where kept), and so is the
-    backward, so the gradients are the compute path's (PEFT's under torch.autocast) bit for
-    bit. Where the fused Triton matmul runs (kernels/dispatch.py: CUDA, few tokens) there is no W0
-    to join, and the compute path's forward runs instead.
+    Backward: the compute path's lines (_compute_path_grads), so dL/dA and dL/dB are PEFT's under
+    torch.autocast bit for bit; dL/dx = (g W0 + l)_c, l = d'(dL/du A_c) in c: the LoRA path's
+    part joins the base's dL/dx matmul the same way, rounded once where PEFT rounds twice.
+
+    Where the fused Triton matmul runs (kernels/dispatch.py: CUDA, few tokens) it has no float32
+    accumulator to start from t, and the sums are rounded twice, in PEFT's order.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, base: NF4Linear, scaling: float, p: float):
-        if dispatch.matmul_kernel(x, base.weight_nf4) is not None:
-            return _LoRANF4AutocastFn.forward(ctx, x, A, B, base, scaling, p)
-        c, (n, k), r, hb = x.dtype, x.shape, A.shape[0], int(base.bias is not None)
+        c = x.dtype
         A_c, B_c = A.to(c), B.to(c)  # (r, K), (M, r)
         xd, mask = _dropout_c(x, p)  # (N, K), (N, K) bool or None
         u = _rank_r_product(xd, A_c)  # (N, K) @ (K, r) -> (N, r)
-        w = dequantize_nf4(base.weight_nf4, c)  # (M, K)
-        wa = torch.empty(w.shape[0], k + r + hb, dtype=c, device=x.device)  # (M, K + r [+ 1])
-        xa = torch.empty(n, k + r + hb, dtype=c, device=x.device)  # (N, K + r [+ 1])
-        wa[:, :k], wa[:, k : k + r], xa[:, :k] = w, B_c, x
-        torch.mul(u, scaling, out=xa[:, k : k + r])  # v
-        if hb:
-            wa[:, -1], xa[:, -1] = base.bias, 1
-        y = torch.mm(xa, wa.t())  # (N, K + r [+ 1]) @ (K + r [+ 1], M) -> (N, M)
+        t = torch.empty(x.shape[0], B.shape[0], dtype=c, device=x.device)  # (N, M)
+        # s u B_c^T rounded once (alpha inside the product). out= (aten's addmm.out): not kept by
+        # selective recompute (models/recompute.py), as _rank_r_product; beta=0 ignores t's contents.
+        torch.addmm(t, u, B_c.t(), beta=0, alpha=scaling, out=t)  # (N, r) @ (r, M) -> (N, M)
         keep = ctx.needs_input_grad[0] and base.keep_dequantized
-        ctx.save_for_backward(x, A, B, u, mask, w if keep else None)
+        y, w = nf4_matmul_keep(x, base.weight_nf4, keep, add=t)  # (x W0^T + t)_c, w (M, K) or None
+        if base.bias is not None:
+            y = y + base.bias.to(c)
+        ctx.save_for_backward(x, A, B, u, mask, w)
         ctx.base, ctx.scaling, ctx.p = base, scaling, p
         return y
+
+    @staticmethod
+    def backward(ctx, g):
+        gA, gB, gl, w = _compute_path_grads(ctx, g)
+        gx = None if gl is None else nf4_matmul_t(g, ctx.base.weight_nf4, w, add=gl)  # (g W0 + l)_c
+        return gx, gA, gB, None, None, None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minilora.kernels import dispatch
 from minilora.quant.nf4 import NF4Tensor, dequantize_nf4_cpu, dequantize_nf4_reference, quantize_nf4
@@ -39,37 +38,52 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     return (dequantize_nf4_cpu if q.packed.device.type == "cpu" else dequantize_nf4_reference)(q, dtype)
 
 
-def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
-    """x (..., K) @ W^T -> (..., M), W (M, K) held as NF4, computed in x.dtype.
+def _plus_product(add: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (..., P) @ (P, Q) -> (..., Q), plus `add` (..., Q) in the same dtype when given: then one
+    addmm, whose float32 accumulator starts from `add`, so the sum is rounded once (oneDNN on the
+    CPU, cuBLAS on CUDA; tests/test_lora_fused.py checks it), where product + add would round twice."""
+    if add is None:
+        return a @ b
+    return torch.addmm(add.reshape(-1, b.shape[1]), a.reshape(-1, b.shape[0]), b).view(add.shape)
+
+
+def nf4_matmul(x: torch.Tensor, q: NF4Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ W^T (+ add) -> (..., M), W (M, K) held as NF4, computed in x.dtype.
 
     The fused Triton kernel (kernels/nf4_matmul.py) when kernels/dispatch.py picks it (CUDA, few
-    tokens, the kernel passed its self-check); otherwise dequantize, then matmul.
+    tokens, the kernel passed its self-check), then + add; otherwise dequantize, then one matmul
+    whose sum includes add (_plus_product: rounded once).
     """
     fused = dispatch.matmul_kernel(x, q)
     if fused is not None:
-        return fused(x, q)
-    return F.linear(x, dequantize_nf4(q, x.dtype))  # (..., M)
+        return fused(x, q) if add is None else fused(x, q) + add
+    return _plus_product(add, x, dequantize_nf4(q, x.dtype).t())  # (..., M)
 
 
-def nf4_matmul_keep(x: torch.Tensor, q: NF4Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(nf4_matmul(x, q), W or None): with keep, the dequantized weight W (M, K) in x.dtype that the
+def nf4_matmul_keep(
+    x: torch.Tensor, q: NF4Tensor, keep: bool, add: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(nf4_matmul(x, q, add), W or None): with keep, the dequantized weight W (M, K) in x.dtype that the
     product used, for the backward to reuse; None where the fused kernel ran (it dequantizes in
     registers, so there is no W to keep) or without keep."""
     if not keep or dispatch.matmul_kernel(x, q) is not None:
-        return nf4_matmul(x, q), None
+        return nf4_matmul(x, q, add), None
     w = dequantize_nf4(q, x.dtype)  # (M, K)
-    return F.linear(x, w), w  # (..., M): nf4_matmul's product, bit for bit
+    return _plus_product(add, x, w.t()), w  # (..., M): nf4_matmul's product, bit for bit
 
 
-def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    """g (..., M) @ W -> (..., K): the input gradient, in g.dtype (the same choice of path); with w, the
-    weight the forward kept (nf4_matmul_keep), the same values as dequantizing again."""
-    if w is not None:
-        return g @ w.to(g.dtype)  # (..., M) @ (M, K) -> (..., K); .to: a no-op unless g's dtype differs
-    fused = dispatch.matmul_kernel(g, q, transposed=True)
-    if fused is not None:
-        return fused(g, q)
-    return g @ dequantize_nf4(q, g.dtype)  # (..., M) @ (M, K) -> (..., K)
+def nf4_matmul_t(
+    g: torch.Tensor, q: NF4Tensor, w: torch.Tensor | None = None, add: torch.Tensor | None = None
+) -> torch.Tensor:
+    """g (..., M) @ W (+ add) -> (..., K): the input gradient, in g.dtype (the same choice of path, and
+    add joined as in nf4_matmul); with w, the weight the forward kept (nf4_matmul_keep), the same
+    values as dequantizing again."""
+    if w is None:
+        fused = dispatch.matmul_kernel(g, q, transposed=True)
+        if fused is not None:
+            return fused(g, q) if add is None else fused(g, q) + add
+    w = dequantize_nf4(q, g.dtype) if w is None else w.to(g.dtype)  # .to: a no-op unless g's dtype differs
+    return _plus_product(add, g, w)  # (..., M) @ (M, K) -> (..., K)
 
 
 class NF4MatMulFn(torch.autograd.Function):
