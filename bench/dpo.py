@@ -20,8 +20,8 @@ float32 compute on the CPU, no gradient checkpointing and no dropout on every si
                 of the same batch in TRL's layout (input_ids, attention_mask, completion_mask): the policy
                 forward and the reference forward with PEFT's adapters disabled, its fused LM head;
                 backward, clip_grad_norm_(1.0), torch.optim.AdamW step, zero_grad.
-  minilora-dpo-split  the same with --pair-split: the chosen and the rejected halves backpropagate one
-                after the other, each recomputing its forward (pair_objective.py).
+  minilora-dpo-split  the same with --pair-split: the rejected and then the chosen halves backpropagate one
+                after the other, the chosen half recomputing its forward (pair_objective.py).
   minilora-sft  minilora's SFT step (the next-token loss train.py runs) on the P chosen sequences alone:
                 what DPO's memory is compared to.
 

@@ -66,8 +66,9 @@ class TrainConfig:
     orpo_lambda: float = _f(0.1, "ORPO: weight of the odds-ratio term beside the SFT loss", gt=0.0)
     pair_split: bool = _f(
         False,
-        "DPO/ORPO: backpropagate the chosen and the rejected answers one after the other, each recomputing its "
-        "forward: a step holds the activations of one answer per pair (about SFT's) for one more forward",
+        "DPO/ORPO: backpropagate the rejected and then the chosen answers one after the other, the chosen ones "
+        "recomputing their forward: a step holds the activations of one answer per pair (about SFT's) for one "
+        "more forward of half the rows",
     )
     precompute_reference: bool = _f(
         False,

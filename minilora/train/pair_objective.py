@@ -38,7 +38,7 @@ class PairObjective:
 
     def __init__(self, chunk: int, split: bool = False):
         self.chunk = chunk
-        self.split = split  # --pair-split: each answer's forward recomputed in its own backward (logprobs)
+        self.split = split  # --pair-split: the halves backpropagate in turn, the chosen one recomputed (logprobs)
 
     def normalizer(self, batch) -> int:
         return batch.n_pairs
@@ -46,23 +46,20 @@ class PairObjective:
     def logprobs(self, model, batch) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """((pi_c, pi_r), (n_c, n_r)), each (P,): both answers of every pair in one forward.
 
-        With `split` (and grad enabled) each half of the batch, the P chosen rows, then the P rejected
-        ones, runs under activation checkpointing: its forward keeps no activations, and its backward
-        recomputes that half alone. Autograd runs the nodes made last first, so the rejected half's
-        recompute and backward finish (and free their activations) before the chosen half's begin: a
+        With `split` (and grad enabled) the halves run one after the other: the P chosen rows under
+        activation checkpointing (its forward keeps no activations; its backward recomputes it), then
+        the P rejected rows as usual. Autograd runs the nodes made last first, so the rejected half's
+        backward finishes (and frees its activations) before the chosen half's recompute begins: a
         step holds one answer per pair, about an SFT step's activations on the chosen answers, for one
-        more forward of every row (about 4/3 of the policy's compute). The same values up to rounding:
-        a P-row matmul may block its sums otherwise than a 2P-row one."""
+        more forward of half the rows (about 7/6 of the joint step's compute). The same values up to
+        rounding: a P-row matmul may block its sums otherwise than a 2P-row one."""
         if not (self.split and torch.is_grad_enabled()):
             logp, counts = sequence_logprobs(model, batch, self.chunk)  # (2P,), (2P,)
             return split_rows(logp), split_rows(counts)
         P = batch.n_pairs
-        halves = [rows_of(batch, slice(0, P)), rows_of(batch, slice(P, 2 * P))]
-        out = [
-            checkpoint(sequence_logprobs, model, half, self.chunk, use_reentrant=False)  # (P,), (P,)
-            for half in halves
-        ]
-        return (out[0][0], out[1][0]), (out[0][1], out[1][1])
+        chosen = checkpoint(sequence_logprobs, model, rows_of(batch, slice(0, P)), self.chunk, use_reentrant=False)
+        rejected = sequence_logprobs(model, rows_of(batch, slice(P, 2 * P)), self.chunk)  # (P,), (P,) each
+        return (chosen[0], rejected[0]), (chosen[1], rejected[1])
 
     def terms(self, model, batch) -> PairTerms:
         raise NotImplementedError

@@ -573,9 +573,9 @@ def plan_run(
     plan = make(*(chosen or (L, 0, L if reuse == "on" else 0)))
     if getattr(tc, "objective", "sft") == "dpo" and not tc.precompute_reference:  # a base forward per token
         plan.flops_per_token += flops_per_token(model_cfg, shape[1], 0, (), forward_only=True)
-    if split:  # both halves: every row once, and each row's forward once more (its recompute)
+    if split:  # both halves: every row once, and the chosen half's forward once more (its recompute)
         plan.tokens_per_step = shape[0] * shape[1]
-        plan.flops_per_token += flops_per_token(model_cfg, shape[1], tc.lora_r, targets, forward_only=True)
+        plan.flops_per_token += flops_per_token(model_cfg, shape[1], tc.lora_r, targets, forward_only=True) / 2
     plan.budget = budget
     error = None
     if plan.peak > budget * MARGIN:
