@@ -1,7 +1,7 @@
 """The NF4 base + LoRA autograd functions behind LoRALinear on an NF4 base (minilora/lora/layers.py),
 one per LoRA path (layers.LORA_COMPUTE): _LoRANF4Fn (float32: PEFT's numbers), _LoRANF4AutocastFn
 (compute: PEFT's under torch.autocast) and _LoRANF4FusedFn (fused, the default: compute's products,
-the term joined to the base matmul and rounded once).
+the term started in the base matmul's float32 accumulator and rounded once with it).
 
 Letters: N tokens (all leading dims of x flattened), K in_features, M out_features, r rank.
 
