@@ -209,8 +209,7 @@ def run_eval(args) -> int:
     else:
         shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
 
-    quantize = args.quantize or run_cfg.get("quantize", "nf4")
-    dtype = resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)  # the dtype the run trained in
+    quantize, dtype = base_settings(args, run_cfg, device)
     model, tok, template = load_for_eval(name, quantize, dtype, device, template)
     check_adapter_fits(model, adapter_dir, name)
     if trained_on and trained_on != name:
@@ -272,6 +271,13 @@ def scored_examples(args, data: str, fmt: str) -> tuple[list, str | None]:
             "structured match cannot be measured; drop the flag or use JSON completions."
         )
     return examples, None
+
+
+def base_settings(args, run_cfg: dict, device) -> tuple:
+    """(quantize, dtype) of the base one run's adapter is scored on: --quantize / --dtype where given,
+    else as the run trained."""
+    quantize = args.quantize or run_cfg.get("quantize", "nf4")
+    return quantize, resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)
 
 
 def load_for_eval(name, quantize, dtype, device, template, note=""):
@@ -462,8 +468,7 @@ def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, 
             return fail(f"{flag} scores generations of an SFT run; a {objective} run reports preference accuracy.")
     pairs = load_pairs(data, objective)[0]
     pairs = pairs[: args.limit] if args.limit else pairs
-    quantize = args.quantize or run_cfg.get("quantize", "nf4")
-    dtype = resolve_dtype(args.dtype, device.type) if args.dtype else run_dtype(run_cfg)
+    quantize, dtype = base_settings(args, run_cfg, device)
     model, tok, template = load_for_eval(name, quantize, dtype, device, template)
     check_adapter_fits(model, adapter_dir, name)
     encoded = [encode_pair(p, tok, template, False, model.config.max_position_embeddings) for p in pairs]
