@@ -381,3 +381,39 @@ def test_freed_blocks_go_back_to_the_os_under_fsdp_on_the_cpu():
 
     assert retained("on") < 4 * 2**20
     assert not D.return_freed_blocks_to_the_os(torch.device("meta"))  # only the CPU heap is touched
+
+
+def _old_fully_shard_worker(rank, world, init_file, out):
+    """fsdp_mesh under torch 2.11's behaviour: its FSDPParam made each shard nn.Parameter(data) with the
+    default requires_grad=True, which an integer tensor refuses (later torch passes the flag)."""
+    import types
+
+    import torch.distributed as dist
+    import torch.nn as nn
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    old_nn = types.ModuleType("nn")
+    old_nn.__dict__.update(nn.__dict__)
+    old_nn.Parameter = lambda data, requires_grad=True: nn.Parameter(data)  # the flag dropped, as in 2.11
+    _fsdp_param.nn = old_nn
+    try:
+        D.fsdp_mesh(torch.device("cpu"), world)
+        msg = "no error"
+    except Exception as e:  # noqa: BLE001 - the test reads which error came out
+        msg = f"{type(e).__name__}: {e}"
+    with open(out, "w") as f:
+        f.write(msg)
+    dist.destroy_process_group()
+
+
+def test_fully_shard_that_cannot_hold_integer_parameters_is_one_sentence(tmp_path):
+    """torch before 2.12 cannot fully_shard the frozen uint8 NF4 codes: the mesh's probe says so in one
+    sentence (with the torch version and what to do) before a weight is read; this torch passes it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_old_fully_shard_worker, args=(1, str(tmp_path / "init"), str(tmp_path / "msg")), nprocs=1, join=True)
+    msg = (tmp_path / "msg").read_text()
+    assert msg.startswith("ParallelError: --parallel fsdp: torch "), msg
+    assert "uint8" in msg and "torch 2.12 or later" in msg and "--parallel ddp" in msg
