@@ -16,7 +16,10 @@ With CUDA the same rows run on the GPU, plus fused torch AdamW and an oversubscr
 ballast allocation leaves room for only half the state, PagedAdamW runs with device_budget="auto",
 bitsandbytes' paged optimizers rely on unified-memory paging.
 
-    python -m bench.adamw [--rounds 15] [--warmup 3] [--threads 1]
+    python -m bench.adamw [--rounds 15] [--warmup 3] [--threads 1] [--device all|cpu|cuda] [--out PATH]
+
+--device cuda (bench/gpu_suite.sh) leaves out the CPU rows, which take minutes on a GPU machine's
+CPU; its table goes to bench/results/adamw_cuda.json.
 """
 
 from __future__ import annotations
@@ -139,7 +142,17 @@ def main() -> None:
         help="torch intra-op threads for the CPU rows (default 1: on a small shared machine "
         "extra threads stall; every optimizer runs with the same setting)",
     )
+    ap.add_argument(
+        "--device", choices=("all", "cpu", "cuda"), default="all", help="all: the CPU rows, then CUDA's if present"
+    )
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/adamw.json, adamw_cuda.json with --device cuda)"
+    )
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            "bench.adamw: --device cuda, but torch sees no CUDA device; run it on a GPU machine or pass --device cpu."
+        )
     torch.set_num_threads(args.threads)
     shapes = lora_shapes()
     n = sum(a * b for a, b in shapes)
@@ -147,8 +160,8 @@ def main() -> None:
         f"Gemma 3 1B LoRA r=16, all linear: {len(shapes)} tensors, {n / 1e6:.2f}M params, "
         f"{8 * n / 2**20:.0f} MiB float32 Adam state"
     )
-    rows = bench_device(torch.device("cpu"), args.rounds, args.warmup)
-    if torch.cuda.is_available():
+    rows = bench_device(torch.device("cpu"), args.rounds, args.warmup) if args.device != "cuda" else []
+    if args.device != "cpu" and torch.cuda.is_available():
         rows += bench_device(torch.device("cuda"), args.rounds, args.warmup)
         rows += bench_device(torch.device("cuda"), args.rounds, args.warmup, oversubscribed=True)
     print(f"\n{'device':6} {'case':14} {'optimizer':46} {'median ms':>10} {'x torch foreach':>16}")
@@ -156,8 +169,9 @@ def main() -> None:
         ratio = f"{r['ratio_vs_torch_foreach']:.2f}x" if r["ratio_vs_torch_foreach"] else "-"
         print(f"{r['device']:6} {r['case']:14} {r['optimizer']:46} {r['median_ms']:10.2f} {ratio:>16}")
     path = write_json(
-        "adamw",
+        "adamw_cuda" if args.device == "cuda" else "adamw",
         dict(env=environment(), params=n, tensors=len(shapes), rounds=args.rounds, warmup=args.warmup, rows=rows),
+        args.out,
     )
     print(f"\nwrote {path}")
 

@@ -11,10 +11,12 @@
 #       --platform manylinux_2_24_x86_64 --python-version 3.12 -d .whl/      (43 MB)
 #   pip download gguf --no-deps --only-binary :all: -d .whl/                  (the gguf step)
 # Without a GPU, `python -m bench.kernel_resources` shows what the kernels cost on sm_90a.
-# All steps log to suite.log and put their JSON beside it, in $OUT when set (at most 8 files
-# come back from a remote run, so one log), else in bench/results/gpu/. Steps are independent,
-# so a 10-minute limit per command can take them a few at a time:
-# `bash bench/gpu_suite.sh env tests dequant`, then `bash bench/gpu_suite.sh lora adamw`, ...
+# All steps log to suite.log and put their JSON beside it in bench/results/gpu/; with $OUT set (a
+# remote run, where few files come back) the log goes to $OUT and the JSON files into one
+# $OUT/gpu_results.tar, rewritten after every step. Each step stops after GPU_SUITE_STEP_S seconds
+# (default 170; 0: no limit), so one slow step cannot take the others' time. On an H200 the default
+# steps take about 10 minutes; `bash bench/gpu_suite.sh env tests dequant`, then
+# `bash bench/gpu_suite.sh lora train`, ... takes them a few at a time.
 #
 # What each step answers (targets as in bench/README.md):
 #   env      versions, and each Triton kernel's self-check against PyTorch on this GPU (exit 1 if one fails)
@@ -35,8 +37,11 @@
 #            exported, read back and validated
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-bench/results/gpu}
-mkdir -p "$out"
+log=${OUT:-bench/results/gpu}
+out=bench/results/gpu
+[ -n "${OUT:-}" ] && out=$(mktemp -d)
+mkdir -p "$log" "$out"
+limit=${GPU_SUITE_STEP_S:-170}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -51,24 +56,26 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
     || { echo "gpu_suite: no CUDA device is visible to torch; run this on a GPU machine." >&2; exit 2; }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant bgmv lora adamw train recompute plan fsdp gguf)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant train lora bgmv adamw fsdp recompute plan gguf)
 status=0
-run() {  # run NAME COMMAND...: append to $out/suite.log, remember a failure, go on with the next step
-    local name=$1; shift
-    echo "=== $name: $*" | tee -a "$out/suite.log"
-    "$@" 2>&1 | tee -a "$out/suite.log"
+run() {  # run NAME COMMAND...: append to suite.log, remember a failure, go on with the next step
+    local name=$1 start=$SECONDS; shift
+    echo "=== $name: $*" | tee -a "$log/suite.log"
+    if [ "$limit" -gt 0 ]; then timeout "$limit" "$@"; else "$@"; fi 2>&1 | tee -a "$log/suite.log"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" -ne 0 ] && { echo "=== $name failed (exit $rc)" | tee -a "$out/suite.log"; status=1; }
+    [ "$rc" -eq 124 ] && echo "=== $name stopped after its ${limit} s (GPU_SUITE_STEP_S)" | tee -a "$log/suite.log"
+    [ "$rc" -ne 0 ] && { echo "=== $name failed (exit $rc)" | tee -a "$log/suite.log"; status=1; }
+    echo "=== $name: $((SECONDS - start)) s" | tee -a "$log/suite.log"
     return "$rc"
 }
 for step in "${steps[@]}"; do
     case $step in
         env) run env sh -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; python3 -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|peft|bitsandbytes) "; python3 -c "from minilora.kernels import dispatch; raise SystemExit(dispatch.main())"' ;;
         tests) run tests python3 -m pytest -q -m gpu tests ;;
-        dequant) run dequant python3 -m bench.dequant --out "$out/dequant.json" ;;
+        dequant) run dequant python3 -m bench.dequant --tokens 1,4,16,64 --out "$out/dequant.json" ;;
         bgmv) run bgmv python3 -m bench.lora_bgmv --out "$out/lora_bgmv.json" ;;
-        lora) run lora python3 -m bench.lora_layer --device cuda --rounds 3 --repeats 10 --out "$out/lora_layer_cuda.json" ;;
-        adamw) run adamw python3 -m bench.adamw && cp bench/results/adamw.json "$out/" ;;
+        lora) run lora python3 -m bench.lora_layer --device cuda --rounds 2 --repeats 50 --out "$out/lora_layer_cuda.json" ;;
+        adamw) run adamw python3 -m bench.adamw --device cuda --out "$out/adamw_cuda.json" ;;
         train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 \
                    --ckpt /tmp/gemma-3-1b-random && cp bench/results/train_step_gemma-3-1b_cuda.json "$out/" ;;
         recompute) run recompute python3 -m bench.recompute --geometry gemma-3-1b --device cuda --seq 1024 --rounds 2 \
@@ -81,5 +88,8 @@ for step in "${steps[@]}"; do
                   && cp /tmp/fsdp_smoke/summary.json "$out/fsdp_smoke_summary.json" ;;
         *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, bgmv, lora, adamw, train, recompute, plan, fsdp or gguf." >&2; status=2 ;;
     esac
+    if [ -n "${OUT:-}" ] && compgen -G "$out/*.json" >/dev/null; then
+        tar -C "$out" -cf "$log/gpu_results.tar.tmp" . && mv "$log/gpu_results.tar.tmp" "$log/gpu_results.tar"
+    fi
 done
 exit $status

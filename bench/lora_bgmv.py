@@ -5,8 +5,9 @@
 For one projection (K in_features, M out_features) and a batch whose rows use different adapters (every
 adapter zero-padded to rank R, minilora/lora/multi.py), side by side in one run:
     torch     mixed_gathered's PyTorch path: A_pad[idx] and B_pad[idx] gathered per row, two bmm, scale
-    triton    kernels/lora_bgmv.py: lora_shrink_triton then lora_expand_triton (segments found per call,
-              one host sync each, as multi.py calls them)
+    triton    kernels/lora_bgmv.py: the segments found (a wait for the device), then lora_shrink_triton
+              and lora_expand_triton: what the first layer of a forward pays (multi.token_segments)
+    layer     the two kernels with the segments already found: what every later layer pays
     shrink / expand   each kernel alone, segments precomputed
 Cases: decoding (B rows of 1 token, each row its own adapter: segments of one token) and prefill (B rows
 of T tokens: B segments). The stacks are built once outside the timing (both paths use the same ones).
@@ -59,7 +60,9 @@ def main() -> int:
     L, R, dev = args.adapters, args.rank, "cuda"
     rows_out = []
     print(f"{torch.cuda.get_device_name()}, {L} adapters of rank {R}, x bf16, LoRA math float32")
-    head = f"{'torch us':>10}{'triton us':>11}{'x':>7}{'shrink':>9}{'expand':>9}{'rel diff':>10}"
+    head = (
+        f"{'torch us':>10}{'triton us':>11}{'x':>7}{'layer us':>10}{'x':>7}{'shrink':>9}{'expand':>9}{'rel diff':>10}"
+    )
     print(f"{'case':<16}{'K':>6}{'M':>7}{head}")
     for name, b, t, k, m in CASES:
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -72,9 +75,10 @@ def main() -> int:
         tok = rows.repeat_interleave(t)  # (B T,)
         xt = x.reshape(-1, k)  # (B T, K)
 
-        def triton_path():
-            h = K_.lora_shrink_triton(xt, A, tok)
-            return K_.lora_expand_triton(torch.zeros(b * t, m, device=dev), h, B, s, tok)
+        def triton_path(segs=None):
+            segs = segs or K_.segments(tok)
+            h = K_.lora_shrink_triton(xt, A, tok, segs=segs)
+            return K_.lora_expand_triton(torch.zeros(b * t, m, device=dev), h, B, s, tok, segs=segs)
 
         segs = K_.segments(tok)
         h = K_.lora_shrink_triton(xt, A, tok, segs=segs)
@@ -89,6 +93,7 @@ def main() -> int:
             "M": m,
             "torch_us": bench(lambda: torch_path(x, A, B, s, rows)),
             "triton_us": bench(triton_path),
+            "layer_us": bench(lambda: triton_path(segs)),
             "shrink_us": bench(lambda: K_.lora_shrink_triton(xt, A, tok, segs=segs)),
             "expand_us": bench(lambda: K_.lora_expand_triton(y0, h, B, s, tok, segs=segs)),
             "rel_diff": rel,
@@ -96,7 +101,9 @@ def main() -> int:
         rows_out.append(row)
         print(
             f"{name:<16}{k:>6}{m:>7}{row['torch_us']:>10.1f}{row['triton_us']:>11.1f}"
-            f"{row['torch_us'] / row['triton_us']:>7.2f}{row['shrink_us']:>9.1f}{row['expand_us']:>9.1f}{rel:>10.1e}"
+            f"{row['torch_us'] / row['triton_us']:>7.2f}"
+            f"{row['layer_us']:>10.1f}{row['torch_us'] / row['layer_us']:>7.2f}"
+            f"{row['shrink_us']:>9.1f}{row['expand_us']:>9.1f}{rel:>10.1e}"
         )
     payload = {"env": environment(), "adapters": L, "rank": R, "rows": rows_out}
     print(f"wrote {write_json('lora_bgmv', payload, args.out)}")

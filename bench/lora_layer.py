@@ -15,7 +15,8 @@ a shared machine falls on both.
           /proc/self/clear_refs), in a separate worker where glibc is told to mmap every buffer over
           64 KiB, so freed memory leaves RSS at once and the peak is the step's real high-water
           mark (that setting also makes every large buffer page-fault afresh, which is why time is
-          not measured there). CUDA: torch.cuda.max_memory_allocated minus allocated before.
+          not measured there). CUDA: torch.cuda.max_memory_allocated minus allocated before, in the
+          timing workers themselves (the largest over rounds): no separate worker is needed there.
 
     python -m bench.lora_layer [--repeats 3] [--rounds 3] [--quick] [--device cpu|cuda]
 writes bench/results/lora_layer.json (lora_layer_cuda.json on CUDA) and prints a table
@@ -145,11 +146,18 @@ def measure(k, m, r, n, a) -> dict:
     res = {impl: {"round_medians_s": []} for impl in IMPLS}
     for i in range(a.rounds):
         order = IMPLS if i % 2 == 0 else IMPLS[::-1]  # alternate who goes first
-        for impl in order:
-            res[impl]["round_medians_s"].append(run_case(impl, k, m, r, n, a.repeats, a.device, False)["median_s"])
+        runs = {impl: run_case(impl, k, m, r, n, a.repeats, a.device, False) for impl in order}
+        for impl in IMPLS:
+            res[impl]["round_medians_s"].append(runs[impl]["median_s"])
+        if a.device == "cuda":  # the timing worker's own peak: CUDA's allocator counts it exactly
+            for impl in IMPLS:
+                res[impl]["peak_delta_bytes"] = max(
+                    res[impl].get("peak_delta_bytes", 0), runs[impl]["peak_delta_bytes"]
+                )
     for impl in IMPLS:
         res[impl]["median_s"] = statistics.median(res[impl]["round_medians_s"])
-        res[impl]["peak_delta_bytes"] = run_case(impl, k, m, r, n, 1, a.device, True)["peak_delta_bytes"]
+        if a.device != "cuda":
+            res[impl]["peak_delta_bytes"] = run_case(impl, k, m, r, n, 1, a.device, True)["peak_delta_bytes"]
     return res
 
 

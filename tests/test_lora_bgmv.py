@@ -339,6 +339,37 @@ def test_mixed_batch_with_the_kernels_equals_the_reference_loop(monkeypatch, ker
     assert multi.mixed_gathered(x[:, 0], rows, slots, M).shape == (len(rows), M)  # (B, K): T = 1
 
 
+@needs_interpreter
+def test_segments_are_found_once_per_forward(monkeypatch, kernels_on_cpu):
+    """Every layer of a forward passes the same rows tensor: its segments, a wait for the device each time,
+    are found once, and found again for another rows tensor, rows changed in place, or another token count."""
+    from minilora.kernels import lora_bgmv
+
+    x, rows, slots, M = mixed_problem()
+    multi.mixed_gathered(x, rows.clone(), slots, M)  # the self-checks run first (they find segments too)
+    calls = []
+    real = lora_bgmv.segments
+    monkeypatch.setattr(lora_bgmv, "segments", lambda idx: calls.append(idx) or real(idx))
+
+    def check(x, rows):
+        got = multi.mixed_gathered(x, rows, slots, M)
+        assert (
+            (got.double() - multi.mixed_reference(x, rows, slots, M).double()).abs() <= lora_bound(x, slots, rows, M)
+        ).all()
+
+    for _ in range(3):  # three layers of one forward
+        check(x, rows)
+    assert len(calls) == 1
+    check(x[:, :2], rows)  # another token count
+    assert len(calls) == 2
+    other = rows.clone()
+    check(x, other)
+    assert len(calls) == 3
+    other[0] = 1 - other[0]  # in place: adapter 0 becomes 1 (not targeted), the segments change
+    check(x, other)
+    assert len(calls) == 4 and torch.equal(calls[-1], other.repeat_interleave(x.shape[1]))
+
+
 # --- on a GPU: real sizes ---------------------------------------------------------------------------------
 
 

@@ -54,6 +54,8 @@ of the additions, scaled by s_a afterwards as single_delta scales.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -199,6 +201,26 @@ def padded_stacks(slots: list[Slot | None], K: int, M: int, device) -> tuple[tor
     return A_all, B_all, s_all
 
 
+_SEGMENTS = None  # (weakref to rows, rows._version, tokens per row, tok, segments) of the last token_segments call
+
+
+def token_segments(rows: torch.Tensor, per_row: int):
+    """(tok (B T,), its segments for the shrink/expand kernels) of rows (B,) (already checked), each row's
+    adapter repeated for its per_row tokens. Finding the segments waits for the device (the grid needs
+    their count and the longest); every layer of a forward passes the same rows tensor, so it is done
+    once per forward: the last result is kept while rows is that same, unmodified tensor."""
+    global _SEGMENTS
+    last = _SEGMENTS
+    if last is not None and last[0]() is rows and last[1] == rows._version and last[2] == per_row:
+        return last[3], last[4]
+    from minilora.kernels.lora_bgmv import segments
+
+    tok = rows.repeat_interleave(per_row)  # (B T,) each token's adapter; -1: skipped
+    segs = segments(tok)
+    _SEGMENTS = (weakref.ref(rows), rows._version, per_row, tok, segs)
+    return tok, segs
+
+
 def mixed_gathered(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int) -> torch.Tensor:
     """mixed_reference's result, float32 (B, ..., M), by gathering each row's padded (A, B, s) and two
     batched matmuls over all rows (BGMV semantics; module docstring)."""
@@ -208,9 +230,9 @@ def mixed_gathered(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None]
     if kernels is not None:  # the same two products in Triton (kernels/lora_bgmv.py), per segment of tokens
         shrink, expand = kernels
         xt = x.reshape(-1, K)  # (B T, K) in x's dtype: the kernel widens it to float32 exactly
-        tok = rows.repeat_interleave(xt.shape[0] // x.shape[0])  # (B T,) each token's adapter; -1: skipped
-        h = shrink(xt, A_all, tok)  # (B T, R)
-        y = expand(torch.zeros(xt.shape[0], M, device=x.device), h, B_all, s_all, tok)  # (B T, M): 0 + s B h
+        tok, segs = token_segments(rows, xt.shape[0] // x.shape[0])
+        h = shrink(xt, A_all, tok, segs=segs)  # (B T, R)
+        y = expand(torch.zeros(xt.shape[0], M, device=x.device), h, B_all, s_all, tok, segs=segs)  # (B T, M): 0 + s B h
         return y.reshape(*x.shape[:-1], M)  # (B, ..., M)
     idx = torch.where(rows < 0, len(slots), rows)  # (B,): -1 -> the all-zero base slot
     xb = x.float().reshape(x.shape[0], -1, K)  # (B, T, K); a (B, K) input is T = 1
