@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go, on a machine with one CUDA GPU.
 #
-#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant bgmv lora adamw train recompute plan fsdp gguf (default: all)
+#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant train lora bgmv adamw fsdp recompute plan gguf (default: all, in this order)
 #
 # Run from the repository root. Needs torch with CUDA, triton, transformers and peft, plus
 # bitsandbytes: if .whl/ holds wheels (for a machine without network), they are installed into
