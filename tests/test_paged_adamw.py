@@ -120,6 +120,30 @@ def test_paging_on_each_device_matches_torch_adamw(device, budget):
     assert _max_rel_err(our_p, ref_p) < (1e-6 if device == "cpu" else 1e-5)
 
 
+@given(shapes=shape_lists, hp=hparams, bits=st.sampled_from([32, 8]), seed=st.integers(0, 1000))
+@settings(max_examples=10)
+def test_foreach_batch_size_never_changes_the_update(shapes, hp, bits, seed):
+    """The update is elementwise, so splitting a wave into foreach batches (the CPU's cache-sized
+    batches; one batch per wave on CUDA) gives the same bits: batches of about 257 elements, of 64K
+    (the CPU's) and unbounded (CUDA's) agree after three steps."""
+    import minilora.optim.paged_adamw as P
+
+    runs, saved = [], P._BATCH_ELEMS
+    try:
+        for limits in ({"cpu": 257}, {"cpu": 1 << 16}, {}):
+            P._BATCH_ELEMS = limits
+            params = _params(shapes, seed)
+            opt = PagedAdamW(params, state_bits=bits, page_bytes=PAGE, **hp)
+            for t in range(3):
+                _set_grads([params], t, seed)
+                opt.step()
+            runs.append([p.detach().clone() for p in params])
+    finally:
+        P._BATCH_ELEMS = saved
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
 def test_lr_scheduler_drives_the_learning_rate():
     ref_p = _params([(5, 7), (300,)], 0)
     our_p = _clone(ref_p)
