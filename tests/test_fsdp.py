@@ -140,17 +140,37 @@ def test_fsdp_untied_odd_vocabulary_losses_validation_and_adapter_equal_one_proc
     assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
 
 
-def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
+def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str, old_torch: bool = False):
     """One rank: the tiny model loaded whole, quantized, LoRA-adapted and sharded, and the same model
     streamed block by block into its shards (load_sharded); report resident NF4 bytes, LoRA shards,
-    one PagedAdamW step's local state sizes, and how many block parameters are still gathered
-    (not sharded DTensors) between a forward and its backward."""
+    one PagedAdamW step's local state sizes, how many block parameters are still gathered (not
+    sharded DTensors) between a forward and its backward, the outputs and the LoRA gradients.
+    old_torch: fully_shard as torch before 2.12 built its shards: nn.Parameter(data) with the default
+    requires_grad=True, which an integer tensor refuses, then requires_grad_ set to the original's
+    (later torch passes the flag to the constructor)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+
+    if old_torch:
+        import types
+
+        import torch.nn as nn
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+        old_nn = types.ModuleType("nn")
+        old_nn.__dict__.update(nn.__dict__)
+
+        def old_parameter(data, requires_grad=True):
+            p = nn.Parameter(data)  # raises for an integer tensor
+            return p.requires_grad_(requires_grad)
+
+        old_nn.Parameter = old_parameter
+        _fsdp_param.nn = old_nn
 
     from minilora.lora.layers import apply_lora, lora_parameters
     from minilora.models.loader import load_model
     from minilora.optim.paged_adamw import PagedAdamW
+    from minilora.quant.linear import as_bytes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -162,15 +182,17 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
     streamed, _, _ = D.load_sharded(ckpt, torch.float32, torch.device("cpu"), world, lora)
     a, b = dict(model.named_parameters()), dict(streamed.named_parameters())
     assert a.keys() == b.keys()
-    for k in a:  # the same bytes and LoRA initialisation, shard by shard
-        assert torch.equal(local(a[k]), local(b[k])), k
+    for k in a:  # the same bytes and LoRA initialisation, shard by shard (codes compared as bytes)
+        assert torch.equal(as_bytes(local(a[k])), as_bytes(local(b[k]))), k
     opt = PagedAdamW(lora_parameters(model), lr=1e-2)
     ids = torch.arange(3, 3 + 2 * 12).view(2, 12) + rank  # (2, 12) a different micro-batch per rank
-    gathered = 0
+    gathered, ys = 0, []
     for m in (streamed, model):
         y = m(ids).float().logsumexp(-1).sum()
         gathered += sum(not isinstance(p, DTensor) for block in m.model.layers for p in block.parameters())
         y.backward()
+        ys.append(y.item())
+    grads = [local(p.grad).double().sum().item() for p in lora_parameters(model)]
     opt.step()
     state = opt.state_dict()["state"]
     with open(f"{out}.{rank}.json", "w") as f:
@@ -181,6 +203,8 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str):
                 "opt": sum(t.numel() for s in state.values() for k, t in s.items() if k != "step"),
                 "lora": sum(p.numel() for p in lora_parameters(model)),
                 "gathered": gathered,
+                "ys": ys,
+                "grads": grads,
             },
             f,
         )
@@ -195,6 +219,11 @@ def test_each_rank_holds_about_half_of_the_nf4_base_and_optimizer_states(tmp_pat
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
     mp.spawn(_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "r"), ckpt), nprocs=2, join=True)
     r = [json.loads((tmp_path / f"r.{i}.json").read_text()) for i in range(2)]
+    # torch before 2.12: the codes shard as one-byte floats (distributed.nf4_buffers_to_parameters);
+    # the same bytes per rank, outputs and gradients as with later torch, bit for bit
+    args = (2, str(tmp_path / "init_old"), str(tmp_path / "old"), ckpt, True)
+    mp.spawn(_shard_worker, args=args, nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"old.{i}.json").read_text()) for i in range(2)] == r
     whole = r[0]["whole"]
     assert whole == r[1]["whole"] > 0
     assert [x["gathered"] for x in r] == [0, 0]
@@ -381,39 +410,3 @@ def test_freed_blocks_go_back_to_the_os_under_fsdp_on_the_cpu():
 
     assert retained("on") < 4 * 2**20
     assert not D.return_freed_blocks_to_the_os(torch.device("meta"))  # only the CPU heap is touched
-
-
-def _old_fully_shard_worker(rank, world, init_file, out):
-    """fsdp_mesh under torch 2.11's behaviour: its FSDPParam made each shard nn.Parameter(data) with the
-    default requires_grad=True, which an integer tensor refuses (later torch passes the flag)."""
-    import types
-
-    import torch.distributed as dist
-    import torch.nn as nn
-    from torch.distributed.fsdp._fully_shard import _fsdp_param
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    old_nn = types.ModuleType("nn")
-    old_nn.__dict__.update(nn.__dict__)
-    old_nn.Parameter = lambda data, requires_grad=True: nn.Parameter(data)  # the flag dropped, as in 2.11
-    _fsdp_param.nn = old_nn
-    try:
-        D.fsdp_mesh(torch.device("cpu"), world)
-        msg = "no error"
-    except Exception as e:  # noqa: BLE001 - the test reads which error came out
-        msg = f"{type(e).__name__}: {e}"
-    with open(out, "w") as f:
-        f.write(msg)
-    dist.destroy_process_group()
-
-
-def test_fully_shard_that_cannot_hold_integer_parameters_is_one_sentence(tmp_path):
-    """torch before 2.12 cannot fully_shard the frozen uint8 NF4 codes: the mesh's probe says so in one
-    sentence (with the torch version and what to do) before a weight is read; this torch passes it."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_old_fully_shard_worker, args=(1, str(tmp_path / "init"), str(tmp_path / "msg")), nprocs=1, join=True)
-    msg = (tmp_path / "msg").read_text()
-    assert msg.startswith("ParallelError: --parallel fsdp: torch "), msg
-    assert "uint8" in msg and "torch 2.12 or later" in msg and "--parallel ddp" in msg

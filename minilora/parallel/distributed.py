@@ -186,8 +186,14 @@ def launched_by_torchrun() -> bool:
 # ----------------------------------------------------------------------------------------- FSDP2
 def nf4_buffers_to_parameters(model: nn.Module) -> int:
     """Re-register every NF4Linear's codes and quantization state as frozen parameters, which
-    fully_shard shards (it leaves buffers whole on every rank). Returns how many tensors moved."""
-    from minilora.quant.linear import NF4Linear
+    fully_shard shards (it leaves buffers whole on every rank). Returns how many tensors moved.
+
+    The uint8 tensors (the codes, and the absmax codes of double quantization) become parameters of
+    a one-byte floating dtype viewing the same bytes (quant/linear.py's BYTE_VIEW; weight_nf4 views
+    them back): fully_shard before torch 2.12 makes every shard a parameter that asks for gradients,
+    which an integer tensor cannot be. Its all-gather moves a block's mixed dtypes as bytes, so
+    the codes arrive bit for bit."""
+    from minilora.quant.linear import BYTE_VIEW, NF4Linear
 
     moved = 0
     for m in model.modules():
@@ -197,6 +203,7 @@ def nf4_buffers_to_parameters(model: nn.Module) -> int:
             t = m._buffers.pop(name, None)
             if t is None:  # weight_absmax2 without double quantization
                 continue
+            t = t.view(BYTE_VIEW) if t.dtype == torch.uint8 else t
             m.register_parameter(name, nn.Parameter(t, requires_grad=False))
             moved += 1
     return moved
@@ -218,41 +225,18 @@ def return_freed_blocks_to_the_os(device: torch.device) -> bool:
         return False
 
 
-def fsdp_mesh(device: torch.device, world: int):
-    """The one-dimensional device mesh the FSDP units shard over, after checking that this torch's
-    fully_shard can hold the NF4 codes, frozen uint8 parameters: before torch 2.12 it wrapped each
-    shard as nn.Parameter(requires_grad=True), which an integer tensor cannot be. A throwaway module
-    with one such parameter asks torch itself, before the model is sharded."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (world,))
-    probe = nn.Module()
-    probe.codes = nn.Parameter(torch.zeros(world, dtype=torch.uint8, device=device), requires_grad=False)
-    try:
-        fully_shard(probe, mesh=mesh)
-    except RuntimeError as e:
-        if "floating point" not in str(e):
-            raise
-        raise ParallelError(
-            f"--parallel fsdp: torch {torch.__version__}'s fully_shard cannot shard the NF4 base's frozen "
-            "uint8 codes (it asks gradients of every parameter); install torch 2.12 or later, or train "
-            "with --parallel ddp."
-        ) from None
-    return mesh
-
-
 def shard_model(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     """fully_shard each transformer block (in place): afterwards every block parameter is a DTensor
     sharded along dim 0 over the W ranks; embeddings and head become vocabulary-parallel (this
     rank's V/W rows, minilora/parallel/vocab_parallel.py); the final norm stays whole."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from minilora.parallel.vocab_parallel import shard_vocab
 
-    mesh = fsdp_mesh(device, world)
     nf4_buffers_to_parameters(model)
     return_freed_blocks_to_the_os(device)
+    mesh = init_device_mesh(device.type, (world,))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh)
     check_trainable_sharded(model)
@@ -341,6 +325,7 @@ def load_sharded(
     + one bf16 weight. Every rank reads and quantizes every block and keeps its own shard.
     """
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from minilora.lora.layers import apply_lora
@@ -351,7 +336,6 @@ def load_sharded(
     ckpt = L.resolve_checkpoint(name_or_path)
     cfg = L.read_config(ckpt, L.preset_name(name_or_path, ckpt))
     VP.check_vocab(cfg.vocab_size, world)
-    mesh = fsdp_mesh(device, world)  # before any weight is read
     with torch.device("meta"), L.no_random_init():
         model = Transformer(cfg)
     model.tie_weights()
@@ -363,6 +347,7 @@ def load_sharded(
             )
     report = apply_lora(model, **lora)
     return_freed_blocks_to_the_os(device)
+    mesh = init_device_mesh(device.type, (world,))
 
     lo, hi = VP.vocab_range(cfg.vocab_size, world, dist.get_rank())
     vocab = {"model.embed_tokens.weight", "lm_head.weight"}

@@ -112,6 +112,15 @@ class NF4MatMulFn(torch.autograd.Function):
 # The buffers an NF4Linear holds, in NF4Tensor's order: packed codes, absmax (8-bit codes when double
 # quantized), the second-level absmax and the offset (None without double quantization).
 NF4_BUFFERS = ("weight_packed", "weight_absmax", "weight_absmax2", "weight_offset")
+# The dtype the uint8 codes are viewed as where they must be parameters of a floating dtype (FSDP's
+# sharded parameters, minilora/parallel/distributed.py): the same bytes, one byte per element, never
+# computed with. weight_nf4 views them back.
+BYTE_VIEW = torch.float8_e4m3fn
+
+
+def as_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t itself, or the uint8 view of codes stored as BYTE_VIEW."""
+    return t.view(torch.uint8) if t is not None and t.dtype == BYTE_VIEW else t
 
 
 class NF4Linear(nn.Module):
@@ -152,8 +161,8 @@ class NF4Linear(nn.Module):
     @property
     def weight_nf4(self) -> NF4Tensor:
         return NF4Tensor(
-            self.weight_packed,
-            self.weight_absmax,
+            as_bytes(self.weight_packed),
+            as_bytes(self.weight_absmax),
             torch.Size((self.out_features, self.in_features)),
             self.weight_dtype,
             self.blocksize,
