@@ -74,7 +74,7 @@ for step in "${steps[@]}"; do
         tests) run tests python3 -m pytest -q -m gpu tests ;;
         dequant) run dequant python3 -m bench.dequant --tokens 1,4,16,64 --out "$out/dequant.json" ;;
         bgmv) run bgmv python3 -m bench.lora_bgmv --out "$out/lora_bgmv.json" ;;
-        lora) run lora python3 -m bench.lora_layer --device cuda --rounds 2 --repeats 50 --out "$out/lora_layer_cuda.json" ;;
+        lora) run lora python3 -m bench.lora_layer --device cuda --rounds 1 --repeats 50 --out "$out/lora_layer_cuda.json" ;;
         adamw) run adamw python3 -m bench.adamw --device cuda --out "$out/adamw_cuda.json" ;;
         train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 \
                    --ckpt /tmp/gemma-3-1b-random && cp bench/results/train_step_gemma-3-1b_cuda.json "$out/" ;;

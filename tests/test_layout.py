@@ -21,12 +21,17 @@ def test_subpackages_resolve_to_top_level_folders():
 
 
 def test_kernels_and_models_not_installed_top_level():
-    # A `kernels` or `models` on sys.path would shadow (or be shadowed by) unrelated PyPI
-    # packages; only the checkout's own folders may provide those names.
+    # A top-level `kernels` or `models` from minilora's install would shadow (or be shadowed by)
+    # unrelated PyPI packages (transformers itself requires one named `kernels`). Such a name may
+    # resolve to the checkout's own folder only where the checkout's root is on sys.path (running
+    # from it); anywhere else it is another package's, or absent.
+    root = os.path.realpath(ROOT)
+    root_on_path = any(os.path.realpath(p or os.getcwd()) == root for p in sys.path)
     for name in ("kernels", "models"):
+        mine = os.path.realpath(importlib.util.find_spec(f"minilora.{name}").origin)
         spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin is not None:
-            assert os.path.realpath(spec.origin).startswith(os.path.realpath(ROOT)), spec.origin
+        if spec is not None and spec.origin is not None and os.path.realpath(spec.origin) == mine:
+            assert root_on_path, f"top-level {name!r} resolves to minilora's own {mine}"
 
 
 def test_version():
