@@ -18,6 +18,8 @@ cuBLAS overtakes (kernels/nf4_matmul.py FUSED_MAX_TOKENS; static instruction cou
 crossover near 64-128), and dx = g W, the input gradient:
     fused      kernels/nf4_matmul.py (never materializes W)
     bnb+cuBLAS F.linear(x, dequantize_4bit(W))
+    ours+cuBLAS F.linear(x, dequantize_nf4_triton(W)): the path dispatch takes when the fused kernel
+               does not run, so the column that decides FUSED_MAX_TOKENS
     bnb gemv   bitsandbytes.matmul_4bit (its inference kernel for one token)
 
 Inputs rotate over enough copies of the quantized weight (>= 4 x a 50 MB L2) that no call finds
@@ -156,13 +158,14 @@ def gpu_dequant(args, bnbF) -> list[dict]:
 
 
 def gpu_matmul(args, bnb, bnbF) -> list[dict]:
+    from minilora.kernels.nf4_dequant import dequantize_nf4_triton
     from minilora.kernels.nf4_matmul import _pick_config, nf4_matmul_t_triton, nf4_matmul_triton
 
     dtype = torch.bfloat16
     rows = []
     print("\nNF4 matmul, bf16, N tokens (median us): fused vs bitsandbytes dequantize + cuBLAS")
     print(
-        f"{'shape':>12} {'N':>3} {'fused':>8} {'bnb+cuBLAS':>10} {'bnb gemv':>9} {'speedup':>8} "
+        f"{'shape':>12} {'N':>3} {'fused':>8} {'bnb+cuBLAS':>10} {'bnb gemv':>9} {'speedup':>8} {'ours+cuBLAS':>11} "
         f"{'fused dx':>9} {'bnb dx':>8} {'speedup':>8} {'s2 s3 / dx s2 s3':>24}"
     )
     for m, k in args.shapes:
@@ -188,6 +191,8 @@ def gpu_matmul(args, bnb, bnbF) -> list[dict]:
                 "fused": bench(lambda q_, p_, s_, x_, g_: nf4_matmul_triton(x_, q_), rot),
                 "bnb_cublas": bench(lambda q_, p_, s_, x_, g_: F.linear(x_, bnbF.dequantize_4bit(p_, s_)), rot),
                 "bnb_matmul_4bit": bench(lambda q_, p_, s_, x_, g_: bnb.matmul_4bit(x_, p_.t(), quant_state=s_), rot),
+                # what kernels/dispatch.py runs instead of the fused kernel: our dequantization, then cuBLAS
+                "ours_cublas": bench(lambda q_, p_, s_, x_, g_: F.linear(x_, dequantize_nf4_triton(q_, dtype)), rot),
                 "fused_t": bench(lambda q_, p_, s_, x_, g_: nf4_matmul_t_triton(g_, q_), rot),
                 "bnb_cublas_t": bench(lambda q_, p_, s_, x_, g_: g_ @ bnbF.dequantize_4bit(p_, s_), rot),
             }
@@ -207,7 +212,8 @@ def gpu_matmul(args, bnb, bnbF) -> list[dict]:
             rows.append(row)
             print(
                 f"{m:>5}x{k:<6} {n:>3} {t['fused']:8.1f} {t['bnb_cublas']:10.1f} {t['bnb_matmul_4bit']:9.1f} "
-                f"{row['speedup']:7.2f}x {t['fused_t']:9.1f} {t['bnb_cublas_t']:8.1f} {row['speedup_t']:7.2f}x "
+                f"{row['speedup']:7.2f}x {t['ours_cublas']:11.1f} {t['fused_t']:9.1f} {t['bnb_cublas_t']:8.1f} "
+                f"{row['speedup_t']:7.2f}x "
                 f"{t['fused_s2']:6.1f} {t['fused_s3']:6.1f} / {t['fused_t_s2']:6.1f} {t['fused_t_s3']:6.1f}"
             )
     return rows
