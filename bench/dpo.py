@@ -22,6 +22,9 @@ float32 compute on the CPU, no gradient checkpointing and no dropout on every si
                 backward, clip_grad_norm_(1.0), torch.optim.AdamW step, zero_grad.
   minilora-dpo-split  the same with --pair-split: the rejected and then the chosen halves backpropagate one
                 after the other, the chosen half recomputing its forward (pair_objective.py).
+  minilora-dpo-recompute  (with --recompute-blocks K) the joint step with its first K blocks recomputed in
+                backward (train.py --gradient-checkpointing K, what --memory-budget makes the planner choose):
+                the activations of 2P rows kept in L - K blocks only.
   minilora-sft  minilora's SFT step (the next-token loss train.py runs) on the P chosen sequences alone:
                 what DPO's memory is compared to.
 
@@ -47,6 +50,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 IMPLS = ("minilora-dpo", "minilora-dpo-split", "trl", "minilora-sft")
+RECOMPUTE = "minilora-dpo-recompute"  # run when --recompute-blocks > 0
 
 
 def make_pairs(a, vocab: int):
@@ -84,7 +88,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
 
         model, _ = load_model(ckpt, quantize="nf4", dtype=torch.float32)
         apply_lora(model, targets="all-linear", r=a.rank, alpha=2 * a.rank, dropout=0.0, seed=0, verbose=False)
-        model.set_gradient_checkpointing(False)
+        model.set_gradient_checkpointing(a.recompute_blocks if impl == RECOMPUTE else False)
         model.train()
         params = lora_parameters(model)
         opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
@@ -212,8 +216,14 @@ def main() -> None:
         default=0,
         help="MALLOC_MMAP_THRESHOLD_ for every worker (0: glibc's; 65536: RSS follows live memory)",
     )
+    ap.add_argument(
+        "--recompute-blocks",
+        type=int,
+        default=0,
+        help="also run the joint step with its first K blocks recomputed (minilora-dpo-recompute); 0: not run",
+    )
     ap.add_argument("--out", default="dpo", help="results name under bench/results/")
-    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=(*IMPLS, RECOMPUTE), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.layers:
         GEOMETRIES[a.geometry]["num_hidden_layers"] = a.layers
@@ -227,17 +237,19 @@ def main() -> None:
     argv = ["--geometry", a.geometry, "--layers", str(a.layers), "--pairs", str(a.pairs), "--prompt", a.prompt]
     argv += ["--answer", a.answer, "--rank", str(a.rank), "--loss-chunk", str(a.loss_chunk)]
     argv += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
+    argv += ["--recompute-blocks", str(a.recompute_blocks)]
+    impls = (*IMPLS, RECOMPUTE) if a.recompute_blocks > 0 else IMPLS
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.ckpt or os.path.join(tmp, "ckpt")
         if not os.path.isdir(ckpt):
             write_checkpoint(ckpt, a.geometry)
-        res = {impl: run_worker(impl, ckpt, argv, a.mmap_threshold) for impl in IMPLS}
+        res = {impl: run_worker(impl, ckpt, argv, a.mmap_threshold) for impl in impls}
     ours, split, trl, sft = res["minilora-dpo"], res["minilora-dpo-split"], res["trl"], res["minilora-sft"]
     print(f"DPO step, {a.pairs} pairs ({ours['rows']} rows x T={ours['T']}), {a.geometry}, CPU, {a.threads} thread(s)")
-    print(f"{'':18} {'s/step':>8} {'pairs/s':>8} {'peak RSS MB':>12} {'step peak MB':>13}")
-    for impl in IMPLS:
+    print(f"{'':22} {'s/step':>8} {'pairs/s':>8} {'peak RSS MB':>12} {'step peak MB':>13}")
+    for impl in impls:
         r = res[impl]
-        print(f"{impl:18} {r['median_s']:8.2f} {r['pairs_per_s']:8.3f} {r['peak_mb']:12.0f} {r['step_peak_mb']:13.0f}")
+        print(f"{impl:22} {r['median_s']:8.2f} {r['pairs_per_s']:8.3f} {r['peak_mb']:12.0f} {r['step_peak_mb']:13.0f}")
     ratios = {
         "pairs_per_s_vs_trl": ours["pairs_per_s"] / trl["pairs_per_s"],
         "peak_rss_vs_trl": ours["peak_mb"] / trl["peak_mb"],
@@ -246,12 +258,23 @@ def main() -> None:
         "split_peak_rss_vs_trl": split["peak_mb"] / trl["peak_mb"],
         "split_step_peak_vs_sft": split["step_peak_mb"] / max(1e-9, sft["step_peak_mb"]),
     }
+    if RECOMPUTE in res:
+        rc = res[RECOMPUTE]
+        ratios["recompute_pairs_per_s_vs_trl"] = rc["pairs_per_s"] / trl["pairs_per_s"]
+        ratios["recompute_peak_rss_vs_trl"] = rc["peak_mb"] / trl["peak_mb"]
+        ratios["recompute_step_peak_vs_sft"] = rc["step_peak_mb"] / max(1e-9, sft["step_peak_mb"])
     print(
         f"pairs/s {ratios['pairs_per_s_vs_trl']:.2f}x TRL's (target >= 1.5), peak RSS {ratios['peak_rss_vs_trl']:.2f}x "
         f"(target <= 0.6), DPO step peak {ratios['dpo_step_peak_vs_sft']:.2f}x the SFT step's (target <= 1.25)\n"
         f"--pair-split: pairs/s {ratios['split_pairs_per_s_vs_trl']:.2f}x TRL's, peak RSS "
         f"{ratios['split_peak_rss_vs_trl']:.2f}x, DPO step peak {ratios['split_step_peak_vs_sft']:.2f}x the SFT step's"
     )
+    if RECOMPUTE in res:
+        print(
+            f"first {a.recompute_blocks} blocks recomputed: pairs/s {ratios['recompute_pairs_per_s_vs_trl']:.2f}x "
+            f"TRL's, peak RSS {ratios['recompute_peak_rss_vs_trl']:.2f}x, DPO step peak "
+            f"{ratios['recompute_step_peak_vs_sft']:.2f}x the SFT step's"
+        )
     env = {**environment(), "trl": importlib.metadata.version("trl"), "cpu": cpu_info()}
     print(
         f"{env['cpu']['model']}; flags {' '.join(env['cpu']['flags'])}; torch {env['torch']}, trl {env['trl']}, "
