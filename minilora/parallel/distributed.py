@@ -60,10 +60,15 @@ def init_distributed() -> tuple[int, int, torch.device | None]:
 def close_distributed() -> None:
     """Destroy the process group if one was made, so its backend threads stop before the interpreter
     exits (a rank left to exit with them running can abort: "terminate called without an active
-    exception")."""
+    exception"). Garbage in reference cycles (FSDP's modules and hooks, and the collectives' work
+    objects they hold) is collected first, while the interpreter is whole: freed during its
+    shutdown instead, such a tensor can still abort the rank after its run finished."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
