@@ -27,7 +27,8 @@
 #            against multi.py's PyTorch gather + bmm, decoding and prefill
 #   lora     bench.lora_layer --device cuda (target >= 1.3x PEFT + bitsandbytes, lower memory)
 #   adamw    bench.adamw, whose CUDA run adds the oversubscribed paging case
-#   train    bench.train_step --geometry gemma-3-1b (targets >= 1.5x tokens/s, <= 0.6x memory)
+#   train    bench.train_step --geometry gemma-3-1b (targets >= 1.5x tokens/s, <= 0.6x memory), with
+#            --profile: ops and kernels a step and the GPU's busy share, for both sides
 #   recompute bench.recompute on Gemma 3 1B geometry: step time and peak with recompute off,
 #            selective (torch's selective activation checkpointing) and full, beside the planner's figures
 #   plan     bench.plan_check: the planner's predicted peak vs torch.cuda.max_memory_allocated of a
@@ -76,7 +77,7 @@ for step in "${steps[@]}"; do
         bgmv) run bgmv python3 -m bench.lora_bgmv --out "$out/lora_bgmv.json" ;;
         lora) run lora python3 -m bench.lora_layer --device cuda --rounds 1 --repeats 50 --out "$out/lora_layer_cuda.json" ;;
         adamw) run adamw python3 -m bench.adamw --device cuda --out "$out/adamw_cuda.json" ;;
-        train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 \
+        train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 --profile \
                    --ckpt /tmp/gemma-3-1b-random && cp bench/results/train_step_gemma-3-1b_cuda.json "$out/" ;;
         recompute) run recompute python3 -m bench.recompute --geometry gemma-3-1b --device cuda --seq 1024 --rounds 2 \
                    --ckpt /tmp/gemma-3-1b-random && cp bench/results/recompute_gemma-3-1b_cuda.json "$out/" ;;

@@ -173,6 +173,35 @@ def resident_bytes(model) -> tuple[int, int]:
     return total, train
 
 
+def profile_steps(step, cuda: bool, n: int = 2, top: int = 12) -> dict:
+    """Where n more steps' time goes (torch.profiler, after the timed steps): the ops with the most self
+    time on the device (CUDA kernels) or the CPU, the number of aten ops dispatched and of kernels
+    launched, and the device's busy share of the wall time. A step whose device is busy for a small
+    share of it is bound by the host: by how many ops it dispatches, not by its kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+    wall = time.perf_counter() - t0
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:top]
+    busy_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    return {
+        "steps": n,
+        "wall_s": wall,
+        "aten_ops_per_step": sum(1 for e in events if e.name.startswith("aten::")) / n,  # nested calls too
+        "kernels_per_step": len(kernels) / n,
+        "device_busy_share": busy_s / wall if cuda else None,
+        "top": [{"op": e.key, "calls": e.count // n, "self_ms_per_step": getattr(e, key) / 1e3 / n} for e in table],
+    }
+
+
 def worker(impl: str, ckpt: str, a) -> dict:
     """Runs in a fresh process: build one implementation, time its steps, report JSON."""
     import torch  # torch._dynamo (~150 MB RSS) loads when something needs it: torch.optim's AdamW when
@@ -328,6 +357,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         peak = max(train_peak, life_peak_load)
     med = statistics.median(times)
     rates = None if cuda else {"before": rates_before, "after": gemm_rates()}
+    prof = profile_steps(step, cuda) if a.profile else None
     return {
         "median_s": med,
         "times_s": times,
@@ -344,6 +374,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         "trainable_params": trainable,
         "flops_per_step": flops_step,
         "gemm_rates_gflops": rates,
+        "profile": prof,
     }
 
 
@@ -440,6 +471,12 @@ def main() -> None:
         default=1,
         help="torch CPU threads in each worker (0 = torch's default); see the module docstring",
     )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after its timed steps each worker profiles two more (torch.profiler): top ops by self time, "
+        "aten ops and kernels per step, the device's busy share",
+    )
     ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
     ap.add_argument("--out", default=None, help="results name under bench/results/ (default: by geometry/device)")
     ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -497,6 +534,7 @@ def main() -> None:
         "--reuse-blocks",
         str(a.reuse_blocks),
         "--tf32" if a.tf32 else "--no-tf32",
+        *(["--profile"] if a.profile else []),
     ]
     if a.prepare_kbit:
         argv.append("--prepare-kbit")
@@ -598,6 +636,15 @@ def report(a, rows: dict) -> None:
     else:
         targets = {"no slower (speedup >= 1.0)": speedup >= 1.0, "peak RSS <= 0.8x": mem <= 0.8}
     print("targets: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in targets.items()))
+    for impl, row in rows.items():
+        prof = row["runs"][-1].get("profile")
+        if prof:
+            busy = "" if prof["device_busy_share"] is None else f", device busy {100 * prof['device_busy_share']:.0f}%"
+            print(
+                f"profile {impl} (last round, {prof['steps']} steps): {prof['aten_ops_per_step']:.0f} aten ops and "
+                f"{prof['kernels_per_step']:.0f} kernels a step{busy}; top self time (ms a step): "
+                + ", ".join(f"{t['op']} {t['self_ms_per_step']:.1f} ({t['calls']}x)" for t in prof["top"][:8])
+            )
     from bench.common import cpu_info, environment, write_json
 
     cpu = None
@@ -624,7 +671,7 @@ def report(a, rows: dict) -> None:
             "geometry": a.geometry,
             "config": g_out,
             "device": a.device,
-            "dtype": "bfloat16" if cuda else "float32",
+            "dtype": a.dtype if a.dtype != "auto" else ("bfloat16" if cuda else "float32"),
             "batch": a.batch,
             "seq": a.seq,
             "rank": a.rank,
