@@ -14,9 +14,10 @@
 # All steps log to suite.log and put their JSON beside it in bench/results/gpu/; with $OUT set (a
 # remote run, where few files come back) the log goes to $OUT and the JSON files into one
 # $OUT/gpu_results.tar, rewritten after every step. Each step stops after GPU_SUITE_STEP_S seconds
-# (default 170; 0: no limit), so one slow step cannot take the others' time. On an H200 the default
-# steps take about 10 minutes; `bash bench/gpu_suite.sh env tests dequant`, then
-# `bash bench/gpu_suite.sh lora train`, ... takes them a few at a time.
+# (default 170; 0: no limit), so one slow step cannot take the others' time. On an H200 all the
+# steps take more than one 10-minute command (estimated from one partial run, not timed whole), so
+# run them in two: `bash bench/gpu_suite.sh env tests dequant train lora bgmv adamw`, then
+# `bash bench/gpu_suite.sh fsdp recompute plan gguf`.
 #
 # What each step answers (targets as in bench/README.md):
 #   env      versions, and each Triton kernel's self-check against PyTorch on this GPU (exit 1 if one fails)
