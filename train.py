@@ -40,7 +40,7 @@ from minilora.train.run import Run, heldout_pairs, print_summary
 ONLY_FOR = {
     **dict.fromkeys(("beta", "label_smoothing", "dpo_loss", "precompute_reference"), ("dpo",)),
     "orpo_lambda": ("orpo",),
-    "pair_split": ("dpo", "orpo"),
+    **dict.fromkeys(("pair_split", "share_prompt"), ("dpo", "orpo")),
 }
 
 
@@ -106,6 +106,11 @@ def setup(cfg, given: set[str]) -> Run | int:
         if cfg.objective not in ONLY_FOR[name]:
             obj = " or ".join(ONLY_FOR[name])
             return fail(f"{rundir.flag(name)} applies to --objective {obj}; drop it or pass --objective {obj}.")
+    if {"share_prompt", "pair_split"} <= given and cfg.share_prompt and cfg.pair_split:
+        return fail(
+            "--pair-split backpropagates the chosen and the rejected answers one after the other, so it runs "
+            "them in rows of their own; drop --share-prompt or --pair-split."
+        )
     torch.manual_seed(cfg.seed + rank)  # dropout masks; data order and LoRA init have their own seeds
     dtype = cfg.resolved_dtype(device.type)
     if device.type == "cuda":  # float32 GEMMs: the LoRA terms (see --tf32)
@@ -170,7 +175,7 @@ def setup(cfg, given: set[str]) -> Run | int:
         seed=cfg.seed,
         pad_id=tok.pad_id,
     )
-    shape = longest_batch(data.train, batch_kw)
+    shape = longest_batch(data.train, batch_kw, cfg.objective != "sft" and cfg.share_prompt and not cfg.pair_split)
     plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, fsdp_ranks=world if fsdp else 1)
     if too_big and parallel == "ddp" and cfg.parallel == "auto":
         parallel = D.choose_parallel(cfg.parallel, world, fits_one_device=False)  # does not fit one device: shard
@@ -209,7 +214,14 @@ def setup(cfg, given: set[str]) -> Run | int:
         f"predicted peak {plan.peak / 2**20:,.0f} MiB"
     )
     objective = make_objective(
-        cfg.objective, plan.loss_chunk, cfg.beta, cfg.label_smoothing, cfg.dpo_loss, cfg.orpo_lambda, cfg.pair_split
+        cfg.objective,
+        plan.loss_chunk,
+        cfg.beta,
+        cfg.label_smoothing,
+        cfg.dpo_loss,
+        cfg.orpo_lambda,
+        cfg.pair_split,
+        cfg.share_prompt,
     )
     heldout = []
     if cfg.eval_data and cfg.eval_generate > 0:  # read before the first write: a bad file is refused here

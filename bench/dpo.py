@@ -12,8 +12,10 @@ float32 compute on the CPU, no gradient checkpointing and no dropout on every si
 
   minilora-dpo  load_model(dir, quantize="nf4"), apply_lora(all-linear, r, alpha=2r), PagedAdamW, and
                 the DPO objective train.py runs (objectives.py): the reference forward with LoRA off
-                under no_grad, then the policy forward of the 2P rows (chosen rows, then rejected) through
-                the chunked head; loss_sum / P backward, clip_grad_norm_(1.0), step, zero_grad.
+                under no_grad, then the policy forward through the chunked head, both over P rows, each
+                a pair's prompt once and both answers (train.py's default, data/pairs.py's SharedPairs);
+                loss_sum / P backward, clip_grad_norm_(1.0), step, zero_grad.
+  minilora-dpo-rows  the same with --no-share-prompt: 2P rows (chosen rows, then rejected), TRL's layout.
   trl           AutoModelForCausalLM.from_pretrained(dir, BitsAndBytesConfig(nf4, double quant, compute
                 dtype float32)), DPOTrainer(peft_config=LoraConfig(all-linear, r, alpha=2r)) as TRL builds
                 it (it casts a QLoRA adapter to bf16, its own default), and the step on trainer.compute_loss
@@ -22,9 +24,9 @@ float32 compute on the CPU, no gradient checkpointing and no dropout on every si
                 backward, clip_grad_norm_(1.0), torch.optim.AdamW step, zero_grad.
   minilora-dpo-split  the same with --pair-split: the rejected and then the chosen halves backpropagate one
                 after the other, the chosen half recomputing its forward (pair_objective.py).
-  minilora-dpo-recompute  (with --recompute-blocks K) the joint step with its first K blocks recomputed in
+  minilora-dpo-recompute  (with --recompute-blocks K) minilora-dpo with its first K blocks recomputed in
                 backward (train.py --gradient-checkpointing K, what --memory-budget makes the planner choose):
-                the activations of 2P rows kept in L - K blocks only.
+                the activations kept in L - K blocks only.
   minilora-sft  minilora's SFT step (the next-token loss train.py runs) on the P chosen sequences alone:
                 what DPO's memory is compared to.
 
@@ -49,7 +51,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-IMPLS = ("minilora-dpo", "minilora-dpo-split", "trl", "minilora-sft")
+IMPLS = ("minilora-dpo", "minilora-dpo-rows", "minilora-dpo-split", "trl", "minilora-sft")
 RECOMPUTE = "minilora-dpo-recompute"  # run when --recompute-blocks > 0
 
 
@@ -93,11 +95,13 @@ def worker(impl: str, ckpt: str, a) -> dict:
         params = lora_parameters(model)
         opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
         kind = "sft" if impl == "minilora-sft" else "dpo"
-        objective = make_objective(kind, a.loss_chunk, beta=0.1, pair_split=impl == "minilora-dpo-split")
+        split, rows_layout = impl == "minilora-dpo-split", impl == "minilora-dpo-rows"
+        objective = make_objective(kind, a.loss_chunk, beta=0.1, pair_split=split, share_prompt=not rows_layout)
+        ran = objective.rows(batch) if kind == "dpo" else batch  # what the forwards run (before SFT's slice)
         if impl == "minilora-sft":  # the chosen rows only, as one SFT batch
             rows = {k: getattr(batch, k)[:P] for k in ("input_ids", "labels", "attention_mask", "position_ids")}
             n = int((rows["labels"][:, 1:] != IGNORE).sum())
-            batch = Batch(**rows, segment_ids=rows["attention_mask"].clone(), n_label_tokens=n)
+            batch = ran = Batch(**rows, segment_ids=rows["attention_mask"].clone(), n_label_tokens=n)
 
         def loss_backward() -> float:
             s, n, _ = objective(model, batch)
@@ -139,6 +143,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+        ran = batch
         inputs = {
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
@@ -175,8 +180,8 @@ def worker(impl: str, ckpt: str, a) -> dict:
         "median_s": med,
         "times_s": times,
         "pairs_per_s": P / med,
-        "rows": int(batch.input_ids.shape[0]),
-        "T": int(batch.input_ids.shape[1]),
+        "rows": int(ran.input_ids.shape[0]),
+        "T": int(ran.input_ids.shape[1]),
         "losses": losses,
         "load_s": load_s,
         "import_rss_mb": base_rss / 1024,
@@ -220,7 +225,7 @@ def main() -> None:
         "--recompute-blocks",
         type=int,
         default=0,
-        help="also run the joint step with its first K blocks recomputed (minilora-dpo-recompute); 0: not run",
+        help="also run the default step with its first K blocks recomputed (minilora-dpo-recompute); 0: not run",
     )
     ap.add_argument("--out", default="dpo", help="results name under bench/results/")
     ap.add_argument("--worker", choices=(*IMPLS, RECOMPUTE), help=argparse.SUPPRESS)
@@ -245,15 +250,23 @@ def main() -> None:
             write_checkpoint(ckpt, a.geometry)
         res = {impl: run_worker(impl, ckpt, argv, a.mmap_threshold) for impl in impls}
     ours, split, trl, sft = res["minilora-dpo"], res["minilora-dpo-split"], res["trl"], res["minilora-sft"]
-    print(f"DPO step, {a.pairs} pairs ({ours['rows']} rows x T={ours['T']}), {a.geometry}, CPU, {a.threads} thread(s)")
-    print(f"{'':22} {'s/step':>8} {'pairs/s':>8} {'peak RSS MB':>12} {'step peak MB':>13}")
+    rows = res["minilora-dpo-rows"]
+    print(f"DPO step, {a.pairs} pairs, {a.geometry}, CPU, {a.threads} thread(s)")
+    print(f"{'':24} {'rows x T':>9} {'s/step':>8} {'pairs/s':>8} {'peak RSS MB':>12} {'step peak MB':>13}")
     for impl in impls:
         r = res[impl]
-        print(f"{impl:22} {r['median_s']:8.2f} {r['pairs_per_s']:8.3f} {r['peak_mb']:12.0f} {r['step_peak_mb']:13.0f}")
+        shape = f"{r['rows']}x{r['T']}"
+        print(
+            f"{impl:24} {shape:>9} {r['median_s']:8.2f} {r['pairs_per_s']:8.3f} {r['peak_mb']:12.0f} "
+            f"{r['step_peak_mb']:13.0f}"
+        )
     ratios = {
         "pairs_per_s_vs_trl": ours["pairs_per_s"] / trl["pairs_per_s"],
         "peak_rss_vs_trl": ours["peak_mb"] / trl["peak_mb"],
         "dpo_step_peak_vs_sft": ours["step_peak_mb"] / max(1e-9, sft["step_peak_mb"]),
+        "rows_pairs_per_s_vs_trl": rows["pairs_per_s"] / trl["pairs_per_s"],
+        "rows_peak_rss_vs_trl": rows["peak_mb"] / trl["peak_mb"],
+        "rows_step_peak_vs_sft": rows["step_peak_mb"] / max(1e-9, sft["step_peak_mb"]),
         "split_pairs_per_s_vs_trl": split["pairs_per_s"] / trl["pairs_per_s"],
         "split_peak_rss_vs_trl": split["peak_mb"] / trl["peak_mb"],
         "split_step_peak_vs_sft": split["step_peak_mb"] / max(1e-9, sft["step_peak_mb"]),
@@ -266,6 +279,8 @@ def main() -> None:
     print(
         f"pairs/s {ratios['pairs_per_s_vs_trl']:.2f}x TRL's (target >= 1.5), peak RSS {ratios['peak_rss_vs_trl']:.2f}x "
         f"(target <= 0.6), DPO step peak {ratios['dpo_step_peak_vs_sft']:.2f}x the SFT step's (target <= 1.25)\n"
+        f"--no-share-prompt: pairs/s {ratios['rows_pairs_per_s_vs_trl']:.2f}x TRL's, peak RSS "
+        f"{ratios['rows_peak_rss_vs_trl']:.2f}x, DPO step peak {ratios['rows_step_peak_vs_sft']:.2f}x the SFT step's\n"
         f"--pair-split: pairs/s {ratios['split_pairs_per_s_vs_trl']:.2f}x TRL's, peak RSS "
         f"{ratios['split_peak_rss_vs_trl']:.2f}x, DPO step peak {ratios['split_step_peak_vs_sft']:.2f}x the SFT step's"
     )

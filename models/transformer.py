@@ -242,7 +242,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.traits.norm_offset)
 
 
-def build_mask(q_slots, key_valid, segment_q, segment_k, window):
+def build_mask(q_slots, key_valid, segment_q, segment_k, window, prefix_len=None, positions=None):
     """Boolean attention mask (B, 1, T, S), True where query may attend to key.
 
     q_slots (T,) are the queries' slot indices in the key sequence (past length + t). Combined:
@@ -250,17 +250,27 @@ def build_mask(q_slots, key_valid, segment_q, segment_k, window):
       sliding       query slot - key slot < window                  (sliding layers only)
       padding       key_valid[b, s] (attention_mask, incl. cached)  (when a mask/cache is given)
       segments      segment_k[b, s] == segment_q[b, t]              (when segment_ids is given)
+      or a prefix   key slot < prefix_len[b]                        (when prefix_len is given)
+    prefix_len (B,), with segment_ids and positions (B, T), no cache: the first prefix_len[b] keys of
+    a row are visible to every later query of the row whatever its segment (data/pairs.py's
+    SharedPairs: a prompt shared by two answers), and the window counts positions, not slots (the
+    rejected answer's slots lie beyond the chosen one's, its positions right after the prompt).
     Each query may always attend to its own slot, so a padding query's row is never empty
     (SDPA returns NaN for an all-False row); those rows are garbage and ignored by callers.
     """
     S = key_valid.shape[1]
     k_slots = torch.arange(S, device=q_slots.device)
     allowed = k_slots[None, :] <= q_slots[:, None]  # (T, S)
-    if window is not None:
+    if window is not None and prefix_len is None:
         allowed = allowed & (q_slots[:, None] - k_slots[None, :] < window)
     allowed = allowed[None] & key_valid[:, None, :]  # (B, T, S)
+    if window is not None and prefix_len is not None:
+        allowed = allowed & (positions[:, :, None] - positions[:, None, :] < window)
     if segment_q is not None:
-        allowed = allowed & (segment_q[:, :, None] == segment_k[:, None, :])
+        same = segment_q[:, :, None] == segment_k[:, None, :]  # (B, T, S)
+        if prefix_len is not None:
+            same = same | (k_slots[None, None, :] < prefix_len[:, None, None])
+        allowed = allowed & same
     allowed = allowed | (k_slots[None, :] == q_slots[:, None])[None]
     return allowed[:, None]  # (B, 1, T, S)
 
@@ -367,6 +377,7 @@ class Transformer(nn.Module):
         cache=None,
         return_hidden=False,
         adapter_ids=None,
+        prefix_len=None,
     ):
         """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, D).
 
@@ -374,11 +385,15 @@ class Transformer(nn.Module):
         cache remembers earlier ones). segment_ids (B, T): packed sequences, attention stays within
         a segment. position_ids default to `default_positions` (padded/packed rows equal unpacked).
         adapter_ids (B,): with several LoRA adapters loaded, the one each row uses (-1: the base alone).
+        prefix_len (B,), with segment_ids and position_ids: each row's first prefix_len tokens are
+        seen by all its segments (a prompt shared by two answers: build_mask).
         """
+        if prefix_len is not None and (cache is not None or segment_ids is None or position_ids is None):
+            raise ValueError("prefix_len (a shared prompt) needs segment_ids and position_ids, and no KV cache.")
         with adapters_per_row(adapter_ids, input_ids.shape[0], input_ids.device):
-            return self._forward(input_ids, position_ids, attention_mask, segment_ids, cache, return_hidden)
+            return self._forward(input_ids, position_ids, attention_mask, segment_ids, cache, return_hidden, prefix_len)
 
-    def _forward(self, input_ids, position_ids, attention_mask, segment_ids, cache, return_hidden):
+    def _forward(self, input_ids, position_ids, attention_mask, segment_ids, cache, return_hidden, prefix_len=None):
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
@@ -392,7 +407,7 @@ class Transformer(nn.Module):
                 "segment_ids (packed sequences) are for training; they cannot be combined with a KV cache."
             )
         q_slots = torch.arange(past, past + T, device=dev)  # (T,)
-        causal = cache is None and causal_is_exact(valid, segment_ids)
+        causal = cache is None and prefix_len is None and causal_is_exact(valid, segment_ids)
 
         emb = self.model.embed_tokens(input_ids)  # (B, T, D)
         if cfg.traits.embedding_scale:
@@ -406,7 +421,13 @@ class Transformer(nn.Module):
             if causal and (kind == FULL or T <= cfg.sliding_window)
             else additive_mask(
                 build_mask(
-                    q_slots, key_valid, segment_ids, segment_ids, cfg.sliding_window if kind == SLIDING else None
+                    q_slots,
+                    key_valid,
+                    segment_ids,
+                    segment_ids,
+                    cfg.sliding_window if kind == SLIDING else None,
+                    prefix_len,
+                    position_ids,
                 ),
                 x.dtype,
             )

@@ -106,7 +106,7 @@ def test_split_step_peak_is_one_halfs_about_the_sft_step_on_the_chosen_answers()
     model = lora_model(0, hidden=128, ffn=512)
     batch = pair_batch(1, [(200, 190)] * 4, prompt=40)
     sft = step_peak_bytes(model, make_objective("sft", 64), rows_of(batch, slice(0, 4)))
-    joint = step_peak_bytes(model, make_objective("dpo", 64), batch)
+    joint = step_peak_bytes(model, make_objective("dpo", 64, share_prompt=False), batch)
     split = step_peak_bytes(model, make_objective("dpo", 64, pair_split=True), batch)
     print(f"step peak: SFT {sft / 2**20:.1f} MiB, DPO joint {joint / 2**20:.1f} MiB, split {split / 2**20:.1f} MiB")
     assert split <= 1.25 * sft  # the preference-tuning target: at most 1.25x SFT's step
@@ -115,8 +115,8 @@ def test_split_step_peak_is_one_halfs_about_the_sft_step_on_the_chosen_answers()
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_split_step_forwards_the_chosen_half_once_more_and_nothing_else(objective):
-    """Rows through the first block in one step: the joint step's (the policy's 2P, and DPO's reference
-    forward of 2P with the adapter off), plus the P chosen rows' recompute in backward."""
+    """Rows through the first block in one step: the joint step's in TRL's layout (the policy's 2P, and
+    DPO's reference forward of 2P with the adapter off), plus the P chosen rows' recompute in backward."""
     model, P = lora_model(0), 3
     batch = pair_batch(2, [(12, 9), (8, 15), (10, 10)])
     rows = []
@@ -125,7 +125,7 @@ def test_split_step_forwards_the_chosen_half_once_more_and_nothing_else(objectiv
         counts = []
         for split in (False, True):
             rows.clear()
-            loss_and_grads(model, make_objective(objective, 16, pair_split=split), batch)
+            loss_and_grads(model, make_objective(objective, 16, pair_split=split, share_prompt=False), batch)
             counts.append(sum(rows))
     finally:
         hook.remove()

@@ -122,6 +122,8 @@ def test_plan_counts_both_answers_and_writes_nothing(tmp_path, capsys):
     pair = EncodedPair(EncodedExample([1] * 5, [1] * 5), EncodedExample([1] * 9, [1] * 9))
     kw = dict(batch_size=3, pack=False, max_seq_len=64, shuffle=True, seed=0, pad_id=0)
     assert longest_batch([pair] * 7, kw) == (6, 9)  # 3 pairs: 6 rows of the longer answer's length
+    # one row per pair: 5 + 9 tokens less their common prefix of 4 (each answer keeps a token of its own)
+    assert longest_batch([pair] * 7, kw, share_prompt=True) == (3, 10)
 
 
 def test_demo_pairs_yield_to_given_flags():
@@ -155,6 +157,8 @@ def write(path, rows):
         (["--objective", "orpo", "--train-on-all"], "--train-on-all does not apply to preference pairs"),
         (["--objective", "dpo", "--dpo-loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing applies to"),
         (["--objective", "dpo", "--format", "chat"], "--format chat names an SFT format"),
+        (["--no-share-prompt"], "--share-prompt applies to --objective dpo or orpo"),
+        (["--objective", "dpo", "--pair-split", "--share-prompt"], "drop --share-prompt or --pair-split."),
     ],
 )
 def test_bad_flags_and_data_are_one_sentence_and_write_nothing(tmp_path, capsys, args, message):

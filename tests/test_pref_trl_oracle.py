@@ -6,7 +6,8 @@ TRL's side is TRL + PEFT + bitsandbytes: the transformers model with every block
 bitsandbytes Linear4bit holding our very NF4 bytes, PEFT's LoRA (marked 4-bit, so PEFT's QLoRA layer)
 holding our adapter weights, and a real DPOTrainer around it, whose compute_loss runs the policy
 forward and the reference forward with PEFT's adapter disabled. The batch is handed to it in its
-own layout (input_ids, attention_mask, completion_mask: chosen rows, then rejected rows).
+own layout (input_ids, attention_mask, completion_mask: chosen rows, then rejected rows); ours runs
+either that layout or its default, one row per pair with the prompt shared (data/pairs.py's SharedPairs).
 
   - DPO (loss_type sigmoid) and IPO (ipo): DPOTrainer.compute_loss on several pairs at once.
   - conservative DPO (label smoothing eps): TRL 1.16's sigmoid loss has no label smoothing; its "aot"
@@ -198,14 +199,17 @@ def family_model(request, tmp_path_factory):
     n_pairs=st.integers(1, 3),
     beta=st.floats(0.05, 1.0),
     loss=st.sampled_from(["sigmoid", "ipo"]),
+    share=st.booleans(),
 )
-def test_dpo_and_ipo_equal_trl(family_model, seed, n_pairs, beta, loss):
+def test_dpo_and_ipo_equal_trl(family_model, seed, n_pairs, beta, loss, share):
     ours, tmp = family_model
     trainer, peft_params = dpo_trainer(ours, tmp, beta=beta, loss_type=[loss])
     batch, inputs = make_batch(seed, n_pairs)
     want = trainer.compute_loss(trainer.model, inputs)
     want.backward()
-    got, grads, metrics = ours_loss_and_grads(ours, make_objective("dpo", 5, beta=beta, dpo_loss=loss), batch)
+    got, grads, metrics = ours_loss_and_grads(
+        ours, make_objective("dpo", 5, beta=beta, dpo_loss=loss, share_prompt=share), batch
+    )
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
     assert_grads_close(grads, peft_params)
     logged = trainer._metrics["train"]
@@ -229,8 +233,8 @@ def test_conservative_dpo_equals_trl_per_pair(family_model, seed, beta, eps):
 
 
 @settings(max_examples=4)
-@given(seed=st.integers(0, 10**6), n_pairs=st.integers(1, 3), lam=st.floats(0.05, 2.0))
-def test_orpo_equals_trl_odds_ratio_loss(family_model, seed, n_pairs, lam):
+@given(seed=st.integers(0, 10**6), n_pairs=st.integers(1, 3), lam=st.floats(0.05, 2.0), share=st.booleans())
+def test_orpo_equals_trl_odds_ratio_loss(family_model, seed, n_pairs, lam, share):
     ours, tmp = family_model
     theirs, lora_config = bnb_twin(ours, tmp)
     pm = get_peft_model(theirs, lora_config).train()
@@ -244,7 +248,9 @@ def test_orpo_equals_trl_odds_ratio_loss(family_model, seed, n_pairs, lam):
     losses, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(stub, l_c, l_r)
     want = (-l_c).mean() - losses.mean()
     want.backward()
-    got, grads, metrics = ours_loss_and_grads(ours, make_objective("orpo", 5, orpo_lambda=lam), batch)
+    got, grads, metrics = ours_loss_and_grads(
+        ours, make_objective("orpo", 5, orpo_lambda=lam, share_prompt=share), batch
+    )
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
     assert_grads_close(grads, peft_params)
     assert metrics["rewards/chosen"] == pytest.approx(float(chosen_rewards.mean()), rel=1e-4, abs=1e-5)

@@ -13,7 +13,10 @@ sequence's labelled tokens are its answer (and EOS). Both sequences of a pair sh
 
 Batches (collate_pairs) put a pair's two answers in one forward, as TRL concatenates them: rows
 0..P-1 hold the chosen answers and rows P..2P-1 the rejected ones, in the same pair order, all padded
-to one length T. Pairs are never packed. Dedup, the split and the contamination check (dedup.py,
+to one length T. Pairs are never packed. The same batch also carries the pairs laid out one row per
+pair (SharedPairs: the prompt once, then both answers, each attending to the prompt and to itself):
+the same log-probabilities up to rounding for fewer tokens through the model (share_prompts).
+Dedup, the split and the contamination check (dedup.py,
 holdout.py) treat a pair as they treat an example: dedup compares the prompt with both answers, the
 contamination check compares prompts, and the split stratifies by the chosen answer.
 
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from minilora.data.encode import EncodedExample, encode_example
-from minilora.data.packing import Batch, collate, plan_batches
+from minilora.data.packing import IGNORE, Batch, collate, plan_batches
 from minilora.data.records import ROLES, BadLine, DataError, Example, LoadReport, read_jsonl
 
 _FIX = "fix the line or pass --skip-bad-lines to skip it"
@@ -184,18 +187,102 @@ def encode_pair(
 
 
 # ---------------------------------------------------------------------------------------- batching
+PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # SharedPairs' segment ids
+
+
+@dataclass
+class SharedPairs:
+    """P pairs, one row each: the two sequences' common prefix (the prompt) once, then the rest of the
+    chosen sequence, then the rest of the rejected one, right-padded to T'.
+
+        tokens     p_0 .. p_{c-1} | c_c .. c_{Lc-1} | r_c .. r_{Lr-1} | pad
+        positions  0   .. c-1     | c   .. Lc-1     | c   .. Lr-1     | 0
+        segments   PREFIX         | CHOSEN          | REJECTED        | PAD
+
+    A token attends to the earlier tokens of its own segment and to the prefix (prefix_len = c): the
+    rejected answer never sees the chosen one, and with the positions continuing from the prefix in both
+    branches, every token computes what it computes in its own row of the PairBatch (up to rounding).
+    A model forward over SharedPairs passes prefix_len (models/transformer.py's build_mask).
+
+    The targets cannot be read off shifted labels (the first rejected token is predicted from the
+    prefix's last position), so each labelled target names its predicting position: src (N,) its flat
+    index into (P, T'), tgt (N,) the token, row (N,) the answer it belongs to, numbered as the PairBatch's
+    rows (0..P-1 chosen, P..2P-1 rejected); n_rows = 2P. A target in the prefix (answers that begin
+    alike) is listed once per answer."""
+
+    input_ids: torch.Tensor  # (P, T') long
+    attention_mask: torch.Tensor  # (P, T') long
+    position_ids: torch.Tensor  # (P, T') long
+    segment_ids: torch.Tensor  # (P, T') long
+    prefix_len: torch.Tensor  # (P,) long
+    src: torch.Tensor  # (N,) long
+    tgt: torch.Tensor  # (N,) long
+    row: torch.Tensor  # (N,) long
+    n_rows: int
+
+    def to(self, device) -> SharedPairs:
+        names = [k for k in SharedPairs.__dataclass_fields__ if k != "n_rows"]
+        return SharedPairs(**{k: getattr(self, k).to(device, non_blocking=True) for k in names}, n_rows=self.n_rows)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share, leaving each at least one token of its own."""
+    n = min(len(a), len(b)) - 1
+    for i in range(max(n, 0)):
+        if a[i] != b[i]:
+            return i
+    return max(n, 0)
+
+
+def share_prompts(picked: list[EncodedPair], pad_id: int) -> SharedPairs:
+    """The SharedPairs of these pairs (in this order; see SharedPairs)."""
+    P = len(picked)
+    layouts = []
+    for pair in picked:
+        ch, rj = pair.chosen.input_ids, pair.rejected.input_ids
+        c = common_prefix(ch, rj)
+        ids = ch + rj[c:]
+        pos = list(range(len(ch))) + list(range(c, len(rj)))
+        seg = [PREFIX] * c + [CHOSEN] * (len(ch) - c) + [REJECTED] * (len(rj) - c)
+        layouts.append((c, ids, pos, seg))
+    T = max(len(ids) for _, ids, _, _ in layouts)
+    input_ids = torch.full((P, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((P, T), dtype=torch.long)
+    positions = torch.zeros((P, T), dtype=torch.long)
+    segments = torch.full((P, T), PAD, dtype=torch.long)
+    src, tgt, row = [], [], []  # per labelled target: predicting slot (flat), token, answer row
+    for p, (pair, (c, ids, pos, seg)) in enumerate(zip(picked, layouts)):
+        L, Lc = len(ids), len(pair.chosen.input_ids)
+        input_ids[p, :L], attention[p, :L] = torch.tensor(ids), 1
+        positions[p, :L], segments[p, :L] = torch.tensor(pos), torch.tensor(seg)
+        for answer, seq, rejected in ((p, pair.chosen, False), (P + p, pair.rejected, True)):
+            for t in range(1, len(seq.labels)):  # position t - 1 of the sequence predicts its token t
+                if seq.labels[t] != IGNORE:
+                    slot = Lc + (t - 1) - c if rejected and t - 1 >= c else t - 1  # its slot in the row
+                    src.append(p * T + slot)
+                    tgt.append(seq.labels[t])
+                    row.append(answer)
+    long = lambda x: torch.tensor(x, dtype=torch.long)
+    prefix = long([c for c, _, _, _ in layouts])
+    return SharedPairs(input_ids, attention, positions, segments, prefix, long(src), long(tgt), long(row), 2 * P)
+
+
 @dataclass
 class PairBatch(Batch):
     """A Batch of 2P rows: the P chosen sequences, then the P rejected ones (see the module docstring);
-    pair_ids (P,): each pair's index in the encoded list it was drawn from (a stored reference's row)."""
+    pair_ids (P,): each pair's index in the encoded list it was drawn from (a stored reference's row);
+    shared: the same pairs one row each (SharedPairs), what a pair objective runs unless told otherwise."""
 
     n_pairs: int = 0
     pair_ids: torch.Tensor | None = None
+    shared: SharedPairs | None = None
 
     def to(self, device) -> PairBatch:
         b = super().to(device)
         ids = None if self.pair_ids is None else self.pair_ids.to(device)
-        return PairBatch(**{k: getattr(b, k) for k in Batch.__dataclass_fields__}, n_pairs=self.n_pairs, pair_ids=ids)
+        shared = None if self.shared is None else self.shared.to(device)
+        fields = {k: getattr(b, k) for k in Batch.__dataclass_fields__}
+        return PairBatch(**fields, n_pairs=self.n_pairs, pair_ids=ids, shared=shared)
 
 
 def collate_pairs(rows: list[list[int]], encoded, pad_id: int) -> PairBatch:
@@ -204,7 +291,14 @@ def collate_pairs(rows: list[list[int]], encoded, pad_id: int) -> PairBatch:
     seqs = [p.chosen for p in picked] + [p.rejected for p in picked]  # rows 0..P-1 chosen, P..2P-1 rejected
     b = collate([[k] for k in range(len(seqs))], seqs, pad_id)  # (2P, T)
     ids = torch.tensor([i for row in rows for i in row], dtype=torch.long)  # (P,)
-    return PairBatch(**{k: getattr(b, k) for k in Batch.__dataclass_fields__}, n_pairs=len(picked), pair_ids=ids)
+    fields = {k: getattr(b, k) for k in Batch.__dataclass_fields__}
+    return PairBatch(**fields, n_pairs=len(picked), pair_ids=ids, shared=share_prompts(picked, pad_id))
+
+
+def shared_length(pair: EncodedPair) -> int:
+    """The tokens of a pair's SharedPairs row: both sequences less their common prefix once."""
+    ch, rj = pair.chosen.input_ids, pair.rejected.input_ids
+    return len(ch) + len(rj) - common_prefix(ch, rj)
 
 
 def pair_batches(

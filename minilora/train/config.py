@@ -70,6 +70,12 @@ class TrainConfig:
         "recomputing their forward: a step holds the activations of one answer per pair (about SFT's) for one "
         "more forward of half the rows",
     )
+    share_prompt: bool = _f(
+        True,
+        "DPO/ORPO: one row per pair, the prompt once and both answers after it, each attending to the prompt "
+        "and itself (the same log-probabilities for fewer tokens); --no-share-prompt gives each answer its own "
+        "row as TRL does; --pair-split always does",
+    )
     precompute_reference: bool = _f(
         False,
         "DPO: compute the reference log-probabilities of every training pair once before training, store them "

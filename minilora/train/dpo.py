@@ -72,9 +72,15 @@ class DPO(PairObjective):
     name = "dpo"
 
     def __init__(
-        self, chunk: int, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid", split=False
+        self,
+        chunk: int,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        loss_type: str = "sigmoid",
+        split=False,
+        share_prompt=True,
     ):
-        super().__init__(chunk, split)
+        super().__init__(chunk, split, share_prompt)
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
         self.frozen = None  # --init-adapter: the initial LoRA weights, the reference beside the base (reference.py)
         self.stored = None  # --precompute-reference: (pairs, 2) reference values, looked up by pair index
@@ -86,7 +92,8 @@ class DPO(PairObjective):
             rho = self.stored[batch.pair_ids.cpu()].to(batch.input_ids.device)  # (P, 2)
             rho_c, rho_r = rho[:, 0], rho[:, 1]
         else:
-            rho_c, rho_r = reference_logprobs(model, batch, self.chunk, self.frozen).chunk(2)  # (P,) each, no grad
+            rho = reference_logprobs(model, self.rows(batch), self.chunk, self.frozen)  # (2P,), no grad
+            rho_c, rho_r = rho.chunk(2)  # (P,) each
         (pi_c, pi_r), (n_c, n_r) = self.logprobs(model, batch)  # (P,) each, with grad
         loss = dpo_loss(pi_c, pi_r, rho_c, rho_r, self.beta, self.label_smoothing, self.loss_type, n_c, n_r)
         with torch.no_grad():

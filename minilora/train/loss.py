@@ -175,22 +175,34 @@ def _chunk_token_ce(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.to(_acc_dtype(logits.dtype)), y, reduction="none")  # (c,)
 
 
+def labelled_states(batch, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(h_sel (N, D), y (N,), row (N,), R): the final hidden state that predicts each labelled target,
+    the target, and the row (of R) whose sum it joins. A Batch: position t predicts labels[t + 1], row
+    by row in order. SharedPairs (data/pairs.py): each target names its predicting position (src) and
+    its answer's row."""
+    if hasattr(batch, "src"):
+        return h.flatten(0, 1).index_select(0, batch.src), batch.tgt, batch.row, batch.n_rows
+    targets = batch.labels[:, 1:]  # (R, T-1)
+    keep = targets != IGNORE
+    row = keep.nonzero()[:, 0]  # (N,) the row of each labelled token, in row-major order
+    return h[:, :-1][keep], targets[keep], row, keep.shape[0]
+
+
 def sequence_logprobs(model, batch, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi of each row's labelled tokens, summed (R,), and their count (R,)) for a Batch of R rows:
-    log pi(row) = -sum_t CE(logits[r, t], labels[r, t + 1]) over the row's labelled targets, from the
-    chunked head (no (R, T, V) logits), with gradient when grad is enabled."""
+    """(log pi of each row's labelled tokens, summed (R,), and their count (R,)) for a Batch of R rows
+    (or SharedPairs, R = 2P answers): log pi(row) = -sum_t CE(logits[r, t], labels[r, t + 1]) over the
+    row's labelled targets, from the chunked head (no (R, T, V) logits), with gradient when grad is
+    enabled."""
+    shared = {"prefix_len": batch.prefix_len} if hasattr(batch, "prefix_len") else {}
     h = model(
         batch.input_ids,
         position_ids=batch.position_ids,
         attention_mask=batch.attention_mask,
         segment_ids=batch.segment_ids,
         return_hidden=True,
-    )  # (R, T, D)
-    targets = batch.labels[:, 1:]  # (R, T-1)
-    keep = targets != IGNORE
-    h_sel = h[:, :-1][keep]  # (N, D), row-major: row r's tokens in order, then row r + 1's
-    y_sel = targets[keep]  # (N,)
-    row = keep.nonzero()[:, 0]  # (N,) the row of each labelled token, in the same row-major order
+        **shared,
+    )  # (B, T, D)
+    h_sel, y_sel, row, R = labelled_states(batch, h)  # (N, D), (N,), (N,)
     cap = model.config.final_logit_softcapping
     head = getattr(model.lm_head, "weight", None)
     if hasattr(model.lm_head, "token_cross_entropy"):  # --parallel fsdp: the vocabulary-parallel head
@@ -208,8 +220,8 @@ def sequence_logprobs(model, batch, chunk: int = 256) -> tuple[torch.Tensor, tor
                 else _chunk_token_ce(model, hc, yc)
             )
         ce = torch.cat(parts) if parts else h.new_zeros(0, dtype=_acc_dtype(h.dtype))
-    logp = -ce.new_zeros(keep.shape[0]).index_add(0, row, ce)  # (R,) summed per row
-    return logp, keep.sum(dim=1)
+    logp = -ce.new_zeros(R).index_add(0, row, ce)  # (R,) summed per row
+    return logp, torch.bincount(row, minlength=R)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ objective runs.
     orpo  orpo.py: chosen NLL + lambda x odds-ratio term per pair, no reference
 
 Pair objectives (pair_objective.py) run a PairBatch (data/pairs.py): rows 0..P-1 the chosen answers,
-P..2P-1 the rejected ones, in one forward.
+P..2P-1 the rejected ones, in one forward (by default one row per pair, the prompt shared: SharedPairs).
 """
 
 from __future__ import annotations
@@ -50,15 +50,22 @@ class SFT:
 
 
 def make_objective(
-    name: str, chunk: int, beta=0.1, label_smoothing=0.0, dpo_loss="sigmoid", orpo_lambda=0.1, pair_split=False
+    name: str,
+    chunk: int,
+    beta=0.1,
+    label_smoothing=0.0,
+    dpo_loss="sigmoid",
+    orpo_lambda=0.1,
+    pair_split=False,
+    share_prompt=True,
 ):
     """The objective --objective NAME selects, with its hyperparameters."""
     if name == "sft":
         return SFT(chunk)
     if name == "dpo":
-        return DPO(chunk, beta, label_smoothing, dpo_loss, pair_split)
+        return DPO(chunk, beta, label_smoothing, dpo_loss, pair_split, share_prompt)
     if name == "orpo":
-        return ORPO(chunk, orpo_lambda, pair_split)
+        return ORPO(chunk, orpo_lambda, pair_split, share_prompt)
     raise ValueError(f"Unknown objective '{name}'; use one of {', '.join(OBJECTIVES)}.")
 
 

@@ -60,8 +60,8 @@ class ORPO(PairObjective):
 
     name = "orpo"
 
-    def __init__(self, chunk: int, lam: float = 0.1, split: bool = False):
-        super().__init__(chunk, split)
+    def __init__(self, chunk: int, lam: float = 0.1, split: bool = False, share_prompt: bool = True):
+        super().__init__(chunk, split, share_prompt)
         self.lam = lam
 
     def terms(self, model, batch) -> PairTerms:

@@ -4,6 +4,16 @@ evaluation on pairs.
 A PairBatch (data/pairs.py) holds rows 0..P-1 the chosen answers and P..2P-1 the rejected ones, in one
 forward (TRL's concatenation); each row's summed log-probability comes from the chunked head
 (loss.sequence_logprobs), so no (2P, T, V) logits exist.
+
+By default the forwards (policy and reference) run the same pairs one row each (the PairBatch's
+SharedPairs): the prompt once, both answers after it, each attending to the prompt and to itself. A
+causal model computes the prompt's states without looking at either answer, so the two rows of TRL's
+layout compute them twice; here the model runs sum(c + a_c + a_r) tokens instead of 2 sum(c + a), for a
+prompt of c tokens and answers of a_c and a_r (and pads to the longest pair, not the longest answer
+sequence). The log-probabilities are the same sums of the same terms, each term computed by the same
+operations on the same inputs except for how a matmul blocks its rows: equal up to rounding
+(tests/test_shared_prompt.py). share_prompt=False runs TRL's layout; --pair-split always does (it
+backpropagates the chosen and the rejected rows one after the other).
 """
 
 from __future__ import annotations
@@ -36,9 +46,15 @@ class PairObjective:
 
     pairs = True
 
-    def __init__(self, chunk: int, split: bool = False):
+    def __init__(self, chunk: int, split: bool = False, share_prompt: bool = True):
         self.chunk = chunk
         self.split = split  # --pair-split: the halves backpropagate in turn, the chosen one recomputed (logprobs)
+        self.share_prompt = share_prompt and not split  # forwards over SharedPairs (module docstring)
+
+    def rows(self, batch):
+        """What the forwards of `batch` run: its SharedPairs (one row per pair), or the PairBatch itself."""
+        shared = getattr(batch, "shared", None)
+        return shared if self.share_prompt and shared is not None else batch
 
     def normalizer(self, batch) -> int:
         return batch.n_pairs
@@ -54,7 +70,7 @@ class PairObjective:
         more forward of half the rows (about 7/6 of the joint step's compute). The same values up to
         rounding: a P-row matmul may block its sums otherwise than a 2P-row one."""
         if not (self.split and torch.is_grad_enabled()):
-            logp, counts = sequence_logprobs(model, batch, self.chunk)  # (2P,), (2P,)
+            logp, counts = sequence_logprobs(model, self.rows(batch), self.chunk)  # (2P,), (2P,)
             return split_rows(logp), split_rows(counts)
         P = batch.n_pairs
         chosen = checkpoint(sequence_logprobs, model, rows_of(batch, slice(0, P)), self.chunk, use_reentrant=False)

@@ -49,9 +49,11 @@ copy for dL/dh, soft-capping's tanh), one dequantized base weight (M K e, plus i
 intermediate), the backward's gradients of one block (about one block's activations).
 Runtime: the process's own memory before the model exists (Python, torch, libraries, allocator
 pools), measured in this process (CPU RSS); 0 on CUDA, where max_memory_allocated excludes it.
-Preference pairs (--objective dpo / orpo): a batch of P pairs is 2P rows (both answers), so B = 2P;
-with --pair-split the halves backpropagate in turn, so activations count B = P rows, and every row's
-forward runs twice (its recompute: one more forward's FLOPs per token).
+Preference pairs (--objective dpo / orpo): a batch of P pairs runs as P rows, each the prompt once and
+both answers (data/pairs.py's SharedPairs), so B = P and T the longest such row; with
+--no-share-prompt or --pair-split it is 2P rows (one per answer), B = 2P; with --pair-split the halves
+backpropagate in turn, so activations count B = P rows, and every row's forward runs twice (its
+recompute: one more forward's FLOPs per token).
 DPO's reference forward (LoRA off, no grad) runs before the policy forward and keeps no activations:
 its peak is one block's transient and the loss chunk, both already in the step's transient, and only
 its 2P log-probabilities survive; it adds one base forward's FLOPs per token (no LoRA, no backward),
@@ -495,18 +497,22 @@ def choose_settings(
 
 
 # ------------------------------------------------------------------------------ train.py
-def longest_batch(encoded, batch_kw: dict) -> tuple[int, int]:
-    """(rows, length) of the batch with the most padded tokens that these batching arguments produce
-    (a batch of preference pairs has two rows per pair: both answers, padded to one length)."""
+def longest_batch(encoded, batch_kw: dict, share_prompt: bool = False) -> tuple[int, int]:
+    """(rows, length) of the batch with the most padded tokens that these batching arguments produce.
+    A batch of preference pairs has two rows per pair (both answers, padded to one length), or with
+    share_prompt one row per pair, the prompt once and both answers (data/pairs.py's SharedPairs)."""
     from minilora.data.packing import plan_batches
-    from minilora.data.pairs import EncodedPair
+    from minilora.data.pairs import EncodedPair, shared_length
 
     kw = {k: v for k, v in batch_kw.items() if k not in ("pad_id", "shuffle")}
-    lengths = [len(e) for e in encoded]
-    per = 2 if encoded and isinstance(encoded[0], EncodedPair) else 1
+    lengths = [len(e) for e in encoded]  # what batching groups by (a pair: its longer sequence)
+    pairs = bool(encoded) and isinstance(encoded[0], EncodedPair)
+    shared = pairs and share_prompt
+    row_len = [shared_length(e) for e in encoded] if shared else lengths  # tokens of each item's row(s)
+    per = 2 if pairs and not shared else 1  # rows per item
     best = (1, 1)
     for rows in plan_batches(lengths, shuffle=False, **kw):
-        T = max(sum(lengths[i] for i in row) for row in rows)
+        T = max(sum(row_len[i] for i in row) for row in rows)
         if per * len(rows) * T > best[0] * best[1]:
             best = (per * len(rows), T)
     return best

@@ -87,15 +87,17 @@ def fingerprint(pairs) -> str:
     return h.hexdigest()
 
 
-def precompute(model, pairs, batch_size: int, pad_id: int, chunk: int, frozen=None) -> torch.Tensor:
+def precompute(model, pairs, batch_size: int, pad_id: int, chunk: int, frozen=None, share_prompt=True) -> torch.Tensor:
     """(n, 2): log pi_ref of each pair's chosen and rejected answer, in the order of `pairs`, computed
-    in batches of `batch_size` pairs without grad (every rank computes the whole table)."""
+    in batches of `batch_size` pairs without grad (every rank computes the whole table), one row per
+    pair (SharedPairs) or, without share_prompt, one row per answer."""
     from minilora.data.pairs import pair_batches
 
     dev = next(model.parameters()).device
     table = torch.empty(len(pairs), 2, dtype=torch.float32)
     for b in pair_batches(pairs, batch_size, shuffle=False, pad_id=pad_id):
-        rho = reference_logprobs(model, b.to(dev), chunk, frozen).float().cpu()  # (2P,)
+        b = b.to(dev)
+        rho = reference_logprobs(model, b.shared if share_prompt else b, chunk, frozen).float().cpu()  # (2P,)
         table[b.pair_ids] = torch.stack(rho.chunk(2), dim=1)  # (P, 2)
     return table
 
@@ -131,7 +133,7 @@ def stored_table(out: str, model, objective, pairs, batch_size: int, pad_id: int
     path = os.path.join(out, STORED)
     table = load_table(path, pairs)
     if table is None:
-        table = precompute(model, pairs, batch_size, pad_id, objective.chunk, objective.frozen)
+        table = precompute(model, pairs, batch_size, pad_id, objective.chunk, objective.frozen, objective.share_prompt)
         if write:
             save_table(path, table, pairs)
     return table

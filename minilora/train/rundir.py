@@ -58,7 +58,10 @@ OBJECTIVE_FIELDS = (
     "orpo_lambda",
     "precompute_reference",
     "pair_split",  # the same values up to rounding, and its own dropout draws per half
+    "share_prompt",  # the same values up to rounding
 )
+# What a run ran with before its config.json recorded the field (a resume keeps it, so it stays bitwise).
+UNRECORDED = {"share_prompt": False}
 STREAM_FIELDS = (
     "data",
     "val_data",
@@ -273,6 +276,8 @@ def merge_resume(
     recorded = {"dtype": old_dtype, "template": run_template(old)}
     refused, changed = [], {}
     for name in (f.name for f in dataclasses.fields(cfg)):
+        if name not in old and name in UNRECORDED and name not in given:
+            setattr(cfg, name, UNRECORDED[name])
         if name in NOT_INHERITED or name not in old:
             continue
         if name == "grad_accum":
