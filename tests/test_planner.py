@@ -476,3 +476,61 @@ def test_norm_bytes_equal_the_models_norm_parameters(family, dtype):
     dense = dict((name, b) for name, b, _ in plan.components)["embeddings, head, norms"]
     e = torch.empty((), dtype=dtype).element_size()
     assert dense - cfg.vocab_size * cfg.hidden_size * e * (1 if cfg.tie_word_embeddings else 2) == want
+
+
+@pytest.mark.parametrize(
+    "family, layout, seq",
+    [
+        ("llama", "padded", 24),
+        ("llama", "packed", 24),
+        ("llama", "shared", 24),
+        ("gemma3", "padded", 12),  # the sliding window (16 here) covers the rows: plain causal attention
+        ("gemma3", "padded", 24),  # it does not: a mask for the sliding layers
+        ("gemma3", "shared", 24),
+    ],
+)
+def test_attention_masks_counted_are_the_masks_the_forward_keeps(family, layout, seq):
+    """plan_memory's attention_masks x (B T^2 e) against the bytes of the (B, 1, T, T) masks autograd
+    saves in a forward (each distinct storage once: the layers of a kind share their mask)."""
+    from minilora.data.encode import EncodedExample
+    from minilora.data.packing import IGNORE, collate
+    from minilora.data.pairs import EncodedPair, collate_pairs
+    from minilora.lora.layers import apply_lora
+    from minilora.models.transformer import Transformer
+    from minilora.train.planner import attention_mask_count
+
+    base = {"llama": llama_135m(2), "gemma3": gemma3(2)}[family]
+    kinds = [FULL, FULL] if family == "llama" else [SLIDING, FULL]
+    cfg = dataclasses.replace(base, vocab_size=64, hidden_size=64, intermediate_size=128, layer_types=kinds)
+    cfg = dataclasses.replace(cfg, sliding_window=16 if family == "gemma3" else None)
+    model = Transformer(cfg)
+    apply_lora(model, r=4, alpha=8, verbose=False)
+    model.train()
+    ex = lambda n, p=0: EncodedExample(list(range(3, 3 + n)), [IGNORE] * p + list(range(3 + p, 3 + n)))
+    answer = lambda start, n: EncodedExample(
+        list(range(3, 11)) + list(range(start, start + n)), [IGNORE] * 8 + list(range(start, start + n))
+    )
+    if layout == "shared":  # an 8-token prompt, answers of 8 and 8, and of 8 and 6: rows of 24 and 22 tokens
+        pairs = [EncodedPair(answer(20, 8), answer(40, 8)), EncodedPair(answer(20, 8), answer(40, 6))]
+        rows = collate_pairs([[0], [1]], pairs, 0).shared
+    elif layout == "packed":
+        rows = collate([[0, 1], [2]], [ex(10), ex(seq - 10), ex(seq)], 0)
+    else:
+        rows = collate([[0], [1]], [ex(seq), ex(seq - 5)], 0)
+    B, T = rows.input_ids.shape
+    shared = {"prefix_len": rows.prefix_len} if layout == "shared" else {}
+    masks = {}
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[-2:] == (T, T) and t.shape[1] == 1:
+            masks[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(rows.input_ids, rows.position_ids, rows.attention_mask, rows.segment_ids, return_hidden=True, **shared)
+    count = attention_mask_count(cfg, T, layout in ("packed", "shared"))
+    kw = {"batch_size": B, "seq_len": T, "dtype": torch.float32, "lora_r": 4}
+    plans = [plan_memory(cfg, **kw, attention_masks=m) for m in (0, count)]
+    kept = [next(b for name, b, _ in p.components if name.startswith("activations")) for p in plans]
+    assert kept[1] - kept[0] == sum(masks.values()) == count * B * T * T * 4
+    assert (count > 0) == (layout != "padded" or T > 16 and family == "gemma3")

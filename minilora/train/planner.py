@@ -24,7 +24,9 @@ against torch.autograd.graph.saved_tensors_hooks in tests/test_planner.py):
                     and the float32 log-sum-exp (4 H); its output is o_proj's saved input
     MLP             gate and up (act(gate) is recomputed in backward) and their product: 3 e F
 Outside the blocks, per token: the final norm e D + 4; RoPE's cos and sin, 2 e hd per layer kind in
-use (full, sliding); per labelled token the loss's gathered hidden state and dL/dh, 2 e D.
+use (full, sliding); per labelled token the loss's gathered hidden state and dL/dh, 2 e D. Per row,
+where the rows need one (packed rows, a pair's shared prompt, a sliding window shorter than T), one
+additive attention mask of e T^2 per layer kind, shared by the layers and kept for backward.
 Full recompute keeps only each block's input (e D) and rebuilds one block's activations during
 backward. Selective recompute (models/recompute.py) keeps the block's input and the outputs of its
 matrix products and reruns only the elementwise ops between them, per token per block (checked
@@ -77,6 +79,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minilora.dtypes import dtype_name
+from minilora.models.attention_pattern import SLIDING
 from minilora.models.ops import attention_in_float32
 
 MiB = 2**20
@@ -295,8 +298,10 @@ def plan_memory(
     reuse_blocks: int = 0,
     runtime: int = 0,
     device_type: str = "cpu",
+    attention_masks: int = 0,
 ) -> Plan:
-    """The memory plan for one training step on a batch of batch_size x seq_len tokens."""
+    """The memory plan for one training step on a batch of batch_size x seq_len tokens; attention_masks:
+    how many (B, 1, T, T) masks the forward builds (attention_mask_count)."""
     e = torch.empty((), dtype=dtype).element_size()
     L, D, F, V, r = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, lora_r
     H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -347,6 +352,7 @@ def plan_memory(
     rope = 2 * hd * e * len(set(cfg.layer_types))  # cos, sin per position, one pair per layer kind in use
     final_norm = e * D + 4  # its input and rstd, as every norm
     kept = N * ((L - k - s) * act + k * e * D + s * sel + rope + final_norm) + 2 * n * D * e  # + h_sel, dL/dh
+    kept += attention_masks * batch_size * seq_len * seq_len * e
     block = N * act  # one block's activations: rebuilt by recompute, and its gradients in backward
     w = max(0, min(L, reuse_blocks)) if quantize == "nf4" else 0
     weights = [kept_weight_bytes(cfg, lora_targets, e, first=i == 0) for i in range(L)]
@@ -518,6 +524,16 @@ def longest_batch(encoded, batch_kw: dict, share_prompt: bool = False) -> tuple[
     return best
 
 
+def attention_mask_count(model_cfg, seq_len: int, masked_rows: bool) -> int:
+    """The (B, 1, T, T) masks a training forward builds (models/transformer.py): one per layer kind when
+    its rows need one (masked_rows: packed rows, or a pair's shared prompt), else one for the sliding
+    layers when their window is shorter than the rows (plain causal attention serves the rest)."""
+    kinds = set(model_cfg.layer_types)
+    if masked_rows:
+        return len(kinds)
+    return int(SLIDING in kinds and model_cfg.sliding_window is not None and seq_len > model_cfg.sliding_window)
+
+
 def plan_run(
     tc,
     model_cfg,
@@ -539,8 +555,11 @@ def plan_run(
     opt_budget = int(tc.optimizer_budget) if tc.optimizer_budget.isdigit() else None
     runtime = warm_runtime(device, dtype, recompute=False)
     chunk = tc.loss_chunk or default_chunk(device)
-    split = getattr(tc, "pair_split", False) and getattr(tc, "objective", "sft") != "sft"
+    pairs = getattr(tc, "objective", "sft") != "sft"
+    split = pairs and getattr(tc, "pair_split", False)
     rows = shape[0] // 2 if split else shape[0]  # --pair-split: one half's activations at a time
+    shared = pairs and getattr(tc, "share_prompt", False) and not split
+    masks = attention_mask_count(model_cfg, shape[1], getattr(tc, "pack", False) or shared)
 
     def make(k: int, s: int = 0, w: int = 0) -> Plan:
         p = plan_memory(
@@ -561,6 +580,7 @@ def plan_run(
             reuse_blocks=w,
             runtime=runtime,
             device_type=device.type,
+            attention_masks=masks,
         )
         if fsdp_ranks > 1:
             p.components = per_rank_components(p.components, fsdp_ranks, L)
