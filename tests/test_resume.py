@@ -129,6 +129,21 @@ def test_dtype_auto_resolving_to_the_recorded_dtype_is_unchanged():
                 rundir.merge_resume(cfg, {"dtype"}, old, resolve, step=1)
 
 
+def test_a_field_the_run_never_recorded_keeps_what_the_run_ran_with():
+    """A run folder written before config.json recorded share_prompt ran TRL's layout; a plain
+    --resume keeps it (so the resumed steps are the uninterrupted run's, bit for bit)."""
+    old = json.loads(rundir.config_json(TrainConfig(objective="dpo"), "float32"))
+    del old["share_prompt"]
+    cfg = TrainConfig(objective="dpo", resume=True)
+    assert cfg.share_prompt  # today's default
+    rundir.merge_resume(cfg, set(), old, lambda name: name, step=1)
+    assert cfg.share_prompt is False
+    recorded = json.loads(rundir.config_json(TrainConfig(objective="dpo"), "float32"))
+    cfg = TrainConfig(objective="dpo", resume=True)
+    rundir.merge_resume(cfg, set(), recorded, lambda name: name, step=1)
+    assert cfg.share_prompt is True  # a run that recorded it keeps its own value
+
+
 @given(
     old_accum=st.integers(1, 4),
     old_world=st.integers(1, 4),
