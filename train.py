@@ -175,7 +175,8 @@ def setup(cfg, given: set[str]) -> Run | int:
         seed=cfg.seed,
         pad_id=tok.pad_id,
     )
-    shape = longest_batch(data.train, batch_kw, cfg.objective != "sft" and cfg.share_prompt and not cfg.pair_split)
+    shared = cfg.objective != "sft" and cfg.share_prompt and not cfg.pair_split  # a pair runs as one row
+    shape = longest_batch(data.train, batch_kw, shared)
     plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, fsdp_ranks=world if fsdp else 1)
     if too_big and parallel == "ddp" and cfg.parallel == "auto":
         parallel = D.choose_parallel(cfg.parallel, world, fits_one_device=False)  # does not fit one device: shard
@@ -183,13 +184,13 @@ def setup(cfg, given: set[str]) -> Run | int:
         fsdp = True
         plan, too_big = plan_run(cfg, model_cfg, device, dtype, shape, fsdp_ranks=world)
         say(f"parallel: fsdp over {world} ranks (the model does not fit one device)")
-    labels = steptime.longest_labels(data.train, batch_kw) if cfg.objective == "sft" else 0  # the probe's batch
+    labels = steptime.longest_labels(data.train, batch_kw, shared)  # the probe's batch
     step_time, unmeasured = steptime.predict(cfg, model_cfg, device, dtype, shape, labels, plan, world, not too_big)
     if cfg.plan:
         from minilora.data.packing import num_batches
 
         micro = cfg.max_steps * cfg.grad_accum or cfg.epochs * num_batches(data.train, **batch_kw)
-        run_s = step_time and steptime.run_seconds(step_time, data.train, batch_kw, micro)
+        run_s = step_time and steptime.run_seconds(step_time, data.train, batch_kw, micro, shared)
         per = f", per rank of {world} (--parallel fsdp)" if fsdp else ""
         print(
             f"plan for {device.type} ({cfg.model}){per}:\n{plan.table()}\n"
@@ -371,7 +372,7 @@ def loop(r: Run) -> str | int:
                     s, _, m = r.step_fn(b)
                     (s * world / max(1.0, n_total)).backward()
                 loss_sum += float(s.detach())
-                clock.micro(b)
+                clock.micro(r.objective.rows(b) if r.objective.pairs else b)
                 for k, v in m.items():  # sums over the micro-batch's items (pairs): rewards, margin, accuracy
                     sums[k] = sums.get(k, 0.0) + v
                 tokens_since += int(b.attention_mask.sum())

@@ -126,6 +126,71 @@ def test_probe_predicts_a_measured_training_step_within_25_percent(geometry, dty
     assert abs(ratio - 1) <= TOLERANCE, f"measured {measured} s, predicted {predicted} s: ratio {ratio:.2f}"
 
 
+def pair_batch(cfg, P: int):
+    """P preference pairs: a prompt of 48-64 tokens and two answers of 20-40, the PairBatch train.py runs."""
+    from minilora.data.encode import EncodedExample
+    from minilora.data.pairs import EncodedPair, collate_pairs
+
+    g = torch.Generator().manual_seed(2)
+    draw = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    ids = lambda n: torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    pairs = []
+    for _ in range(P):
+        prompt = ids(draw(48, 64))
+        seq = lambda answer: EncodedExample(prompt + answer, [IGNORE] * len(prompt) + answer)  # noqa: E731
+        pairs.append(EncodedPair(seq(ids(draw(20, 40))), seq(ids(draw(20, 40)))))
+    return collate_pairs([[i] for i in range(P)], pairs, 0)
+
+
+@pytest.mark.parametrize(
+    "geometry,dtype,objective",
+    [
+        (tiny, torch.float32, "dpo"),
+        (smollm2_4_layers, auto_dtype(torch.device("cpu")), "dpo"),
+        (tiny, torch.float32, "orpo"),
+    ],
+    ids=["tiny-dpo", "smollm2-135m-4-layers-dpo", "tiny-orpo"],
+)
+def test_probe_predicts_a_measured_preference_step_within_25_percent(geometry, dtype, objective):
+    """A DPO step is the policy's forward and backward over the rows the objective forwards (one per pair,
+    the prompt shared: masked rows, timed as packed rows are), both answers' tokens at the head, and the
+    reference forward (blocks and head, LoRA off, no grad), which the probe times as pieces of their own;
+    ORPO has no reference. The same alternating rounds and 25% as the SFT test above, for the same reasons."""
+    from minilora.train.objectives import make_objective
+    from minilora.train.step_probe import probe_step
+
+    cfg, lora = geometry(), dict(r=8, alpha=16, dropout=0.05)
+    model = real_model(cfg, dtype, (0, 0), lora)
+    opt = PagedAdamW(lora_parameters(model), lr=1e-4, weight_decay=0.0)
+    batch, obj = pair_batch(cfg, 3), make_objective(objective, 64)
+    rows = obj.rows(batch)  # (P, T'): what the forwards run
+
+    def step():
+        s, n, _ = obj(model, batch)
+        (s / n).backward()
+        torch.nn.utils.clip_grad_norm_(lora_parameters(model), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    measured, predicted = [], []
+    B, T = rows.input_ids.shape
+    for _ in range(3):
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        measured.append(statistics.median(times[1:]))
+        kw = dict(lora_kw=lora, pack=True, reference=objective == "dpo")
+        p = probe_step(cfg, torch.device("cpu"), dtype, B, T, rows.src.numel(), **kw)
+        predicted.append(p.step)
+        ratio = min(measured) / min(predicted)
+        if abs(ratio - 1) <= TOLERANCE:
+            break
+    assert (p.reference_blocks > 0 and p.reference_rest > 0) == (objective == "dpo")
+    assert abs(ratio - 1) <= TOLERANCE, f"measured {measured} s, predicted {predicted} s: ratio {ratio:.2f}"
+
+
 def numbers_after(text: str, label: str) -> float:
     return float(re.search(rf"{label} ([\d,.]+)", text).group(1).replace(",", ""))
 

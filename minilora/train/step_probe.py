@@ -18,6 +18,8 @@ pre-hook keeps each block's inputs (hidden states, RoPE tables, mask) as the run
           head/loss at the run's loss chunk, forward and backward (the embedding's output stands in
           for the last block's, so the backward runs as far as it would)
   optimizer  gradient clipping and a PagedAdamW step over L blocks' worth of LoRA parameters
+  reference  (DPO) each layer kind's block forward, and the rest's forward, without grad and with every
+          LoRA layer off (train/reference.py), the blocks scaled by their count
 Each piece runs once to warm up, then REPEATS times (fewer, at least once, when TARGET_S is spent;
 none once the budget is spent) and its median counts. Then the block and the rest run once more at
 T - 1 tokens a row: shapes not seen before, whose kernels are chosen then (on the CPU oneDNN creates
@@ -154,11 +156,14 @@ def probe_step(
     max_grad_norm=1.0,
     grad_accum=1,
     budget: float = DEFAULT_BUDGET_S,
+    reference=False,
 ) -> StepTime:
-    """Measure the step model's pieces (module docstring) for a run of model_cfg at rows x length."""
+    """Measure the step model's pieces (module docstring) for a run of model_cfg at rows x length;
+    with `reference`, DPO's reference forward too."""
     from torch.utils.checkpoint import checkpoint
 
     from minilora.data.packing import IGNORE, Batch
+    from minilora.lora.layers import lora_disabled
     from minilora.models.recompute import selective_context
     from minilora.models.transformer import keep_dequantized_weights
     from minilora.optim.paged_adamw import PagedAdamW
@@ -169,7 +174,7 @@ def probe_step(
     L, B, T = model_cfg.num_hidden_layers, rows, length
     counts = block_modes(model_cfg, recompute, pack, T, reuse)
     kinds = list(dict.fromkeys(kind for kind, _ in counts))
-    clock = _Clock(device, budget, len(counts) + 2)
+    clock = _Clock(device, budget, len(counts) + 2 + (len(kinds) + 1 if reference else 0))
 
     model = build_probe_model(model_cfg, kinds, dtype, device, quantize, lora_kw or {})
     layer0 = [p for name, p in model.named_parameters() if p.requires_grad and name.startswith("model.layers.0.")]
@@ -223,6 +228,19 @@ def probe_step(
             args = dict(x=x1, gy=gy[:, :-1], cos=cos[:, :-1], sin=sin[:, :-1], mask=m1)
             new_shape += max(0.0, clock.first(lambda: fwd_bwd(**args), lambda: clear(x1)) - t)
 
+    reference_blocks = 0.0
+    if reference:  # each kind's block forward, LoRA off, no grad, as many times as the run has such blocks
+        for j, kind in enumerate(kinds):
+            x0, cos, sin, mask = captured[j]
+            layer = model.model.layers[j]
+            keep_dequantized_weights(layer, False)
+
+            def forward(layer=layer, x0=x0, cos=cos, sin=sin, mask=mask):
+                with torch.no_grad(), lora_disabled(model):
+                    layer(x0, cos, sin, mask)
+
+            reference_blocks += sum(n for (k, _), n in counts.items() if k == kind) * clock.median(forward)
+
     # the rest: the real forward and loss without blocks; the embedding's output stands in for the last block's
     model.model.layers = torch.nn.ModuleList()
     hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: out.detach().requires_grad_())
@@ -233,6 +251,14 @@ def probe_step(
         float(loss.detach())  # as the loop reads it
 
     t_rest = clock.median(rest)
+    reference_rest = 0.0
+    if reference:
+
+        def reference_forward(batch=batch):
+            with torch.no_grad(), lora_disabled(model):
+                float(chunked_lm_loss(model, batch, loss_chunk)[0])
+
+        reference_rest = clock.median(reference_forward)
     if T > 1:
         cut = [
             getattr(batch, k)[:, :-1] for k in ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids")
@@ -270,6 +296,8 @@ def probe_step(
         load=load,
         dtype=dtype_name(dtype),
         probe_seconds=time.perf_counter() - t_start,
+        reference_blocks=reference_blocks,
+        reference_rest=reference_rest,
     )
 
 

@@ -10,6 +10,12 @@ The model of one optimizer step of M micro-batches (M = --grad-accum):
                   (minilora/train/loss.py at the run's loss chunk), forward and backward
     step        = M x micro-batch + optimizer (gradient clipping + PagedAdamW over the LoRA parameters)
 
+Preference pairs (DPO, ORPO) run their micro-batches at the rows the objective forwards (one row per
+pair with the prompt shared, data/pairs.py; its masked rows timed as packed rows are) with both
+answers' labelled tokens at the head; DPO adds its reference forward: L blocks forward with LoRA off
+and the head forward, without grad (none with --precompute-reference). --pair-split is not predicted
+(its second forward of the chosen answers is not a piece of this model).
+
 Each term is measured, not counted (minilora/train/step_probe.py): the run's own modules, built from
 its ModelConfig on random weights (NF4, LoRA with its rank, targets, dropout, DoRA), one block of each
 layer kind that costs differently, run forward and backward at B x T in the run's dtype under each
@@ -60,7 +66,8 @@ class ProbeSkipped(Exception):
 class StepTime:
     """A measured prediction. blocks: [layer kind, recompute mode, how many of the L blocks, seconds
     per block forward + backward]; rest: embedding + masks + final norm + head/loss, forward + backward;
-    optimizer: clip + PagedAdamW step, once per optimizer step."""
+    optimizer: clip + PagedAdamW step, once per optimizer step; reference_blocks, reference_rest: DPO's
+    reference forward (L blocks, and the rest), per micro-batch."""
 
     rows: int
     length: int
@@ -74,10 +81,12 @@ class StepTime:
     load: float | None = None  # the 1-minute load average when the probe started (busy CPUs: noisy timings)
     dtype: str = "float32"
     probe_seconds: float = 0.0
+    reference_blocks: float = 0.0
+    reference_rest: float = 0.0
 
     @property
     def micro_batch(self) -> float:
-        return sum(n * t for _, _, n, t in self.blocks) + self.rest
+        return sum(n * t for _, _, n, t in self.blocks) + self.rest + self.reference_blocks + self.reference_rest
 
     @property
     def step(self) -> float:
@@ -90,8 +99,9 @@ class StepTime:
     def micro_seconds(self, tokens: int, labels: int, new_shape: bool = False) -> float:
         """A micro-batch of `tokens` padded tokens, `labels` labelled, scaled from the probe's; plus
         the kernel selection of its shapes when the process meets them for the first time."""
-        blocks = sum(n * t for _, _, n, t in self.blocks)
-        scaled = blocks * tokens / (self.rows * self.length) + self.rest * labels / max(1, self.labels)
+        blocks = sum(n * t for _, _, n, t in self.blocks) + self.reference_blocks
+        rest = self.rest + self.reference_rest
+        scaled = blocks * tokens / (self.rows * self.length) + rest * labels / max(1, self.labels)
         return scaled + (self.new_shape if new_shape else 0.0)
 
     def settings(self) -> dict:
@@ -108,43 +118,52 @@ def settings(pred: StepTime | None, reason: str | None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ batches
-def _label_counts(encoded) -> list[int]:
+def _label_count(labels) -> int:
     from minilora.data.packing import IGNORE
 
-    return [sum(t != IGNORE for t in e.labels[1:]) for e in encoded]  # collate drops each example's first label
+    return sum(t != IGNORE for t in labels[1:])  # collate drops each example's first label
 
 
-def batch_shapes(encoded, batch_kw: dict, epoch: int = 0, shuffle: bool | None = None) -> list[tuple[int, int, int]]:
-    """(rows, length, labelled tokens) of every batch of one epoch, as packing.batches forms them."""
+def batch_shapes(
+    encoded, batch_kw: dict, epoch: int = 0, shuffle: bool | None = None, share_prompt: bool = False
+) -> list[tuple[int, int, int]]:
+    """(rows, length, labelled tokens) of every batch of one epoch, as packing.batches forms them; a
+    batch of preference pairs as its objective forwards it: one row per pair with share_prompt (the
+    SharedPairs' rows), else two, and both answers' labelled tokens."""
     from minilora.data.packing import plan_batches
+    from minilora.data.pairs import EncodedPair, shared_length
 
     kw = {k: v for k, v in batch_kw.items() if k not in ("pad_id", "shuffle")}
-    lengths, labels = [len(e.input_ids) for e in encoded], _label_counts(encoded)
+    pairs = bool(encoded) and isinstance(encoded[0], EncodedPair)
+    lengths = [len(e) if pairs else len(e.input_ids) for e in encoded]  # what batching groups by
+    if pairs:
+        labels = [_label_count(e.chosen.labels) + _label_count(e.rejected.labels) for e in encoded]
+        row_len, per = ([shared_length(e) for e in encoded], 1) if share_prompt else (lengths, 2)
+    else:
+        labels, row_len, per = [_label_count(e.labels) for e in encoded], lengths, 1
     plan = plan_batches(
         lengths, shuffle=batch_kw.get("shuffle", True) if shuffle is None else shuffle, epoch=epoch, **kw
     )
-    return [
-        (len(rows), max(sum(lengths[i] for i in row) for row in rows), sum(labels[i] for row in rows for i in row))
-        for rows in plan
-    ]
+    longest = lambda rows: max(sum(row_len[i] for i in row) for row in rows)  # noqa: E731
+    return [(per * len(rows), longest(rows), sum(labels[i] for row in rows for i in row)) for rows in plan]
 
 
-def longest_labels(encoded, batch_kw: dict) -> int:
+def longest_labels(encoded, batch_kw: dict, share_prompt: bool = False) -> int:
     """Labelled tokens of the batch planner.longest_batch picks (the first with the most padded tokens)."""
     best = (0, 0)
-    for rows, T, n in batch_shapes(encoded, batch_kw, shuffle=False):
+    for rows, T, n in batch_shapes(encoded, batch_kw, shuffle=False, share_prompt=share_prompt):
         if rows * T > best[0]:
             best = (rows * T, n)
     return best[1]
 
 
-def run_seconds(pred: StepTime, encoded, batch_kw: dict, micro_batches: int) -> float:
+def run_seconds(pred: StepTime, encoded, batch_kw: dict, micro_batches: int, share_prompt: bool = False) -> float:
     """The run's `micro_batches` micro-batches in the order the run takes them (epoch after epoch),
     each scaled from the probe (the first of each shape with its kernel selection), plus one
     optimizer step per grad_accum of them."""
     total, epoch, left, seen = 0.0, 0, micro_batches, set()
     while left > 0:
-        shapes = batch_shapes(encoded, batch_kw, epoch)[:left]
+        shapes = batch_shapes(encoded, batch_kw, epoch, share_prompt=share_prompt)[:left]
         for rows, T, n in shapes:
             total += pred.micro_seconds(rows * T, n, (rows, T) not in seen)
             seen.add((rows, T))
@@ -169,8 +188,8 @@ def predict(tc, model_cfg, device, dtype, shape: tuple[int, int], labels: int, p
     import path and thread count): what it allocates, the kernels it selects and the code it loads
     (torch's checkpoint loads torch._dynamo) stay out of the run's memory, and the run's RNG is
     untouched. Its interpreter start (seconds) is not counted in its budget."""
-    if tc.objective != "sft":  # two answers and a reference forward per pair: not what the probe runs
-        return None, f"the probe times SFT steps, not --objective {tc.objective} steps"
+    if tc.objective != "sft" and tc.pair_split:  # its recompute of the chosen answers: not a probed piece
+        return None, "the probe does not time --pair-split's second forward of the chosen answers"
     if world > 1:
         return None, f"the probe times one process, not {world} processes under torchrun and their communication"
     if not fits:
@@ -203,7 +222,8 @@ def predict(tc, model_cfg, device, dtype, shape: tuple[int, int], labels: int, p
         recompute=[plan.recompute_blocks, plan.selective_blocks],
         reuse=plan.reuse_blocks,
         loss_chunk=plan.loss_chunk,
-        pack=tc.pack,
+        pack=tc.pack or (tc.objective != "sft" and tc.share_prompt),  # a pair's row: masked, as packed rows
+        reference=tc.objective == "dpo" and not tc.precompute_reference,
         optimizer_bits=tc.optimizer_bits,
         optimizer_budget=None if ob == "none" else ob if ob == "auto" else int(ob),  # as train.py's PagedAdamW
         max_grad_norm=tc.max_grad_norm,
@@ -244,14 +264,16 @@ def describe(pred: StepTime | None, why: str | None, run_s: float | None = None,
         f"{n} x {t:.3f} s ({f'{kind}, ' if many else ''}recompute {mode})" for kind, mode, n, t in pred.blocks
     )
     threads = f"{pred.threads} thread{'s' if pred.threads > 1 else ''}"
+    ref = pred.reference_blocks + pred.reference_rest
+    reference = f" + the reference forward {ref:.3f} s (LoRA off, no grad)" if ref else ""
     if pred.load is not None:
         threads += f", load average {pred.load:.1f} on {os.cpu_count()} CPUs"
     rows = [
         f"step time, from a {pred.probe_seconds:.1f} s probe of one block, the head/loss and the optimizer on this "
         f"device ({pred.dtype}, {threads}) at the longest micro-batch, {pred.rows} x {pred.length} tokens "
         f"({pred.labels:,} labelled):",
-        f"  micro-batch {pred.micro_batch:.3f} s = blocks {parts} + embedding and head/loss {pred.rest:.3f} s; "
-        f"optimizer {pred.optimizer:.3f} s a step; the first micro-batch of each new shape adds "
+        f"  micro-batch {pred.micro_batch:.3f} s = blocks {parts} + embedding and head/loss {pred.rest:.3f} s"
+        f"{reference}; optimizer {pred.optimizer:.3f} s a step; the first micro-batch of each new shape adds "
         f"{pred.new_shape:.3f} s (kernel selection)",
         f"  predicted step {pred.step:.3f} s ({pred.grad_accum} micro-batch{'es' if pred.grad_accum > 1 else ''}), "
         f"{pred.tokens_per_s:,.0f} tok/s",
@@ -283,11 +305,12 @@ class StepClock:
         self.t0, self.expect = self._now(), self.pred.optimizer if self.pred else 0.0
 
     def micro(self, batch) -> None:
+        """A micro-batch as the objective forwards it: a Batch, or a pair objective's rows (a
+        PairBatch, or its SharedPairs, whose labelled targets are listed in src)."""
         if self.pred:
             shape = tuple(batch.input_ids.shape)
-            self.expect += self.pred.micro_seconds(
-                batch.input_ids.numel(), batch.n_label_tokens, shape not in self.seen
-            )
+            labels = batch.src.numel() if hasattr(batch, "src") else batch.n_label_tokens
+            self.expect += self.pred.micro_seconds(batch.input_ids.numel(), labels, shape not in self.seen)
             self.seen.add(shape)
 
     def stop(self) -> None:
