@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_pair_split import loss_and_grads  # the loss, LoRA gradients and metrics of one objective call
 
 from minilora.data.encode import EncodedExample
 from minilora.data.packing import IGNORE
@@ -100,14 +101,6 @@ def test_shared_rows_give_each_answer_its_own_rows_log_probability(family, encod
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_ref, want_ref, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(got, got_ref)  # the adapter changes them: policy and reference differ
-
-
-def loss_and_grads(model, objective, batch):
-    for p in lora_parameters(model):
-        p.grad = None
-    s, n, metrics = objective(model, batch)
-    s.backward()
-    return s.detach(), [p.grad.clone() for p in lora_parameters(model)], metrics
 
 
 @settings(max_examples=12, deadline=None)
