@@ -68,17 +68,19 @@ def float64_norms():
 @st.composite
 def pairs(draw):
     """Pairs sharing a prompt, answers that may begin alike (a common prefix past the prompt), some
-    pairs with no prompt at all, of drawn lengths."""
+    pairs with no prompt at all, some whose rejected sequence lost the prompt's first tokens (each
+    sequence cut on its own, as --truncation left cuts them), of drawn lengths."""
     out = []
     for _ in range(draw(st.integers(1, 4))):
         ids = lambda n: draw(st.lists(st.integers(3, V - 1), min_size=n, max_size=n))
         prompt = ids(draw(st.integers(0, 14)))
+        cut = draw(st.integers(0, 2))  # prompt tokens the rejected sequence lost
         same = ids(draw(st.integers(0, 3)))  # the answers' common start
         a_c, a_r = same + ids(draw(st.integers(0, 9))), same + ids(draw(st.integers(0, 9)))
         if a_c == a_r:
             a_r = a_r + [3]
-        seq = lambda a: EncodedExample(prompt + a + [2], [IGNORE] * len(prompt) + a + [2])
-        out.append(EncodedPair(seq(a_c), seq(a_r)))
+        seq = lambda p, a: EncodedExample(p + a + [2], [IGNORE] * len(p) + a + [2])
+        out.append(EncodedPair(seq(prompt, a_c), seq(prompt[cut:], a_r)))
     return out
 
 
