@@ -16,9 +16,10 @@ Batches (collate_pairs) put a pair's two answers in one forward, as TRL concaten
 to one length T. Pairs are never packed. The same batch also carries the pairs laid out one row per
 pair (SharedPairs: the prompt once, then both answers, each attending to the prompt and to itself):
 the same log-probabilities up to rounding for fewer tokens through the model (share_prompts).
-Dedup, the split and the contamination check (dedup.py,
-holdout.py) treat a pair as they treat an example: dedup compares the prompt with both answers, the
-contamination check compares prompts, and the split stratifies by the chosen answer.
+
+Dedup, the split and the contamination check (dedup.py, holdout.py) treat a pair as they treat an
+example: dedup compares the prompt with both answers, the contamination check compares prompts, and
+the split stratifies by the chosen answer.
 
 Bad input, one sentence naming file and line (or skipped and counted with --skip-bad-lines): a record
 without 'chosen' or 'rejected', answers that are not strings (or one assistant message), identical
