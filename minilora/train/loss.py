@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minilora.data.packing import IGNORE
+from minilora.data.pairs import SharedPairs
 
 CHUNK_ROWS = {"cpu": 64, "cuda": 256}  # rows per chunk for --loss-chunk 0 (auto): see default_chunk
 
@@ -180,7 +181,7 @@ def labelled_states(batch, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     the target, and the row (of R) whose sum it joins. A Batch: position t predicts labels[t + 1], row
     by row in order. SharedPairs (data/pairs.py): each target names its predicting position (src) and
     its answer's row."""
-    if hasattr(batch, "src"):
+    if isinstance(batch, SharedPairs):
         return h.flatten(0, 1).index_select(0, batch.src), batch.tgt, batch.row, batch.n_rows
     targets = batch.labels[:, 1:]  # (R, T-1)
     keep = targets != IGNORE
@@ -193,7 +194,7 @@ def sequence_logprobs(model, batch, chunk: int = 256) -> tuple[torch.Tensor, tor
     (or SharedPairs, R = 2P answers): log pi(row) = -sum_t CE(logits[r, t], labels[r, t + 1]) over the
     row's labelled targets, from the chunked head (no (R, T, V) logits), with gradient when grad is
     enabled."""
-    shared = {"prefix_len": batch.prefix_len} if hasattr(batch, "prefix_len") else {}
+    shared = {"prefix_len": batch.prefix_len} if isinstance(batch, SharedPairs) else {}
     h = model(
         batch.input_ids,
         position_ids=batch.position_ids,

@@ -307,9 +307,11 @@ class StepClock:
     def micro(self, batch) -> None:
         """A micro-batch as the objective forwards it: a Batch, or a pair objective's rows (a
         PairBatch, or its SharedPairs, whose labelled targets are listed in src)."""
+        from minilora.data.pairs import SharedPairs
+
         if self.pred:
             shape = tuple(batch.input_ids.shape)
-            labels = batch.src.numel() if hasattr(batch, "src") else batch.n_label_tokens
+            labels = batch.src.numel() if isinstance(batch, SharedPairs) else batch.n_label_tokens
             self.expect += self.pred.micro_seconds(batch.input_ids.numel(), labels, shape not in self.seen)
             self.seen.add(shape)
 
