@@ -506,22 +506,12 @@ def choose_settings(
 def longest_batch(encoded, batch_kw: dict, share_prompt: bool = False) -> tuple[int, int]:
     """(rows, length) of the batch with the most padded tokens that these batching arguments produce.
     A batch of preference pairs has two rows per pair (both answers, padded to one length), or with
-    share_prompt one row per pair, the prompt once and both answers (data/pairs.py's SharedPairs)."""
-    from minilora.data.packing import plan_batches
-    from minilora.data.pairs import EncodedPair, shared_length
+    share_prompt one row per pair, the prompt once and both answers (data/pairs.py's SharedPairs);
+    steptime.batch_shapes forms them."""
+    from minilora.train.steptime import longest_shape
 
-    kw = {k: v for k, v in batch_kw.items() if k not in ("pad_id", "shuffle")}
-    lengths = [len(e) for e in encoded]  # what batching groups by (a pair: its longer sequence)
-    pairs = bool(encoded) and isinstance(encoded[0], EncodedPair)
-    shared = pairs and share_prompt
-    row_len = [shared_length(e) for e in encoded] if shared else lengths  # tokens of each item's row(s)
-    per = 2 if pairs and not shared else 1  # rows per item
-    best = (1, 1)
-    for rows in plan_batches(lengths, shuffle=False, **kw):
-        T = max(sum(row_len[i] for i in row) for row in rows)
-        if per * len(rows) * T > best[0] * best[1]:
-            best = (per * len(rows), T)
-    return best
+    rows, length, _ = longest_shape(encoded, batch_kw, share_prompt)
+    return rows, length
 
 
 def attention_mask_count(model_cfg, seq_len: int, masked_rows: bool) -> int:

@@ -148,13 +148,16 @@ def batch_shapes(
     return [(per * len(rows), longest(rows), sum(labels[i] for row in rows for i in row)) for rows in plan]
 
 
+def longest_shape(encoded, batch_kw: dict, share_prompt: bool = False) -> tuple[int, int, int]:
+    """(rows, length, labelled tokens) of the batch with the most padded tokens (the first of them):
+    what the plan sizes memory for (planner.longest_batch) and the probe times."""
+    shapes = batch_shapes(encoded, batch_kw, shuffle=False, share_prompt=share_prompt)
+    return max(shapes, key=lambda s: s[0] * s[1], default=(1, 1, 0))
+
+
 def longest_labels(encoded, batch_kw: dict, share_prompt: bool = False) -> int:
-    """Labelled tokens of the batch planner.longest_batch picks (the first with the most padded tokens)."""
-    best = (0, 0)
-    for rows, T, n in batch_shapes(encoded, batch_kw, shuffle=False, share_prompt=share_prompt):
-        if rows * T > best[0]:
-            best = (rows * T, n)
-    return best[1]
+    """Labelled tokens of the batch planner.longest_batch picks (longest_shape)."""
+    return longest_shape(encoded, batch_kw, share_prompt)[2]
 
 
 def run_seconds(pred: StepTime, encoded, batch_kw: dict, micro_batches: int, share_prompt: bool = False) -> float:
