@@ -161,9 +161,9 @@ def test_the_lora_part_of_dx_below_half_an_ulp_still_moves_it(mode, kept, dtype)
     """dL/dx = g W0 + l, l = s (g B) A the LoRA path's part, |l| ~ ulp(G0) / 10 with G0 = rnd(g W0) the
     base's own input gradient: the same mean test as the output's. The compute path (PEFT's order
     under torch.autocast) rounds G0 + l_c, which is G0 itself: the ratio is exactly 0. l_c is l after
-    bf16 casts of A and B and two rounded products, so it can pass l by a percent: an l a hair under a
-    quarter of the gap below a power of two once crossed on another CPU's GEMM, hence gap_toward's
-    eighth there."""
+    bf16 casts of A and B and two rounded products, so it can pass l by a percent, and an l a hair
+    under a quarter ulp toward zero from a power of two would then reach the boundary, an eighth away
+    there: gap_toward."""
     gen = torch.Generator().manual_seed(1)
     nl = NF4Linear.from_linear(nn.Linear(256, 256, bias=False).to(dtype))
     ours = LoRALinear(nl, 8, 16, dropout=0.0, lora_compute=mode)
