@@ -6,7 +6,9 @@
 
 One QLoRA step (bench/train_step.py's minilora worker: NF4 base, LoRA all-linear r 16, PagedAdamW),
 each setting in its own subprocess, alternating over --rounds:
-  off         every block keeps its activations
+  off         every block keeps its activations, but rebuilds its normed inputs and act(gate) * up in
+              backward (lean saves: models/ops.rebuilt_in_backward), as train.py runs it
+  kept        off without lean saves: those tensors kept too (no planner figure: the plan counts lean)
   selective   every block keeps its input and its matmul / SDPA outputs, reruns the elementwise ops
               in backward (models/recompute.py)
   full        every block keeps only its input and reruns its forward in backward
@@ -27,7 +29,7 @@ import tempfile
 
 from bench.train_step import GEOMETRIES, ROOT, run_worker
 
-MODES = {"off": (0, 0), "selective": (0, 1), "full": (1, 0)}  # (full, selective) as fractions of L
+MODES = {"off": (0, 0), "kept": (0, 0), "selective": (0, 1), "full": (1, 0)}  # (full, selective) as fractions of L
 
 
 def main() -> None:
@@ -77,6 +79,7 @@ def main() -> None:
     ]
     argv = {
         "off": [*base, "--no-gradient-checkpointing"],
+        "kept": [*base, "--no-gradient-checkpointing", "--no-lean-saves"],
         "selective": [*base, "--gradient-checkpointing", "--recompute", "selective"],
         "full": [*base, "--gradient-checkpointing", "--recompute", "full"],
     }
@@ -124,7 +127,7 @@ def main() -> None:
         rows[mode] = {
             "median_s": statistics.median(r["median_s"] for r in runs[mode]),
             "step_peak_mb": statistics.median(r["step_peak_mb"] for r in runs[mode]),
-            "predicted_activations_mb": kept / 2**20,
+            "predicted_activations_mb": None if mode == "kept" else kept / 2**20,
             "flops_per_token": plan.flops_per_token,
             "runs": runs[mode],
         }
@@ -141,7 +144,8 @@ def main() -> None:
     for mode, r in rows.items():
         print(
             f"{mode:<11}{r['median_s']:8.3f}{r['median_s'] / off['median_s']:7.2f}{r['step_peak_mb']:14.0f}"
-            f"{r['step_peak_mb'] / off['step_peak_mb']:7.2f}{r['predicted_activations_mb']:15.1f}"
+            f"{r['step_peak_mb'] / off['step_peak_mb']:7.2f}"
+            f"{'-' if r['predicted_activations_mb'] is None else format(r['predicted_activations_mb'], '.1f'):>15}"
             f"{r['flops_per_token'] / 1e9:11.3f}"
         )
     name = f"recompute_{a.geometry}_{a.device}"

@@ -258,6 +258,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
             full, sel = map(int, a.recompute.split(":"))
             model.set_gradient_checkpointing(full, selective=sel)
         model.set_weight_reuse(a.reuse_blocks)
+        model.lean_saves = a.lean_saves
         model.train()
         params = lora_parameters(model)
         opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
@@ -439,6 +440,13 @@ def main() -> None:
         help="minilora: the last N blocks keep their dequantized weights from forward to backward "
         "(train.py --weight-reuse; its planner picks N)",
     )
+    ap.add_argument(
+        "--lean-saves",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="minilora: blocks that keep their activations rebuild their normed inputs and act(gate) * up "
+        "in backward (models/ops.rebuilt_in_backward; on in train.py); --no-lean-saves keeps them",
+    )
     ap.add_argument("--layers", type=int, default=0, help="override the geometry's layer count (0 = keep)")
     ap.add_argument(
         "--dtype",
@@ -533,6 +541,7 @@ def main() -> None:
         a.lora_compute,
         "--reuse-blocks",
         str(a.reuse_blocks),
+        "--lean-saves" if a.lean_saves else "--no-lean-saves",
         "--tf32" if a.tf32 else "--no-tf32",
         *(["--profile"] if a.profile else []),
     ]
@@ -689,6 +698,7 @@ def report(a, rows: dict) -> None:
             "loss_chunk": a.loss_chunk,
             "lora_compute": a.lora_compute,
             "reuse_blocks": a.reuse_blocks,
+            "lean_saves": a.lean_saves,
             "rounds": a.rounds,
             "threads": a.threads,
             "malloc_mmap_threshold": a.mmap_threshold or None,

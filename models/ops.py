@@ -9,6 +9,11 @@ the activations' dtype.
                   upcast in backward.
     gated_act     act(g) * u: plain autograd keeps g (for act's backward), act(g) and u (for the
                   product's); this keeps g and u, and recomputes act(g) in backward.
+    rebuilt_in_backward
+                  a tensor that backward can rebuild from tensors it keeps anyway is saved as the
+                  recipe: Block's lean saves rebuild the normed attention and MLP inputs (which the
+                  LoRA paths save for dL/dA) from the norms' inputs, and act(g) * u (down_proj's)
+                  from g and u, running the forward's own ops (tests/test_lean_saves.py: same bits).
     attention     scaled_dot_product_attention, except that short 16-bit rows on the CPU run its
                   flash kernel in float32 (faster there, and more accurate), saving what the 16-bit
                   kernel saves; chosen by shape in attention_in_float32.
@@ -20,6 +25,9 @@ derivatives.yaml: rsqrt, mul, silu, gelu), so the gradients are bit for bit auto
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +133,65 @@ class _GatedActFn(torch.autograd.Function):
 def gated_act(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tensor:
     """gated_act_plain's numbers and gradients, keeping g and u only (2 e F per row instead of 3 e F)."""
     return _GatedActFn.apply(g, u, gelu)
+
+
+# --- inputs rebuilt in backward instead of kept ---------------------------------------------------
+class _Rebuild:
+    """The recipe that rebuilds a tensor a pack hook did not keep. Every save of the tensor (q, k and
+    v's LoRA paths all save the normed x) shares one rebuild per backward, dropped after the last."""
+
+    def __init__(self, fn):
+        self.fn, self.value, self.saves, self.left = fn, None, 0, 0
+
+    def get(self) -> torch.Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.fn()
+            self.left = self.saves  # a second backward (retain_graph) rebuilds it once more
+        value, self.left = self.value, self.left - 1
+        if self.left <= 0:
+            self.value = None
+        return value
+
+
+@dataclass(frozen=True)
+class _Rebuilt:
+    """A save of the rebuilt tensor: its shared recipe and the shape this save viewed it as."""
+
+    recipe: _Rebuild
+    shape: torch.Size
+
+
+@contextlib.contextmanager
+def rebuilt_in_backward(t: torch.Tensor, fn):
+    """Inside the body, autograd keeps no copy of t: a save of t (or of a view of all of it, as a
+    LoRA layer's reshape) keeps the recipe fn instead, and backward calls fn() (without grad) when it
+    first needs t. fn must give t's bits from tensors backward keeps anyway (a norm's input, a gated
+    activation's two inputs), so this saves t's bytes for an elementwise recompute."""
+    # hooks do not stack (the innermost alone runs), so every other save goes to the hooks around
+    # this body, if any (a measurement's); torch's own aot_autograd reads them the same way
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+    if outer_pack is not None and outer_pack.__module__ == "torch.utils.checkpoint":
+        yield  # inside a checkpointed forward or its recompute: t is the checkpoint's to drop or keep
+        return
+    recipe = _Rebuild(fn)
+    ptr, offset, n = t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()
+
+    def pack(s: torch.Tensor):
+        same = s.untyped_storage().data_ptr() == ptr and s.storage_offset() == offset and s.numel() == n
+        if same and s.is_contiguous():
+            recipe.saves += 1
+            return _Rebuilt(recipe, s.shape)
+        return s if outer_pack is None else outer_pack(s)
+
+    def unpack(p):
+        if isinstance(p, _Rebuilt):
+            return p.recipe.get().view(p.shape)
+        return p if outer_unpack is None else outer_unpack(p)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 # --- attention: one place chooses the kernel by shape ---------------------------------------------

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from .config import FULL, SLIDING, ModelConfig
-from .ops import additive_mask, attention, gated_act, rms_norm
+from .ops import additive_mask, attention, gated_act, gated_act_plain, rebuilt_in_backward, rms_norm
 from .recompute import selective_context
 
 # The adapter of each row (B,) of the forward in progress; see adapter_rows.
@@ -195,9 +195,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(F_, D, bias=b)
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
-    def forward(self, x):  # (B, T, D) -> (B, T, F) -> (B, T, D)
+    def forward(self, x, lean: bool = False):  # (B, T, D) -> (B, T, F) -> (B, T, D)
         # act(gate) * up keeping gate and up only: act(gate) is recomputed in backward (ops.gated_act)
-        return self.down_proj(gated_act(self.gate_proj(x), self.up_proj(x), self.gelu))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        h = gated_act(g, u, self.gelu)  # (B, T, F)
+        if not lean:
+            return self.down_proj(h)
+        g, u = g.detach(), u.detach()
+        with rebuilt_in_backward(h, lambda: gated_act_plain(g, u, self.gelu)):  # down_proj's LoRA input
+            return self.down_proj(h)
 
 
 def keep_dequantized_weights(block: nn.Module, keep: bool) -> None:
@@ -222,14 +228,28 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(D, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(D, eps, offset)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, lean: bool = False):
+        """lean: the normed inputs of attention and MLP and the MLP's act(gate) * up are rebuilt in
+        backward from what the norms and the activation keep anyway (ops.rebuilt_in_backward), not
+        kept; for blocks that keep their activations (a recomputed block keeps its input only)."""
+        a = self._normed(self.input_layernorm, x, lean, lambda n: self.self_attn(n, cos, sin, mask, cache))
+        pre_mlp = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
         if self.sandwich:
             h = x + self.post_attention_layernorm(a)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            return h + self.post_feedforward_layernorm(self._normed(pre_mlp, h, lean, lambda n: self.mlp(n, lean)))
         # Without sandwich norms transformers names the pre-MLP norm `post_attention_layernorm`.
         h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self._normed(pre_mlp, h, lean, lambda n: self.mlp(n, lean))
+
+    @staticmethod
+    def _normed(norm, x, lean: bool, body):
+        """body(norm(x)); with lean, norm(x) is not kept for backward but rebuilt from x."""
+        n = norm(x)
+        if not lean:
+            return body(n)
+        xd = x.detach()
+        with rebuilt_in_backward(n, lambda: norm(xd)):
+            return body(n)
 
 
 class Decoder(nn.Module):
@@ -328,6 +348,7 @@ class Transformer(nn.Module):
         self.checkpoint_blocks = 0  # the first checkpoint_blocks blocks recompute (see set_gradient_checkpointing)
         self.selective_blocks = 0  # the next selective_blocks blocks recompute selectively
         self.reuse_blocks = 0  # the last reuse_blocks blocks keep their dequantized weights (set_weight_reuse)
+        self.lean_saves = True  # blocks that keep their activations rebuild normed inputs in backward (Block.forward)
 
     def tie_weights(self):
         """Re-tie lm_head to embed_tokens (the loader calls this after replacing parameters)."""
@@ -447,7 +468,7 @@ class Transformer(nn.Module):
             elif use_ckpt and i < self.checkpoint_blocks + self.selective_blocks:
                 x = checkpoint(layer, x, cos, sin, masks[kind], use_reentrant=False, context_fn=selective_context)
             else:
-                x = layer(x, cos, sin, masks[kind], cache)
+                x = layer(x, cos, sin, masks[kind], cache, lean=self.lean_saves and torch.is_grad_enabled())
         if cache is not None:
             cache.advance(T)
         h = self.model.norm(x)  # (B, T, D)

@@ -16,13 +16,11 @@ target taken from the wrong position or counted in the wrong answer changes a lo
 about its own size.
 """
 
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_pair_split import loss_and_grads  # the loss, LoRA gradients and metrics of one objective call
+from test_pair_split import float64_norms, loss_and_grads  # float64 RMSNorm; one objective call's loss, grads, metrics
 
 from minilora.data.encode import EncodedExample
 from minilora.data.packing import IGNORE
@@ -30,7 +28,7 @@ from minilora.data.pairs import CHOSEN, PREFIX, REJECTED, EncodedPair, collate_p
 from minilora.lora.layers import apply_lora, lora_parameters
 from minilora.models.config import ModelConfig
 from minilora.models.presets import PRESETS
-from minilora.models.transformer import RMSNorm, Transformer
+from minilora.models.transformer import Transformer
 from minilora.train.loss import sequence_logprobs
 from minilora.train.objectives import make_objective
 from minilora.train.reference import reference_logprobs
@@ -53,16 +51,6 @@ def model_of(family: str, seed: int, recompute: bool = False) -> Transformer:
             p.normal_(0, 0.05)
     model.set_gradient_checkpointing(recompute)
     return model.double().train()
-
-
-def float64_norms():
-    """RMSNorm in its input's dtype (the module docstring says why), the same formula otherwise."""
-
-    def forward(self, x):
-        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return n * (1.0 + self.weight) if self.gemma else self.weight * n
-
-    return mock.patch.object(RMSNorm, "forward", forward)
 
 
 @st.composite

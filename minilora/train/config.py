@@ -164,10 +164,9 @@ class TrainConfig:
     gradient_checkpointing: str = _f(
         "auto",
         "recompute block activations in backward: auto (off when the plan "
-        "fits the memory budget; else selective recompute, which keeps the "
-        "matmul outputs and reruns the elementwise ops, on as few blocks as "
-        "fit; else full recompute on as few blocks as fit, the rest "
-        "selective), selective (every block), on (full, every block), off",
+        "fits the memory budget; else full recompute on as few blocks as fit), "
+        "selective (every block keeps its matmul outputs and reruns the "
+        "elementwise ops), on (full, every block), off",
         choices=["auto", "selective", "on", "off"],
     )
     weight_reuse: str = _f(

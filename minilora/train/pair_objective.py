@@ -73,7 +73,17 @@ class PairObjective:
             logp, counts = sequence_logprobs(model, self.rows(batch), self.chunk)  # (2P,), (2P,)
             return split_rows(logp), split_rows(counts)
         P = batch.n_pairs
-        chosen = checkpoint(sequence_logprobs, model, rows_of(batch, slice(0, P)), self.chunk, use_reentrant=False)
+        # Reentrant checkpointing: the forward runs without grad and backward's recompute as an
+        # ordinary forward, so the recomputed blocks save lean (models/ops.rebuilt_in_backward), which
+        # the non-reentrant kind's hooks rule out. Its output needs a gradient only if an input does,
+        # and the LoRA weights are not inputs: `anchor` is that input.
+        anchor = torch.empty(0, requires_grad=True)
+        chosen = checkpoint(
+            lambda _, rows: sequence_logprobs(model, rows, self.chunk),
+            anchor,
+            rows_of(batch, slice(0, P)),
+            use_reentrant=True,
+        )
         rejected = sequence_logprobs(model, rows_of(batch, slice(P, 2 * P)), self.chunk)  # (P,), (P,) each
         return (chosen[0], rejected[0]), (chosen[1], rejected[1])
 

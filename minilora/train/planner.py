@@ -18,11 +18,15 @@ against torch.autograd.graph.saved_tensors_hooks in tests/test_planner.py):
     norms           each RMSNorm keeps its input in its own dtype and a float32 rstd per row:
                     e D + 4 per norm (2 per block, 4 with sandwich_norms); with qk_norm the q_norm /
                     k_norm per head: (H + Hkv) (e hd + 4)
-    LoRA inputs     the normed attention and MLP inputs, e D each (shared by q, k, v / gate, up)
-                    and r float32 per adapted linear (u = x A^T), 1 byte per input element with dropout
+    LoRA inputs     u = x A^T per adapted linear, r elements (e on an NF4 base's 16-bit LoRA paths,
+                    else 4), 1 byte per input element with dropout; the inputs themselves, the normed
+                    attention and MLP inputs (e D each, shared by q, k, v / gate, up) and down's act(gate)
+                    * up (e F), only in recomputed blocks: a block that keeps its activations rebuilds
+                    them in backward from the norms' inputs and gate, up (models/ops.rebuilt_in_backward;
+                    not where a dense base's LoRA path copies its input: bf16, or with dropout)
     attention       SDPA keeps q and its output (2 e H hd), k and v unrepeated (enable_gqa: 2 e Hkv hd)
                     and the float32 log-sum-exp (4 H); its output is o_proj's saved input
-    MLP             gate and up (act(gate) is recomputed in backward) and their product: 3 e F
+    MLP             gate and up, 2 e F (act(gate) is recomputed in backward)
 Outside the blocks, per token: the final norm e D + 4; RoPE's cos and sin, 2 e hd per layer kind in
 use (full, sliding); per labelled token the loss's gathered hidden state and dL/dh, 2 e D. Per row,
 where the rows need one (packed rows, a pair's shared prompt, a sliding window shorter than T), one
@@ -326,17 +330,22 @@ def plan_memory(
     # u = A x (N, r) per adapted linear: in the compute dtype on the fused and compute LoRA paths of
     # an NF4 base (lora/nf4_fused.py), else float32
     u_bytes = e if quantize == "nf4" and lora_compute != "float32" else 4
+    # the LoRA paths' inputs (the normed attention and MLP inputs, e D each, and act(gate) * up, e F): a
+    # block that keeps its activations rebuilds them in backward (lean saves) where the path saves its
+    # input itself (an NF4 base's; a dense base's in float32 without dropout); a recomputed block keeps them
+    rebuilt = quantize == "nf4" or (e == 4 and lora_dropout == 0)
     act = (
         (e * D + 4) * n_norm
         + (e * hd + 4) * qk_norm_rows
-        + 2 * e * D
         + 2 * e * (H + Hkv) * hd
         + 4 * H
-        + 3 * e * F
+        + 2 * e * F
         + u_bytes * r * len(adapted)
     )
     if lora_dropout > 0:
         act += sum(K for _, K in adapted)  # one bool mask element per LoRA input element
+    act_full = act + 2 * e * D + e * F  # the block's bytes without lean saves: a recomputed block's
+    act = act if rebuilt else act_full
     k = max(0, min(L, recompute_blocks))
     s = max(0, min(L - k, selective_blocks))
     # selective recompute's kept bytes per token per block (see the module docstring)
@@ -353,7 +362,7 @@ def plan_memory(
     final_norm = e * D + 4  # its input and rstd, as every norm
     kept = N * ((L - k - s) * act + k * e * D + s * sel + rope + final_norm) + 2 * n * D * e  # + h_sel, dL/dh
     kept += attention_masks * batch_size * seq_len * seq_len * e
-    block = N * act  # one block's activations: rebuilt by recompute, and its gradients in backward
+    block = N * act_full  # one block's activations: rebuilt by recompute, and its gradients in backward
     w = max(0, min(L, reuse_blocks)) if quantize == "nf4" else 0
     weights = [kept_weight_bytes(cfg, lora_targets, e, first=i == 0) for i in range(L)]
     weights_kept = sum(weights[max(L - w, k + s) :])  # blocks that keep their activations too
@@ -468,14 +477,13 @@ def choose_recompute(fits, num_layers: int) -> int | None:
 
 def choose_checkpointing(fits, num_layers: int) -> tuple[int, int] | None:
     """--gradient-checkpointing auto: (full, selective) block counts with fits(full, selective). Off
-    if that fits; else selective recompute on the fewest blocks that fit; else full recompute on the
-    fewest blocks that fit, the other blocks selective; None if full recompute everywhere does not fit."""
-    L = num_layers
-    s = choose_recompute(lambda s: fits(0, s), L)
-    if s is not None:
-        return 0, s
-    k = choose_recompute(lambda k: fits(k, L - k), L)
-    return None if k is None else (k, L - k)
+    if that fits; else full recompute on the fewest blocks that fit, the rest keeping everything; None
+    if full recompute everywhere does not fit. Never selective: a block that keeps its activations
+    rebuilds its LoRA inputs (lean saves), so it keeps about what a selective block keeps, while a
+    selective block runs every op of its forward again through torch's dispatch mode (1.5x the step
+    on the CPU), and one fully recomputed block frees nearly all of a block's bytes for one forward."""
+    k = choose_recompute(lambda k: fits(k, 0), num_layers)
+    return None if k is None else (k, 0)
 
 
 def choose_weight_reuse(fits, num_layers: int) -> int:

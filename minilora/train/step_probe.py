@@ -208,8 +208,8 @@ def probe_step(
         keep_dequantized_weights(layer, mode.endswith(KEPT))
 
         def fwd_bwd(layer=layer, x=x, gy=gy, cos=cos, sin=sin, mask=mask, mode=mode.removesuffix(KEPT)):
-            if mode == "off":
-                y = layer(x, cos, sin, mask)
+            if mode == "off":  # as Transformer.forward runs a block that keeps its activations
+                y = layer(x, cos, sin, mask, lean=model.lean_saves)
             else:  # as Transformer.forward checkpoints a block
                 ctx = {"context_fn": selective_context} if mode == "selective" else {}
                 y = checkpoint(layer, x, cos, sin, mask, use_reentrant=False, **ctx)
