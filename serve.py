@@ -108,6 +108,13 @@ def check_name(name: str, base: str, pattern) -> None:
         )
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    # the listen backlog: socketserver's 5 makes the sixth of many simultaneous connections wait for a
+    # TCP retry (1 s, 3 s, 7 s, ...) whenever the accepting thread is slow to run, before its request
+    # can even be queued or refused
+    request_queue_size = 128
+
+
 class Server:
     """The model, its scheduler and the HTTP server around them (serve_forever / close)."""
 
@@ -137,7 +144,7 @@ class Server:
             load_adapter(model, folder, name=name)  # before the scheduler thread exists: no race
             self.scheduler.adapters[name] = folder
             self.templates[name] = resolve_template(run_template(run_cfg) if run_cfg else "auto", tok)
-        self.httpd = ThreadingHTTPServer((args.host, args.port), Handler)
+        self.httpd = _HTTPServer((args.host, args.port), Handler)
         self.httpd.app = self
         self.handlers = 0  # HTTP threads running, waited for on close
         self.handlers_lock = threading.Lock()

@@ -341,3 +341,24 @@ def test_sigterm_stops_the_server_with_exit_code_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
+
+
+def test_many_simultaneous_connections_are_accepted_into_the_backlog():
+    """While the accepting thread is busy elsewhere (here: not running at all), 32 clients connecting
+    at once all complete their TCP handshake: the listen backlog holds them, where socketserver's
+    default of 5 leaves the rest to TCP's retries (1 s, 3 s, 7 s, ...)."""
+    import socket
+
+    httpd = serve_cli._HTTPServer(("127.0.0.1", 0), serve_cli.Handler)
+    socks = []
+    try:
+        for _ in range(32):
+            s = socket.socket()
+            s.settimeout(0.5)
+            s.connect(httpd.server_address)  # raises socket.timeout when the backlog is full
+            socks.append(s)
+    finally:
+        for s in socks:
+            s.close()
+        httpd.server_close()
+    assert len(socks) == 32
