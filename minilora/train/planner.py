@@ -479,9 +479,9 @@ def choose_checkpointing(fits, num_layers: int) -> tuple[int, int] | None:
     """--gradient-checkpointing auto: (full, selective) block counts with fits(full, selective). Off
     if that fits; else full recompute on the fewest blocks that fit, the rest keeping everything; None
     if full recompute everywhere does not fit. Never selective: a block that keeps its activations
-    rebuilds its LoRA inputs (lean saves), so it keeps about what a selective block keeps, while a
-    selective block runs every op of its forward again through torch's dispatch mode (1.5x the step
-    on the CPU), and one fully recomputed block frees nearly all of a block's bytes for one forward."""
+    rebuilds its LoRA inputs (lean saves), so on an NF4 base it keeps less than a selective block,
+    which also runs every op of its forward again through torch's dispatch mode (1.4-1.5x the step
+    on the CPU), while one fully recomputed block frees nearly all of a block's bytes for one forward."""
     k = choose_recompute(lambda k: fits(k, 0), num_layers)
     return None if k is None else (k, 0)
 
