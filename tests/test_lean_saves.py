@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_planner import block_saved_bytes  # what autograd saves in one block's forward
 
 from minilora.lora.layers import apply_lora
 from minilora.models.config import FULL, ModelConfig
@@ -146,26 +147,6 @@ def test_lean_saves_keep_exactly_the_rebuilt_bytes_less(family, dtype):
     quantize_linears(model, compute_dtype=dtype)
     apply_lora(model, r=4, alpha=8, dropout=0.0, verbose=False)
     B, T = 2, 9
-    x = torch.randn(B, T, cfg.hidden_size).to(dtype).requires_grad_()
-    from minilora.models.transformer import rope_cos_sin
-
-    cos, sin = rope_cos_sin(model.inv_freq_global, torch.arange(T).expand(B, T), dtype)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
-        t.untyped_storage().data_ptr() for t in (cos, sin)
-    }
-
-    def saved(lean: bool) -> int:
-        seen = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            if s.data_ptr() not in params and t.dim() >= 2:
-                seen[s.data_ptr()] = s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.model.layers[0](x, cos, sin, None, lean=lean)
-        return sum(seen.values())
-
+    kept, lean = (block_saved_bytes(model, B, T, dtype, lean) for lean in (False, True))
     e = torch.empty((), dtype=dtype).element_size()
-    assert saved(False) - saved(True) == B * T * e * (2 * cfg.hidden_size + cfg.intermediate_size)
+    assert kept - lean == B * T * e * (2 * cfg.hidden_size + cfg.intermediate_size)

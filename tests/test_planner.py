@@ -245,6 +245,28 @@ def test_a_plan_that_does_not_fit_names_its_real_largest_part(parts, budget):
         assert f"which no flag lowers; the largest that one does is {name2}" in msg and f"with {flag2}," in msg
 
 
+def block_saved_bytes(model, batch: int, seq: int, dtype, lean: bool) -> int:
+    """Bytes of every distinct storage autograd saves in the forward of model's first block on (batch,
+    seq) random hidden states: per-token tensors only (not parameters, the RoPE tables, or the 1-D
+    (1 + w) a bf16 Gemma norm builds from its weight each call)."""
+    from minilora.models.transformer import rope_cos_sin
+
+    x = torch.randn(batch, seq, model.config.hidden_size).to(dtype).requires_grad_()
+    cos, sin = rope_cos_sin(model.inv_freq_global, torch.arange(seq).expand(batch, seq), dtype)
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), cos, sin)}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip and t.dim() >= 2:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, cos, sin, None, lean=lean)
+    return sum(saved.values())
+
+
 @settings(max_examples=8)  # each example builds a quantized block: a few are enough to vary every term
 @given(
     family=st.sampled_from(["llama", "gemma3", "qwen3"]),
@@ -260,7 +282,7 @@ def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, b
     products and no input (rebuilt in backward); Qwen3's q/k norms counted."""
     from minilora.lora.layers import apply_lora
     from minilora.models.loader import quantize_linears
-    from minilora.models.transformer import Transformer, rope_cos_sin
+    from minilora.models.transformer import Transformer
 
     qwen3 = dataclasses.replace(ModelConfig.from_name("qwen3-0.6b"), num_hidden_layers=1, layer_types=[FULL])
     base = {"llama": llama_135m(1), "gemma3": gemma3(1), "qwen3": qwen3}[family]
@@ -271,22 +293,7 @@ def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, b
     quantize_linears(model, compute_dtype=dtype)
     apply_lora(model, r=4, alpha=8, dropout=dropout, verbose=False)
     model.train()
-    x = torch.randn(batch, seq, cfg.hidden_size).to(dtype).requires_grad_()
-    cos, sin = rope_cos_sin(model.inv_freq_global, torch.arange(seq).expand(batch, seq), dtype)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
-        t.untyped_storage().data_ptr() for t in (cos, sin)
-    }  # not activations
-    saved = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        # per-token tensors only: not the 1-D (1 + w) a bf16 Gemma norm builds from its weight each call
-        if s.data_ptr() not in params and t.dim() >= 2:
-            saved[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](x, cos, sin, None, lean=True)  # as the forward runs it
+    saved = block_saved_bytes(model, batch, seq, dtype, lean=True)  # as the forward runs it
     kwargs = {
         "batch_size": batch,
         "seq_len": seq,
@@ -301,7 +308,7 @@ def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, b
         return next(b for name, b, _ in plan.components if name.startswith("activations"))
 
     per_block = activations(2) - activations(1)  # the second block adds exactly its activations
-    assert per_block == sum(saved.values())
+    assert per_block == saved
 
 
 def test_choose_recompute_finds_the_fewest_blocks():
