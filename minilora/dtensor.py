@@ -6,6 +6,11 @@ from __future__ import annotations
 import torch
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (FSDP2's parameters and gradients)."""
+    return hasattr(t, "device_mesh")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (the elements this rank owns); any other tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -20,7 +25,7 @@ def local_region(t: torch.Tensor) -> tuple[slice, ...]:
     """Where this rank's shard of `t` lies in the whole tensor, one slice per dimension: all of it
     unless `t` is a DTensor (under FSDP a range of rows, torch.chunk's split of dim 0 over the ranks).
     Checkpoints store and load pieces by it (minilora/parallel/sharded_checkpoint.py)."""
-    if not hasattr(t, "device_mesh"):
+    if not is_sharded(t):
         return tuple(slice(0, n) for n in t.shape)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # DCP's own helper
 

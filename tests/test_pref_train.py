@@ -94,8 +94,10 @@ def test_dpo_resume_equals_uninterrupted_bitwise(tmp_path):
     assert (tmp_path / "cut" / adapter).read_bytes() == (tmp_path / "full" / adapter).read_bytes()
 
 
-def test_dpo_two_ddp_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("split", [[], ["--pair-split"]])  # split: a reentrant checkpoint inside DDP
+def test_dpo_two_ddp_processes_equal_one_process(tmp_path, split):
     common = ["--objective", "dpo", "--max-steps", "4", "--batch-size", "2", "--save-every", "0", "--log-every", "1"]
+    common += split
     assert train(tmp_path / "one", *common, "--grad-accum", "2").returncode == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "two"), *FAST, *common, "--grad-accum", "1"]
@@ -192,10 +194,12 @@ def test_resume_refuses_another_objective_or_beta(tmp_path, capsys):
         assert code == EXIT_USAGE and named in one_sentence(err)
 
 
-def test_dpo_under_fsdp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("split", [[], ["--pair-split"]])  # split: a reentrant checkpoint inside FSDP
+def test_dpo_under_fsdp_equals_one_process(tmp_path, split):
     """Two FSDP ranks (the NF4 base, LoRA and the vocabulary-parallel head sharded; each rank's rows'
     log-probabilities from token_cross_entropy) give one process's DPO losses, rewards and validation."""
     common = ["--objective", "dpo", "--max-steps", "3", "--batch-size", "2", "--save-every", "0", "--log-every", "1"]
+    common += split
     common += ["--dtype", "float32"]  # --dtype auto picks bf16 on some CPUs: compare in float32
     assert train(tmp_path / "one", *common, "--grad-accum", "2").returncode == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minilora.data.packing import IGNORE, Batch
 from minilora.data.pairs import pair_batches, split_rows
+from minilora.dtensor import is_sharded
 from minilora.train.loss import sequence_logprobs
 
 
@@ -73,17 +74,21 @@ class PairObjective:
             logp, counts = sequence_logprobs(model, self.rows(batch), self.chunk)  # (2P,), (2P,)
             return split_rows(logp), split_rows(counts)
         P = batch.n_pairs
-        # Reentrant checkpointing: the forward runs without grad and backward's recompute as an
-        # ordinary forward, so the recomputed blocks save lean (models/ops.rebuilt_in_backward), which
-        # the non-reentrant kind's hooks rule out. Its output needs a gradient only if an input does,
-        # and the LoRA weights are not inputs: `anchor` is that input.
-        anchor = torch.empty(0, requires_grad=True)
-        chosen = checkpoint(
-            lambda _, rows: sequence_logprobs(model, rows, self.chunk),
-            anchor,
-            rows_of(batch, slice(0, P)),
-            use_reentrant=True,
-        )
+        chosen_rows = rows_of(batch, slice(0, P))
+        if any(is_sharded(p) for p in model.parameters()):
+            # FSDP2's DTensor gradients take only the non-reentrant kind (a reentrant backward would add
+            # plain tensors into them), whose recompute keeps the whole half's activations
+            chosen = checkpoint(sequence_logprobs, model, chosen_rows, self.chunk, use_reentrant=False)
+        else:
+            # Reentrant checkpointing: the forward runs without grad and backward's recompute as an
+            # ordinary forward, so the recomputed blocks save lean (models/ops.rebuilt_in_backward). Its
+            # output needs a gradient only if an input does, and the LoRA weights are not inputs:
+            # `anchor` is that input. (Under DDP each LoRA gradient then arrives twice: train.py gives
+            # DDP a static graph.)
+            anchor = torch.empty(0, requires_grad=True)
+            chosen = checkpoint(
+                lambda _, rows: sequence_logprobs(model, rows, self.chunk), anchor, chosen_rows, use_reentrant=True
+            )
         rejected = sequence_logprobs(model, rows_of(batch, slice(P, 2 * P)), self.chunk)  # (P,), (P,) each
         return (chosen[0], rejected[0]), (chosen[1], rejected[1])
 
