@@ -134,7 +134,10 @@ def test_a_save_of_part_of_the_tensor_is_kept_as_it_is():
     with rebuilt_in_backward(t, lambda: calls.append(1) or x.detach() * 2):
         y = (t[:3] @ w).sum()
     y.backward()
-    assert calls == [] and torch.equal(w.grad, t[:3].detach().sum(0, keepdim=True).T.expand(4, 2))
+    lean = w.grad.clone()
+    w.grad = None
+    (t.detach()[:3] @ w).sum().backward()  # the same product without the hook: the same ops, the same bits
+    assert calls == [] and torch.equal(lean, w.grad)
 
 
 @pytest.mark.parametrize("family", list(PRESETS))
