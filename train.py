@@ -320,7 +320,7 @@ def setup(cfg, given: set[str]) -> Run | int:
             device_ids=None if device.type == "cpu" else [device.index],
             # --pair-split's chosen half backpropagates inside a reentrant checkpoint's backward, so each
             # LoRA weight's gradient arrives twice a step: DDP takes that only with a static graph
-            static_graph=cfg.objective != "sft" and cfg.pair_split,
+            static_graph=cfg.pair_split,  # SFT with --pair-split is refused before this
         )
     r = Run(  # each field is the local of the same name
         *(cfg, rank, world, parallel, device, say, t_start, tok, template, data, plan, model, objective, step_fn),
