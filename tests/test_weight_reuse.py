@@ -4,8 +4,9 @@
 It must change nothing but time and memory: outputs and gradients equal those without it bit for bit
 (the backward's g @ W reads the same W the forward's dequantization produced); the backward then
 dequantizes nothing; and the bytes it keeps equal the planner's "dequantized weights kept" term
-(kept_weight_bytes) exactly. The measured peak under --memory-budget with reuse on, partly on and off
-is checked in tests/test_planner.py."""
+(kept_weight_bytes) exactly. Blocks that keep their activations hold those weights from one step to
+the next (NF4Linear.held_weight): the same bytes, and no dequantization after the first step. The
+measured peak under --memory-budget with reuse on, partly on and off is checked in tests/test_planner.py."""
 
 import dataclasses
 import json
@@ -21,7 +22,7 @@ from minilora.lora.layers import LoRALinear, apply_lora
 from minilora.models.config import ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.transformer import Transformer
-from minilora.quant.linear import NF4Linear
+from minilora.quant.linear import BYTE_VIEW, NF4Linear
 from minilora.train.planner import LINEARS, plan_memory
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -183,3 +184,121 @@ def test_train_py_weight_reuse_on_and_off_train_the_same_adapter(tmp_path):
     assert adapters["on"].keys() == adapters["off"].keys()
     for key in adapters["on"]:
         assert torch.equal(adapters["on"][key], adapters["off"][key]), key
+
+
+def nf4_layers(model) -> list[NF4Linear]:
+    return [m for m in model.modules() if isinstance(m, NF4Linear)]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    targets=st.lists(st.sampled_from(LINEARS), min_size=1, max_size=7, unique=True),
+    recompute=st.sampled_from([(0, 0), (1, 0), (0, 1), (2, 0)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+@example(targets=list(LINEARS), recompute=(0, 0), dtype=torch.bfloat16)
+def test_held_weights_dequantize_once_per_run_and_train_the_same(targets, recompute, dtype):
+    """Three optimizer steps with every block reusing its weights against none: the same loss and LoRA
+    gradients bit for bit in every step. The blocks that keep their activations hold exactly the planner's
+    "dequantized weights kept" bytes after the first step, and from the second step on a held layer
+    dequantizes nothing: the only dequantizations left are those of the layers holding nothing
+    (recomputed blocks, and linears whose input needs no gradient)."""
+    cfg, model = tiny_quantized(targets, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    model.set_gradient_checkpointing(recompute[0], selective=recompute[1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    mp = pytest.MonkeyPatch()
+    try:
+        calls = count_dequantize(mp)
+        runs, per_step = {}, {}
+        for w in (0, cfg.num_hidden_layers):
+            with torch.no_grad():
+                for p, p0 in zip(params, start):
+                    p.copy_(p0)
+            model.set_weight_reuse(w)
+            opt = torch.optim.SGD(params, lr=0.5)
+            runs[w], per_step[w] = [], []
+            for _ in range(3):
+                calls.clear()
+                loss = model(ids).float().pow(2).mean()
+                loss.backward()
+                per_step[w].append(len(calls))
+                runs[w].append([loss.detach()] + [p.grad.clone() for p in params])
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        mp.undo()
+    for got, want in zip(runs[cfg.num_hidden_layers], runs[0]):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    layers = nf4_layers(model)
+    held = [m for m in layers if m.held_weight(dtype, make=False) is not None]
+    plan = plan_memory(
+        cfg,
+        batch_size=2,
+        seq_len=12,
+        dtype=dtype,
+        lora_r=4,
+        lora_targets=tuple(targets),
+        recompute_blocks=recompute[0],
+        selective_blocks=recompute[1],
+        reuse_blocks=cfg.num_hidden_layers,
+    )
+    kept = next(b for name, b, _ in plan.components if name.startswith("dequantized weights kept"))
+    assert sum(m.out_features * m.in_features * dtype.itemsize for m in held) == kept
+    # without reuse every layer dequantizes in forward, and again in backward where dL/dx is needed;
+    # a recomputed block's forward runs twice
+    assert per_step[0][1] == per_step[0][0]
+    holding_nothing = len(layers) - len(held)
+    assert per_step[cfg.num_hidden_layers][1:] == [per_step[cfg.num_hidden_layers][1]] * 2
+    assert per_step[cfg.num_hidden_layers][1] < per_step[0][1]
+    if recompute == (0, 0):  # then a layer holding nothing is one whose input needs no gradient: one forward
+        assert per_step[cfg.num_hidden_layers][1] == holding_nothing
+
+
+def test_turning_reuse_off_or_recompute_on_frees_the_held_weights():
+    """set_weight_reuse(0), or recompute on a block, leaves no held weight behind; eval forwards (no
+    grad) read the held weights without making new ones and give the same logits."""
+    cfg, model = tiny_quantized(LINEARS, torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)
+    model.set_weight_reuse(cfg.num_hidden_layers)
+    with torch.no_grad():
+        assert torch.equal(model(ids), want)
+    assert all(m._held is None for m in nf4_layers(model))  # made only where a backward will need W
+    model(ids).float().pow(2).mean().backward()
+    holding = [m for m in nf4_layers(model) if m._held is not None]
+    assert holding
+    with torch.no_grad():
+        assert torch.equal(model(ids), want)
+    model.set_gradient_checkpointing(1)  # block 0 recomputes: its weights are kept transiently only
+    assert all(m._held is None for m in nf4_layers(model.model.layers[0]))
+    assert any(m._held is not None for m in nf4_layers(model.model.layers[1]))
+    model.set_weight_reuse(0)
+    assert all(m._held is None for m in nf4_layers(model))
+
+
+def test_a_held_weight_follows_its_codes_and_fsdp_byte_views_hold_nothing():
+    """Codes written in place (a load) or replaced (a .to()) make a new held W: the output equals a fresh
+    layer's with those codes. Codes in FSDP's byte view are never held."""
+    gen = torch.Generator().manual_seed(0)
+    layer = NF4Linear.from_weight(torch.randn(48, 64, generator=gen) * 0.1, compute_dtype=torch.bfloat16)
+    other = NF4Linear.from_weight(torch.randn(48, 64, generator=gen) * 0.1, compute_dtype=torch.bfloat16)
+    layer.reuse_weight(True, hold=True)
+    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+    layer(x)
+    assert layer.held_weight(torch.bfloat16, make=False) is not None
+    with torch.no_grad():
+        layer.weight_packed.copy_(other.weight_packed)
+        layer.weight_absmax.copy_(other.weight_absmax)
+        layer.weight_absmax2.copy_(other.weight_absmax2)
+        layer.weight_offset.copy_(other.weight_offset)
+    assert torch.equal(layer(x), other(x))
+    layer.weight_packed = layer.weight_packed.clone()  # another storage
+    assert torch.equal(layer(x), other(x))
+    assert torch.equal(layer.held_weight(torch.bfloat16, make=False), other.dequantized_weight(torch.bfloat16))
+    layer.weight_packed = layer.weight_packed.view(BYTE_VIEW)
+    assert layer.held_weight(torch.bfloat16, make=True) is None
+    assert torch.equal(layer(x), other(x))

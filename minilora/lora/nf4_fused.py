@@ -7,7 +7,8 @@ Letters: N tokens (all leading dims of x flattened), K in_features, M out_featur
 
 Each saves x, A, B (the parameters), the small (N, r) product A x and the dropout mask, never a
 float32 copy of x; the dequantized weight only where the block keeps it (NF4Linear.keep_dequantized,
-chosen by the memory planner), else it is dequantized again in backward. The float32 path computes
+chosen by the memory planner; held between steps where NF4Linear.held_weight has it), else it is
+dequantized again in backward. The float32 path computes
 its LoRA terms over row slices, so no (N, K) or (N, M) float32 temporary is built either. See
 bench/lora_layer.py.
 """
@@ -36,7 +37,9 @@ def _base_output(x: torch.Tensor, base: NF4Linear, keep: bool) -> tuple[torch.Te
     """(x W0^T + b -> (N, M) in x's dtype, as NF4Linear computes it (the bias added after the matmul),
     W0 dequantized if kept for the backward (base.keep_dequantized, when keep: dL/dx is needed)); the
     fused Triton kernel on CUDA when it wins. No autograd: the callers' backward owns dL/dx."""
-    y, w = nf4_matmul_keep(x, base.weight_nf4, keep and base.keep_dequantized)  # (N, K) @ (K, M) -> (N, M)
+    keep = keep and base.keep_dequantized
+    held = base.held_weight(x.dtype, make=keep)  # (M, K) or None
+    y, w = nf4_matmul_keep(x, base.weight_nf4, keep, held=held)  # (N, K) @ (K, M) -> (N, M)
     return (y if base.bias is None else y + base.bias.to(y.dtype)), w
 
 
@@ -248,7 +251,8 @@ class _LoRANF4FusedFn(torch.autograd.Function):
         # selective recompute (models/recompute.py), as _rank_r_product; beta=0 ignores t's contents.
         torch.addmm(t, u, B_c.t(), beta=0, alpha=scaling, out=t)  # (N, r) @ (r, M) -> (N, M)
         keep = ctx.needs_input_grad[0] and base.keep_dequantized
-        y, w = nf4_matmul_keep(x, base.weight_nf4, keep, add=t)  # (x W0^T + t)_c, w (M, K) or None
+        held = base.held_weight(c, make=keep)  # (M, K) or None
+        y, w = nf4_matmul_keep(x, base.weight_nf4, keep, add=t, held=held)  # (x W0^T + t)_c, w (M, K) or None
         if base.bias is not None:
             y = y + base.bias.to(c)
         ctx.save_for_backward(x, A, B, u, mask, w)

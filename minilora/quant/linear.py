@@ -15,6 +15,11 @@ weight (2 bytes/param, four times the NF4 codes) never stays alive across the st
 recomputing the weight; `keep_dequantized` trades that time for memory: the forward's dequantized
 weight is saved for the backward (where dL/dx is needed), the same bits without the second pass. The
 memory planner (minilora/train/planner.py) turns it on per block when the budget allows.
+
+`hold_dequantized` goes one step further, for the blocks that keep their activations as well as their
+weights: such a block's kept W is alive at the step's peak (the end of the forward) anyway, so holding
+it from one step to the next costs no peak memory and spares the dequantization of every later forward.
+The base is frozen, so the held W stays exact until the codes themselves change (held_weight checks).
 """
 
 from __future__ import annotations
@@ -61,11 +66,14 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor, add: torch.Tensor | None = None) -
 
 
 def nf4_matmul_keep(
-    x: torch.Tensor, q: NF4Tensor, keep: bool, add: torch.Tensor | None = None
+    x: torch.Tensor, q: NF4Tensor, keep: bool, add: torch.Tensor | None = None, held: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(nf4_matmul(x, q, add), W or None): with keep, the dequantized weight W (M, K) in x.dtype that the
     product used, for the backward to reuse; None where the fused kernel ran (it dequantizes in
-    registers, so there is no W to keep) or without keep."""
+    registers, so there is no W to keep) or without keep. With `held` (NF4Linear.held_weight: q
+    dequantized to x.dtype in an earlier step) the product uses it and returns it: no dequantization."""
+    if held is not None:
+        return _plus_product(add, x, held.t()), held  # (..., M): the same W, so the same bits
     if not keep or dispatch.matmul_kernel(x, q) is not None:
         return nf4_matmul(x, q, add), None
     w = dequantize_nf4(q, x.dtype)  # (M, K)
@@ -96,9 +104,11 @@ class NF4MatMulFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: NF4Tensor, keep: bool = False) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, q: NF4Tensor, keep: bool = False, held: torch.Tensor | None = None
+    ) -> torch.Tensor:
         ctx.q = q  # codes + state: no activation
-        y, w = nf4_matmul_keep(x, q, keep and ctx.needs_input_grad[0])
+        y, w = nf4_matmul_keep(x, q, keep and ctx.needs_input_grad[0], held=held)
         ctx.save_for_backward(w)  # None unless kept; saved tensors, so checkpoint's recompute drops it too
         return y
 
@@ -106,7 +116,7 @@ class NF4MatMulFn(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         (w,) = ctx.saved_tensors
         grad_x = nf4_matmul_t(grad_y, ctx.q, w) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 # The buffers an NF4Linear holds, in NF4Tensor's order: packed codes, absmax (8-bit codes when double
@@ -137,6 +147,8 @@ class NF4Linear(nn.Module):
         self.weight_dtype = weight.dtype
         self.compute_dtype = compute_dtype
         self.keep_dequantized = False  # keep W from forward to backward (module docstring); set per block
+        self.hold_dequantized = False  # and hold it between steps (module docstring); set per block
+        self._held: tuple | None = None  # (what it was made from, W) while holding: held_weight
         for name, t in zip(NF4_BUFFERS, (weight.packed, weight.absmax, weight.absmax2, weight.offset)):
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach())
@@ -170,6 +182,33 @@ class NF4Linear(nn.Module):
             self.weight_offset,
         )
 
+    def reuse_weight(self, keep: bool, hold: bool = False) -> None:
+        """Weight reuse for this layer (module docstring): keep W from forward to backward, and with
+        `hold` (only together with keep) from one step to the next. Turning hold off frees the held W."""
+        self.keep_dequantized = keep
+        self.hold_dequantized = keep and hold
+        if not self.hold_dequantized:
+            self._held = None
+
+    def held_weight(self, dtype: torch.dtype, make: bool) -> torch.Tensor | None:
+        """The dequantized W (M, K) in `dtype` this layer holds between steps (hold_dequantized), or None.
+
+        Made where the forward keeps W for the backward anyway (`make`: keep, and dL/dx needed), so a
+        layer holds exactly what the planner counts as kept; used by every forward once it exists. Made
+        again when the codes change (another storage, or written in place: a .to(), a load). Never for
+        codes in FSDP's byte view: those are gathered anew each step, and a whole W held on every rank
+        would undo the sharding."""
+        packed, absmax = self.weight_packed, self.weight_absmax
+        if not self.hold_dequantized or packed.dtype == BYTE_VIEW:
+            return None
+        made_from = (dtype, packed.device, packed.data_ptr(), packed._version, absmax.data_ptr(), absmax._version)
+        if self._held is not None and self._held[0] == made_from:
+            return self._held[1]
+        self._held = None  # a stale W goes before a new one is made
+        if make:
+            self._held = (made_from, dequantize_nf4(self.weight_nf4, dtype))
+        return None if self._held is None else self._held[1]
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W as a dense (M, K) tensor (for merging and inspection; not used in forward)."""
         return dequantize_nf4(self.weight_nf4, dtype or self.weight_dtype)
@@ -178,7 +217,9 @@ class NF4Linear(nn.Module):
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        y = NF4MatMulFn.apply(x, self.weight_nf4, self.keep_dequantized)  # (..., M)
+        keep = self.keep_dequantized and x.requires_grad and torch.is_grad_enabled()  # dL/dx will need W
+        held = self.held_weight(x.dtype, make=keep)  # (M, K) or None
+        y = NF4MatMulFn.apply(x, self.weight_nf4, self.keep_dequantized, held)  # (..., M)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(in_dtype)

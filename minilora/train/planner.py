@@ -48,8 +48,9 @@ Dequantized weights kept (`reuse_blocks` = w, NF4 base only): the last w blocks 
 linear's dequantized weight (M K e) from forward to backward, where its dL/dx is needed, instead of
 dequantizing it again (kept_weight_bytes: in the first block that excludes q, k, v, whose input is the
 frozen embedding's output, and every linear before the first adapted one). In blocks that keep their
-activations these stay for the whole step; a recomputed block keeps them only from its recompute to
-its backward: one block's worth, transient.
+activations these are alive at the step's peak, so they are held from one step to the next as well (the
+same bytes at the peak, and no dequantization after the first step); a recomputed block keeps them only
+from its recompute to its backward: one block's worth, transient.
 Transient peaks on top: the loss chunk (c, V) in float32, a few times (logits, softmax, the bf16
 copy for dL/dh, soft-capping's tanh), one dequantized base weight (M K e, plus its float32
 intermediate), the backward's gradients of one block (about one block's activations).

@@ -13,13 +13,15 @@ the run's rank, targets, dropout, rsLoRA, DoRA). Its real forward runs once with
 pre-hook keeps each block's inputs (hidden states, RoPE tables, mask) as the run builds them. Then:
   block   forward + backward of one block at (B, T, D) under each recompute mode the plan gave any
           blocks (off; selective and full through torch's checkpoint, as Transformer.forward calls it),
-          with and without its dequantized weights kept where the plan has blocks of each
+          with and without its dequantized weights kept where the plan has blocks of each (held
+          between steps where the block keeps its activations, as the run's are: the warm-up run
+          makes them, so the timed runs dequantize nothing)
   rest    chunked_lm_loss with the blocks removed: embedding, masks, RoPE, final norm and the chunked
           head/loss at the run's loss chunk, forward and backward (the embedding's output stands in
           for the last block's, so the backward runs as far as it would)
   optimizer  gradient clipping and a PagedAdamW step over L blocks' worth of LoRA parameters
-  reference  (DPO) each layer kind's block forward, and the rest's forward, without grad and with every
-          LoRA layer off (train/reference.py), the blocks scaled by their count
+  reference  (DPO) each block mode's forward, and the rest's forward, without grad and with every
+          LoRA layer off (train/reference.py), reading the weights a block holds, scaled by its count
 Each piece runs once to warm up, then REPEATS times (fewer, at least once, when TARGET_S is spent;
 none once the budget is spent) and its median counts. Then the block and the rest run once more at
 T - 1 tokens a row: shapes not seen before, whose kernels are chosen then (on the CPU oneDNN creates
@@ -174,7 +176,7 @@ def probe_step(
     L, B, T = model_cfg.num_hidden_layers, rows, length
     counts = block_modes(model_cfg, recompute, pack, T, reuse)
     kinds = list(dict.fromkeys(kind for kind, _ in counts))
-    clock = _Clock(device, budget, len(counts) + 2 + (len(kinds) + 1 if reference else 0))
+    clock = _Clock(device, budget, len(counts) + 2 + (len(counts) + 1 if reference else 0))
 
     model = build_probe_model(model_cfg, kinds, dtype, device, quantize, lora_kw or {})
     layer0 = [p for name, p in model.named_parameters() if p.requires_grad and name.startswith("model.layers.0.")]
@@ -205,7 +207,8 @@ def probe_step(
         x = torch.randn(x0.shape, generator=g).to(device, x0.dtype).requires_grad_()  # (B, T, D)
         gy = torch.randn(x0.shape, generator=g).to(device, x0.dtype) * 1e-3  # dL/dy, (B, T, D)
 
-        keep_dequantized_weights(layer, mode.endswith(KEPT))
+        kept = mode.endswith(KEPT)  # held between steps where the block keeps its activations too (no recompute)
+        keep_dequantized_weights(layer, kept, hold=kept and mode == "off" + KEPT)
 
         def fwd_bwd(layer=layer, x=x, gy=gy, cos=cos, sin=sin, mask=mask, mode=mode.removesuffix(KEPT)):
             if mode == "off":  # as Transformer.forward runs a block that keeps its activations
@@ -229,17 +232,21 @@ def probe_step(
             new_shape += max(0.0, clock.first(lambda: fwd_bwd(**args), lambda: clear(x1)) - t)
 
     reference_blocks = 0.0
-    if reference:  # each kind's block forward, LoRA off, no grad, as many times as the run has such blocks
-        for j, kind in enumerate(kinds):
+    if reference:  # each block's forward, LoRA off, no grad, as many times as the run has such blocks
+        for (kind, mode), count in counts.items():
+            j = kinds.index(kind)
             x0, cos, sin, mask = captured[j]
             layer = model.model.layers[j]
-            keep_dequantized_weights(layer, False)
+            held = mode == "off" + KEPT  # the run's reference forward reads the weights such a block holds
+            keep_dequantized_weights(layer, held, hold=held)
+            if held:  # made by a training forward, as in the run
+                layer(x0.detach().requires_grad_(), cos, sin, mask)
 
             def forward(layer=layer, x0=x0, cos=cos, sin=sin, mask=mask):
                 with torch.no_grad(), lora_disabled(model):
                     layer(x0, cos, sin, mask)
 
-            reference_blocks += sum(n for (k, _), n in counts.items() if k == kind) * clock.median(forward)
+            reference_blocks += count * clock.median(forward)
 
     # the rest: the real forward and loss without blocks; the embedding's output stands in for the last block's
     model.model.layers = torch.nn.ModuleList()
