@@ -10,7 +10,8 @@ in [130, 170] right-padded, the second half of each row labelled (a prompt/compl
   equal settings    float32 and bf16 compute, recompute on and off, the same on both sides (minilora's
                     default LoRA path, fused); and bf16 without recompute with minilora's other LoRA
                     paths (--lora-compute float32: PEFT's numbers; compute: the products in bf16),
-                    and with every block keeping its dequantized weights (--weight-reuse on)
+                    and with every block keeping its dequantized weights (--weight-reuse on), recompute
+                    on and off
   defaults          minilora as train.py runs it (--dtype auto, --gradient-checkpointing auto and
                     --weight-reuse auto: the planner's choice for this batch and this machine's free
                     memory: off, selective or full recompute on some blocks, weights kept in some) beside the usual
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (see train_step.py)")
     ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
     ap.add_argument("--out", default="plan_step", help="results name under bench/results/")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this text")
     a = ap.parse_args()
     import subprocess
 
@@ -137,15 +139,16 @@ def main() -> None:
                 },
             )
         )
-    cases.append(  # the dequantized weights kept from forward to backward (minilora's side only)
-        (
-            "bfloat16, recompute off, minilora weights kept",
-            {
-                "minilora": [*base, "--dtype", "bfloat16", ckpt_flag(False), "--reuse-blocks", str(L)],
-                "peft+bnb": [*base, "--dtype", "bfloat16", ckpt_flag(False)],
-            },
+    for rc in (True, False):  # the dequantized weights kept, held from step to step (minilora's side only)
+        cases.append(
+            (
+                f"bfloat16, recompute {'on' if rc else 'off'}, minilora weights kept",
+                {
+                    "minilora": [*base, "--dtype", "bfloat16", ckpt_flag(rc), "--reuse-blocks", str(L)],
+                    "peft+bnb": [*base, "--dtype", "bfloat16", ckpt_flag(rc)],
+                },
+            )
         )
-    )
     cases.append(
         (
             f"defaults: minilora {dtype} recompute {full} full + {sel} selective, weights kept in {reuse} blocks, "
@@ -165,6 +168,7 @@ def main() -> None:
             },
         )
     )
+    cases = [(name, argv) for name, argv in cases if a.only in name]
     from bench.common import cpu_info
     from bench.train_step import add_utilisation
 

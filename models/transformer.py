@@ -206,13 +206,12 @@ class MLP(nn.Module):
             return self.down_proj(h)
 
 
-def keep_dequantized_weights(block: nn.Module, keep: bool, hold: bool = False) -> None:
-    """Turn weight reuse on or off for every quantized linear in `block`: keep each dequantized weight
-    from forward to backward, and with `hold` from one step to the next (NF4Linear.reuse_weight; found
-    by the method: models/ does not import the quantizer)."""
+def keep_dequantized_weights(block: nn.Module, keep: bool) -> None:
+    """Turn weight reuse on or off for every quantized linear in `block` (NF4Linear.keep_dequantized;
+    found by the attribute: models/ does not import the quantizer)."""
     for m in block.modules():
-        if hasattr(m, "reuse_weight"):
-            m.reuse_weight(keep, hold)
+        if hasattr(m, "keep_dequantized"):
+            m.keep_dequantized = keep
 
 
 class Block(nn.Module):
@@ -371,22 +370,16 @@ class Transformer(nn.Module):
         full = count(enabled, L)
         self.checkpoint_blocks, self.selective_blocks = full, count(selective, L - full)
         self.gradient_checkpointing = full + self.selective_blocks > 0
-        self._place_weight_reuse()  # which blocks recompute decides which hold their weights
 
     def set_weight_reuse(self, blocks: int) -> None:
-        """The last `blocks` blocks keep each quantized linear's dequantized weight from forward to
-        backward (keep_dequantized, minilora/quant/linear.py) instead of dequantizing it again; the rest
-        do not. Those that keep their activations too hold it from one step to the next (it is alive at
-        the step's peak anyway), so they dequantize once per run; a recomputed block keeps it only from
-        its recompute to its backward. The memory planner picks the count."""
-        self.reuse_blocks = max(0, min(self.config.num_hidden_layers, int(blocks)))
-        self._place_weight_reuse()
-
-    def _place_weight_reuse(self) -> None:
-        L, recomputed = self.config.num_hidden_layers, self.checkpoint_blocks + self.selective_blocks
+        """The last `blocks` blocks keep each quantized linear's dequantized weight (keep_dequantized,
+        minilora/quant/linear.py) for the backward and from one step to the next, so they dequantize
+        once per run; the rest dequantize in every forward, recompute and backward. The memory planner
+        picks the count."""
+        L = self.config.num_hidden_layers
+        self.reuse_blocks = max(0, min(L, int(blocks)))
         for i, layer in enumerate(self.model.layers):
-            keep = i >= L - self.reuse_blocks
-            keep_dequantized_weights(layer, keep, hold=keep and i >= recomputed)
+            keep_dequantized_weights(layer, i >= L - self.reuse_blocks)
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) final-normed hidden -> (B, T, V) logits, with Gemma's final soft-capping."""

@@ -362,7 +362,8 @@ def test_plan_under_torchrun_is_per_rank_and_auto_shards_what_one_device_cannot_
     ).save_pretrained(model)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(ROOT, "examples", "tokenizer", name), model)
-    common = [*COMMON, "--model", model, "--plan", "--gradient-checkpointing", "on"]  # recompute cannot rescue it
+    # neither recompute nor turning weight reuse off can rescue it
+    common = [*COMMON, "--model", model, "--plan", "--gradient-checkpointing", "on", "--weight-reuse", "off"]
     one = train(tmp_path / "one", *common)
     assert "per rank" not in one.stdout
     per_rank = train(tmp_path / "two", *common, "--parallel", "fsdp", nproc=2)

@@ -176,10 +176,9 @@ def test_weight_reuse_auto_keeps_weights_where_they_fit_and_goes_off_before_reco
             runtime=runtime,
         ).peak
 
-    # Smallest plan first (see planner_probe). Recomputed blocks keep their weights only from
-    # recompute to backward, under the loss chunk's larger transient, so reuse costs nothing there
-    # and auto keeps them.
-    want = [[4, 0, 4], [0, 0, 0], [0, 0, 2], [0, 0, 4]]
+    # Smallest plan first (see planner_probe). A block's held weights cost more than its activations
+    # here, so the budget that needs recompute on every block leaves reuse off.
+    want = [[4, 0, 0], [0, 0, 0], [0, 0, 2], [0, 0, 4]]
     assert peak(0, 0, 0) < peak(0, 0, 2) < peak(0, 0, 4)  # the reuse term grows with the blocks that keep
     assert choices_under_budgets(p, [int(peak(*ks) / MARGIN) + 1 for ks in want]) == want
 
@@ -542,3 +541,39 @@ def test_attention_masks_counted_are_the_masks_the_forward_keeps(family, layout,
     kept = [next(b for name, b, _ in p.components if name.startswith("activations")) for p in plans]
     assert kept[1] - kept[0] == sum(masks.values()) == count * B * T * T * 4
     assert (count > 0) == (layout != "padded" or T > 16 and family == "gemma3")
+
+
+def test_fsdp_plans_kept_weights_and_the_pair_split_recompute_as_fsdp_runs_them(monkeypatch):
+    """Under FSDP (plan_run with 2 ranks) the codes are gathered anew each step, so nothing is held: a
+    recomputed block's kept weights count one block's worth, transient, where one device holds them all
+    for the step. And --pair-split's recompute there is a non-reentrant checkpoint, which saves without
+    lean saves: the activations count as plan_memory's lean=False, where one device counts lean ones."""
+    from minilora.train import planner
+    from minilora.train.config import TrainConfig
+
+    monkeypatch.setattr(planner, "warm_runtime", lambda *a, **k: 0)  # only the arithmetic
+    cfg, B, T = llama_135m(6), 4, 96
+    budget = str(64 << 30)
+
+    def part(plan, name):
+        return next(b for n, b, _ in plan.components if n.startswith(name))
+
+    tc = TrainConfig(gradient_checkpointing="on", weight_reuse="on", memory_budget=budget)
+    one, _ = planner.plan_run(tc, cfg, torch.device("cpu"), torch.bfloat16, (B, T))
+    two, _ = planner.plan_run(tc, cfg, torch.device("cpu"), torch.bfloat16, (B, T), fsdp_ranks=2)
+    block = planner.kept_weight_bytes(cfg, planner.LINEARS, 2)
+    assert part(one, "dequantized weights kept") == 5 * block + planner.kept_weight_bytes(cfg, planner.LINEARS, 2, True)
+    assert part(two, "dequantized weights kept") == 0  # every block recomputes: none keeps them for the step
+
+    kw = dict(objective="dpo", pair_split=True, gradient_checkpointing="off", weight_reuse="off", memory_budget=budget)
+    tc = TrainConfig(**kw)
+    one, _ = planner.plan_run(tc, cfg, torch.device("cpu"), torch.bfloat16, (B, T))
+    two, _ = planner.plan_run(tc, cfg, torch.device("cpu"), torch.bfloat16, (B, T), fsdp_ranks=2)
+
+    def activations(lean):
+        p = plan_memory(cfg, batch_size=B // 2, seq_len=T, dtype=torch.bfloat16, lean=lean)
+        return part(p, "activations kept")
+
+    lean_saved = activations(False) - activations(True)  # 2eD + eF per token per block (test_lean_saves)
+    assert lean_saved == B // 2 * T * cfg.num_hidden_layers * 2 * (2 * cfg.hidden_size + cfg.intermediate_size)
+    assert part(two, "activations kept") - part(one, "activations kept") == lean_saved

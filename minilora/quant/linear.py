@@ -16,10 +16,11 @@ recomputing the weight; `keep_dequantized` trades that time for memory: the forw
 weight is saved for the backward (where dL/dx is needed), the same bits without the second pass. The
 memory planner (minilora/train/planner.py) turns it on per block when the budget allows.
 
-`hold_dequantized` goes one step further, for the blocks that keep their activations as well as their
-weights: such a block's kept W is alive at the step's peak (the end of the forward) anyway, so holding
-it from one step to the next costs no peak memory and spares the dequantization of every later forward.
-The base is frozen, so the held W stays exact until the codes themselves change (held_weight checks).
+A kept W is also held from one step to the next (held_weight): the base is frozen, so it stays exact
+until the codes themselves change, and every forward after the first dequantizes nothing. In a block
+that keeps its activations the W is alive at the step's peak (the end of the forward) anyway, so
+holding it costs no peak memory; in a recomputed block it costs its bytes for the whole step, which
+the planner counts.
 """
 
 from __future__ import annotations
@@ -146,9 +147,8 @@ class NF4Linear(nn.Module):
         self.blocksize = weight.blocksize
         self.weight_dtype = weight.dtype
         self.compute_dtype = compute_dtype
-        self.keep_dequantized = False  # keep W from forward to backward (module docstring); set per block
-        self.hold_dequantized = False  # and hold it between steps (module docstring); set per block
-        self._held: tuple | None = None  # (what it was made from, W) while holding: held_weight
+        self._held: tuple | None = None  # (what it was made from, W) while kept: held_weight
+        self.keep_dequantized = False  # weight reuse, set per block by the planner (module docstring)
         for name, t in zip(NF4_BUFFERS, (weight.packed, weight.absmax, weight.absmax2, weight.offset)):
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach())
@@ -182,24 +182,28 @@ class NF4Linear(nn.Module):
             self.weight_offset,
         )
 
-    def reuse_weight(self, keep: bool, hold: bool = False) -> None:
-        """Weight reuse for this layer (module docstring): keep W from forward to backward, and with
-        `hold` (only together with keep) from one step to the next. Turning hold off frees the held W."""
-        self.keep_dequantized = keep
-        self.hold_dequantized = keep and hold
-        if not self.hold_dequantized:
+    @property
+    def keep_dequantized(self) -> bool:
+        """Weight reuse (module docstring): keep the dequantized W from forward to backward, and hold it
+        from one step to the next. Turning it off frees the held W."""
+        return self._keep
+
+    @keep_dequantized.setter
+    def keep_dequantized(self, keep: bool) -> None:
+        self._keep = bool(keep)
+        if not keep:
             self._held = None
 
     def held_weight(self, dtype: torch.dtype, make: bool) -> torch.Tensor | None:
-        """The dequantized W (M, K) in `dtype` this layer holds between steps (hold_dequantized), or None.
+        """The dequantized W (M, K) in `dtype` this layer holds between steps (keep_dequantized), or None.
 
         Made where the forward keeps W for the backward anyway (`make`: keep, and dL/dx needed), so a
         layer holds exactly what the planner counts as kept; used by every forward once it exists. Made
         again when the codes change (another storage, or written in place: a .to(), a load). Never for
         codes in FSDP's byte view: those are gathered anew each step, and a whole W held on every rank
-        would undo the sharding."""
+        would undo the sharding (the forward's W is then kept until the backward only)."""
         packed, absmax = self.weight_packed, self.weight_absmax
-        if not self.hold_dequantized or packed.dtype == BYTE_VIEW:
+        if not self.keep_dequantized or packed.dtype == BYTE_VIEW:
             return None
         made_from = (dtype, packed.device, packed.data_ptr(), packed._version, absmax.data_ptr(), absmax._version)
         if self._held is not None and self._held[0] == made_from:

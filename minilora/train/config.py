@@ -171,10 +171,10 @@ class TrainConfig:
     )
     weight_reuse: str = _f(
         "auto",
-        "keep each block's dequantized NF4 weights from forward to backward instead of dequantizing them "
-        "again, and from step to step where the block does not recompute (the same numbers, faster, 2 "
-        "bytes a weight in bf16): auto (on as many blocks as the memory "
-        "budget allows, after the recompute choice: off before any block recomputes), on (every block), off",
+        "keep each block's dequantized NF4 weights for the backward and from step to step instead of "
+        "dequantizing them again (the same numbers, faster, 2 bytes a weight in bf16): auto (on as many "
+        "blocks as the memory budget allows, after the recompute choice: off before any block recomputes), "
+        "on (every block), off",
         choices=["auto", "on", "off"],
     )
     memory_budget: str = _f(

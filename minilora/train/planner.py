@@ -47,10 +47,10 @@ blocks fully, `selective_blocks` = s the next s selectively, and the rest keep e
 Dequantized weights kept (`reuse_blocks` = w, NF4 base only): the last w blocks keep each quantized
 linear's dequantized weight (M K e) from forward to backward, where its dL/dx is needed, instead of
 dequantizing it again (kept_weight_bytes: in the first block that excludes q, k, v, whose input is the
-frozen embedding's output, and every linear before the first adapted one). In blocks that keep their
-activations these are alive at the step's peak, so they are held from one step to the next as well (the
-same bytes at the peak, and no dequantization after the first step); a recomputed block keeps them only
-from its recompute to its backward: one block's worth, transient.
+frozen embedding's output, and every linear before the first adapted one), and holds it from one step
+to the next, so such a block dequantizes once per run. Its bytes count for the whole step, in a
+recomputed block too; in a block that keeps its activations they would be alive at the step's peak
+anyway.
 Transient peaks on top: the loss chunk (c, V) in float32, a few times (logits, softmax, the bf16
 copy for dL/dh, soft-capping's tanh), one dequantized base weight (M K e, plus its float32
 intermediate), the backward's gradients of one block (about one block's activations).
@@ -304,9 +304,14 @@ def plan_memory(
     runtime: int = 0,
     device_type: str = "cpu",
     attention_masks: int = 0,
+    held_weights: bool = True,
+    lean: bool = True,
 ) -> Plan:
     """The memory plan for one training step on a batch of batch_size x seq_len tokens; attention_masks:
-    how many (B, 1, T, T) masks the forward builds (attention_mask_count)."""
+    how many (B, 1, T, T) masks the forward builds (attention_mask_count). Under FSDP (plan_run) kept
+    weights are not held between steps (held_weights=False: the codes are gathered anew each step, so a
+    recomputed block keeps its weights from its recompute to its backward only), and with --pair-split
+    the recompute of the checkpointed half saves without lean saves (lean=False)."""
     e = torch.empty((), dtype=dtype).element_size()
     L, D, F, V, r = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, lora_r
     H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -346,7 +351,7 @@ def plan_memory(
     if lora_dropout > 0:
         act += sum(K for _, K in adapted)  # one bool mask element per LoRA input element
     act_full = act + 2 * e * D + e * F  # the block's bytes without lean saves: a recomputed block's
-    act = act if rebuilt else act_full
+    act = act if rebuilt and lean else act_full
     k = max(0, min(L, recompute_blocks))
     s = max(0, min(L - k, selective_blocks))
     # selective recompute's kept bytes per token per block (see the module docstring)
@@ -366,8 +371,11 @@ def plan_memory(
     block = N * act_full  # one block's activations: rebuilt by recompute, and its gradients in backward
     w = max(0, min(L, reuse_blocks)) if quantize == "nf4" else 0
     weights = [kept_weight_bytes(cfg, lora_targets, e, first=i == 0) for i in range(L)]
-    weights_kept = sum(weights[max(L - w, k + s) :])  # blocks that keep their activations too
-    weights_recomputed = max(weights[L - w : k + s], default=0)  # one recomputed block's, transient
+    if held_weights:  # held from step to step, recomputed blocks included
+        weights_kept, weights_recomputed = sum(weights[L - w :]), 0
+    else:  # blocks that keep their activations keep them for the step; one recomputed block's, transient
+        weights_kept = sum(weights[max(L - w, k + s) :])
+        weights_recomputed = max(weights[L - w : k + s], default=0)
     cap = cfg.final_logit_softcapping is not None
     c = min(loss_chunk, n)
     # per chunk, float32: z, z - lse and exp(z - lse); soft-capping adds z / cap and tanh; a 16-bit
@@ -580,6 +588,8 @@ def plan_run(
             runtime=runtime,
             device_type=device.type,
             attention_masks=masks,
+            held_weights=fsdp_ranks == 1,  # FSDP gathers the codes anew each step: nothing is held
+            lean=not (split and fsdp_ranks > 1),  # FSDP's --pair-split recompute: a non-reentrant checkpoint
         )
         if fsdp_ranks > 1:
             p.components = per_rank_components(p.components, fsdp_ranks, L)

@@ -14,8 +14,8 @@ pre-hook keeps each block's inputs (hidden states, RoPE tables, mask) as the run
   block   forward + backward of one block at (B, T, D) under each recompute mode the plan gave any
           blocks (off; selective and full through torch's checkpoint, as Transformer.forward calls it),
           with and without its dequantized weights kept where the plan has blocks of each (held
-          between steps where the block keeps its activations, as the run's are: the warm-up run
-          makes them, so the timed runs dequantize nothing)
+          between steps, as the run's are: the warm-up run makes them, so the timed runs dequantize
+          nothing)
   rest    chunked_lm_loss with the blocks removed: embedding, masks, RoPE, final norm and the chunked
           head/loss at the run's loss chunk, forward and backward (the embedding's output stands in
           for the last block's, so the backward runs as far as it would)
@@ -207,8 +207,7 @@ def probe_step(
         x = torch.randn(x0.shape, generator=g).to(device, x0.dtype).requires_grad_()  # (B, T, D)
         gy = torch.randn(x0.shape, generator=g).to(device, x0.dtype) * 1e-3  # dL/dy, (B, T, D)
 
-        kept = mode.endswith(KEPT)  # held between steps where the block keeps its activations too (no recompute)
-        keep_dequantized_weights(layer, kept, hold=kept and mode == "off" + KEPT)
+        keep_dequantized_weights(layer, mode.endswith(KEPT))
 
         def fwd_bwd(layer=layer, x=x, gy=gy, cos=cos, sin=sin, mask=mask, mode=mode.removesuffix(KEPT)):
             if mode == "off":  # as Transformer.forward runs a block that keeps its activations
@@ -237,8 +236,8 @@ def probe_step(
             j = kinds.index(kind)
             x0, cos, sin, mask = captured[j]
             layer = model.model.layers[j]
-            held = mode == "off" + KEPT  # the run's reference forward reads the weights such a block holds
-            keep_dequantized_weights(layer, held, hold=held)
+            held = mode.endswith(KEPT)  # the run's reference forward reads the weights such a block holds
+            keep_dequantized_weights(layer, held)
             if held:  # made by a training forward, as in the run
                 layer(x0.detach().requires_grad_(), cos, sin, mask)
 
