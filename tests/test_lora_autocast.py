@@ -8,7 +8,7 @@ sentence when misspelt. The default path ("fused") has its own tests in test_lor
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from test_lora import bnb_linear4bit, fwd_bwd, ours_params, peft_twin, randomize
 
@@ -34,6 +34,9 @@ def under_autocast(module, params, x, seed):
     grad=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# the backward scales g by s (any s) or the rank-r products instead (s a power of two: the same bits)
+@example(k=128, m=7, r=4, alpha=8, rslora=False, batch=[3], nf4=True, bias=False, drop=(0.0, True), grad=True, seed=1)
+@example(k=128, m=7, r=3, alpha=8, rslora=False, batch=[3], nf4=True, bias=False, drop=(0.0, True), grad=True, seed=1)
 def test_compute_path_is_peft_under_autocast_bit_for_bit(k, m, r, alpha, rslora, batch, nf4, bias, drop, grad, seed):
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, m, bias=bias and not nf4).to(torch.bfloat16)  # NF4 + bias: one rounding apart (test_lora)

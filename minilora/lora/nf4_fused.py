@@ -15,6 +15,8 @@ bench/lora_layer.py.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from minilora.quant.linear import NF4Linear, nf4_matmul_keep, nf4_matmul_t
@@ -201,10 +203,15 @@ def _compute_path_grads(ctx, g: torch.Tensor):
     s, p = ctx.scaling, ctx.p
     need_x, need_A, need_B = ctx.needs_input_grad[:3]
     keep = None if mask is None else mask.float().div_(1 - p)  # the forward's float32 noise, bit for bit
-    g_t = g * s  # (N, M)
-    gB = (g_t.t() @ u).float() if need_B else None  # (M, r)
-    gu = g_t @ B_c  # (N, r)
-    del g_t
+    if math.frexp(s)[0] == 0.5:  # s = 2^k: scaling commutes with every rounding (barring float32 under- or
+        # overflow), so the small products are scaled instead of g: the same bits, one (N, M) pass fewer
+        gB = (g.t() @ u).mul_(s).float() if need_B else None  # (M, r)
+        gu = (g @ B_c).mul_(s)  # (N, r)
+    else:
+        g_t = g * s  # (N, M)
+        gB = (g_t.t() @ u).float() if need_B else None  # (M, r)
+        gu = g_t @ B_c  # (N, r)
+        del g_t
     gA = None
     if need_A:
         xd = x if keep is None else (x.float() * keep).to(x.dtype)
