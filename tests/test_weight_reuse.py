@@ -131,6 +131,22 @@ def tiny_quantized(targets, dtype, layers=3):
     return cfg, model.train()
 
 
+def planned_kept(cfg, dtype, targets, recompute, reuse) -> int:
+    """The planner's "dequantized weights kept" bytes for tiny_quantized's model at batch 2 x 12."""
+    plan = plan_memory(
+        cfg,
+        batch_size=2,
+        seq_len=12,
+        dtype=dtype,
+        lora_r=4,
+        lora_targets=tuple(targets),
+        recompute_blocks=recompute[0],
+        selective_blocks=recompute[1],
+        reuse_blocks=reuse,
+    )
+    return next(b for name, b, _ in plan.components if name.startswith("dequantized weights kept"))
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     targets=st.lists(st.sampled_from(LINEARS), min_size=1, max_size=7, unique=True),
@@ -160,19 +176,7 @@ def test_a_model_keeps_what_the_planner_counts_and_trains_the_same(targets, reus
             p.grad = None
     for got, want in zip(runs[1], runs[0]):
         assert torch.equal(got, want)
-    plan = plan_memory(
-        cfg,
-        batch_size=2,
-        seq_len=12,
-        dtype=dtype,
-        lora_r=4,
-        lora_targets=tuple(targets),
-        recompute_blocks=recompute[0],
-        selective_blocks=recompute[1],
-        reuse_blocks=reuse,
-    )
-    kept = next(b for name, b, _ in plan.components if name.startswith("dequantized weights kept"))
-    assert sizes[1] - sizes[0] == kept
+    assert sizes[1] - sizes[0] == planned_kept(cfg, dtype, targets, recompute, reuse)
 
 
 def test_train_py_weight_reuse_on_and_off_train_the_same_adapter(tmp_path):
@@ -239,18 +243,7 @@ def test_held_weights_dequantize_once_per_run_and_train_the_same(targets, recomp
             assert torch.equal(a, b)
     layers = nf4_layers(model)
     held = [m for m in layers if m.held_weight(dtype, make=False) is not None]
-    plan = plan_memory(
-        cfg,
-        batch_size=2,
-        seq_len=12,
-        dtype=dtype,
-        lora_r=4,
-        lora_targets=tuple(targets),
-        recompute_blocks=recompute[0],
-        selective_blocks=recompute[1],
-        reuse_blocks=cfg.num_hidden_layers,
-    )
-    kept = next(b for name, b, _ in plan.components if name.startswith("dequantized weights kept"))
+    kept = planned_kept(cfg, dtype, targets, recompute, cfg.num_hidden_layers)
     assert sum(m.out_features * m.in_features * dtype.itemsize for m in held) == kept
     # without reuse every layer dequantizes in forward (twice in a recomputed block), and again in
     # backward where dL/dx is needed, every step
