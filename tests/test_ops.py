@@ -62,8 +62,9 @@ def norm_case(draw):
 
 @given(case=norm_case(), seed=st.integers(0, 2**16))
 def test_rms_norm_equals_plain_path_and_float64_keeping_x_in_its_dtype(case, seed):
-    """Forward and dL/dx bit for bit the plain path's (Llama w * cast(n) and Gemma cast(n (1 + w))),
-    dL/dx within a derived bound of float64, and x kept in its own dtype (e D + 4 bytes per row)."""
+    """Forward bit for bit the plain path's (Llama w * cast(n) and Gemma cast(n (1 + w))), dL/dx (computed
+    as r (gn - n mean(gn n)), where the plain path's autograd goes term by term) and the plain path's
+    both within a derived bound of float64, and x kept in its own dtype (e D + 4 bytes per row)."""
     dtype, x, w, eps, gemma = case
     torch.manual_seed(seed)
     g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
@@ -71,7 +72,6 @@ def test_rms_norm_equals_plain_path_and_float64_keeping_x_in_its_dtype(case, see
     y_ref, (gx_ref,) = grads(lambda x: rms_norm_plain(x, w, eps, gemma), [x], g)
     y, (gx,) = grads(lambda x: rms_norm(x, w, eps, gemma), [x], g)
     assert torch.equal(y, y_ref)
-    assert torch.equal(gx, gx_ref)
 
     # float64: dL/dx = r (gn - n mean(gn n)), gn = dL/dn as the function forms it (one rounding in
     # the compute dtype for Llama). Float32 error: r carries (D + 3) u (a sum of D squares, a
@@ -85,6 +85,7 @@ def test_rms_norm_equals_plain_path_and_float64_keeping_x_in_its_dtype(case, see
     scale = r * gn.abs() + r.pow(3) * x64.abs() * (gn * x64).abs().mean(-1, keepdim=True)
     bound = 4 * (D + 8) * u * scale + UNIT_ROUNDOFF[dtype] * want.abs()
     assert ((gx.double() - want).abs() <= bound).all()
+    assert ((gx_ref.double() - want).abs() <= bound).all()
 
     x0 = x.detach().requires_grad_()
     per_row = x.numel() // D
