@@ -7,10 +7,9 @@ Letters: N tokens (all leading dims of x flattened), K in_features, M out_featur
 
 Each saves x, A, B (the parameters), the small (N, r) product A x and the dropout mask, never a
 float32 copy of x; the dequantized weight only where the block keeps it (NF4Linear.keep_dequantized,
-chosen by the memory planner; held between steps where NF4Linear.held_weight has it), else it is
-dequantized again in backward. The float32 path computes
-its LoRA terms over row slices, so no (N, K) or (N, M) float32 temporary is built either. See
-bench/lora_layer.py.
+chosen by the memory planner, and then held from step to step: NF4Linear.held_weight), else it is
+dequantized again in backward. The float32 path computes its LoRA terms over row slices, so no
+(N, K) or (N, M) float32 temporary is built either. See bench/lora_layer.py.
 """
 
 from __future__ import annotations
