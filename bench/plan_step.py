@@ -22,7 +22,8 @@ Ratios: speedup = their step time / ours (> 1 favours minilora), memory = our pe
 (< 1 favours minilora). Utilisation = the model's FLOPs per step (planner.flops_per_token, no
 recompute counted) / step time / the bf16 GEMM rate its worker measured around its steps. Also
 reported: this CPU's native bf16 units (avx512_bf16, amx) as torch sees them. Never evaluates a
-bitsandbytes model before timing it (see train_step.py).
+bitsandbytes model before timing it (see train_step.py). With --rounds N each case runs N workers a
+side, alternating, and every figure is the median over them (one round moves 5-12% on a shared VM).
 Writes bench/results/plan_step.json (or --out NAME).
 """
 
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
     ap.add_argument("--out", default="plan_step", help="results name under bench/results/")
     ap.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    ap.add_argument("--rounds", type=int, default=1, help="workers per side and case, alternating (medians)")
     a = ap.parse_args()
     import subprocess
 
@@ -170,7 +172,7 @@ def main() -> None:
     )
     cases = [(name, argv) for name, argv in cases if a.only in name]
     from bench.common import cpu_info
-    from bench.train_step import add_utilisation
+    from bench.train_step import add_utilisation, median_rows
 
     cpu = dict(cpu_info(), threads=a.threads)
     print(f"CPU {cpu['model']}; flags {' '.join(cpu['flags'])}; {cpu['threads']} threads", flush=True)
@@ -195,9 +197,11 @@ def main() -> None:
                 cwd=ROOT,
             )
         for name, argv in cases:
-            rows = {impl: run_worker(impl, ckpt, argv[impl]) for impl in IMPLS}
-            for row in rows.values():
-                row["runs"] = [dict(row)]
+            runs = {impl: [] for impl in IMPLS}
+            for _ in range(a.rounds):  # alternating, so a burst of load from elsewhere hits both sides
+                for impl in IMPLS:
+                    runs[impl].append(run_worker(impl, ckpt, argv[impl]))
+            rows = median_rows(runs)
             add_utilisation(rows)  # against the bf16 GEMM rate each worker measured around its steps
             ours, theirs = rows["minilora"], rows["peft+bnb"]
             r = {
@@ -231,6 +235,7 @@ def main() -> None:
             "steps": a.steps,
             "warmup": a.warmup,
             "threads": a.threads,
+            "rounds": a.rounds,
             "cpu_bf16_units": units,
             "cpu": cpu,
             "cases": results,

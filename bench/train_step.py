@@ -568,6 +568,13 @@ def main() -> None:
                     f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}",
                     flush=True,
                 )
+    rows = median_rows(runs)
+    add_utilisation(rows)
+    report(a, rows)
+
+
+def median_rows(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """{impl: its workers' numeric results, each the median over its rounds, and "runs": the rounds}."""
     rows = {}
     for impl, rs in runs.items():
         rows[impl] = {
@@ -575,8 +582,7 @@ def main() -> None:
         }
         rows[impl]["trainable_params"] = rs[0]["trainable_params"]
         rows[impl]["runs"] = rs
-    add_utilisation(rows)
-    report(a, rows)
+    return rows
 
 
 def add_utilisation(rows: dict) -> None:
