@@ -18,10 +18,11 @@ the activations' dtype.
                   flash kernel in float32 (faster there, and more accurate), saving what the 16-bit
                   kernel saves; chosen by shape in attention_in_float32.
 
-The backwards of the first two run the same aten ops, in the same order and dtypes, as autograd's
-backward of the plain ops (torch/csrc/autograd/FunctionsManual.cpp: mean_backward, pow_backward;
-derivatives.yaml: rsqrt, mul, silu, gelu), so the gradients are bit for bit autograd's
-(tests/test_ops.py); attention's is checked in tests/test_attention_cpu.py.
+gated_act's backward runs the same aten ops, in the same order and dtypes, as autograd's backward of
+the plain ops (derivatives.yaml: silu, gelu, mul), so its gradients are bit for bit autograd's;
+rms_norm's computes the same derivative in closed form, r (gn - n mean(gn n)), in fewer passes than
+autograd's term by term chain, so the two differ by float32 rounding (tests/test_ops.py bounds both
+against float64); attention's is checked in tests/test_attention_cpu.py.
 """
 
 from __future__ import annotations
