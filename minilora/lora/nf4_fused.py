@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from minilora.quant.linear import NF4Linear, nf4_matmul_keep, nf4_matmul_t
+from minilora.quant.linear import NF4Linear, nf4_matmul_t
 
 # --- the fused NF4 + LoRA function ----------------------------------------------------------------
 # The LoRA path runs in float32 over (rows, K) and (rows, M) slices of at most this many bytes, so no
@@ -38,9 +38,7 @@ def _base_output(x: torch.Tensor, base: NF4Linear, keep: bool) -> tuple[torch.Te
     """(x W0^T + b -> (N, M) in x's dtype, as NF4Linear computes it (the bias added after the matmul),
     W0 dequantized if kept for the backward (base.keep_dequantized, when keep: dL/dx is needed)); the
     fused Triton kernel on CUDA when it wins. No autograd: the callers' backward owns dL/dx."""
-    keep = keep and base.keep_dequantized
-    held = base.held_weight(x.dtype, make=keep)  # (M, K) or None
-    y, w = nf4_matmul_keep(x, base.weight_nf4, keep, held=held)  # (N, K) @ (K, M) -> (N, M)
+    y, w = base.keep_product(x, keep and base.keep_dequantized)  # (N, K) @ (K, M) -> (N, M)
     return (y if base.bias is None else y + base.bias.to(y.dtype)), w
 
 
@@ -257,8 +255,7 @@ class _LoRANF4FusedFn(torch.autograd.Function):
         # selective recompute (models/recompute.py), as _rank_r_product; beta=0 ignores t's contents.
         torch.addmm(t, u, B_c.t(), beta=0, alpha=scaling, out=t)  # (N, r) @ (r, M) -> (N, M)
         keep = ctx.needs_input_grad[0] and base.keep_dequantized
-        held = base.held_weight(c, make=keep)  # (M, K) or None
-        y, w = nf4_matmul_keep(x, base.weight_nf4, keep, add=t, held=held)  # (x W0^T + t)_c, w (M, K) or None
+        y, w = base.keep_product(x, keep, add=t)  # (x W0^T + t)_c, w (M, K) or None
         if base.bias is not None:
             y = y + base.bias.to(c)
         ctx.save_for_backward(x, A, B, u, mask, w)

@@ -67,14 +67,11 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor, add: torch.Tensor | None = None) -
 
 
 def nf4_matmul_keep(
-    x: torch.Tensor, q: NF4Tensor, keep: bool, add: torch.Tensor | None = None, held: torch.Tensor | None = None
+    x: torch.Tensor, q: NF4Tensor, keep: bool, add: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(nf4_matmul(x, q, add), W or None): with keep, the dequantized weight W (M, K) in x.dtype that the
     product used, for the backward to reuse; None where the fused kernel ran (it dequantizes in
-    registers, so there is no W to keep) or without keep. With `held` (NF4Linear.held_weight: q
-    dequantized to x.dtype in an earlier step) the product uses it and returns it: no dequantization."""
-    if held is not None:
-        return _plus_product(add, x, held.t()), held  # (..., M): the same W, so the same bits
+    registers, so there is no W to keep) or without keep."""
     if not keep or dispatch.matmul_kernel(x, q) is not None:
         return nf4_matmul(x, q, add), None
     w = dequantize_nf4(q, x.dtype)  # (M, K)
@@ -100,16 +97,15 @@ class NF4MatMulFn(torch.autograd.Function):
 
     Forward:  y = x W^T                       x (N, K), W (M, K), y (N, M)
     Backward: dL/dx = dL/dy W                 (N, M) @ (M, K) -> (N, K)
-              dL/dW is not needed (W is frozen), so only the NF4 tensor is kept, not x; with keep
-              (and x needing a gradient) also the dequantized W, so backward does not dequantize.
+              dL/dW is not needed (W is frozen), so only the NF4 tensor is kept, not x; with the
+              layer's keep_dequantized (and x needing a gradient) also the dequantized W (held from
+              step to step: NF4Linear.keep_product), so backward does not dequantize.
     """
 
     @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, q: NF4Tensor, keep: bool = False, held: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        ctx.q = q  # codes + state: no activation
-        y, w = nf4_matmul_keep(x, q, keep and ctx.needs_input_grad[0], held=held)
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+        ctx.q = layer.weight_nf4  # codes + state: no activation
+        y, w = layer.keep_product(x, layer.keep_dequantized and ctx.needs_input_grad[0])
         ctx.save_for_backward(w)  # None unless kept; saved tensors, so checkpoint's recompute drops it too
         return y
 
@@ -117,7 +113,7 @@ class NF4MatMulFn(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         (w,) = ctx.saved_tensors
         grad_x = nf4_matmul_t(grad_y, ctx.q, w) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None
+        return grad_x, None
 
 
 # The buffers an NF4Linear holds, in NF4Tensor's order: packed codes, absmax (8-bit codes when double
@@ -213,6 +209,16 @@ class NF4Linear(nn.Module):
             self._held = (made_from, dequantize_nf4(self.weight_nf4, dtype))
         return None if self._held is None else self._held[1]
 
+    def keep_product(
+        self, x: torch.Tensor, keep: bool, add: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """nf4_matmul_keep(x, W, keep, add) for this layer's W, reading the W it holds where it holds one
+        (held_weight, made here when keep): the same W, so the same bits, without dequantizing."""
+        held = self.held_weight(x.dtype, make=keep)  # (M, K) or None
+        if held is not None:
+            return _plus_product(add, x, held.t()), held  # (..., M)
+        return nf4_matmul_keep(x, self.weight_nf4, keep, add)
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W as a dense (M, K) tensor (for merging and inspection; not used in forward)."""
         return dequantize_nf4(self.weight_nf4, dtype or self.weight_dtype)
@@ -221,9 +227,7 @@ class NF4Linear(nn.Module):
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        keep = self.keep_dequantized and x.requires_grad and torch.is_grad_enabled()  # dL/dx will need W
-        held = self.held_weight(x.dtype, make=keep)  # (M, K) or None
-        y = NF4MatMulFn.apply(x, self.weight_nf4, self.keep_dequantized, held)  # (..., M)
+        y = NF4MatMulFn.apply(x, self)  # (..., M)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(in_dtype)
