@@ -185,16 +185,21 @@ def test_greedy_generation_in_a_mixed_batch_equals_each_alone(setup, default, st
     assert len({tuple(t) for t in generate(model, [prompts[1]] * 4, 8, adapter_ids=[-1, 0, 1, 2])}) > 1
 
 
-def lora_bound(x, slots, rows, M):
-    """Twice the elementwise rounding bound of s B (A x) for each row's adapter (module docstring)."""
+def lora_bound(x, slots, rows, M, into=None):
+    """Twice the elementwise rounding bound of s B (A x) for each row's adapter (module docstring). With
+    `into`, of into + s B (A x) computed in one addmm: the sum then has R + 1 terms (into's among them,
+    in whatever order the matmul adds), so gamma_{R+1} replaces gamma_R and into's own size joins the
+    magnitude."""
     K = x.shape[-1]
-    R = max((A.shape[0] for A, _, _ in filter(None, slots)), default=1)
+    R = max((A.shape[0] for A, _, _ in filter(None, slots)), default=1) + (into is not None)
     gamma = lambda n: n * U / (1 - n * U)  # noqa: E731
     out = torch.zeros(*x.shape[:-1], M, dtype=torch.float64)
     for b, a in enumerate(rows.tolist()):
         if a >= 0 and slots[a] is not None:
             A, B, s = (t.double() if torch.is_tensor(t) else t for t in slots[a])
             mag = abs(s) * (x[b].double().abs() @ A.abs().T @ B.abs().T)  # s |B| |A| |x|
+            if into is not None:
+                mag = mag + into[b].double().abs()
             out[b] = 2 * (gamma(K) + gamma(R) + 3 * U) * mag
     return out + 1e-35  # no subnormal products at the magnitudes drawn
 
@@ -238,6 +243,27 @@ def test_gathered_equals_reference(n, ranks, targeted, rows, K, M, T, scale, see
         stacked = multi.mixed_stacked(x, rows, stacks, M)
         assert ((ref.double() - stacked.double()).abs() <= lora_bound(x, slots, rows, M)).all()
         assert (stacked[nothing] == 0).all() and multi.mixed_stacked(x[:, 0], rows, stacks, M).shape == (len(rows), M)
+    # added in place into a base output (routed_forward's float32 path): the base plus the reference's term
+    base = torch.randn(len(rows), T, M, generator=g) * scale * 4
+    want = base.double() + ref.double()
+    paths = {
+        "grouped": lambda out: multi.mixed_grouped(x, rows, slots, M, out),
+        "gathered": lambda out: mixed_gathered(x, rows, slots, M, out),
+        "single": lambda out: torch.stack(
+            [
+                multi.single_delta(x[b : b + 1], slots[r], out[b : b + 1].clone())[0] if not nothing[b] else out[b]
+                for b, r in enumerate(rows)
+            ]
+        ),
+    }
+    if stacks is not None:
+        paths["stacked"] = lambda out: multi.mixed_stacked(x, rows, stacks, M, out)
+    for name, path in paths.items():
+        out = base.clone()
+        got = path(out)
+        assert got.data_ptr() == out.data_ptr() or name == "single", name  # in place, not a new tensor
+        assert ((want - got.double()).abs() <= lora_bound(x, slots, rows, M, into=base)).all(), name
+        assert torch.equal(got[nothing], base[nothing]), name  # the base's rows untouched, bit for bit
 
 
 def named_adapters(slots):
@@ -277,6 +303,13 @@ def test_stacks_hold_the_only_copy_and_follow_deletes():
     left[1] = (left[1][0] * 2, left[1][1], left[1][2])
     assert (
         (mixed_reference(x, rows.clamp(max=1), left, M).double() - doubled.double()).abs()
+        <= lora_bound(x, left, rows.clamp(max=1), M)
+    ).all()
+    left[0] = (left[0][0], -left[0][1], left[0][2])
+    adapters["x1"] = multi.AdapterSlot(*left[0])  # a slot replaced under the same name
+    flipped = multi.mixed_stacked(x, rows.clamp(max=1), adapters.stacks(), M)
+    assert (
+        (mixed_reference(x, rows.clamp(max=1), left, M).double() - flipped.double()).abs()
         <= lora_bound(x, left, rows.clamp(max=1), M)
     ).all()
 

@@ -21,14 +21,14 @@ LoRA term of a batch, both in float32 as LoRALinear's:
 
   mixed_reference  one (masked rows) matmul pair per distinct adapter in the batch; readable.
   mixed_grouped    the tuned one routed_forward uses: mixed_reference with each adapter's rows found
-                   once per forward, gathered (index_select) and written back (index_copy_).
+                   once per forward, gathered (index_select) and added back (index_add_).
   mixed_gathered   every adapter padded to rank R, the base as an all-zero slot n; each row gathers its
                    (A, B, s) and two batched matmuls serve all rows at once (BGMV semantics):
                      h_b = A_pad[a] x_b      (R,)      y_b = s_a B_pad[a] h_b      (M,)
   mixed_stacked    the layer's named adapters stacked along the rank, Σ = sum_i r_i (NamedAdapters.stacks):
                    every row through every adapter's A, the other adapters' columns zeroed, one B:
-                     H = x A_cat^T  (B, T, Σ)    H_b *= [owner == a_b]    y_b = s_a H_b B_cat^T  (M,)
-                   two matmuls and two products per layer whatever the number of adapters, each adapter's
+                     H = x A_cat^T  (B, T, Σ)    H_b *= s_a [owner == a_b]    y_b = H_b B_cat^T  (M,)
+                   two matmuls and a product per layer whatever the number of adapters, each adapter's
                    weights read once; it multiplies x by every adapter's A, so it is chosen for few tokens.
 
 Why zero padding is exact. A_pad[a] = [A_a; 0] (R, K) and B_pad[a] = [B_a, 0] (M, R). Then
@@ -49,7 +49,16 @@ AdapterSlot's lora_A and lora_B are then views into them, so the stacks cost no 
 Why zeroing columns is exact as well. Column j of H belongs to adapter owner[j]; for row b the kept
 columns are a_b's, h = A_a x_b computed as a dot product over K like single_delta's, and the zeroed ones
 are exact zeros, so H_b B_cat^T adds the terms of B_a h plus exact zeros: the same value up to the order
-of the additions, scaled by s_a afterwards as single_delta scales.
+of the additions. The kept columns are scaled by s_a before B, where single_delta scales the product
+after it: the same bits when s is a power of two (alpha = 2r, the default, or alpha = r), else one more
+rounding of h (relative 2^-24), in place of the one of the product.
+
+Added where it goes. With every path, `out` (float32, the base's output W0 x + b) takes the term in
+place: out += s H B^T is one addmm (index_add_ for the grouped rows), so the (N, M) term is never
+written on its own, where computing it, scaling it and adding it passed over (N, M) three times or
+more; at 64 tokens per row those passes cost more than the LoRA matmuls. routed_forward does so
+whenever the base's output is float32; the sum then holds R + 1 terms in the matmul's order, a
+rounding, not a change of value; a row that adds exact zeros stays bit for bit the base's.
 """
 
 from __future__ import annotations
@@ -97,7 +106,15 @@ class NamedAdapters(nn.ModuleDict):
     def __init__(self, table: AdapterTable):
         super().__init__()
         self.table = table
-        self._stacks = None  # (key, A_cat, Bt_cat, layout) of the last stacks() call
+        self._stacks = None  # (table names, [(parameter, its data_ptr)], A_cat, Bt_cat, layout) when built
+
+    def __setitem__(self, name: str, slot: nn.Module) -> None:
+        self._stacks = None  # a slot added or replaced: stacked again on the next call
+        super().__setitem__(name, slot)
+
+    def __delitem__(self, name: str) -> None:
+        self._stacks = None
+        super().__delitem__(name)
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:
         """This layer's named adapters stacked along the rank in table order, for mixed_stacked:
@@ -105,29 +122,30 @@ class NamedAdapters(nn.ModuleDict):
         (n, ((table index, r, s) of each stacked adapter, in order)). None when no named adapter targets
         the layer.
 
-        Built again whenever the table's order or a slot's storage changed (a load, a delete, a .to()); the
-        slots' lora_A / lora_B then become views into the stacks, so that the weights live once."""
+        Built again whenever a slot, the table's order or a slot's storage changed (a load, a delete, a
+        .to()); the slots' lora_A / lora_B then become views into the stacks, so that the weights live
+        once. Asked on every layer of every forward, so the check is cheap: the names, and one pointer per
+        weight."""
         names = self.table.names
+        last = self._stacks
+        if last is not None and last[0] == names and all(p.data_ptr() == ptr for p, ptr in last[1]):
+            return last[2:]
         here = [(i, self[name]) for i, name in enumerate(names) if name in self]
         if not here:
             return None
-
-        def key():
-            return tuple(names), [(sl.lora_A.data_ptr(), sl.lora_B.data_ptr()) for _, sl in here]
-
-        if self._stacks is None or self._stacks[0] != key():
-            A_cat = torch.cat([sl.lora_A.detach() for _, sl in here])  # (Σ, K)
-            Bt_cat = torch.cat([sl.lora_B.detach().t() for _, sl in here])  # (Σ, M)
-            start = 0
-            for _, sl in here:
-                r = sl.lora_A.shape[0]
-                sl.lora_A.data, sl.lora_B.data = A_cat[start : start + r], Bt_cat[start : start + r].t()
-                start += r
-            # which adapter owns each row of the stacks and its scale: equal on most layers, so that
-            # mixed_stacked builds its masks once per forward for all of them (row_masks)
-            layout = (len(names), tuple((i, sl.lora_A.shape[0], sl.scaling) for i, sl in here))
-            self._stacks = (key(), A_cat, Bt_cat, layout)
-        return self._stacks[1:]
+        A_cat = torch.cat([sl.lora_A.detach() for _, sl in here])  # (Σ, K)
+        Bt_cat = torch.cat([sl.lora_B.detach().t() for _, sl in here])  # (Σ, M)
+        start = 0
+        for _, sl in here:
+            r = sl.lora_A.shape[0]
+            sl.lora_A.data, sl.lora_B.data = A_cat[start : start + r], Bt_cat[start : start + r].t()
+            start += r
+        # which adapter owns each row of the stacks and its scale: equal on most layers, so that
+        # mixed_stacked builds its masks once per forward for all of them (row_masks)
+        layout = (len(names), tuple((i, sl.lora_A.shape[0], sl.scaling) for i, sl in here))
+        weights = [(p, p.data_ptr()) for _, sl in here for p in (sl.lora_A, sl.lora_B)]
+        self._stacks = (list(names), weights, A_cat, Bt_cat, layout)
+        return self._stacks[2:]
 
 
 class NamedLoRALinear(nn.Module):
@@ -167,10 +185,15 @@ def layer_slots(layer: nn.Module) -> list[Slot | None]:
     return out
 
 
-def single_delta(x: torch.Tensor, slot: Slot) -> torch.Tensor:
-    """s B A x for every row, float32 (..., M), the order LoRALinear and PEFT compute it in."""
+def single_delta(x: torch.Tensor, slot: Slot, out: torch.Tensor | None = None) -> torch.Tensor:
+    """s B A x for every row, float32 (..., M), the order LoRALinear and PEFT compute it in; with `out`
+    (float32 (..., M), contiguous) the term is added into it in place, by one addmm (module docstring)."""
     A, B, s = slot
-    return F.linear(F.linear(x.float(), A), B) * s  # (..., K) -> (..., r) -> (..., M)
+    h = F.linear(x.float(), A)  # (..., K) -> (..., r)
+    if out is None:
+        return F.linear(h, B) * s  # (..., r) -> (..., M)
+    out.view(-1, B.shape[0]).addmm_(h.reshape(-1, A.shape[0]), B.t(), alpha=s)  # (N, M) += s (N, r) @ (r, M)
+    return out
 
 
 def mixed_reference(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int) -> torch.Tensor:
@@ -221,9 +244,11 @@ def token_segments(rows: torch.Tensor, per_row: int):
     return tok, segs
 
 
-def mixed_gathered(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int) -> torch.Tensor:
-    """mixed_reference's result, float32 (B, ..., M), by gathering each row's padded (A, B, s) and two
-    batched matmuls over all rows (BGMV semantics; module docstring)."""
+def mixed_gathered(
+    x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mixed_reference's result, float32 (B, ..., M), added into `out` when given (in place), by gathering
+    each row's padded (A, B, s) and two batched matmuls over all rows (BGMV semantics; module docstring)."""
     K = x.shape[-1]
     A_all, B_all, s_all = padded_stacks(slots, K, M, x.device)
     kernels = dispatch.bgmv_kernels(x)
@@ -232,14 +257,15 @@ def mixed_gathered(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None]
         xt = x.reshape(-1, K)  # (B T, K) in x's dtype: the kernel widens it to float32 exactly
         tok, segs = token_segments(rows, xt.shape[0] // x.shape[0])
         h = shrink(xt, A_all, tok, segs=segs)  # (B T, R)
-        y = expand(torch.zeros(xt.shape[0], M, device=x.device), h, B_all, s_all, tok, segs=segs)  # (B T, M): 0 + s B h
-        return y.reshape(*x.shape[:-1], M)  # (B, ..., M)
+        y = torch.zeros(xt.shape[0], M, device=x.device) if out is None else out.view(-1, M)  # (B T, M)
+        expand(y, h, B_all, s_all, tok, segs=segs)  # y += s B h in place
+        return y.view(*x.shape[:-1], M)  # (B, ..., M)
     idx = torch.where(rows < 0, len(slots), rows)  # (B,): -1 -> the all-zero base slot
     xb = x.float().reshape(x.shape[0], -1, K)  # (B, T, K); a (B, K) input is T = 1
     h = torch.bmm(xb, A_all[idx].transpose(1, 2))  # (B, T, K) @ (B, K, R) -> (B, T, R)
     y = torch.bmm(h, B_all[idx].transpose(1, 2))  # (B, T, R) @ (B, R, M) -> (B, T, M)
-    y = y * s_all[idx][:, None, None]  # scale after the matmuls, as single_delta
-    return y.reshape(*x.shape[:-1], M)  # (B, ..., M)
+    y = (y * s_all[idx][:, None, None]).reshape(*x.shape[:-1], M)  # scale after the matmuls, as single_delta
+    return y if out is None else out.add_(y)  # (B, ..., M)
 
 
 def row_groups(rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -255,46 +281,50 @@ def row_groups(rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 _GROUPS: dict = {}  # the last adapter_ids tensor row_groups saw, and its groups
 
 
-def mixed_grouped(x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int) -> torch.Tensor:
-    """mixed_reference's result, float32 (B, ..., M), tuned for small batches (decode): the rows of each
-    adapter gathered once per forward (row_groups), one matmul pair per adapter on its rows, written back
-    with index_copy_. Reads each used adapter's weights once and does exactly the LoRA flops, where
-    mixed_gathered copies a padded (A, B) per row and rebuilds the padded stacks on every call."""
-    delta = x.new_zeros(*x.shape[:-1], M, dtype=torch.float32)  # (B, ..., M)
+def mixed_grouped(
+    x: torch.Tensor, rows: torch.Tensor, slots: list[Slot | None], M: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """mixed_reference's result, float32 (B, ..., M), added into `out` when given (in place): the rows of
+    each adapter gathered once per forward (row_groups), one matmul pair per adapter on its rows, added
+    back with index_add_ (scaled there, after the matmuls, as single_delta). Reads each used adapter's
+    weights once and does exactly the LoRA flops, where mixed_gathered copies a padded (A, B) per row and
+    rebuilds the padded stacks on every call."""
+    out = x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if out is None else out  # (B, ..., M)
     for a, idx in row_groups(rows):
         if slots[a] is not None:
-            delta.index_copy_(0, idx, single_delta(x.index_select(0, idx), slots[a]))  # (B_a, ..., M)
-    return delta
+            A, B, s = slots[a]
+            h = F.linear(x.index_select(0, idx).float(), A)  # (B_a, ..., K) -> (B_a, ..., r)
+            out.index_add_(0, idx, F.linear(h, B), alpha=s)  # out[idx] += s (B_a, ..., M)
+    return out
 
 
-def mixed_stacked(x: torch.Tensor, rows: torch.Tensor, stacks, M: int) -> torch.Tensor:
-    """mixed_reference's result over the named adapters, float32 (B, ..., M), from NamedAdapters.stacks():
-    every row through every adapter's A, the columns of the other adapters zeroed, then one B (module
-    docstring). Rows of -1, or of an adapter without a slot here, get exactly 0."""
+def mixed_stacked(x: torch.Tensor, rows: torch.Tensor, stacks, M: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """mixed_reference's result over the named adapters, float32 (B, ..., M), from NamedAdapters.stacks(),
+    added into `out` when given (in place): every row through every adapter's A, the columns of the other
+    adapters zeroed and its own scaled by s, then one B (module docstring). Rows of -1, or of an adapter
+    without a slot here, get exactly 0."""
     A_cat, Bt_cat, layout = stacks
-    K = x.shape[-1]
-    keep, scale = row_masks(rows, layout)  # (B, 1, Σ), (B, 1, 1)
-    h = x.float().reshape(x.shape[0], -1, K) @ A_cat.t()  # (B, T, K) @ (K, Σ) -> (B, T, Σ)
-    y = (h * keep) @ Bt_cat  # (B, T, Σ) @ (Σ, M) -> (B, T, M)
-    y = y * scale  # scale after the matmuls, as single_delta
-    return y.reshape(*x.shape[:-1], M)  # (B, ..., M)
+    K, S = x.shape[-1], A_cat.shape[0]
+    h = x.float().reshape(-1, K) @ A_cat.t()  # (B T, K) @ (K, Σ) -> (B T, Σ)
+    h = h.view(x.shape[0], -1, S).mul_(row_masks(rows, layout)).view(-1, S)  # (B, T, Σ) * (B, 1, Σ)
+    if out is None:
+        return (h @ Bt_cat).view(*x.shape[:-1], M)  # (B T, Σ) @ (Σ, M) -> (B, ..., M)
+    out.view(-1, M).addmm_(h, Bt_cat)  # (B T, M) += (B T, Σ) @ (Σ, M)
+    return out
 
 
-def row_masks(rows: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows (B,) and a stacks layout (NamedAdapters.stacks): keep (B, 1, Σ), 1.0 on the columns of
-    each row's adapter, else 0; scale (B, 1, 1), the row's s (0 for -1 rows and adapters not stacked).
-    Computed once per adapter_ids tensor and layout, as row_groups."""
+def row_masks(rows: torch.Tensor, layout) -> torch.Tensor:
+    """For rows (B,) and a stacks layout (NamedAdapters.stacks): (B, 1, Σ), s_a on the columns of row b's
+    adapter a, 0 elsewhere (all 0 for -1 rows and adapters not stacked). Computed once per adapter_ids
+    tensor and layout, as row_groups."""
     if _MASKS.get("rows") is not rows:
         _MASKS.clear()
         _MASKS["rows"] = rows
     if layout not in _MASKS:
         n, stacked = layout
         owner = torch.tensor([i for i, r, _ in stacked for _ in range(r)], device=rows.device)  # (Σ,)
-        s = torch.zeros(n + 1, device=rows.device)  # (n + 1,): the last one is the base's, 0
-        for i, _, si in stacked:
-            s[i] = si
-        keep = (rows[:, None] == owner[None, :]).float()  # (B, Σ)
-        _MASKS[layout] = (keep[:, None, :], s[torch.where(rows < 0, n, rows)][:, None, None])
+        s = torch.tensor([si for _, r, si in stacked for _ in range(r)], device=rows.device)  # (Σ,)
+        _MASKS[layout] = ((rows[:, None] == owner[None, :]) * s)[:, None, :]  # (B, 1, Σ)
     return _MASKS[layout]
 
 
@@ -333,29 +363,32 @@ def _check_rows(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, n: int) -
         table.checked = rows
 
 
-def mixed_delta(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """The LoRA term of a mixed batch (B, ..., M) float32, by the path that suits it: the Triton
-    shrink/expand where dispatch allows them (CUDA); the stacked matmuls for few tokens per row (decoding)
-    when every row's adapter is a named one; else the grouped matmuls (bench/multi_adapter.py measured
-    both against the PyTorch gather on the CPU)."""
+def mixed_delta(
+    layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, names: list[str], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The LoRA term of a mixed batch (B, ..., M) float32, added into `out` when given, by the path that
+    suits it: the Triton shrink/expand where dispatch allows them (CUDA); the stacked matmuls for few
+    tokens per row (decoding) when every row's adapter is a named one; else the grouped matmuls
+    (bench/multi_adapter.py measured both against the PyTorch gather on the CPU)."""
     M = layer.out_features
     if dispatch.bgmv_kernels(x) is not None:
-        return mixed_gathered(x, rows, layer_slots(layer), M)
-    tokens = x[0].numel() // x.shape[-1]  # per row
+        return mixed_gathered(x, rows, layer_slots(layer), M, out)
+    tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
     default = names.index(DEFAULT) if DEFAULT in names and getattr(layer, "lora_A", None) is not None else None
     named_only = layer.adapters is not None and all(a != default for a, _ in row_groups(rows))
     if tokens <= STACKED_MAX_TOKENS and named_only:
         stacks = layer.adapters.stacks()
-        return (
-            x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if stacks is None else mixed_stacked(x, rows, stacks, M)
-        )
-    return mixed_grouped(x, rows, layer_slots(layer), M)
+        if stacks is not None:
+            return mixed_stacked(x, rows, stacks, M, out)
+        return x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if out is None else out
+    return mixed_grouped(x, rows, layer_slots(layer), M, out)
 
 
 def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """y = base(x) + the LoRA term of each row's adapter (rows (B,), -1 the base alone), or with rows None
     of the active adapter on every row; combined with the base as LoRALinear combines them (dense: add
-    in float32, then cast; NF4: cast, then add)."""
+    in float32, then cast; NF4: cast, then add). A float32 base output takes the term in place: the
+    (N, M) term is then never written on its own, one pass over the output instead of four."""
     if layer.disabled:
         return layer.base(x)
     names = [DEFAULT] if layer.adapters is None else layer.adapters.table.names
@@ -369,7 +402,6 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
             slot = None if named is None else (named.lora_A, named.lora_B, named.scaling)
         if slot is None:  # the active adapter does not target this layer
             return layer.base(x)
-        delta = single_delta(x, slot)
     else:
         _check_rows(layer, x, rows, len(names))
         if getattr(layer, "use_dora", False) and bool((rows == names.index(DEFAULT)).any()):
@@ -377,8 +409,11 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
                 "adapter_ids cannot route rows through a DoRA adapter (its magnitude rescales whole rows "
                 "of W0, not a per-row LoRA term); serve a DoRA adapter alone, without adapter_ids."
             )
-        delta = mixed_delta(layer, x, rows, names)
     result = layer.base(x)  # (..., M) in the base's dtype
+    into = result if result.dtype == torch.float32 and result.is_contiguous() else None
+    delta = single_delta(x, slot, into) if rows is None else mixed_delta(layer, x, rows, names, into)
+    if into is not None:
+        return result  # the term already added
     if isinstance(layer.base, NF4Linear):
         return result + delta.to(result.dtype)
     return (result + delta).to(result.dtype)
