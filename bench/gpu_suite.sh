@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go, on a machine with one CUDA GPU.
 #
-#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant train lora bgmv adamw fsdp recompute plan gguf (default: all, in this order)
+#   bash bench/gpu_suite.sh [STEP ...]      STEP: env tests dequant train lora bgmv multi adamw fsdp recompute plan gguf (default: all, in this order)
 #
 # Run from the repository root. Needs torch with CUDA, triton, transformers and peft, plus
 # bitsandbytes: if .whl/ holds wheels (for a machine without network), they are installed into
@@ -16,7 +16,7 @@
 # $OUT/gpu_results.tar, rewritten after every step. Each step stops after GPU_SUITE_STEP_S seconds
 # (default 170; 0: no limit), so one slow step cannot take the others' time. On an H200 all the
 # steps take more than one 10-minute command (estimated from one partial run, not timed whole), so
-# run them in two: `bash bench/gpu_suite.sh env tests dequant train lora bgmv adamw`, then
+# run them in two: `bash bench/gpu_suite.sh env tests dequant train lora bgmv multi adamw`, then
 # `bash bench/gpu_suite.sh fsdp recompute plan gguf`.
 #
 # What each step answers (targets as in bench/README.md):
@@ -26,6 +26,8 @@
 #            fused matmul against bitsandbytes' dequantize + cuBLAS at 1..64 tokens
 #   bgmv     bench.lora_bgmv: the mixed-adapter LoRA term, Triton shrink/expand (kernels/lora_bgmv.py)
 #            against multi.py's PyTorch gather + bmm, decoding and prefill
+#   multi    bench.multi_adapter --device cuda: 16 requests over 5 adapters on the 135M geometry in bf16,
+#            against one adapter, the base and PEFT's mixed batch (targets >= 0.8x, <= 1.15x, >= 2x)
 #   lora     bench.lora_layer --device cuda (target >= 1.3x PEFT + bitsandbytes, lower memory)
 #   adamw    bench.adamw, whose CUDA run adds the oversubscribed paging case
 #   train    bench.train_step --geometry gemma-3-1b (targets >= 1.5x tokens/s, <= 0.6x memory), with
@@ -58,7 +60,7 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
     || { echo "gpu_suite: no CUDA device is visible to torch; run this on a GPU machine." >&2; exit 2; }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant train lora bgmv adamw fsdp recompute plan gguf)
+[ ${#steps[@]} -eq 0 ] && steps=(env tests dequant train lora bgmv multi adamw fsdp recompute plan gguf)
 status=0
 run() {  # run NAME COMMAND...: append to suite.log, remember a failure, go on with the next step
     local name=$1 start=$SECONDS; shift
@@ -76,6 +78,7 @@ for step in "${steps[@]}"; do
         tests) run tests python3 -m pytest -q -m gpu tests ;;
         dequant) run dequant python3 -m bench.dequant --tokens 1,4,16,64 --out "$out/dequant.json" ;;
         bgmv) run bgmv python3 -m bench.lora_bgmv --out "$out/lora_bgmv.json" ;;
+        multi) run multi python3 -m bench.multi_adapter --device cuda --dtype bfloat16 --out "$out/multi_adapter_cuda" ;;
         lora) run lora python3 -m bench.lora_layer --device cuda --rounds 1 --repeats 50 --out "$out/lora_layer_cuda.json" ;;
         adamw) run adamw python3 -m bench.adamw --device cuda --out "$out/adamw_cuda.json" ;;
         train) run train python3 -m bench.train_step --geometry gemma-3-1b --device cuda --rounds 2 --profile \
@@ -88,7 +91,7 @@ for step in "${steps[@]}"; do
         fsdp) rm -rf /tmp/fsdp_smoke && run fsdp python3 -m torch.distributed.run --standalone --nproc_per_node 1 train.py \
                   --parallel fsdp --max-steps 30 --eval-generate 8 --out /tmp/fsdp_smoke \
                   && cp /tmp/fsdp_smoke/summary.json "$out/fsdp_smoke_summary.json" ;;
-        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, bgmv, lora, adamw, train, recompute, plan, fsdp or gguf." >&2; status=2 ;;
+        *) echo "gpu_suite: unknown step '$step'; use env, tests, dequant, bgmv, multi, lora, adamw, train, recompute, plan, fsdp or gguf." >&2; status=2 ;;
     esac
     if [ -n "${OUT:-}" ] && compgen -G "$out/*.json" >/dev/null; then
         tar -C "$out" -cf "$log/gpu_results.tar.tmp" . && mv "$log/gpu_results.tar.tmp" "$log/gpu_results.tar"

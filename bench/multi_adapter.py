@@ -2,6 +2,7 @@
 
     python -m bench.multi_adapter                      # llama-135m geometry (random weights), 2 threads
     python -m bench.multi_adapter --repeat 5 --dtype bfloat16
+    python -m bench.multi_adapter --device cuda --dtype bfloat16   # the Triton shrink/expand path
 
 Setup: a 135M-class Llama (bench/train_step.py's "llama-135m", random weights), `--adapters` adapters
 of rank r on every linear layer (random A and non-zero B, written and loaded as PEFT-layout files),
@@ -17,9 +18,9 @@ Measured in one process, timed round-robin (bench/common.py interleaved_medians)
   base           the base alone (LoRA off), the latency reference
   peft mixed     transformers' generate on a PeftModel with the same adapter files, adapter_names= per row
 
-Memory per extra adapter: resident bytes after loading all n adapters and serving a mixed batch (the
-stacks of minilora/lora/multi.py built), less those after one adapter and a batch, over n - 1; against
-an adapter's tensor bytes.
+Memory per extra adapter: resident bytes (on CUDA: allocated device bytes) after loading all n adapters
+and serving a mixed batch (the stacks of minilora/lora/multi.py built), less those after one adapter and
+a batch, over n - 1; against an adapter's tensor bytes.
 
 Targets: mixed >= 0.8x the tokens/s of one adapter; per-request latency <= 1.15x the base's; resident
 memory per extra adapter <= 1.05x its tensor bytes; minilora's mixed batch >= 2x PEFT's tokens/s.
@@ -39,11 +40,15 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def rss_after_trim() -> int:
-    """Resident bytes after returning freed heap pages to the OS (transient load buffers do not count)."""
+def rss_after_trim(device: str = "cpu") -> int:
+    """Resident bytes after returning freed heap pages to the OS (transient load buffers do not count);
+    on CUDA the bytes allocated on the device."""
     from bench.common import status_kib
 
     gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     return status_kib("VmRSS") * 1024
 
@@ -110,11 +115,15 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="new tokens per request (N)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and compute, both sides")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds (medians reported)")
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed batch")
     ap.add_argument("--ckpt", default=None, help="checkpoint folder to reuse (written there if missing)")
-    ap.add_argument("--out", default="multi_adapter", help="results name under bench/results/")
+    ap.add_argument("--out", default=None, help="results name under bench/results/ (default multi_adapter[_cuda])")
     a = ap.parse_args()
+    a.out = a.out or ("multi_adapter" if a.device == "cpu" else "multi_adapter_cuda")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible to torch here; run on the CPU (the default).")
     if a.adapters < 2:
         ap.error("--adapters must be at least 2: the memory figure is per extra adapter.")
     torch.set_num_threads(a.threads)
@@ -130,6 +139,7 @@ def main() -> None:
     B, P, N, n = a.requests, a.prompt, a.new, a.adapters
     vocab = GEOMETRIES[a.geometry]["vocab_size"]
     prompts = torch.randint(3, vocab, (B, P), generator=torch.Generator().manual_seed(0))  # (B, P)
+    dev = a.device
     rows = [b % n for b in range(B)]  # request b -> adapter b mod n
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.ckpt or os.path.join(tmp, "ckpt")
@@ -137,19 +147,19 @@ def main() -> None:
             write_checkpoint(ckpt, a.geometry)
         dirs = write_adapters(ckpt, tmp, n, a.rank)
 
-        model, _ = load_model(ckpt, quantize=None, dtype=dtype)
+        model, _ = load_model(ckpt, quantize=None, dtype=dtype, device=dev)
         model.eval()
         plist = prompts.tolist()
         # memory per extra adapter: one adapter loaded and a mixed batch served (what the first batch of the
         # adapter paths allocates and keeps is not any adapter's), then the other n - 1 and a batch again
         load_adapter(model, dirs[0], name="a0")
         generate(model, plist, N, adapter_ids=[0] * B)
-        rss0 = rss_after_trim()
+        rss0 = rss_after_trim(dev)
         for i, d in enumerate(dirs[1:], start=1):
             load_adapter(model, d, name=f"a{i}")
         ids = [adapter_names(model).index(f"a{i}") for i in rows]
         check = {"ours": generate(model, plist, N, adapter_ids=ids)}  # stacks built (multi.py), masks cached
-        rss1 = rss_after_trim()
+        rss1 = rss_after_trim(dev)
         slots = [s for layer in hosts(model).values() for s in layer.adapters.values()]
         tensor_bytes = sum(p.numel() * p.element_size() for s in slots for p in (s.lora_A, s.lora_B)) / n
         per_adapter = (rss1 - rss0) / (n - 1)
@@ -176,8 +186,8 @@ def main() -> None:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
-            peft = PeftModel.from_pretrained(hf, dirs[0], adapter_name="a0")
+            hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(dev).eval()
+            peft = PeftModel.from_pretrained(hf, dirs[0], adapter_name="a0").to(dev)
             for i, d in enumerate(dirs[1:], start=1):
                 peft.load_adapter(d, adapter_name=f"a{i}")
             names = [f"a{i}" for i in rows]
@@ -185,8 +195,9 @@ def main() -> None:
 
             def peft_mixed():
                 with torch.no_grad():
+                    ids_dev = prompts.to(dev)
                     out = peft.generate(
-                        input_ids=prompts, attention_mask=torch.ones_like(prompts), adapter_names=names, **kw
+                        input_ids=ids_dev, attention_mask=torch.ones_like(ids_dev), adapter_names=names, **kw
                     )
                 return out[:, P:].tolist()
 
@@ -194,7 +205,7 @@ def main() -> None:
             check["peft"] = peft_mixed()
         t = interleaved_medians(fns, repeat=a.repeat, warmup=0)
 
-    paths = layer_paths(n, a.rank)
+    paths = layer_paths(n, a.rank) if dev == "cpu" else []  # the CPU paths multi.STACKED_MAX_TOKENS chooses between
     tok_s = {k: B * N / v for k, v in t.items()}
     ratios = {
         "mixed_vs_one_adapter_tok_s": tok_s["mixed"] / tok_s["one adapter"],
@@ -207,9 +218,13 @@ def main() -> None:
         ratios["mixed_vs_peft_tok_s"] = tok_s["mixed"] / tok_s["peft mixed"]
         same_tokens = sum(x == y for u, v in zip(check["ours"], check["peft"]) for x, y in zip(u, v)) / (B * N)
     cpu = cpu_info()
-    print(
-        f"{cpu['model']}; flags {' '.join(cpu['flags'])}; {torch.get_num_threads()} threads; torch {torch.__version__}"
-    )
+    if dev == "cuda":
+        print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
+    else:
+        print(
+            f"{cpu['model']}; flags {' '.join(cpu['flags'])}; {torch.get_num_threads()} threads; "
+            f"torch {torch.__version__}"
+        )
     print(
         f"{a.geometry}, {a.dtype}, {n} adapters (r={a.rank}, all linear), {B} requests x {P} prompt + {N} new "
         f"tokens, greedy, KV cache; medians of {a.repeat}"
@@ -223,8 +238,9 @@ def main() -> None:
         f"{per_adapter / 2**20:.1f} MiB for {tensor_bytes / 2**20:.1f} MiB of tensors "
         f"({ratios['memory_per_adapter_vs_tensor_bytes']:.3f}x, target <= 1.05)"
     )
-    print(f"one layer's LoRA term (K 576, M 1536, {B} rows over {n} adapters), microseconds:")
-    print(f"{'T':>4}{'grouped':>10}{'stacked':>10}{'one adapter':>13}")
+    if paths:
+        print(f"one layer's LoRA term (K 576, M 1536, {B} rows over {n} adapters), microseconds:")
+        print(f"{'T':>4}{'grouped':>10}{'stacked':>10}{'one adapter':>13}")
     for row in paths:
         print(f"{row['T']:4}{row['grouped']:10.0f}{row['stacked']:10.0f}{row['one adapter']:13.0f}")
     if same_tokens is not None:
