@@ -185,6 +185,26 @@ def test_greedy_generation_in_a_mixed_batch_equals_each_alone(setup, default, st
     assert len({tuple(t) for t in generate(model, [prompts[1]] * 4, 8, adapter_ids=[-1, 0, 1, 2])}) > 1
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("default", [True, False])
+def test_a_batch_on_one_adapter_is_that_adapter_alone(setup, quantize, default):
+    """adapter_ids naming one adapter for every row (a server whose requests all ask for it) give what
+    set_adapter gives, bit for bit: that adapter's own matmuls, not the mixed paths (the default adapter
+    alone runs LoRALinear's own forward); all -1 is the base."""
+    hf, base_dir, dirs = setup
+    model = ours(base_dir, dirs, default=default, quantize=quantize)
+    for i, name in enumerate(adapter_names(model)):
+        set_adapter(model, name)
+        alone, alone_1 = model(IDS), model(IDS[:, :1])  # prefill-like and decode-like rows
+        set_adapter(model, adapter_names(model)[0])
+        assert torch.equal(model(IDS, adapter_ids=[i] * len(IDS)), alone), name
+        assert torch.equal(model(IDS[:, :1], adapter_ids=[i] * len(IDS)), alone_1), name
+    with lora_disabled(model):
+        base = model(IDS)
+    assert torch.equal(model(IDS, adapter_ids=[-1] * len(IDS)), base)
+
+
 def lora_bound(x, slots, rows, M, into=None):
     """Twice the elementwise rounding bound of s B (A x) for each row's adapter (module docstring). With
     `into`, of into + s B (A x) computed in one addmm: the sum then has R + 1 terms (into's among them,

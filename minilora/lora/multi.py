@@ -168,21 +168,22 @@ class NamedLoRALinear(nn.Module):
 Slot = tuple[torch.Tensor, torch.Tensor, float]  # (A (r, K), B (M, r), s)
 
 
+def layer_slot(layer: nn.Module, name: str) -> Slot | None:
+    """(A, B, s) of adapter `name` as this layer holds it; None where it does not target the layer.
+    `layer` is a LoRALinear or a NamedLoRALinear."""
+    if name == DEFAULT:
+        own = getattr(layer, "lora_A", None)  # a LoRALinear's default adapter; a NamedLoRALinear has none
+        return None if own is None else (own.weight, layer.lora_B.weight, layer.scaling)
+    if layer.adapters is None or name not in layer.adapters:
+        return None
+    slot = layer.adapters[name]
+    return slot.lora_A, slot.lora_B, slot.scaling
+
+
 def layer_slots(layer: nn.Module) -> list[Slot | None]:
-    """(A, B, s) of every adapter of the model in table order as this layer holds it; None where that
-    adapter does not target the layer. `layer` is a LoRALinear or a NamedLoRALinear."""
+    """layer_slot of every adapter of the model, in table order."""
     names = [DEFAULT] if layer.adapters is None else layer.adapters.table.names
-    own = getattr(layer, "lora_A", None)  # a LoRALinear's default adapter; a NamedLoRALinear has none
-    out = []
-    for name in names:
-        if name == DEFAULT:
-            out.append(None if own is None else (own.weight, layer.lora_B.weight, layer.scaling))
-        elif name in layer.adapters:
-            slot = layer.adapters[name]
-            out.append((slot.lora_A, slot.lora_B, slot.scaling))
-        else:
-            out.append(None)
-    return out
+    return [layer_slot(layer, name) for name in names]
 
 
 def single_delta(x: torch.Tensor, slot: Slot, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -367,15 +368,23 @@ def mixed_delta(
     layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, names: list[str], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The LoRA term of a mixed batch (B, ..., M) float32, added into `out` when given, by the path that
-    suits it: the Triton shrink/expand where dispatch allows them (CUDA); the stacked matmuls for few
-    tokens per row (decoding) when every row's adapter is a named one; else the grouped matmuls
-    (bench/multi_adapter.py measured both against the PyTorch gather on the CPU)."""
+    suits it: when every row is on one adapter, that adapter alone as set_adapter computes it (the same
+    bits, and only its weights read); the Triton shrink/expand where dispatch allows them (CUDA); the
+    stacked matmuls for few tokens per row (decoding) when every row's adapter is a named one; else the
+    grouped matmuls (bench/multi_adapter.py measured both against the PyTorch gather on the CPU)."""
     M = layer.out_features
+    groups = row_groups(rows)
+    one = len(groups) == 1 and groups[0][1].shape[0] == rows.shape[0]
+    slot = layer_slot(layer, names[groups[0][0]]) if one else None
+    if slot is not None:
+        return single_delta(x, slot, out)
+    if one or not groups:  # one adapter that does not target this layer, or every row on the base
+        return x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if out is None else out
     if dispatch.bgmv_kernels(x) is not None:
         return mixed_gathered(x, rows, layer_slots(layer), M, out)
     tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
     default = names.index(DEFAULT) if DEFAULT in names and getattr(layer, "lora_A", None) is not None else None
-    named_only = layer.adapters is not None and all(a != default for a, _ in row_groups(rows))
+    named_only = layer.adapters is not None and all(a != default for a, _ in groups)
     if tokens <= STACKED_MAX_TOKENS and named_only:
         stacks = layer.adapters.stacks()
         if stacks is not None:
@@ -393,13 +402,7 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
         return layer.base(x)
     names = [DEFAULT] if layer.adapters is None else layer.adapters.table.names
     if rows is None:
-        active = layer.adapters.table.active
-        if active == DEFAULT:
-            own = getattr(layer, "lora_A", None)  # a NamedLoRALinear has no default adapter
-            slot = None if own is None else (own.weight, layer.lora_B.weight, layer.scaling)
-        else:
-            named = layer.adapters[active] if active in layer.adapters else None
-            slot = None if named is None else (named.lora_A, named.lora_B, named.scaling)
+        slot = layer_slot(layer, layer.adapters.table.active)
         if slot is None:  # the active adapter does not target this layer
             return layer.base(x)
     else:
