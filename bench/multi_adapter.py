@@ -18,6 +18,10 @@ Measured in one process, timed round-robin (bench/common.py interleaved_medians)
   base           the base alone (LoRA off), the latency reference
   peft mixed     transformers' generate on a PeftModel with the same adapter files, adapter_names= per row
 
+Two layer-level tables (CPU): one layer's LoRA term by each path at 1-64 tokens per row (what
+multi.STACKED_MAX_TOKENS is chosen from), and decoding over d of 10 loaded adapters with the weights read
+from memory (multi.STACKED_MIN_SHARE).
+
 Memory per extra adapter: resident bytes (on CUDA: allocated device bytes) after loading all n adapters
 and serving a mixed batch (the stacks of minilora/lora/multi.py built), less those after one adapter and
 a batch, over n - 1; against an adapter's tensor bytes.
@@ -100,6 +104,48 @@ def layer_paths(n: int, r: int, K: int = 576, M: int = 1536, B: int = 16, repeat
             repeat=repeat,
         )
         out.append({"T": T, **{k: v * 1e6 for k, v in t.items()}})
+    return out
+
+
+def share_paths(n: int = 10, r: int = 16, K: int = 576, M: int = 1536, B: int = 16, layers: int = 60) -> list[dict]:
+    """Decoding (one token per row) over d of n loaded adapters, rows b mod d: the LoRA term added into a
+    base output by the stacked and the grouped path, microseconds per layer beyond the base matmul, with
+    the weights of `layers` layers cycled so that they are read from memory as in a model. What
+    multi.STACKED_MIN_SHARE is chosen from."""
+    import statistics
+    import time
+
+    from minilora.lora import multi
+
+    g = torch.Generator().manual_seed(0)
+    held = []
+    for _ in range(layers):
+        adapters = multi.NamedAdapters(multi.AdapterTable([f"a{i}" for i in range(n)]))
+        for i in range(n):
+            adapters[f"a{i}"] = multi.AdapterSlot(torch.randn(r, K, generator=g), torch.randn(M, r, generator=g), 2.0)
+        slots = [(a.lora_A, a.lora_B, a.scaling) for a in adapters.values()]
+        held.append((torch.randn(M, K, generator=g), slots, adapters.stacks()))
+    x = torch.randn(B, 1, K, generator=g)
+    out = []
+    for d in sorted({1, 2, 3, n // 2, (2 * n) // 3 + 1, n}):
+        rows = torch.tensor([b % d for b in range(B)])
+
+        def per_layer(kind):
+            times = []
+            for _ in range(7):
+                start = time.perf_counter()
+                for W, slots, stacks in held:
+                    y = torch.nn.functional.linear(x, W)  # (B, 1, M)
+                    if kind == "stacked":
+                        multi.mixed_stacked(x, rows, stacks, M, y)
+                    elif kind == "grouped":
+                        multi.mixed_grouped(x, rows, slots, M, y)
+                times.append((time.perf_counter() - start) / layers * 1e6)
+            return statistics.median(times)
+
+        t = {kind: per_layer(kind) for kind in ("base", "stacked", "grouped", "base again")}
+        base = (t["base"] + t["base again"]) / 2
+        out.append({"d": d, "n": n, "stacked": t["stacked"] - base, "grouped": t["grouped"] - base})
     return out
 
 
@@ -206,6 +252,7 @@ def main() -> None:
         t = interleaved_medians(fns, repeat=a.repeat, warmup=0)
 
     paths = layer_paths(n, a.rank) if dev == "cpu" else []  # the CPU paths multi.STACKED_MAX_TOKENS chooses between
+    shares = share_paths(r=a.rank) if dev == "cpu" else []  # and multi.STACKED_MIN_SHARE
     tok_s = {k: B * N / v for k, v in t.items()}
     ratios = {
         "mixed_vs_one_adapter_tok_s": tok_s["mixed"] / tok_s["one adapter"],
@@ -243,6 +290,11 @@ def main() -> None:
         print(f"{'T':>4}{'grouped':>10}{'stacked':>10}{'one adapter':>13}")
     for row in paths:
         print(f"{row['T']:4}{row['grouped']:10.0f}{row['stacked']:10.0f}{row['one adapter']:13.0f}")
+    if shares:
+        print(f"decoding over d of {shares[0]['n']} adapters, the term added into the base output, us per layer:")
+        print(f"{'d':>4}{'stacked':>10}{'grouped':>10}")
+    for row in shares:
+        print(f"{row['d']:4}{row['stacked']:10.0f}{row['grouped']:10.0f}")
     if same_tokens is not None:
         print(
             f"minilora mixed {ratios['mixed_vs_peft_tok_s']:.2f}x PEFT's mixed-batch tok/s (target >= 2); "
@@ -258,6 +310,7 @@ def main() -> None:
             "memory": {"rss_per_adapter_bytes": per_adapter, "tensor_bytes_per_adapter": tensor_bytes},
             "ratios": ratios,
             "layer_paths_us": paths,
+            "share_paths_us": shares,
             "tokens_equal_to_peft": same_tokens,
         },
     )

@@ -205,6 +205,29 @@ def test_a_batch_on_one_adapter_is_that_adapter_alone(setup, quantize, default):
     assert torch.equal(model(IDS, adapter_ids=[-1] * len(IDS)), base)
 
 
+@torch.no_grad()
+def test_stacked_path_only_when_the_batch_uses_most_adapters(setup, stacked_calls):
+    """Decoding rows (one token each) over a, b and c take the stacked path where a layer holds two of
+    them and the batch uses both; over a and c only, each layer holding a or c holds b too, which the
+    stacked path would read for nothing, so the grouped path runs. Both equal each adapter alone within
+    the rounding bound."""
+    hf, base_dir, dirs = setup
+    model = ours(base_dir, dirs, default=False)
+    x = IDS[:, :1]
+    alone = {}
+    for i, name in enumerate(adapter_names(model)):
+        set_adapter(model, name)
+        alone[i] = model(x)
+    set_adapter(model, "a")
+    for rows, stacked in (([0, 1, 2, -1, 1], True), ([0, 2, 0, -1, 2], False)):
+        stacked_calls.n = 0
+        mixed = model(x, adapter_ids=rows)
+        assert (stacked_calls.n > 0) == stacked, rows
+        for b, a in enumerate(rows):
+            if a >= 0:
+                assert rel_err(alone[a][b], mixed[b]) < LOGITS_RTOL, (rows, b)
+
+
 def lora_bound(x, slots, rows, M, into=None):
     """Twice the elementwise rounding bound of s B (A x) for each row's adapter (module docstring). With
     `into`, of into + s B (A x) computed in one addmm: the sum then has R + 1 terms (into's among them,

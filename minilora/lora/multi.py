@@ -333,6 +333,7 @@ _MASKS: dict = {}  # the last adapter_ids tensor row_masks saw, and its masks pe
 
 
 STACKED_MAX_TOKENS = 16  # tokens per row up to which mixed_stacked beats mixed_grouped on the CPU (bench/README.md)
+STACKED_MIN_SHARE = 2 / 3  # and the share of the layer's adapters the batch must use: below, grouped reads less
 
 
 def _check_rows(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, n: int) -> None:
@@ -370,8 +371,9 @@ def mixed_delta(
     """The LoRA term of a mixed batch (B, ..., M) float32, added into `out` when given, by the path that
     suits it: when every row is on one adapter, that adapter alone as set_adapter computes it (the same
     bits, and only its weights read); the Triton shrink/expand where dispatch allows them (CUDA); the
-    stacked matmuls for few tokens per row (decoding) when every row's adapter is a named one; else the
-    grouped matmuls (bench/multi_adapter.py measured both against the PyTorch gather on the CPU)."""
+    stacked matmuls for few tokens per row (decoding) when every row's adapter is a named one and the
+    batch uses most of the layer's adapters (the stacked path reads them all); else the grouped matmuls
+    (bench/multi_adapter.py measured both against the PyTorch gather on the CPU)."""
     M = layer.out_features
     groups = row_groups(rows)
     one = len(groups) == 1 and groups[0][1].shape[0] == rows.shape[0]
@@ -387,9 +389,11 @@ def mixed_delta(
     named_only = layer.adapters is not None and all(a != default for a, _ in groups)
     if tokens <= STACKED_MAX_TOKENS and named_only:
         stacks = layer.adapters.stacks()
-        if stacks is not None:
+        if stacks is None:
+            return x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if out is None else out
+        stacked = {i for i, _, _ in stacks[2][1]}  # the adapters on this layer, whose weights it reads
+        if sum(a in stacked for a, _ in groups) > STACKED_MIN_SHARE * len(stacked):
             return mixed_stacked(x, rows, stacks, M, out)
-        return x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if out is None else out
     return mixed_grouped(x, rows, layer_slots(layer), M, out)
 
 
