@@ -197,9 +197,10 @@ def main() -> None:
         model.eval()
         plist = prompts.tolist()
         # memory per extra adapter: one adapter loaded and a mixed batch served (what the first batch of the
-        # adapter paths allocates and keeps is not any adapter's), then the other n - 1 and a batch again
+        # adapter paths allocates and keeps is not any adapter's), then the other n - 1 and a batch again;
+        # half the rows on the base, so that the batch is mixed (all on a0 would be a0 served alone)
         load_adapter(model, dirs[0], name="a0")
-        generate(model, plist, N, adapter_ids=[0] * B)
+        generate(model, plist, N, adapter_ids=[0 if b % 2 else -1 for b in range(B)])
         rss0 = rss_after_trim(dev)
         for i, d in enumerate(dirs[1:], start=1):
             load_adapter(model, d, name=f"a{i}")
