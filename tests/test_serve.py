@@ -174,7 +174,24 @@ def hold_scheduler(app):
     return release
 
 
-def test_sixteen_concurrent_requests_over_four_adapters_each_equal_alone(app, client, dirs):
+def test_sixteen_concurrent_requests_over_four_adapters_each_equal_alone(app, client, dirs, monkeypatch):
+    """Sixteen requests over four adapters, joined into one batch, each equal generate() alone; and the
+    scheduler looks the adapter list up once per forward, not once per row (each lookup walks the model)."""
+    import minilora.serve.scheduler as scheduler
+
+    calls = {"names": 0, "forwards": 0}
+    names, forward = scheduler.adapter_names, scheduler.Scheduler._forward
+
+    def counted_names(model):
+        calls["names"] += 1
+        return names(model)
+
+    def counted_forward(self, *args):
+        calls["forwards"] += 1
+        return forward(self, *args)
+
+    monkeypatch.setattr(scheduler, "adapter_names", counted_names)
+    monkeypatch.setattr(scheduler.Scheduler, "_forward", counted_forward)
     tok = tokenizer()
     jobs = [(name, PROMPTS[i % 4], 4 + 3 * i, i % 3 == 0) for i, name in enumerate(list(ADAPTERS) * 4)]
 
@@ -194,6 +211,7 @@ def test_sixteen_concurrent_requests_over_four_adapters_each_equal_alone(app, cl
     assert app.scheduler.most_rows == 16
     for (name, prompt, n, _), text in zip(jobs, got):
         assert text == reference(dirs, name, tok.encode(prompt, add_special_tokens=True), n)[1], (name, prompt, n)
+    assert 0 < calls["forwards"] and calls["names"] <= calls["forwards"], calls
 
 
 def test_requests_joining_a_running_batch_equal_alone(app, client, dirs):

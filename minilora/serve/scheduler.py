@@ -22,8 +22,8 @@ What it costs, against each request decoded alone (n_b the tokens of row b, S = 
   - a newcomer's prefill runs alone (P tokens, batch 1) while the others wait one prefill long; then a
     splice copies 2 L S Hkv hd numbers per row. Re-prefilling every running row at each join (the simpler
     alternative) would instead recompute sum_b n_b tokens through every layer;
-  - every LoRA term is the gathered (BGMV) path of minilora/lora/multi.py: rows of different adapters
-    share the two batched matmuls.
+  - every LoRA term takes the mixed-batch path of minilora/lora/multi.py (mixed_delta): rows of
+    different adapters share its matmuls, and a batch on one adapter is served as that adapter alone.
 Each row computes what it would alone (batch.py says why), so greedy output equals generate() on that
 request alone, up to the summation order of the batched matmuls.
 
@@ -268,14 +268,12 @@ class Scheduler:
             except queue.Empty:
                 return
 
-    def _adapter_index(self, name: str | None) -> int:
-        return -1 if name is None else adapter_names(self.model).index(name)
-
     def _forward(self, ids: torch.Tensor, cache: KVCache, rows: list[Request]) -> torch.Tensor:
         """Logits of the last position (B, V) for ids (B, T) appended to `cache`, each row through its
         adapter; the calls generate() makes, so that a row alone computes what generate() computes."""
         B, T = ids.shape
-        adapter_ids = [self._adapter_index(r.adapter) for r in rows]
+        names = adapter_names(self.model)  # once per step: it walks the model's modules
+        adapter_ids = [-1 if r.adapter is None else names.index(r.adapter) for r in rows]
         mask = torch.ones(B, T, dtype=torch.long, device=self.device)
         with adapters_per_row(adapter_ids, B, self.device):  # lm_head may carry adapters too
             h = self.model(ids, attention_mask=mask, cache=cache, return_hidden=True)[:, -1]  # (B, D)
