@@ -1,8 +1,8 @@
 """Several LoRA adapters on one base layer, and batches whose rows use different ones (PEFT's
 `adapter_names=` mixed batches; the BGMV of Punica, S-LoRA and vLLM).
 
-Letters: B rows, T tokens per row, K in_features, M out_features, n adapters, r_i adapter i's rank,
-R = max_i r_i.
+Letters: B rows, T tokens per row, N = B T, K in_features, M out_features, n adapters, r_i adapter
+i's rank, R = max_i r_i.
 
 Where the adapters live. The default adapter is a LoRALinear's own lora_A / lora_B (the one training
 writes and save_adapter saves, its keys unchanged). Named adapters sit beside it in a NamedAdapters
@@ -16,8 +16,8 @@ Row b with adapter a = ids[b] computes
     y_b = W0 x_b + bias + s_a B_a A_a x_b,     A_a (r_a, K), B_a (M, r_a), s_a = alpha_a / r_a
                                                (alpha_a / sqrt(r_a) with rsLoRA), per layer
 
-where the last term is 0 when a = -1 or adapter a does not target this layer. Two ways to compute the
-LoRA term of a batch, both in float32 as LoRALinear's:
+where the last term is 0 when a = -1 or adapter a does not target this layer. Four ways to compute the
+LoRA term of a batch, all in float32 as LoRALinear's:
 
   mixed_reference  one (masked rows) matmul pair per distinct adapter in the batch; readable.
   mixed_grouped    the tuned one routed_forward uses: mixed_reference with each adapter's rows found
@@ -30,6 +30,11 @@ LoRA term of a batch, both in float32 as LoRALinear's:
                      H = x A_cat^T  (B, T, Σ)    H_b *= s_a [owner == a_b]    y_b = H_b B_cat^T  (M,)
                    two matmuls and a product per layer whatever the number of adapters, each adapter's
                    weights read once; it multiplies x by every adapter's A, so it is chosen for few tokens.
+
+Which one runs (mixed_delta): a batch whose rows all name one adapter is that adapter alone
+(single_delta, as set_adapter computes it); on CUDA the Triton kernels below; few tokens per row over most
+of a layer's adapters, mixed_stacked; else mixed_grouped (bench/multi_adapter.py measured the CPU's
+crossovers).
 
 Why zero padding is exact. A_pad[a] = [A_a; 0] (R, K) and B_pad[a] = [B_a, 0] (M, R). Then
 h_b = [A_a x_b; 0]: rows beyond r_a are sums of products 0 * x_k = 0 exactly (for finite x), and
