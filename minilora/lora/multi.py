@@ -406,7 +406,7 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
     """y = base(x) + the LoRA term of each row's adapter (rows (B,), -1 the base alone), or with rows None
     of the active adapter on every row; combined with the base as LoRALinear combines them (dense: add
     in float32, then cast; NF4: cast, then add). A float32 base output takes the term in place: the
-    (N, M) term is then never written on its own, one pass over the output instead of four."""
+    (N, M) term is then never written on its own: one pass over the output, not three or more."""
     if layer.disabled:
         return layer.base(x)
     names = [DEFAULT] if layer.adapters is None else layer.adapters.table.names
