@@ -16,6 +16,8 @@ Measured in one process, timed round-robin (bench/common.py interleaved_medians)
   one adapter    the same batch with adapter 0 for every row (set_adapter: no adapter_ids, one LoRA matmul pair)
   same ids       the same batch with adapter_ids all 0 (the gathered path, one adapter)
   base           the base alone (LoRA off), the latency reference
+  served         the same requests through minilora/serve/scheduler.py (the server's loop, without HTTP),
+                 submitted together: each prefilled alone, then decoded as one batch
   peft mixed     transformers' generate on a PeftModel with the same adapter files, adapter_names= per row
 
 Two layer-level tables (CPU): one layer's LoRA term by each path at 1-64 tokens per row (what
@@ -55,6 +57,16 @@ def rss_after_trim(device: str = "cpu") -> int:
         return torch.cuda.memory_allocated()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     return status_kib("VmRSS") * 1024
+
+
+class NoText:
+    """The scheduler's tokenizer for a checkpoint without one: no EOS, and no text handed out (the server
+    decodes each completion again at every token; here only tokens are counted)."""
+
+    eos_ids: list[int] = []
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
 
 
 def write_adapters(ckpt: str, out: str, n: int, r: int) -> list[str]:
@@ -180,6 +192,7 @@ def main() -> None:
     from minilora.lora.named import hosts
     from minilora.models.generate import generate
     from minilora.models.loader import load_model
+    from minilora.serve.scheduler import Request, Scheduler, release_openmp_threads
 
     dtype = DTYPES[a.dtype]
     B, P, N, n = a.requests, a.prompt, a.new, a.adapters
@@ -223,12 +236,29 @@ def main() -> None:
             with lora_disabled(model):
                 return ours()
 
+        sched = Scheduler(model, NoText(), max_batch=B)
+        with sched.lock:
+            sched.adapters.update({f"a{i}": d for i, d in enumerate(dirs)})  # loaded above, served from now on
+        sched.start()
+
+        def served():
+            release_openmp_threads()  # as serve.py's main thread, which computes nothing while it serves
+            reqs = [Request(prompt=plist[b], adapter=f"a{rows[b]}", max_tokens=N) for b in range(B)]
+            for r in reqs:
+                sched.submit(r)
+            for r in reqs:
+                while r.events.get()[0] not in ("done", "error"):
+                    pass
+            return [r.tokens for r in reqs]
+
         fns = {
             "mixed": lambda: ours(ids),
             "one adapter": one_adapter,
             "same ids": lambda: ours([ids[0]] * B),
             "base": base,
+            "served": served,
         }
+        check["served"] = served()
         if not a.no_peft:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
@@ -251,6 +281,7 @@ def main() -> None:
             fns["peft mixed"] = peft_mixed
             check["peft"] = peft_mixed()
         t = interleaved_medians(fns, repeat=a.repeat, warmup=0)
+        sched.stop(0.0)
 
     paths = layer_paths(n, a.rank) if dev == "cpu" else []  # the CPU paths multi.STACKED_MAX_TOKENS chooses between
     shares = share_paths(r=a.rank) if dev == "cpu" else []  # and multi.STACKED_MIN_SHARE
@@ -261,6 +292,8 @@ def main() -> None:
         "latency_vs_base": t["mixed"] / t["base"],
         "memory_per_adapter_vs_tensor_bytes": per_adapter / tensor_bytes,
     }
+    served_same = sum(x == y for u, v in zip(check["ours"], check["served"]) for x, y in zip(u, v)) / (B * N)
+    ratios["served_vs_mixed_tok_s"] = tok_s["served"] / tok_s["mixed"]
     same_tokens = None
     if "peft mixed" in t:
         ratios["mixed_vs_peft_tok_s"] = tok_s["mixed"] / tok_s["peft mixed"]
@@ -296,6 +329,10 @@ def main() -> None:
         print(f"{'d':>4}{'stacked':>10}{'grouped':>10}")
     for row in shares:
         print(f"{row['d']:4}{row['stacked']:10.0f}{row['grouped']:10.0f}")
+    print(
+        f"served by minilora/serve/scheduler.py ({B} requests submitted together, each prefilled alone, then one "
+        f"batch): {ratios['served_vs_mixed_tok_s']:.2f}x generate()'s tok/s; {served_same:.1%} of its tokens equal"
+    )
     if same_tokens is not None:
         print(
             f"minilora mixed {ratios['mixed_vs_peft_tok_s']:.2f}x PEFT's mixed-batch tok/s (target >= 2); "
@@ -313,6 +350,7 @@ def main() -> None:
             "layer_paths_us": paths,
             "share_paths_us": shares,
             "tokens_equal_to_peft": same_tokens,
+            "served_tokens_equal_to_generate": served_same,
         },
     )
     print(f"wrote {path}")

@@ -380,3 +380,77 @@ def test_many_simultaneous_connections_are_accepted_into_the_backlog():
             s.close()
         httpd.server_close()
     assert len(socks) == 32
+
+
+def _libgomp_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return "libgomp" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _libgomp_loaded(), reason="torch runs libgomp's OpenMP here only on Linux builds that use it")
+def test_the_loading_thread_releases_its_openmp_workers():
+    """Before the scheduler thread takes the model over, the caller's OpenMP workers go (counted as the
+    process's OS threads), so that the scheduler's team is the only one computing (release_openmp_threads
+    says why that matters); the caller's next parallel op makes them again."""
+    from minilora.serve.scheduler import release_openmp_threads
+
+    def os_threads():
+        return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(256, 256)
+        x @ x  # a parallel op: this thread's team, with its worker
+        with_team = os_threads()
+        release_openmp_threads()
+        assert os_threads() < with_team
+        x @ x
+        assert os_threads() == with_team
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("budget", [4096, 24])
+def test_newcomers_are_prefilled_together_within_the_token_budget(dirs, budget):
+    """The scheduler's loop run on this thread: requests of different lengths and adapters that arrive
+    together are prefilled in one left-padded forward (with a 24-token budget, in groups whose padded
+    size (G P) stays within it, a longer prompt alone), and each generates what generate() gives it alone."""
+    from minilora.serve.scheduler import Request, Scheduler
+
+    model, tok = load_model("tiny", quantize=None, dtype=torch.float32)
+    sched = Scheduler(model.eval(), tok, max_batch=8, max_prefill_tokens=budget)
+    for name in ("a", "b"):
+        load_adapter(model, dirs[name], name=name)
+        sched.adapters[name] = dirs[name]
+    prompts = [tok.encode(p, add_special_tokens=True) for p in PROMPTS]
+    jobs = [(prompts[i % 4], [None, "a", "b"][i % 3]) for i in range(6)]
+    reqs = [Request(prompt=p, adapter=name, max_tokens=5) for p, name in jobs]
+    for r in reqs:
+        sched.submit(r)
+    groups = []
+    prefill = sched._prefill
+    sched._prefill = lambda group: groups.append(len(group)) or prefill(group)
+    sched._admit()
+    assert sum(groups) == 6 and len(sched.rows) == 6
+    lengths = [len(p) for p, _ in jobs]
+    if budget == 4096:
+        assert groups == [6]
+    else:  # the same greedy cut: a group grows while (G + 1) max P fits the budget
+        want, g, longest = [], 0, 0
+        for n in lengths:
+            if g and (g + 1) * max(longest, n) > budget:
+                want.append(g)
+                g, longest = 0, 0
+            g, longest = g + 1, max(longest, n)
+        want.append(g)
+        assert groups == want and len(groups) > 1
+    while sched.rows:
+        sched._step()
+    for (p, name), r in zip(jobs, reqs):
+        alone = reference(dirs, name or "tiny", p, 5)[0]
+        assert r.tokens == alone, (name, p)

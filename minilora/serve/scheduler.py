@@ -7,7 +7,7 @@ Shape letters: B running rows, P a prompt's tokens, S cache columns, D hidden si
 The loop, on the scheduler thread (the only thread that touches the model):
 
     run queued commands (load / unload an adapter, anything else that changes the model)
-    admit: while B < max_batch and requests wait: prefill the newcomer alone -> its first token
+    admit: while B < max_batch and requests wait: prefill the newcomers together -> their first tokens
     splice the running rows and the newcomers into one right-aligned cache (batch.py)
     step:  logits (B, V) = model(newest token of each row (B, 1), cache, adapter_ids (B,))
            each row picks its token (argmax, or its own temperature / top_p / seed), checks EOS,
@@ -19,9 +19,11 @@ What it costs, against each request decoded alone (n_b the tokens of row b, S = 
     read once per step, which is the whole point (decoding is bound by reading weights);
   - attention reads B S cached positions instead of sum_b n_b: the left padding of short rows beside
     long ones (paged attention, vLLM's answer, gathers only the real blocks);
-  - a newcomer's prefill runs alone (P tokens, batch 1) while the others wait one prefill long; then a
-    splice copies 2 L S Hkv hd numbers per row. Re-prefilling every running row at each join (the simpler
-    alternative) would instead recompute sum_b n_b tokens through every layer;
+  - the newcomers of a step are prefilled together, left-padded to the longest prompt as generate()
+    pads (up to max_prefill_tokens padded tokens a forward, which bounds its activations), while the
+    running rows wait one prefill long; then a splice copies 2 L S Hkv hd numbers per row. Re-prefilling
+    every running row at each join (the simpler alternative) would instead recompute sum_b n_b tokens
+    through every layer; prefilling each newcomer alone would run the linear layers once per request;
   - every LoRA term takes the mixed-batch path of minilora/lora/multi.py (mixed_delta): rows of
     different adapters share its matmuls, and a batch on one adapter is served as that adapter alone.
 Each row computes what it would alone (batch.py says why), so greedy output equals generate() on that
@@ -35,6 +37,7 @@ running row uses it any more.
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 import time
@@ -119,13 +122,26 @@ class Request:
         return True
 
 
+def release_openmp_threads() -> None:
+    """Free the calling thread's OpenMP workers (libgomp's omp_pause_resource_all) before another thread
+    takes the model over. libgomp counts the workers of every thread's team, and with more of them than
+    CPUs it spins less before sleeping, in every team: each parallel op then waits for its workers to
+    wake. Beside the workers the loading thread kept, the scheduler thread's decoding steps took 1.6x as
+    long. The caller's team is made again when it next computes. A no-op where torch runs another OpenMP."""
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1)  # 1: omp_pause_soft
+    except (OSError, AttributeError):
+        pass
+
+
 class Scheduler:
     """The model's only user once started: a bounded queue of Requests in, a thread running the loop of
     the module docstring. `call(fn)` runs fn on that thread between two steps (adapter changes)."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, max_prefill_tokens: int = 4096):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens  # padded tokens in one prefill forward (its activations)
         self.eos = set(tokenizer.eos_ids)
         self.device = next(model.parameters()).device
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -143,6 +159,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ called from HTTP threads
     def start(self) -> None:
+        release_openmp_threads()  # the caller (which loaded the model) is done with it
         self.thread.start()
 
     def served(self) -> dict[str, str]:
@@ -230,6 +247,7 @@ class Scheduler:
                     if self.rows:
                         self._step()
                     else:
+                        release_openmp_threads()  # idle: its workers would slow whichever thread computes next
                         self.wake.wait(0.5)
                         self.wake.clear()
         except Exception as e:  # a bug or an out-of-memory: every waiting client gets an answer
@@ -268,13 +286,14 @@ class Scheduler:
             except queue.Empty:
                 return
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache, rows: list[Request]) -> torch.Tensor:
-        """Logits of the last position (B, V) for ids (B, T) appended to `cache`, each row through its
-        adapter; the calls generate() makes, so that a row alone computes what generate() computes."""
+    def _forward(self, ids: torch.Tensor, cache: KVCache, rows: list[Request], mask=None) -> torch.Tensor:
+        """Logits of the last position (B, V) for ids (B, T) appended to `cache` (mask (B, T): 1 real, 0 left
+        padding; all real by default), each row through its adapter; the calls generate() makes, so that a
+        row computes what generate() computes for it."""
         B, T = ids.shape
         names = adapter_names(self.model)  # once per step: it walks the model's modules
         adapter_ids = [-1 if r.adapter is None else names.index(r.adapter) for r in rows]
-        mask = torch.ones(B, T, dtype=torch.long, device=self.device)
+        mask = torch.ones(B, T, dtype=torch.long, device=self.device) if mask is None else mask
         with adapters_per_row(adapter_ids, B, self.device):  # lm_head may carry adapters too
             h = self.model(ids, attention_mask=mask, cache=cache, return_hidden=True)[:, -1]  # (B, D)
             return self.model.logits_from_hidden(h)  # (B, V)
@@ -288,9 +307,11 @@ class Scheduler:
         return out
 
     def _admit(self) -> None:
-        """Prefill waiting requests alone while the batch has room, then splice them in."""
-        joined: list[tuple[Request, KVCache]] = []
-        while len(self.rows) + len(joined) < self.max_batch:
+        """Prefill waiting requests while the batch has room, then splice them in. Newcomers are prefilled
+        together, left-padded as generate() pads a batch, in groups of at most max_prefill_tokens padded
+        tokens (a longer prompt alone)."""
+        waiting: list[Request] = []
+        while len(self.rows) + len(waiting) < self.max_batch:
             try:
                 req = self.queue.get_nowait()
             except queue.Empty:
@@ -304,19 +325,38 @@ class Scheduler:
                     )
                 )
                 continue
-            cfg = self.model.config
-            cache = KVCache(cfg, 1, len(req.prompt), self.dtype, self.device)  # (1, Hkv, P, hd) per layer
-            ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, P)
-            first = self._pick(self._forward(ids, cache, [req]), [req])[0]
-            if not req.add_token(first, self.tokenizer, self.eos):
-                joined.append((req, cache))
+            waiting.append(req)
+        joined: list[tuple[Request, KVCache, int]] = []
+        group: list[Request] = []
+        for req in waiting:
+            padded = (len(group) + 1) * max(len(r.prompt) for r in [*group, req])  # (G + 1) P
+            if group and padded > self.max_prefill_tokens:
+                joined += self._prefill(group)
+                group = []
+            group.append(req)
+        if group:
+            joined += self._prefill(group)
         if joined:
             self._rebuild(list(range(len(self.rows))), joined)
 
-    def _rebuild(self, keep: list[int], joined: list[tuple[Request, KVCache]] = ()) -> None:
-        """The batch becomes rows `keep` of the current one, then `joined` (each a one-row cache)."""
-        parts = [(self.cache, b) for b in keep] + [(c, 0) for _, c in joined]
-        self.rows = [self.rows[b] for b in keep] + [r for r, _ in joined]
+    def _prefill(self, group: list[Request]) -> list[tuple[Request, KVCache, int]]:
+        """One forward of the group's prompts, left-padded to the longest P into one cache (G rows, P
+        columns: each row's keys right-aligned, as batch.py wants them); each request gets its first
+        token. Returns (request, the cache, its row) of those not finished by it."""
+        G, P = len(group), max(len(r.prompt) for r in group)
+        ids = torch.zeros(G, P, dtype=torch.long, device=self.device)  # (G, P); 0 under the mask: any id
+        mask = torch.zeros(G, P, dtype=torch.long, device=self.device)
+        for b, r in enumerate(group):
+            ids[b, P - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[b, P - len(r.prompt) :] = 1
+        cache = KVCache(self.model.config, G, P, self.dtype, self.device)  # (G, Hkv, P, hd) per layer
+        first = self._pick(self._forward(ids, cache, group, mask), group)
+        return [(r, cache, b) for b, r in enumerate(group) if not r.add_token(first[b], self.tokenizer, self.eos)]
+
+    def _rebuild(self, keep: list[int], joined: list[tuple[Request, KVCache, int]] = ()) -> None:
+        """The batch becomes rows `keep` of the current one, then each joined (request, its cache, its row)."""
+        parts = [(self.cache, b) for b in keep] + [(c, b) for _, c, b in joined]
+        self.rows = [self.rows[b] for b in keep] + [r for r, _, _ in joined]
         self.cache = splice(self.model.config, parts, self.dtype, self.device) if parts else None
 
     def _step(self) -> None:
