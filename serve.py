@@ -65,6 +65,12 @@ def serve_parser() -> argparse.ArgumentParser:
     a("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     a("--max-batch", type=int, default=16, help="requests decoded together in one step")
     a("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
+    a(
+        "--max-prefill-tokens",
+        type=int,
+        default=4096,
+        help="padded prompt tokens prefilled in one forward (newcomers join together up to it; bounds its memory)",
+    )
     a("--max-new-tokens", type=int, default=256, help="tokens generated when a request gives no max_tokens")
     a(
         "--quantize",
@@ -139,7 +145,7 @@ class Server:
             raise ValueError(f"{args.model} has no tokenizer.json; the server needs one to read prompts.")
         self.tokenizer, self.context = tok, model.config.max_position_embeddings
         self.templates = {None: resolve_template("auto", tok)}  # adapter name (None: the base) -> chat or raw
-        self.scheduler = Scheduler(model.eval(), tok, args.max_batch, args.max_queue)
+        self.scheduler = Scheduler(model.eval(), tok, args.max_batch, args.max_queue, args.max_prefill_tokens)
         for name, (folder, run_cfg) in adapters.items():
             load_adapter(model, folder, name=name)  # before the scheduler thread exists: no race
             self.scheduler.adapters[name] = folder
@@ -370,6 +376,7 @@ def main(argv=None) -> int:
         for flag, value in (
             ("--max-batch", args.max_batch),
             ("--max-queue", args.max_queue),
+            ("--max-prefill-tokens", args.max_prefill_tokens),
             ("--max-new-tokens", args.max_new_tokens),
         ):
             if value < 1:

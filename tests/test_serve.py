@@ -454,3 +454,10 @@ def test_newcomers_are_prefilled_together_within_the_token_budget(dirs, budget):
     for (p, name), r in zip(jobs, reqs):
         alone = reference(dirs, name or "tiny", p, 5)[0]
         assert r.tokens == alone, (name, p)
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--max-queue", "--max-new-tokens", "--max-prefill-tokens"])
+def test_a_limit_below_one_is_one_sentence(flag, capsys):
+    assert serve_cli.main([flag, "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {flag} must be at least 1; fix the flag and run again.", err
