@@ -17,7 +17,7 @@ Measured in one process, timed round-robin (bench/common.py interleaved_medians)
   same ids       the same batch with adapter_ids all 0 (the gathered path, one adapter)
   base           the base alone (LoRA off), the latency reference
   served         the same requests through minilora/serve/scheduler.py (the server's loop, without HTTP),
-                 submitted together: each prefilled alone, then decoded as one batch
+                 submitted together: prefilled together, then decoded as one batch
   peft mixed     transformers' generate on a PeftModel with the same adapter files, adapter_names= per row
 
 Two layer-level tables (CPU): one layer's LoRA term by each path at 1-64 tokens per row (what
@@ -330,7 +330,7 @@ def main() -> None:
     for row in shares:
         print(f"{row['d']:4}{row['stacked']:10.0f}{row['grouped']:10.0f}")
     print(
-        f"served by minilora/serve/scheduler.py ({B} requests submitted together, each prefilled alone, then one "
+        f"served by minilora/serve/scheduler.py ({B} requests submitted together, prefilled together, then one "
         f"batch): {ratios['served_vs_mixed_tok_s']:.2f}x generate()'s tok/s; {served_same:.1%} of its tokens equal"
     )
     if same_tokens is not None:
