@@ -337,6 +337,13 @@ def test_mixed_batch_with_the_kernels_equals_the_reference_loop(monkeypatch, ker
     assert ((got.double() - want.double()).abs() <= lora_bound(x, slots, rows, M)).all()
     assert (got[rows == -1] == 0).all() and (got[rows == 1] == 0).all()
     assert multi.mixed_gathered(x[:, 0], rows, slots, M).shape == (len(rows), M)  # (B, K): T = 1
+    # added in place into a float32 base output (routed_forward's path): the expand writes into it
+    base = torch.randn(*x.shape[:-1], M, generator=torch.Generator().manual_seed(4))
+    out = base.clone()
+    into = multi.mixed_gathered(x, rows, slots, M, out)
+    assert into.data_ptr() == out.data_ptr()
+    assert ((into.double() - base.double() - want.double()).abs() <= lora_bound(x, slots, rows, M, into=base)).all()
+    assert torch.equal(into[rows == -1], base[rows == -1]) and torch.equal(into[rows == 1], base[rows == 1])
 
 
 @needs_interpreter
