@@ -327,7 +327,7 @@ def row_masks(rows: torch.Tensor, layout) -> torch.Tensor:
         _MASKS.clear()
         _MASKS["rows"] = rows
     if layout not in _MASKS:
-        n, stacked = layout
+        _, stacked = layout
         owner = torch.tensor([i for i, r, _ in stacked for _ in range(r)], device=rows.device)  # (Σ,)
         s = torch.tensor([si for _, r, si in stacked for _ in range(r)], device=rows.device)  # (Σ,)
         _MASKS[layout] = ((rows[:, None] == owner[None, :]) * s)[:, None, :]  # (B, 1, Σ)

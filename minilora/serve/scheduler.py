@@ -126,8 +126,8 @@ def release_openmp_threads() -> None:
     """Free the calling thread's OpenMP workers (libgomp's omp_pause_resource_all) before another thread
     takes the model over. libgomp counts the workers of every thread's team, and with more of them than
     CPUs it spins less before sleeping, in every team: each parallel op then waits for its workers to
-    wake. Beside the workers the loading thread kept, the scheduler thread's decoding steps took 1.6x as
-    long. The caller's team is made again when it next computes. A no-op where torch runs another OpenMP."""
+    wake (bench/README.md measured what that costs a decoding step). The caller's team is made again when
+    it next computes. A no-op where torch runs another OpenMP."""
     try:
         ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1)  # 1: omp_pause_soft
     except (OSError, AttributeError):
