@@ -79,6 +79,18 @@ def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torc
 
 
 @torch.no_grad()
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (B, P) and mask (B, P) of prompts padded on the left to the longest P, so that every row's
+    last token sits in the last column (1 real, 0 padding; the padding ids are pad_id, hidden by the mask)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[b, P - len(p) :] = 1
+    return ids, mask
+
+
 def generate(
     model,
     prompts: list[list[int]],
@@ -105,12 +117,8 @@ def generate(
     gen = None
     if seed is not None:
         gen = torch.Generator(device=dev).manual_seed(seed)
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)  # (B, P), left padded
-    mask = torch.zeros(B, P, dtype=torch.long, device=dev)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[b, P - len(p) :] = 1
+    ids, mask = left_padded(prompts, pad_id, dev)  # (B, P)
+    B, P = ids.shape
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []

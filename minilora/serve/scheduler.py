@@ -48,7 +48,7 @@ import torch
 
 from minilora.lora import adapter_names, delete_adapter, load_adapter
 from minilora.lora.layers import AdapterError
-from minilora.models.generate import KVCache, pick_token
+from minilora.models.generate import KVCache, left_padded, pick_token
 from minilora.models.transformer import adapters_per_row
 from minilora.serve.batch import splice
 
@@ -343,13 +343,8 @@ class Scheduler:
         """One forward of the group's prompts, left-padded to the longest P into one cache (G rows, P
         columns: each row's keys right-aligned, as batch.py wants them); each request gets its first
         token. Returns (request, the cache, its row) of those not finished by it."""
-        G, P = len(group), max(len(r.prompt) for r in group)
-        ids = torch.zeros(G, P, dtype=torch.long, device=self.device)  # (G, P); 0 under the mask: any id
-        mask = torch.zeros(G, P, dtype=torch.long, device=self.device)
-        for b, r in enumerate(group):
-            ids[b, P - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long)
-            mask[b, P - len(r.prompt) :] = 1
-        cache = KVCache(self.model.config, G, P, self.dtype, self.device)  # (G, Hkv, P, hd) per layer
+        ids, mask = left_padded([r.prompt for r in group], 0, self.device)  # (G, P); 0 under the mask: any id
+        cache = KVCache(self.model.config, *ids.shape, self.dtype, self.device)  # (G, Hkv, P, hd) per layer
         first = self._pick(self._forward(ids, cache, group, mask), group)
         return [(r, cache, b) for b, r in enumerate(group) if not r.add_token(first[b], self.tokenizer, self.eos)]
 
