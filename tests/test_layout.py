@@ -4,8 +4,11 @@ minilora.kernels and minilora.models, never as top-level packages of their own."
 import importlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 import minilora
 
@@ -66,3 +69,28 @@ def test_transformers_and_bitsandbytes_import_from_the_root_without_the_pypi_ker
     out = _run_from_root("import transformers.integrations.hub_kernels, bitsandbytes, peft; print('ok')")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ok"]
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_a_checkout_runs_uninstalled_and_never_borrows_another_checkouts_folders(tmp_path, installed):
+    # A copy of the checkout, run the way the README runs it (a script from its root): uninstalled
+    # (the editable install's finder removed), or beside this checkout's editable install, which maps
+    # the two names to this checkout's folders. The copy's own kernels/ and models/ must serve
+    # minilora.kernels and minilora.models either way.
+    copy = tmp_path / "checkout"
+    for name in ("minilora", "kernels", "models"):
+        shutil.copytree(os.path.join(ROOT, name), copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), copy)
+    code = (
+        "import sys\n"
+        f"if not {installed}:\n"
+        "    sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith('__editable__')]\n"
+        "import minilora.kernels.dispatch as d, minilora.models.transformer as t, minilora.quant.linear\n"
+        "print(d.__file__); print(t.__file__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    kernels, models = out.stdout.split()
+    assert os.path.realpath(kernels) == os.path.realpath(copy / "kernels" / "dispatch.py")
+    assert os.path.realpath(models) == os.path.realpath(copy / "models" / "transformer.py")
