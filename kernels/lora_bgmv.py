@@ -2,7 +2,8 @@
 
 Letters: N tokens (rows of x), K in_features, M out_features, L adapter slots, R the padded rank,
 S segments. Every adapter is zero-padded to rank R (exact: minilora/lora/multi.py's docstring), so
-the adapters stack into A_pad (L, R, K) and B_pad (L, M, R) with scales s (L,). Token n uses adapter
+the adapters stack into A_pad (L, R, K) and B_pad (L, M, R) with scales s (L,), of any strides (adapters of
+one rank need no padding: minilora/lora/multi.py passes views of its stacks). Token n uses adapter
 a = idx[n]; a = -1 contributes nothing (nor does an all-zero slot, whose products are exact zeros):
 
     shrink   h[n] = A_pad[a] x[n]                 x (N, K) -> h (N, R)    reduce over K
@@ -100,7 +101,7 @@ def _lora_shrink_kernel(
     h_ptr,  # (SPLIT_K, N, R) float32: h, or its partial sums when SPLIT_K > 1
     seg_start_ptr,  # (S,) int32 first token of each segment
     seg_len_ptr,  # (S,) int32 tokens in each segment
-    seg_adapter_ptr,  # (S,) int32 adapter of each segment, >= 0 (the launcher drops base segments)
+    seg_adapter_ptr,  # (S,) int32 adapter of each segment; -1: skipped (segments() drops the base's runs)
     K,  # in_features
     R,  # padded rank
     stride_xn,
@@ -122,8 +123,10 @@ def _lora_shrink_kernel(
     seg_len = tl.load(seg_len_ptr + pid_s)
     if pid_t * BLOCK_N >= seg_len:  # the grid covers the longest segment; this one is shorter
         return
-    start = tl.load(seg_start_ptr + pid_s).to(tl.int64)
     adapter = tl.load(seg_adapter_ptr + pid_s).to(tl.int64)  # int64: L R K may pass 2^31
+    if adapter < 0:  # an adapter the caller has no weights for here: its h rows stay 0
+        return
+    start = tl.load(seg_start_ptr + pid_s).to(tl.int64)
     pid_r = pid_rk // SPLIT_K
     pid_k = pid_rk % SPLIT_K
 
@@ -160,7 +163,7 @@ def _lora_expand_kernel(
     y_ptr,  # (N, M) float32, updated in place: y += s B h
     seg_start_ptr,  # (S,) int32 first token of each segment
     seg_len_ptr,  # (S,) int32 tokens in each segment
-    seg_adapter_ptr,  # (S,) int32 adapter of each segment, >= 0
+    seg_adapter_ptr,  # (S,) int32 adapter of each segment; -1: skipped
     M,  # out_features
     R,  # padded rank
     stride_hn,
@@ -180,8 +183,10 @@ def _lora_expand_kernel(
     seg_len = tl.load(seg_len_ptr + pid_s)
     if pid_t * BLOCK_N >= seg_len:  # the grid covers the longest segment; this one is shorter
         return
-    start = tl.load(seg_start_ptr + pid_s).to(tl.int64)
     adapter = tl.load(seg_adapter_ptr + pid_s).to(tl.int64)
+    if adapter < 0:  # an adapter the caller has no weights for here: its y rows untouched
+        return
+    start = tl.load(seg_start_ptr + pid_s).to(tl.int64)
 
     offs_t = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token offsets within the segment
     offs_n = start + offs_t  # (BLOCK_N,) token rows
@@ -217,11 +222,13 @@ def _lora_expand_kernel(
 
 
 class Segments(NamedTuple):
-    """Runs of consecutive tokens with one adapter, the base's (-1) runs left out."""
+    """Runs of consecutive tokens with one adapter, the base's (-1) runs left out. A caller may renumber
+    the adapters (minilora/lora/multi.py maps the model's numbering to one layer's stacks) and mark some
+    -1: the kernels skip those segments, as they skip the base's."""
 
     start: torch.Tensor  # (S,) int32 first token
     length: torch.Tensor  # (S,) int32 tokens
-    adapter: torch.Tensor  # (S,) int32 adapter index, >= 0
+    adapter: torch.Tensor  # (S,) int32 adapter index; -1: skipped
     longest: int  # max(length), 0 when S = 0: the grid's token axis
 
 

@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_multi_adapter import lora_bound
 
@@ -375,6 +375,70 @@ def test_segments_are_found_once_per_forward(monkeypatch, kernels_on_cpu):
     other[0] = 1 - other[0]  # in place: adapter 0 becomes 1 (not targeted), the segments change
     check(x, other)
     assert len(calls) == 4 and torch.equal(calls[-1], other.repeat_interleave(x.shape[1]))
+
+
+@needs_interpreter
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture's patches hold for every example
+@given(
+    n=st.integers(1, 4),
+    r=st.integers(1, 20),
+    targeted=st.lists(st.booleans(), min_size=4, max_size=4),
+    rows=st.lists(st.integers(-1, 3), min_size=2, max_size=7),
+    T=st.integers(1, 3),
+    dtype=st.sampled_from(DTYPES),
+    into=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernels_read_the_stacks_in_place(monkeypatch, kernels_on_cpu, n, r, targeted, rows, T, dtype, into, seed):
+    """A layer whose named adapters share one rank: mixed_delta runs the kernels on views of the layer's
+    stacks (the same storage, no padded copy) and equals mixed_reference within test_multi_adapter's
+    bound; rows of -1 or of an adapter that does not target the layer get exactly nothing."""
+    from test_multi_adapter import named_adapters
+
+    g = torch.Generator().manual_seed(seed)
+    K, M = 24, 20
+    slots = [
+        (torch.randn(r, K, generator=g), torch.randn(M, r, generator=g), (i + 1) / 2) if targeted[i] or i == 0 else None
+        for i in range(n)
+    ]
+    rows = torch.tensor([a if a < n else -1 for a in rows] + [0, -1])  # mixed: adapter 0 (targeted) and the base
+    adapters = named_adapters(slots)
+    layer = multi.NamedLoRALinear(torch.nn.Linear(K, M), adapters.table).eval()
+    layer.adapters = adapters
+    x = torch.randn(len(rows), T, K, generator=g).to(dtype)
+    base = torch.randn(len(rows), T, M, generator=g)
+    monkeypatch.setattr(multi, "padded_stacks", lambda *a: pytest.fail("padded the stacks again"))
+    seen = spy(monkeypatch, "lora_shrink", lambda real, *a, **k: real(*a, **k))
+    got = multi.mixed_delta(layer, x, rows, layer.adapters.table.names, base.clone() if into else None)
+    want = multi.mixed_reference(x, rows, slots, M)
+    A_seen = seen[-1][1]  # (n_stacked, r, K): the kernel's A, a view of the stacks
+    assert A_seen.untyped_storage().data_ptr() == adapters.stacks()[0].untyped_storage().data_ptr()
+    expect = base.double() + want.double() if into else want.double()
+    bound = lora_bound(x, slots, rows, M, into=base if into else None)
+    assert ((got.double() - expect).abs() <= bound).all()
+    nothing = torch.tensor([a < 0 or slots[a] is None for a in rows.tolist()])
+    assert torch.equal(got[nothing], base[nothing] if into else torch.zeros_like(got[nothing]))
+
+
+@needs_interpreter
+def test_kernels_pad_adapters_of_different_ranks(monkeypatch, kernels_on_cpu):
+    """Stacked adapters of two ranks are not one (n, r, K) view: mixed_delta pads them (mixed_gathered)."""
+    from test_multi_adapter import named_adapters
+
+    x, rows, slots, M = mixed_problem()  # ranks 4 and 7
+    adapters = named_adapters(slots)
+    layer = multi.NamedLoRALinear(torch.nn.Linear(x.shape[-1], M), adapters.table).eval()
+    layer.adapters = adapters
+    padded = []
+    real = multi.padded_stacks
+    monkeypatch.setattr(multi, "padded_stacks", lambda *a: padded.append(1) or real(*a))
+    got = multi.mixed_delta(layer, x, rows, layer.adapters.table.names)
+    assert (
+        padded
+        and (
+            (got.double() - multi.mixed_reference(x, rows, slots, M).double()).abs() <= lora_bound(x, slots, rows, M)
+        ).all()
+    )
 
 
 # --- on a GPU: real sizes ---------------------------------------------------------------------------------

@@ -47,9 +47,12 @@ gives exactly 0, so a -1 row is y = W0 x + bias, bit for bit.
 On CUDA, once they pass their self-check (kernels/dispatch.py), Triton kernels compute the two products
 of mixed_gathered (kernels/lora_bgmv.py: segments of tokens that share an adapter, float32 as here).
 
-The padded stacks of mixed_gathered are rebuilt on every call: n R (K + M) copied numbers against the
-M K B T of the base matmul. mixed_stacked's stacks are built once, as vLLM preallocates its own: each
-AdapterSlot's lora_A and lora_B are then views into them, so the stacks cost no memory of their own.
+mixed_stacked's stacks are built once, as vLLM preallocates its own: each AdapterSlot's lora_A and
+lora_B are then views into them, so the stacks cost no memory of their own. The kernels read them in
+place when the layer's stacked adapters share one rank r (adapters trained with one recipe): A_cat
+(n r, K) is then A_pad (n, r, K) with no padding, and Bt_cat (n r, M), each block transposed, is B_pad
+(n, M, r); a view each, no copy (mixed_kernel_stacked). Otherwise mixed_gathered pads them again on
+every call: n R (K + M) copied numbers, and on a GPU some 3 n + 3 small launches a layer.
 
 Why zeroing columns is exact as well. Column j of H belongs to adapter owner[j]; for row b the kept
 columns are a_b's, h = A_a x_b computed as a dot product over K like single_delta's, and the zeroed ones
@@ -274,6 +277,45 @@ def mixed_gathered(
     return y if out is None else out.add_(y)  # (B, ..., M)
 
 
+def mixed_kernel_stacked(x: torch.Tensor, rows: torch.Tensor, stacks, M: int, kernels, out: torch.Tensor | None = None):
+    """mixed_stacked's result, float32 (B, ..., M), added into `out` when given (in place), by the Triton
+    shrink and expand reading NamedAdapters.stacks() where they are: every stacked adapter has one rank r
+    (module docstring). The segments, found once per forward in the model's numbering, are renumbered to
+    the stacks' positions (stack_segments); rows of an adapter not on this layer, or of -1, get 0."""
+    A_cat, Bt_cat, layout = stacks
+    shrink, expand = kernels
+    n, r, K = len(layout[1]), layout[1][0][1], x.shape[-1]
+    xt = x.reshape(-1, K)  # (B T, K) in x's dtype: the kernel widens it to float32 exactly
+    tok, segs = token_segments(rows, xt.shape[0] // x.shape[0])
+    segs, s = stack_segments(segs, layout)
+    h = shrink(xt, A_cat.view(n, r, K), tok, segs=segs)  # (B T, r)
+    y = torch.zeros(xt.shape[0], M, device=x.device) if out is None else out.view(-1, M)  # (B T, M)
+    expand(y, h, Bt_cat.view(n, r, M).transpose(1, 2), s, tok, segs=segs)  # y += s B h, B (n, M, r) a view
+    return y.view(*x.shape[:-1], M)
+
+
+def stack_segments(segs, layout):
+    """(segs with each adapter renumbered to its position in a layer's stacks, -1 where the layer has no
+    weights for it; the stacked adapters' scales (n,)) for a stacks layout (NamedAdapters.stacks).
+    Computed once per segments object and layout, as row_masks: most layers share a layout."""
+    if _STACK_SEGMENTS.get("segs") is not segs:
+        _STACK_SEGMENTS.clear()
+        _STACK_SEGMENTS["segs"] = segs
+    if layout not in _STACK_SEGMENTS:
+        n_names, stacked = layout
+        position = [-1] * n_names  # model index -> position in the stacks
+        for p, (i, _, _) in enumerate(stacked):
+            position[i] = p
+        dev = segs.adapter.device
+        renumbered = torch.tensor(position, dtype=torch.int32, device=dev)[segs.adapter.long()]  # (S,)
+        s = torch.tensor([si for _, _, si in stacked], device=dev)  # (n,)
+        _STACK_SEGMENTS[layout] = (segs._replace(adapter=renumbered), s)
+    return _STACK_SEGMENTS[layout]
+
+
+_STACK_SEGMENTS: dict = {}  # the last segments stack_segments saw, and their renumbering per layout
+
+
 def row_groups(rows: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """[(adapter a, the indices of its rows (B_a,))] for rows (B,), -1 left out: computed once per adapter_ids
     tensor (every layer of a forward sees the same one), so the host sync of tolist() happens once."""
@@ -375,27 +417,36 @@ def mixed_delta(
 ) -> torch.Tensor:
     """The LoRA term of a mixed batch (B, ..., M) float32, added into `out` when given, by the path that
     suits it: when every row is on one adapter, that adapter alone as set_adapter computes it (the same
-    bits, and only its weights read); the Triton shrink/expand where dispatch allows them (CUDA); the
-    stacked matmuls for few tokens per row (decoding) when every row's adapter is a named one and the
-    batch uses most of the layer's adapters (the stacked path reads them all); else the grouped matmuls
-    (bench/multi_adapter.py measured both against the PyTorch gather on the CPU)."""
+    bits, and only its weights read); the Triton shrink/expand where dispatch allows them (CUDA), over
+    the stacks in place when every row's adapter is a named one and the stacked adapters share a rank,
+    else over padded copies; the stacked matmuls for few tokens per row (decoding) when every row's
+    adapter is a named one and the batch uses most of the layer's adapters (the stacked path reads them
+    all); else the grouped matmuls (bench/multi_adapter.py measured both against the PyTorch gather on
+    the CPU)."""
     M = layer.out_features
     groups = row_groups(rows)
     one = len(groups) == 1 and groups[0][1].shape[0] == rows.shape[0]
     slot = layer_slot(layer, names[groups[0][0]]) if one else None
     if slot is not None:
         return single_delta(x, slot, out)
-    if one or not groups:  # one adapter that does not target this layer, or every row on the base
+
+    def nothing() -> torch.Tensor:  # a zero term: out unchanged, or zeros
         return x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if out is None else out
-    if dispatch.bgmv_kernels(x) is not None:
-        return mixed_gathered(x, rows, layer_slots(layer), M, out)
-    tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
+
+    if one or not groups:  # one adapter that does not target this layer, or every row on the base
+        return nothing()
     default = names.index(DEFAULT) if DEFAULT in names and getattr(layer, "lora_A", None) is not None else None
     named_only = layer.adapters is not None and all(a != default for a, _ in groups)
-    if tokens <= STACKED_MAX_TOKENS and named_only:
-        stacks = layer.adapters.stacks()
-        if stacks is None:
-            return x.new_zeros(*x.shape[:-1], M, dtype=torch.float32) if out is None else out
+    stacks = layer.adapters.stacks() if named_only else None
+    if named_only and stacks is None:  # no named adapter targets this layer
+        return nothing()
+    kernels = dispatch.bgmv_kernels(x)
+    if kernels is not None:
+        if stacks is not None and len({r for _, r, _ in stacks[2][1]}) == 1:
+            return mixed_kernel_stacked(x, rows, stacks, M, kernels, out)
+        return mixed_gathered(x, rows, layer_slots(layer), M, out)
+    tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
+    if tokens <= STACKED_MAX_TOKENS and stacks is not None:
         stacked = {i for i, _, _ in stacks[2][1]}  # the adapters on this layer, whose weights it reads
         if sum(a in stacked for a, _ in groups) > STACKED_MIN_SHARE * len(stacked):
             return mixed_stacked(x, rows, stacks, M, out)
