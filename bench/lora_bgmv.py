@@ -3,10 +3,10 @@
     python -m bench.lora_bgmv [--adapters 8] [--rank 16] [--out PATH]
 
 For one projection (K in_features, M out_features) and a batch whose rows use different adapters (every
-adapter zero-padded to rank R, minilora/lora/multi.py), side by side in one run:
+adapter zero-padded to rank R, minilora/lora/mixed_term.py), side by side in one run:
     torch     mixed_gathered's PyTorch path: A_pad[idx] and B_pad[idx] gathered per row, two bmm, scale
     triton    kernels/lora_bgmv.py: the segments found (a wait for the device), then lora_shrink_triton
-              and lora_expand_triton: what the first layer of a forward pays (multi.token_segments)
+              and lora_expand_triton: what the first layer of a forward pays (mixed_term.token_segments)
     layer     the two kernels with the segments already found: what every later layer pays
     shrink / expand   each kernel alone, segments precomputed
 Cases: decoding (B rows of 1 token, each row its own adapter: segments of one token) and prefill (B rows
@@ -36,7 +36,7 @@ CASES = [
 
 
 def torch_path(x, A, B, s, rows):
-    """mixed_gathered's PyTorch products (minilora/lora/multi.py), without rebuilding the stacks."""
+    """mixed_gathered's PyTorch products (minilora/lora/mixed_term.py), without rebuilding the stacks."""
     idx = torch.where(rows < 0, A.shape[0] - 1, rows)  # -1 -> the all-zero last slot
     xb = x.float()  # (B, T, K)
     h = torch.bmm(xb, A[idx].transpose(1, 2))  # (B, T, R)

@@ -90,10 +90,11 @@ def write_adapters(ckpt: str, out: str, n: int, r: int) -> list[str]:
 
 
 def layer_paths(n: int, r: int, K: int = 576, M: int = 1536, B: int = 16, repeat: int = 21) -> list[dict]:
-    """One layer's LoRA term of a mixed batch (rows b mod n) by each CPU path of minilora/lora/multi.py at
+    """One layer's LoRA term of a mixed batch (rows b mod n) by each CPU path of minilora/lora/mixed_term.py at
     T tokens per row, beside one adapter's single_delta on the same x: medians in microseconds. What
     multi.STACKED_MAX_TOKENS is chosen from."""
     from bench.common import interleaved_medians
+    from minilora.lora import mixed_term as term
     from minilora.lora import multi
 
     table = multi.AdapterTable([f"a{i}" for i in range(n)])
@@ -109,9 +110,9 @@ def layer_paths(n: int, r: int, K: int = 576, M: int = 1536, B: int = 16, repeat
         x = torch.randn(B, T, K, generator=g)
         t = interleaved_medians(
             {
-                "grouped": lambda: multi.mixed_grouped(x, rows, slots, M),
-                "stacked": lambda: multi.mixed_stacked(x, rows, stacks, M),
-                "one adapter": lambda: multi.single_delta(x, slots[0]),
+                "grouped": lambda: term.mixed_grouped(x, rows, slots, M),
+                "stacked": lambda: term.mixed_stacked(x, rows, stacks, M),
+                "one adapter": lambda: term.single_delta(x, slots[0]),
             },
             repeat=repeat,
         )
@@ -127,6 +128,7 @@ def share_paths(n: int = 10, r: int = 16, K: int = 576, M: int = 1536, B: int = 
     import statistics
     import time
 
+    from minilora.lora import mixed_term as term
     from minilora.lora import multi
 
     g = torch.Generator().manual_seed(0)
@@ -149,9 +151,9 @@ def share_paths(n: int = 10, r: int = 16, K: int = 576, M: int = 1536, B: int = 
                 for W, slots, stacks in held:
                     y = torch.nn.functional.linear(x, W)  # (B, 1, M)
                     if kind == "stacked":
-                        multi.mixed_stacked(x, rows, stacks, M, y)
+                        term.mixed_stacked(x, rows, stacks, M, y)
                     elif kind == "grouped":
-                        multi.mixed_grouped(x, rows, slots, M, y)
+                        term.mixed_grouped(x, rows, slots, M, y)
                 times.append((time.perf_counter() - start) / layers * 1e6)
             return statistics.median(times)
 

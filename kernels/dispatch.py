@@ -122,7 +122,7 @@ def matmul_kernel(a: torch.Tensor, q, transposed: bool = False):
 
 def bgmv_kernels(x: torch.Tensor):
     """(lora_shrink_triton, lora_expand_triton) when both may compute the LoRA term of a mixed-adapter
-    batch with input x, else None (the PyTorch gather and bmm of minilora/lora/multi.py)."""
+    batch with input x, else None (the PyTorch gather and bmm of minilora/lora/mixed_term.py)."""
     if not _may_run(x.device) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     mod = _module("lora_bgmv")
@@ -275,7 +275,7 @@ def _check_bgmv(device: torch.device, name: str) -> str | None:
     B = torch.randn(n_ad + 1, m, r, generator=gen)  # (L, M, R)
     s = torch.rand(n_ad + 1, generator=gen) + 0.5  # (L,)
     A[n_ad], B[n_ad], s[n_ad] = 0, 0, 0  # the zero slot
-    A[1, r // 2 :] = 0  # adapter 1 of half the rank, zero-padded as minilora/lora/multi.py pads it
+    A[1, r // 2 :] = 0  # adapter 1 of half the rank, zero-padded as minilora/lora/mixed_term.py pads it
     B[1, :, r // 2 :] = 0
     A, B, s = A.to(device), B.to(device), s.to(device)
     idx = torch.tensor(PROBE_IDX, device=device)  # (N,)

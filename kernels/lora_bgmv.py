@@ -1,9 +1,9 @@
 """Triton kernels: the LoRA term of a batch whose tokens use different adapters (shrink and expand).
 
 Letters: N tokens (rows of x), K in_features, M out_features, L adapter slots, R the padded rank,
-S segments. Every adapter is zero-padded to rank R (exact: minilora/lora/multi.py's docstring), so
+S segments. Every adapter is zero-padded to rank R (exact: minilora/lora/mixed_term.py's docstring), so
 the adapters stack into A_pad (L, R, K) and B_pad (L, M, R) with scales s (L,), of any strides (adapters of
-one rank need no padding: minilora/lora/multi.py passes views of its stacks). Token n uses adapter
+one rank need no padding: minilora/lora/mixed_term.py passes views of its stacks). Token n uses adapter
 a = idx[n]; a = -1 contributes nothing (nor does an all-zero slot, whose products are exact zeros):
 
     shrink   h[n] = A_pad[a] x[n]                 x (N, K) -> h (N, R)    reduce over K
@@ -63,7 +63,7 @@ _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch references: the per-token gather of minilora/lora/multi.py's mixed_gathered
+# PyTorch references: the per-token gather of minilora/lora/mixed_term.py's mixed_gathered
 # ---------------------------------------------------------------------------------------------
 
 
@@ -223,7 +223,7 @@ def _lora_expand_kernel(
 
 class Segments(NamedTuple):
     """Runs of consecutive tokens with one adapter, the base's (-1) runs left out. A caller may renumber
-    the adapters (minilora/lora/multi.py maps the model's numbering to one layer's stacks) and mark some
+    the adapters (minilora/lora/mixed_term.py maps the model's numbering to one layer's stacks) and mark some
     -1: the kernels skip those segments, as they skip the base's."""
 
     start: torch.Tensor  # (S,) int32 first token

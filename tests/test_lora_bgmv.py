@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_multi_adapter import lora_bound
 
+import minilora.lora.mixed_term as term
 import minilora.lora.multi as multi
 from minilora.kernels import dispatch, lora_bgmv
 from minilora.kernels.common import interpreting
@@ -238,7 +239,7 @@ def short_segments(real, *args, **kwargs):
 
 
 def mixed_problem(dtype=torch.float32):
-    """A mixed batch for multi.mixed_gathered: x (B, T, K), rows (B,), slots (one untargeted), M."""
+    """A mixed batch for term.mixed_gathered: x (B, T, K), rows (B,), slots (one untargeted), M."""
     g = torch.Generator().manual_seed(3)
     K, M = 24, 20
     slots = [
@@ -254,7 +255,7 @@ def mixed_problem(dtype=torch.float32):
 def pytorch_path(monkeypatch, *args):
     with monkeypatch.context() as m:
         m.setenv(dispatch.ENV, "off")
-        return multi.mixed_gathered(*args)
+        return term.mixed_gathered(*args)
 
 
 @needs_interpreter
@@ -286,7 +287,7 @@ def test_broken_kernel_warns_once_and_falls_back(monkeypatch, kernels_on_cpu, na
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            assert torch.equal(multi.mixed_gathered(*args), want)  # the PyTorch path, bit for bit
+            assert torch.equal(term.mixed_gathered(*args), want)  # the PyTorch path, bit for bit
     assert len(calls) == 1  # the self-check's call only (it stops at the first wrong dtype)
     assert [w.category for w in caught] == [dispatch.KernelFallbackWarning]
     msg = str(caught[0].message)
@@ -301,13 +302,13 @@ def test_strict_raises_and_off_never_runs_the_kernels(monkeypatch, kernels_on_cp
     spy(monkeypatch, "lora_expand", next_adapter)
     for _ in range(2):  # and again: strict never falls back
         with pytest.raises(dispatch.KernelCheckError, match="^MINILORA_KERNELS=strict: the Triton kernel lora_expand"):
-            multi.mixed_gathered(*args)
+            term.mixed_gathered(*args)
     monkeypatch.setenv(dispatch.ENV, "off")
     monkeypatch.setattr(dispatch, "_VERDICTS", {})
     calls = spy(monkeypatch, "lora_shrink", raising)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.equal(multi.mixed_gathered(*args), want)
+        assert torch.equal(term.mixed_gathered(*args), want)
     assert calls == [] and dispatch._VERDICTS == {}
 
 
@@ -322,7 +323,7 @@ def test_cpu_never_takes_the_kernels_without_the_test_hook(monkeypatch):
 @needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mixed_batch_with_the_kernels_equals_the_reference_loop(monkeypatch, kernels_on_cpu, dtype):
-    """multi.mixed_gathered through both kernels (spied: they really run) equals mixed_reference, one matmul
+    """term.mixed_gathered through both kernels (spied: they really run) equals mixed_reference, one matmul
     pair per adapter, within test_multi_adapter's bound for two float32 orders of s B (A x); base rows and
     rows of an adapter that does not target the layer are exactly 0."""
     x, rows, slots, M = mixed_problem(dtype)
@@ -330,17 +331,17 @@ def test_mixed_batch_with_the_kernels_equals_the_reference_loop(monkeypatch, ker
     expands = spy(monkeypatch, "lora_expand", lambda real, *a, **k: real(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = multi.mixed_gathered(x, rows, slots, M)
+        got = term.mixed_gathered(x, rows, slots, M)
     assert len(shrinks) == 3 + 1 and len(expands) == 1 + 1  # each self-check, then the call
-    want = multi.mixed_reference(x, rows, slots, M)
+    want = term.mixed_reference(x, rows, slots, M)
     assert got.shape == want.shape == (*x.shape[:-1], M)
     assert ((got.double() - want.double()).abs() <= lora_bound(x, slots, rows, M)).all()
     assert (got[rows == -1] == 0).all() and (got[rows == 1] == 0).all()
-    assert multi.mixed_gathered(x[:, 0], rows, slots, M).shape == (len(rows), M)  # (B, K): T = 1
+    assert term.mixed_gathered(x[:, 0], rows, slots, M).shape == (len(rows), M)  # (B, K): T = 1
     # added in place into a float32 base output (routed_forward's path): the expand writes into it
     base = torch.randn(*x.shape[:-1], M, generator=torch.Generator().manual_seed(4))
     out = base.clone()
-    into = multi.mixed_gathered(x, rows, slots, M, out)
+    into = term.mixed_gathered(x, rows, slots, M, out)
     assert into.data_ptr() == out.data_ptr()
     assert ((into.double() - base.double() - want.double()).abs() <= lora_bound(x, slots, rows, M, into=base)).all()
     assert torch.equal(into[rows == -1], base[rows == -1]) and torch.equal(into[rows == 1], base[rows == 1])
@@ -353,15 +354,15 @@ def test_segments_are_found_once_per_forward(monkeypatch, kernels_on_cpu):
     from minilora.kernels import lora_bgmv
 
     x, rows, slots, M = mixed_problem()
-    multi.mixed_gathered(x, rows.clone(), slots, M)  # the self-checks run first (they find segments too)
+    term.mixed_gathered(x, rows.clone(), slots, M)  # the self-checks run first (they find segments too)
     calls = []
     real = lora_bgmv.segments
     monkeypatch.setattr(lora_bgmv, "segments", lambda idx: calls.append(idx) or real(idx))
 
     def check(x, rows):
-        got = multi.mixed_gathered(x, rows, slots, M)
+        got = term.mixed_gathered(x, rows, slots, M)
         assert (
-            (got.double() - multi.mixed_reference(x, rows, slots, M).double()).abs() <= lora_bound(x, slots, rows, M)
+            (got.double() - term.mixed_reference(x, rows, slots, M).double()).abs() <= lora_bound(x, slots, rows, M)
         ).all()
 
     for _ in range(3):  # three layers of one forward
@@ -407,10 +408,10 @@ def test_kernels_read_the_stacks_in_place(monkeypatch, kernels_on_cpu, n, r, tar
     layer.adapters = adapters
     x = torch.randn(len(rows), T, K, generator=g).to(dtype)
     base = torch.randn(len(rows), T, M, generator=g)
-    monkeypatch.setattr(multi, "padded_stacks", lambda *a: pytest.fail("padded the stacks again"))
+    monkeypatch.setattr(term, "padded_stacks", lambda *a: pytest.fail("padded the stacks again"))
     seen = spy(monkeypatch, "lora_shrink", lambda real, *a, **k: real(*a, **k))
     got = multi.mixed_delta(layer, x, rows, layer.adapters.table.names, base.clone() if into else None)
-    want = multi.mixed_reference(x, rows, slots, M)
+    want = term.mixed_reference(x, rows, slots, M)
     A_seen = seen[-1][1]  # (n_stacked, r, K): the kernel's A, a view of the stacks
     assert A_seen.untyped_storage().data_ptr() == adapters.stacks()[0].untyped_storage().data_ptr()
     expect = base.double() + want.double() if into else want.double()
@@ -430,13 +431,13 @@ def test_kernels_pad_adapters_of_different_ranks(monkeypatch, kernels_on_cpu):
     layer = multi.NamedLoRALinear(torch.nn.Linear(x.shape[-1], M), adapters.table).eval()
     layer.adapters = adapters
     padded = []
-    real = multi.padded_stacks
-    monkeypatch.setattr(multi, "padded_stacks", lambda *a: padded.append(1) or real(*a))
+    real = term.padded_stacks
+    monkeypatch.setattr(term, "padded_stacks", lambda *a: padded.append(1) or real(*a))
     got = multi.mixed_delta(layer, x, rows, layer.adapters.table.names)
     assert (
         padded
         and (
-            (got.double() - multi.mixed_reference(x, rows, slots, M).double()).abs() <= lora_bound(x, slots, rows, M)
+            (got.double() - term.mixed_reference(x, rows, slots, M).double()).abs() <= lora_bound(x, slots, rows, M)
         ).all()
     )
 

@@ -26,11 +26,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from test_adapter import randomize_params, tiny_llama
 
+import minilora.lora.mixed_term as term
 import minilora.lora.multi as multi
 from minilora.lora import adapter_names, delete_adapter, load_adapter, save_adapter, set_adapter
 from minilora.lora.adapter import AdapterError
 from minilora.lora.layers import apply_lora, lora_disabled, lora_state_dict
-from minilora.lora.multi import NamedLoRALinear, mixed_gathered, mixed_reference
+from minilora.lora.mixed_term import mixed_gathered, mixed_reference
+from minilora.lora.multi import NamedLoRALinear
 from minilora.models.generate import generate
 from minilora.models.loader import load_model
 from minilora.quant.linear import NF4Linear
@@ -141,7 +143,7 @@ def test_gathered_path_equals_reference_loop_on_the_model(setup, monkeypatch):
     hf, base_dir, dirs = setup
     model = ours(base_dir, dirs, default=False)
     grouped = model(IDS, adapter_ids=ROWS)  # routed_forward's path
-    monkeypatch.setattr(multi, "mixed_grouped", multi.mixed_gathered)
+    monkeypatch.setattr(multi, "mixed_grouped", term.mixed_gathered)
     gathered = model(IDS, adapter_ids=ROWS)
     monkeypatch.setattr(multi, "mixed_grouped", mixed_reference)
     assert rel_err(model(IDS, adapter_ids=ROWS), grouped) < LOGITS_RTOL
@@ -273,34 +275,34 @@ def test_gathered_equals_reference(n, ranks, targeted, rows, K, M, T, scale, see
     assert ((ref.double() - got.double()).abs() <= lora_bound(x, slots, rows, M)).all()
     nothing = torch.tensor([r < 0 or slots[r] is None for r in rows.tolist()])
     assert (got[nothing] == 0).all() and (ref[nothing] == 0).all()  # exactly the base
-    single = torch.stack([multi.single_delta(x[b], slots[r]) if not nothing[b] else ref[b] for b, r in enumerate(rows)])
+    single = torch.stack([term.single_delta(x[b], slots[r]) if not nothing[b] else ref[b] for b, r in enumerate(rows)])
     assert ((single.double() - got.double()).abs() <= lora_bound(x, slots, rows, M)).all()
     assert mixed_gathered(x[:, 0], rows, slots, M).shape == (len(rows), M)  # (B, K) inputs: generate's lm_head
-    grouped = multi.mixed_grouped(x, rows, slots, M)
+    grouped = term.mixed_grouped(x, rows, slots, M)
     assert ((ref.double() - grouped.double()).abs() <= lora_bound(x, slots, rows, M)).all()
-    assert (grouped[nothing] == 0).all() and multi.mixed_grouped(x[:, 0], rows, slots, M).shape == (len(rows), M)
+    assert (grouped[nothing] == 0).all() and term.mixed_grouped(x[:, 0], rows, slots, M).shape == (len(rows), M)
     adapters = named_adapters(slots)
     stacks = adapters.stacks()
     assert (stacks is None) == all(slot is None for slot in slots)
     if stacks is not None:
-        stacked = multi.mixed_stacked(x, rows, stacks, M)
+        stacked = term.mixed_stacked(x, rows, stacks, M)
         assert ((ref.double() - stacked.double()).abs() <= lora_bound(x, slots, rows, M)).all()
-        assert (stacked[nothing] == 0).all() and multi.mixed_stacked(x[:, 0], rows, stacks, M).shape == (len(rows), M)
+        assert (stacked[nothing] == 0).all() and term.mixed_stacked(x[:, 0], rows, stacks, M).shape == (len(rows), M)
     # added in place into a base output (routed_forward's float32 path): the base plus the reference's term
     base = torch.randn(len(rows), T, M, generator=g) * scale * 4
     want = base.double() + ref.double()
     paths = {
-        "grouped": lambda out: multi.mixed_grouped(x, rows, slots, M, out),
+        "grouped": lambda out: term.mixed_grouped(x, rows, slots, M, out),
         "gathered": lambda out: mixed_gathered(x, rows, slots, M, out),
         "single": lambda out: torch.stack(
             [
-                multi.single_delta(x[b : b + 1], slots[r], out[b : b + 1].clone())[0] if not nothing[b] else out[b]
+                term.single_delta(x[b : b + 1], slots[r], out[b : b + 1].clone())[0] if not nothing[b] else out[b]
                 for b, r in enumerate(rows)
             ]
         ),
     }
     if stacks is not None:
-        paths["stacked"] = lambda out: multi.mixed_stacked(x, rows, stacks, M, out)
+        paths["stacked"] = lambda out: term.mixed_stacked(x, rows, stacks, M, out)
     for name, path in paths.items():
         out = base.clone()
         got = path(out)
@@ -337,12 +339,12 @@ def test_stacks_hold_the_only_copy_and_follow_deletes():
     del adapters["x0"]
     adapters.table.names.remove("x0")  # what delete_adapter does: x1 is index 0 now, x2 index 1
     left = slots[1:]
-    stacked = multi.mixed_stacked(x, torch.tensor([0, -1, 1, 0]), adapters.stacks(), M)
+    stacked = term.mixed_stacked(x, torch.tensor([0, -1, 1, 0]), adapters.stacks(), M)
     want = mixed_reference(x, torch.tensor([0, -1, 1, 0]), left, M)
     assert adapters.stacks()[0].shape == (7, K)
     assert ((want.double() - stacked.double()).abs() <= lora_bound(x, left, torch.tensor([0, -1, 1, 0]), M)).all()
     adapters["x2"].lora_A.data = adapters["x2"].lora_A.data.clone() * 2  # a slot's weights replaced (as .to() does)
-    doubled = multi.mixed_stacked(x, rows.clamp(max=1), adapters.stacks(), M)
+    doubled = term.mixed_stacked(x, rows.clamp(max=1), adapters.stacks(), M)
     left[1] = (left[1][0] * 2, left[1][1], left[1][2])
     assert (
         (mixed_reference(x, rows.clamp(max=1), left, M).double() - doubled.double()).abs()
@@ -350,7 +352,7 @@ def test_stacks_hold_the_only_copy_and_follow_deletes():
     ).all()
     left[0] = (left[0][0], -left[0][1], left[0][2])
     adapters["x1"] = multi.AdapterSlot(*left[0])  # a slot replaced under the same name
-    flipped = multi.mixed_stacked(x, rows.clamp(max=1), adapters.stacks(), M)
+    flipped = term.mixed_stacked(x, rows.clamp(max=1), adapters.stacks(), M)
     assert (
         (mixed_reference(x, rows.clamp(max=1), left, M).double() - flipped.double()).abs()
         <= lora_bound(x, left, rows.clamp(max=1), M)

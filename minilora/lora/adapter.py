@@ -39,7 +39,8 @@ import minilora.lora.inits as inits
 from minilora.dtensor import local, local_region
 from minilora.fileio import json_error_text, safetensors_problem, swap_into_place, temp_dir_for, usual_permissions
 from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_scaling, lora_state_dict
-from minilora.lora.multi import DEFAULT, NamedLoRALinear, Slot
+from minilora.lora.mixed_term import Slot
+from minilora.lora.multi import DEFAULT, NamedLoRALinear
 from minilora.lora.named import adapter_table, add_adapter
 from minilora.quant.linear import NF4Linear
 

@@ -21,7 +21,8 @@ import re
 import torch.nn as nn
 
 from minilora.lora.layers import AdapterError, LoRALinear, lora_modules
-from minilora.lora.multi import DEFAULT, AdapterSlot, AdapterTable, NamedAdapters, NamedLoRALinear, Slot
+from minilora.lora.mixed_term import Slot
+from minilora.lora.multi import DEFAULT, AdapterSlot, AdapterTable, NamedAdapters, NamedLoRALinear
 from minilora.models.loader import set_module
 from minilora.quant.linear import NF4Linear
 
