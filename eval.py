@@ -536,11 +536,13 @@ def report_lock(folder: str, check_only: bool = False):
 
 
 def print_summary(results: dict, shots: int) -> None:
+    from minilora.eval.report import format_metric
+
     names = {v: {"few_shot": f"{shots}-shot", "fine_tuned": "fine-tuned"}.get(v, v) for v in results}
     w = max(12, *(len(n) + 1 for n in names.values()))  # adapter names may be longer than the variants'
     print(f"\n{'':{w}}{'perplexity':>12}{'exact':>9}{'struct':>9}{'bad JSON':>10}")
     for v, r in results.items():
-        ppl = "n/a" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
+        ppl = format_metric("perplexity", r["perplexity"])
         sm = f"{r['structured_match']:.1%}" if r["json_references"] else "n/a"
         print(f"{names[v]:{w}}{ppl:>12}{r['exact_match']:>9.1%}{sm:>9}{r['json_parse_failures']:>10}")
 

@@ -226,3 +226,23 @@ def test_select_shots_is_seeded_and_excludes_eval_prompts():
     assert a == select_shots(train, 5, seed=1, exclude=evals) and len(a) == 5
     assert all(s.prompt != "p3" for s in select_shots(train, 19, seed=2, exclude=evals))
     assert len(select_shots(train, 50, exclude=evals)) == 19
+
+
+@given(st.floats(1.0, 1e30, allow_nan=False))
+def test_perplexity_prints_to_four_significant_digits_or_better_and_reads_back(ppl):
+    # Tables print perplexity to three decimals, and in scientific notation from 10^5 up (an untrained
+    # base's passes 10^10, which three decimals would print as 11 digits). Either form parses back to
+    # within its last printed digit.
+    from minilora.eval.report import format_metric
+
+    text = format_metric("perplexity", ppl)
+    assert len(text) <= 10
+    assert abs(float(text) - ppl) <= (5e-4 if ppl < 1e5 else 5e-4 * 10 ** math.floor(math.log10(ppl)))
+
+
+def test_metric_formats_rates_and_missing_values():
+    from minilora.eval.report import format_metric
+
+    assert format_metric("exact_match", 0.125) == "12.5%"
+    assert format_metric("perplexity", None) == "n/a" and format_metric("perplexity", math.inf) == "inf"
+    assert format_metric("perplexity", 75785505595.446) == "7.579e+10"

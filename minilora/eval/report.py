@@ -49,18 +49,22 @@ def gate_failure_message(gates: list[dict], report_path: str) -> str | None:
     if not failed:
         return None
     parts = [
-        f"{g.get('adapter', 'fine-tuned')} {g['metric'].replace('_', ' ')} {_fmt(g['metric'], g['value'])} is "
+        f"{g.get('adapter', 'fine-tuned')} {g['metric'].replace('_', ' ')} {format_metric(g['metric'], g['value'])} is "
         f"{'below' if g['flag'].startswith('--min') else 'above'} {g['flag']} {g['threshold']:g}"
         for g in failed
     ]
     return "; ".join(parts) + f" (report: {report_path})."
 
 
-def _fmt(metric: str, value) -> str:
+def format_metric(metric: str, value) -> str:
+    """A metric as the tables print it: a rate in percent, a perplexity to three decimals, or in
+    scientific notation from 10^5 up (an untrained base's perplexity can pass 10^10)."""
     if value is None:
         return "n/a"
     if metric == "perplexity":
-        return f"{value:.3f}" if math.isfinite(value) else str(value)
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.3f}" if value < 1e5 else f"{value:.3e}"
     return f"{value:.1%}"
 
 
@@ -120,7 +124,7 @@ def build_markdown(meta: dict, results: dict, examples: list, gates: list[dict],
         if key == "structured_match" and not results[cols[0]].get("json_references"):
             lines.append(f"| {label} | " + " | ".join("n/a (references are not JSON)" for _ in cols) + " |")
             continue
-        lines.append(f"| {label} | " + " | ".join(_fmt(key, results[c].get(key)) for c in cols) + " |")
+        lines.append(f"| {label} | " + " | ".join(format_metric(key, results[c].get(key)) for c in cols) + " |")
     bad = [f"{results[c]['json_parse_failures']} / {results[c]['n']}" for c in cols]
     lines.append("| outputs that are not valid JSON | " + " | ".join(bad) + " |")
     skipped = results[cols[0]].get("too_long_for_perplexity", 0)
@@ -130,7 +134,7 @@ def build_markdown(meta: dict, results: dict, examples: list, gates: list[dict],
         lines += ["", "## Gates (fine-tuned model)", ""]
         for g in gates:
             mark = "pass" if g["passed"] else "FAIL"
-            lines.append(f"- **{mark}** {g['flag']} {g['threshold']:g}: {_fmt(g['metric'], g['value'])}")
+            lines.append(f"- **{mark}** {g['flag']} {g['threshold']:g}: {format_metric(g['metric'], g['value'])}")
     lines += ["", f"## Generations (first {min(generations, len(examples))})", ""]
     for i, ex in enumerate(examples[:generations]):
         lines += [
@@ -187,7 +191,7 @@ def build_comparison_markdown(
             value, ref = results[v].get(key), base.get(key)
             delta = "" if v == "base" or value is None or ref is None else _delta(key, value, ref)
             bad = f" | {results[v]['json_parse_failures']} / {results[v]['n']}" if extra else ""
-            lines.append(f"| {variant_label(v, shots)} | {_fmt(key, value)} | {delta}{bad} |")
+            lines.append(f"| {variant_label(v, shots)} | {format_metric(key, value)} | {delta}{bad} |")
     skipped = results[rows[0]].get("too_long_for_perplexity", 0)
     if skipped:
         lines += ["", f"{skipped} example(s) were too long for the model's context and are left out of perplexity."]
@@ -195,9 +199,8 @@ def build_comparison_markdown(
         lines += ["", "## Gates (every adapter)", ""]
         for g in gates:
             mark = "pass" if g["passed"] else "FAIL"
-            lines.append(
-                f"- **{mark}** `{g['adapter']}` {g['flag']} {g['threshold']:g}: {_fmt(g['metric'], g['value'])}"
-            )
+            value = format_metric(g["metric"], g["value"])
+            lines.append(f"- **{mark}** `{g['adapter']}` {g['flag']} {g['threshold']:g}: {value}")
     lines += ["", f"## Generations (first {min(generations, len(examples))})", ""]
     for i, ex in enumerate(examples[:generations]):
         lines += [f"### {i + 1}. {ex.source}", "", "Prompt:", "", _fence(_short(_prompt_text(ex.prompt))), ""]
