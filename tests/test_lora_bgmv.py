@@ -461,3 +461,37 @@ def test_gpu_real_sizes(n_tokens, seg):
         y = torch.randn(n_tokens, M, device="cuda")
         want = lora_expand_reference(y, h, B, s, idx)
         assert_within(lora_expand_triton(y.clone(), h, B, s, idx), want, expand_bound(y, h, B, s, idx))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_gpu_kernels_read_the_stacks_in_place(tokens):
+    """On a GPU at a real layer's size: 8 named adapters of rank 16 (one not on this layer), 32 rows of
+    `tokens` tokens cycling over them and the base; mixed_delta takes the kernels over the stacks (their
+    A shares the stacks' storage) and equals mixed_reference within test_multi_adapter's bound."""
+    from test_multi_adapter import named_adapters
+
+    g = torch.Generator().manual_seed(0)
+    K, M, r = 2048, 5632, 16
+    slots = [
+        None if i == 3 else (torch.randn(r, K, generator=g) * 0.02, torch.randn(M, r, generator=g) * 0.02, 2.0)
+        for i in range(8)
+    ]
+    adapters = named_adapters(slots)
+    layer = multi.NamedLoRALinear(torch.nn.Linear(K, M), adapters.table).eval()
+    layer.adapters = adapters
+    layer.cuda()
+    rows = torch.arange(32, device="cuda") % 9 - 1  # -1, 0, ..., 7
+    x = torch.randn(32, tokens, K, device="cuda", dtype=torch.bfloat16)
+    seen = []
+    real = lora_bgmv.lora_shrink_triton
+    lora_bgmv.lora_shrink_triton = lambda *a, **k: seen.append(a[1]) or real(*a, **k)
+    try:
+        got = multi.mixed_delta(layer, x, rows, adapters.table.names)
+    finally:
+        lora_bgmv.lora_shrink_triton = real
+    A_cat = adapters.stacks()[0]
+    assert seen and seen[-1].untyped_storage().data_ptr() == A_cat.untyped_storage().data_ptr()
+    cuda_slots = [multi.layer_slot(layer, name) for name in adapters.table.names]
+    want = term.mixed_reference(x, rows, cuda_slots, M)
+    assert ((got.double() - want.double()).abs() <= lora_bound(x, cuda_slots, rows, M).cuda()).all()
