@@ -78,7 +78,6 @@ def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torc
     return torch.multinomial(_nucleus_probs(logits, temperature, top_p), 1, generator=gen).squeeze(-1)  # (B,)
 
 
-@torch.no_grad()
 def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (B, P) and mask (B, P) of prompts padded on the left to the longest P, so that every row's
     last token sits in the last column (1 real, 0 padding; the padding ids are pad_id, hidden by the mask)."""
@@ -91,6 +90,7 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids, mask
 
 
+@torch.no_grad()
 def generate(
     model,
     prompts: list[list[int]],

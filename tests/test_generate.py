@@ -137,3 +137,16 @@ def test_generation_computes_logits_for_the_last_position_only(use_cache):
     assert shapes and all(s == (2, model.config.hidden_size) for s in shapes)
     del model.logits_from_hidden
     assert new == generate(model, [[5, 6, 7, 8, 9], [10, 11]], 4, use_cache=use_cache)  # same tokens
+
+
+def test_generation_builds_no_autograd_graph(tmp_path):
+    """generate() runs every forward without gradients, even for a model whose weights require them (a dense
+    load, or LoRA in training): each call's graph and KV cache would otherwise stay alive with the outputs,
+    and a server's memory grew by the model's activations on every request."""
+    model = _ours(_hf_model("llama", 0, 2, 2, 1, 4), tmp_path)
+    assert all(p.requires_grad for p in model.parameters())
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(torch.is_grad_enabled()))
+    generate(model, [[5, 6, 7], [8, 9]], 3)
+    assert modes and not any(modes)
+    assert torch.is_grad_enabled()  # and the caller's mode is back
