@@ -137,13 +137,8 @@ def mixed_gathered(
     A_all, B_all, s_all = padded_stacks(slots, K, M, x.device)
     kernels = dispatch.bgmv_kernels(x)
     if kernels is not None:  # the same two products in Triton (kernels/lora_bgmv.py), per segment of tokens
-        shrink, expand = kernels
-        xt = x.reshape(-1, K)  # (B T, K) in x's dtype: the kernel widens it to float32 exactly
-        tok, segs = token_segments(rows, xt.shape[0] // x.shape[0])
-        h = shrink(xt, A_all, tok, segs=segs)  # (B T, R)
-        y = torch.zeros(xt.shape[0], M, device=x.device) if out is None else out.view(-1, M)  # (B T, M)
-        expand(y, h, B_all, s_all, tok, segs=segs)  # y += s B h in place
-        return y.view(*x.shape[:-1], M)  # (B, ..., M)
+        tok, segs = token_segments(rows, x.numel() // (x.shape[0] * K))
+        return kernel_term(x, A_all, B_all, s_all, M, kernels, tok, segs, out)
     idx = torch.where(rows < 0, len(slots), rows)  # (B,): -1 -> the all-zero base slot
     xb = x.float().reshape(x.shape[0], -1, K)  # (B, T, K); a (B, K) input is T = 1
     h = torch.bmm(xb, A_all[idx].transpose(1, 2))  # (B, T, K) @ (B, K, R) -> (B, T, R)
@@ -158,15 +153,22 @@ def mixed_kernel_stacked(x: torch.Tensor, rows: torch.Tensor, stacks, M: int, ke
     (module docstring). The segments, found once per forward in the model's numbering, are renumbered to
     the stacks' positions (stack_segments); rows of an adapter not on this layer, or of -1, get 0."""
     A_cat, Bt_cat, layout = stacks
-    shrink, expand = kernels
     n, r, K = len(layout[1]), layout[1][0][1], x.shape[-1]
-    xt = x.reshape(-1, K)  # (B T, K) in x's dtype: the kernel widens it to float32 exactly
-    tok, segs = token_segments(rows, xt.shape[0] // x.shape[0])
+    tok, segs = token_segments(rows, x.numel() // (x.shape[0] * K))
     segs, s = stack_segments(segs, layout)
-    h = shrink(xt, A_cat.view(n, r, K), tok, segs=segs)  # (B T, r)
+    A, B = A_cat.view(n, r, K), Bt_cat.view(n, r, M).transpose(1, 2)  # (n, r, K), (n, M, r): views, no copy
+    return kernel_term(x, A, B, s, M, kernels, tok, segs, out)
+
+
+def kernel_term(x: torch.Tensor, A, B, s, M: int, kernels, tok, segs, out: torch.Tensor | None) -> torch.Tensor:
+    """y = s_a B_a (A_a x) per token by the Triton shrink and expand, float32 (B, ..., M), added into `out`
+    when given: A (L, R, K), B (L, M, R), s (L,), each segment's adapter indexing them (-1: skipped)."""
+    shrink, expand = kernels
+    xt = x.reshape(-1, x.shape[-1])  # (B T, K) in x's dtype: the kernel widens it to float32 exactly
+    h = shrink(xt, A, tok, segs=segs)  # (B T, R)
     y = torch.zeros(xt.shape[0], M, device=x.device) if out is None else out.view(-1, M)  # (B T, M)
-    expand(y, h, Bt_cat.view(n, r, M).transpose(1, 2), s, tok, segs=segs)  # y += s B h, B (n, M, r) a view
-    return y.view(*x.shape[:-1], M)
+    expand(y, h, B, s, tok, segs=segs)  # y += s B h in place
+    return y.view(*x.shape[:-1], M)  # (B, ..., M)
 
 
 def stack_segments(segs, layout):
