@@ -27,7 +27,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_multi_adapter import lora_bound
+from test_multi_adapter import lora_bound, named_layer
 
 import minilora.lora.mixed_term as term
 import minilora.lora.multi as multi
@@ -394,8 +394,6 @@ def test_kernels_read_the_stacks_in_place(monkeypatch, kernels_on_cpu, n, r, tar
     """A layer whose named adapters share one rank: mixed_delta runs the kernels on views of the layer's
     stacks (the same storage, no padded copy) and equals mixed_reference within test_multi_adapter's
     bound; rows of -1 or of an adapter that does not target the layer get exactly nothing."""
-    from test_multi_adapter import named_adapters
-
     g = torch.Generator().manual_seed(seed)
     K, M = 24, 20
     slots = [
@@ -403,9 +401,7 @@ def test_kernels_read_the_stacks_in_place(monkeypatch, kernels_on_cpu, n, r, tar
         for i in range(n)
     ]
     rows = torch.tensor([a if a < n else -1 for a in rows] + [0, -1])  # mixed: adapter 0 (targeted) and the base
-    adapters = named_adapters(slots)
-    layer = multi.NamedLoRALinear(torch.nn.Linear(K, M), adapters.table).eval()
-    layer.adapters = adapters
+    layer, adapters = named_layer(slots, K, M)
     x = torch.randn(len(rows), T, K, generator=g).to(dtype)
     base = torch.randn(len(rows), T, M, generator=g)
     monkeypatch.setattr(term, "padded_stacks", lambda *a: pytest.fail("padded the stacks again"))
@@ -424,12 +420,8 @@ def test_kernels_read_the_stacks_in_place(monkeypatch, kernels_on_cpu, n, r, tar
 @needs_interpreter
 def test_kernels_pad_adapters_of_different_ranks(monkeypatch, kernels_on_cpu):
     """Stacked adapters of two ranks are not one (n, r, K) view: mixed_delta pads them (mixed_gathered)."""
-    from test_multi_adapter import named_adapters
-
     x, rows, slots, M = mixed_problem()  # ranks 4 and 7
-    adapters = named_adapters(slots)
-    layer = multi.NamedLoRALinear(torch.nn.Linear(x.shape[-1], M), adapters.table).eval()
-    layer.adapters = adapters
+    layer, adapters = named_layer(slots, x.shape[-1], M)
     padded = []
     real = term.padded_stacks
     monkeypatch.setattr(term, "padded_stacks", lambda *a: padded.append(1) or real(*a))
@@ -469,17 +461,13 @@ def test_gpu_kernels_read_the_stacks_in_place(tokens):
     """On a GPU at a real layer's size: 8 named adapters of rank 16 (one not on this layer), 32 rows of
     `tokens` tokens cycling over them and the base; mixed_delta takes the kernels over the stacks (their
     A shares the stacks' storage) and equals mixed_reference within test_multi_adapter's bound."""
-    from test_multi_adapter import named_adapters
-
     g = torch.Generator().manual_seed(0)
     K, M, r = 2048, 5632, 16
     slots = [
         None if i == 3 else (torch.randn(r, K, generator=g) * 0.02, torch.randn(M, r, generator=g) * 0.02, 2.0)
         for i in range(8)
     ]
-    adapters = named_adapters(slots)
-    layer = multi.NamedLoRALinear(torch.nn.Linear(K, M), adapters.table).eval()
-    layer.adapters = adapters
+    layer, adapters = named_layer(slots, K, M)
     layer.cuda()
     rows = torch.arange(32, device="cuda") % 9 - 1  # -1, 0, ..., 7
     x = torch.randn(32, tokens, K, device="cuda", dtype=torch.bfloat16)

@@ -321,6 +321,15 @@ def named_adapters(slots):
     return adapters
 
 
+def named_layer(slots, K: int, M: int):
+    """(a NamedLoRALinear over an nn.Linear(K, M) holding `slots` as named adapters, in eval mode; its
+    NamedAdapters)."""
+    adapters = named_adapters(slots)
+    layer = multi.NamedLoRALinear(torch.nn.Linear(K, M), adapters.table).eval()
+    layer.adapters = adapters
+    return layer, adapters
+
+
 def test_stacks_hold_the_only_copy_and_follow_deletes():
     """After stacking, each slot's A and B are views into the stacks (an adapter's weights live once);
     deleting an adapter or moving a slot's weights elsewhere builds the stacks again, with the indices
