@@ -214,15 +214,19 @@ def lora_cases():
                     name = f"lora shrink x={act} {bn}x{br}x{bk} split={split}"
                     yield name, lora_bgmv._lora_shrink_kernel, types, const, warps, bn * bk // (32 * warps), {}
             bn, br, bm, _, warps = lora_bgmv._pick_config(longest, m, r, n_seg, interpret=False)
-            key = ("expand", bn, br, bm)
-            if key not in seen:
-                seen.add(key)
-                types = {"h_ptr": "*fp32", "b_ptr": "*fp32", "s_ptr": "*fp32", "y_ptr": "*fp32"}
-                types |= {f"seg_{p}_ptr": "*i32" for p in ("start", "len", "adapter")}
-                types |= {n: "i32" for n in ("M", "R", "stride_hn", "stride_bl", "stride_bm", "stride_yn")}
-                const = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "stride_hr": 1, "stride_br": 1, "stride_ym": 1}
-                name = f"lora expand {bn}x{bm}x{br}"
-                yield name, lora_bgmv._lora_expand_kernel, types, const, warps, br * bm // (32 * warps), {}
+            # B padded (L, M, R): unit stride along the rank; B read in place from the stacks
+            # (minilora/lora/mixed_term.py, Bt_cat (n r, M) viewed as (n, M, r)): unit stride along M
+            for layout, unit in (("padded", "stride_br"), ("stacks", "stride_bm")):
+                key = ("expand", bn, br, bm, layout)
+                if key not in seen:
+                    seen.add(key)
+                    types = {"h_ptr": "*fp32", "b_ptr": "*fp32", "s_ptr": "*fp32", "y_ptr": "*fp32"}
+                    types |= {f"seg_{p}_ptr": "*i32" for p in ("start", "len", "adapter")}
+                    strides = ("stride_bl", "stride_bm", "stride_br")
+                    types |= {n: "i32" for n in ("M", "R", "stride_hn", "stride_yn", *strides) if n != unit}
+                    const = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "stride_hr": 1, unit: 1, "stride_ym": 1}
+                    name = f"lora expand {bn}x{bm}x{br} B {layout}"
+                    yield name, lora_bgmv._lora_expand_kernel, types, const, warps, br * bm // (32 * warps), {}
 
 
 def main() -> int:
