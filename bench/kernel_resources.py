@@ -206,9 +206,8 @@ def lora_cases():
                     seen.add(key)
                     types = {"x_ptr": _TY[act], "a_ptr": "*fp32", "h_ptr": "*fp32"}
                     types |= {f"seg_{p}_ptr": "*i32" for p in ("start", "len", "adapter")}
-                    types |= {
-                        n: "i32" for n in ("K", "R", "stride_xn", "stride_al", "stride_ar", "stride_hs", "stride_hn")
-                    }
+                    types |= {"a_first_ptr": "*i64", "rank_ptr": "*i32"}
+                    types |= {n: "i32" for n in ("K", "R", "stride_xn", "stride_ar", "stride_hs", "stride_hn")}
                     const = {"BLOCK_N": bn, "BLOCK_R": br, "BLOCK_K": bk, "SPLIT_K": split}
                     const |= {"stride_xk": 1, "stride_ak": 1, "stride_hr": 1}  # Triton specializes strides of 1
                     name = f"lora shrink x={act} {bn}x{br}x{bk} split={split}"
@@ -222,7 +221,8 @@ def lora_cases():
                     seen.add(key)
                     types = {"h_ptr": "*fp32", "b_ptr": "*fp32", "s_ptr": "*fp32", "y_ptr": "*fp32"}
                     types |= {f"seg_{p}_ptr": "*i32" for p in ("start", "len", "adapter")}
-                    strides = ("stride_bl", "stride_bm", "stride_br")
+                    types |= {"b_first_ptr": "*i64", "rank_ptr": "*i32"}
+                    strides = ("stride_bm", "stride_br")
                     types |= {n: "i32" for n in ("M", "R", "stride_hn", "stride_yn", *strides) if n != unit}
                     const = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "stride_hr": 1, unit: 1, "stride_ym": 1}
                     name = f"lora expand {bn}x{bm}x{br} B {layout}"

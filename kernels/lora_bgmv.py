@@ -2,9 +2,11 @@
 
 Letters: N tokens (rows of x), K in_features, M out_features, L adapter slots, R the padded rank,
 S segments. Every adapter is zero-padded to rank R (exact: minilora/lora/mixed_term.py's docstring), so
-the adapters stack into A_pad (L, R, K) and B_pad (L, M, R) with scales s (L,), of any strides (adapters of
-one rank need no padding: minilora/lora/mixed_term.py passes views of its stacks). Token n uses adapter
-a = idx[n]; a = -1 contributes nothing (nor does an all-zero slot, whose products are exact zeros):
+the adapters stack into A_pad (L, R, K) and B_pad (L, M, R) with scales s (L,). Or they stack without
+padding (Blocks: minilora/lora/mixed_term.py's stacks, read in place): adapter a owns rank rows first[a]
+.. first[a] + rank[a] - 1 of A (Σ, K) and of B^T (Σ, M), and every load masks at rank[a], which computes
+what the zero padding computes. Token n uses adapter a = idx[n]; a = -1 contributes nothing (nor does an
+all-zero slot, whose products are exact zeros):
 
     shrink   h[n] = A_pad[a] x[n]                 x (N, K) -> h (N, R)    reduce over K
     expand   y[n] = y[n] + s[a] (B_pad[a] h[n])   h (N, R) -> y (N, M)    reduce over R
@@ -51,6 +53,7 @@ call (or every layer of a step, as vLLM does) share one sync.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -97,18 +100,19 @@ def lora_expand_reference(
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr,  # (N, K) input rows: float32, bf16 or fp16
-    a_ptr,  # (L, R, K) float32 padded A stack
+    a_ptr,  # float32 A: adapter a's rank rows are first[a] .. first[a] + rank[a] - 1 (padded: first = a R)
     h_ptr,  # (SPLIT_K, N, R) float32: h, or its partial sums when SPLIT_K > 1
     seg_start_ptr,  # (S,) int32 first token of each segment
     seg_len_ptr,  # (S,) int32 tokens in each segment
     seg_adapter_ptr,  # (S,) int32 adapter of each segment; -1: skipped (segments() drops the base's runs)
+    a_first_ptr,  # (L,) int64 each adapter's first rank row in A
+    rank_ptr,  # (L,) int32 each adapter's rank (rows of h past it stay 0)
     K,  # in_features
-    R,  # padded rank
+    R,  # h's width: the largest rank
     stride_xn,
     stride_xk,  # strides of x over (token, k)
-    stride_al,
     stride_ar,
-    stride_ak,  # strides of A_pad over (adapter, rank, k)
+    stride_ak,  # strides of A over (rank row, k)
     stride_hs,
     stride_hn,
     stride_hr,  # strides of h over (split, token, rank)
@@ -126,9 +130,12 @@ def _lora_shrink_kernel(
     adapter = tl.load(seg_adapter_ptr + pid_s).to(tl.int64)  # int64: L R K may pass 2^31
     if adapter < 0:  # an adapter the caller has no weights for here: its h rows stay 0
         return
-    start = tl.load(seg_start_ptr + pid_s).to(tl.int64)
+    rank = tl.load(rank_ptr + adapter)
     pid_r = pid_rk // SPLIT_K
     pid_k = pid_rk % SPLIT_K
+    if pid_r * BLOCK_R >= rank:  # a rank tile past this adapter's rank: its h stays 0
+        return
+    start = tl.load(seg_start_ptr + pid_s).to(tl.int64)
 
     offs_t = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token offsets within the segment
     offs_n = start + offs_t  # (BLOCK_N,) token rows of x
@@ -137,7 +144,8 @@ def _lora_shrink_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     x_rows = x_ptr + offs_n[:, None] * stride_xn  # (BLOCK_N, 1)
-    a_cols = a_ptr + adapter * stride_al + offs_r[None, :] * stride_ar  # (1, BLOCK_R): A[a, r, :] as columns
+    first = tl.load(a_first_ptr + adapter)
+    a_cols = a_ptr + (first + offs_r[None, :]) * stride_ar  # (1, BLOCK_R): adapter a's A rows as columns
 
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -145,7 +153,7 @@ def _lora_shrink_kernel(
         k_in = offs_k < k_end
         x_mask = (offs_t[:, None] < seg_len) & k_in[None, :]
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)  # (BLOCK_N, BLOCK_K)
-        a_mask = k_in[:, None] & (offs_r[None, :] < R)
+        a_mask = k_in[:, None] & (offs_r[None, :] < rank)
         a = tl.load(a_cols + offs_k[:, None] * stride_ak, mask=a_mask, other=0.0)  # (BLOCK_K, BLOCK_R) = A[a]^T
         # Widening a 16-bit x to float32 is exact; "ieee": true float32 products, never TF32.
         acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
@@ -158,19 +166,20 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_expand_kernel(
     h_ptr,  # (N, R) float32 shrink output
-    b_ptr,  # (L, M, R) float32 padded B stack
+    b_ptr,  # float32 B: adapter a's B[:, j] for j < rank[a] at rank row first[a] + j (padded: first = a M R)
     s_ptr,  # (L,) float32 scale of each adapter
     y_ptr,  # (N, M) float32, updated in place: y += s B h
     seg_start_ptr,  # (S,) int32 first token of each segment
     seg_len_ptr,  # (S,) int32 tokens in each segment
     seg_adapter_ptr,  # (S,) int32 adapter of each segment; -1: skipped
+    b_first_ptr,  # (L,) int64 each adapter's first rank row in B
+    rank_ptr,  # (L,) int32 each adapter's rank
     M,  # out_features
-    R,  # padded rank
+    R,  # h's width: the largest rank
     stride_hn,
     stride_hr,  # strides of h over (token, rank)
-    stride_bl,
     stride_bm,
-    stride_br,  # strides of B_pad over (adapter, output, rank)
+    stride_br,  # strides of B over (output, rank row)
     stride_yn,
     stride_ym,  # strides of y over (token, output)
     BLOCK_N: tl.constexpr,  # tokens per tile (>= 16 for tl.dot)
@@ -187,18 +196,20 @@ def _lora_expand_kernel(
     if adapter < 0:  # an adapter the caller has no weights for here: its y rows untouched
         return
     start = tl.load(seg_start_ptr + pid_s).to(tl.int64)
+    rank = tl.load(rank_ptr + adapter)
 
     offs_t = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token offsets within the segment
     offs_n = start + offs_t  # (BLOCK_N,) token rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     t_in = offs_t < seg_len
     m_in = offs_m < M
-    b_cols = b_ptr + adapter * stride_bl + offs_m[None, :] * stride_bm  # (1, BLOCK_M): B[a, m, :] as columns
+    first = tl.load(b_first_ptr + adapter)
+    b_cols = b_ptr + first * stride_br + offs_m[None, :] * stride_bm  # (1, BLOCK_M): adapter a's B rows as columns
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-        r_in = offs_r < R
+        r_in = offs_r < rank
         h = tl.load(
             h_ptr + offs_n[:, None] * stride_hn + offs_r[None, :] * stride_hr,
             mask=t_in[:, None] & r_in[None, :],
@@ -297,22 +308,60 @@ def _check_idx(who: str, idx: torch.Tensor, n: int, n_adapters: int) -> None:
         )
 
 
+class Blocks(NamedTuple):
+    """Adapters stacked along the rank without padding (minilora/lora/mixed_term.py's stacks): adapter a
+    owns rank rows first[a] .. first[a] + rank[a] - 1 of A (Σ, K) and of B^T (Σ, M)."""
+
+    first: torch.Tensor  # (L,) int64
+    rank: torch.Tensor  # (L,) int32
+    R: int  # the largest rank: h's width
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_blocks(L: int, R: int, rows_per_adapter: int, device: torch.device) -> Blocks:
+    """A padded stack as Blocks: adapter a's rank rows start at a * rows_per_adapter (its stride over
+    adapters in units of its rank stride), all of rank R (the padding is zeros)."""
+    first = torch.arange(L, dtype=torch.int64, device=device) * rows_per_adapter
+    return Blocks(first, torch.full((L,), R, dtype=torch.int32, device=device), R)
+
+
+def _rank_layout(W: torch.Tensor, blocks: Blocks | None, other: int) -> tuple[torch.Tensor, Blocks, int, int]:
+    """(W, its Blocks, the stride of a rank row, the stride along `other`: K for A, M for B) for a padded
+    W (L, R, K) / (L, M, R) (blocks None) or a stack W (Σ, K) / (Σ, M) with its Blocks."""
+    if blocks is not None:
+        return W, blocks, W.stride(0), W.stride(1)
+    rank_dim = 1 if other == 2 else 2
+    if W.stride(rank_dim) == 0 or W.stride(0) % W.stride(rank_dim):
+        W = W.contiguous()  # the adapter stride must be a whole number of rank rows
+    rows = W.stride(0) // W.stride(rank_dim)
+    return W, _padded_blocks(W.shape[0], W.shape[rank_dim], rows, W.device), W.stride(rank_dim), W.stride(other)
+
+
 def lora_shrink_triton(
-    x: torch.Tensor, A_pad: torch.Tensor, idx: torch.Tensor, *, segs: Segments | None = None, config=None
+    x: torch.Tensor,
+    A_pad: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    segs: Segments | None = None,
+    config=None,
+    blocks: Blocks | None = None,
 ) -> torch.Tensor:
-    """h = A_pad[idx[n]] x[n] per token, float32 (N, R); 0 where idx[n] < 0. x (N, K), A_pad (L, R, K).
+    """h = A_pad[idx[n]] x[n] per token, float32 (N, R); 0 where idx[n] < 0. x (N, K), A_pad (L, R, K), or
+    with `blocks` the adapters' A stacked without padding, (Σ, K).
 
     segs: segments(idx), when the caller already has them; config: (BLOCK_N, BLOCK_R, BLOCK_K,
     SPLIT_K, num_warps) override (tests, bench).
     """
     who = "lora_shrink_triton"
     dev = _check(who, x=x, A_pad=A_pad, idx=idx)
-    if x.dim() != 2 or A_pad.dim() != 3 or A_pad.shape[2] != x.shape[1]:
+    want = "(Σ, K) with blocks" if blocks else "(L, R, K)"
+    if x.dim() != 2 or A_pad.dim() != (2 if blocks else 3) or A_pad.shape[-1] != x.shape[1]:
         raise ValueError(
-            f"{who}: x {tuple(x.shape)} and A_pad {tuple(A_pad.shape)} must be (N, K) and (L, R, K) with one K."
+            f"{who}: x {tuple(x.shape)} and A_pad {tuple(A_pad.shape)} must be (N, K) and {want} with one K."
         )
     n, k = x.shape
-    n_adapters, r, _ = A_pad.shape
+    A, blocks, stride_ar, stride_ak = _rank_layout(A_pad, blocks, other=2)
+    n_adapters, r = blocks.first.shape[0], blocks.R
     if segs is None:
         _check_idx(who, idx, n, n_adapters)
         segs = segments(idx)
@@ -325,18 +374,19 @@ def lora_shrink_triton(
     grid = (n_seg, triton.cdiv(segs.longest, block_n), triton.cdiv(r, block_r) * split)
     _lora_shrink_kernel[grid](
         x,
-        A_pad,
+        A,
         target,
         segs.start,
         segs.length,
         segs.adapter,
+        blocks.first,
+        blocks.rank,
         k,
         r,
         x.stride(0),
         x.stride(1),
-        A_pad.stride(0),
-        A_pad.stride(1),
-        A_pad.stride(2),
+        stride_ar,
+        stride_ak,
         target.stride(0),
         target.stride(1),
         target.stride(2),
@@ -360,22 +410,26 @@ def lora_expand_triton(
     *,
     segs: Segments | None = None,
     config=None,
+    blocks: Blocks | None = None,
 ) -> torch.Tensor:
     """y[n] += scale[idx[n]] B_pad[idx[n]] h[n] in place, float32; rows with idx[n] < 0 unchanged.
-    y (N, M), h (N, R), B_pad (L, M, R), scale (L,). Returns y.
+    y (N, M), h (N, R), B_pad (L, M, R), or with `blocks` the adapters' B^T stacked without padding,
+    (Σ, M); scale (L,). Returns y.
 
     config: (BLOCK_N, BLOCK_R, BLOCK_M, _, num_warps) override (the shrink's tuple; the split is unused).
     """
     who = "lora_expand_triton"
     _check(who, y=y, h=h, B_pad=B_pad, scale=scale, idx=idx)
-    if y.dim() != 2 or h.dim() != 2 or B_pad.dim() != 3 or scale.dim() != 1:
-        raise ValueError(f"{who}: y, h, B_pad and scale must be (N, M), (N, R), (L, M, R) and (L,).")
+    want = "(Σ, M) with blocks" if blocks else "(L, M, R)"
+    if y.dim() != 2 or h.dim() != 2 or B_pad.dim() != (2 if blocks else 3) or scale.dim() != 1:
+        raise ValueError(f"{who}: y, h, B_pad and scale must be (N, M), (N, R), {want} and (L,).")
     n, m = y.shape
-    n_adapters, _, r = B_pad.shape
+    B, blocks, stride_br, stride_bm = _rank_layout(B_pad, blocks, other=1)
+    n_adapters, r = blocks.first.shape[0], blocks.R
     if h.shape != (n, r) or B_pad.shape[1] != m or scale.shape[0] != n_adapters:
         raise ValueError(
             f"{who}: shapes y {tuple(y.shape)}, h {tuple(h.shape)}, B_pad {tuple(B_pad.shape)}, "
-            f"scale {tuple(scale.shape)} do not fit (N, M), (N, R), (L, M, R), (L,)."
+            f"scale {tuple(scale.shape)} do not fit (N, M), (N, R), {want}, (L,)."
         )
     if segs is None:
         _check_idx(who, idx, n, n_adapters)
@@ -386,19 +440,20 @@ def lora_expand_triton(
     grid = (segs.start.numel(), triton.cdiv(segs.longest, block_n), triton.cdiv(m, block_m))
     _lora_expand_kernel[grid](
         h,
-        B_pad,
+        B,
         scale,
         y,
         segs.start,
         segs.length,
         segs.adapter,
+        blocks.first,
+        blocks.rank,
         m,
         r,
         h.stride(0),
         h.stride(1),
-        B_pad.stride(0),
-        B_pad.stride(1),
-        B_pad.stride(2),
+        stride_bm,
+        stride_br,
         y.stride(0),
         y.stride(1),
         BLOCK_N=block_n,

@@ -152,6 +152,38 @@ def test_expand_equals_reference(p, config):
 
 
 @needs_interpreter
+@given(
+    ranks=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    n=st.integers(1, 30),
+    k=st.integers(1, 70),
+    m=st.integers(1, 40),
+    config=st.sampled_from(CONFIGS),
+    seed=st.integers(0, 2**16),
+)
+def test_stacked_blocks_equal_the_padded_stacks(ranks, n, k, m, config, seed):
+    """Adapters stacked along the rank without padding (Blocks: each adapter's rows at its offset, masked at
+    its rank) give the padded stacks' h and y: the same products, the padding's zeros never read. Ranks
+    cross the 16-wide rank tiles and the split K range."""
+    g = torch.Generator().manual_seed(seed)
+    L, R = len(ranks), max(ranks)
+    A_cat, Bt_cat = torch.randn(sum(ranks), k, generator=g), torch.randn(sum(ranks), m, generator=g)
+    first = [sum(ranks[:a]) for a in range(L)]
+    A_pad, B_pad = torch.zeros(L, R, k), torch.zeros(L, m, R)
+    for a, (f, r) in enumerate(zip(first, ranks)):
+        A_pad[a, :r], B_pad[a, :, :r] = A_cat[f : f + r], Bt_cat[f : f + r].T
+    blocks = lora_bgmv.Blocks(torch.tensor(first), torch.tensor(ranks, dtype=torch.int32), R)
+    s = torch.rand(L, generator=g) + 0.5
+    x = torch.randn(n, k, generator=g)
+    idx = torch.randint(-1, L, (n,), generator=g)
+    h = lora_shrink_triton(x, A_cat, idx, config=config, blocks=blocks)
+    assert_within(h, lora_shrink_reference(x, A_pad, idx), shrink_bound(x, A_pad, idx))
+    h = torch.randn(n, R, generator=g)  # nonzero past every rank: the expand must not read past its own
+    y = torch.randn(n, m, generator=g)
+    got = lora_expand_triton(y.clone(), h, Bt_cat, s, idx, config=config, blocks=blocks)
+    assert_within(got, lora_expand_reference(y, h, B_pad, s, idx), expand_bound(y, h, B_pad, s, idx))
+
+
+@needs_interpreter
 def test_expand_adds_in_place_and_shrink_reads_strided_input():
     g = torch.Generator().manual_seed(0)
     A, B, s = torch.randn(2, 4, 24, generator=g), torch.randn(2, 20, 4, generator=g), torch.tensor([0.5, 3.0])
@@ -382,7 +414,7 @@ def test_segments_are_found_once_per_forward(monkeypatch, kernels_on_cpu):
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture's patches hold for every example
 @given(
     n=st.integers(1, 4),
-    r=st.integers(1, 20),
+    ranks=st.lists(st.integers(1, 20), min_size=4, max_size=4),
     targeted=st.lists(st.booleans(), min_size=4, max_size=4),
     rows=st.lists(st.integers(-1, 3), min_size=2, max_size=7),
     T=st.integers(1, 3),
@@ -390,15 +422,15 @@ def test_segments_are_found_once_per_forward(monkeypatch, kernels_on_cpu):
     into=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_kernels_read_the_stacks_in_place(monkeypatch, kernels_on_cpu, n, r, targeted, rows, T, dtype, into, seed):
-    """A layer whose named adapters share one rank: mixed_delta runs the kernels on views of the layer's
-    stacks (the same storage, no padded copy) and equals mixed_reference within test_multi_adapter's
-    bound; rows of -1 or of an adapter that does not target the layer get exactly nothing."""
+def test_kernels_read_the_stacks_in_place(monkeypatch, kernels_on_cpu, n, ranks, targeted, rows, T, dtype, into, seed):
+    """Named adapters of drawn ranks: mixed_delta runs the kernels on the layer's stacks themselves (the
+    same storage, no padded copy) and equals mixed_reference within test_multi_adapter's bound; rows of -1
+    or of an adapter that does not target the layer get exactly nothing."""
     g = torch.Generator().manual_seed(seed)
     K, M = 24, 20
     slots = [
         (torch.randn(r, K, generator=g), torch.randn(M, r, generator=g), (i + 1) / 2) if targeted[i] or i == 0 else None
-        for i in range(n)
+        for i, r in enumerate(ranks[:n])
     ]
     rows = torch.tensor([a if a < n else -1 for a in rows] + [0, -1])  # mixed: adapter 0 (targeted) and the base
     layer, adapters = named_layer(slots, K, M)
@@ -408,30 +440,13 @@ def test_kernels_read_the_stacks_in_place(monkeypatch, kernels_on_cpu, n, r, tar
     seen = spy(monkeypatch, "lora_shrink", lambda real, *a, **k: real(*a, **k))
     got = multi.mixed_delta(layer, x, rows, layer.adapters.table.names, base.clone() if into else None)
     want = term.mixed_reference(x, rows, slots, M)
-    A_seen = seen[-1][1]  # (n_stacked, r, K): the kernel's A, a view of the stacks
+    A_seen = seen[-1][1]  # (Σ, K): the kernel's A, the stacks themselves
     assert A_seen.untyped_storage().data_ptr() == adapters.stacks()[0].untyped_storage().data_ptr()
     expect = base.double() + want.double() if into else want.double()
     bound = lora_bound(x, slots, rows, M, into=base if into else None)
     assert ((got.double() - expect).abs() <= bound).all()
     nothing = torch.tensor([a < 0 or slots[a] is None for a in rows.tolist()])
     assert torch.equal(got[nothing], base[nothing] if into else torch.zeros_like(got[nothing]))
-
-
-@needs_interpreter
-def test_kernels_pad_adapters_of_different_ranks(monkeypatch, kernels_on_cpu):
-    """Stacked adapters of two ranks are not one (n, r, K) view: mixed_delta pads them (mixed_gathered)."""
-    x, rows, slots, M = mixed_problem()  # ranks 4 and 7
-    layer, adapters = named_layer(slots, x.shape[-1], M)
-    padded = []
-    real = term.padded_stacks
-    monkeypatch.setattr(term, "padded_stacks", lambda *a: padded.append(1) or real(*a))
-    got = multi.mixed_delta(layer, x, rows, layer.adapters.table.names)
-    assert (
-        padded
-        and (
-            (got.double() - term.mixed_reference(x, rows, slots, M).double()).abs() <= lora_bound(x, slots, rows, M)
-        ).all()
-    )
 
 
 # --- on a GPU: real sizes ---------------------------------------------------------------------------------
@@ -458,14 +473,14 @@ def test_gpu_real_sizes(n_tokens, seg):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_gpu_kernels_read_the_stacks_in_place(tokens):
-    """On a GPU at a real layer's size: 8 named adapters of rank 16 (one not on this layer), 32 rows of
+    """On a GPU at a real layer's size: 8 named adapters of ranks 8 to 64 (one not on this layer), 32 rows of
     `tokens` tokens cycling over them and the base; mixed_delta takes the kernels over the stacks (their
     A shares the stacks' storage) and equals mixed_reference within test_multi_adapter's bound."""
     g = torch.Generator().manual_seed(0)
-    K, M, r = 2048, 5632, 16
+    K, M = 2048, 5632
     slots = [
         None if i == 3 else (torch.randn(r, K, generator=g) * 0.02, torch.randn(M, r, generator=g) * 0.02, 2.0)
-        for i in range(8)
+        for i, r in enumerate([16, 8, 16, 16, 32, 16, 64, 16])
     ]
     layer, adapters = named_layer(slots, K, M)
     layer.cuda()

@@ -36,11 +36,11 @@ gives exactly 0, so a -1 row is y = W0 x + bias, bit for bit.
 On CUDA, once they pass their self-check (kernels/dispatch.py), Triton kernels compute the two products
 of mixed_gathered (kernels/lora_bgmv.py: segments of tokens that share an adapter, float32 as here).
 
-The stacks (NamedAdapters.stacks, minilora/lora/multi.py) hold each adapter's weights once. The kernels
-read them in place when the layer's stacked adapters share one rank r (adapters trained with one recipe):
-A_cat (n r, K) is then A_pad (n, r, K) with no padding, and Bt_cat (n r, M), each block transposed, is
-B_pad (n, M, r); a view each, no copy (mixed_kernel_stacked). Otherwise mixed_gathered pads them again
-on every call: n R (K + M) copied numbers, and on a GPU some 3 n + 3 small launches a layer.
+The stacks (NamedAdapters.stacks, minilora/lora/multi.py) hold each adapter's weights once, and the
+kernels read them in place (mixed_kernel_stacked): adapter a owns rank rows first_a .. first_a + r_a - 1
+of A_cat (Σ, K) and of Bt_cat (Σ, M), and the kernels mask each adapter's tiles at its own rank, which is
+the zero padding's arithmetic without the zeros. mixed_gathered instead pads copies on every call:
+n R (K + M) copied numbers, and on a GPU some 3 n + 3 small launches a layer.
 
 Why zeroing columns is exact as well. Column j of H belongs to adapter owner[j]; for row b the kept
 columns are a_b's, h = A_a x_b computed as a dot product over K like single_delta's, and the zeroed ones
@@ -149,32 +149,34 @@ def mixed_gathered(
 
 def mixed_kernel_stacked(x: torch.Tensor, rows: torch.Tensor, stacks, M: int, kernels, out: torch.Tensor | None = None):
     """mixed_stacked's result, float32 (B, ..., M), added into `out` when given (in place), by the Triton
-    shrink and expand reading NamedAdapters.stacks() where they are: every stacked adapter has one rank r
-    (module docstring). The segments, found once per forward in the model's numbering, are renumbered to
-    the stacks' positions (stack_segments); rows of an adapter not on this layer, or of -1, get 0."""
+    shrink and expand reading NamedAdapters.stacks() where they are (module docstring). The segments,
+    found once per forward in the model's numbering, are renumbered to the stacks' positions
+    (stack_segments); rows of an adapter not on this layer, or of -1, get 0."""
     A_cat, Bt_cat, layout = stacks
-    n, r, K = len(layout[1]), layout[1][0][1], x.shape[-1]
-    tok, segs = token_segments(rows, x.numel() // (x.shape[0] * K))
-    segs, s = stack_segments(segs, layout)
-    A, B = A_cat.view(n, r, K), Bt_cat.view(n, r, M).transpose(1, 2)  # (n, r, K), (n, M, r): views, no copy
-    return kernel_term(x, A, B, s, M, kernels, tok, segs, out)
+    tok, segs = token_segments(rows, x.numel() // (x.shape[0] * x.shape[-1]))
+    segs, s, blocks = stack_segments(segs, layout)
+    return kernel_term(x, A_cat, Bt_cat, s, M, kernels, tok, segs, out, blocks)
 
 
-def kernel_term(x: torch.Tensor, A, B, s, M: int, kernels, tok, segs, out: torch.Tensor | None) -> torch.Tensor:
+def kernel_term(x: torch.Tensor, A, B, s, M: int, kernels, tok, segs, out: torch.Tensor | None, blocks=None):
     """y = s_a B_a (A_a x) per token by the Triton shrink and expand, float32 (B, ..., M), added into `out`
-    when given: A (L, R, K), B (L, M, R), s (L,), each segment's adapter indexing them (-1: skipped)."""
+    when given: A (L, R, K), B (L, M, R) padded, or with `blocks` the stacks A_cat (Σ, K) and Bt_cat (Σ, M);
+    s (L,); each segment's adapter indexes them (-1: skipped)."""
     shrink, expand = kernels
     xt = x.reshape(-1, x.shape[-1])  # (B T, K) in x's dtype: the kernel widens it to float32 exactly
-    h = shrink(xt, A, tok, segs=segs)  # (B T, R)
+    h = shrink(xt, A, tok, segs=segs, blocks=blocks)  # (B T, R)
     y = torch.zeros(xt.shape[0], M, device=x.device) if out is None else out.view(-1, M)  # (B T, M)
-    expand(y, h, B, s, tok, segs=segs)  # y += s B h in place
+    expand(y, h, B, s, tok, segs=segs, blocks=blocks)  # y += s B h in place
     return y.view(*x.shape[:-1], M)  # (B, ..., M)
 
 
 def stack_segments(segs, layout):
     """(segs with each adapter renumbered to its position in a layer's stacks, -1 where the layer has no
-    weights for it; the stacked adapters' scales (n,)) for a stacks layout (NamedAdapters.stacks).
-    Computed once per segments object and layout, as row_masks: most layers share a layout."""
+    weights for it; the stacked adapters' scales (n,); where each one's rank rows sit in the stacks,
+    kernels/lora_bgmv.py's Blocks) for a stacks layout (NamedAdapters.stacks). Computed once per segments
+    object and layout, as row_masks: most layers share a layout."""
+    from minilora.kernels.lora_bgmv import Blocks
+
     if _STACK_SEGMENTS.get("segs") is not segs:
         _STACK_SEGMENTS.clear()
         _STACK_SEGMENTS["segs"] = segs
@@ -186,7 +188,10 @@ def stack_segments(segs, layout):
         dev = segs.adapter.device
         renumbered = torch.tensor(position, dtype=torch.int32, device=dev)[segs.adapter.long()]  # (S,)
         s = torch.tensor([si for _, _, si in stacked], device=dev)  # (n,)
-        _STACK_SEGMENTS[layout] = (segs._replace(adapter=renumbered), s)
+        ranks = [r for _, r, _ in stacked]
+        first = torch.tensor([sum(ranks[:p]) for p in range(len(ranks))], dtype=torch.int64, device=dev)  # (n,)
+        blocks = Blocks(first, torch.tensor(ranks, dtype=torch.int32, device=dev), max(ranks))
+        _STACK_SEGMENTS[layout] = (segs._replace(adapter=renumbered), s, blocks)
     return _STACK_SEGMENTS[layout]
 
 

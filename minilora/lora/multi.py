@@ -22,7 +22,7 @@ padded copies); few tokens per row over most of a layer's adapters, mixed_stacke
 
 mixed_stacked's stacks are built once, as vLLM preallocates its own: each AdapterSlot's lora_A and
 lora_B are then views into them, so the stacks cost no memory of their own; the Triton kernels read
-them in place too when the layer's adapters share one rank.
+them in place too.
 """
 
 from __future__ import annotations
@@ -192,11 +192,10 @@ def mixed_delta(
     """The LoRA term of a mixed batch (B, ..., M) float32, added into `out` when given, by the path that
     suits it: when every row is on one adapter, that adapter alone as set_adapter computes it (the same
     bits, and only its weights read); the Triton shrink/expand where dispatch allows them (CUDA), over
-    the stacks in place when every row's adapter is a named one and the stacked adapters share a rank,
-    else over padded copies; the stacked matmuls for few tokens per row (decoding) when every row's
-    adapter is a named one and the batch uses most of the layer's adapters (the stacked path reads them
-    all); else the grouped matmuls (bench/multi_adapter.py measured both against the PyTorch gather on
-    the CPU)."""
+    the stacks in place when every row's adapter is a named one, else over padded copies; the stacked
+    matmuls for few tokens per row (decoding) when every row's adapter is a named one and the batch uses
+    most of the layer's adapters (the stacked path reads them all); else the grouped matmuls
+    (bench/multi_adapter.py measured both against the PyTorch gather on the CPU)."""
     M = layer.out_features
     groups = row_groups(rows)
     one = len(groups) == 1 and groups[0][1].shape[0] == rows.shape[0]
@@ -216,7 +215,7 @@ def mixed_delta(
         return nothing()
     kernels = dispatch.bgmv_kernels(x)
     if kernels is not None:
-        if stacks is not None and len({r for _, r, _ in stacks[2][1]}) == 1:
+        if stacks is not None:
             return mixed_kernel_stacked(x, rows, stacks, M, kernels, out)
         return mixed_gathered(x, rows, layer_slots(layer), M, out)
     tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
