@@ -292,6 +292,9 @@ def _check(who: str, **tensors: torch.Tensor) -> torch.device:
         if name == "idx":
             if t.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"{who}: idx has dtype {t.dtype}; pass integer adapter indices (int32 or int64).")
+        elif name in _BLOCKS_DTYPES:
+            if t.dtype != _BLOCKS_DTYPES[name]:
+                raise ValueError(f"{who}: blocks.{name} has dtype {t.dtype}; it must be {_BLOCKS_DTYPES[name]}.")
         elif t.dtype not in (_X_DTYPES if name == "x" else (torch.float32,)):
             want = "float32, bfloat16 or float16" if name == "x" else "float32"
             raise ValueError(f"{who}: {name} has dtype {t.dtype}; it must be {want}.")
@@ -306,6 +309,14 @@ def _check_idx(who: str, idx: torch.Tensor, n: int, n_adapters: int) -> None:
             f"{who}: idx holds values outside -1..{n_adapters - 1}; index the {n_adapters} adapter slots, "
             "or -1 for none."
         )
+
+
+_BLOCKS_DTYPES = {"first": torch.int64, "rank": torch.int32}
+
+
+def _block_tensors(blocks) -> dict[str, torch.Tensor]:
+    """A Blocks' tensors by name, for _check (none for a padded stack)."""
+    return {"first": blocks.first, "rank": blocks.rank} if blocks is not None else {}
 
 
 class Blocks(NamedTuple):
@@ -353,7 +364,7 @@ def lora_shrink_triton(
     SPLIT_K, num_warps) override (tests, bench).
     """
     who = "lora_shrink_triton"
-    dev = _check(who, x=x, A_pad=A_pad, idx=idx)
+    dev = _check(who, x=x, A_pad=A_pad, idx=idx, **_block_tensors(blocks))
     want = "(Σ, K) with blocks" if blocks else "(L, R, K)"
     if x.dim() != 2 or A_pad.dim() != (2 if blocks else 3) or A_pad.shape[-1] != x.shape[1]:
         raise ValueError(
@@ -419,7 +430,7 @@ def lora_expand_triton(
     config: (BLOCK_N, BLOCK_R, BLOCK_M, _, num_warps) override (the shrink's tuple; the split is unused).
     """
     who = "lora_expand_triton"
-    _check(who, y=y, h=h, B_pad=B_pad, scale=scale, idx=idx)
+    _check(who, y=y, h=h, B_pad=B_pad, scale=scale, idx=idx, **_block_tensors(blocks))
     want = "(Σ, M) with blocks" if blocks else "(L, M, R)"
     if y.dim() != 2 or h.dim() != 2 or B_pad.dim() != (2 if blocks else 3) or scale.dim() != 1:
         raise ValueError(f"{who}: y, h, B_pad and scale must be (N, M), (N, R), {want} and (L,).")

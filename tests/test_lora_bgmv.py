@@ -217,6 +217,18 @@ def test_launchers_reject_bad_inputs():
         (lambda: lora_shrink_triton(x, A.half(), torch.tensor([0, 0, 0])), "A_pad has dtype torch.float16"),
         (lambda: lora_shrink_triton(x, A, torch.tensor([0.0, 0, 0])), "integer adapter indices"),
         (
+            lambda: lora_shrink_triton(
+                x, A[0], torch.tensor([0, 0, 0]), blocks=lora_bgmv.Blocks(torch.tensor([0]), torch.tensor([4]), 4)
+            ),
+            "blocks.rank has dtype torch.int64; it must be torch.int32",
+        ),
+        (
+            lambda: lora_shrink_triton(
+                x, A, torch.tensor([0, 0, 0]), blocks=lora_bgmv.Blocks(torch.tensor([0]), torch.tensor([4]).int(), 4)
+            ),
+            r"\(Σ, K\) with blocks",
+        ),
+        (
             lambda: lora_expand_triton(
                 torch.zeros(3, 5), torch.zeros(3, 4), torch.zeros(2, 5, 3), torch.ones(2), torch.tensor([0, 1, 0])
             ),
