@@ -336,16 +336,15 @@ def _padded_blocks(L: int, R: int, rows_per_adapter: int, device: torch.device) 
     return Blocks(first, torch.full((L,), R, dtype=torch.int32, device=device), R)
 
 
-def _rank_layout(W: torch.Tensor, blocks: Blocks | None, other: int) -> tuple[torch.Tensor, Blocks, int, int]:
-    """(W, its Blocks, the stride of a rank row, the stride along `other`: K for A, M for B) for a padded
-    W (L, R, K) / (L, M, R) (blocks None) or a stack W (Σ, K) / (Σ, M) with its Blocks."""
+def _rank_layout(W: torch.Tensor, blocks: Blocks | None, rank_dim: int, other_dim: int):
+    """(W, its Blocks, the stride of one rank row, the stride along the other dimension) for a padded W,
+    A (L, R, K) or B (L, M, R) with blocks None, or for a stack W (Σ, K) / (Σ, M) and its Blocks."""
     if blocks is not None:
         return W, blocks, W.stride(0), W.stride(1)
-    rank_dim = 1 if other == 2 else 2
     if W.stride(rank_dim) == 0 or W.stride(0) % W.stride(rank_dim):
-        W = W.contiguous()  # the adapter stride must be a whole number of rank rows
+        W = W.contiguous()  # an adapter's stride must be a whole number of rank rows
     rows = W.stride(0) // W.stride(rank_dim)
-    return W, _padded_blocks(W.shape[0], W.shape[rank_dim], rows, W.device), W.stride(rank_dim), W.stride(other)
+    return W, _padded_blocks(W.shape[0], W.shape[rank_dim], rows, W.device), W.stride(rank_dim), W.stride(other_dim)
 
 
 def lora_shrink_triton(
@@ -371,7 +370,7 @@ def lora_shrink_triton(
             f"{who}: x {tuple(x.shape)} and A_pad {tuple(A_pad.shape)} must be (N, K) and {want} with one K."
         )
     n, k = x.shape
-    A, blocks, stride_ar, stride_ak = _rank_layout(A_pad, blocks, other=2)
+    A, blocks, stride_ar, stride_ak = _rank_layout(A_pad, blocks, rank_dim=1, other_dim=2)
     n_adapters, r = blocks.first.shape[0], blocks.R
     if segs is None:
         _check_idx(who, idx, n, n_adapters)
@@ -435,7 +434,7 @@ def lora_expand_triton(
     if y.dim() != 2 or h.dim() != 2 or B_pad.dim() != (2 if blocks else 3) or scale.dim() != 1:
         raise ValueError(f"{who}: y, h, B_pad and scale must be (N, M), (N, R), {want} and (L,).")
     n, m = y.shape
-    B, blocks, stride_br, stride_bm = _rank_layout(B_pad, blocks, other=1)
+    B, blocks, stride_br, stride_bm = _rank_layout(B_pad, blocks, rank_dim=2, other_dim=1)
     n_adapters, r = blocks.first.shape[0], blocks.R
     if h.shape != (n, r) or B_pad.shape[1] != m or scale.shape[0] != n_adapters:
         raise ValueError(
