@@ -353,7 +353,7 @@ def loop(r: Run) -> str | int:
     from minilora.lora.layers import lora_parameters
     from minilora.parallel import distributed as D
     from minilora.train import checkpoint as C
-    from minilora.train.planner import peak_memory_bytes
+    from minilora.train.process_memory import peak_memory_bytes
 
     cfg, world, rank = r.cfg, r.world, r.rank
     micro_per_step = cfg.grad_accum * world

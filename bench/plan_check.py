@@ -58,7 +58,7 @@ def gemm_rate_estimate(ckpt: str, resolved: dict, device: str, threads: int) -> 
 
     from minilora.dtypes import DTYPES
     from minilora.models.loader import load_config
-    from minilora.train.planner import flops_per_token
+    from minilora.train.memory_plan import flops_per_token
 
     probe = resolved.get("step_probe")
     if not probe:

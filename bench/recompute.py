@@ -53,7 +53,7 @@ def main() -> None:
 
     from bench.common import environment, write_json
     from minilora.models.loader import read_config
-    from minilora.train.planner import plan_memory
+    from minilora.train.memory_plan import plan_memory
 
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if a.device == "cuda" else "float32")
     base = [

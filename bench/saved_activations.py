@@ -61,7 +61,7 @@ def saved_by_module(preset: str, dtype: torch.dtype, batch: int, seq: int) -> di
 def planned_per_block(preset: str, dtype: torch.dtype, batch: int, seq: int) -> int:
     """The planner's activation bytes for one block (2 blocks minus 1 block)."""
     from minilora.models.config import FULL, ModelConfig
-    from minilora.train.planner import plan_memory
+    from minilora.train.memory_plan import plan_memory
 
     base = ModelConfig.from_name(preset)
 

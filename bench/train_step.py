@@ -268,7 +268,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
         pos = torch.arange(T, device=ids.device).expand(B, T) * mask  # (B, T), padding at 0 as collate does
         batch = Batch(ids, labels, mask, pos, mask.clone(), n_label_tokens=int((labels[:, 1:] != -100).sum()))
         trainable = report["trainable"]
-        from minilora.train.planner import LINEARS, flops_per_token
+        from minilora.train.memory_plan import LINEARS, flops_per_token
 
         # the model's FLOPs per step (no recompute counted): what utilisation divides by the step time
         labelled = batch.n_label_tokens / (B * T)

@@ -2,7 +2,7 @@
 families differ.
 
 A family is the Llama block plus the traits its FAMILIES entry sets; models/transformer.py builds the
-block from them, minilora/train/planner.py counts its memory from them, models/hf_config.py reads
+block from them, minilora/train/memory_plan.py counts its memory from them, models/hf_config.py reads
 and writes config.json from them and minilora/export/gguf.py lays out the GGUF file from them.
 Mixture-of-experts, fused-qkv and encoder-decoder architectures are not implemented.
 
@@ -44,7 +44,7 @@ class Family:
     and each trait set away from its default names one thing the family does differently.
     """
 
-    # --- the block's math: models/transformer.py, minilora/train/planner.py
+    # --- the block's math: models/transformer.py, minilora/train/memory_plan.py
     hidden_act: str = "silu"  # act in the MLP (the only one this family's config.json may name)
     norm_offset: float = 0.0  # every RMSNorm scales by (norm_offset + w); 1: Gemma's, in float32 (models/ops.py)
     sandwich_norms: bool = False  # the attention and MLP outputs are normed too before the residual add

@@ -204,7 +204,7 @@ FLOAT32_ATTENTION_MAX_T_HD = 320 * 64
 
 def attention_in_float32(device_type: str, dtype: torch.dtype, seq_len: int, head_dim: int) -> bool:
     """Whether attention over rows of seq_len tokens runs in float32 (see the constant);
-    minilora.train.planner asks the same question to count what selective recompute keeps."""
+    minilora.train.memory_plan asks the same question to count what selective recompute keeps."""
     short = seq_len * head_dim <= FLOAT32_ATTENTION_MAX_T_HD
     return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and short
 

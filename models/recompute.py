@@ -11,7 +11,7 @@ Kept: aten mm / addmm / bmm (the base linears: nf4_matmul is a dequantize then a
 is an mm) and the fused SDPA kernels (their output and log-sum-exp). The LoRA products call
 torch.mm with out= (aten mm.out), which is not kept: they are rank-r, cheap to recompute, and their
 (N, M) float32 result would be larger than the base's output. A Triton kernel (the fused NF4 matmul
-on CUDA for few tokens) is no aten op: it runs again in backward. minilora.train.planner counts the kept
+on CUDA for few tokens) is no aten op: it runs again in backward. minilora.train.memory_plan counts the kept
 bytes (checked against saved_tensors_hooks in tests/test_recompute.py).
 """
 

@@ -46,7 +46,7 @@ def main(spec: dict) -> dict:
     from minilora.models.config import ModelConfig
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.train.loss import chunked_lm_loss
-    from minilora.train.planner import warm_runtime
+    from minilora.train.process_memory import warm_runtime
 
     cfg = ModelConfig(**spec["config"])
     dtype = getattr(torch, spec["dtype"])
@@ -64,7 +64,8 @@ def main(spec: dict) -> dict:
     settings = [k if isinstance(k, list) else [k] for k in spec["recompute_blocks"]]
     settings = [k + [0] * (3 - len(k)) for k in settings]  # selective and reuse default to none
     if spec.get("budgets"):  # the parent sends budgets computed from this process's runtime
-        from minilora.train.planner import MARGIN, choose_settings, plan_memory
+        from minilora.train.memory_plan import MARGIN, plan_memory
+        from minilora.train.planner import choose_settings
 
         print(json.dumps({"runtime": runtime}), flush=True)
         budgets = json.loads(sys.stdin.readline())

@@ -23,7 +23,7 @@ from test_train import losses, val_losses
 
 from minilora.dtensor import local
 from minilora.parallel import distributed as D
-from minilora.train.planner import per_rank_components
+from minilora.train.memory_plan import per_rank_components
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = [

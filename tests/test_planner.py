@@ -1,5 +1,5 @@
-"""minilora.train.planner: predicted vs measured peak memory, the activation formula vs what autograd saves,
-the recompute choice, dtype auto.
+"""minilora.train.memory_plan and planner: predicted vs measured peak memory, the activation formula vs what
+autograd saves, the recompute choice, dtype auto.
 
 Peak RSS is measured in a fresh subprocess per configuration (tests/planner_probe.py): RSS is per
 process, and the test runner's own allocations would hide the peak. Tolerance 15%: the prediction
@@ -23,13 +23,8 @@ from hypothesis import strategies as st
 
 from minilora.dtypes import auto_dtype
 from minilora.models.config import FAMILIES, FULL, SLIDING, ModelConfig
-from minilora.train.planner import (
-    choose_checkpointing,
-    choose_recompute,
-    flops_per_token,
-    linear_shapes,
-    plan_memory,
-)
+from minilora.train.memory_plan import flops_per_token, linear_shapes, plan_memory
+from minilora.train.planner import choose_checkpointing, choose_recompute
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -135,7 +130,7 @@ def test_gradient_checkpointing_auto_goes_off_then_full_on_more_blocks_as_the_bu
     """Budgets from roomy to tight select: off; full recompute on 1, 2, then all 4 blocks, the rest
     keeping everything. The process that trains chooses from its own runtime (choose_checkpointing, as
     plan_run), and its measured peak stays under each budget."""
-    from minilora.train.planner import MARGIN
+    from minilora.train.memory_plan import MARGIN
 
     cfg, B, T = llama_135m(4), 2, 128
     p = probe(cfg, batch=B, seq=T, budgets=True)
@@ -158,7 +153,7 @@ def test_weight_reuse_auto_keeps_weights_where_they_fit_and_goes_off_before_reco
     dequantized weights; a tighter one keeps them in the last blocks only; tighter still, none, with
     no recompute; then recompute with no weights kept. Measured in the process that trains (bf16, the
     default dtype on these CPUs): the peak stays under each budget with reuse on, partly on and off."""
-    from minilora.train.planner import MARGIN
+    from minilora.train.memory_plan import MARGIN
 
     cfg, B, T = llama_135m(4), 2, 128
     p = probe(cfg, batch=B, seq=T, budgets=True, reuse="auto", dtype="bfloat16")
@@ -227,7 +222,7 @@ def test_a_plan_that_does_not_fit_names_its_real_largest_part(parts, budget):
     """Plan.too_big names the largest component, whether or not a flag lowers it; when none does, the
     largest a flag lowers follows; when the parts no flag lowers alone exceed the budget, no flag is
     offered. (A 724 MiB plan once named "allocator slack (3 MiB)" as its largest part.)"""
-    from minilora.train.planner import MARGIN, MiB, Plan
+    from minilora.train.memory_plan import MARGIN, MiB, Plan
 
     comps = [(f"part{i}", b, f"--flag{i}" if shrink else "") for i, (b, shrink) in enumerate(parts)]
     plan = Plan(components=comps, peak=sum(b for _, b, _ in comps), num_layers=1)
@@ -412,7 +407,7 @@ from minilora.train.loss import chunked_lm_loss
 from minilora.models import load_model
 from minilora.data.packing import Batch
 from minilora.optim.paged_adamw import PagedAdamW
-from minilora.train.planner import warm_runtime
+from minilora.train.process_memory import warm_runtime
 
 recompute = sys.argv[1] == "1"
 warm_runtime(torch.device("cpu"), torch.float32, recompute=recompute)
@@ -504,7 +499,7 @@ def test_attention_masks_counted_are_the_masks_the_forward_keeps(family, layout,
     from minilora.data.pairs import EncodedPair, collate_pairs
     from minilora.lora.layers import apply_lora
     from minilora.models.transformer import Transformer
-    from minilora.train.planner import attention_mask_count
+    from minilora.train.memory_plan import attention_mask_count
 
     base = {"llama": llama_135m(2), "gemma3": gemma3(2)}[family]
     kinds = [FULL, FULL] if family == "llama" else [SLIDING, FULL]
@@ -548,7 +543,7 @@ def test_fsdp_plans_kept_weights_and_the_pair_split_recompute_as_fsdp_runs_them(
     recomputed block's kept weights count one block's worth, transient, where one device holds them all
     for the step. And --pair-split's recompute there is a non-reentrant checkpoint, which saves without
     lean saves: the activations count as plan_memory's lean=False, where one device counts lean ones."""
-    from minilora.train import planner
+    from minilora.train import memory_plan, planner
     from minilora.train.config import TrainConfig
 
     monkeypatch.setattr(planner, "warm_runtime", lambda *a, **k: 0)  # only the arithmetic
@@ -561,8 +556,8 @@ def test_fsdp_plans_kept_weights_and_the_pair_split_recompute_as_fsdp_runs_them(
     tc = TrainConfig(gradient_checkpointing="on", weight_reuse="on", memory_budget=budget)
     one, _ = planner.plan_run(tc, cfg, torch.device("cpu"), torch.bfloat16, (B, T))
     two, _ = planner.plan_run(tc, cfg, torch.device("cpu"), torch.bfloat16, (B, T), fsdp_ranks=2)
-    block = planner.kept_weight_bytes(cfg, planner.LINEARS, 2)
-    assert part(one, "dequantized weights kept") == 5 * block + planner.kept_weight_bytes(cfg, planner.LINEARS, 2, True)
+    block, first = (memory_plan.kept_weight_bytes(cfg, memory_plan.LINEARS, 2, f) for f in (False, True))
+    assert part(one, "dequantized weights kept") == 5 * block + first
     assert part(two, "dequantized weights kept") == 0  # every block recomputes: none keeps them for the step
 
     kw = dict(objective="dpo", pair_split=True, gradient_checkpointing="off", weight_reuse="off", memory_budget=budget)

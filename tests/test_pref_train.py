@@ -22,6 +22,10 @@ MOVED_IMPORTS = {
     "from minilora.data.encode import prepare_data, resolve_template": (
         "from minilora.data.encode import resolve_template\n    from minilora.data.prepare import prepare_data"
     ),
+    "from minilora.train.planner import longest_batch, peak_memory_bytes, plan_run": (
+        "from minilora.train.planner import longest_batch, plan_run\n"
+        "    from minilora.train.process_memory import peak_memory_bytes"
+    ),
 }
 TIMING = ("tokens_per_s", "peak_mem_mb")  # the only logged values that may differ between two runs
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "margin", "accuracy")

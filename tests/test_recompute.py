@@ -23,7 +23,7 @@ from minilora.models.config import FULL, SLIDING, ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.recompute import SAVED_OPS, keep_matmuls
 from minilora.models.transformer import Transformer, rope_cos_sin
-from minilora.train.planner import plan_memory
+from minilora.train.memory_plan import plan_memory
 
 
 def small(family: str, layers: int, width: int, softcap: bool = False) -> ModelConfig:

@@ -231,7 +231,7 @@ def test_a_probe_that_fails_predicts_nothing(monkeypatch):
     the run without a prediction, with the reason; so do two ranks (the probe would time one process)."""
     from minilora.train import steptime
     from minilora.train.config import TrainConfig
-    from minilora.train.planner import Plan
+    from minilora.train.memory_plan import Plan
 
     monkeypatch.setenv("MINILORA_STEP_PROBE", "30")
     cpu = torch.device("cpu")

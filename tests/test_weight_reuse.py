@@ -23,7 +23,7 @@ from minilora.models.config import ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.transformer import Transformer
 from minilora.quant.linear import BYTE_VIEW, NF4Linear
-from minilora.train.planner import LINEARS, plan_memory
+from minilora.train.memory_plan import LINEARS, plan_memory
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
