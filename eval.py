@@ -24,6 +24,7 @@ different bases (model, quantization, dtype) are refused.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -40,7 +41,7 @@ def eval_parser() -> argparse.ArgumentParser:
         "Score base, few-shot base and fine-tuned model side by side (report.md + eval.json). "
         "With no arguments: the offline demo's run. Subcommand: `eval.py export --help`.",
         epilog="exit codes: 0 done; 1 a gate (--min-exact-match, --min-structured-match, --max-perplexity) "
-        "was missed; 2 a user error (one sentence on stderr).",
+        "was missed; 2 a user error (one sentence on stderr); 3 interrupted (Ctrl-C: no report written).",
     )
     a = p.add_argument
     a(
@@ -181,6 +182,7 @@ def run_eval(args) -> int:
         )
     adapter_dir, run_dir, run_cfg = find_run(args.adapter)
     report_dir = args.out or run_dir
+    check_report_folder(report_dir, None if args.out else run_cfg)  # a user's files: refused before any work
     report_lock(report_dir, check_only=True)  # a run train.py is writing: refused now, not after the evaluation
     trained_on = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     name = args.model or run_cfg.get("model") or trained_on
@@ -382,6 +384,7 @@ def run_compare(args, device) -> int:
     if not data:
         return fail(f"none of {', '.join(args.adapter)} names test data; pass --data test.jsonl.")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(runs[0][1])), "compare-" + "-".join(names))
+    check_report_folder(out)  # a user's files: refused before any work
     report_lock(out, check_only=True)  # a folder train.py is writing: refused now, not after the evaluation
     examples, why = scored_examples(args, data, fmt)
     if why:
@@ -513,6 +516,41 @@ def run_pref_eval(args, adapter_dir, run_cfg, report_dir, name, template, data, 
         print(f"{v.replace('_', '-'):12}{r['pref_accuracy']:>16.1%}{r['margin']:>13.4f}")
     print(f"report: {md}\nmetrics: {js}")
     return 0
+
+
+REPORT_FILES = ("report.md", "eval.json")
+
+
+def check_report_folder(folder: str, run_cfg: dict | None = None) -> None:
+    """Refuse (ValueError, one sentence) a report folder eval.py may not write report.md and eval.json
+    into: a file, or a folder holding anything but a train.py run (`run_cfg`: its config.json) or an
+    earlier report of eval.py's (an eval.json of its keys beside report.md and the lock), so that no
+    file of the user's is ever replaced. A new folder is created when the report is written."""
+    from minilora.fileio import LOCK_NAME
+
+    if not os.path.exists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {folder} is a file; pass a folder for report.md and eval.json.")
+    if run_cfg:
+        return
+    names = set(os.listdir(folder)) - {LOCK_NAME}
+    if names and not (names <= set(REPORT_FILES) and _is_our_report(os.path.join(folder, "eval.json"))):
+        shown = ", ".join(sorted(names - set(REPORT_FILES)) or sorted(names)[:3])
+        raise ValueError(
+            f"{folder} already holds files eval.py did not write ({shown}), so the report is not written "
+            "there; pass --out with a new or empty folder."
+        )
+
+
+def _is_our_report(path: str) -> bool:
+    """Whether `path` is an eval.json eval.py wrote (minilora/eval/report.py build_json's keys)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"metrics", "gates", "examples"} <= report.keys()
 
 
 def report_lock(folder: str, check_only: bool = False):

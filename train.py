@@ -54,7 +54,7 @@ def setup(cfg, given: set[str]) -> Run | int:
     from minilora.lora import eva, inits
     from minilora.lora.layers import apply_lora, check_targets, lora_modules, trainable_report
     from minilora.lora.plus import learning_rates, lora_param_groups
-    from minilora.models.loader import load_config, load_model, plan_config
+    from minilora.models.loader import check_local_weights, load_config, load_model, plan_config
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D
     from minilora.parallel import sharded_checkpoint as SC
@@ -78,7 +78,7 @@ def setup(cfg, given: set[str]) -> Run | int:
     if ckpt is not None:
         SC.check_readable(ckpt)  # an old torch DCP checkpoint (a pickle) is refused unopened
     D.all_reduce_sum(0, world)  # a barrier: every rank has read --out before rank 0 writes into it
-    if cfg.resume and ckpt is not None:
+    if cfg.resume and old is not None:  # the run's recorded flags, with or without a checkpoint yet
 
         def resolve(name: str) -> str:  # --dtype NAME on this device, e.g. auto -> "float32" on the CPU
             return dtype_name(resolve_dtype(name, device.type))
@@ -86,7 +86,7 @@ def setup(cfg, given: set[str]) -> Run | int:
         def resolve_tpl(name: str) -> str:  # --template NAME for this model, e.g. auto -> "chat"
             return resolve_template(name, load_config(cfg.model)[1])
 
-        ckpt_step = C.check_checkpoint(ckpt)["step"]  # a damaged file: one sentence naming it, nothing written
+        ckpt_step = C.check_checkpoint(ckpt)["step"] if ckpt else 0  # a damaged file: one sentence, nothing written
         changed = rundir.merge_resume(cfg, given, old, resolve, ckpt_step, world, resolve_tpl)
         validate(cfg)
         if world > 1:  # the run's --parallel unless given: every mode resumes every checkpoint
@@ -118,7 +118,7 @@ def setup(cfg, given: set[str]) -> Run | int:
     say = print if main else (lambda *a, **k: None)
 
     if cfg.resume and ckpt is None:
-        say(f"note: --resume given but {cfg.out} has no checkpoint; starting fresh.")
+        say(f"note: {cfg.out} has no checkpoint yet; its run starts from step 0.")
 
     # --- tokenizer, data, plan (config.json only: no weights yet), model
     t_start = time.time()
@@ -134,6 +134,17 @@ def setup(cfg, given: set[str]) -> Run | int:
         )
     if tok is None:
         return fail(f"{cfg.model} has no tokenizer.json; a tokenizer is needed to encode the data.")
+    if not cfg.plan:
+        check_local_weights(cfg.model)  # no weights, or a truncated file: refused before the run folder exists
+    context = model_cfg.max_position_embeddings
+    if cfg.max_seq_len > context and ckpt is None:  # positions past it were never trained; a resume keeps its own
+        if "max_seq_len" in given:
+            return fail(
+                f"--max-seq-len {cfg.max_seq_len} is longer than {cfg.model}'s context of {context} tokens "
+                f"(max_position_embeddings); pass --max-seq-len {context} or less."
+            )
+        say(f"note: --max-seq-len {cfg.max_seq_len} is longer than the model's context; using {context}.")
+        cfg.max_seq_len = context
     template = "raw" if estimated else resolve_template(cfg.template, tok)  # auto: chat if the tokenizer has one
     if cfg.template == "auto" and not estimated:
         why = "has a chat template" if template == "chat" else "has no chat template"
@@ -229,7 +240,13 @@ def setup(cfg, given: set[str]) -> Run | int:
         if objective.pairs:
             heldout = heldout_pairs(cfg, tok, template)
         else:
-            heldout = load_records(cfg.eval_data, cfg.format, cfg.skip_bad_lines)[0][: cfg.eval_generate]
+            records, report = load_records(cfg.eval_data, cfg.format, cfg.skip_bad_lines)
+            if report.fmt == "text":  # nothing to prompt with: its exact match would score nothing
+                return fail(
+                    f"--eval-data {cfg.eval_data} holds text records with no prompts; held-out scoring needs "
+                    "prompt/completion, alpaca or chat records, so pass such a file or --eval-generate 0."
+                )
+            heldout = records[: cfg.eval_generate]
     lock = None
     if main:  # the first write: every check above has passed
         lock = rundir.claim(cfg.out, cfg.resume, (ckpt, old))  # held while the Run lives (or the process)
@@ -496,11 +513,13 @@ def run(cfg, given: set[str] = frozenset()) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    seen = {}  # the run folder, once parsed
 
     def body() -> int:
         from minilora.parallel.distributed import close_distributed
 
         cfg = parse_args(argv)
+        seen["out"] = cfg.out
         validate(cfg)
         try:
             return run(cfg, given_flags(argv))
@@ -508,7 +527,11 @@ def main(argv=None) -> int:
             close_distributed()
 
     # a user error: one sentence, exit 2 (MINILORA_DEBUG=1: the traceback)
-    return run_main(body, again="continue the run with --resume")
+    def resume() -> str:  # Ctrl-C before the loop or after it (the loop itself stops at a step's end)
+        out = seen.get("out", "RUN")
+        return f"`python train.py --out {out} --resume` continues it (from its last checkpoint, or the start if none)"
+
+    return run_main(body, again="continue the run with --resume", interrupted=resume)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Exit codes (both programs):
   2  a user error (a flag, a data file, a run folder, a damaged adapter or checkpoint) or a write the
      machine refuses (a full disk, a read-only folder): one sentence on stderr, nothing written (or,
      mid-run, nothing lost: the previous checkpoint stays whole)
-  3  train.py was interrupted (SIGINT/SIGTERM): the step finished, a checkpoint was written, and
-     `train.py --out RUN --resume` continues it; `train.py && eval.py` stops here
+  3  interrupted (SIGINT/SIGTERM, or Ctrl-C): nothing written is lost. In train.py's loop the step
+     finished and a checkpoint was written; before or after the loop the run has its last checkpoint
+     (or none). Either way `train.py --out RUN --resume` continues it; `train.py && eval.py` stops here
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 EXIT_CODES_HELP = (
     "exit codes: 0 done; 1 the run failed (loss became NaN/inf, or an eval gate was missed); "
     "2 a user error (flag, data file or run folder; one sentence on stderr); "
-    f"{EXIT_INTERRUPTED} interrupted by SIGINT/SIGTERM (checkpoint written; continue with --resume)."
+    f"{EXIT_INTERRUPTED} interrupted by SIGINT/SIGTERM or Ctrl-C (nothing lost; continue with --resume)."
 )
 
 
@@ -45,13 +46,26 @@ def fail(msg: str, code: int = EXIT_USAGE) -> int:
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def run_main(body: Callable[[], int], errors: tuple[type[BaseException], ...] = (), again: str = "run again") -> int:
+def run_main(
+    body: Callable[[], int],
+    errors: tuple[type[BaseException], ...] = (),
+    again: str = "run again",
+    interrupted: str | Callable[[], str] = "nothing was written; run the same command again",
+) -> int:
     """Run a CLI's body; a user error (ValueError, a missing or existing file, and `errors`) ends in
-    one sentence and exit 2 instead of a traceback, as does a write the machine refuses (a full disk,
-    a read-only folder, no permission), whose sentence ends "free space or fix the permissions, then
-    `again`". MINILORA_DEBUG=1 shows the traceback instead."""
+        one sentence and exit 2 instead of a traceback, as does a write the machine refuses (a full disk,
+        a read-only folder, no permission), whose sentence ends "free space or fix the permissions, then
+        `again`". Ctrl-C (KeyboardInterrupt) ends in "interrupted; `interrupted`." (a sentence, or a function
+    that says it) and exit 3: every file
+        the programs write is written whole and then renamed, so a stop between two writes loses nothing.
+        MINILORA_DEBUG=1 shows the traceback instead."""
     try:
         return body()
+    except KeyboardInterrupt:
+        if os.environ.get("MINILORA_DEBUG"):
+            raise
+        what = interrupted() if callable(interrupted) else interrupted
+        return fail(f"interrupted; {what}.", code=EXIT_INTERRUPTED)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, *errors) as e:
         if os.environ.get("MINILORA_DEBUG"):
             raise

@@ -14,7 +14,7 @@ import re
 from .presets import PRESETS
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.jinja"]
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # the hub's names start alphanumeric
 
 
 class ModelLoadError(ValueError):
@@ -31,6 +31,10 @@ def resolve_checkpoint(name_or_path: str, allow_patterns=ALLOW_PATTERNS) -> str:
         repo = PRESETS[name_or_path]["hf_repo"]
     elif _REPO_ID.match(str(name_or_path)) and not os.path.exists(path):
         repo = name_or_path
+    elif str(name_or_path).startswith((".", "/", "~")) and not os.path.exists(path):  # a path, not a name
+        raise ModelLoadError(
+            f"{name_or_path} does not exist; pass the folder that holds config.json and *.safetensors."
+        )
     else:
         raise ModelLoadError(
             f"{name_or_path!r} is neither a local folder, a preset nor a Hugging Face repo id; "

@@ -47,6 +47,7 @@ __all__ = [
     "place_tensor",
     "weight_files",
     "check_file_sizes",
+    "check_local_weights",
     "read_tensor",
     "no_random_init",
     "set_module",
@@ -173,6 +174,15 @@ def weight_files(ckpt: str) -> dict[str, list[str]]:
 
 def _corrupt(path: str, e: Exception) -> ModelLoadError:
     return ModelLoadError(f"{path} is truncated or corrupt ({e}); delete it and download the checkpoint again.")
+
+
+def check_local_weights(name_or_path: str) -> None:
+    """For a local checkpoint folder, raise the ModelLoadError load_model would (no *.safetensors, a
+    missing shard, a truncated or corrupt file) without reading a tensor: train.py asks before it
+    writes its run folder. A preset or hub id is checked when it is downloaded."""
+    path = os.path.expanduser(str(name_or_path))
+    if name_or_path != "tiny" and os.path.isdir(path):
+        check_file_sizes(weight_files(path))
 
 
 def read_tensor(path: str, name: str) -> torch.Tensor:

@@ -197,7 +197,7 @@ def test_bad_flags_and_unmeasurable_gate(run, capsys, tmp_path):
             "--max-new-tokens",
             "1",
             "--out",
-            str(tmp_path),
+            str(tmp_path / "report"),
             "--min-structured-match",
             "0.5",
         ],
@@ -227,3 +227,40 @@ def test_cli_errors_name_what_eval_py_has(run, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         call(["--adapter", str(run), "--shot", "1"], capsys)
     assert e.value.code == 2 and "unrecognized arguments: --shot" in capsys.readouterr().err
+
+
+def files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_report_goes_only_where_no_file_of_the_user_is(run, capsys, tmp_path):
+    """--out replaced a user's own report.md and eval.json, and without --out a plain PEFT adapter folder
+    took report.md and eval.json beside its weights. Each is refused before any model loads, untouched;
+    a folder holding an earlier report of eval.py's is written again."""
+    args = ["--adapter", str(run), "--shots", "0", "--limit", "1", "--max-new-tokens", "1"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes")
+    (mine / "eval.json").write_text('{"mine": true}')
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    plain = tmp_path / "plain"
+    shutil.copytree(run / "adapter", plain)
+    for out, said in (
+        (mine, "already holds files eval.py did not write (eval.json, report.md)"),
+        (tmp_path / "notes", "already holds files eval.py did not write (todo.txt)"),
+        (tmp_path / "afile", "is a file"),
+    ):
+        before = files(out) if out.is_dir() else out.read_bytes()
+        code, _, err = call([*args, "--out", str(out)], capsys)
+        assert code == 2 and said in last_error(err) and "loading" not in err
+        assert (files(out) if out.is_dir() else out.read_bytes()) == before
+    before = files(plain)
+    code, _, err = call(["--adapter", str(plain), *args[2:], "--data", str(run / "test.jsonl")], capsys)
+    assert code == 2 and "pass --out with a new or empty folder" in last_error(err) and files(plain) == before
+    again = tmp_path / "again"
+    for _ in range(2):  # new, then holding eval.py's own report
+        code, _, err = call([*args, "--out", str(again)], capsys)
+        assert code == 0, err
+    assert sorted(os.listdir(again)) == ["eval.json", "report.md"]

@@ -5,11 +5,13 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 from cli_runs import one_sentence, train_here, tree
 from hypothesis import given
 from hypothesis import strategies as st
+from test_user_errors import DEMO_TRAIN, eval_here, write_tiny_llama
 
 from minilora.cli import EXIT_USAGE, UsageError
 from minilora.train import rundir
@@ -68,3 +70,33 @@ def test_out_at_a_foreign_folder_touches_nothing(tmp_path, capsys):
     code, _, err = train_here(capsys, out, "--max-steps", "2")
     assert code == EXIT_USAGE and "--out" in one_sentence(err)
     assert tree(out) == before and sorted(os.listdir(out)) == ["adapter", "metrics.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def test_a_run_started_with_relative_paths_is_found_from_any_folder(tmp_path, capsys, monkeypatch, llama_dir):
+    """config.json recorded --model, --data and --eval-data as typed, so eval.py and --resume run from
+    another folder read them relative to that folder (or asked the hub for 'models/llama'). They are
+    recorded absolute; a resume that spells them relative again, from the first folder, is the same run."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(DEMO_TRAIN, work / "data" / "train.jsonl")
+    shutil.copy(DEMO_TRAIN.replace("train.jsonl", "test.jsonl"), work / "data" / "test.jsonl")
+    shutil.copytree(llama_dir, work / "models" / "llama")
+    rel = ["--model", "models/llama", "--data", "data/train.jsonl", "--eval-data", "data/test.jsonl"]
+    monkeypatch.chdir(work)
+    code, _, err = train_here(capsys, "run", *rel, "--max-steps", "2", "--save-every", "1", "--eval-generate", "2")
+    assert code == 0, err
+    recorded = json.loads((work / "run" / "config.json").read_text())
+    assert (recorded["model"], recorded["data"]) == (str(work / "models" / "llama"), str(work / "data" / "train.jsonl"))
+    code, _, err = train_here(capsys, "run", *rel, "--max-steps", "3", "--resume")  # the same files, spelled relative
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, err = eval_here(capsys, "--adapter", str(work / "run"), "--limit", "1", "--shots", "1")
+    assert code == 0, err
+    code, _, err = train_here(capsys, work / "run", "--max-steps", "4", "--resume")
+    assert code == 0, err
+    assert json.loads((work / "run" / "summary.json").read_text())["steps"] == 4

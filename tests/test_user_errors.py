@@ -308,3 +308,83 @@ def test_truncated_gguf_lora_fails_validation_in_one_sentence(tmp_path, capsys, 
     code, err = eval_here(capsys, "export", "--adapter", run, "--out", str(out), "--format", "gguf-lora")
     line = one_sentence(err)
     assert code == EXIT_FAILED and f"{out} could not be read back" in line and "do not serve it" in line
+
+
+# ------------------------------------------------------------------ the model and eval data, checked first
+def write_tiny_llama(d):
+    """A tiny Llama checkpoint in d (transformers' save_pretrained) with a 256-token context and the demo
+    tokenizer."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ROOT, "examples", "tokenizer", f), d / f)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def model_copy(llama_dir, tmp_path, how: str):
+    d = tmp_path / "model"
+    shutil.copytree(llama_dir, d)
+    weights = d / "model.safetensors"
+    if how == "no weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return d
+
+
+@pytest.mark.parametrize("how, said", [("no weights", "has no *.safetensors"), ("truncated", "truncated or corrupt")])
+def test_model_without_whole_weights_is_refused_before_the_run_folder(llama_dir, tmp_path, capsys, how, said):
+    """The loader's sentence came after the run folder (its lock and config.json) was written."""
+    model = model_copy(llama_dir, tmp_path, how)
+    out = tmp_path / "run"
+    code, _, err = train_here(capsys, out, "--model", str(model), "--data", DEMO_TRAIN, "--max-steps", "1")
+    assert code == EXIT_USAGE and said in one_sentence(err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["./nope", "../nope/model", "~/nope-model"])
+def test_a_missing_relative_model_path_is_named_as_a_path(tmp_path, capsys, name):
+    """'./nope' matched the hub's repo id pattern: "downloading './nope' from the Hugging Face hub failed"."""
+    code, _, err = train_here(capsys, tmp_path / "run", "--model", name, "--max-steps", "1")
+    assert code == EXIT_USAGE and f"{name} does not exist; pass the folder" in one_sentence(err)
+    assert "hub" not in err and not (tmp_path / "run").exists()
+
+
+def test_max_seq_len_beyond_the_model_context(llama_dir, tmp_path, capsys):
+    """--max-seq-len 300 on a 256-token model trained rows past its positions without a word. Given, it is
+    refused; the default (512) is lowered to the context with a note."""
+    out = tmp_path / "run"
+    args = ["--model", str(llama_dir), "--data", DEMO_TRAIN, "--max-steps", "1"]
+    code, _, err = train_here(capsys, out, *args, "--max-seq-len", "300")
+    line = one_sentence(err)
+    assert code == EXIT_USAGE and "--max-seq-len 300 is longer than" in line and "pass --max-seq-len 256" in line
+    assert not out.exists()
+    code, said, err = train_here(capsys, out, *args)
+    assert code == 0, err
+    assert "using 256" in said and json.loads((out / "config.json").read_text())["max_seq_len"] == 256
+
+
+def test_text_records_as_eval_data_are_refused(tmp_path, capsys):
+    """A held-out file of text records scored 0% -> 0% exact match (nothing to prompt with), and eval.py
+    then refused the run's own --eval-data."""
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "run"
+    code, _, err = train_here(capsys, out, "--max-steps", "1", "--eval-generate", "4", "--eval-data", str(text))
+    assert code == EXIT_USAGE and "holds text records with no prompts" in one_sentence(err)
+    assert not out.exists()

@@ -403,4 +403,10 @@ def parse_args(argv=None) -> TrainConfig:
     for name in ("val_data", "eval_data", "init_adapter"):
         if getattr(cfg, name) in ("", "none", "None"):
             setattr(cfg, name, None)
+    # absolute, as config.json records them: eval.py and --resume then find them from any folder
+    for name in ("data", "val_data", "eval_data", "init_adapter"):
+        if getattr(cfg, name):
+            setattr(cfg, name, os.path.abspath(os.path.expanduser(getattr(cfg, name))))
+    if cfg.model != "tiny" and os.path.isdir(os.path.expanduser(cfg.model)):  # a local folder, not a hub name
+        cfg.model = os.path.abspath(os.path.expanduser(cfg.model))
     return cfg

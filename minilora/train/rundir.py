@@ -252,8 +252,11 @@ def claim(out: str, resume: bool, seen: tuple[str | None, dict | None]) -> Folde
 
 
 def _same(name: str, a, b) -> bool:
-    if name in PATH_FIELDS and a is not None and b is not None:
-        return os.path.abspath(a) == os.path.abspath(b)
+    """Whether a flag's value on --resume is the run's: paths (and a model given as a local folder)
+    compared as the files they name, so that a relative and an absolute spelling agree."""
+    local_model = name == "model" and isinstance(a, str) and os.path.isdir(os.path.expanduser(a))
+    if (name in PATH_FIELDS or local_model) and a is not None and b is not None:
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
     return a == b
 
 
