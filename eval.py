@@ -165,8 +165,7 @@ def validate(args) -> None:
 
 def run_eval(args) -> int:
     from minilora.data.encode import run_template
-    from minilora.data.records import load_records
-    from minilora.eval.evaluate import evaluate_variant, few_shot_example, select_shots
+    from minilora.eval.evaluate import evaluate_variant, few_shot_example
     from minilora.eval.report import check_gates
     from minilora.lora.adapter import check_adapter_fits, read_adapter_config
     from minilora.train.rundir import find_run
@@ -209,7 +208,7 @@ def run_eval(args) -> int:
             return fail(f"--train-data {train} does not exist; pass the JSONL the adapter was trained on.")
         note = f"the run's training file {train} is not there; pass --train-data"
     else:
-        shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
+        shots, note = draw_shots(args, train, fmt, examples)
 
     quantize, dtype = base_settings(args, run_cfg, device)
     model, tok, template = load_for_eval(name, quantize, dtype, device, template)
@@ -254,6 +253,20 @@ def run_eval(args) -> int:
     gates = check_gates(results["fine_tuned"], thresholds)
     meta = {"adapter": adapter_dir, **run_meta(name, quantize, data, examples, template, args, train, shots, note)}
     return finish_report(report_dir, meta, results, examples, gates, args, len(shots))
+
+
+def draw_shots(args, train: str, fmt: str, examples: list) -> tuple[list, str | None]:
+    """(the few-shot examples, the report's note when there are fewer than --shots): drawn from the
+    training file's prompted records that are not test prompts; a shortfall is said, not hidden."""
+    from minilora.data.records import load_records
+    from minilora.eval.evaluate import select_shots
+
+    shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
+    if not shots:
+        return shots, f"{train} has no prompted records that are not test prompts"
+    if len(shots) < args.shots:
+        print(f"note: --shots {args.shots}, but {train} has {len(shots)} usable examples; using them.", file=sys.stderr)
+    return shots, None
 
 
 def scored_examples(args, data: str, fmt: str) -> tuple[list, str | None]:
@@ -335,8 +348,7 @@ def run_compare(args, device) -> int:
     """Several adapters of one base (module docstring): every check runs before the base is loaded,
     nothing is written before the scores exist."""
     from minilora.data.encode import run_template
-    from minilora.data.records import load_records
-    from minilora.eval.evaluate import few_shot_example, select_shots
+    from minilora.eval.evaluate import few_shot_example
     from minilora.eval.mixed import Variant, common_setting, evaluate_mixed, run_names
     from minilora.eval.report import build_comparison_markdown, check_gates
     from minilora.lora.adapter import check_adapter_fits, load_adapter, read_adapter_config
@@ -403,7 +415,7 @@ def run_compare(args, device) -> int:
             return fail(f"--train-data {train} does not exist; pass the JSONL the adapters were trained on.")
         note = f"the runs' training file {train} is not there; pass --train-data"
     else:
-        shots = select_shots(load_records(train, fmt)[0], args.shots, args.seed, exclude=examples)
+        shots, note = draw_shots(args, train, fmt, examples)
 
     model, tok, template = load_for_eval(name, quantize, dtype, device, template, f" once for {len(runs)} adapters")
     for (adapter_dir, _, _), t in zip(runs, trained_on):

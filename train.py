@@ -357,6 +357,8 @@ def setup(cfg, given: set[str]) -> Run | int:
             rundir.cut_metrics(os.path.join(cfg.out, "metrics.jsonl"), r.state)  # steps after ckpt: logged again
         r.stream = T.BatchStream(data.train, batch_kw, r.state["epoch"], r.state["index"])
         say(f"resumed from {ckpt} at step {r.step}")
+        if r.step >= r.total_steps:  # --max-steps (or --epochs) lowered below the step it has reached
+            say(f"note: the run ends at step {r.total_steps}, which it has reached; it finishes without training.")
     if (main or fsdp) and r.heldout and r.state["heldout_before"] is None:
         r.state["heldout_before"] = r.score_heldout()
     r.metrics = rundir.MetricsWriter(os.path.join(cfg.out, "metrics.jsonl"), append=r.step > 0) if main else None

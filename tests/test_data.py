@@ -137,7 +137,7 @@ def test_non_utf8_empty_forced_and_missing(tmp_path):
         with pytest.raises(DataError, match=rf"^{empty} is empty \(no JSON lines\)"):
             load_records(empty, skip_bad_lines=True)
     pc = write(tmp_path, "pc.jsonl", [{"prompt": "a", "completion": "b"}])
-    with pytest.raises(DataError, match=r"line 1: this line is prompt_completion but the file is chat \(forced with"):
+    with pytest.raises(DataError, match=r"line 1: this line is prompt_completion, not chat as --format chat says"):
         load_records(pc, fmt="chat")
     with pytest.raises(ValueError, match="Unknown data format 'json'"):
         load_records(pc, fmt="json")

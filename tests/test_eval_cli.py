@@ -264,3 +264,16 @@ def test_report_goes_only_where_no_file_of_the_user_is(run, capsys, tmp_path):
         code, _, err = call([*args, "--out", str(again)], capsys)
         assert code == 0, err
     assert sorted(os.listdir(again)) == ["eval.json", "report.md"]
+
+
+def test_fewer_shots_than_asked_are_said(run, capsys, tmp_path):
+    """--shots 5 from a 2-example training file used 2 without a word, and a file of text records none."""
+    args = ["--adapter", str(run), "--limit", "1", "--max-new-tokens", "1", "--shots", "5"]
+    with open(os.path.join(DEMO, "train.jsonl")) as f:
+        (tmp_path / "two.jsonl").write_text("".join(f.readlines()[:2]))
+    code, _, err = call([*args, "--train-data", str(tmp_path / "two.jsonl"), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0 and "note: --shots 5, but" in err and "has 2 usable examples; using them." in err
+    text = jsonl(tmp_path / "text.jsonl", [{"text": "a"}, {"text": "b"}])
+    code, _, err = call([*args, "--train-data", text, "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    assert "has no prompted records that are not test prompts" in (tmp_path / "b" / "report.md").read_text()

@@ -277,6 +277,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, 
         (["--max-grad-norm", "-1"], "--max-grad-norm"),
         (["--keep-checkpoints", "0"], "--keep-checkpoints"),
         (["--eval-every", "-5"], "--eval-every"),
+        (["--out", ""], "--out is empty"),  # was "--out  cannot be written (No such file or directory)"
+        # accepted silently: early stopping that can never fire
+        (["--early-stopping", "2", "--eval-every", "0"], "--early-stopping 2 counts validations"),
+        (["--early-stopping", "2", "--eval-every", "5", "--val-fraction", "0"], "there is no validation set"),
     ],
 )
 def test_refused_flags_write_nothing(tmp_path, capsys, args, flag):
@@ -388,3 +392,21 @@ def test_text_records_as_eval_data_are_refused(tmp_path, capsys):
     code, _, err = train_here(capsys, out, "--max-steps", "1", "--eval-generate", "4", "--eval-data", str(text))
     assert code == EXIT_USAGE and "holds text records with no prompts" in one_sentence(err)
     assert not out.exists()
+
+
+def test_a_forced_format_that_the_file_is_not_says_so(tmp_path):
+    """--format alpaca on a chat file said "a file must not mix formats": it does not; the flag is wrong."""
+    from minilora.data.records import DataError, load_records
+
+    with pytest.raises(DataError) as e:
+        load_records(os.path.join(ROOT, "examples", "demo", "test.jsonl"), fmt="alpaca")
+    said = str(e.value)
+    assert "not alpaca as --format alpaca says; pass --format auto (or chat)" in said and "mix formats" not in said
+
+
+def test_resume_past_a_lowered_max_steps_says_it_trains_nothing(finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    code, said, err = train_here(capsys, out, "--resume", "--max-steps", "2")
+    assert code == 0, err
+    assert "the run ends at step 2, which it has reached; it finishes without training" in said

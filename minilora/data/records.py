@@ -145,11 +145,15 @@ def load_records(
             )
         if file_fmt is None:
             file_fmt, fmt_line = line_fmt, lineno
-        elif line_fmt != file_fmt:
-            origin = f"detected from line {fmt_line}" if fmt_line else "forced with --format"
+        elif line_fmt != file_fmt and fmt_line is None:  # the format was forced, not read from the file
             raise BadLine(
-                f"this line is {line_fmt} but the file is {file_fmt} ({origin}); a file must not mix "
-                "formats, so split it into one file per format" + _SKIP
+                f"this line is {line_fmt}, not {file_fmt} as --format {file_fmt} says; pass --format auto "
+                f"(or {line_fmt})" + _SKIP
+            )
+        elif line_fmt != file_fmt:
+            raise BadLine(
+                f"this line is {line_fmt} but the file is {file_fmt} (detected from line {fmt_line}); a file must "
+                "not mix formats, so split it into one file per format" + _SKIP
             )
         try:
             return _parse(obj, file_fmt, source)

@@ -277,6 +277,14 @@ def validate(cfg: TrainConfig) -> None:
             unbounded = not any(k in f.metadata for k in ("le", "lt", "choices")) and allowed != "a finite number"
             finite = " and finite" if f.type in ("float", float) and unbounded else ""  # what inf breaks
             raise ConfigError(f"{flag} must be {allowed}{finite} (got {value}); fix the flag and run again.")
+    if not cfg.out.strip():
+        raise ConfigError("--out is empty; pass the run folder's path (e.g. runs/mytask).")
+    if cfg.early_stopping and (cfg.eval_every == 0 or (cfg.val_fraction == 0 and not cfg.val_data)):
+        why = "--eval-every 0 validates only at the end" if cfg.eval_every == 0 else "there is no validation set"
+        raise ConfigError(
+            f"--early-stopping {cfg.early_stopping} counts validations during training, but {why}; pass "
+            "--eval-every N and --val-fraction or --val-data, or drop --early-stopping."
+        )
     if cfg.epochs < 1 and cfg.max_steps == 0:
         raise ConfigError("--epochs must be at least 1 (or set --max-steps); fix the flag and run again.")
     for flag, path in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--eval-data", cfg.eval_data)):
