@@ -3,6 +3,7 @@ how multi-adapter serving works (vLLM is the engine for serving at scale; it loa
 
     python serve.py                                   # the demo `tiny` base (and runs/demo as "demo" if there)
     python serve.py --model qwen2.5-0.5b-instruct --adapter sql=runs/sql --adapter chat=runs/chat/adapter
+    python serve.py --model qwen2.5-0.5b-instruct --adapter dora=runs/dora   # a DoRA adapter: one per server
     curl localhost:8000/v1/completions -d '{"model": "sql", "prompt": "...", "max_tokens": 32, "temperature": 0}'
 
 Endpoints (OpenAI's and vLLM's shapes; `model` is an adapter name or the base id):
@@ -12,8 +13,12 @@ Endpoints (OpenAI's and vLLM's shapes; `model` is an adapter name or the base id
                                    template: the checkpoint's chat template, or raw)
   POST /v1/load_lora_adapter       {"lora_name", "lora_path"}: a run directory or a PEFT adapter folder
   POST /v1/unload_lora_adapter     {"lora_name"}: hidden at once, deleted when its running requests end
-Errors are {"error": {"message": one sentence, "type", "param", "code"}} with 400, 404, 429 (the queue
-is full), 500 or 503 (shutting down).
+Errors are {"error": {"message": one sentence, "type", "param", "code"}} with 400, 404, 411 (a body
+without Content-Length), 413 (a body over MAX_BODY_BYTES), 429 (the queue is full), 500 or 503 (shutting
+down).
+
+A DoRA adapter's magnitude rescales whole rows of W0, so it cannot share a batch row by row: it is loaded
+as the model's own adapter, and its requests run in batches of their own (minilora/serve/scheduler.py).
 
 Threads: http.server's ThreadingHTTPServer gives each connection a thread that parses the request,
 queues it (minilora/serve/scheduler.py), and writes the text the scheduler thread hands it; the
@@ -28,21 +33,22 @@ The standard library only: nothing to install beyond minilora, and the HTTP side
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from minilora.cli import fail, parser, resolve_device, run_main
-from minilora.serve.api import parse_request
+from minilora.cli import UsageError, parser, resolve_device, run_main
+from minilora.serve.api import content_length, parse_request
 from minilora.serve.scheduler import Request, Scheduler, ServeError
 
 DEMO_RUN = os.path.join("runs", "demo")
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -89,29 +95,32 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_adapters(specs: list[str], base: str) -> dict[str, tuple[str, dict]]:
-    """{name: (adapter folder, run config)} from --adapter NAME=PATH flags, every check before loading."""
-    from minilora.lora.named import NAME
-    from minilora.serve import adapter_source
-
-    out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--adapter {spec} is not NAME=PATH; pass e.g. --adapter sql=runs/sql.")
-        check_name(name, base, NAME)
-        if name in out:
-            raise ValueError(f"--adapter {name} is given twice; give each adapter its own name.")
-        out[name] = adapter_source(path, base)
-    return out
-
-
-def check_name(name: str, base: str, pattern) -> None:
-    if not pattern.fullmatch(name) or name in ("default", base):
-        raise ValueError(
-            f"The adapter name {name!r} cannot be served; use letters, digits, '_' or '-', other than 'default' "
-            "and the base's id."
+def check_flags(args) -> None:
+    """UsageError in one sentence for a flag that cannot work, before anything loads."""
+    for flag, value in (
+        ("--max-batch", args.max_batch),
+        ("--max-queue", args.max_queue),
+        ("--max-prefill-tokens", args.max_prefill_tokens),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1; fix the flag and run again.")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port; pass 0 to 65535 (0: any free port).")
+    if not args.shutdown_grace >= 0:  # NaN too
+        raise UsageError(
+            f"--shutdown-grace {args.shutdown_grace:g} must be 0 or more seconds; fix the flag and run again."
         )
+
+
+def serve_dtype(flag: str | None, first_run: dict, device):
+    """--dtype when given, else the dtype the first adapter's run trained in, else what train.py's
+    --dtype auto picks on this device."""
+    from minilora.dtypes import resolve_dtype, run_dtype
+
+    if flag is None and first_run:
+        return run_dtype(first_run)
+    return resolve_dtype(flag or "auto", device.type)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -121,23 +130,57 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
 
 
+def listen(host: str, port: int) -> _HTTPServer:
+    """The server listening on host:port, or a UsageError naming them and what to do."""
+    try:
+        return _HTTPServer((host, port), Handler)
+    except OSError as e:  # socket.gaierror (a host name that does not resolve) is one too
+        if e.errno == errno.EADDRINUSE:
+            fix = "stop the program listening there or pass another --port (0: any free port)"
+        elif e.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges; pass --port 1024 or above (0: any free port)"
+        elif isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            fix = (
+                "pass a --host of this machine: 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or its address"
+            )
+        else:
+            fix = "pass another --host or --port"
+        raise UsageError(f"Cannot listen on {host}:{port} ({e.strerror or e}); {fix}.") from None
+
+
 class Server:
     """The model, its scheduler and the HTTP server around them (serve_forever / close)."""
 
     def __init__(self, args):
-        from minilora.data.encode import resolve_template, run_template
-        from minilora.dtypes import resolve_dtype, run_dtype
-        from minilora.lora import load_adapter
-        from minilora.models.loader import load_model
+        from minilora.serve import dora_adapter, parse_adapters
 
         self.args, self.base_id = args, args.model
         adapters = parse_adapters(args.adapter, args.model)
         if not args.adapter and args.model == "tiny" and os.path.isdir(DEMO_RUN):  # the offline demo, as eval.py
             adapters = parse_adapters([f"demo={DEMO_RUN}"], "tiny")
+        dora = dora_adapter(adapters)
+        self.httpd = listen(args.host, args.port)  # before the model loads: a port in use is told at once
+        try:
+            self.scheduler = self.load(adapters, dora)
+        except BaseException:
+            self.httpd.server_close()
+            raise
+        self.httpd.app = self
+        self.handlers = 0  # HTTP threads running, waited for on close
+        self.handlers_lock = threading.Lock()
+        self.scheduler.start()
+
+    def load(self, adapters: dict[str, tuple[str, dict]], dora: str | None) -> Scheduler:
+        """The base, its adapters (the DoRA one, if any, as the model's own), and their scheduler."""
+        from minilora.data.encode import resolve_template, run_template
+        from minilora.lora import load_adapter
+        from minilora.models.loader import load_model
+
+        args = self.args
         first_run = next((cfg for _, cfg in adapters.values() if cfg), {})
         device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device.type) if args.dtype or not first_run else run_dtype(first_run)
         quantize = args.quantize or first_run.get("quantize", "none")
+        dtype = serve_dtype(args.dtype, first_run, device)
         model, tok = load_model(
             args.model, quantize=None if quantize == "none" else "nf4", dtype=dtype, device=str(device)
         )
@@ -145,16 +188,15 @@ class Server:
             raise ValueError(f"{args.model} has no tokenizer.json; the server needs one to read prompts.")
         self.tokenizer, self.context = tok, model.config.max_position_embeddings
         self.templates = {None: resolve_template("auto", tok)}  # adapter name (None: the base) -> chat or raw
-        self.scheduler = Scheduler(model.eval(), tok, args.max_batch, args.max_queue, args.max_prefill_tokens)
-        for name, (folder, run_cfg) in adapters.items():
-            load_adapter(model, folder, name=name)  # before the scheduler thread exists: no race
-            self.scheduler.adapters[name] = folder
+        for name in sorted(adapters, key=lambda n: n != dora):  # the model's own adapter before the named ones
+            folder, run_cfg = adapters[name]
+            load_adapter(model, folder, name=None if name == dora else name)
             self.templates[name] = resolve_template(run_template(run_cfg) if run_cfg else "auto", tok)
-        self.httpd = _HTTPServer((args.host, args.port), Handler)
-        self.httpd.app = self
-        self.handlers = 0  # HTTP threads running, waited for on close
-        self.handlers_lock = threading.Lock()
-        self.scheduler.start()
+        model.eval()  # after loading: an adapter loaded without a name gets new LoRA layers, in training mode
+        scheduler = Scheduler(model, tok, args.max_batch, args.max_queue, args.max_prefill_tokens)
+        scheduler.adapters = {name: folder for name, (folder, _) in adapters.items()}
+        scheduler.solo = dora
+        return scheduler
 
     @property
     def url(self) -> str:
@@ -212,7 +254,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def send_error_json(self, err: ServeError) -> None:
-        kind = ERROR_TYPES.get(err.status, "server_error")
+        kind = (
+            "rate_limit_error" if err.status == 429 else "invalid_request_error" if err.status < 500 else "server_error"
+        )
         self.send_json(err.status, {"error": {"message": err.message, "type": kind, "param": None, "code": err.code}})
 
     def do_GET(self):
@@ -257,9 +301,16 @@ class Handler(BaseHTTPRequestHandler):
             )
 
     def read_json(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        length = content_length(self.headers)  # 411, 400 or 413 before a byte is read
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ServeError(
+                400,
+                f"The request body ended after {len(data)} of the {length} bytes of its Content-Length; send it whole.",
+                "invalid_json",
+            )
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
+            body = json.loads(data or b"null")
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise ServeError(400, "The request body is not valid JSON; send a JSON object.", "invalid_json") from None
         if not isinstance(body, dict):
@@ -335,17 +386,21 @@ class Handler(BaseHTTPRequestHandler):
     def load_adapter(self, body: dict) -> None:
         from minilora.data.encode import resolve_template, run_template
         from minilora.lora.layers import AdapterError
-        from minilora.lora.named import NAME
-        from minilora.serve import adapter_source
+        from minilora.serve import adapter_source, check_name, is_dora
 
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str):
             raise ServeError(400, "Loading an adapter needs 'lora_name' and 'lora_path' strings.", "invalid_request")
         try:
-            check_name(name, self.app.base_id, NAME)
+            check_name(name, self.app.base_id)
             if name in self.app.scheduler.served():
                 raise ValueError(f"An adapter named {name!r} is already loaded; unload it first or pick another name.")
             folder, run_cfg = adapter_source(path, self.app.base_id)
+            if is_dora(folder):  # the model's own adapter, chosen when the model loads (the module docstring)
+                raise ValueError(
+                    f"{path} is a DoRA adapter, which a server loads only at start, one per server; start a "
+                    f"serve.py with --adapter {name}={path} to serve it."
+                )
             self.app.templates[name] = resolve_template(
                 run_template(run_cfg) if run_cfg else "auto", self.app.tokenizer
             )
@@ -373,14 +428,7 @@ class Handler(BaseHTTPRequestHandler):
 def main(argv=None) -> int:
     def body() -> int:
         args = serve_parser().parse_args(argv)
-        for flag, value in (
-            ("--max-batch", args.max_batch),
-            ("--max-queue", args.max_queue),
-            ("--max-prefill-tokens", args.max_prefill_tokens),
-            ("--max-new-tokens", args.max_new_tokens),
-        ):
-            if value < 1:
-                return fail(f"{flag} must be at least 1; fix the flag and run again.")
+        check_flags(args)
         app = Server(args)
 
         def on_signal(signum, frame):

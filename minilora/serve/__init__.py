@@ -4,6 +4,8 @@ base (here).
 
     adapter_source("runs/a", "tiny")   # -> (adapter folder, its run's config.json or {}); ValueError if it
                                        #    was trained on another base
+    parse_adapters(["a=runs/a"], "tiny")   # serve.py's --adapter NAME=PATH flags -> {name: adapter_source}
+    dora_adapter(adapters)             # the one DoRA adapter among them (served as the model's own), or None
 """
 
 from __future__ import annotations
@@ -34,3 +36,48 @@ def adapter_source(path: str, base: str) -> tuple[str, dict]:
             f"serve it with --model {trained_on}."
         )
     return adapter_dir, run_cfg
+
+
+def check_name(name: str, base: str) -> None:
+    """ValueError unless `name` can name a served adapter: a parameter-name word, not 'default' or the base."""
+    from minilora.lora.named import NAME
+
+    if not NAME.fullmatch(name) or name in ("default", base):
+        raise ValueError(
+            f"The adapter name {name!r} cannot be served; use letters, digits, '_' or '-', other than 'default' "
+            "and the base's id."
+        )
+
+
+def parse_adapters(specs: list[str], base: str) -> dict[str, tuple[str, dict]]:
+    """{name: (adapter folder, run config)} from --adapter NAME=PATH flags, every check before loading."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec} is not NAME=PATH; pass e.g. --adapter sql=runs/sql.")
+        check_name(name, base)
+        if name in out:
+            raise ValueError(f"--adapter {name} is given twice; give each adapter its own name.")
+        out[name] = adapter_source(path, base)
+    return out
+
+
+def is_dora(adapter_dir: str) -> bool:
+    """Whether the adapter folder holds a DoRA adapter (use_dora in its adapter_config.json)."""
+    from minilora.lora.adapter import read_adapter_config
+
+    return bool(read_adapter_config(adapter_dir).get("use_dora"))
+
+
+def dora_adapter(adapters: dict[str, tuple[str, dict]]) -> str | None:
+    """The name of the DoRA adapter among `adapters` (parse_adapters' dict), None without one. serve.py
+    loads it as the model's own adapter, since its magnitude rescales whole rows of W0 and cannot be
+    applied per row beside others; a model has one own adapter, so two DoRA adapters are a ValueError."""
+    dora = [name for name, (folder, _) in adapters.items() if is_dora(folder)]
+    if len(dora) > 1:
+        raise ValueError(
+            f"--adapter {dora[0]} and --adapter {dora[1]} are both DoRA adapters, and a server runs one (as "
+            "the model's own adapter); serve the other from a second serve.py on another --port."
+        )
+    return dora[0] if dora else None

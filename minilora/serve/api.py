@@ -1,11 +1,47 @@
 """An OpenAI request body as a scheduler Request: the prompt's token ids and the sampling settings, every
-field checked, each refusal a ServeError 400 in one sentence (serve.py answers it)."""
+field checked, each refusal a ServeError 400 in one sentence (serve.py answers it); and the body's size,
+from its headers, before a byte of it is read."""
 
 from __future__ import annotations
 
 from minilora.data.encode import prompt_ids
 from minilora.data.records import DataError, Example
 from minilora.serve.scheduler import Request, ServeError
+
+MAX_BODY_BYTES = 4 * 2**20  # a request body's limit: a prompt of millions of characters, past any context served
+ROLES = ("system", "user", "assistant")
+
+
+def content_length(headers) -> int:
+    """The request body's size in bytes, from its Content-Length header: ServeError 411 without one (or with
+    a chunked body), 400 when it is not a number, 413 above MAX_BODY_BYTES."""
+    if headers.get("Transfer-Encoding"):
+        raise ServeError(
+            411,
+            "Chunked request bodies are not read here; send the JSON body with a Content-Length header.",
+            "length_required",
+        )
+    size = headers.get("Content-Length")
+    if size is None:
+        raise ServeError(
+            411,
+            "The request has no Content-Length header; send the JSON body with its length in bytes.",
+            "length_required",
+        )
+    size = size.strip()
+    if not size.isdecimal():
+        raise ServeError(
+            400,
+            f"The Content-Length header {size!r} is not a number of bytes; send the body's length in bytes.",
+            "invalid_content_length",
+        )
+    if len(size) > 18 or int(size) > MAX_BODY_BYTES:  # int() refuses over 4300 digits; 19 are too many anyway
+        raise ServeError(
+            413,
+            f"The request body is over this server's limit of {MAX_BODY_BYTES >> 20} MiB; send a shorter prompt.",
+            "request_too_large",
+        )
+    return int(size)
 
 
 def request_ids(body: dict, chat: bool, tok, template: str) -> list[int]:
@@ -16,12 +52,9 @@ def request_ids(body: dict, chat: bool, tok, template: str) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise ServeError(400, "The prompt is empty; pass at least one message in 'messages'.", "empty_prompt")
         try:
-            msgs = [{"role": m["role"], "content": text_of(m.get("content"))} for m in messages]
-            return prompt_ids(Example(prompt=msgs, completion="", fmt="chat"), tok, template)
-        except (TypeError, KeyError):
-            raise ServeError(400, "Each message needs a 'role' and a text 'content'.", "invalid_messages") from None
+            return prompt_ids(Example(prompt=chat_messages(messages), completion="", fmt="chat"), tok, template)
         except DataError as e:
-            raise ServeError(400, str(e), "invalid_messages") from None
+            raise ServeError(400, template_refusal(e), "invalid_messages") from None
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -74,13 +107,52 @@ def parse_request(
     seed = body.get("seed")
     if seed is not None and not isinstance(seed, int):
         raise ServeError(400, "'seed' must be an integer.", "invalid_seed")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise ServeError(400, "'stream' must be true or false.", "invalid_stream")
+    for key in ("logprobs", "top_logprobs"):
+        if body.get(key) is not None and body[key] is not False:  # 0 == False, yet logprobs 0 asks for some
+            raise ServeError(400, f"'{key}' is not supported by this server; leave it out.", f"invalid_{key}")
     return Request(ids, adapter, max_tokens, float(temperature), float(top_p), tuple(stop), seed)
+
+
+def chat_messages(messages: list) -> list[dict]:
+    """[{"role", "content" text}] of a non-empty 'messages' list, or ServeError 400 saying what to send:
+    each role one of ROLES, and a last message the model can answer."""
+    try:
+        msgs = [{"role": m["role"], "content": text_of(m.get("content"))} for m in messages]
+    except (TypeError, KeyError, AttributeError):
+        raise ServeError(400, "Each message needs a 'role' and a text 'content'.", "invalid_messages") from None
+    for i, m in enumerate(msgs):
+        if m["role"] not in ROLES:
+            raise ServeError(
+                400,
+                f"The role {m['role']!r} of messages[{i}] is unknown here; send 'system', 'user' or 'assistant'.",
+                "invalid_messages",
+            )
+    if msgs[-1]["role"] == "assistant":  # the prompt ends where a new assistant turn starts, after this one
+        raise ServeError(
+            400,
+            "The last message is the assistant's, so there is nothing to answer; end 'messages' with a user message.",
+            "invalid_messages",
+        )
+    return msgs
+
+
+def template_refusal(e: DataError) -> str:
+    """The sentence for messages the chat template rejects. encode.py's own sentence speaks to train.py
+    (a data line, --template, --skip-bad-lines); the template's words are its context, where encode.py
+    raised it while handling the template's error."""
+    why = f" ({e.__context__})" if e.__context__ is not None else ""
+    return (
+        f"The model's chat template rejected these messages{why}; send user and assistant messages that "
+        "alternate and end with a user message."
+    )
 
 
 def text_of(content) -> str:
     """A message's content as text: a string, or OpenAI's list of {"type": "text", "text"} parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         return "".join(p["text"] for p in content if p.get("type") == "text")
     raise TypeError(content)

@@ -33,6 +33,11 @@ Adapters change only between steps, on this thread, so no step sees a half-loade
 that moved. Rows name their adapter, and adapter_ids are looked up again at each step (an unload shifts
 the indices after it). An unload hides the adapter at once (new requests get 404) and deletes it when no
 running row uses it any more.
+
+A DoRA adapter cannot be applied per row (its magnitude rescales whole rows of W0), so serve.py loads it
+as the model's own adapter and names it `solo`: its rows run in batches of their own, through the model
+without adapter_ids, as generate() runs it alone. A request that cannot join the running batch (a solo
+row beside others, or the reverse) is held, and so is everything queued after it, until that batch drains.
 """
 
 from __future__ import annotations
@@ -150,6 +155,8 @@ class Scheduler:
         self.wake = threading.Event()
         self.lock = threading.Lock()  # guards `adapters`, which HTTP threads read
         self.adapters: dict[str, str] = {}  # name -> folder: what is served now
+        self.solo: str | None = None  # the served name of the model's own (DoRA) adapter: batches of its own
+        self.held: Request | None = None  # taken from the queue, waiting for the running batch to drain
         self.unloading: dict[str, list[Future]] = {}  # hidden, deleted once no running row uses them
         self.rows: list[Request] = []  # row b of self.cache
         self.cache: KVCache | None = None
@@ -280,6 +287,9 @@ class Scheduler:
 
     def _refuse_queued(self, err: ServeError | None = None) -> None:
         err = err or ServeError(503, "The server is shutting down and takes no new requests.", "shutting_down")
+        if self.held is not None:
+            self.held.fail(err)
+            self.held = None
         while True:
             try:
                 self.queue.get_nowait().fail(err)
@@ -291,8 +301,11 @@ class Scheduler:
         padding; all real by default), each row through its adapter; the calls generate() makes, so that a
         row computes what generate() computes for it."""
         B, T = ids.shape
-        names = adapter_names(self.model)  # once per step: it walks the model's modules
-        adapter_ids = [-1 if r.adapter is None else names.index(r.adapter) for r in rows]
+        if self._is_solo(rows[0]):  # a solo batch (_admit): the model's own adapter on every row, as generate() alone
+            adapter_ids = None
+        else:
+            names = adapter_names(self.model)  # once per step: it walks the model's modules
+            adapter_ids = [-1 if r.adapter is None else names.index(r.adapter) for r in rows]
         mask = torch.ones(B, T, dtype=torch.long, device=self.device) if mask is None else mask
         with adapters_per_row(adapter_ids, B, self.device):  # lm_head may carry adapters too
             h = self.model(ids, attention_mask=mask, cache=cache, return_hidden=True)[:, -1]  # (B, D)
@@ -312,9 +325,8 @@ class Scheduler:
         tokens (a longer prompt alone)."""
         waiting: list[Request] = []
         while len(self.rows) + len(waiting) < self.max_batch:
-            try:
-                req = self.queue.get_nowait()
-            except queue.Empty:
+            req = self._next_request()
+            if req is None:
                 break
             if req.cancelled:
                 continue
@@ -325,6 +337,10 @@ class Scheduler:
                     )
                 )
                 continue
+            batch = self.rows or waiting
+            if batch and self._is_solo(batch[0]) != self._is_solo(req):  # cannot share a forward (docstring)
+                self.held = req  # first come, first served: it starts when the running batch has drained
+                break
             waiting.append(req)
         joined: list[tuple[Request, KVCache, int]] = []
         group: list[Request] = []
@@ -338,6 +354,18 @@ class Scheduler:
             joined += self._prefill(group)
         if joined:
             self._rebuild(list(range(len(self.rows))), joined)
+
+    def _next_request(self) -> Request | None:
+        req, self.held = self.held, None
+        if req is not None:
+            return req
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _is_solo(self, req: Request) -> bool:
+        return req.adapter is not None and req.adapter == self.solo
 
     def _prefill(self, group: list[Request]) -> list[tuple[Request, KVCache, int]]:
         """One forward of the group's prompts, left-padded to the longest P into one cache (G rows, P
@@ -375,6 +403,9 @@ class Scheduler:
         """Delete the hidden adapters no running row uses any more, and answer their unload calls."""
         busy = {r.adapter for r in self.rows}
         for name in [n for n in self.unloading if n not in busy]:
-            delete_adapter(self.model, name)
+            if name == self.solo:  # the model's own adapter is not deleted; no row names it any more
+                self.solo = None
+            else:
+                delete_adapter(self.model, name)
             for fut in self.unloading.pop(name):
                 fut.set_result(None)
