@@ -350,6 +350,17 @@ class Transformer(nn.Module):
         self.reuse_blocks = 0  # the last reuse_blocks blocks keep their dequantized weights (set_weight_reuse)
         self.lean_saves = True  # blocks that keep their activations rebuild normed inputs in backward (Block.forward)
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module's .to() / .cuda() / .bfloat16(), with the RoPE frequencies kept in float32, only moved: a
+        cast to bf16 would round them to 8 significant bits (1/sqrt(10) = 0.316228 to 0.316406), turning
+        the angle p f at position p by up to p f 2^-8 (0.009 rad at p = 53), where transformers and every
+        exported file compute f from the config in float32."""
+        freqs = {name: getattr(self, name) for name in ("inv_freq_global", "inv_freq_local")}
+        super()._apply(fn, recurse)
+        for name, f in freqs.items():
+            setattr(self, name, f.to(getattr(self, name).device))
+        return self
+
     def tie_weights(self):
         """Re-tie lm_head to embed_tokens (the loader calls this after replacing parameters)."""
         if self.config.tie_word_embeddings:

@@ -209,7 +209,7 @@ def test_bad_flags_and_unmeasurable_gate(run, capsys, tmp_path):
 def test_export_refuses_a_non_empty_out(run, capsys, tmp_path):
     (tmp_path / "x.txt").write_text("keep")
     code, _, err = call(["export", "--adapter", str(run), "--out", str(tmp_path)], capsys)
-    assert code == 2 and "is not empty; choose another folder or pass --overwrite" in last_error(err)
+    assert code == 2 and "is not empty and has no .minilora-export.json" in last_error(err)
     assert os.listdir(tmp_path) == ["x.txt"]
 
 

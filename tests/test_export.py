@@ -5,7 +5,7 @@
 - 4-bit checkpoint: bitsandbytes loads it pre-quantized: the same packed codes and quant state as
   our NF4 model of the merged weights, and the same logits;
 - the quant-state tensors equal bitsandbytes' own QuantState.as_dict(packed=True), byte for byte;
-- config.json round-trips every preset; writes are atomic and refuse to clobber.
+- config.json round-trips every preset; writes are atomic and never replace a user's folder.
 """
 
 import json
@@ -280,15 +280,24 @@ def test_hf_config_round_trips_every_preset(name):
 
 
 # ------------------------------------------------------------------------------- atomic writes
-def test_write_refuses_non_empty_out_and_is_atomic(tmp_path, monkeypatch):
+def test_write_refuses_a_users_folder_and_is_atomic(tmp_path, monkeypatch):
+    """A folder holding a file the export did not write is never replaced, --overwrite or not; an
+    earlier export (its marker lists every file) is replaced whole, or, when the write fails, kept."""
     import safetensors.torch
 
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("old")
     tensors, cfg = {"a": torch.ones(3)}, {"model_type": "llama"}
+    for overwrite in (False, True):
+        with pytest.raises(E.ExportError, match=r"has no .minilora-export.json, so it is not an export's folder"):
+            hf_checkpoint.write_checkpoint(str(out), tensors, cfg, overwrite=overwrite)
+    assert os.listdir(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    hf_checkpoint.write_checkpoint(str(out), tensors, cfg)  # an empty folder may be written
     with pytest.raises(E.ExportError, match="is not empty; choose another folder or pass --overwrite"):
         hf_checkpoint.write_checkpoint(str(out), tensors, cfg)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -296,10 +305,12 @@ def test_write_refuses_non_empty_out_and_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         hf_checkpoint.write_checkpoint(str(out), tensors, cfg, overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"] and (out / "keep.txt").read_text() == "old"  # untouched
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # untouched, no temporary folder left
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     monkeypatch.undo()
-    hf_checkpoint.write_checkpoint(str(out), tensors, cfg, overwrite=True)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    hf_checkpoint.write_checkpoint(str(out), tensors, {"model_type": "gemma3_text"}, overwrite=True)
+    assert sorted(os.listdir(out)) == [".minilora-export.json", "config.json", "model.safetensors"]
+    assert json.load(open(out / "config.json"))["model_type"] == "gemma3_text"
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700: a server may read it

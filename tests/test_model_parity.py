@@ -350,3 +350,22 @@ def test_unsupported_architecture_and_unknown_preset():
         ModelConfig.from_name("gpt-5")
     with pytest.raises(ValueError, match="RoPE scaling type 'yarn'"):
         from_hf_config({**LLAMA_V4, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("cast", ["to", "bfloat16", "half"])
+def test_a_cast_model_keeps_its_rope_frequencies_in_float32(cast):
+    """model.to(torch.bfloat16) rounded the RoPE frequency buffers to 8 significant bits (0.316228 became
+    0.316406), which no config or exported file can say: every reader computes them in float32, and the
+    demo's 4-bit export failed its read-back by that much. A cast now moves them and keeps their bits."""
+    from minilora.models.loader import build_tiny, tiny_config
+    from minilora.models.transformer import rope_inv_freq
+
+    model = build_tiny()
+    model = {"to": lambda m: m.to(torch.bfloat16), "bfloat16": lambda m: m.bfloat16(), "half": lambda m: m.half()}[
+        cast
+    ](model)
+    cfg = tiny_config(None)
+    assert next(model.parameters()).dtype != torch.float32
+    assert model.inv_freq_global.dtype == torch.float32
+    assert torch.equal(model.inv_freq_global, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    assert torch.equal(model.inv_freq_local, rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, None))

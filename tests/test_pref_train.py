@@ -138,7 +138,7 @@ def test_demo_pairs_yield_to_given_flags():
     assert cfg.out == os.path.join("runs", "demo-orpo")  # not the SFT demo's runs/demo
     argv = ["--objective", "dpo", "--data", "mine.jsonl", "--epochs", "4", "--eval-data", "none", "--out", "r"]
     cfg = parse_args(argv)
-    assert (cfg.data, cfg.eval_data, cfg.epochs, cfg.out) == ("mine.jsonl", None, 4, "r")
+    assert (cfg.data, cfg.eval_data, cfg.epochs, cfg.out) == (os.path.abspath("mine.jsonl"), None, 4, "r")
     assert parse_args([]).data.endswith("train.jsonl")  # the SFT demo is unchanged
 
 

@@ -131,7 +131,9 @@ def check(path: str, label: str, merged: dict, export: dict, source: str, max_dr
     metric, worst = max(lost.items(), key=lambda kv: kv[1])
     if worst > max_drop:
         raise QualityGateError(
-            f"{path} does the task {worst:.1f} points worse than the merged model ({metric.replace('_', ' ')} "
-            f"{merged[metric]:.1%} -> {export[metric]:.1%} on {source}; --max-quality-drop {max_drop:g}); "
-            f"{hint}, or pass --no-validate to keep this file."
+            path,
+            f"does the task {worst:.1f} points worse than the merged model ({metric.replace('_', ' ')} "
+            f"{merged[metric]:.1%} -> {export[metric]:.1%} on {source}; --max-quality-drop {max_drop:g})",
+            f"{hint}, or pass --no-validate to keep this file",
+            f"{hint}, or pass --no-validate to write it anyway",
         )

@@ -40,7 +40,8 @@ import torch
 
 from minilora.export.errors import ExportError
 from minilora.export.gguf_recipes import RECIPES, is_llm_70b, our_writer, recipe_type
-from minilora.fileio import write_file_atomic
+from minilora.export.target import check_export_file
+from minilora.fileio import write_file_atomic, write_text_atomic
 from minilora.models.config import FAMILIES, SLIDING, ModelConfig, every_nth_full
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -238,14 +239,6 @@ def file_type(gguf_type: str) -> int:
 
 
 # ------------------------------------------------------------------------------- writing
-def check_export_file(out: str, overwrite: bool) -> None:
-    """Refuse an existing --out unless overwrite (raised before any work is done)."""
-    if os.path.isdir(out):
-        raise ExportError(f"--out {out} is a folder; pass a file path such as model.gguf.")
-    if os.path.exists(out) and not overwrite:
-        raise ExportError(f"--out {out} already exists; choose another path or pass --overwrite to replace it.")
-
-
 def _put(writer, key: str, value) -> None:
     if isinstance(value, bool):
         writer.add_bool(key, value)
@@ -303,6 +296,38 @@ def modelfile(gguf_path: str, chat_template: str | None) -> str:
     if chat_template is None:
         lines.append("# no chat template in the tokenizer: Ollama will send prompts as raw text")
     return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: str, chat_template: str | None, log=print) -> None:
+    """Write NAME.Modelfile beside NAME.gguf and log the `ollama create` command, unless a Modelfile
+    is there that this export would not write (a user's, or one naming another file): that one is
+    kept, and the log says so and gives the FROM line this export needs instead."""
+    path, stem = os.path.splitext(gguf_path)[0] + ".Modelfile", os.path.splitext(os.path.basename(gguf_path))[0]
+    text = modelfile(gguf_path, chat_template)
+    if os.path.lexists(path) and _read_small(path) not in (modelfile(gguf_path, None), modelfile(gguf_path, "")):
+        log(
+            f"note: kept {path}, which this export did not write ({_from_line(path)}); for Ollama, point a "
+            f"Modelfile at this export with `FROM {os.path.abspath(gguf_path)}` and run "
+            f"`ollama create {stem} -f` on it."
+        )
+        return
+    write_text_atomic(path, text)
+    log(f"Ollama: ollama create {stem} -f {path}\n{text.rstrip()}")
+
+
+def _read_small(path: str, limit: int = 1 << 16) -> str | None:
+    """The text of a small file, or None (a folder, unreadable, binary or large)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(limit)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _from_line(path: str) -> str:
+    text = _read_small(path) or ""
+    line = next((x.strip() for x in text.splitlines() if x.strip().upper().startswith("FROM ")), None)
+    return f"it says `{line}`" if line else "it has no FROM line"
 
 
 # ------------------------------------------------------------------------------- LoRA adapter

@@ -6,9 +6,11 @@
   generation_config.json  the base's, else bos/eos/pad from the tokenizer
   tokenizer files         copied from the base (tokenizer.json, tokenizer_config.json with the chat
                           template, chat_template.jinja, special_tokens_map.json, ...)
+  .minilora-export.json   written last: the files above, marking the folder as an export's
+                          (minilora.export.target.MARKER; --overwrite replaces nothing else)
 
-The folder is written into a temporary folder beside `out` and renamed into place at the end: an
-interrupted export leaves nothing half-written.
+The folder is written into a temporary folder beside `out` and renamed into place at the end
+(minilora.export.target.staged): an interrupted export leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import shutil
 
 import torch
 
-from minilora.export.errors import ExportError
-from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json
+from minilora.export.target import check_export_folder, staged, write_marker
+from minilora.fileio import write_json
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,14 +49,6 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards + [cur] if cur else shards
 
 
-def check_export_folder(out: str, overwrite: bool) -> None:
-    """Refuse a non-empty `out` unless overwrite (raised before any work is done)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"--out {out} is a file; pass a folder path for the checkpoint.")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ExportError(f"--out {out} is not empty; choose another folder or pass --overwrite to replace it.")
-
-
 def write_checkpoint(
     out: str,
     tensors: dict[str, torch.Tensor],
@@ -65,40 +59,48 @@ def write_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
 ) -> str:
-    """Write a Hugging Face checkpoint folder atomically (temp folder + rename); returns `out`."""
-    from safetensors.torch import save_file
-
+    """Write a Hugging Face checkpoint folder whole or not at all (temp folder + rename); returns `out`.
+    overwrite replaces only an earlier export (minilora.export.target.check_export_folder)."""
     out = os.path.abspath(out)
     check_export_folder(out, overwrite)
-    tmp = temp_dir_for(out)
-    try:
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({name: fname for name in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            write_json(
-                os.path.join(tmp, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map},
-            )
-        write_json(os.path.join(tmp, "config.json"), config)
-        if tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(tokenizer_dir, fname)):
-                    shutil.copyfile(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
-        if generation_config is not None:
-            write_json(os.path.join(tmp, "generation_config.json"), generation_config)
-        usual_permissions(tmp)
-        swap_into_place(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    with staged(out, folder=True, overwrite=overwrite) as tmp:
+        write_checkpoint_files(tmp, tensors, config, tokenizer_dir, generation_config, max_shard_bytes)
     return out
+
+
+def write_checkpoint_files(
+    folder: str,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    tokenizer_dir: str | None = None,
+    generation_config: dict | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write the checkpoint's files (module docstring) into the new, empty `folder`, the marker last."""
+    from safetensors.torch import save_file
+
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(
+            os.path.join(folder, "model.safetensors.index.json"),
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
+    write_json(os.path.join(folder, "config.json"), config)
+    if tokenizer_dir is not None:
+        for fname in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer_dir, fname)):
+                shutil.copyfile(os.path.join(tokenizer_dir, fname), os.path.join(folder, fname))
+    if generation_config is not None:
+        write_json(os.path.join(folder, "generation_config.json"), generation_config)
+    write_marker(folder)
 
 
 def generation_config(base_dir: str | None, hf_config: dict) -> dict:

@@ -13,8 +13,9 @@ Formats, each in its own module:
   gguf       one GGUF file for llama.cpp / Ollama (minilora.export.gguf, minilora.export.gguf_vocab)
   gguf-lora  the adapter alone as a GGUF LoRA for llama.cpp's --lora
 Then minilora.export.readback reloads the export through an independent reader and compares logits.
-Every file or folder is written beside its target and renamed into place: an interrupted export
-leaves nothing half-written.
+Every file or folder is written into a temporary folder beside its target, read back there, and
+renamed into place only when that passed (minilora.export.target): a failed, stopped or interrupted
+export leaves --out as it was.
 """
 
 from __future__ import annotations
@@ -120,20 +121,65 @@ def export_adapter(
 ) -> str:
     """Merge the adapter of a run into its base and write `out`: a Hugging Face checkpoint folder
     (fmt="hf", optionally bitsandbytes NF4), one GGUF file (fmt="gguf", `gguf_type` one of gguf.GGUF_TYPES),
-    or the adapter alone as a GGUF LoRA (fmt="gguf-lora"); then, unless validate=False, read it back
-    (minilora.export.readback) and raise ValidationError when it does not reproduce the merged model,
-    and run the task gate (minilora.export.gate: up to `gate_examples` of the run's eval data; raises
+    or the adapter alone as a GGUF LoRA (fmt="gguf-lora"). Unless validate=False it is read back
+    (minilora.export.readback: ValidationError when it does not reproduce the merged model) and put
+    through the task gate (minilora.export.gate: up to `gate_examples` of the run's eval data;
     QualityGateError when the export scores more than `max_quality_drop` points below the merged model).
+    Both run on the export in a temporary folder beside `out`, which becomes `out` only when they pass
+    (minilora.export.target: what --out may be, and what overwrite may replace). Returns `out`, absolute.
 
     merge_base: "dequantized" merges into the dequantized NF4 weights the QLoRA run trained against
     (the model eval.py scored), "original" into the checkpoint's weights, "auto" picks by the run's
     --quantize (no run config: original).
     """
-    from minilora.export.gguf import GGUF_TYPES, check_export_file
-    from minilora.export.hf_checkpoint import check_export_folder
-    from minilora.lora.adapter import check_adapter_fits, load_adapter, read_adapter_config
-    from minilora.models.loader import load_model
+    from minilora.export.gguf import write_modelfile
+    from minilora.export.target import check_target, staged
+    from minilora.lora.adapter import read_adapter_config
     from minilora.train.rundir import find_run
+
+    _check_request(fmt, dtype, gguf_type, merge_base, quantize_4bit)
+    adapter_dir, run_dir, run_config = find_run(adapter)
+    out = check_target(out, fmt, overwrite, (run_dir, adapter_dir))
+    name = model_name or run_config.get("model") or read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not name:
+        raise ExportError(f"{adapter_dir} does not say which base model it was trained on; pass --model.")
+    if fmt == "gguf-lora":
+        return _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log)
+    if merge_base == "auto":
+        merge_base = "dequantized" if run_config.get("quantize", "none") == "nf4" else "original"
+    out_dtype = DTYPES[dtype] if fmt == "hf" else torch.float32  # GGUF: merge in float32, round once on writing
+    model, tok = _adapted_model(name, adapter_dir, run_config, merge_base, out_dtype, fmt)
+    what = {"hf": dtype + (" + bitsandbytes NF4" if quantize_4bit else ""), "gguf": f"GGUF {gguf_type}"}[fmt]
+    log(f"merging {adapter_dir} into {name} ({merge_base} base weights), writing {what}")
+    merge_to_dense(model, out_dtype)
+    tensors = dense_tensors(model, out_dtype)
+    config = to_hf_config(model.config, tok, out_dtype if fmt == "hf" else torch.float32)
+    src = base_dir(name)
+    if fmt == "hf" and model.config.source_prefix != "model.":
+        # A multimodal source stays multimodal: its architecture and config.json, our merged text
+        # tower under its names, the vision tower and projector copied unchanged.
+        if quantize_4bit:
+            raise ExportError(f"--quantize-4bit is not supported for the multimodal {name}; export without it.")
+        tensors, config = source_checkpoint(model.config, tensors, src)
+        config["torch_dtype"] = DTYPE_NAMES[out_dtype]
+    with staged(out, fmt == "hf", overwrite) as path:
+        if fmt == "hf":
+            hf_config, kind = _write_hf(path, tensors, config, src, quantize_4bit, out_dtype, max_shard_bytes)
+        else:
+            chat_template = _write_gguf(path, model, tok, tensors, config, src, gguf_type, name)
+            hf_config, kind = config, "gguf"
+        del tensors
+        if validate:
+            args = (run_config, gguf_type, log, gate_examples, max_quality_drop)
+            validate_export(path, kind, model, tok, hf_config, *args, shown=out)
+    if fmt == "gguf":
+        write_modelfile(out, chat_template, log)  # after the GGUF is in place: it names that file
+    return out
+
+
+def _check_request(fmt: str, dtype: str, gguf_type: str, merge_base: str, quantize_4bit: bool) -> None:
+    """Refuse, in one sentence and before any work, settings that cannot be exported together."""
+    from minilora.export.gguf import GGUF_TYPES
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt} is not supported; use one of {', '.join(FORMATS)}.")
@@ -148,16 +194,18 @@ def export_adapter(
             "--quantize-4bit writes bitsandbytes' layout, which only --format hf holds; for a "
             "4-bit GGUF pass --gguf-type q4_k_m."
         )
-    adapter_dir, _, run_config = find_run(adapter)
-    (check_export_folder if fmt == "hf" else check_export_file)(os.path.abspath(out), overwrite)
-    name = model_name or run_config.get("model") or read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if not name:
-        raise ExportError(f"{adapter_dir} does not say which base model it was trained on; pass --model.")
-    if fmt == "gguf-lora":
-        return _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log)
-    if merge_base == "auto":
-        merge_base = "dequantized" if run_config.get("quantize", "none") == "nf4" else "original"
-    out_dtype = DTYPES[dtype] if fmt == "hf" else torch.float32  # GGUF: merge in float32, round once on writing
+    if merge_base != "auto" and fmt == "gguf-lora":
+        raise ExportError(
+            "--merge-base chooses the weights a merged export starts from, but --format gguf-lora writes the "
+            "adapter alone; drop the flag."
+        )
+
+
+def _adapted_model(name: str, adapter_dir: str, run_config: dict, merge_base: str, out_dtype, fmt: str):
+    """(model with the adapter loaded, tokenizer): the base loaded as `merge_base` says."""
+    from minilora.lora.adapter import check_adapter_fits, load_adapter
+    from minilora.models.loader import load_model
+
     if merge_base == "dequantized":  # quantize exactly as training did: same source dtype, NF4 defaults
         model, tok = load_model(name, quantize="nf4", dtype=run_dtype(run_config))
     else:
@@ -168,52 +216,28 @@ def export_adapter(
         gguf_arch(model.config)  # refuse an unmappable model before the merge
     check_adapter_fits(model, adapter_dir, name)
     load_adapter(model, adapter_dir)
-    what = {"hf": dtype + (" + bitsandbytes NF4" if quantize_4bit else ""), "gguf": f"GGUF {gguf_type}"}[fmt]
-    log(f"merging {adapter_dir} into {name} ({merge_base} base weights), writing {what}")
-    merge_to_dense(model, out_dtype)
-    tensors = dense_tensors(model, out_dtype)
-    config = to_hf_config(model.config, tok, out_dtype if fmt == "hf" else torch.float32)
-    src = base_dir(name)
-    if fmt == "hf" and model.config.source_prefix != "model.":
-        # A multimodal source stays multimodal: its architecture and config.json, our merged text
-        # tower under its names, the vision tower and projector copied unchanged.
-        if quantize_4bit:
-            raise ExportError(f"--quantize-4bit is not supported for the multimodal {name}; export without it.")
-        tensors, config = source_checkpoint(model.config, tensors, src)
-        config["torch_dtype"] = DTYPE_NAMES[out_dtype]
-    if fmt == "hf":
-        from minilora.export.bnb import bnb_4bit_tensors, quantization_config
-        from minilora.export.hf_checkpoint import generation_config, write_checkpoint
-
-        hf_config = dict(config)
-        if quantize_4bit:
-            tensors = bnb_4bit_tensors(tensors)
-            config["quantization_config"] = quantization_config(out_dtype)
-        path = write_checkpoint(
-            out,
-            tensors,
-            config,
-            tokenizer_dir=src,
-            generation_config=generation_config(src, config),
-            overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes,
-        )
-        kind = "nf4" if quantize_4bit else "hf"
-    else:
-        path = _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log)
-        hf_config, kind = config, "gguf"
-    del tensors
-    if validate:
-        validate_export(path, kind, model, tok, hf_config, run_config, gguf_type, log, gate_examples, max_quality_drop)
-    return path
+    return model, tok
 
 
-def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, name, log) -> str:
+def _write_hf(folder, tensors, config, src, quantize_4bit, out_dtype, max_shard_bytes) -> tuple[dict, str]:
+    """Write the checkpoint into `folder`; (its config.json as the read-back loads it, kind: hf or nf4)."""
+    from minilora.export.bnb import bnb_4bit_tensors, quantization_config
+    from minilora.export.hf_checkpoint import generation_config, write_checkpoint_files
+
+    hf_config = dict(config)
+    if quantize_4bit:
+        tensors = bnb_4bit_tensors(tensors)
+        config["quantization_config"] = quantization_config(out_dtype)
+    write_checkpoint_files(folder, tensors, config, src, generation_config(src, config), max_shard_bytes)
+    return hf_config, "nf4" if quantize_4bit else "hf"
+
+
+def _write_gguf(path, model, tok, tensors, config, src, gguf_type, name) -> str | None:
+    """Write the merged model as the GGUF file `path`; returns the chat template it holds (or None)."""
     from gguf import GGML_QUANT_VERSION  # gguf_arch() has already said how to install it if missing
 
-    from minilora.export.gguf import file_type, gguf_arch, gguf_metadata, gguf_tensors, modelfile, write_gguf
+    from minilora.export.gguf import file_type, gguf_arch, gguf_metadata, gguf_tensors, write_gguf
     from minilora.export.gguf_vocab import vocab_metadata
-    from minilora.fileio import write_text_atomic
 
     cfg = model.config
     ids = {
@@ -232,15 +256,8 @@ def _write_gguf(out, model, tok, tensors, config, src, gguf_type, overwrite, nam
     if gguf_type not in ("f16", "bf16"):
         meta["general.quantization_version"] = int(GGML_QUANT_VERSION)
     vocab = vocab_metadata(src, tok, cfg.vocab_size, ids)
-    path = write_gguf(
-        out, gguf_arch(cfg).arch, meta, gguf_tensors(tensors, cfg, gguf_type), vocab=vocab, overwrite=overwrite
-    )
-    mf_path = os.path.splitext(path)[0] + ".Modelfile"
-    text = modelfile(path, vocab.get("tokenizer.chat_template"))
-    if overwrite or not os.path.exists(mf_path):
-        write_text_atomic(mf_path, text)
-    log(f"Ollama: ollama create {os.path.splitext(os.path.basename(path))[0]} -f {mf_path}\n{text.rstrip()}")
-    return path
+    write_gguf(path, gguf_arch(cfg).arch, meta, gguf_tensors(tensors, cfg, gguf_type), vocab=vocab)
+    return vocab.get("tokenizer.chat_template")
 
 
 def validate_export(
@@ -254,16 +271,18 @@ def validate_export(
     log=print,
     gate_examples: int = 40,
     max_quality_drop: float = 5.0,
+    shown: str | None = None,
 ) -> None:
     """Compare the merged in-memory `model` (A) and the weights as the file should hold them (B, set in
     place: the model is spent afterwards) with transformers' reading of the file at `path`; kind is
     hf, nf4 or gguf. Raises ValidationError past minilora.export.readback.TOLERANCE, then
-    QualityGateError when the export does the run's task worse than A (minilora.export.gate)."""
+    QualityGateError when the export does the run's task worse than A (minilora.export.gate).
+    `shown`: the path the log names (the --out a temporary export is renamed to)."""
     from minilora.export import gate as G
     from minilora.export import readback as V
 
     prompts, source = V.validation_prompts(run_config, tok, model.config.vocab_size)
-    log(f"validating {path} on {source}")
+    log(f"validating {shown or path} on {source}")
     V.reference_weights(model, lambda n, p: p)  # float32 compute, same weights
     ref_a = V.outputs(model, prompts)
     examples, template, gate_source = G.gate_examples(run_config, tok, gate_examples)
@@ -298,6 +317,7 @@ def validate_export(
 
 def _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log) -> str:
     from minilora.export.gguf import gguf_arch, lora_metadata, lora_tensors, write_gguf
+    from minilora.export.target import staged
     from minilora.lora.adapter import read_adapter_weights
 
     cfg = _base_config(name)
@@ -305,16 +325,11 @@ def _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log) -> str:
     arch = gguf_arch(cfg).arch
     log(f"writing the adapter in {adapter_dir} as a GGUF LoRA for {arch} ({name})")
     expected = list(lora_tensors(weights, acfg, cfg))
-    path = write_gguf(
-        out,
-        arch,
-        {"general.name": os.path.basename(os.path.normpath(adapter_dir)), **lora_metadata(acfg)},
-        expected,
-        general_type="adapter",
-        overwrite=overwrite,
-    )
-    if validate:
-        from minilora.export.readback import check_gguf_tensors
+    meta = {"general.name": os.path.basename(os.path.normpath(adapter_dir)), **lora_metadata(acfg)}
+    with staged(out, False, overwrite) as path:
+        write_gguf(path, arch, meta, expected, general_type="adapter")
+        if validate:
+            from minilora.export.readback import check_gguf_tensors
 
-        check_gguf_tensors(path, expected, log)
-    return path
+            check_gguf_tensors(path, expected, log, shown=out)
+    return out

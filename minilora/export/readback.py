@@ -5,7 +5,8 @@ NF4 one, transformers' GGUF loader (gguf_file=..., which dequantizes with gguf's
 llama.cpp's q/k row order and Gemma's norm offset) for a GGUF. The reference is the in-memory merged
 model with each weight replaced by what the file should hold: the NF4 or Q8_0/Q4_0 round trip of it
 (an f16/bf16/float32 file holds the weights exactly). Both sides then compute in float32 from
-identical weights, so their logits differ only by summation order:
+identical weights (and RoPE frequencies: models/transformer.py keeps them float32 through a cast), so
+their logits differ only by summation order:
 
     rel = max |z_ref - z_file| / max |z_ref|   over every prompt position,  gate: rel <= TOLERANCE
 
@@ -34,7 +35,19 @@ TOLERANCE = 1e-3
 
 
 class ValidationError(RuntimeError):
-    """The export read back differs from the merged model beyond the tolerance, or cannot be read."""
+    """The export read back differs from the merged model beyond the tolerance, or cannot be read.
+
+    The sentence names the file (`path`), what is wrong with it (`problem`) and what to do with it
+    (`advice`); not_written() says the same of an export checked in a temporary folder, which therefore
+    never reached --out (`retry`: what to do then)."""
+
+    def __init__(self, path: str, problem: str, advice: str = "do not serve it", retry: str | None = None):
+        self.problem = problem
+        self.retry = retry or "pass --no-validate to keep it for inspection, but do not serve it"
+        super().__init__(f"{path} {problem}; {advice}.")
+
+    def not_written(self, out: str) -> ValidationError:
+        return type(self)(f"the export to {out}", f"{self.problem}, so nothing was written there", self.retry)
 
 
 N_PROMPTS, MAX_PROMPT_TOKENS, NEW_TOKENS = 4, 64, 8
@@ -129,7 +142,7 @@ def reload_or_fail(kind: str, path: str, hf_config: dict):
         raise
     except Exception as e:  # any reader error on a file we just wrote means the file is unusable
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(f"{path} could not be read back ({msg}); do not serve it.") from None
+        raise ValidationError(path, f"could not be read back ({msg})") from None
 
 
 def report(name: str, stats: dict, against_merged: dict | None, log=print) -> None:
@@ -147,9 +160,9 @@ def report(name: str, stats: dict, against_merged: dict | None, log=print) -> No
 def check(path: str, stats: dict) -> None:
     if not stats["rel_logit_err"] <= TOLERANCE:  # `not <=` also catches NaN
         raise ValidationError(
-            f"{path} does not reproduce the merged model (logits max rel err "
-            f"{stats['rel_logit_err']:.2e} > {TOLERANCE:.0e}); the file is damaged or "
-            "mis-converted, so do not serve it."
+            path,
+            f"does not reproduce the merged model (logits max rel err {stats['rel_logit_err']:.2e} > {TOLERANCE:.0e})",
+            "the file is damaged or mis-converted, so do not serve it",
         )
 
 
@@ -171,19 +184,19 @@ def compare(ref: list, got: list) -> dict:
     return {"rel_logit_err": err / max(scale, 1e-30), "greedy_agree": same / max(total, 1)}
 
 
-def check_gguf_tensors(path: str, expected, log=print) -> None:
-    """Read a GGUF back with gguf's reader: every expected (name, data, qtype) is there, bit for bit."""
+def check_gguf_tensors(path: str, expected, log=print, shown: str | None = None) -> None:
+    """Read a GGUF back with gguf's reader: every expected (name, data, qtype) is there, bit for bit.
+    `shown`: the path the log names (the --out a temporary file is renamed to)."""
     from gguf import GGUFReader
 
     try:
         found = {t.name: t for t in GGUFReader(path).tensors}
     except Exception as e:  # a truncated or garbled file: numpy's or gguf's own error, never a sentence
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(
-            f"{path} could not be read back ({msg}); the file is damaged, so do not serve it."
-        ) from None
+        damaged = "the file is damaged, so do not serve it"
+        raise ValidationError(path, f"could not be read back ({msg})", damaged) from None
     for name, data, qtype in expected:
         t = found.get(name)
         if t is None or t.tensor_type != qtype or t.data.tobytes() != data.tobytes():
-            raise ValidationError(f"{path} does not hold {name} as written (missing or damaged); do not serve it.")
-    log(f"validation: {len(expected)} tensors of {path} read back identical")
+            raise ValidationError(path, f"does not hold {name} as written (missing or damaged)")
+    log(f"validation: {len(expected)} tensors of {shown or path} read back identical")
