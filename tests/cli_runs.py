@@ -57,3 +57,46 @@ def temps(folder) -> list[str]:
     return [
         os.path.join(d, n) for d, dirs, files in os.walk(folder) for n in dirs + files if ".tmp" in n or ".old-" in n
     ]
+
+
+def write_tiny_llama(d, **config):
+    """A tiny Llama checkpoint in folder d (transformers' save_pretrained, random weights) with the demo
+    tokenizer: hidden 32, one layer, a 256-token context unless `config` says otherwise."""
+    import shutil
+
+    import transformers
+
+    geometry = dict(
+        vocab_size=1024,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**geometry, **config})).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ROOT, "examples", "tokenizer", f), os.path.join(d, f))
+    return d
+
+
+def tiny_run(run, config: dict, quantize=None, dtype=None, r: int = 4, b_scale: float = 0.5):
+    """A train.py-shaped run folder on the `tiny` model without training: adapter/ of rank r with a
+    seeded random non-zero B (b_scale), and `config` as its config.json."""
+    import torch
+
+    from minilora.lora.adapter import save_adapter
+    from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.models.loader import load_model
+
+    model, _ = load_model("tiny", quantize=quantize, dtype=dtype or torch.float32)
+    apply_lora(model, "all-linear", r=r, alpha=2 * r, dropout=0.0, seed=0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * b_scale)
+    save_adapter(model, os.path.join(run, "adapter"), "tiny")
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(config, f)
+    return run

@@ -9,11 +9,11 @@ import shutil
 
 import pytest
 import torch
+from cli_runs import tiny_run, write_tiny_llama
 
 from minilora.data.records import load_records
 from minilora.eval.evaluate import encode_for_eval, generate_completions, perplexity, score
-from minilora.lora.adapter import load_adapter, save_adapter
-from minilora.lora.layers import apply_lora, lora_modules
+from minilora.lora.adapter import load_adapter
 from minilora.models.loader import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,13 +36,6 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     with open(os.path.join(DEMO, "test.jsonl")) as f:
         (d / "test.jsonl").write_text("".join(f.readlines()[:5]))
-    model, _ = load_model("tiny", quantize=None, dtype=torch.float32)
-    apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.0, seed=0, verbose=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.5)
-    save_adapter(model, str(d / "adapter"), "tiny")
     cfg = {
         "model": "tiny",
         "quantize": "none",
@@ -53,8 +46,7 @@ def run(tmp_path_factory):
         "eval_data": str(d / "test.jsonl"),
         "max_seq_len": 512,
     }
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
+    return tiny_run(d, cfg)
 
 
 def call(argv, capsys):
@@ -136,21 +128,18 @@ def test_no_arguments_without_a_demo_run_says_to_train_first(capsys, tmp_path, m
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory):
     """A Llama checkpoint with the bundled tokenizer but another geometry than `tiny`."""
-    import transformers
-
     d = tmp_path_factory.mktemp("llama")
-    cfg = transformers.LlamaConfig(
-        vocab_size=1024,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return str(
+        write_tiny_llama(
+            d,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        )
     )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(TOK_DIR, f), d / f)
-    return str(d)
 
 
 def test_adapter_for_another_base(run, other_base, capsys, tmp_path):

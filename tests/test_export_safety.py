@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 import torch
-from cli_runs import one_sentence, temps, tree
+from cli_runs import one_sentence, temps, tiny_run, tree
 from test_gguf import make_run
 from test_user_errors import eval_here
 
@@ -25,9 +25,6 @@ from minilora.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from minilora.export import merge as E
 from minilora.export import readback as V
 from minilora.export.target import MARKER
-from minilora.lora.adapter import save_adapter
-from minilora.lora.layers import apply_lora, lora_modules
-from minilora.models.loader import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "demo")
@@ -39,13 +36,6 @@ def demo_run(tmp_path_factory):
     """A run shaped like `python train.py`'s demo: the tiny Gemma-3-shaped model, its NF4 base
     quantized from bf16 and computing in bf16, a LoRA adapter with a random non-zero B, the demo data."""
     run = tmp_path_factory.mktemp("demo") / "run"
-    model, _ = load_model("tiny", quantize="nf4", dtype=torch.bfloat16)
-    apply_lora(model, "all-linear", r=16, alpha=32, dropout=0.0, seed=0, verbose=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
-    save_adapter(model, str(run / "adapter"), "tiny")
     cfg = {
         "model": "tiny",
         "quantize": "nf4",
@@ -55,8 +45,7 @@ def demo_run(tmp_path_factory):
         "data": os.path.join(DEMO, "train.jsonl"),
         "eval_data": os.path.join(DEMO, "test.jsonl"),
     }
-    (run / "config.json").write_text(json.dumps(cfg))
-    return run
+    return tiny_run(run, cfg, quantize="nf4", dtype=torch.bfloat16, r=16, b_scale=0.05)
 
 
 @pytest.fixture(scope="module")

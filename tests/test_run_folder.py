@@ -8,10 +8,10 @@ import re
 import shutil
 
 import pytest
-from cli_runs import one_sentence, train_here, tree
+from cli_runs import one_sentence, train_here, tree, write_tiny_llama
 from hypothesis import given
 from hypothesis import strategies as st
-from test_user_errors import DEMO_TRAIN, eval_here, write_tiny_llama
+from test_user_errors import DEMO_TRAIN, eval_here
 
 from minilora.cli import EXIT_USAGE, UsageError
 from minilora.train import rundir

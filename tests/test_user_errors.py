@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from cli_runs import ROOT, one_sentence, temps, train, train_cli, train_here, tree
+from cli_runs import ROOT, one_sentence, temps, train, train_cli, train_here, tree, write_tiny_llama
 
 from minilora.cli import EXIT_FAILED, EXIT_USAGE
 from minilora.train.checkpoint import latest_checkpoint
@@ -315,26 +315,6 @@ def test_truncated_gguf_lora_fails_validation_in_one_sentence(tmp_path, capsys, 
 
 
 # ------------------------------------------------------------------ the model and eval data, checked first
-def write_tiny_llama(d):
-    """A tiny Llama checkpoint in d (transformers' save_pretrained) with a 256-token context and the demo
-    tokenizer."""
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=1024,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(ROOT, "examples", "tokenizer", f), d / f)
-    return d
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("llama"))
