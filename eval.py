@@ -622,6 +622,11 @@ def run_export(args) -> int:
 
     if args.gate_examples < 0 or not 0 <= args.max_quality_drop <= 100:
         return fail("--gate-examples cannot be negative and --max-quality-drop is in points, 0 to 100; fix the flag.")
+    defaults = export_parser()
+    gate_set = [f for f in ("gate_examples", "max_quality_drop") if getattr(args, f) != defaults.get_default(f)]
+    if args.no_validate and gate_set:  # the gate runs in the validation that --no-validate skips
+        flags = " and ".join("--" + f.replace("_", "-") for f in gate_set)
+        return fail(f"{flags} set the task gate, which --no-validate skips; drop {flags} or --no-validate.")
     gguf_type, dtype = getattr(args, "gguf_type", None), getattr(args, "dtype", None)  # None: not given
     if gguf_type is not None and args.format != "gguf":  # a flag that would do nothing is refused
         return fail(f"--gguf-type sets the tensors of --format gguf, not of --format {args.format}; drop the flag.")

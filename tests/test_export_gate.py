@@ -141,7 +141,14 @@ def test_cli_gate_flags(run, tmp_path, capsys):
     assert last.startswith("error: ") and "points worse" in last and "16 examples of" in last
     assert cli.main(argv + ["--out", str(tmp_path / "b.gguf"), "--max-quality-drop", "100"]) == 0
     assert "task gate (gguf q4_0) on 16 examples" in capsys.readouterr().err
-    assert cli.main(argv + ["--out", str(tmp_path / "c.gguf"), "--no-validate"]) == 0
+    assert cli.main(argv + ["--out", str(tmp_path / "c.gguf"), "--no-validate"]) == 2  # a gate flag it would skip
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last
+        == "error: --gate-examples set the task gate, which --no-validate skips; drop --gate-examples or --no-validate."
+    )
+    plain = ["export", "--adapter", run, "--format", "gguf", "--gguf-type", "q4_0", "--no-validate"]
+    assert cli.main(plain + ["--out", str(tmp_path / "c.gguf")]) == 0
     assert "task gate" not in capsys.readouterr().err
     assert cli.main(argv + ["--out", str(tmp_path / "d.gguf"), "--gate-examples", "0"]) == 0
     assert "task gate: skipped, --gate-examples 0" in capsys.readouterr().err
