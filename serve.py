@@ -44,11 +44,10 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from minilora import DEMO_RUN
 from minilora.cli import UsageError, parser, resolve_device, run_main
 from minilora.serve.api import content_length, parse_request
 from minilora.serve.scheduler import Request, Scheduler, ServeError
-
-DEMO_RUN = os.path.join("runs", "demo")
 
 
 def serve_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO_ROOT, "examples")  # the offline demo's data and tokenizer, beside the package
+DEMO_RUN = os.path.join("runs", "demo")  # where `python train.py` writes the offline demo's run (relative)
 
 
 class _CheckoutFolders(importlib.abc.MetaPathFinder):

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from minilora import EXAMPLES, REPO_ROOT
+from minilora import DEMO_RUN, EXAMPLES, REPO_ROOT
 from minilora.cli import UsageError
 from minilora.dtypes import resolve_dtype
 
@@ -49,7 +49,7 @@ class TrainConfig:
         None,
         "held-out test JSONL: checked for contamination, and scored before/after training on --eval-generate examples",
     )
-    out: str = _f(os.path.join("runs", "demo"), "run directory (config, metrics.jsonl, checkpoints, adapter)")
+    out: str = _f(DEMO_RUN, "run directory (config, metrics.jsonl, checkpoints, adapter)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
     # objective (minilora/train/objectives.py)
     objective: str = _f(
