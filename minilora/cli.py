@@ -18,7 +18,9 @@ import argparse
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
@@ -53,12 +55,15 @@ def run_main(
     interrupted: str | Callable[[], str] = "nothing was written; run the same command again",
 ) -> int:
     """Run a CLI's body; a user error (ValueError, a missing or existing file, and `errors`) ends in
-        one sentence and exit 2 instead of a traceback, as does a write the machine refuses (a full disk,
-        a read-only folder, no permission), whose sentence ends "free space or fix the permissions, then
-        `again`". Ctrl-C (KeyboardInterrupt) ends in "interrupted; `interrupted`." (a sentence, or a function
-    that says it) and exit 3: every file
-        the programs write is written whole and then renamed, so a stop between two writes loses nothing.
-        MINILORA_DEBUG=1 shows the traceback instead."""
+    one sentence and exit 2 instead of a traceback, as does a write the machine refuses (a full disk,
+    a read-only folder, no permission), whose sentence ends "free space or fix the permissions, then
+    `again`". Ctrl-C (KeyboardInterrupt) ends in "interrupted; `interrupted`." (a sentence, or a
+    function that says it) and exit 3: every file the programs write is written whole and then renamed,
+    so a stop between two writes loses nothing. SIGTERM (`timeout`, `docker stop`, a batch scheduler)
+    is Ctrl-C here, so every `finally` runs and removes the temporary files of a write in progress.
+    MINILORA_DEBUG=1 shows the traceback instead."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         return body()
     except KeyboardInterrupt:
@@ -75,6 +80,13 @@ def run_main(
             raise
         where = f" {e.filename}" if e.filename else ""
         return fail(f"could not access{where} ({e.strerror}); free disk space or fix the permissions, then {again}.")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 
 import pytest
 import torch
@@ -138,8 +139,13 @@ def test_an_export_that_fails_validation_leaves_out_as_it_was(demo_run, tmp_path
     assert code == EXIT_FAILED and tree(earlier) == before and sorted(os.listdir(tmp_path)) == ["earlier"]
 
 
-def test_ctrl_c_while_validating_leaves_nothing_and_a_rerun_works(demo_run, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_while_validating_leaves_nothing_and_a_rerun_works(demo_run, tmp_path, capsys, monkeypatch, how):
+    """SIGTERM (a `timeout`, a scheduler) killed the process outright and left the temporary folder."""
+
     def ctrl_c(*a, **k):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
         raise KeyboardInterrupt
 
     out = tmp_path / "merged"

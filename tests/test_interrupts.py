@@ -4,6 +4,9 @@ and `train.py --out RUN --resume` then runs the training to its end. (Inside the
 request the step finishes first: tests/test_train.py.)"""
 
 import json
+import os
+import signal
+import time
 
 import pytest
 from cli_runs import one_sentence, train_here
@@ -21,6 +24,10 @@ def test_run_main_turns_ctrl_c_into_one_sentence(capsys, monkeypatch):
     assert one_sentence(capsys.readouterr().err) == "error: interrupted; nothing was written."
     assert run_main(lambda: ctrl_c(), interrupted=lambda: "said late") == EXIT_INTERRUPTED
     assert one_sentence(capsys.readouterr().err) == "error: interrupted; said late."
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_main(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5) or 0) == EXIT_INTERRUPTED
+    assert one_sentence(capsys.readouterr().err).startswith("error: interrupted;")  # SIGTERM is Ctrl-C
+    assert signal.getsignal(signal.SIGTERM) is before
     monkeypatch.setenv("MINILORA_DEBUG", "1")
     with pytest.raises(KeyboardInterrupt):
         run_main(lambda: ctrl_c())
