@@ -10,6 +10,8 @@ remembers which cached slots are padding, so a padded row computes what it would
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .transformer import adapters_per_row
@@ -90,6 +92,37 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids, mask
 
 
+def check_request(prompts, max_new_tokens, temperature, pad_id: int, vocab_size: int) -> None:
+    """ValueError, one sentence, for what generate cannot serve: prompts that are not a non-empty list of
+    non-empty lists of token ids below vocab_size, a max_new_tokens that is not a whole number >= 0, a
+    temperature that is not a finite number >= 0, a pad_id outside the vocabulary."""
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(
+            f"prompts must be a list of token-id lists, not a {type(prompts).__name__}; pass [tok.encode(text)] "
+            "(a tensor of ids: ids.tolist())."
+        )
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt.")
+    if not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise ValueError("prompts must be a list of token-id lists, one per prompt; for one prompt pass [ids].")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token.")
+    ids = [t for p in prompts for t in p]
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError("prompts must hold integer token ids (the tokenizer's encode gives them).")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    where = f"the prompts hold token id {bad}, which is" if bad is not None else f"pad_id {pad_id} is"
+    if bad is not None or not 0 <= pad_id < vocab_size:
+        raise ValueError(
+            f"{where} outside the model's vocabulary of {vocab_size} (0 to {vocab_size - 1}); use this model's "
+            "tokenizer and its pad id."
+        )
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number of tokens, 0 or more, got {max_new_tokens!r}.")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number, 0 (greedy) or more, got {temperature!r}.")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -109,8 +142,8 @@ def generate(
     seed makes sampling reproducible (a private torch.Generator; the global RNG is untouched).
     adapter_ids (B,): with several LoRA adapters loaded, the one each prompt uses (-1: the base alone).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt needs at least one token.")
+    eos_ids = (eos_ids,) if isinstance(eos_ids, int) else eos_ids  # one EOS id, as transformers accepts it
+    check_request(prompts, max_new_tokens, temperature, pad_id, model.config.vocab_size)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
     dev = next(model.parameters()).device

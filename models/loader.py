@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from minilora import EXAMPLES
+from minilora.dtypes import DTYPES
 
 from .config import ModelConfig
 from .hf_config import from_hf_config
@@ -402,6 +403,7 @@ def load_model(
     """
     if quantize not in ("nf4", None):
         raise ModelLoadError(f"quantize={quantize!r} is not supported; use 'nf4' or None.")
+    dtype, device = _checked(dtype, device)
     if name_or_path == "tiny":
         tok = tiny_tokenizer()
         model = build_tiny(tok, dtype=dtype, device=device)
@@ -412,6 +414,26 @@ def load_model(
     cfg = read_config(ckpt, preset_name(name_or_path, ckpt))
     model = load_weights(ckpt, cfg, quantize, dtype, device, blocksize, double_quant)
     return model, load_tokenizer(ckpt)
+
+
+def _checked(dtype, device) -> tuple[torch.dtype, torch.device]:
+    """load_model's dtype (a floating torch.dtype, or its name: "bfloat16") and device (a torch.device or
+    its name, one this torch can use), or a ModelLoadError in one sentence."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ModelLoadError(
+            f"dtype={dtype!r} is not a weight dtype; pass torch.bfloat16, torch.float16 or torch.float32."
+        )
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"device={device!r} is not a device; pass 'cpu', 'cuda' or 'cuda:N'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device={str(device)!r} needs a CUDA GPU, which this torch cannot see; pass device='cpu'."
+        )
+    return dtype, device
 
 
 def preset_name(name_or_path: str, ckpt: str) -> str:

@@ -122,6 +122,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def check_inputs(input_ids, vocab_size: int, **same_shape) -> None:
+    """ValueError, one sentence, for input_ids that are not a (B, T) integer tensor of ids below vocab_size,
+    or a (B, T) argument of another shape (attention_mask, position_ids, segment_ids; None is fine). The
+    range is checked on the CPU only: on a GPU it would wait for the device on every decoding step."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(
+            f"input_ids must be a (B, T) tensor of token ids, not a {type(input_ids).__name__}; "
+            "pass torch.tensor([ids])."
+        )
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}; pass ids[None] for one sequence."
+        )
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, not {input_ids.dtype}; pass ids.long().")
+    for name, t in same_shape.items():
+        if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}; "
+                f"pass one {name} entry per token."
+            )
+    if input_ids.device.type == "cpu" and input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside the model's vocabulary of {vocab_size} "
+                f"(0 to {vocab_size - 1}); encode the text with this model's tokenizer."
+            )
+
+
 def sdpa_takes_gqa(q, k, v, mask) -> bool:
     """Whether scaled_dot_product_attention can take k, v with Hkv < H heads (enable_gqa, torch >= 2.5)
     in a fused kernel for these inputs (the CPU and CUDA flash kernels can; the math fallback would
@@ -420,6 +451,13 @@ class Transformer(nn.Module):
         prefix_len (B,), with segment_ids and position_ids: each row's first prefix_len tokens are
         seen by all its segments (a prompt shared by two answers: build_mask).
         """
+        check_inputs(
+            input_ids,
+            self.config.vocab_size,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            segment_ids=segment_ids,
+        )
         if prefix_len is not None and (cache is not None or segment_ids is None or position_ids is None):
             raise ValueError("prefix_len (a shared prompt) needs segment_ids and position_ids, and no KV cache.")
         with adapters_per_row(adapter_ids, input_ids.shape[0], input_ids.device):

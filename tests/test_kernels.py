@@ -9,6 +9,7 @@ ulp and float32 exactly. The `gpu` test repeats the comparisons at real sizes on
 Letters: N tokens, K in_features, M out_features (W is (M, K)).
 """
 
+import copy
 import math
 
 import bitsandbytes.functional as bnbF
@@ -215,10 +216,14 @@ def test_launchers_reject_bad_inputs(monkeypatch):
     q = quantize_nf4(torch.randn(8, 64), blocksize=32)
     with pytest.raises(ValueError, match="output dtype"):
         dequantize_nf4_triton(q, torch.int8)
-    bad = NF4Tensor(q.packed, q.absmax.float(), q.shape, q.dtype, q.blocksize, q.absmax2, q.offset)
+    with pytest.raises(ValueError, match="these parts mix the two"):  # refused where it is made
+        NF4Tensor(q.packed, q.absmax.float(), q.shape, q.dtype, q.blocksize, q.absmax2, q.offset)
+    with pytest.raises(ValueError, match="packed holds 255 bytes but shape"):
+        NF4Tensor(q.packed[:-1], q.absmax, q.shape, q.dtype, q.blocksize, q.absmax2, q.offset)
+    bad, short = copy.copy(q), copy.copy(q)  # fields changed after construction reach the launchers' own checks
+    bad.absmax, short.packed = q.absmax.float(), q.packed[:-1]
     with pytest.raises(ValueError, match="absmax has dtype"):
         dequantize_nf4_triton(bad)
-    short = NF4Tensor(q.packed[:-1], q.absmax, q.shape, q.dtype, q.blocksize, q.absmax2, q.offset)
     with pytest.raises(ValueError, match="packed has 255 elements, expected 256"):
         dequantize_nf4_triton(short)
     strided = NF4Tensor(

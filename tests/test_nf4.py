@@ -10,6 +10,7 @@ the oracle dequantizes the same bytes as a flat (n,) tensor (_bnb_dequantize), w
 
 import math
 import os
+import re
 
 import bitsandbytes.functional as bnbF
 import pytest
@@ -239,3 +240,28 @@ def test_bad_output_dtype():
     for dequantize in (dequantize_nf4, dequantize_nf4_cpu, dequantize_nf4_reference):
         with pytest.raises(ValueError, match="output dtype"):
             dequantize(q, torch.float64)
+
+
+def test_an_nf4_state_whose_parts_do_not_fit_is_refused_where_it_is_made():
+    """A larger shape, short codes or scales, another blocksize, or double quantization's parts half
+    there gave a size mismatch deep in dequantization, or silently wrong values (uint8 absmax codes used as
+    scales without absmax2); a plain tensor given to dequantize_nf4 an AttributeError; blocksize 64.0 a
+    slicing TypeError."""
+    import dataclasses
+
+    q = quantize_nf4(torch.randn(40, 100), blocksize=64)
+    for change, said in (
+        ({"shape": torch.Size((80, 100))}, "packed holds 2000 bytes but shape (80, 100) needs 4000"),
+        ({"packed": q.packed[:-1]}, "packed holds 1999 bytes"),
+        ({"absmax": q.absmax[:-1]}, "absmax holds 62 scales but 4000 values need 63"),
+        ({"blocksize": 128}, "absmax holds 63 scales but 4000 values need 32"),
+        ({"absmax2": None}, "these parts mix the two"),
+        ({"offset": None}, "these parts mix the two"),
+        ({"blocksize": 64.0}, "blocksize 64.0 is not one of"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            dataclasses.replace(q, **change)
+    with pytest.raises(ValueError, match="takes an NF4Tensor"):
+        dequantize_nf4(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="blocksize 64.0 is not supported"):
+        quantize_nf4(torch.randn(4, 64), blocksize=64.0)

@@ -38,6 +38,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     The Triton kernel where kernels/dispatch.py allows it (CUDA, once the kernel has passed its
     self-check); otherwise the tuned CPU path on the CPU and the reference elsewhere.
     """
+    if not isinstance(q, NF4Tensor):
+        raise ValueError(f"dequantize_nf4 takes an NF4Tensor (what quantize_nf4 returns), not a {type(q).__name__}.")
     kernel = dispatch.dequant_kernel(q)
     if kernel is not None:
         return kernel(q, q.dtype if dtype is None else dtype)

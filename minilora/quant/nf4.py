@@ -69,6 +69,33 @@ class NF4Tensor:
     absmax2: torch.Tensor | None = None
     offset: torch.Tensor | None = None
 
+    def __post_init__(self):
+        """ValueError in one sentence for parts that do not fit together (sizes only, no pass over the
+        data): dequantizing such a state reads past its codes, or scales blocks by the wrong numbers."""
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"NF4Tensor: blocksize {self.blocksize!r} is not one of {sorted(BLOCKSIZES)}.")
+        n = math.prod(self.shape)
+        nb = -(-n // self.blocksize)
+        if self.packed.numel() != (n + 1) // 2:
+            raise ValueError(
+                f"NF4Tensor: packed holds {self.packed.numel()} bytes but shape {tuple(self.shape)} needs "
+                f"{(n + 1) // 2}."
+            )
+        if self.absmax.numel() != nb:
+            raise ValueError(f"NF4Tensor: absmax holds {self.absmax.numel()} scales but {n} values need {nb}.")
+        if (self.absmax2 is None) != (self.offset is None) or (self.absmax.dtype == torch.uint8) != (
+            self.absmax2 is not None
+        ):
+            raise ValueError(
+                "NF4Tensor: double quantization stores uint8 absmax codes with absmax2 and offset, single float32 "
+                "absmax without them; these parts mix the two."
+            )
+        nb2 = -(-nb // BLOCKSIZE2)
+        if self.absmax2 is not None and self.absmax2.numel() != nb2:
+            raise ValueError(
+                f"NF4Tensor: absmax2 holds {self.absmax2.numel()} scales but {nb} absmax codes need {nb2}."
+            )
+
     @property
     def double_quant(self) -> bool:
         return self.absmax2 is not None
@@ -205,8 +232,8 @@ def _check_input(w: torch.Tensor, blocksize: int) -> None:
         raise ValueError(f"quantize_nf4 expects a torch.Tensor, got {type(w).__name__}.")
     if w.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"quantize_nf4: dtype {w.dtype} is not supported; pass float32, bfloat16 or float16.")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"quantize_nf4: blocksize {blocksize} is not supported; use a power of two from 32 to 4096.")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"quantize_nf4: blocksize {blocksize!r} is not supported; use a power of two from 32 to 4096.")
     if w.numel() == 0:
         raise ValueError("quantize_nf4: the tensor is empty; there is nothing to quantize.")
 
