@@ -109,7 +109,8 @@ def run_eval(args) -> int:
     from minilora.data.encode import run_template
     from minilora.eval.evaluate import evaluate_variant, few_shot_example
     from minilora.eval.report import check_gates
-    from minilora.lora.adapter import check_adapter_fits, read_adapter_config
+    from minilora.lora.adapter import check_adapter_fits
+    from minilora.lora.adapter_files import read_adapter_config
     from minilora.train.rundir import find_run
 
     validate(args)
@@ -293,7 +294,8 @@ def run_compare(args, device) -> int:
     from minilora.eval.evaluate import few_shot_example
     from minilora.eval.mixed import Variant, common_setting, evaluate_mixed, run_names
     from minilora.eval.report import build_comparison_markdown, check_gates
-    from minilora.lora.adapter import check_adapter_fits, load_adapter, read_adapter_config
+    from minilora.lora.adapter import check_adapter_fits, load_adapter
+    from minilora.lora.adapter_files import read_adapter_config
     from minilora.lora.named import adapter_names
     from minilora.train.rundir import find_run
 

@@ -52,8 +52,8 @@ def setup(cfg, given: set[str]) -> Run | int:
     from minilora.data.records import load_records
     from minilora.fileio import write_text_atomic
     from minilora.lora import eva, inits
-    from minilora.lora.layers import apply_lora, check_targets, lora_modules, trainable_report
     from minilora.lora.plus import learning_rates, lora_param_groups
+    from minilora.lora.surgery import apply_lora, check_targets, lora_modules, trainable_report
     from minilora.models.loader import check_local_weights, load_config, load_model, plan_config
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D
@@ -369,7 +369,7 @@ def setup(cfg, given: set[str]) -> Run | int:
 
 def loop(r: Run) -> str | int:
     """Train until the last step, early stopping or a stop request; the stop reason, or an exit code."""
-    from minilora.lora.layers import lora_parameters
+    from minilora.lora.surgery import lora_parameters
     from minilora.parallel import distributed as D
     from minilora.train import checkpoint as C
     from minilora.train.process_memory import peak_memory_bytes

@@ -83,7 +83,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
     t0 = time.perf_counter()
     if impl.startswith("minilora"):
         from minilora.data.packing import Batch
-        from minilora.lora.layers import apply_lora, lora_parameters
+        from minilora.lora.surgery import apply_lora, lora_parameters
         from minilora.models.loader import load_model
         from minilora.optim.paged_adamw import PagedAdamW
         from minilora.train.objectives import make_objective

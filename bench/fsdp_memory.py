@@ -44,7 +44,7 @@ def worker(a) -> None:
     from bench.common import status_kib
     from bench.train_step import GEOMETRIES
     from minilora.data.packing import Batch
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.surgery import apply_lora, lora_parameters
     from minilora.models.loader import load_model
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.parallel import distributed as D

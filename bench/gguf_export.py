@@ -66,7 +66,7 @@ def run_from_model(tmp: str, hf, seed: int = 0, b_std: float = 0.02) -> str:
     tokenizer as the base, and a LoRA adapter (r 16 on every linear, B ~ N(0, b_std)) trained on it
     (b_std 0: an adapter that merges to the base exactly)."""
     from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.lora.surgery import apply_lora, lora_modules
     from minilora.models.loader import load_model
 
     base = os.path.join(tmp, "base")

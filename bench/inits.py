@@ -73,7 +73,7 @@ def cost_worker(init: str, ckpt: str, threads: int) -> dict:
     import torch
 
     from minilora.lora import inits
-    from minilora.lora.layers import apply_lora
+    from minilora.lora.surgery import apply_lora
     from minilora.models.loader import load_model, quantize_linears
 
     torch.set_num_threads(threads)

@@ -72,7 +72,7 @@ class NoText:
 def write_adapters(ckpt: str, out: str, n: int, r: int) -> list[str]:
     """n adapters (rank r, alpha 2r, all linear layers) with random A and B, saved in PEFT's layout."""
     from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.lora.surgery import apply_lora, lora_modules
     from minilora.models.loader import load_model
 
     model, _ = load_model(ckpt, quantize=None, dtype=torch.float32)
@@ -190,8 +190,8 @@ def main() -> None:
 
     from bench.common import cpu_info, environment, interleaved_medians, write_json
     from minilora.lora import adapter_names, load_adapter, set_adapter
-    from minilora.lora.layers import lora_disabled
     from minilora.lora.named import hosts
+    from minilora.lora.surgery import lora_disabled
     from minilora.models.generate import generate
     from minilora.models.loader import load_model
     from minilora.serve.scheduler import Request, Scheduler, release_openmp_threads

@@ -429,7 +429,7 @@ def worker(mode: str, ckpt: str, a) -> dict:
     from bench.common import status_kib
     from minilora.data.packing import batches, plan_batches
     from minilora.dtypes import auto_dtype, dtype_name
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.surgery import apply_lora, lora_parameters
     from minilora.models.loader import load_model
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.train.loss import chunked_lm_loss

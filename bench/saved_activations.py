@@ -25,7 +25,7 @@ from bench.common import environment, write_json
 
 def saved_by_module(preset: str, dtype: torch.dtype, batch: int, seq: int) -> dict[str, int]:
     """{module path inside the block: bytes saved for backward} for one LoRA block of `preset`."""
-    from minilora.lora.layers import apply_lora
+    from minilora.lora.surgery import apply_lora
     from minilora.models.config import FULL, ModelConfig
     from minilora.models.loader import quantize_linears
     from minilora.models.transformer import Transformer, rope_cos_sin

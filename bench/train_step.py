@@ -231,7 +231,7 @@ def worker(impl: str, ckpt: str, a) -> dict:
 
     if impl == "minilora":
         from minilora.data.packing import Batch
-        from minilora.lora.layers import apply_lora, lora_parameters
+        from minilora.lora.surgery import apply_lora, lora_parameters
         from minilora.models.loader import load_model
         from minilora.optim.paged_adamw import PagedAdamW
         from minilora.train.loss import chunked_lm_loss

@@ -56,7 +56,15 @@ def adapters_per_row(adapter_ids, batch_size: int, device):
     if adapter_ids is None:
         yield
         return
-    ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=device)
+    ids = adapter_ids if isinstance(adapter_ids, torch.Tensor) else None
+    if ids is None and isinstance(adapter_ids, (list, tuple)) and all(type(a) is int for a in adapter_ids):
+        ids = torch.tensor(adapter_ids, dtype=torch.long)
+    if ids is None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:  # 0.5 was row 0
+        raise ValueError(
+            f"adapter_ids={adapter_ids!r} must be integers, one adapter index per row (-1 for the base alone); "
+            "pass a list of ints such as [0, 1, -1]."
+        )
+    ids = ids.to(device=device, dtype=torch.long)
     if ids.shape != (batch_size,):
         raise ValueError(
             f"adapter_ids has shape {tuple(ids.shape)} but the batch has {batch_size} rows; pass one adapter "

@@ -87,7 +87,7 @@ def tiny_run(run, config: dict, quantize=None, dtype=None, r: int = 4, b_scale: 
     import torch
 
     from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.lora.surgery import apply_lora, lora_modules
     from minilora.models.loader import load_model
 
     model, _ = load_model("tiny", quantize=quantize, dtype=dtype or torch.float32)

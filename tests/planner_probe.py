@@ -42,7 +42,7 @@ def build(cfg, dtype):
 def main(spec: dict) -> dict:
     torch.set_num_threads(1)
     from minilora.data.packing import Batch
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.surgery import apply_lora, lora_parameters
     from minilora.models.config import ModelConfig
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.train.loss import chunked_lm_loss

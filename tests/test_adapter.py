@@ -12,8 +12,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import minilora.lora.adapter as adapter_mod
-from minilora.lora.adapter import PEFT_DEFAULTS, AdapterError, load_adapter, save_adapter
-from minilora.lora.layers import apply_lora, lora_modules, lora_state_dict
+from minilora.lora.adapter import AdapterError, load_adapter, save_adapter
+from minilora.lora.adapter_files import PEFT_DEFAULTS
+from minilora.lora.surgery import apply_lora, lora_modules, lora_state_dict
 
 
 def tiny_llama(layers=2, hidden=32, seed=0):
@@ -222,7 +223,7 @@ def test_bad_adapter_files(tmp_path):
         with pytest.raises(AdapterError, match=pattern) as e:
             load_adapter(tiny_llama(), out)
         _one_sentence(e)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json does not exist"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist; pass a folder"):
         load_adapter(tiny_llama(), str(tmp_path / "nowhere"))
     with pytest.raises(AdapterError, match="no LoRA layers"):
         save_adapter(tiny_llama(), str(tmp_path / "b"), None)

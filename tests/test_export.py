@@ -24,7 +24,7 @@ from minilora.export import bnb as bnb_export
 from minilora.export import hf_checkpoint
 from minilora.export import merge as E
 from minilora.lora.adapter import save_adapter
-from minilora.lora.layers import apply_lora, lora_modules
+from minilora.lora.surgery import apply_lora, lora_modules
 from minilora.models.config import ModelConfig
 from minilora.models.hf_config import from_hf_config
 from minilora.models.loader import load_model

@@ -31,7 +31,7 @@ from minilora.export import gate as GATE
 from minilora.export import merge as E
 from minilora.export import readback as V
 from minilora.lora.adapter import load_adapter, save_adapter
-from minilora.lora.layers import apply_lora
+from minilora.lora.surgery import apply_lora
 from minilora.models.loader import is_block_linear, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

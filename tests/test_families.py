@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import minilora.export.merge as E  # noqa: E402
 from minilora.export.hf_checkpoint import write_checkpoint  # noqa: E402
 from minilora.lora.adapter import load_adapter, save_adapter  # noqa: E402
-from minilora.lora.layers import apply_lora, lora_modules  # noqa: E402
+from minilora.lora.surgery import apply_lora, lora_modules  # noqa: E402
 from minilora.models.config import FULL, SLIDING  # noqa: E402
 from minilora.models.generate import generate  # noqa: E402
 from minilora.models.hf_config import from_hf_config  # noqa: E402

@@ -167,7 +167,7 @@ def _shard_worker(rank: int, world: int, init_file: str, out: str, ckpt: str, ol
         old_nn.Parameter = old_parameter
         _fsdp_param.nn = old_nn
 
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.surgery import apply_lora, lora_parameters
     from minilora.models.loader import load_model
     from minilora.optim.paged_adamw import PagedAdamW
     from minilora.quant.linear import as_bytes
@@ -328,7 +328,7 @@ def test_per_rank_components(world, layers, sizes):
 
 def test_trainable_parameters_outside_the_blocks_are_refused():
     """A trainable parameter FSDP does not shard would get no gradient averaging: one sentence."""
-    from minilora.lora.layers import apply_lora
+    from minilora.lora.surgery import apply_lora
     from minilora.models.loader import load_model
 
     model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)

@@ -28,7 +28,7 @@ from minilora.export import gguf as G  # noqa: E402
 from minilora.export import merge as E  # noqa: E402
 from minilora.export.readback import ValidationError  # noqa: E402
 from minilora.lora.adapter import save_adapter  # noqa: E402
-from minilora.lora.layers import apply_lora, lora_modules  # noqa: E402
+from minilora.lora.surgery import apply_lora, lora_modules  # noqa: E402
 from minilora.models.config import ModelConfig  # noqa: E402
 from minilora.models.hf_config import from_hf_config  # noqa: E402
 from minilora.models.loader import load_model  # noqa: E402

@@ -180,7 +180,7 @@ def test_q4_k_m_file_end_to_end(tmp_path):
 def _run(tmp_path, hf) -> str:
     """A saved base with the bundled tokenizer and a train.py-shaped run with a random LoRA adapter."""
     from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.lora.surgery import apply_lora, lora_modules
     from minilora.models.loader import load_model
 
     base = str(tmp_path / "base")

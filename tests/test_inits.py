@@ -31,7 +31,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from minilora.lora import inits
 from minilora.lora.adapter import load_adapter, save_adapter
-from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules
+from minilora.lora.layers import AdapterError, LoRALinear
+from minilora.lora.surgery import apply_lora, lora_modules
 from minilora.quant.linear import NF4Linear, dequantize_nf4
 from minilora.quant.nf4 import quantize_nf4
 

@@ -21,7 +21,8 @@ from peft.utils.incremental_pca import IncrementalPCA
 from minilora.data.encode import EncodedExample
 from minilora.data.packing import IGNORE, batches
 from minilora.lora import eva
-from minilora.lora.layers import LoRALinear, apply_lora, lora_modules
+from minilora.lora.layers import LoRALinear
+from minilora.lora.surgery import apply_lora, lora_modules
 from minilora.models.config import ModelConfig
 from minilora.models.presets import PRESETS
 from minilora.models.transformer import Transformer

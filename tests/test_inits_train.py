@@ -110,7 +110,7 @@ def test_written_adapter_loads_in_peft_on_the_original_model(runs, init):
     import peft
 
     from minilora.lora.adapter import load_adapter
-    from minilora.lora.layers import apply_lora
+    from minilora.lora.surgery import apply_lora
     from minilora.models.loader import load_model
 
     full, _ = runs(init)

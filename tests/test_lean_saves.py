@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_planner import block_saved_bytes  # what autograd saves in one block's forward
 
-from minilora.lora.layers import apply_lora
+from minilora.lora.surgery import apply_lora
 from minilora.models.config import FULL, ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.ops import rebuilt_in_backward

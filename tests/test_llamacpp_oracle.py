@@ -38,7 +38,7 @@ def f16_run(tmp_path_factory):
 
     from minilora.export import merge as E
     from minilora.lora.adapter import save_adapter
-    from minilora.lora.layers import apply_lora, lora_modules
+    from minilora.lora.surgery import apply_lora, lora_modules
     from minilora.models.loader import load_model
 
     tmp = tmp_path_factory.mktemp("oracle")

@@ -24,7 +24,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import minilora.lora.layers as lora_mod
-from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_parameters, lora_state_dict
+from minilora.lora.layers import AdapterError, LoRALinear
+from minilora.lora.surgery import apply_lora, lora_parameters, lora_state_dict
 from minilora.quant.linear import NF4Linear
 
 

@@ -12,7 +12,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from test_lora import bnb_linear4bit, fwd_bwd, ours_params, peft_twin, randomize
 
-from minilora.lora.layers import AdapterError, LoRALinear, apply_lora
+from minilora.lora.layers import AdapterError, LoRALinear
+from minilora.lora.surgery import apply_lora
 from minilora.quant.linear import NF4Linear
 
 

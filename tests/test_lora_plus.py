@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minilora.lora.layers import apply_lora, lora_state_dict
 from minilora.lora.plus import learning_rates, lora_param_groups
+from minilora.lora.surgery import apply_lora, lora_state_dict
 from minilora.optim.paged_adamw import PagedAdamW
 from minilora.train.checkpoint import apply_hyperparameters
 from minilora.train.schedule import cosine_with_warmup

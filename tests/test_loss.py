@@ -78,7 +78,7 @@ def test_head_cross_entropy_bf16_close_to_autograd():
 @given(seed=st.integers(0, 1000), chunk=st.sampled_from([5, 64, 1024]))
 def test_chunked_lm_loss_equals_full_logits_loss(seed, chunk):
     from minilora.data.packing import Batch
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.surgery import apply_lora, lora_parameters
     from minilora.models.loader import load_model
 
     model, _ = load_model("tiny", quantize="nf4", dtype=torch.float32)

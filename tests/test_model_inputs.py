@@ -99,3 +99,12 @@ def test_load_model_takes_a_dtype_by_name():
     """dtype="bfloat16" was torch's "to() received an invalid combination of arguments"."""
     m, _ = load_model("tiny", quantize=None, dtype="bfloat16")
     assert next(m.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("ids", [[0.5, 1], ["a", "b"], torch.tensor([0.0, 1.0]), torch.tensor([True, False]), 3])
+def test_adapter_ids_must_be_integers(model, ids):
+    """adapter_ids=[0.5, 1] ran row 0 on adapter 0 (torch.as_tensor truncates); strings said "too many
+    dimensions 'str'"."""
+    with pytest.raises(ValueError) as e:
+        model(torch.tensor([[5, 6], [7, 8]]), adapter_ids=ids)
+    assert "must be integers, one adapter index per row" in str(e.value)

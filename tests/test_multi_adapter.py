@@ -30,9 +30,9 @@ import minilora.lora.mixed_term as term
 import minilora.lora.multi as multi
 from minilora.lora import adapter_names, delete_adapter, load_adapter, save_adapter, set_adapter
 from minilora.lora.adapter import AdapterError
-from minilora.lora.layers import apply_lora, lora_disabled, lora_state_dict
 from minilora.lora.mixed_term import mixed_gathered, mixed_reference
 from minilora.lora.multi import NamedLoRALinear
+from minilora.lora.surgery import apply_lora, lora_disabled, lora_state_dict
 from minilora.models.generate import generate
 from minilora.models.loader import load_model
 from minilora.quant.linear import NF4Linear
@@ -85,7 +85,7 @@ def ours(base_dir, dirs, default=True, quantize=None):
     load_adapter(model, dirs["a"], name=None if default else "a")
     load_adapter(model, dirs["b"], name="b")
     load_adapter(model, dirs["c"], name="c")
-    return model.eval()  # apply_lora's new layers start in training mode
+    return model  # in eval mode, as load_model returns it: new LoRA layers take their base's mode
 
 
 @torch.no_grad()

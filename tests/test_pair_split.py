@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from minilora.data.encode import EncodedExample
 from minilora.data.packing import IGNORE
 from minilora.data.pairs import EncodedPair, collate_pairs
-from minilora.lora.layers import apply_lora, lora_parameters
+from minilora.lora.surgery import apply_lora, lora_parameters
 from minilora.models.config import ModelConfig
 from minilora.models.presets import PRESETS
 from minilora.models.transformer import RMSNorm, Transformer

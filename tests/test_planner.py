@@ -274,7 +274,7 @@ def test_activation_formula_equals_what_autograd_saves(family, dtype, dropout, b
     block as the forward runs it (lean saves), exactly: norms keep their input in its own dtype plus
     rstd, SDPA keeps k and v unrepeated, the MLP keeps gate and up, the LoRA paths their rank-r
     products and no input (rebuilt in backward); Qwen3's q/k norms counted."""
-    from minilora.lora.layers import apply_lora
+    from minilora.lora.surgery import apply_lora
     from minilora.models.loader import quantize_linears
     from minilora.models.transformer import Transformer
 
@@ -402,7 +402,7 @@ def test_set_gradient_checkpointing_recomputes_the_first_k_blocks(monkeypatch, s
 
 _DYNAMO_PROBE = """
 import sys, torch
-from minilora.lora.layers import apply_lora, lora_parameters
+from minilora.lora.surgery import apply_lora, lora_parameters
 from minilora.train.loss import chunked_lm_loss
 from minilora.models import load_model
 from minilora.data.packing import Batch
@@ -497,7 +497,7 @@ def test_attention_masks_counted_are_the_masks_the_forward_keeps(family, layout,
     from minilora.data.encode import EncodedExample
     from minilora.data.packing import IGNORE, collate
     from minilora.data.pairs import EncodedPair, collate_pairs
-    from minilora.lora.layers import apply_lora
+    from minilora.lora.surgery import apply_lora
     from minilora.models.transformer import Transformer
     from minilora.train.memory_plan import attention_mask_count
 

@@ -20,7 +20,7 @@ from minilora.data.encode import EncodedExample
 from minilora.data.packing import IGNORE
 from minilora.data.pairs import EncodedPair, collate_pairs
 from minilora.lora.adapter import load_adapter
-from minilora.lora.layers import apply_lora, lora_parameters
+from minilora.lora.surgery import apply_lora, lora_parameters
 from minilora.models.loader import load_model
 from minilora.train import init_adapter
 from minilora.train.loss import sequence_logprobs

@@ -15,7 +15,7 @@ from minilora.cli import EXIT_INTERRUPTED, EXIT_USAGE
 from minilora.data.encode import EncodedExample
 from minilora.data.packing import IGNORE
 from minilora.data.pairs import EncodedPair, collate_pairs
-from minilora.lora.layers import apply_lora
+from minilora.lora.surgery import apply_lora
 from minilora.models.loader import load_model
 from minilora.train.objectives import make_objective
 from minilora.train.reference import STORED, precompute, reference_logprobs

@@ -26,6 +26,9 @@ MOVED_IMPORTS = {
         "from minilora.train.planner import longest_batch, plan_run\n"
         "    from minilora.train.process_memory import peak_memory_bytes"
     ),
+    "from minilora.lora.layers import apply_lora, check_targets, lora_parameters": (
+        "from minilora.lora.surgery import apply_lora, check_targets, lora_parameters"
+    ),
 }
 TIMING = ("tokens_per_s", "peak_mem_mb")  # the only logged values that may differ between two runs
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "margin", "accuracy")

@@ -38,7 +38,7 @@ from minilora import EXAMPLES  # noqa: E402
 from minilora.data.encode import EncodedExample  # noqa: E402
 from minilora.data.packing import IGNORE  # noqa: E402
 from minilora.data.pairs import EncodedPair, collate_pairs  # noqa: E402
-from minilora.lora.layers import apply_lora, lora_modules  # noqa: E402
+from minilora.lora.surgery import apply_lora, lora_modules  # noqa: E402
 from minilora.models.loader import load_model, set_module  # noqa: E402
 from minilora.train.objectives import make_objective  # noqa: E402
 

@@ -18,7 +18,7 @@ from test_planner import gemma3, llama_135m
 from test_train import train
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from minilora.lora.layers import apply_lora, lora_modules
+from minilora.lora.surgery import apply_lora, lora_modules
 from minilora.models.config import FULL, SLIDING, ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.recompute import SAVED_OPS, keep_matmuls

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from minilora.data.encode import EncodedExample
 from minilora.data.packing import IGNORE
 from minilora.data.pairs import EncodedPair, collate_pairs
-from minilora.lora.layers import AdapterError, apply_lora, lora_disabled, lora_modules, merge_lora
+from minilora.lora.layers import AdapterError
+from minilora.lora.surgery import apply_lora, lora_disabled, lora_modules, merge_lora
 from minilora.models.config import FULL, SLIDING, ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.transformer import Transformer

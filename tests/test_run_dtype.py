@@ -14,7 +14,7 @@ from test_export import add_lora, eval_cli, hf_base
 from minilora.dtypes import run_dtype
 from minilora.export import merge as E
 from minilora.lora.adapter import load_adapter, save_adapter
-from minilora.lora.layers import lora_modules
+from minilora.lora.surgery import lora_modules
 from minilora.models import loader
 
 

@@ -25,7 +25,7 @@ from test_pair_split import float64_norms, loss_and_grads  # float64 RMSNorm; on
 from minilora.data.encode import EncodedExample
 from minilora.data.packing import IGNORE
 from minilora.data.pairs import CHOSEN, PREFIX, REJECTED, EncodedPair, collate_pairs, common_prefix, shared_length
-from minilora.lora.layers import apply_lora, lora_parameters
+from minilora.lora.surgery import apply_lora, lora_parameters
 from minilora.models.config import ModelConfig
 from minilora.models.presets import PRESETS
 from minilora.models.transformer import Transformer

@@ -19,7 +19,7 @@ from cli_runs import train_here
 
 from minilora.data.packing import IGNORE, Batch
 from minilora.dtypes import auto_dtype
-from minilora.lora.layers import apply_lora, lora_parameters
+from minilora.lora.surgery import apply_lora, lora_parameters
 from minilora.models.config import ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.transformer import Transformer

@@ -114,7 +114,7 @@ def test_sigint_checkpoints_and_exits_interrupted(tmp_path):
 
 
 def _fresh_model_and_optimizer():
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.surgery import apply_lora, lora_parameters
     from minilora.models.loader import load_model
     from minilora.optim.paged_adamw import PagedAdamW
 

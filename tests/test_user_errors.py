@@ -86,7 +86,8 @@ def test_deeply_nested_json_line_is_a_bad_line(tmp_path, capsys, skip):
 def test_json_errors_that_end_in_at_are_not_doubled(tmp_path):
     """json says "Unterminated string starting at"; the message said "starting at at column"."""
     from minilora.data.records import DataError, load_records
-    from minilora.lora.adapter import AdapterError, read_adapter_config
+    from minilora.lora.adapter import AdapterError
+    from minilora.lora.adapter_files import read_adapter_config
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "completion": "b}\n')

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from test_lora import fwd_bwd, ours_params, randomize
 
 import minilora.quant.linear as quant_linear
-from minilora.lora.layers import LoRALinear, apply_lora
+from minilora.lora.layers import LoRALinear
+from minilora.lora.surgery import apply_lora
 from minilora.models.config import ModelConfig
 from minilora.models.loader import quantize_linears
 from minilora.models.transformer import Transformer

@@ -134,7 +134,7 @@ def export_adapter(
     """
     from minilora.export.gguf import write_modelfile
     from minilora.export.target import check_target, staged
-    from minilora.lora.adapter import read_adapter_config
+    from minilora.lora.adapter_files import read_adapter_config
     from minilora.train.rundir import find_run
 
     _check_request(fmt, dtype, gguf_type, merge_base, quantize_4bit)
@@ -318,7 +318,7 @@ def validate_export(
 def _export_gguf_lora(adapter_dir, out, name, overwrite, validate, log) -> str:
     from minilora.export.gguf import gguf_arch, lora_metadata, lora_tensors, write_gguf
     from minilora.export.target import staged
-    from minilora.lora.adapter import read_adapter_weights
+    from minilora.lora.adapter_files import read_adapter_weights
 
     cfg = _base_config(name)
     acfg, weights = read_adapter_weights(adapter_dir)

@@ -1,14 +1,17 @@
-"""LoRA: the layers and the model surgery (layers.py), DoRA's magnitude (dora.py), and the adapter
-format PEFT reads and writes (adapter.py), several named adapters on one base (named.py, multi.py).
+"""LoRA: the layers (layers.py) and the model surgery (surgery.py), DoRA's magnitude (dora.py), the adapter
+format PEFT reads and writes (adapter.py, its files checked in adapter_files.py), several named adapters on
+one base (named.py, multi.py).
 
     from minilora.lora import apply_lora, lora_disabled, lora_parameters, merge_lora, save_adapter, load_adapter
+    merge_lora(model); unmerge_lora(model)   # fold the default adapter into the base weights, and back
     with lora_disabled(model): ...   # every LoRA layer off: the frozen base (DPO's reference)
     load_adapter(model, dir_b, name="b"); model(ids, adapter_ids=[0, 1, -1])   # one adapter per row
 """
 
 from minilora.lora.adapter import load_adapter, save_adapter
-from minilora.lora.layers import LoRALinear, apply_lora, lora_disabled, lora_parameters, merge_lora
+from minilora.lora.layers import LoRALinear
 from minilora.lora.named import adapter_names, delete_adapter, set_adapter
+from minilora.lora.surgery import apply_lora, lora_disabled, lora_parameters, merge_lora, unmerge_lora
 
 __all__ = [
     "LoRALinear",
@@ -21,4 +24,5 @@ __all__ = [
     "merge_lora",
     "save_adapter",
     "set_adapter",
+    "unmerge_lora",
 ]

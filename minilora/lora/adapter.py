@@ -21,7 +21,12 @@ PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) writes it);
 the rank-r adapter on the changed base (what a checkpoint holds).
 
 Writes are atomic: both files go to a temporary directory beside `out_dir`, which replaces
-`out_dir` only once complete; an existing adapter survives any failure before that.
+`out_dir` only once complete; an existing adapter survives any failure before that. Only an earlier
+adapter's folder is replaced (one holding nothing but those two files): an empty path, the current folder
+or one above it, a link, a file and a folder holding anything else are refused before anything is written.
+
+Loading checks the config's fields (a missing one takes PEFT's LoraConfig default) and every tensor's shape
+against the model before it changes the model, so a refused adapter leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -37,11 +42,22 @@ import torch.nn as nn
 
 import minilora.lora.inits as inits
 from minilora.dtensor import local, local_region
-from minilora.fileio import json_error_text, safetensors_problem, swap_into_place, temp_dir_for, usual_permissions
-from minilora.lora.layers import AdapterError, LoRALinear, apply_lora, lora_modules, lora_scaling, lora_state_dict
+from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions
+from minilora.lora.adapter_files import (
+    CONFIG_NAME,
+    PEFT_DEFAULTS,
+    PREFIX,
+    WEIGHTS_NAME,
+    _check_out_dir,
+    _pattern_value,
+    read_adapter_config,
+    read_adapter_weights,
+)
+from minilora.lora.layers import AdapterError, LoRALinear, lora_scaling
 from minilora.lora.mixed_term import Slot
 from minilora.lora.multi import DEFAULT, NamedLoRALinear
 from minilora.lora.named import adapter_table, add_adapter
+from minilora.lora.surgery import apply_lora, lora_modules, lora_state_dict
 from minilora.quant.linear import NF4Linear
 
 __all__ = [
@@ -52,71 +68,6 @@ __all__ = [
     "read_adapter_config",
     "check_adapter_fits",
 ]
-
-PREFIX = "base_model.model."
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
-
-# Every field PEFT 0.21.2's LoraConfig writes, with its default (a LoRA adapter needs no other).
-PEFT_DEFAULTS = {
-    "alora_invocation_tokens": None,
-    "alpha_pattern": {},
-    "arrow_config": None,
-    "auto_mapping": None,
-    "base_model_name_or_path": None,
-    "bias": "none",
-    "corda_config": None,
-    "ensure_weight_tying": False,
-    "eva_config": None,
-    "exclude_modules": None,
-    "fan_in_fan_out": False,
-    "inference_mode": True,
-    "init_lora_weights": True,
-    "kasa_config": None,
-    "layer_replication": None,
-    "layers_pattern": None,
-    "layers_to_transform": None,
-    "loftq_config": {},
-    "lora_alpha": 8,
-    "lora_bias": False,
-    "lora_dropout": 0.0,
-    "lora_ga_config": None,
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "modules_to_save": None,
-    "monteclora_config": None,
-    "peft_type": "LORA",
-    "qalora_group_size": 16,
-    "r": 8,
-    "rank_pattern": {},
-    "revision": None,
-    "target_modules": None,
-    "target_parameters": None,
-    "task_type": "CAUSAL_LM",
-    "trainable_token_indices": None,
-    "use_bdlora": None,
-    "use_dora": False,
-    "use_qalora": False,
-    "use_rslora": False,
-    "velora_config": None,
-}
-# Fields that change what the adapter computes and that we do not implement: loading refuses them.
-UNSUPPORTED = {
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "lora_bias": False,
-    "modules_to_save": None,
-    "layer_replication": None,
-    "trainable_token_indices": None,
-    "target_parameters": None,
-    "use_qalora": False,
-    "use_bdlora": None,
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "velora_config": None,
-    "monteclora_config": None,
-    "kasa_config": None,
-}
 
 
 def _source_prefix(model: nn.Module) -> str:
@@ -210,7 +161,8 @@ def save_adapter(
     state: dict[str, torch.Tensor] | None = None,
     convert: bool = True,
 ) -> str:
-    """Write `out_dir`/adapter_config.json + adapter_model.safetensors (PEFT layout), atomically.
+    """Write `out_dir`/adapter_config.json + adapter_model.safetensors (PEFT layout), atomically; an existing
+    `out_dir` is replaced only when it is an earlier adapter's folder (module docstring), else refused.
     `state`: the LoRA tensors to write instead of the model's (FSDP: gathered from the shards).
     convert: layers whose init changed the base (PiSSA, OLoRA) are written as the rank-2r adapter on
     the original weights (module docstring); False writes them as trained, on the changed base."""
@@ -222,9 +174,7 @@ def save_adapter(
     if convert and any(getattr(m, "lora_A0", None) is not None for m in mods.values()):
         state, cfg = inits.converted_state(mods, state), inits.converted_config(cfg)
     tensors = {PREFIX + _source_path(model, k): v.detach().float().contiguous().cpu() for k, v in state.items()}
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise AdapterError(f"{out_dir} exists and is not a directory; pass a directory path for the adapter.")
+    out_dir = _check_out_dir(out_dir)  # before anything is written
     tmp = temp_dir_for(out_dir)
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -232,117 +182,19 @@ def save_adapter(
             json.dump(cfg, f, indent=2, sort_keys=True)
             f.write("\n")
         usual_permissions(tmp)
-        swap_into_place(tmp, out_dir)  # an existing adapter is replaced only now, and restored on failure
+        _check_out_dir(out_dir)  # again: something may have appeared there meanwhile
+        swap_into_place(tmp, out_dir)  # an earlier adapter is replaced only now, and restored on failure
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _read(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    cfg_path, w_path = os.path.join(adapter_dir, CONFIG_NAME), os.path.join(adapter_dir, WEIGHTS_NAME)
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(
-                f"{p} does not exist; pass a directory written by save_adapter or PEFT's save_pretrained."
-            )
-    check_weights_file(w_path)
-    return read_adapter_config(adapter_dir), load_file(w_path)
-
-
-def check_weights_file(path: str) -> None:
-    """An AdapterError naming `path` when adapter_model.safetensors is empty, garbled or truncated."""
-    problem = safetensors_problem(path)
-    if problem is not None:
-        raise AdapterError(
-            f"{path} is damaged or truncated (safetensors: {problem}); copy the adapter again or retrain it."
-        )
-
-
-def _check_config(cfg: dict, adapter_dir: str) -> None:
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterError(
-            f"{adapter_dir} holds a {cfg.get('peft_type')!r} adapter; only LoRA (peft_type LORA) loads here."
-        )
-    for key, ok in UNSUPPORTED.items():
-        val = cfg.get(key, ok)
-        if val not in (ok, None, {}, []) and val != ok:
-            raise AdapterError(
-                f"{adapter_dir}: adapter_config.json sets {key}={val!r}, which minilora does "
-                f"not support; retrain the adapter with {key}={ok!r}."
-            )
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", name)."""
-    for p, v in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({p})$", name):
-            return v
-    return default
-
-
-def read_adapter_weights(adapter_dir: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(adapter_config.json, {module path as saved: {suffix: tensor}}) of a PEFT-layout LoRA adapter;
-    suffixes are SUFFIXES. Raises AdapterError for anything but a plain LoRA adapter."""
-    cfg, tensors = _read(adapter_dir)
-    _check_config(cfg, adapter_dir)
-    weights: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
-        if suffix is None:
-            raise AdapterError(
-                f"{adapter_dir}: tensor {key!r} is not a LoRA weight (lora_A / lora_B / "
-                "lora_magnitude_vector); minilora loads plain LoRA adapters only."
-            )
-        weights.setdefault(name[: -len(suffix)], {})[suffix] = t
-    _check_ranks(cfg, {n: {k: tuple(t.shape) for k, t in p.items()} for n, p in weights.items()}, adapter_dir)
-    return cfg, weights
-
-
-def _check_ranks(cfg: dict, shapes: dict[str, dict[str, tuple[int, ...]]], adapter_dir: str) -> None:
-    """Each module's lora_A (r, K) and lora_B (M, r) must have the rank adapter_config.json gives it (r,
-    or its rank_pattern entry), as PEFT requires when it loads the adapter: the scale alpha / r is
-    computed from that r, so a disagreement would load the weights with the wrong scale.
-    `shapes`: {module path as saved: {suffix: shape}}."""
-    r = cfg.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterError(f"{adapter_dir}: adapter_config.json has r={r!r}; an adapter's rank r is an integer >= 1.")
-    for name, parts in sorted(shapes.items()):
-        want = _pattern_value(cfg.get("rank_pattern"), name, r)
-        a, b = parts.get(".lora_A.weight", ()), parts.get(".lora_B.weight", ())
-        have = ({a[0]} if len(a) == 2 else set()) | ({b[1]} if len(b) == 2 else set())
-        if have and have != {want}:
-            raise AdapterError(
-                f"{adapter_dir}: adapter_config.json gives {name} rank {want} but its lora_A / lora_B have rank "
-                f"{', '.join(map(str, sorted(have)))}; the config does not belong to these weights, so save the "
-                "adapter again."
-            )
-
-
-def check_adapter_files(adapter_dir: str) -> None:
-    """Everything about the adapter's two files that can be checked without a model, from the
-    safetensors header alone: the weights file is whole, and the config's ranks match the tensors'."""
-    from safetensors import safe_open
-
-    path = os.path.join(adapter_dir, WEIGHTS_NAME)
-    check_weights_file(path)
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-            suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
-            if suffix is not None:
-                shapes.setdefault(name[: -len(suffix)], {})[suffix] = tuple(f.get_slice(key).get_shape())
-    _check_ranks(read_adapter_config(adapter_dir), shapes, adapter_dir)
 
 
 def _alpha(model: nn.Module, cfg: dict, path: str) -> float:
     """lora_alpha of module `path` (our path): its alpha_pattern entry, which may name the module by our
     path or by the source checkpoint's, else lora_alpha."""
     patterns = cfg.get("alpha_pattern")
-    return _pattern_value(patterns, path, _pattern_value(patterns, _source_path(model, path), cfg["lora_alpha"]))
+    alpha = cfg.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])
+    return _pattern_value(patterns, path, _pattern_value(patterns, _source_path(model, path), alpha))
 
 
 def _check_modules(model: nn.Module, saved: dict[str, dict], adapter_dir: str, base) -> None:
@@ -395,6 +247,66 @@ def _named_slots(model: nn.Module, cfg: dict, weights: dict[str, dict], adapter_
     return slots
 
 
+def _wanted_shapes(model: nn.Module, mods: dict, weights: dict[str, dict], cfg: dict) -> dict[str, tuple[int, ...]]:
+    """{LoRA weight name: the shape the model takes it in}: its LoRA layers' own when it has some, else those
+    load_adapter's apply_lora will give it (the adapter's ranks on each module's in / out features)."""
+    if mods:
+        return {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+    want = {}
+    for path, parts in weights.items():
+        layer, r = model.get_submodule(path), parts[".lora_A.weight"].shape[0]
+        want[path + ".lora_A.weight"] = (r, layer.in_features)  # (r, K)
+        want[path + ".lora_B.weight"] = (layer.out_features, r)  # (M, r)
+        if cfg.get("use_dora"):
+            want[path + ".lora_magnitude_vector"] = (layer.out_features,)  # (M,)
+    return want
+
+
+def _check_shapes(want: dict, mods: dict, weights: dict[str, dict], adapter_dir: str, base) -> None:
+    """Every adapter tensor has a LoRA weight of its shape in the model (`want`), or one AdapterError saying
+    which does not and why: another base (in / out features differ), another rank, no LoRA layer there, or
+    DoRA on one side only."""
+    rank_dim = {".lora_A.weight": 0, ".lora_B.weight": 1}
+    for path, parts in sorted(weights.items()):
+        for suffix, t in sorted(parts.items()):
+            key, have = path + suffix, tuple(t.shape)
+            if key not in want:
+                if mods and path not in mods:
+                    raise AdapterError(
+                        f"{adapter_dir} has weights for {path}, which has no LoRA layer in this model; load the "
+                        "adapter into a model without LoRA layers (load_adapter then applies them where the adapter "
+                        "has weights), or beside this one with load_adapter(..., name=...)."
+                    )
+                if suffix == ".lora_magnitude_vector" and mods:
+                    raise AdapterError(
+                        f"{adapter_dir} is a DoRA adapter ({key}) but this model's LoRA layer on {path} is not; load "
+                        "it into a model without LoRA layers, or into one given LoRA by apply_lora(..., use_dora=True)."
+                    )
+                if suffix == ".lora_magnitude_vector":
+                    raise AdapterError(
+                        f"{adapter_dir} has {key!r} but its {CONFIG_NAME} sets use_dora false; the config does not "
+                        "belong to these weights, so save the adapter again."
+                    )
+                raise AdapterError(
+                    f"{adapter_dir} has {key!r} but the model has no such LoRA weight; the adapter was trained on a "
+                    f"different base ({base}) or LoRA setup."
+                )
+            need = want[key]
+            if have == need:
+                continue
+            d = rank_dim.get(suffix)
+            if d is not None and len(have) == len(need) == 2 and have[1 - d] == need[1 - d]:
+                raise AdapterError(
+                    f"{adapter_dir}: {path} has rank {have[d]} in the adapter but rank {need[d]} in this model's "
+                    "LoRA layer; load the adapter into a model without LoRA layers (load_adapter then applies "
+                    "LoRA with the adapter's ranks), or beside this one with load_adapter(..., name=...)."
+                )
+            raise AdapterError(
+                f"{adapter_dir}: {key} has shape {have} but this model needs {need}; the adapter was trained on "
+                f"a different base ({base})."
+            )
+
+
 def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True, name: str | None = None) -> dict:
     """Load a PEFT-layout LoRA adapter into `model` (in place) and return its config.
 
@@ -418,9 +330,17 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True, name: 
             f"{adapter_dir}: the model has named adapters but no default one, which must come first; load the "
             "default adapter (no name) before the named ones."
         )
+    # every tensor's place and shape is checked before the model changes at all: a refused adapter leaves it as it was
+    _check_shapes(_wanted_shapes(model, mods, weights, cfg), mods, weights, adapter_dir, base)
+    missing = sorted(set(mods) - set(weights))
+    if strict and missing:
+        raise AdapterError(
+            f"{adapter_dir} has no weights for LoRA layer(s) {missing[:3]}{'...' if len(missing) > 3 else ''} "
+            "of this model; pass strict=False to load a partial adapter."
+        )
     if not mods:
         names = sorted(weights)
-        ranks = {n: int(weights[n][".lora_A.weight"].shape[0]) for n in names if ".lora_A.weight" in weights[n]}
+        ranks = {n: int(weights[n][".lora_A.weight"].shape[0]) for n in names}
         alphas = {n: _alpha(model, cfg, n) for n in names}
         init = cfg.get("init_lora_weights", True)
         # PiSSA / OLoRA as trained (not converted): the base becomes the residual again, as PEFT's loader
@@ -431,54 +351,24 @@ def load_adapter(model: nn.Module, adapter_dir: str, strict: bool = True, name: 
             names,
             r=int(cfg["r"]),
             alpha=cfg["lora_alpha"],
-            dropout=float(cfg.get("lora_dropout", 0.0)),
+            dropout=float(cfg["lora_dropout"]),
             init=init,
-            use_rslora=bool(cfg.get("use_rslora", False)),
-            use_dora=bool(cfg.get("use_dora", False)),
+            use_rslora=bool(cfg["use_rslora"]),
+            use_dora=bool(cfg["use_dora"]),
             verbose=False,
             ranks=ranks,
             alphas=alphas,
         )
-        mods = lora_modules(model)
     params = lora_state_dict(model)
-    missing = sorted(set(mods) - set(weights))
-    if strict and missing:
-        raise AdapterError(
-            f"{adapter_dir} has no weights for LoRA layer(s) {missing[:3]}{'...' if len(missing) > 3 else ''} "
-            "of this model; pass strict=False to load a partial adapter."
-        )
     with torch.no_grad():
         for path, parts in weights.items():
             for suffix, t in parts.items():
                 key = path + suffix
-                if key not in params:
-                    raise AdapterError(
-                        f"{adapter_dir} has {key!r} but the model has no such LoRA weight; "
-                        f"the adapter was trained on a different base ({base}) or LoRA setup."
-                    )
-                if tuple(t.shape) != tuple(params[key].shape):
-                    raise AdapterError(
-                        f"{adapter_dir}: {key} has shape {tuple(t.shape)} but this model needs "
-                        f"{tuple(params[key].shape)}; the adapter was trained on a different base ({base})."
-                    )
                 local(params[key]).copy_(t[local_region(params[key])])  # FSDP: this rank's rows
     return cfg
 
 
 # ------------------------------------------------------------------------------- runs on disk
-
-
-def read_adapter_config(adapter_dir: str) -> dict:
-    """The adapter_config.json of an adapter folder, as a dict (adapter_config() builds one from a model)."""
-    path = os.path.join(adapter_dir, CONFIG_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise AdapterError(f"{path} is not valid JSON ({json_error_text(e)}); save the adapter again.") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{path} holds a JSON {type(cfg).__name__}, not an adapter config; save the adapter again.")
-    return cfg
 
 
 def check_adapter_fits(model, adapter_dir: str, model_name: str) -> None:

@@ -107,7 +107,7 @@ def label_mask(batch) -> torch.Tensor:
 @torch.no_grad()
 def _forward(model: nn.Module, batch) -> None:
     """One forward of `batch` for the hooks, the LoRA terms off (B = 0 at init anyway), no logits."""
-    from minilora.lora.layers import lora_disabled
+    from minilora.lora.surgery import lora_disabled
 
     with lora_disabled(model):
         model(
@@ -195,7 +195,7 @@ def fit(
 ):
     """({name: A (r_l, K) float32}, {name: r_l}) for every LoRA layer of `model` from `batches` (a list of
     packing.Batch, cycled; the module docstring's algorithm). `say(text)` reports progress."""
-    from minilora.lora.layers import lora_modules
+    from minilora.lora.surgery import lora_modules
 
     layers = lora_modules(model)
     k = round(r * rho)
@@ -239,7 +239,8 @@ def fit(
 def set_ranks(model: nn.Module, ranks: dict[str, int], r: int) -> None:
     """Rebuild every LoRA layer whose EVA rank r_l differs from r at rank r_l, alpha x r_l / r (the
     scaling alpha / r kept); r_l = 0 puts the plain base layer back."""
-    from minilora.lora.layers import LoRALinear, lora_modules
+    from minilora.lora.layers import LoRALinear
+    from minilora.lora.surgery import lora_modules
     from minilora.models.loader import set_module
 
     with torch.random.fork_rng(devices=[]):  # the rebuilt layers' A is overwritten: leave the dropout stream alone
@@ -264,7 +265,7 @@ def initialise(
 ) -> dict[str, int]:
     """EVA on `model`'s LoRA layers (made with init "eva": B = 0): fit, set the ranks, A = the
     directions. Returns the ranks {name: r_l}."""
-    from minilora.lora.layers import lora_modules
+    from minilora.lora.surgery import lora_modules
 
     directions, ranks = fit(model, batches, r, rho, tau, max_batches, say)
     set_ranks(model, ranks, r)

@@ -1,4 +1,4 @@
-"""LoRA layers over a dense (nn.Linear) or NF4 (NF4Linear) base, and the model surgery around them.
+"""LoRA layers over a dense (nn.Linear) or NF4 (NF4Linear) base (minilora/lora/surgery.py puts them in a model).
 
 Letters: N tokens (all leading dims of x flattened), K in_features, M out_features, r rank.
 
@@ -32,9 +32,8 @@ way, and DoRA keeps float32):
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
+import numbers
 import warnings
 
 import torch
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 import minilora.lora.inits as inits
 from minilora.lora.dora import dora_delta, merged_dora_weight, row_norm
-from minilora.lora.multi import DEFAULT, NamedLoRALinear, routed_forward
+from minilora.lora.multi import DEFAULT, routed_forward
 from minilora.lora.nf4_fused import (  # noqa: F401  (LORA_SLICE_BYTES, _row_slices re-exported)
     LORA_SLICE_BYTES,
     _LoRANF4AutocastFn,
@@ -51,7 +50,6 @@ from minilora.lora.nf4_fused import (  # noqa: F401  (LORA_SLICE_BYTES, _row_sli
     _LoRANF4FusedFn,
     _row_slices,
 )
-from minilora.models.loader import set_module
 from minilora.models.transformer import adapter_rows
 from minilora.quant.linear import NF4_BUFFERS, NF4Linear
 from minilora.quant.nf4 import quantize_nf4
@@ -79,10 +77,28 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def check_rank(r) -> None:
-    """A LoRA rank is an integer >= 1 (a bool is not a rank)."""
+def check_rank(r, label: str = "r") -> None:
+    """A LoRA rank is an integer >= 1 (a bool is not a rank); `label` names the argument that gave it."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterError(f"LoRA rank r={r!r} is invalid; pass an integer r >= 1 (typically 8 to 64).")
+        raise AdapterError(f"LoRA rank {label}={r!r} is invalid; pass an integer >= 1 (typically 8 to 64).")
+
+
+def check_alpha(alpha, label: str = "alpha") -> None:
+    """lora_alpha is a finite real number (NaN or inf would make every output NaN or inf)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise AdapterError(f"LoRA {label}={alpha!r} is invalid; pass a finite number (typically 2 x the rank).")
+
+
+def check_settings(r, alpha, dropout, init: str, lora_compute: str, loftq_iters) -> None:
+    """The AdapterError for settings that fit no layer: rank, alpha, dropout, lora_compute, loftq_iters."""
+    if lora_compute not in LORA_COMPUTE:
+        raise AdapterError(f"lora_compute={lora_compute!r} is invalid; pass one of {', '.join(LORA_COMPUTE)}.")
+    check_rank(r)
+    check_alpha(alpha)
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"LoRA dropout={dropout!r} is invalid; pass a probability in [0, 1).")
+    if init == "loftq" and (isinstance(loftq_iters, bool) or not isinstance(loftq_iters, int) or loftq_iters < 1):
+        raise AdapterError(f"LoRA loftq_iters={loftq_iters!r} is invalid; pass an integer >= 1.")
 
 
 class LoRALinear(nn.Module):
@@ -109,13 +125,9 @@ class LoRALinear(nn.Module):
         lora_compute: str = "fused",
     ):
         super().__init__()
-        if lora_compute not in LORA_COMPUTE:
-            raise AdapterError(f"lora_compute={lora_compute!r} is invalid; pass one of {', '.join(LORA_COMPUTE)}.")
-        if not isinstance(base, (nn.Linear, NF4Linear)) or isinstance(base, LoRALinear):
+        check_settings(r, alpha, dropout, init, lora_compute, loftq_iters)
+        if not isinstance(base, (nn.Linear, NF4Linear)):
             raise AdapterError(f"LoRALinear wraps an nn.Linear or an NF4Linear, not {type(base).__name__}.")
-        check_rank(r)
-        if not 0.0 <= dropout < 1.0:
-            raise AdapterError(f"LoRA dropout={dropout!r} is invalid; pass a probability in [0, 1).")
         why = inits.why_not(init, r, base, use_dora)
         if why is not None:
             raise AdapterError(f"LoRA {why}.")
@@ -140,6 +152,7 @@ class LoRALinear(nn.Module):
         self.disabled = False  # inside lora_disabled(model): the base alone
         self._unmerged = None  # the base's original weight (dense) or NF4 buffers while merged
         self.adapters = None  # named adapters beside this default one, once any is loaded (lora/multi.py)
+        self.train(base.training)  # built in a model in eval mode, its dropout stays off
 
     def reset_lora_parameters(self) -> None:
         """A, B (and for PiSSA / OLoRA / LoftQ the base) as `init` says; see minilora/lora/inits.py."""
@@ -242,184 +255,3 @@ class LoRALinear(nn.Module):
         else:
             self.base.weight.data = self._unmerged
         self._unmerged, self.merged = None, False
-
-
-# --- model surgery --------------------------------------------------------------------------------
-def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear / NF4Linear by name, skipping those already wrapped by a LoRALinear."""
-    inside = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, NF4Linear)) and not isinstance(m, LoRALinear) and id(m) not in inside
-    }
-
-
-def _is_output_head(model: nn.Module, name: str, module: nn.Module) -> bool:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return name.split(".")[-1] == "lm_head" or (head is not None and module is head)
-
-
-def select_targets(model: nn.Module, targets) -> list[str]:
-    """Names of the linear modules `targets` selects ("all-linear", a regex string, or a list of
-    module-name suffixes as PEFT's target_modules); an AdapterError when one selects nothing."""
-    linears = _linear_modules(model)
-    if targets == "all-linear":
-        names = [n for n, m in linears.items() if not _is_output_head(model, n, m)]
-    elif isinstance(targets, str):
-        names = [n for n in linears if re.fullmatch(targets, n)]
-    else:
-        targets = list(targets)
-        names = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
-        if missing:
-            have = sorted({n.split(".")[-1] for n in linears})
-            raise AdapterError(
-                f"LoRA target(s) {missing} match no linear module in the model; the linear module names are {have}."
-            )
-    if not names:
-        have = sorted({n.split(".")[-1] for n in linears})
-        raise AdapterError(
-            f"LoRA targets {targets!r} match no linear module in the model; the linear module names are {have}."
-        )
-    return names
-
-
-def check_targets(
-    model_cfg, targets, flag: str = "--lora-targets", init: str = "default", r: int = 1, rho: float = 1.0
-) -> list[str]:
-    """select_targets on the model `model_cfg` describes, built on the meta device (no weights, no
-    memory): the AdapterError apply_lora would raise, prefixed with `flag`, before anything is loaded
-    or written; and for a weight-aware `init`, that rank r fits every target (inits.why_not)."""
-    from minilora.models.loader import no_random_init
-    from minilora.models.transformer import Transformer
-
-    with torch.device("meta"), no_random_init():
-        model = Transformer(model_cfg)
-    model.tie_weights()
-    try:
-        names = select_targets(model, targets)
-    except AdapterError as e:
-        raise AdapterError(f"{flag}: {e}") from None
-    for name in names:
-        why = inits.why_not(init, r, model.get_submodule(name), rho=rho)
-        if why is not None:
-            raise AdapterError(f"--init {init} --lora-r {r} on {name}: {why}; lower --lora-r.")
-    return names
-
-
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) as PEFT's get_nb_trainable_parameters: parameters once each, and an NF4
-    weight at its logical size (PEFT counts a bitsandbytes Params4bit as 2 x its packed bytes); an
-    NF4Linear's bias is a buffer here but a frozen parameter in bitsandbytes, so it counts too."""
-    trainable = total = 0
-    for _, prm in model.named_parameters():
-        total += prm.numel()
-        trainable += prm.numel() if prm.requires_grad else 0
-    for m in model.modules():
-        if isinstance(m, NF4Linear):
-            total += m.out_features * m.in_features + (0 if m.bias is None else m.bias.numel())
-    return trainable, total
-
-
-def trainable_report(model: nn.Module) -> dict:
-    trainable, total = parameter_counts(model)
-    pct = 100 * trainable / total if total else 0.0
-    msg = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
-    return {"trainable": trainable, "total": total, "percent": pct, "message": msg}
-
-
-def apply_lora(
-    model: nn.Module,
-    targets="all-linear",
-    r: int = 16,
-    alpha: float = 32,
-    dropout: float = 0.05,
-    init: str = "default",
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    seed: int | None = None,
-    verbose: bool = True,
-    ranks: dict[str, int] | None = None,
-    alphas: dict[str, float] | None = None,
-    loftq_iters: int = 1,
-    lora_compute: str = "fused",
-) -> dict:
-    """Replace the targeted linears by LoRALinear in place, freeze everything else, and return
-    {"trainable", "total", "percent", "message", "modules"} (message printed as PEFT prints it).
-    `ranks` / `alphas` override r / alpha per module name (used when loading PEFT's rank_pattern).
-    A weight-aware `init` (pissa, olora, loftq) needs dense targets: apply it before quantizing."""
-    check_rank(r)
-    names = select_targets(model, targets)
-    for name in names:  # every target checked before any is changed
-        why = inits.why_not(init, (ranks or {}).get(name, r), model.get_submodule(name), use_dora)
-        if why is not None:
-            raise AdapterError(f"LoRA on {name}: {why}.")
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for name in names:
-            rr, aa = (ranks or {}).get(name, r), (alphas or {}).get(name, alpha)
-            layer = LoRALinear(
-                model.get_submodule(name), rr, aa, dropout, init, use_rslora, use_dora, loftq_iters, lora_compute
-            )
-            set_module(model, name, layer)
-    report = trainable_report(model)
-    report["modules"] = names
-    if verbose:
-        print(report["message"])
-    return report
-
-
-def merge_lora(model: nn.Module) -> None:
-    for m in lora_modules(model).values():
-        m.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for m in lora_modules(model).values():
-        m.unmerge()
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<path>.lora_A.weight": A, "<path>.lora_B.weight": B, ["<path>.lora_magnitude_vector": m]}."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"{name}.lora_A.weight"] = m.lora_A.weight
-        out[f"{name}.lora_B.weight"] = m.lora_B.weight
-        if m.use_dora:
-            out[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
-    return out
-
-
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(lora_state_dict(model).values())
-
-
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module):
-    """Inside the block every LoRA layer computes its frozen base alone, y = W0 x + b, the very call
-    the model made before apply_lora (so its outputs equal the base model's bit for bit): with QLoRA
-    the NF4 base is the reference policy DPO needs, and no second model is loaded (TRL's
-    disable_adapter()). Named adapters (lora/multi.py) are off too. Restored on exit, also after an
-    exception; a merged adapter is refused (its base weight holds the adapter)."""
-    mods = [m for m in model.modules() if isinstance(m, (LoRALinear, NamedLoRALinear))]
-    if any(m.merged for m in mods):
-        raise AdapterError(
-            "lora_disabled needs the adapter unmerged (merge_lora folded it into the base); unmerge it first."
-        )
-    before = [m.disabled for m in mods]
-    for m in mods:
-        m.disabled = True
-    try:
-        yield model
-    finally:
-        for m, d in zip(mods, before):
-            m.disabled = d

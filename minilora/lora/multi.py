@@ -235,6 +235,11 @@ def routed_forward(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor | None)
         return layer.base(x)
     names = [DEFAULT] if layer.adapters is None else layer.adapters.table.names
     if rows is None:
+        if layer.merged:  # the base weight holds the default adapter, which the active one would add to
+            raise ValueError(
+                f"Adapter {layer.adapters.table.active!r} is active but merge_lora folded the default adapter into "
+                "the base weights it computes on; call unmerge_lora(model) first."
+            )
         slot = layer_slot(layer, layer.adapters.table.active)
         if slot is None:  # the active adapter does not target this layer
             return layer.base(x)

@@ -20,23 +20,14 @@ import re
 
 import torch.nn as nn
 
-from minilora.lora.layers import AdapterError, LoRALinear, lora_modules
+from minilora.lora.layers import AdapterError, LoRALinear
 from minilora.lora.mixed_term import Slot
 from minilora.lora.multi import DEFAULT, AdapterSlot, AdapterTable, NamedAdapters, NamedLoRALinear
+from minilora.lora.surgery import adapter_table, hosts, lora_modules
 from minilora.models.loader import set_module
 from minilora.quant.linear import NF4Linear
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")  # an adapter name becomes part of parameter names (no dots)
-
-
-def hosts(model: nn.Module) -> dict[str, nn.Module]:
-    """Every layer that carries adapters (LoRALinear, NamedLoRALinear), by module path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, NamedLoRALinear))}
-
-
-def adapter_table(model: nn.Module) -> AdapterTable | None:
-    """The model's AdapterTable, or None while it has no named adapter."""
-    return next((m.adapters.table for m in hosts(model).values() if m.adapters is not None), None)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -94,9 +85,15 @@ def _unknown(model: nn.Module, name: str) -> AdapterError:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make `name` the adapter every row uses in calls without adapter_ids ("default" switches back)."""
-    if name not in adapter_names(model):
+    """Make `name` the adapter every row uses in calls without adapter_ids; "default" switches back to the
+    model's own adapter, or to the base alone on a model that has none (PEFT's name for the first adapter)."""
+    if name != DEFAULT and name not in adapter_names(model):
         raise _unknown(model, name)
+    if name != DEFAULT and any(m.merged for m in lora_modules(model).values()):
+        raise AdapterError(
+            f"set_adapter(model, {name!r}) needs the default adapter unmerged (merge_lora folded it into the base "
+            "weights every adapter computes on); call unmerge_lora(model) first."
+        )
     table = adapter_table(model)
     if table is not None:  # without a table the default adapter is the only one, and already active
         table.active = name

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from minilora.lora.layers import lora_state_dict
+from minilora.lora.surgery import lora_state_dict
 
 
 def lora_param_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict]:

@@ -291,7 +291,7 @@ def nf4_resident_bytes(model: nn.Module) -> int:
 
 def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: whole LoRA tensor on the CPU}; under FSDP a collective (every rank must call it)."""
-    from minilora.lora.layers import lora_state_dict
+    from minilora.lora.surgery import lora_state_dict
 
     out = {}
     for k, v in lora_state_dict(model).items():
@@ -333,7 +333,7 @@ def load_sharded(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from minilora.lora.layers import apply_lora
+    from minilora.lora.surgery import apply_lora
     from minilora.models import loader as L
     from minilora.models.transformer import Transformer
     from minilora.parallel import vocab_parallel as VP

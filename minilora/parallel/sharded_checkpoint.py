@@ -61,7 +61,7 @@ def _rank_file(folder: str, rank: int) -> str:
 
 def _optimizer_params(model: nn.Module, optimizer) -> list[tuple[str, torch.Tensor]]:
     """(LoRA name, parameter) in the optimizer's index order."""
-    from minilora.lora.layers import lora_state_dict
+    from minilora.lora.surgery import lora_state_dict
 
     name_of = {id(p): n for n, p in lora_state_dict(model).items()}
     params = [p for g in optimizer.param_groups for p in g["params"]]

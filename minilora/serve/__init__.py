@@ -25,7 +25,7 @@ def base_key(name: str) -> str:
 def adapter_source(path: str, base: str) -> tuple[str, dict]:
     """(the adapter folder, its run's config.json as a dict or {}) for a run directory or an adapter
     folder; ValueError in one sentence when it is not there or names another base than `base`."""
-    from minilora.lora.adapter import read_adapter_config
+    from minilora.lora.adapter_files import read_adapter_config
     from minilora.train.rundir import find_run
 
     adapter_dir, _, run_cfg = find_run(path)
@@ -65,7 +65,7 @@ def parse_adapters(specs: list[str], base: str) -> dict[str, tuple[str, dict]]:
 
 def is_dora(adapter_dir: str) -> bool:
     """Whether the adapter folder holds a DoRA adapter (use_dora in its adapter_config.json)."""
-    from minilora.lora.adapter import read_adapter_config
+    from minilora.lora.adapter_files import read_adapter_config
 
     return bool(read_adapter_config(adapter_dir).get("use_dora"))
 

@@ -24,8 +24,8 @@ FOLDER = "init_adapter"  # in the run folder
 
 def check(cfg, model_cfg, targets) -> str:
     """The adapter folder --init-adapter names, after checking that it fits this run; UsageError otherwise."""
-    from minilora.lora.adapter import read_adapter_config, read_adapter_weights
-    from minilora.lora.layers import check_targets
+    from minilora.lora.adapter_files import read_adapter_config, read_adapter_weights
+    from minilora.lora.surgery import check_targets
     from minilora.train.rundir import find_run
 
     try:
@@ -74,7 +74,7 @@ def load(model, adapter_dir: str) -> list[torch.Tensor]:
     """Load the adapter into the model's LoRA layers; return a frozen copy of those weights, in
     lora_parameters order (DPO's reference)."""
     from minilora.lora.adapter import load_adapter
-    from minilora.lora.layers import lora_parameters
+    from minilora.lora.surgery import lora_parameters
 
     load_adapter(model, adapter_dir)
     return [p.detach().clone() for p in lora_parameters(model)]

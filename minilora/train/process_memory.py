@@ -45,7 +45,7 @@ def warm_runtime(device: torch.device, dtype: torch.dtype, recompute: bool = Tru
     if device.type != "cpu":
         return 0
     from minilora.data.packing import Batch
-    from minilora.lora.layers import apply_lora, lora_parameters
+    from minilora.lora.surgery import apply_lora, lora_parameters
     from minilora.models.config import ModelConfig
     from minilora.models.loader import no_random_init, quantize_linears
     from minilora.models.transformer import Transformer

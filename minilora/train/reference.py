@@ -34,7 +34,7 @@ import contextlib
 
 import torch
 
-from minilora.lora.layers import lora_disabled, lora_parameters
+from minilora.lora.surgery import lora_disabled, lora_parameters
 from minilora.train.loss import sequence_logprobs
 
 STORED = "reference_logps.safetensors"  # in the run folder: (pairs, 2) float32, chosen then rejected

@@ -33,7 +33,7 @@ import re
 
 from minilora.cli import UsageError
 from minilora.fileio import LOCK_NAME, FolderBusy, FolderLock, check_unlocked, lock_folder
-from minilora.lora.adapter import check_adapter_files
+from minilora.lora.adapter_files import check_adapter_files
 
 ADAPTER_FIELDS = (
     "model",

@@ -91,7 +91,7 @@ class _Clock:
 def build_probe_model(model_cfg, layer_types: list[str], dtype, device, quantize: str, lora_kw: dict):
     """A Transformer of len(layer_types) blocks of model_cfg's geometry on random weights, quantized
     and adapted as the run's model is (the plan reads only config.json: no checkpoint is needed)."""
-    from minilora.lora.layers import apply_lora
+    from minilora.lora.surgery import apply_lora
     from minilora.models.loader import no_random_init, quantize_linears
     from minilora.models.transformer import Transformer
 
@@ -165,7 +165,7 @@ def probe_step(
     from torch.utils.checkpoint import checkpoint
 
     from minilora.data.packing import IGNORE, Batch
-    from minilora.lora.layers import lora_disabled
+    from minilora.lora.surgery import lora_disabled
     from minilora.models.recompute import selective_context
     from minilora.models.transformer import keep_dequantized_weights
     from minilora.optim.paged_adamw import PagedAdamW
