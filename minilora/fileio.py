@@ -119,6 +119,26 @@ def write_text_atomic(path: str, text: str, fsync: bool = False) -> None:
     write_file_atomic(path, write, fsync)
 
 
+# ------------------------------------------------------------------------------- where a write may go
+def within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it, both as real paths (a link or `..` is no way round)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def holds_the_current_folder(path: str) -> bool:
+    """Whether replacing `path` would replace the current folder: it is the current folder or one above it."""
+    return within(os.getcwd(), path)
+
+
+def file_above(path: str) -> str | None:
+    """The file among `path`'s parents, if one is (notes.txt/run can never be created), else None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent if parent and not os.path.isdir(parent) else None
+
+
 # ------------------------------------------------------------------------------- folder lock
 class FolderBusy(ValueError):
     """Another process holds the folder's lock; `pid` is the one it wrote there (None if unreadable)."""

@@ -24,7 +24,15 @@ import shutil
 
 from minilora.export.errors import ExportError
 from minilora.export.readback import ValidationError
-from minilora.fileio import swap_into_place, temp_dir_for, usual_permissions, write_json
+from minilora.fileio import (
+    file_above,
+    holds_the_current_folder,
+    swap_into_place,
+    temp_dir_for,
+    usual_permissions,
+    within,
+    write_json,
+)
 
 MARKER = ".minilora-export.json"  # {"written_by": ..., "files": [names]} in every checkpoint folder we write
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
@@ -102,29 +110,21 @@ def _is_gguf(path: str) -> bool:
         return False
 
 
-def _within(path: str, folder: str) -> bool:
-    """Whether the real path `path` is `folder` or lies inside it."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _check_place(out: str, run_dirs: tuple[str, ...], example: str) -> None:
     """Refuse an --out that would replace the --adapter run, the current folder, or sit inside a file."""
-    real = os.path.realpath(out)
     for folder in run_dirs:
-        run = os.path.realpath(folder)
-        if _within(real, run) or _within(run, real):
-            how = "is" if real == run else "lies inside" if _within(real, run) else "holds"
+        inside, holds = within(out, folder), within(folder, out)
+        if inside or holds:
+            how = "is" if inside and holds else "lies inside" if inside else "holds"
             raise ExportError(
                 f"--out {out} {how} the --adapter run folder {folder}, which an export never writes; "
                 f"pass a path outside it, such as {example}."
             )
-    if _within(os.path.realpath(os.getcwd()), real):
+    if holds_the_current_folder(out):
         raise ExportError(f"--out {out} is the current folder or one above it; pass a new path, such as {example}.")
-    parent = os.path.dirname(real)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ExportError(f"--out {out} lies inside the file {parent}; pass a path in a folder.")
+    blocker = file_above(os.path.realpath(out))
+    if blocker is not None:
+        raise ExportError(f"--out {out} lies inside the file {blocker}; pass a path in a folder.")
 
 
 def check_target(out: str, fmt: str, overwrite: bool, run_dirs: tuple[str, ...]) -> str:
@@ -163,7 +163,7 @@ def _first_missing(path: str) -> str | None:
 def _remove_made(top: str | None, out: str) -> None:
     """Remove the empty parent folders of `out` up to `top`, which staging made."""
     folder = os.path.dirname(out)
-    while top is not None and _within(folder, top):
+    while top is not None and within(folder, top):
         try:
             os.rmdir(folder)
         except OSError:  # not empty any more: someone else wrote there

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from minilora.fileio import json_error_text, safetensors_problem
+from minilora.fileio import file_above, holds_the_current_folder, json_error_text, safetensors_problem
 from minilora.lora.layers import AdapterError
 
 PREFIX = "base_model.model."
@@ -95,8 +95,8 @@ def _check_out_dir(out_dir) -> str:
     if not out_dir.strip():
         raise AdapterError("The adapter folder path is empty; pass the folder to save the adapter to, such as adapter.")
     path = os.path.abspath(out_dir)
-    real, cwd = os.path.realpath(path), os.path.realpath(os.getcwd())
-    if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):  # a link or `..` is no way round
+    real = os.path.realpath(path)
+    if holds_the_current_folder(path):
         raise AdapterError(
             f"{out_dir} is the current folder or one above it, which save_adapter never replaces; pass a new "
             f"folder for the adapter, such as {os.path.join(out_dir, 'adapter')}."
@@ -105,11 +105,9 @@ def _check_out_dir(out_dir) -> str:
         raise AdapterError(f"{out_dir} is a symbolic link; pass the folder it points to ({real}) or a new path.")
     if os.path.exists(path) and not os.path.isdir(path):
         raise AdapterError(f"{path} exists and is not a directory; pass a directory path for the adapter.")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise AdapterError(f"{out_dir} lies inside the file {parent}; pass a path in a folder.")
+    blocker = file_above(path)
+    if blocker is not None:
+        raise AdapterError(f"{out_dir} lies inside the file {blocker}; pass a path in a folder.")
     if os.path.isdir(path):
         ours = (CONFIG_NAME, WEIGHTS_NAME)
         foreign = sorted(

@@ -32,7 +32,7 @@ import os
 import re
 
 from minilora.cli import UsageError
-from minilora.fileio import LOCK_NAME, FolderBusy, FolderLock, check_unlocked, lock_folder
+from minilora.fileio import LOCK_NAME, FolderBusy, FolderLock, check_unlocked, file_above, lock_folder
 from minilora.lora.adapter_files import check_adapter_files
 
 ADAPTER_FIELDS = (
@@ -177,14 +177,6 @@ def find_run(path: str) -> tuple[str, str, dict]:
     return adapter, run, run_config
 
 
-def _inside_a_file(out: str) -> str | None:
-    """The file among --out's parents, if one is (--out notes.txt/run can never be created)."""
-    parent = os.path.dirname(os.path.abspath(out))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return parent if parent and not os.path.isdir(parent) else None
-
-
 def _busy(out: str, e: FolderBusy) -> UsageError:
     who = f"pid {e.pid}" if e.pid is not None else "a process whose pid could not be read"
     return UsageError(
@@ -199,7 +191,7 @@ def check_run_folder(out: str, resume: bool) -> tuple[str | None, dict | None]:
     another program's folder, a damaged run config, checkpoints without --resume, or a folder another
     process holds (its lock)."""
     if not os.path.exists(out):
-        blocker = _inside_a_file(out)
+        blocker = file_above(out)
         if blocker is not None:
             raise UsageError(f"--out {out} is inside {blocker}, which is a file; pass a folder path.")
         return None, None
