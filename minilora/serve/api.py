@@ -5,11 +5,10 @@ from its headers, before a byte of it is read."""
 from __future__ import annotations
 
 from minilora.data.encode import prompt_ids
-from minilora.data.records import DataError, Example
+from minilora.data.records import ROLES, DataError, Example
 from minilora.serve.scheduler import Request, ServeError
 
 MAX_BODY_BYTES = 4 * 2**20  # a request body's limit: a prompt of millions of characters, past any context served
-ROLES = ("system", "user", "assistant")
 
 
 def content_length(headers) -> int:
